@@ -1,0 +1,3 @@
+fn main() -> std::process::ExitCode {
+    instruct_pix2pix::cli::main()
+}

@@ -1,0 +1,12 @@
+//! Finding and loading a model: local folders and Hub repos, configs, tokenizer, weights,
+//! the networks (CLIP text encoder, VAE, UNet) built from diffusers' weight names, device and dtype.
+//! Knows nothing of the window or the edit loop.
+
+pub mod clip;
+pub mod config;
+pub mod hub;
+pub mod nn;
+pub mod tokenizer;
+pub mod unet;
+pub mod vae;
+pub mod weights;

@@ -1,0 +1,1 @@
+//! Noise schedulers, numerically matching diffusers' classes of the same names.
