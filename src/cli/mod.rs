@@ -1,5 +1,67 @@
-//! Command-line subcommands, thin over the library.
+//! Command-line subcommands, thin over the library: raw flags are parsed by clap, validated into
+//! the library's settings structs, and errors are printed as one line with a non-zero exit code.
 
-pub fn main() -> std::process::ExitCode {
-    std::process::ExitCode::SUCCESS
+mod bench;
+mod edit;
+mod progress;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Edit photos from written instructions with InstructPix2Pix diffusion models.
+#[derive(Debug, Parser)]
+#[command(name = "instruct-pix2pix", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Edit one image following a written instruction.
+    Edit(edit::EditArgs),
+    /// Time edits on a model: seconds per step and per edit, peak memory (one JSON line).
+    Bench(bench::BenchArgs),
+}
+
+/// Exit code for a run that failed on its input or the model (clap uses 2 for bad flags).
+const EXIT_FAILURE: u8 = 1;
+
+/// Parses the process arguments and runs the chosen subcommand.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Edit(args)) => edit::run(args),
+        Some(Command::Bench(args)) => bench::run(args),
+        None => {
+            use clap::CommandFactory;
+            let mut command = Cli::command();
+            let _ = command.print_help();
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {}", one_line(&error));
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+/// The error and its causes on one line, without repeating a cause its parent already quoted.
+fn one_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line.replace('\n', " ")
 }

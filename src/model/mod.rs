@@ -4,9 +4,13 @@
 
 pub mod clip;
 pub mod config;
+pub mod device;
 pub mod hub;
+mod loaded;
 pub mod nn;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;
 pub mod weights;
+
+pub use loaded::{InstructPix2PixModel, LoadError, LoadOptions};

@@ -2,6 +2,11 @@
 //! post-processing, latent previews. Takes images and settings, returns images; reports progress
 //! through a callback and stops when cancelled.
 
+pub mod edit;
 pub mod image;
+pub mod metadata;
+pub mod preview;
 pub mod rng;
 pub mod scheduler;
+
+pub use edit::{EditError, EditOutput, EditPipeline, EditSettings, InitialLatents, StepInfo};

@@ -1,0 +1,226 @@
+//! `instruct-pix2pix edit`: one image, one instruction, one or more results on disk.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use anyhow::{Context, Result, bail};
+use candle_core::DType;
+use clap::Args;
+
+use super::progress::Progress;
+use crate::model::device::{DTypeChoice, DeviceChoice, select_device};
+use crate::model::hub::{HubSettings, ModelSpec, Variant};
+use crate::model::{InstructPix2PixModel, LoadOptions};
+use crate::pipeline::image::{edit_size, load_image, resize_lanczos, save_image};
+use crate::pipeline::metadata::EditRecord;
+use crate::pipeline::scheduler::SchedulerKind;
+use crate::pipeline::{EditPipeline, EditSettings, InitialLatents};
+
+/// The model used when `--model` is not given.
+pub const DEFAULT_MODEL: &str = "timbrooks/instruct-pix2pix";
+
+#[derive(Debug, Args)]
+pub struct EditArgs {
+    /// The image to edit (PNG, JPEG, WebP, BMP or TIFF).
+    #[arg(long, value_name = "PATH")]
+    pub image: PathBuf,
+    /// The written instruction, e.g. "make the mountains snowy".
+    #[arg(long, value_name = "TEXT")]
+    pub prompt: String,
+    /// What the result should not look like.
+    #[arg(long, value_name = "TEXT", default_value = "")]
+    pub negative_prompt: String,
+    /// Where to write the result: .png (with the settings embedded), .jpg/.jpeg or .webp.
+    #[arg(long, short, value_name = "PATH")]
+    pub output: PathBuf,
+    /// A folder in diffusers' layout or a Hugging Face Hub repo id.
+    #[arg(long, value_name = "DIR|REPO_ID", default_value = DEFAULT_MODEL)]
+    pub model: String,
+    /// Hub revision (branch, tag or commit) of the model.
+    #[arg(long, value_name = "REV")]
+    pub revision: Option<String>,
+    /// Denoising steps.
+    #[arg(long, value_name = "N", default_value_t = 20, value_parser = parse_steps)]
+    pub steps: usize,
+    /// How strongly to follow the instruction (text guidance).
+    #[arg(long, value_name = "F", default_value_t = 7.5, value_parser = parse_scale)]
+    pub guidance_scale: f64,
+    /// How closely to stay with the input image (image guidance).
+    #[arg(long, value_name = "F", default_value_t = 1.5, value_parser = parse_scale)]
+    pub image_guidance_scale: f64,
+    /// Random seed (torch-compatible: the same seed gives diffusers' result); random when absent.
+    #[arg(long, value_name = "N")]
+    pub seed: Option<u64>,
+    /// Scheduler to use instead of the model's own.
+    #[arg(long, value_name = "NAME")]
+    pub scheduler: Option<SchedulerKind>,
+    /// The long side is scaled down to at most this many pixels (never up).
+    #[arg(long, value_name = "PX", default_value_t = 512, value_parser = clap::value_parser!(u32).range(8..=8192))]
+    pub resolution: u32,
+    /// How many variations to make, from consecutive seeds.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub num_images: u32,
+    /// A float32 .npy array [1, 4, H/f, W/f] used instead of the random initial latents
+    /// (diffusers' `latents=`).
+    #[arg(long, value_name = "FILE.npy")]
+    pub latents: Option<PathBuf>,
+    /// auto, cpu, cuda, cuda:N or metal.
+    #[arg(long, value_name = "DEVICE", default_value = "auto")]
+    pub device: DeviceChoice,
+    /// f32, f16 (picks the model's fp16 weights when it has them) or bf16.
+    #[arg(long, value_name = "DTYPE", default_value = "f32")]
+    pub dtype: DTypeChoice,
+    /// No progress bars.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+fn parse_steps(text: &str) -> Result<usize, String> {
+    let steps: i64 = text.trim().parse().map_err(|_| format!("`{text}` is not a whole number"))?;
+    let max = crate::pipeline::edit::MAX_STEPS as i64;
+    if !(1..=max).contains(&steps) {
+        return Err(format!("must be between 1 and {max}, got {steps}"));
+    }
+    Ok(steps as usize)
+}
+
+fn parse_scale(text: &str) -> Result<f64, String> {
+    let value: f64 = text.trim().parse().map_err(|_| format!("`{text}` is not a number"))?;
+    let max = crate::pipeline::edit::MAX_GUIDANCE;
+    if !value.is_finite() || !(0.0..=max).contains(&value) {
+        return Err(format!("must be a number between 0 and {max}, got {text}"));
+    }
+    Ok(value)
+}
+
+pub fn run(args: EditArgs) -> Result<()> {
+    let outputs = output_paths(&args.output, args.num_images)?;
+    check_output_folder(&args.output)?;
+    if args.latents.is_some() && args.num_images > 1 {
+        bail!("--latents fixes the initial noise, so --num-images > 1 would give identical images");
+    }
+    let initial_latents = args.latents.as_deref().map(read_latents).transpose()?;
+
+    let input = load_image(&args.image)?;
+    let device = select_device(args.device)?;
+    let dtype: DType = args.dtype.into();
+    let variant = if dtype == DType::F16 { Variant::Fp16 } else { Variant::Default };
+    let spec = ModelSpec::parse(&args.model, args.revision.as_deref())?;
+    let mut progress = Progress::new(args.quiet);
+    let hub = HubSettings::from_env();
+    let options = LoadOptions { variant, dtype, device };
+    let spinner = progress.spinner(&format!("loading {}", args.model));
+    let model = InstructPix2PixModel::fetch_and_load(&spec, &hub, &options, &mut |update| {
+        progress.on_download(update)
+    });
+    progress.finish_download();
+    spinner.finish_and_clear();
+    let model = model?;
+    let truncated = model.tokenizer.truncated_tokens(&args.prompt);
+    if truncated > 0 && !args.quiet {
+        eprintln!(
+            "warning: the prompt is longer than the text encoder reads: its last {truncated} tokens are ignored"
+        );
+    }
+    let mut pipeline = EditPipeline::new(model)?;
+
+    let multiple = pipeline.size_multiple();
+    let (width, height) = edit_size(input.width(), input.height(), args.resolution, multiple)
+        .with_context(|| format!("{}", args.image.display()))?;
+    let input = resize_lanczos(&input, width, height);
+
+    let first_seed = args.seed.unwrap_or_else(rand::random::<u32>).into();
+    let mut settings = EditSettings {
+        prompt: args.prompt.clone(),
+        negative_prompt: args.negative_prompt.clone(),
+        steps: args.steps,
+        guidance_scale: args.guidance_scale,
+        image_guidance_scale: args.image_guidance_scale,
+        seed: first_seed,
+        scheduler: args.scheduler,
+        initial_latents,
+    };
+    let cancel = AtomicBool::new(false);
+    for (index, output) in outputs.iter().enumerate() {
+        settings.seed = first_seed.wrapping_add(index as u64);
+        let label = if outputs.len() > 1 {
+            format!("image {}/{}", index + 1, outputs.len())
+        } else {
+            "editing".to_string()
+        };
+        let bar = progress.steps(args.steps, &label);
+        let result = pipeline.edit(&input, &settings, &mut |step| bar.set_position(step.step as u64), &cancel);
+        bar.finish_and_clear();
+        let result = result?;
+        let record = EditRecord::new(&args.model, &settings, width, height, &format!("{dtype:?}").to_lowercase());
+        save_image(output, &result.image, &record.to_text_chunks())?;
+        println!(
+            "wrote {} ({}×{}, seed {}, {:.1} s)",
+            output.display(),
+            width,
+            height,
+            result.seed,
+            result.total_time.as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+/// `out.png` for one image; `out-1.png`, `out-2.png`, … for several.
+fn output_paths(output: &Path, count: u32) -> Result<Vec<PathBuf>> {
+    let extension = output
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase)
+        .unwrap_or_default();
+    if !matches!(extension.as_str(), "png" | "jpg" | "jpeg" | "webp") {
+        bail!(
+            "{}: unsupported output format: use a .png, .jpg, .jpeg or .webp file name",
+            output.display()
+        );
+    }
+    if count == 1 {
+        return Ok(vec![output.to_path_buf()]);
+    }
+    let stem = output.file_stem().and_then(|s| s.to_str()).unwrap_or("edit");
+    Ok((1..=count)
+        .map(|i| output.with_file_name(format!("{stem}-{i}.{extension}")))
+        .collect())
+}
+
+/// Fails before any model work if the output folder is missing or not writable.
+fn check_output_folder(output: &Path) -> Result<()> {
+    let folder = match output.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !folder.is_dir() {
+        bail!("{}: the output folder {} does not exist", output.display(), folder.display());
+    }
+    tempfile::Builder::new()
+        .prefix(".instruct-pix2pix-probe")
+        .tempfile_in(&folder)
+        .map(drop)
+        .with_context(|| format!("{}: cannot write to the folder {}", output.display(), folder.display()))
+}
+
+/// Reads a float32 .npy latents file.
+fn read_latents(path: &Path) -> Result<InitialLatents> {
+    if !path.is_file() {
+        bail!("{}: latents file not found", path.display());
+    }
+    let tensor = candle_core::Tensor::read_npy(path)
+        .map_err(|e| anyhow::anyhow!("{}: not a readable .npy array: {e}", path.display()))?;
+    if tensor.dtype() != DType::F32 {
+        bail!("{}: latents must be float32, this array is {:?}", path.display(), tensor.dtype());
+    }
+    let shape = tensor.dims().to_vec();
+    if shape.len() != 4 || shape[0] != 1 {
+        bail!("{}: latents must have shape [1, C, h, w], this array has {shape:?}", path.display());
+    }
+    let values = tensor
+        .flatten_all()
+        .and_then(|t| t.to_vec1::<f32>())
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(InitialLatents { shape, values })
+}

@@ -1,0 +1,405 @@
+//! One InstructPix2Pix edit, step for step as diffusers' `StableDiffusionInstructPix2PixPipeline`:
+//! prompt embeddings `[prompt, negative, negative]`, image latents `[img, img, zeros]` (the VAE
+//! posterior's mode, unscaled), three-way guidance, the scheduler's steps, VAE decode.
+//!
+//! The pipeline keeps the prompt embeddings and image latents of the last edit, so changing only the
+//! seed, the scales, the steps or the scheduler re-runs only the denoising loop.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Tensor};
+use image::RgbImage;
+
+use super::image::{to_images, to_tensor};
+use super::preview::latents_to_preview;
+use super::rng::TorchGenerator;
+use super::scheduler::{NoiseSource, SchedulerConfig, SchedulerError, SchedulerKind, build_scheduler};
+use crate::model::InstructPix2PixModel;
+
+/// What went wrong in an edit.
+#[derive(Debug, thiserror::Error)]
+pub enum EditError {
+    #[error("the edit was cancelled")]
+    Cancelled,
+    #[error("invalid {name} {value}: {reason}")]
+    InvalidSetting {
+        name: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error(
+        "the input image is {width}×{height}: both sides must be positive multiples of {multiple} (the VAE's factor); resize it first"
+    )]
+    ImageSize { width: u32, height: u32, multiple: u32 },
+    #[error("the given latents have shape {given:?}, but this image and model need {expected:?}")]
+    LatentsShape { given: Vec<usize>, expected: Vec<usize> },
+    #[error(transparent)]
+    Scheduler(#[from] SchedulerError),
+    #[error("the model failed during the edit: {0}")]
+    Model(#[from] candle_core::Error),
+}
+
+/// Everything that decides an edit's result apart from the model and the input image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EditSettings {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub steps: usize,
+    pub guidance_scale: f64,
+    pub image_guidance_scale: f64,
+    /// Seed of torch's CPU generator: the same seed gives diffusers' result for
+    /// `generator=torch.Generator("cpu").manual_seed(seed)`.
+    pub seed: u64,
+    /// None uses the model's own `scheduler_config.json`.
+    pub scheduler: Option<SchedulerKind>,
+    /// Replaces the N(0,1) draw of the initial latents (diffusers' `latents=`): [1, C, h, w].
+    pub initial_latents: Option<InitialLatents>,
+}
+
+impl Default for EditSettings {
+    fn default() -> Self {
+        Self {
+            prompt: String::new(),
+            negative_prompt: String::new(),
+            steps: 20,
+            guidance_scale: 7.5,
+            image_guidance_scale: 1.5,
+            seed: 0,
+            scheduler: None,
+            initial_latents: None,
+        }
+    }
+}
+
+/// Latents given by the caller, row-major float32.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InitialLatents {
+    pub shape: Vec<usize>,
+    pub values: Vec<f32>,
+}
+
+/// The most steps an edit may take (diffusers' schedulers need at most num_train_timesteps).
+pub const MAX_STEPS: usize = 1000;
+/// Guidance scales beyond this only blow the image up; refuse them as typos.
+pub const MAX_GUIDANCE: f64 = 100.0;
+
+impl EditSettings {
+    /// Checks every number before any work starts.
+    pub fn validate(&self) -> Result<(), EditError> {
+        if self.steps == 0 || self.steps > MAX_STEPS {
+            return Err(EditError::InvalidSetting {
+                name: "steps",
+                value: self.steps.to_string(),
+                reason: format!("must be between 1 and {MAX_STEPS}"),
+            });
+        }
+        for (name, value) in [
+            ("guidance scale", self.guidance_scale),
+            ("image guidance scale", self.image_guidance_scale),
+        ] {
+            if !value.is_finite() || !(0.0..=MAX_GUIDANCE).contains(&value) {
+                return Err(EditError::InvalidSetting {
+                    name,
+                    value: value.to_string(),
+                    reason: format!("must be a number between 0 and {MAX_GUIDANCE}"),
+                });
+            }
+        }
+        if let Some(latents) = &self.initial_latents {
+            let count: usize = latents.shape.iter().product();
+            if count != latents.values.len() {
+                return Err(EditError::InvalidSetting {
+                    name: "latents",
+                    value: format!("{:?}", latents.shape),
+                    reason: format!("holds {} values, the shape needs {count}", latents.values.len()),
+                });
+            }
+            if latents.values.iter().any(|v| !v.is_finite()) {
+                return Err(EditError::InvalidSetting {
+                    name: "latents",
+                    value: format!("{:?}", latents.shape),
+                    reason: "contain NaN or infinite values".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// diffusers runs the three-way guided batch only when both scales are in use.
+    pub fn uses_guidance(&self) -> bool {
+        self.guidance_scale > 1.0 && self.image_guidance_scale >= 1.0
+    }
+}
+
+/// Progress of a running edit, given to the callback after each denoising step.
+pub struct StepInfo<'a> {
+    /// Steps done so far (1 after the first).
+    pub step: usize,
+    pub total: usize,
+    pub timestep: f64,
+    pub elapsed: Duration,
+    latents: &'a Tensor,
+}
+
+impl StepInfo<'_> {
+    /// A cheap RGB approximation of the current latents at `width`×`height` (no VAE decode).
+    pub fn preview(&self, width: u32, height: u32) -> candle_core::Result<RgbImage> {
+        latents_to_preview(self.latents, width, height)
+    }
+}
+
+/// The result of one edit.
+#[derive(Debug, Clone)]
+pub struct EditOutput {
+    pub image: RgbImage,
+    pub seed: u64,
+    /// Whether the prompt embeddings / image latents came from the previous edit.
+    pub reused_prompt_embeddings: bool,
+    pub reused_image_latents: bool,
+    pub denoise_time: Duration,
+    pub total_time: Duration,
+}
+
+struct CachedPrompt {
+    prompt: String,
+    negative_prompt: String,
+    /// [prompt, negative] embeddings, each [1, 77, width].
+    text: Tensor,
+    negative: Tensor,
+}
+
+struct CachedImage {
+    width: u32,
+    height: u32,
+    pixels_hash: u64,
+    /// The VAE posterior's mode, unscaled: [1, C, h, w].
+    latents: Tensor,
+}
+
+/// A loaded model ready for editing; load once, edit many times.
+pub struct EditPipeline {
+    model: InstructPix2PixModel,
+    scheduler_config: SchedulerConfig,
+    cached_prompt: Option<CachedPrompt>,
+    cached_image: Option<CachedImage>,
+}
+
+impl EditPipeline {
+    /// Wraps a loaded model; reads its `scheduler/scheduler_config.json`.
+    pub fn new(model: InstructPix2PixModel) -> Result<Self, EditError> {
+        let path = model.folder.join("scheduler").join("scheduler_config.json");
+        let scheduler_config = SchedulerConfig::from_file(&path)?;
+        Ok(Self {
+            model,
+            scheduler_config,
+            cached_prompt: None,
+            cached_image: None,
+        })
+    }
+
+    pub fn model(&self) -> &InstructPix2PixModel {
+        &self.model
+    }
+
+    pub fn scheduler_config(&self) -> &SchedulerConfig {
+        &self.scheduler_config
+    }
+
+    /// Forgets the cached prompt embeddings and image latents.
+    pub fn clear_caches(&mut self) {
+        self.cached_prompt = None;
+        self.cached_image = None;
+    }
+
+    /// The image sides must be multiples of this.
+    pub fn size_multiple(&self) -> u32 {
+        self.model.vae_scale_factor() as u32
+    }
+
+    /// Edits `image`, which must already be at the edit size (see [`super::image::edit_size`]).
+    /// `on_step` runs after every denoising step; `cancel` is checked before every step.
+    pub fn edit(
+        &mut self,
+        image: &RgbImage,
+        settings: &EditSettings,
+        on_step: &mut dyn FnMut(&StepInfo<'_>),
+        cancel: &AtomicBool,
+    ) -> Result<EditOutput, EditError> {
+        let started = Instant::now();
+        settings.validate()?;
+        let multiple = self.size_multiple();
+        let (width, height) = image.dimensions();
+        if width == 0 || height == 0 || width % multiple != 0 || height % multiple != 0 {
+            return Err(EditError::ImageSize { width, height, multiple });
+        }
+        let guided = settings.uses_guidance();
+
+        let reused_prompt_embeddings = self.ensure_prompt_embeddings(settings)?;
+        let reused_image_latents = self.ensure_image_latents(image)?;
+        if cancel.load(Ordering::Relaxed) {
+            return Err(EditError::Cancelled);
+        }
+        let (prompt, image_latents) = match (&self.cached_prompt, &self.cached_image) {
+            (Some(p), Some(i)) => (p, &i.latents),
+            _ => unreachable!("both caches were just filled"),
+        };
+        let (text_embeddings, conditioning_latents) = if guided {
+            let text = Tensor::cat(&[&prompt.text, &prompt.negative, &prompt.negative], 0)?;
+            let zeros = image_latents.zeros_like()?;
+            let cond = Tensor::cat(&[image_latents, image_latents, &zeros], 0)?;
+            (text, cond)
+        } else {
+            (prompt.text.clone(), image_latents.clone())
+        };
+
+        let mut scheduler = build_scheduler(&self.scheduler_config, settings.scheduler, settings.steps)?;
+        let latent_shape = vec![
+            1,
+            self.model.vae.config().latent_channels,
+            (height / multiple) as usize,
+            (width / multiple) as usize,
+        ];
+        let dtype = self.model.dtype;
+        let device = &self.model.device;
+        let mut generator = TorchGenerator::new(settings.seed);
+        let noise = match &settings.initial_latents {
+            Some(given) => {
+                if given.shape != latent_shape {
+                    return Err(EditError::LatentsShape {
+                        given: given.shape.clone(),
+                        expected: latent_shape.clone(),
+                    });
+                }
+                Tensor::from_slice(&given.values, given.shape.as_slice(), device)?.to_dtype(dtype)?
+            }
+            None => generator.randn(&latent_shape, dtype, device)?,
+        };
+        let mut latents = (noise * scheduler.init_noise_sigma())?;
+
+        let denoise_started = Instant::now();
+        let timesteps = scheduler.timesteps().to_vec();
+        let total = timesteps.len();
+        let mut noise_source = TorchNoise(&mut generator);
+        for (index, &timestep) in timesteps.iter().enumerate() {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(EditError::Cancelled);
+            }
+            let model_input = if guided {
+                Tensor::cat(&[&latents, &latents, &latents], 0)?
+            } else {
+                latents.clone()
+            };
+            let scaled = scheduler.scale_model_input(&model_input, index)?;
+            let unet_input = Tensor::cat(&[&scaled, &conditioning_latents], 1)?;
+            let batch = unet_input.dim(0)?;
+            let t = Tensor::full(timestep as f32, batch, device)?;
+            let noise_pred = self.model.unet.forward(&unet_input, &t, &text_embeddings)?;
+            let noise_pred = if guided {
+                let chunks = noise_pred.chunk(3, 0)?;
+                let (text, image_branch, uncond) = (&chunks[0], &chunks[1], &chunks[2]);
+                // Same operation order as diffusers so float rounding matches.
+                let text_term = ((text - image_branch)? * settings.guidance_scale)?;
+                let image_term = ((image_branch - uncond)? * settings.image_guidance_scale)?;
+                ((uncond + text_term)? + image_term)?
+            } else {
+                noise_pred
+            };
+            latents = scheduler.step(&noise_pred, index, &latents, &mut noise_source)?;
+            on_step(&StepInfo {
+                step: index + 1,
+                total,
+                timestep,
+                elapsed: denoise_started.elapsed(),
+                latents: &latents,
+            });
+        }
+        let denoise_time = denoise_started.elapsed();
+        if cancel.load(Ordering::Relaxed) {
+            return Err(EditError::Cancelled);
+        }
+        let scaling_factor = self.model.vae.config().scaling_factor;
+        let decoded = self.model.vae.decode(&(latents / scaling_factor)?)?;
+        let mut images = to_images(&decoded.to_dtype(DType::F32)?)?;
+        let image = images.pop().ok_or_else(|| candle_core::Error::Msg("the VAE decoded no image".into()))?;
+        Ok(EditOutput {
+            image,
+            seed: settings.seed,
+            reused_prompt_embeddings,
+            reused_image_latents,
+            denoise_time,
+            total_time: started.elapsed(),
+        })
+    }
+
+    /// Encodes the prompts unless the previous edit used the same ones. Returns whether it reused.
+    fn ensure_prompt_embeddings(&mut self, settings: &EditSettings) -> Result<bool, EditError> {
+        if let Some(cached) = &self.cached_prompt
+            && cached.prompt == settings.prompt
+            && cached.negative_prompt == settings.negative_prompt
+        {
+            return Ok(true);
+        }
+        let text = self.encode_text(&settings.prompt)?;
+        let negative = self.encode_text(&settings.negative_prompt)?;
+        self.cached_prompt = Some(CachedPrompt {
+            prompt: settings.prompt.clone(),
+            negative_prompt: settings.negative_prompt.clone(),
+            text,
+            negative,
+        });
+        Ok(false)
+    }
+
+    /// CLIP's last hidden state for `text`, padded/truncated to the tokenizer's max length.
+    pub fn encode_text(&self, text: &str) -> Result<Tensor, EditError> {
+        let ids = self.model.tokenizer.encode_for_model(text);
+        let len = ids.len();
+        let ids = Tensor::from_vec(ids, (1, len), &self.model.device)?;
+        Ok(self.model.text_encoder.forward(&ids)?.to_dtype(self.model.dtype)?)
+    }
+
+    /// Encodes the image unless the previous edit used the same pixels. Returns whether it reused.
+    fn ensure_image_latents(&mut self, image: &RgbImage) -> Result<bool, EditError> {
+        let (width, height) = image.dimensions();
+        let pixels_hash = hash_pixels(image);
+        if let Some(cached) = &self.cached_image
+            && cached.width == width
+            && cached.height == height
+            && cached.pixels_hash == pixels_hash
+        {
+            return Ok(true);
+        }
+        let latents = self.encode_image(image)?;
+        self.cached_image = Some(CachedImage {
+            width,
+            height,
+            pixels_hash,
+            latents,
+        });
+        Ok(false)
+    }
+
+    /// The VAE posterior's mode for `image` (not multiplied by the scaling factor).
+    pub fn encode_image(&self, image: &RgbImage) -> Result<Tensor, EditError> {
+        let pixels = to_tensor(image, &self.model.device)?.to_dtype(self.model.dtype)?;
+        Ok(self.model.vae.encode(&pixels)?.mode())
+    }
+}
+
+fn hash_pixels(image: &RgbImage) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    image.as_raw().hash(&mut hasher);
+    hasher.finish()
+}
+
+/// Feeds the schedulers' stochastic steps from torch's generator, continuing the stream that drew
+/// the initial latents, as diffusers does with one `generator`.
+struct TorchNoise<'a>(&'a mut TorchGenerator);
+
+impl NoiseSource for TorchNoise<'_> {
+    fn standard_normal(&mut self, shape: &[usize]) -> Vec<f32> {
+        self.0.randn_f32(shape.iter().product())
+    }
+}
