@@ -133,16 +133,15 @@ impl ClipTextConfig {
             path: path.to_path_buf(),
             source,
         })?;
-        let config: Self = serde_json::from_str(&text).map_err(|source| ClipConfigError::Parse {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        config
-            .check()
-            .map_err(|problem| ClipConfigError::Invalid {
+        let config: Self =
+            serde_json::from_str(&text).map_err(|source| ClipConfigError::Parse {
                 path: path.to_path_buf(),
-                problem,
+                source,
             })?;
+        config.check().map_err(|problem| ClipConfigError::Invalid {
+            path: path.to_path_buf(),
+            problem,
+        })?;
         Ok(config)
     }
 
@@ -158,7 +157,7 @@ impl ClipTextConfig {
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("{name} is 0"));
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(format!(
                 "hidden_size {} is not divisible by num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
@@ -424,7 +423,9 @@ mod tests {
         let too_long = Tensor::zeros((1, 78), DType::U32, &Device::Cpu)?;
         assert!(model.forward(&too_long).is_err());
         let unknown = Tensor::new(&[[1u32, 1000]], &Device::Cpu)?;
-        let err = model.forward(&unknown).expect_err("id 1000 is outside a vocab of 1000");
+        let err = model
+            .forward(&unknown)
+            .expect_err("id 1000 is outside a vocab of 1000");
         assert!(err.to_string().contains("1000"), "{err}");
         Ok(())
     }
@@ -482,7 +483,10 @@ mod tests {
         let got = ClipActivation::QuickGelu.apply(&t)?.to_vec1::<f32>()?;
         for (x, y) in xs.iter().zip(got) {
             let want = x / (1.0 + (-1.702 * x).exp());
-            assert!((y - want).abs() < 1e-6, "quick_gelu({x}) = {y}, want {want}");
+            assert!(
+                (y - want).abs() < 1e-6,
+                "quick_gelu({x}) = {y}, want {want}"
+            );
         }
         Ok(())
     }
