@@ -418,6 +418,29 @@ mod tests {
     }
 
     #[test]
+    fn runs_in_half_precision() -> anyhow::Result<()> {
+        let dir = fixtures().join("clip_gelu");
+        let config = ClipTextConfig::from_file(&dir.join("config.json"))?;
+        // SAFETY: the fixture files are not modified while the test runs.
+        let vb = unsafe {
+            VarBuilder::from_mmaped_safetensors(
+                &[dir.join("model.safetensors")],
+                DType::F16,
+                &Device::Cpu,
+            )?
+        };
+        let model = ClipTextModel::load(vb, &config)?;
+        let (_, refs) = load_fixture("clip_gelu")?;
+        let got = model.forward(&refs["input_ids_77"].to_dtype(DType::U32)?)?;
+        assert_eq!(got.dtype(), DType::F16);
+        let diff = max_abs_diff(&got.to_dtype(DType::F32)?, &refs["last_hidden_state_77"])?;
+        eprintln!("clip_gelu F16: max abs diff {diff:e}");
+        // float16 keeps ~3 significant digits per op on outputs of order 1.
+        assert!(diff < 2e-2, "F16 max abs diff {diff}");
+        Ok(())
+    }
+
+    #[test]
     fn rejects_too_long_sequences_and_unknown_ids() -> anyhow::Result<()> {
         let (model, _) = load_fixture("clip_quick_gelu")?;
         let too_long = Tensor::zeros((1, 78), DType::U32, &Device::Cpu)?;

@@ -806,6 +806,48 @@ mod tests {
         compare_with_diffusers(name, &legacy)
     }
 
+    /// Tolerance of a float16 run against the float32 reference, relative to the largest value.
+    const HALF_TOLERANCE: f32 = 2e-2;
+
+    /// float16 runs (bfloat16 does not: candle 0.11's CPU matmul has no bf16 kernel).
+    #[test]
+    fn runs_in_half_precision() -> anyhow::Result<()> {
+        let name = "vae_four";
+        let config = fixture_config(name)?;
+        let refs = load_refs(name)?;
+        for dtype in [DType::F16] {
+            // SAFETY: the fixture files are not modified while the test runs.
+            let vb = unsafe {
+                VarBuilder::from_mmaped_safetensors(&[weights_path(name)], dtype, &Device::Cpu)?
+            };
+            let vae = AutoencoderKL::load(vb, &config)?;
+            let mean = vae.encode(&refs["image_64x48"])?.mode();
+            let decoded = vae.decode(&refs["latents_64x48"])?;
+            assert_eq!((mean.dtype(), decoded.dtype()), (dtype, dtype));
+            for (what, got, want) in [
+                ("mean", mean, &refs["mean_64x48"]),
+                ("decode", decoded, &refs["decoded_64x48"]),
+            ] {
+                let got = got.to_dtype(DType::F32)?;
+                let diff = (got - want)?
+                    .abs()?
+                    .flatten_all()?
+                    .max(0)?
+                    .to_scalar::<f32>()?;
+                let scale = want
+                    .abs()?
+                    .flatten_all()?
+                    .max(0)?
+                    .to_scalar::<f32>()?
+                    .max(1.0);
+                eprintln!("{dtype:?} {what}: max abs diff {diff:e} (largest |ref| {scale})");
+                // float16 keeps ~3 significant digits per op; measured 0.1–0.4 % of the range.
+                assert!(diff <= HALF_TOLERANCE * scale, "{dtype:?} {what}: {diff}");
+            }
+        }
+        Ok(())
+    }
+
     #[test]
     fn posterior_std_and_samples() -> anyhow::Result<()> {
         let refs = load_refs("vae_two")?;
