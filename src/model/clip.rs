@@ -99,29 +99,40 @@ fn default_layer_norm_eps() -> f64 {
 /// transformers' defaults.
 #[derive(Debug, Clone, Deserialize)]
 pub struct ClipTextConfig {
+    /// Number of token ids (rows of the token embedding).
     #[serde(default = "default_vocab_size")]
     pub vocab_size: usize,
+    /// Width of the hidden states (the UNet's `cross_attention_dim`).
     #[serde(default = "default_hidden_size")]
     pub hidden_size: usize,
+    /// Width of the MLP's hidden layer.
     #[serde(default = "default_intermediate_size")]
     pub intermediate_size: usize,
+    /// Transformer layers actually run (23 for SD 2.x: diffusers already dropped the last).
     #[serde(default = "default_num_hidden_layers")]
     pub num_hidden_layers: usize,
+    /// Attention heads per layer; must divide `hidden_size`.
     #[serde(default = "default_num_attention_heads")]
     pub num_attention_heads: usize,
+    /// Longest token sequence (77 for Stable Diffusion).
     #[serde(default = "default_max_position_embeddings")]
     pub max_position_embeddings: usize,
+    /// The MLP activation.
     #[serde(default = "default_hidden_act")]
     pub hidden_act: ClipActivation,
+    /// Epsilon of every layer norm.
     #[serde(default = "default_layer_norm_eps")]
     pub layer_norm_eps: f64,
     /// Only used by `CLIPTextModelWithProjection`; kept for completeness.
     #[serde(default)]
     pub projection_dim: Option<usize>,
+    /// Start-of-text id, as recorded (not used by the forward pass).
     #[serde(default)]
     pub bos_token_id: Option<u32>,
+    /// End-of-text id, as recorded (not used by the forward pass).
     #[serde(default)]
     pub eos_token_id: Option<u32>,
+    /// Padding id, as recorded; the tokenizer's files decide the real padding.
     #[serde(default)]
     pub pad_token_id: Option<u32>,
 }

@@ -78,8 +78,10 @@ pub struct VaeConfig {
     /// The model class diffusers recorded; only `AutoencoderKL` is accepted when present.
     #[serde(rename = "_class_name", default)]
     pub class_name: Option<String>,
+    /// Image channels taken by the encoder (3).
     #[serde(default = "default_channels")]
     pub in_channels: usize,
+    /// Image channels produced by the decoder (3).
     #[serde(default = "default_channels")]
     pub out_channels: usize,
     /// One `DownEncoderBlock2D` per entry of `block_out_channels` (empty: assumed so).
@@ -88,15 +90,19 @@ pub struct VaeConfig {
     /// One `UpDecoderBlock2D` per entry of `block_out_channels` (empty: assumed so).
     #[serde(default)]
     pub up_block_types: Vec<String>,
+    /// Channels of each encoder block (the decoder mirrors them); blocks − 1 downsamplings.
     #[serde(default = "default_block_out_channels")]
     pub block_out_channels: Vec<usize>,
+    /// Resnets per encoder block (the decoder's blocks have one more).
     #[serde(default = "default_layers_per_block")]
     pub layers_per_block: usize,
     /// Only `silu` is supported (every Stable Diffusion VAE).
     #[serde(default = "default_act_fn")]
     pub act_fn: String,
+    /// Channels of the latents (4 for Stable Diffusion).
     #[serde(default = "default_latent_channels")]
     pub latent_channels: usize,
+    /// Groups of every group norm; must divide every entry of `block_out_channels`.
     #[serde(default = "default_norm_num_groups")]
     pub norm_num_groups: usize,
     /// Latents are multiplied by this after encoding (training targets) and divided by it before
@@ -106,17 +112,22 @@ pub struct VaeConfig {
     /// Absent (None) for Stable Diffusion; SD3/Flux VAEs set it.
     #[serde(default)]
     pub shift_factor: Option<f64>,
+    /// Per-channel latent statistics some newer VAEs record; unused by Stable Diffusion.
     #[serde(default)]
     pub latents_mean: Option<Vec<f64>>,
+    /// See `latents_mean`.
     #[serde(default)]
     pub latents_std: Option<Vec<f64>>,
     /// diffusers runs a float16 VAE in float32 when this is set.
     #[serde(default = "default_true")]
     pub force_upcast: bool,
+    /// Whether a 1×1 `quant_conv` follows the encoder.
     #[serde(default = "default_true")]
     pub use_quant_conv: bool,
+    /// Whether a 1×1 `post_quant_conv` precedes the decoder.
     #[serde(default = "default_true")]
     pub use_post_quant_conv: bool,
+    /// Whether the mid blocks have their self-attention.
     #[serde(default = "default_true")]
     pub mid_block_add_attention: bool,
 }
