@@ -3,5 +3,6 @@
 //! through a callback and stops when cancelled.
 
 pub mod image;
+pub mod preview;
 pub mod rng;
 pub mod scheduler;
