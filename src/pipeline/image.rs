@@ -253,6 +253,10 @@ fn high_byte(v: u16) -> u8 {
 /// floored to a multiple of `multiple` (the VAE factor), as diffusers'
 /// `VaeImageProcessor.get_default_height_width` does (`x - x % vae_scale_factor`).
 ///
+/// diffusers itself never scales down (its pipeline only floors to the multiple, which is what
+/// `max_side >= max(width, height)` gives); the long-side cap and its rounding are this crate's
+/// choice, so large photos fit in memory.
+///
 /// Errors if a side would become 0 (or `multiple`/`max_side` is 0).
 pub fn edit_size(
     width: u32,
