@@ -1,1 +1,864 @@
-//! TODO(skeleton): filled in by its owner.
+//! Everything between an image file and the tensors of an edit, reproducing what diffusers does
+//! with PIL so that an edit is pixel-for-pixel the same:
+//!
+//! - decoding ([`load_image`], [`decode_image`]): diffusers' `load_image` (`ImageOps.exif_transpose`
+//!   then `convert("RGB")`), with decompression-bomb limits;
+//! - the edit size ([`edit_size`]) and PIL's Lanczos resampling ([`resize_lanczos`]);
+//! - `VaeImageProcessor.preprocess` / `postprocess` ([`to_tensor`], [`to_images`]);
+//! - saving results atomically with their settings as PNG text ([`save_image`], [`read_png_text`]).
+
+use std::fs::File;
+use std::io::{BufWriter, Cursor, Write};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use image::codecs::jpeg::JpegEncoder;
+use image::codecs::webp::WebPEncoder;
+use image::{DynamicImage, ImageDecoder, ImageReader, Limits, RgbImage};
+
+/// Largest image accepted, in pixels: PIL's own decompression-bomb error threshold
+/// (`2 * Image.MAX_IMAGE_PIXELS` = 2 × 89 478 485). Checked on the declared size, before any
+/// pixel buffer is allocated.
+pub const MAX_IMAGE_PIXELS: u64 = 2 * 89_478_485;
+
+/// Largest allocation a decoder may make (the biggest accepted image as 16-bit RGBA).
+const MAX_DECODER_ALLOC: u64 = MAX_IMAGE_PIXELS * 8;
+
+/// JPEG quality used by [`save_image`].
+pub const JPEG_QUALITY: u8 = 95;
+
+/// What can go wrong reading, converting or writing an image. Every message names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// The file does not exist.
+    #[error("image file not found: {}", path.display())]
+    NotFound { path: PathBuf },
+    /// The file exists but could not be read or decoded (I/O error, truncated or corrupt data).
+    #[error("cannot read image {}: {reason}", path.display())]
+    Unreadable { path: PathBuf, reason: String },
+    /// The content is not PNG, JPEG, WebP, BMP or TIFF.
+    #[error("{} is not a supported image (PNG, JPEG, WebP, BMP or TIFF expected)", path.display())]
+    UnsupportedFormat { path: PathBuf },
+    /// The image has no pixels.
+    #[error("image {} is empty ({w}x{h} pixels)", path.display())]
+    Empty { path: PathBuf, w: u32, h: u32 },
+    /// The declared size exceeds [`MAX_IMAGE_PIXELS`] (`limit`, in pixels).
+    #[error(
+        "image {} is too large: {w}x{h} pixels, more than the limit of {limit} pixels",
+        path.display()
+    )]
+    TooLarge {
+        path: PathBuf,
+        w: u32,
+        h: u32,
+        limit: u64,
+    },
+    /// An edit size request that leaves no pixels (a side would round to 0).
+    #[error(
+        "cannot fit a {width}x{height} image into {max_side} pixels in multiples of {multiple}: \
+         a side would become 0"
+    )]
+    InvalidSize {
+        width: u32,
+        height: u32,
+        max_side: u32,
+        multiple: u32,
+    },
+    /// Writing the file failed (missing or unwritable folder, disk full, encoder error).
+    #[error("cannot write image {}: {reason}", path.display())]
+    Write { path: PathBuf, reason: String },
+    /// The extension does not name a format [`save_image`] can write.
+    #[error(
+        "cannot save {}: unknown image extension (use .png, .jpg/.jpeg or .webp)",
+        path.display()
+    )]
+    UnsupportedOutputExtension { path: PathBuf },
+    /// A PNG text key or value that PNG cannot store.
+    #[error("cannot save {}: invalid PNG text key {key:?}: {reason}", path.display())]
+    InvalidTextKey {
+        path: PathBuf,
+        key: String,
+        reason: String,
+    },
+}
+
+/// Decodes PNG/JPEG/WebP/BMP/TIFF (by content, not extension), applies the EXIF orientation, drops
+/// alpha (as PIL's `convert("RGB")` does: no compositing) and converts gray/16-bit/palette to RGB8.
+/// Rejects zero-sized images and images larger than [`MAX_IMAGE_PIXELS`] before allocating them.
+///
+/// 16-bit samples keep their high byte, as PIL does for 16-bit RGB/RGBA/gray+alpha PNGs. For
+/// 16-bit *grayscale* PIL differs: its `I;16 → RGB` conversion clips every value above 255 to
+/// white, which ruins such images; this loader keeps the high byte there too (deliberately).
+pub fn load_image(path: &Path) -> Result<RgbImage, ImageError> {
+    let bytes = std::fs::read(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => ImageError::NotFound {
+            path: path.to_path_buf(),
+        },
+        _ => ImageError::Unreadable {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        },
+    })?;
+    decode_at(&bytes, path)
+}
+
+/// Decodes an image from bytes (clipboard, drag and drop) with the same rules as [`load_image`];
+/// `name` stands for the file in error messages.
+pub fn decode_image(bytes: &[u8], name: &str) -> Result<RgbImage, ImageError> {
+    decode_at(bytes, Path::new(name))
+}
+
+fn decode_at(bytes: &[u8], path: &Path) -> Result<RgbImage, ImageError> {
+    let unreadable = |reason: String| ImageError::Unreadable {
+        path: path.to_path_buf(),
+        reason,
+    };
+    // The PNG and BMP decoders refuse a zero side as a format error; look first so the error
+    // says "empty".
+    if let Some((w, h)) = declared_png_size(bytes).or_else(|| declared_bmp_size(bytes))
+        && (w == 0 || h == 0)
+    {
+        return Err(ImageError::Empty {
+            path: path.to_path_buf(),
+            w,
+            h,
+        });
+    }
+    let mut reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| unreadable(e.to_string()))?;
+    match reader.format() {
+        Some(
+            image::ImageFormat::Png
+            | image::ImageFormat::Jpeg
+            | image::ImageFormat::WebP
+            | image::ImageFormat::Bmp
+            | image::ImageFormat::Tiff,
+        ) => {}
+        _ => {
+            return Err(ImageError::UnsupportedFormat {
+                path: path.to_path_buf(),
+            });
+        }
+    }
+    // Headers only so far: the size check below happens before any pixel allocation.
+    reader.no_limits();
+    let mut decoder = reader
+        .into_decoder()
+        .map_err(|e| map_decode_error(e, path))?;
+    let (w, h) = decoder.dimensions();
+    if w == 0 || h == 0 {
+        return Err(ImageError::Empty {
+            path: path.to_path_buf(),
+            w,
+            h,
+        });
+    }
+    if u64::from(w) * u64::from(h) > MAX_IMAGE_PIXELS {
+        return Err(ImageError::TooLarge {
+            path: path.to_path_buf(),
+            w,
+            h,
+            limit: MAX_IMAGE_PIXELS,
+        });
+    }
+    let mut limits = Limits::default();
+    limits.max_alloc = Some(MAX_DECODER_ALLOC);
+    decoder
+        .set_limits(limits)
+        .map_err(|e| map_decode_error(e, path))?;
+    // A broken EXIF block is ignored, as PIL's exif_transpose ignores what it cannot parse.
+    let orientation = decoder
+        .orientation()
+        .unwrap_or(image::metadata::Orientation::NoTransforms);
+    let decoded = DynamicImage::from_decoder(decoder).map_err(|e| map_decode_error(e, path))?;
+    let mut rgb = DynamicImage::ImageRgb8(to_rgb8_like_pil(decoded));
+    rgb.apply_orientation(orientation);
+    Ok(rgb.into_rgb8())
+}
+
+/// Width and height from a PNG's IHDR, if `bytes` start like a PNG.
+fn declared_png_size(bytes: &[u8]) -> Option<(u32, u32)> {
+    const SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
+    if bytes.len() < 24 || !bytes.starts_with(SIGNATURE) || &bytes[12..16] != b"IHDR" {
+        return None;
+    }
+    let w = u32::from_be_bytes([bytes[16], bytes[17], bytes[18], bytes[19]]);
+    let h = u32::from_be_bytes([bytes[20], bytes[21], bytes[22], bytes[23]]);
+    Some((w, h))
+}
+
+/// Width and height from a BMP's info header, if `bytes` start like a BMP.
+fn declared_bmp_size(bytes: &[u8]) -> Option<(u32, u32)> {
+    if bytes.len() < 26 || !bytes.starts_with(b"BM") {
+        return None;
+    }
+    let le_u16 = |at: usize| u32::from(u16::from_le_bytes([bytes[at], bytes[at + 1]]));
+    let le_i32 =
+        |at: usize| i32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
+    let header_size = le_i32(14);
+    if header_size == 12 {
+        // BITMAPCOREHEADER: 16-bit sizes.
+        Some((le_u16(18), le_u16(20)))
+    } else {
+        // Negative height means top-down rows.
+        Some((le_i32(18).unsigned_abs(), le_i32(22).unsigned_abs()))
+    }
+}
+
+fn map_decode_error(e: image::ImageError, path: &Path) -> ImageError {
+    match e {
+        image::ImageError::Unsupported(_) => ImageError::UnsupportedFormat {
+            path: path.to_path_buf(),
+        },
+        other => ImageError::Unreadable {
+            path: path.to_path_buf(),
+            reason: other.to_string(),
+        },
+    }
+}
+
+/// PIL's `convert("RGB")`: alpha dropped without compositing, gray replicated, 16-bit samples
+/// reduced to their high byte (PIL's `;16B` unpackers; see [`load_image`] for 16-bit gray).
+fn to_rgb8_like_pil(img: DynamicImage) -> RgbImage {
+    let (w, h) = (img.width(), img.height());
+    let from_fn = |f: &dyn Fn(u32, u32) -> [u8; 3]| RgbImage::from_fn(w, h, |x, y| f(x, y).into());
+    match img {
+        DynamicImage::ImageRgb8(rgb) => rgb,
+        DynamicImage::ImageRgba8(i) => from_fn(&|x, y| {
+            let p = i.get_pixel(x, y).0;
+            [p[0], p[1], p[2]]
+        }),
+        DynamicImage::ImageLuma8(i) => from_fn(&|x, y| [i.get_pixel(x, y).0[0]; 3]),
+        DynamicImage::ImageLumaA8(i) => from_fn(&|x, y| [i.get_pixel(x, y).0[0]; 3]),
+        DynamicImage::ImageLuma16(i) => from_fn(&|x, y| [high_byte(i.get_pixel(x, y).0[0]); 3]),
+        DynamicImage::ImageLumaA16(i) => from_fn(&|x, y| [high_byte(i.get_pixel(x, y).0[0]); 3]),
+        DynamicImage::ImageRgb16(i) => from_fn(&|x, y| i.get_pixel(x, y).0.map(high_byte)),
+        DynamicImage::ImageRgba16(i) => from_fn(&|x, y| {
+            let p = i.get_pixel(x, y).0;
+            [high_byte(p[0]), high_byte(p[1]), high_byte(p[2])]
+        }),
+        // Float TIFFs: no PIL equivalent worth copying (PIL clips floats to 0..255 unscaled).
+        other => other.to_rgb8(),
+    }
+}
+
+fn high_byte(v: u16) -> u8 {
+    (v >> 8) as u8
+}
+
+/// The size an edit runs at. If the long side exceeds `max_side`, the image is scaled down so the
+/// long side is exactly `max_side` and the short side is `short * max_side / long` rounded to the
+/// nearest integer (halves up, exact integer arithmetic); it is never scaled up. Then each side is
+/// floored to a multiple of `multiple` (the VAE factor), as diffusers'
+/// `VaeImageProcessor.get_default_height_width` does (`x - x % vae_scale_factor`).
+///
+/// diffusers itself never scales down (its pipeline only floors to the multiple, which is what
+/// `max_side >= max(width, height)` gives); the long-side cap and its rounding are this crate's
+/// choice, so large photos fit in memory.
+///
+/// Errors if a side would become 0 (or `multiple`/`max_side` is 0).
+pub fn edit_size(
+    width: u32,
+    height: u32,
+    max_side: u32,
+    multiple: u32,
+) -> Result<(u32, u32), ImageError> {
+    let invalid = || ImageError::InvalidSize {
+        width,
+        height,
+        max_side,
+        multiple,
+    };
+    if multiple == 0 || max_side == 0 || width == 0 || height == 0 {
+        return Err(invalid());
+    }
+    let long = width.max(height);
+    let (w, h) = if long > max_side {
+        let scale = |side: u32| -> u32 {
+            let scaled = (u64::from(side) * u64::from(max_side) * 2 + u64::from(long))
+                / (2 * u64::from(long));
+            // scaled <= max_side because side <= long.
+            scaled as u32
+        };
+        (scale(width), scale(height))
+    } else {
+        (width, height)
+    };
+    let (w, h) = (w - w % multiple, h - h % multiple);
+    if w == 0 || h == 0 {
+        return Err(invalid());
+    }
+    Ok((w, h))
+}
+
+/// Fixed-point precision of Pillow's 8-bit resampling coefficients (`PRECISION_BITS`).
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+/// Lanczos support radius (`lanczos_filter`'s window, a = 3).
+const LANCZOS_SUPPORT: f64 = 3.0;
+
+fn sinc(x: f64) -> f64 {
+    if x == 0.0 {
+        return 1.0;
+    }
+    let x = x * std::f64::consts::PI;
+    x.sin() / x
+}
+
+fn lanczos(x: f64) -> f64 {
+    if (-LANCZOS_SUPPORT..LANCZOS_SUPPORT).contains(&x) {
+        sinc(x) * sinc(x / 3.0)
+    } else {
+        0.0
+    }
+}
+
+/// Per-output-pixel source window (`first`, `count`) and fixed-point weights, as Pillow's
+/// `precompute_coeffs` + `normalize_coeffs_8bpc` compute them for the box `[0, in_size)`.
+struct Coefficients {
+    ksize: usize,
+    bounds: Vec<(usize, usize)>,
+    weights: Vec<i32>,
+}
+
+fn precompute_coefficients(in_size: u32, out_size: u32) -> Coefficients {
+    let scale = f64::from(in_size) / f64::from(out_size);
+    let filter_scale = scale.max(1.0);
+    let support = LANCZOS_SUPPORT * filter_scale;
+    let ksize = support.ceil() as usize * 2 + 1;
+    let mut bounds = Vec::with_capacity(out_size as usize);
+    let mut weights = vec![0i32; out_size as usize * ksize];
+    let mut k = vec![0f64; ksize];
+    let inv_filter_scale = 1.0 / filter_scale;
+    for xx in 0..out_size as usize {
+        let center = (xx as f64 + 0.5) * scale;
+        // C's (int) cast truncates toward zero, as `as i64` does.
+        let xmin = ((center - support + 0.5) as i64).max(0);
+        let xmax = ((center + support + 0.5) as i64).min(i64::from(in_size));
+        let count = (xmax - xmin).max(0) as usize;
+        let mut sum = 0.0;
+        for (x, slot) in k.iter_mut().enumerate().take(count) {
+            let w = lanczos(((x as i64 + xmin) as f64 - center + 0.5) * inv_filter_scale);
+            *slot = w;
+            sum += w;
+        }
+        let row = &mut weights[xx * ksize..xx * ksize + count];
+        for (dst, &w) in row.iter_mut().zip(&k[..count]) {
+            let w = if sum != 0.0 { w / sum } else { w };
+            let fixed = w * f64::from(1u32 << PRECISION_BITS);
+            *dst = if w < 0.0 {
+                (fixed - 0.5) as i32
+            } else {
+                (fixed + 0.5) as i32
+            };
+        }
+        bounds.push((xmin as usize, count));
+    }
+    Coefficients {
+        ksize,
+        bounds,
+        weights,
+    }
+}
+
+/// Pillow's `clip8`: the fixed-point sum back to a byte, clamped to 0..=255.
+fn clip8(acc: i64) -> u8 {
+    (acc >> PRECISION_BITS).clamp(0, 255) as u8
+}
+
+/// PIL's `Image.resize(size, Image.LANCZOS)` on RGB8, reproduced exactly: Pillow's `Resample.c`
+/// coefficients (support 3 × the downscale factor, normalised to sum 1, rounded to 22-bit fixed
+/// point), two passes each rounded and clipped to 8 bits, in Pillow 13's order (see
+/// `vertical_first`; Pillow ≤ 12 always ran the horizontal pass first), and a pass skipped when
+/// its axis keeps its size. Returns a copy of the input when the size is the same.
+/// A zero target size gives an empty image.
+pub fn resize_lanczos(img: &RgbImage, width: u32, height: u32) -> RgbImage {
+    let (in_w, in_h) = img.dimensions();
+    if (in_w, in_h) == (width, height) {
+        return img.clone();
+    }
+    if width == 0 || height == 0 || in_w == 0 || in_h == 0 {
+        return RgbImage::new(width, height);
+    }
+    // Pillow skips the pass of an axis that keeps its size.
+    let need_horizontal = width != in_w;
+    let need_vertical = height != in_h;
+    let horizontal = precompute_coefficients(in_w, width);
+    let mut vertical = precompute_coefficients(in_h, height);
+
+    let out = if need_vertical && vertical_first(in_w, in_h, width, height) {
+        let stage = vertical_pass(img.as_raw(), in_w as usize, &vertical);
+        if need_horizontal {
+            horizontal_pass(&stage, in_w as usize, 0..height as usize, &horizontal)
+        } else {
+            stage
+        }
+    } else if need_horizontal {
+        // Only the source rows that the vertical pass reads get the horizontal pass.
+        let (row_first, row_last) = match (vertical.bounds.first(), vertical.bounds.last()) {
+            (Some(&(first, _)), Some(&(last_start, last_count))) => {
+                (first, last_start + last_count)
+            }
+            _ => (0, in_h as usize),
+        };
+        let stage = horizontal_pass(
+            img.as_raw(),
+            in_w as usize,
+            row_first..row_last,
+            &horizontal,
+        );
+        if need_vertical {
+            for bound in &mut vertical.bounds {
+                bound.0 -= row_first;
+            }
+            vertical_pass(&stage, width as usize, &vertical)
+        } else {
+            stage
+        }
+    } else {
+        vertical_pass(img.as_raw(), in_w as usize, &vertical)
+    };
+    // The buffer has exactly width*height*3 bytes by construction.
+    RgbImage::from_raw(width, height, out).unwrap_or_else(|| RgbImage::new(width, height))
+}
+
+/// Pillow 13's pass order (python-pillow/Pillow#9549, found to hold exactly on ~900 random size
+/// pairs): the vertical pass goes first when the height shrinks by more than twice as many pixels
+/// as the width does; otherwise horizontal first, as every earlier Pillow always did. The order
+/// changes the result (each pass rounds to 8 bits).
+fn vertical_first(in_w: u32, in_h: u32, out_w: u32, out_h: u32) -> bool {
+    let shrink_h = i64::from(in_h) - i64::from(out_h);
+    let shrink_w = i64::from(in_w) - i64::from(out_w);
+    out_h < in_h && shrink_h > 2 * shrink_w
+}
+
+fn horizontal_pass(
+    src: &[u8],
+    in_w: usize,
+    rows: std::ops::Range<usize>,
+    coeffs: &Coefficients,
+) -> Vec<u8> {
+    let out_w = coeffs.bounds.len();
+    let mut out = Vec::with_capacity(rows.len() * out_w * 3);
+    for y in rows {
+        let row = &src[y * in_w * 3..(y + 1) * in_w * 3];
+        for (xx, &(xmin, count)) in coeffs.bounds.iter().enumerate() {
+            let k = &coeffs.weights[xx * coeffs.ksize..xx * coeffs.ksize + count];
+            let mut acc = [1i64 << (PRECISION_BITS - 1); 3];
+            for (px, &w) in row[xmin * 3..(xmin + count) * 3].chunks_exact(3).zip(k) {
+                let w = i64::from(w);
+                acc[0] += i64::from(px[0]) * w;
+                acc[1] += i64::from(px[1]) * w;
+                acc[2] += i64::from(px[2]) * w;
+            }
+            out.extend(acc.map(clip8));
+        }
+    }
+    out
+}
+
+fn vertical_pass(src: &[u8], width: usize, coeffs: &Coefficients) -> Vec<u8> {
+    let stride = width * 3;
+    let mut out = Vec::with_capacity(coeffs.bounds.len() * stride);
+    let mut acc = vec![0i64; stride];
+    for (yy, &(ymin, count)) in coeffs.bounds.iter().enumerate() {
+        let k = &coeffs.weights[yy * coeffs.ksize..yy * coeffs.ksize + count];
+        acc.fill(1i64 << (PRECISION_BITS - 1));
+        for (dy, &w) in k.iter().enumerate() {
+            let w = i64::from(w);
+            let row = &src[(ymin + dy) * stride..(ymin + dy + 1) * stride];
+            for (a, &v) in acc.iter_mut().zip(row) {
+                *a += i64::from(v) * w;
+            }
+        }
+        out.extend(acc.iter().map(|&a| clip8(a)));
+    }
+    out
+}
+
+/// diffusers' `VaeImageProcessor.preprocess` for one RGB8 image already at the edit size:
+/// `[1, 3, H, W]` float32 in [-1, 1], computed as numpy/torch do it in float32:
+/// `(x / 255) * 2 - 1`.
+pub fn to_tensor(img: &RgbImage, device: &Device) -> candle_core::Result<Tensor> {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let raw = img.as_raw();
+    let mut data = Vec::with_capacity(3 * w * h);
+    for c in 0..3 {
+        data.extend(
+            raw.chunks_exact(3)
+                .map(|px| 2.0f32 * (f32::from(px[c]) / 255.0f32) - 1.0f32),
+        );
+    }
+    Tensor::from_vec(data, (1, 3, h, w), device)
+}
+
+/// VAE output `[B, 3, H, W]` (any float dtype, any device) → RGB8 images, as diffusers'
+/// `postprocess(output_type="pil")` does: `(x * 0.5 + 0.5).clamp(0, 1)` in the tensor's dtype,
+/// then in float32 `* 255`, numpy's round (half to even) and the cast to `uint8`. NaN gives 0.
+pub fn to_images(decoded: &Tensor) -> candle_core::Result<Vec<RgbImage>> {
+    let (b, c, h, w) = decoded.dims4()?;
+    if c != 3 {
+        candle_core::bail!(
+            "to_images: expected [B, 3, H, W] VAE output, got {:?}",
+            decoded.dims()
+        );
+    }
+    let cpu = decoded.to_device(&Device::Cpu)?;
+    // Denormalised values in [0, 1] as float32, in [B, C, H, W] order.
+    let unit: Vec<f32> = match cpu.dtype() {
+        DType::F16 => {
+            let half = half::f16::from_f32(0.5);
+            cpu.flatten_all()?
+                .to_vec1::<half::f16>()?
+                .into_iter()
+                .map(|x| clamp_unit(x * half + half).to_f32())
+                .collect()
+        }
+        DType::BF16 => {
+            let half = half::bf16::from_f32(0.5);
+            cpu.flatten_all()?
+                .to_vec1::<half::bf16>()?
+                .into_iter()
+                .map(|x| clamp_unit(x * half + half).to_f32())
+                .collect()
+        }
+        DType::F64 => cpu
+            .flatten_all()?
+            .to_vec1::<f64>()?
+            .into_iter()
+            .map(|x| clamp_unit(x * 0.5 + 0.5) as f32)
+            .collect(),
+        _ => cpu
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .into_iter()
+            .map(|x| clamp_unit(x * 0.5 + 0.5))
+            .collect(),
+    };
+    let plane = h * w;
+    let mut images = Vec::with_capacity(b);
+    for i in 0..b {
+        let item = &unit[i * 3 * plane..(i + 1) * 3 * plane];
+        let mut raw = Vec::with_capacity(3 * plane);
+        for p in 0..plane {
+            for ch in 0..3 {
+                raw.push(unit_to_byte(item[ch * plane + p]));
+            }
+        }
+        let img = RgbImage::from_raw(w as u32, h as u32, raw)
+            .ok_or_else(|| candle_core::Error::Msg("to_images: buffer size mismatch".into()))?;
+        images.push(img);
+    }
+    Ok(images)
+}
+
+/// torch's `clamp(0, 1)`: NaN stays NaN.
+fn clamp_unit<T: PartialOrd + From<u8> + Copy>(x: T) -> T {
+    let (zero, one) = (T::from(0u8), T::from(1u8));
+    if x < zero {
+        zero
+    } else if x > one {
+        one
+    } else {
+        x
+    }
+}
+
+/// numpy's `(x * 255).round().astype("uint8")` for x in [0, 1] (NaN → 0).
+fn unit_to_byte(x: f32) -> u8 {
+    let v = (x * 255.0f32).round_ties_even();
+    if v.is_nan() {
+        0
+    } else {
+        v.clamp(0.0, 255.0) as u8
+    }
+}
+
+/// The formats [`save_image`] writes, chosen by extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OutputFormat {
+    Png,
+    Jpeg,
+    WebP,
+}
+
+fn output_format(path: &Path) -> Option<OutputFormat> {
+    let ext = path.extension()?.to_str()?.to_ascii_lowercase();
+    match ext.as_str() {
+        "png" => Some(OutputFormat::Png),
+        "jpg" | "jpeg" => Some(OutputFormat::Jpeg),
+        "webp" => Some(OutputFormat::WebP),
+        _ => None,
+    }
+}
+
+/// Writes `img` as PNG (with `text` as PNG text chunks, in order: tEXt when key and value are
+/// Latin-1, iTXt otherwise), JPEG (quality [`JPEG_QUALITY`]) or WebP (lossless), chosen by the
+/// extension. Atomic: the data goes to a temporary file in the same folder, is fsynced and then
+/// renamed over `path`; on any error nothing is left behind. Unknown extensions and invalid PNG
+/// text keys are refused before any work. JPEG and WebP files carry no text.
+pub fn save_image(
+    path: &Path,
+    img: &RgbImage,
+    text: &[(String, String)],
+) -> Result<(), ImageError> {
+    let format = output_format(path).ok_or_else(|| ImageError::UnsupportedOutputExtension {
+        path: path.to_path_buf(),
+    })?;
+    if format == OutputFormat::Png {
+        for (key, _) in text {
+            check_png_key(path, key)?;
+        }
+    }
+    let write_err = |reason: String| ImageError::Write {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let folder = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !folder.is_dir() {
+        return Err(write_err(format!(
+            "folder {} does not exist",
+            folder.display()
+        )));
+    }
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(".tmp-").suffix(".part");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        // Like a normal file creation (the umask applies), not tempfile's private 0600.
+        builder.permissions(std::fs::Permissions::from_mode(0o666));
+    }
+    let temp = builder
+        .tempfile_in(&folder)
+        .map_err(|e| write_err(format!("cannot create a file in {}: {e}", folder.display())))?;
+    {
+        let mut out = BufWriter::new(temp.as_file());
+        match format {
+            OutputFormat::Png => write_png(&mut out, img, text),
+            OutputFormat::Jpeg => JpegEncoder::new_with_quality(&mut out, JPEG_QUALITY)
+                .encode_image(img)
+                .map_err(|e| e.to_string()),
+            OutputFormat::WebP => WebPEncoder::new_lossless(&mut out)
+                .encode(
+                    img.as_raw(),
+                    img.width(),
+                    img.height(),
+                    image::ExtendedColorType::Rgb8,
+                )
+                .map_err(|e| e.to_string()),
+        }
+        .map_err(&write_err)?;
+        out.flush().map_err(|e| write_err(e.to_string()))?;
+    }
+    temp.as_file()
+        .sync_all()
+        .map_err(|e| write_err(e.to_string()))?;
+    // On failure the returned error owns the temp file and deletes it when dropped.
+    temp.persist(path)
+        .map_err(|e| write_err(e.error.to_string()))?;
+    // Make the rename itself durable; not all platforms can open a folder, so best effort.
+    if let Ok(dir) = File::open(&folder) {
+        let _ = dir.sync_all();
+    }
+    Ok(())
+}
+
+fn is_latin1(s: &str) -> bool {
+    s.chars().all(|c| (c as u32) < 256)
+}
+
+/// PNG keywords: 1–79 Latin-1 characters, printable (no NUL or control characters), no leading,
+/// trailing or double spaces (PNG spec 11.3.4.2).
+fn check_png_key(path: &Path, key: &str) -> Result<(), ImageError> {
+    let reason = if key.is_empty() || key.chars().count() > 79 {
+        Some("keys must be 1 to 79 characters")
+    } else if !is_latin1(key) {
+        Some("keys must be Latin-1")
+    } else if key.chars().any(|c| c.is_control()) {
+        Some("keys cannot contain control characters")
+    } else if key.starts_with(' ') || key.ends_with(' ') || key.contains("  ") {
+        Some("keys cannot have leading, trailing or consecutive spaces")
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(ImageError::InvalidTextKey {
+            path: path.to_path_buf(),
+            key: key.to_string(),
+            reason: reason.to_string(),
+        }),
+        None => Ok(()),
+    }
+}
+
+fn write_png<W: Write>(out: W, img: &RgbImage, text: &[(String, String)]) -> Result<(), String> {
+    let mut encoder = png::Encoder::new(out, img.width(), img.height());
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    let mut writer = encoder.write_header().map_err(|e| e.to_string())?;
+    for (key, value) in text {
+        // NUL cannot appear in tEXt text; iTXt is UTF-8 and takes anything else.
+        if is_latin1(value) && !value.contains('\0') {
+            writer.write_text_chunk(&png::text_metadata::TEXtChunk::new(key, value))
+        } else {
+            writer.write_text_chunk(&png::text_metadata::ITXtChunk::new(key, value))
+        }
+        .map_err(|e| e.to_string())?;
+    }
+    writer
+        .write_image_data(img.as_raw())
+        .map_err(|e| e.to_string())?;
+    writer.finish().map_err(|e| e.to_string())
+}
+
+/// Reads back a PNG's text chunks (tEXt, zTXt and iTXt, decompressed) as `(key, value)` pairs in
+/// file order, without decoding the pixels.
+pub fn read_png_text(path: &Path) -> Result<Vec<(String, String)>, ImageError> {
+    let unreadable = |reason: String| ImageError::Unreadable {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let bytes = std::fs::read(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => ImageError::NotFound {
+            path: path.to_path_buf(),
+        },
+        _ => unreadable(e.to_string()),
+    })?;
+    if declared_png_size(&bytes).is_none() {
+        return Err(ImageError::UnsupportedFormat {
+            path: path.to_path_buf(),
+        });
+    }
+    let mut decoder = png::Decoder::new(Cursor::new(&bytes[..]));
+    decoder.set_ignore_text_chunk(false);
+    let mut reader = decoder.read_info().map_err(|e| unreadable(e.to_string()))?;
+    // Skips the pixel data and reads the chunks after it.
+    reader.finish().map_err(|e| unreadable(e.to_string()))?;
+    let info = reader.info();
+    let mut latin1 = info.uncompressed_latin1_text.iter();
+    let mut compressed = info.compressed_latin1_text.iter();
+    let mut utf8 = info.utf8_text.iter();
+    // png keeps the three kinds apart; walk the chunk list to put them back in file order.
+    let mut pairs = Vec::new();
+    for kind in png_chunk_kinds(&bytes) {
+        match &kind {
+            b"tEXt" => {
+                if let Some(c) = latin1.next() {
+                    pairs.push((c.keyword.clone(), c.text.clone()));
+                }
+            }
+            b"zTXt" => {
+                if let Some(c) = compressed.next() {
+                    let text = c.get_text().map_err(|e| unreadable(e.to_string()))?;
+                    pairs.push((c.keyword.clone(), text));
+                }
+            }
+            b"iTXt" => {
+                if let Some(c) = utf8.next() {
+                    let text = c.get_text().map_err(|e| unreadable(e.to_string()))?;
+                    pairs.push((c.keyword.clone(), text));
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(pairs)
+}
+
+/// The chunk types of a PNG in file order (stops at the first malformed length).
+fn png_chunk_kinds(bytes: &[u8]) -> Vec<[u8; 4]> {
+    let mut kinds = Vec::new();
+    let mut pos = 8;
+    while pos + 8 <= bytes.len() {
+        let len = u32::from_be_bytes([bytes[pos], bytes[pos + 1], bytes[pos + 2], bytes[pos + 3]]);
+        let kind = [
+            bytes[pos + 4],
+            bytes[pos + 5],
+            bytes[pos + 6],
+            bytes[pos + 7],
+        ];
+        kinds.push(kind);
+        if &kind == b"IEND" {
+            break;
+        }
+        pos = match pos.checked_add(12 + len as usize) {
+            Some(next) => next,
+            None => break,
+        };
+    }
+    kinds
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn edit_size_floors_to_multiple_without_scaling() {
+        // diffusers: x - x % 8.
+        assert_eq!(edit_size(67, 45, 1024, 8).unwrap(), (64, 40));
+        assert_eq!(edit_size(512, 512, 512, 8).unwrap(), (512, 512));
+        // Never scaled up.
+        assert_eq!(edit_size(100, 60, 512, 8).unwrap(), (96, 56));
+    }
+
+    #[test]
+    fn edit_size_scales_long_side_down() {
+        // 1000x750 into 512: 750 * 512 / 1000 = 384 exactly.
+        assert_eq!(edit_size(1000, 750, 512, 8).unwrap(), (512, 384));
+        // 3000x2001 into 512 (portrait too): 2001 * 512 / 3000 = 341.504 -> 342 -> floored 336.
+        assert_eq!(edit_size(3000, 2001, 512, 8).unwrap(), (512, 336));
+        assert_eq!(edit_size(2001, 3000, 512, 8).unwrap(), (336, 512));
+        // Rounding halves up: 3 * 2 / 4 = 1.5 -> 2; 5 * 2 / 4 = 2.5 -> 3.
+        assert_eq!(edit_size(4, 3, 2, 1).unwrap(), (2, 2));
+        assert_eq!(edit_size(5, 4, 2, 1).unwrap(), (2, 2));
+        assert_eq!(edit_size(4, 5, 2, 1).unwrap(), (2, 2));
+        assert_eq!(edit_size(10, 5, 4, 1).unwrap(), (4, 2));
+        assert_eq!(edit_size(8, 5, 4, 1).unwrap(), (4, 3));
+    }
+
+    #[test]
+    fn edit_size_rejects_vanishing_sides() {
+        assert!(matches!(
+            edit_size(5, 100, 1024, 8),
+            Err(ImageError::InvalidSize { .. })
+        ));
+        // 20 * 64 / 1000 = 1.28 -> 1 -> floored to 0.
+        assert!(edit_size(1000, 20, 64, 8).is_err());
+        assert!(edit_size(64, 64, 64, 0).is_err());
+        assert!(edit_size(0, 64, 64, 8).is_err());
+    }
+
+    #[test]
+    fn lanczos_weights_sum_to_one_in_fixed_point() {
+        for (in_size, out_size) in [(67u32, 64u32), (45, 101), (300, 7), (10, 1)] {
+            let c = precompute_coefficients(in_size, out_size);
+            for (i, &(start, count)) in c.bounds.iter().enumerate() {
+                assert!(start + count <= in_size as usize);
+                let sum: i64 = c.weights[i * c.ksize..i * c.ksize + count]
+                    .iter()
+                    .map(|&w| i64::from(w))
+                    .sum();
+                // Each weight is rounded separately: off by at most half a unit each.
+                assert!((sum - (1 << PRECISION_BITS)).abs() <= count as i64, "{sum}");
+            }
+        }
+    }
+
+    #[test]
+    fn png_keys_are_validated() {
+        let p = Path::new("x.png");
+        assert!(check_png_key(p, "parameters").is_ok());
+        assert!(check_png_key(p, "").is_err());
+        assert!(check_png_key(p, &"k".repeat(80)).is_err());
+        assert!(check_png_key(p, "名前").is_err());
+        assert!(check_png_key(p, " lead").is_err());
+        assert!(check_png_key(p, "a\0b").is_err());
+    }
+}
