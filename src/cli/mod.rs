@@ -30,7 +30,10 @@ const EXIT_FAILURE: u8 = 1;
 
 /// Parses the process arguments and runs the chosen subcommand.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => return usage_error(error),
+    };
     let result = match cli.command {
         Some(Command::Edit(args)) => edit::run(args),
         Some(Command::Bench(args)) => bench::run(args),
@@ -48,6 +51,19 @@ pub fn main() -> ExitCode {
             ExitCode::from(EXIT_FAILURE)
         }
     }
+}
+
+/// Help and version go to stdout as usual; a bad flag or value is reported on one line.
+fn usage_error(error: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(error.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        let _ = error.print();
+        return ExitCode::SUCCESS;
+    }
+    let rendered = error.render().to_string();
+    let first = rendered.lines().next().unwrap_or("error: invalid arguments");
+    eprintln!("{first} (see --help)");
+    ExitCode::from(2)
 }
 
 /// The error and its causes on one line, without repeating a cause its parent already quoted.
