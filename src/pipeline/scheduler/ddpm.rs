@@ -13,12 +13,15 @@ use super::{
 
 const CLASS: &str = "DDPMScheduler";
 
-/// The implemented `variance_type`s.
+/// The implemented `variance_type`s (all `fixed_*`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum VarianceType {
-    FixedSmall,
-    FixedSmallLog,
-    FixedLarge,
+    /// `fixed_small`: the posterior variance.
+    Small,
+    /// `fixed_small_log`: the same through log/exp.
+    SmallLog,
+    /// `fixed_large`: beta_t.
+    Large,
 }
 
 /// DDPM sampling, after `set_timesteps(num_inference_steps)`.
@@ -42,9 +45,9 @@ impl DdpmScheduler {
         let prediction_type = PredictionType::parse(&config.prediction_type, CLASS)?;
         reject_if_true(config.thresholding, CLASS, "thresholding")?;
         let variance_type = match config.variance_type.as_deref() {
-            None | Some("fixed_small") => VarianceType::FixedSmall,
-            Some("fixed_small_log") => VarianceType::FixedSmallLog,
-            Some("fixed_large") => VarianceType::FixedLarge,
+            None | Some("fixed_small") => VarianceType::Small,
+            Some("fixed_small_log") => VarianceType::SmallLog,
+            Some("fixed_large") => VarianceType::Large,
             Some(other) => {
                 return Err(SchedulerError::Unsupported {
                     class: CLASS,
@@ -135,9 +138,9 @@ impl Scheduler for DdpmScheduler {
             let variance_noise = draw_noise(noise, model_output)?;
             let variance = (beta_prod_t_prev / beta_prod_t * current_beta_t).max(1e-20);
             let noise_scale = match self.variance_type {
-                VarianceType::FixedSmall => variance.sqrt(),
-                VarianceType::FixedSmallLog => (0.5 * variance.ln()).exp(),
-                VarianceType::FixedLarge => current_beta_t.sqrt(),
+                VarianceType::Small => variance.sqrt(),
+                VarianceType::SmallLog => (0.5 * variance.ln()).exp(),
+                VarianceType::Large => current_beta_t.sqrt(),
             };
             prev_sample = (prev_sample + mul_scalar(&variance_noise, noise_scale)?)?;
         }

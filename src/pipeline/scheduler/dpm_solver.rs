@@ -189,11 +189,6 @@ impl DpmSolverMultistepScheduler {
         })
     }
 
-    /// The sigmas, one per timestep plus the final one.
-    pub fn sigmas(&self) -> &[f32] {
-        &self.sigmas
-    }
-
     /// `convert_model_output` for dpmsolver++: the predicted x0.
     fn convert_model_output(
         &self,
@@ -316,5 +311,9 @@ impl Scheduler for DpmSolverMultistepScheduler {
 
     fn prediction_type(&self) -> PredictionType {
         self.prediction_type
+    }
+
+    fn sigmas(&self) -> Option<&[f32]> {
+        Some(&self.sigmas)
     }
 }

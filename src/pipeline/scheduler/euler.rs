@@ -109,11 +109,6 @@ impl EulerDiscreteScheduler {
             pred_original_sample: None,
         })
     }
-
-    /// The sigmas, one per timestep plus the final one.
-    pub fn sigmas(&self) -> &[f32] {
-        &self.sigmas
-    }
 }
 
 impl Scheduler for EulerDiscreteScheduler {
@@ -165,5 +160,9 @@ impl Scheduler for EulerDiscreteScheduler {
 
     fn prediction_type(&self) -> PredictionType {
         self.prediction_type
+    }
+
+    fn sigmas(&self) -> Option<&[f32]> {
+        Some(&self.sigmas)
     }
 }

@@ -61,11 +61,6 @@ impl EulerAncestralDiscreteScheduler {
             pred_original_sample: None,
         })
     }
-
-    /// The sigmas, one per timestep plus the final 0.
-    pub fn sigmas(&self) -> &[f32] {
-        &self.sigmas
-    }
 }
 
 impl Scheduler for EulerAncestralDiscreteScheduler {
@@ -123,5 +118,9 @@ impl Scheduler for EulerAncestralDiscreteScheduler {
 
     fn prediction_type(&self) -> PredictionType {
         self.prediction_type
+    }
+
+    fn sigmas(&self) -> Option<&[f32]> {
+        Some(&self.sigmas)
     }
 }

@@ -208,6 +208,11 @@ pub trait Scheduler: Send {
     fn pred_original_sample(&self) -> Option<&Tensor>;
     /// What the model is expected to predict.
     fn prediction_type(&self) -> PredictionType;
+    /// The sigmas (one per timestep plus the final one) of the sigma-based schedulers (Euler,
+    /// Euler ancestral, DPM-Solver), float32 as diffusers stores them; None for DDIM and DDPM.
+    fn sigmas(&self) -> Option<&[f32]> {
+        None
+    }
 }
 
 /// Builds the scheduler for an edit: `kind` None = the config's own class; Some = convert as

@@ -62,7 +62,8 @@ pub(crate) fn numpy_linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
 /// `start + i * delta` with `delta = (start + step) - start` as numpy's fill computes it.
 pub(crate) fn numpy_arange(start: f64, stop: f64, step: f64) -> Vec<f64> {
     let length = ((stop - start) / step).ceil();
-    if !(length > 0.0) {
+    // Also catches NaN (a zero step).
+    if length.is_nan() || length <= 0.0 {
         return Vec::new();
     }
     let length = length as usize;
@@ -97,8 +98,8 @@ pub(crate) fn numpy_interp_on_index_grid(x: f64, fp: &[f32]) -> f64 {
 }
 
 /// Betas as diffusers' `__init__` makes them (float32 torch), including zero-terminal-SNR
-/// rescaling. `extra_schedules` lets DDPM accept nothing more here (it is kept to the three
-/// schedules every class shares).
+/// rescaling. Only the three schedules all five classes share; DDPM's extra `sigmoid` and
+/// `laplace` are rejected.
 pub(crate) fn betas(
     config: &SchedulerConfig,
     class: &'static str,
@@ -209,10 +210,11 @@ pub(crate) fn alphas_cumprod(
     let betas = betas(config, class)?;
     let alphas: Vec<f32> = betas.iter().map(|&b| 1.0 - b).collect();
     let mut cumprod = cumprod_f32(&alphas);
-    if terminal_fix && config.rescale_betas_zero_snr {
-        if let Some(last) = cumprod.last_mut() {
-            *last = 2f32.powi(-24);
-        }
+    if terminal_fix
+        && config.rescale_betas_zero_snr
+        && let Some(last) = cumprod.last_mut()
+    {
+        *last = 2f32.powi(-24);
     }
     Ok(cumprod)
 }
