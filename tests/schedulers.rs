@@ -466,3 +466,32 @@ fn half_precision_outputs_keep_the_model_dtype() {
         noise.next = 0;
     }
 }
+
+#[test]
+fn config_files_are_read_with_python_json_quirks() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("scheduler_config.json");
+    // As diffusers' save_pretrained writes a DPM-Solver config: bare -Infinity, nulls.
+    std::fs::write(
+        &path,
+        r#"{"_class_name": "DPMSolverMultistepScheduler", "_diffusers_version": "0.42.1",
+            "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+            "lambda_min_clipped": -Infinity, "variance_type": null, "trained_betas": null,
+            "timestep_spacing": "linspace", "steps_offset": 1}"#,
+    )
+    .unwrap();
+    let config = SchedulerConfig::from_file(&path).unwrap();
+    assert_eq!(config.lambda_min_clipped, Some(f64::NEG_INFINITY));
+    let scheduler = build_scheduler(&config, None, 5).unwrap();
+    assert_eq!(scheduler.timesteps(), [999.0, 799.0, 599.0, 400.0, 200.0]);
+
+    assert!(matches!(
+        SchedulerConfig::from_file(&dir.path().join("missing.json")),
+        Err(SchedulerError::Io { .. })
+    ));
+    std::fs::write(&path, "{\"beta_start\": 0.1}").unwrap();
+    assert!(matches!(
+        SchedulerConfig::from_file(&path),
+        Err(SchedulerError::Json { .. })
+    ));
+}
