@@ -410,6 +410,12 @@ fn unsupported_options_are_rejected() {
         build_scheduler(&config_with(""), Some(SchedulerKind::Ddim), 1001),
         Err(SchedulerError::InvalidValue { .. })
     ));
+    let clipped_away =
+        config_with(r#""lambda_min_clipped": 100.0, "timestep_spacing": "trailing""#);
+    assert!(matches!(
+        build_scheduler(&clipped_away, None, 10),
+        Err(SchedulerError::InvalidValue { .. })
+    ));
 }
 
 /// Noise of the wrong length is an error, not a panic or a silent truncation.

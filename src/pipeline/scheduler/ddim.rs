@@ -4,8 +4,8 @@
 use candle_core::Tensor;
 
 use super::schedule::{
-    Spacing, alphas_cumprod, check_step_index, div_scalar, leading, mul_scalar, numpy_linspace,
-    round_half_even, to_f32, trailing,
+    Spacing, alphas_cumprod, check_num_steps, check_step_index, div_scalar, leading, mul_scalar,
+    numpy_linspace, round_half_even, to_f32, trailing,
 };
 use super::{
     NoiseSource, PredictionType, Scheduler, SchedulerConfig, SchedulerError, reject_if_true,
@@ -110,6 +110,7 @@ impl DdimScheduler {
         config: &SchedulerConfig,
         num_inference_steps: usize,
     ) -> Result<Self, SchedulerError> {
+        check_num_steps(num_inference_steps)?;
         let prediction_type = PredictionType::parse(&config.prediction_type, CLASS)?;
         reject_if_true(config.thresholding, CLASS, "thresholding")?;
         let alphas_cumprod = alphas_cumprod(config, CLASS, false)?;

@@ -5,7 +5,7 @@ use candle_core::Tensor;
 
 use super::ddim::{alpha_at, integer_timesteps};
 use super::schedule::{
-    alphas_cumprod, check_step_index, div_scalar, draw_noise, mul_scalar, to_f32,
+    alphas_cumprod, check_num_steps, check_step_index, div_scalar, draw_noise, mul_scalar, to_f32,
 };
 use super::{
     NoiseSource, PredictionType, Scheduler, SchedulerConfig, SchedulerError, reject_if_true,
@@ -42,6 +42,7 @@ impl DdpmScheduler {
         config: &SchedulerConfig,
         num_inference_steps: usize,
     ) -> Result<Self, SchedulerError> {
+        check_num_steps(num_inference_steps)?;
         let prediction_type = PredictionType::parse(&config.prediction_type, CLASS)?;
         reject_if_true(config.thresholding, CLASS, "thresholding")?;
         let variance_type = match config.variance_type.as_deref() {

@@ -6,9 +6,9 @@ use candle_core::Tensor;
 
 use super::euler::final_sigma;
 use super::schedule::{
-    Spacing, alphas_cumprod, check_step_index, div_scalar, karras_sigmas, leading, mul_scalar,
-    numpy_interp_on_index_grid, numpy_linspace, round_half_even, sigma_to_t, to_f32, trailing,
-    train_sigmas,
+    Spacing, alphas_cumprod, check_num_steps, check_step_index, div_scalar, karras_sigmas, leading,
+    mul_scalar, numpy_interp_on_index_grid, numpy_linspace, round_half_even, sigma_to_t, to_f32,
+    trailing, train_sigmas,
 };
 use super::{
     NoiseSource, PredictionType, Scheduler, SchedulerConfig, SchedulerError, reject_if_true,
@@ -58,6 +58,7 @@ impl DpmSolverMultistepScheduler {
         config: &SchedulerConfig,
         num_inference_steps: usize,
     ) -> Result<Self, SchedulerError> {
+        check_num_steps(num_inference_steps)?;
         let prediction_type = PredictionType::parse(&config.prediction_type, CLASS)?;
         match config.algorithm_type.as_deref() {
             // diffusers maps "deis" to dpmsolver++.
@@ -146,6 +147,13 @@ impl DpmSolverMultistepScheduler {
                 .map(|t| t as i64)
                 .collect(),
         };
+        if timesteps.is_empty() {
+            return Err(SchedulerError::InvalidValue {
+                option: "lambda_min_clipped",
+                value: lambda_min_clipped.to_string(),
+                reason: "clips away every timestep",
+            });
+        }
         let train_sigmas = train_sigmas(&alphas_cumprod);
         let sigmas: Vec<f64> = if config.use_karras_sigmas == Some(true) {
             // np.log of the float32 table stays float32.

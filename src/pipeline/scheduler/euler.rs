@@ -4,7 +4,7 @@
 use candle_core::Tensor;
 
 use super::schedule::{
-    Spacing, alphas_cumprod, check_step_index, div_scalar, euler_init_noise_sigma,
+    Spacing, alphas_cumprod, check_num_steps, check_step_index, div_scalar, euler_init_noise_sigma,
     euler_scale_model_input, euler_timesteps, karras_sigmas, mul_scalar,
     numpy_interp_on_index_grid, sigma_to_t, to_f32, train_sigmas,
 };
@@ -48,6 +48,7 @@ impl EulerDiscreteScheduler {
         config: &SchedulerConfig,
         num_inference_steps: usize,
     ) -> Result<Self, SchedulerError> {
+        check_num_steps(num_inference_steps)?;
         let prediction_type = PredictionType::parse(&config.prediction_type, CLASS)?;
         match config.interpolation_type.as_deref() {
             None | Some("linear") => {}

@@ -4,9 +4,9 @@
 use candle_core::Tensor;
 
 use super::schedule::{
-    Spacing, alphas_cumprod, check_step_index, div_scalar, draw_noise, euler_init_noise_sigma,
-    euler_scale_model_input, euler_timesteps, mul_scalar, numpy_interp_on_index_grid, to_f32,
-    train_sigmas,
+    Spacing, alphas_cumprod, check_num_steps, check_step_index, div_scalar, draw_noise,
+    euler_init_noise_sigma, euler_scale_model_input, euler_timesteps, mul_scalar,
+    numpy_interp_on_index_grid, to_f32, train_sigmas,
 };
 use super::{NoiseSource, PredictionType, Scheduler, SchedulerConfig, SchedulerError};
 
@@ -29,6 +29,7 @@ impl EulerAncestralDiscreteScheduler {
         config: &SchedulerConfig,
         num_inference_steps: usize,
     ) -> Result<Self, SchedulerError> {
+        check_num_steps(num_inference_steps)?;
         let prediction_type = PredictionType::parse(&config.prediction_type, CLASS)?;
         if prediction_type == PredictionType::Sample {
             // diffusers raises NotImplementedError for it in `step`.

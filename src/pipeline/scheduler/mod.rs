@@ -234,13 +234,6 @@ pub fn build_scheduler(
                 value: config.class_name.clone(),
             })?,
     };
-    if num_inference_steps == 0 {
-        return Err(SchedulerError::InvalidValue {
-            option: "num_inference_steps",
-            value: "0".to_owned(),
-            reason: "at least one step is needed",
-        });
-    }
     Ok(match kind {
         SchedulerKind::EulerAncestral => Box::new(EulerAncestralDiscreteScheduler::new(
             config,

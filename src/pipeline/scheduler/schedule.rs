@@ -388,6 +388,18 @@ pub(crate) fn draw_noise(noise: &mut dyn super::NoiseSource, like: &Tensor) -> R
     }
 }
 
+/// Rejects an empty schedule (every class divides by the step count).
+pub(crate) fn check_num_steps(num_inference_steps: usize) -> Result<(), SchedulerError> {
+    if num_inference_steps == 0 {
+        return Err(SchedulerError::InvalidValue {
+            option: "num_inference_steps",
+            value: "0".to_owned(),
+            reason: "at least one step is needed",
+        });
+    }
+    Ok(())
+}
+
 /// Checks a step index against the schedule length.
 pub(crate) fn check_step_index(step_index: usize, len: usize) -> Result<()> {
     if step_index >= len {
