@@ -112,6 +112,14 @@ fn sd2_shape_linear_projection_head_list_matches_diffusers() {
 }
 
 #[test]
+fn less_common_settings_match_diffusers() {
+    // Two resnets per block, no mid block, downsample_padding 0, only_cross_attention, centred
+    // input, custom time_embedding_dim, 1×1 conv_in, gelu, 7×6 latents.
+    let model = load_model("variants", DType::F32);
+    assert!(run_case(&model, "variants", "batch2_odd", DType::F32) < F32_TOLERANCE);
+}
+
+#[test]
 fn timesteps_one_per_sample_equal_a_shared_scalar() {
     // The same timestep given as a scalar, as [1] and as [B] must give the same result.
     let model = load_model("sd1", DType::F32);
@@ -245,9 +253,9 @@ fn missing_or_malformed_config_names_the_file() {
     );
 }
 
-/// Builds the sd1 fixture with every weight a `Var` of `varmap`.
-fn load_trainable_sd1(varmap: &VarMap) -> UNet2DConditionModel {
-    let dir = fixture("sd1");
+/// Builds fixture `name` with every weight a `Var` of `varmap`.
+fn load_trainable(name: &str, varmap: &VarMap) -> UNet2DConditionModel {
+    let dir = fixture(name);
     let weights = load_tensors(&dir.join("diffusion_pytorch_model.safetensors"));
     {
         let mut data = varmap.data().lock().unwrap();
@@ -260,41 +268,55 @@ fn load_trainable_sd1(varmap: &VarMap) -> UNet2DConditionModel {
     UNet2DConditionModel::load(vb, &config).unwrap()
 }
 
-#[test]
-fn every_weight_gets_a_gradient_matching_torch() {
+/// loss = mean(output²) on one fixture case; asserts that every weight of the file gets a
+/// nonzero gradient (a weight the network never reads, or an op without backward on its path,
+/// leaves it without one). Returns the loss, the gradients and the variables by name.
+fn backward_reaches_every_weight(
+    name: &str,
+    case: &str,
+) -> (
+    Tensor,
+    candle_core::backprop::GradStore,
+    HashMap<String, Var>,
+) {
     let varmap = VarMap::new();
-    let model = load_trainable_sd1(&varmap);
+    let model = load_trainable(name, &varmap);
     let vars = varmap.data().lock().unwrap().clone();
-    let n_vars = vars.len();
-    let case = load_case("sd1", "batch2_fractional_t");
+    let case = load_case(name, case);
     let out = model
         .forward(&case.sample, &case.timesteps, &case.context)
         .unwrap();
     let loss = out.sqr().unwrap().mean_all().unwrap();
     let grads = loss.backward().unwrap();
-
-    let mut missing = Vec::new();
-    for (name, var) in &vars {
-        let nonzero = grads.get(var.as_tensor()).is_some_and(|g| {
-            g.abs()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-                > 0.0
-        });
-        if !nonzero {
-            missing.push(name.clone());
-        }
-    }
+    let mut missing: Vec<&String> = vars
+        .iter()
+        .filter(|(_, var)| {
+            grads.get(var.as_tensor()).is_none_or(|g| {
+                g.abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    == 0.0
+            })
+        })
+        .map(|(name, _)| name)
+        .collect();
     missing.sort();
     assert!(
         missing.is_empty(),
-        "{} of {n_vars} weights got no gradient: {missing:?}",
-        missing.len()
+        "{name}: {} of {} weights got no gradient: {missing:?}",
+        missing.len(),
+        vars.len()
     );
+    println!("{name}: all {} weights got a gradient", vars.len());
+    (loss, grads, vars)
+}
 
+#[test]
+fn every_weight_gets_a_gradient_matching_torch() {
+    let (loss, grads, vars) = backward_reaches_every_weight("sd1", "batch2_fractional_t");
     // The gradients themselves against torch's for the same loss (8×6 latents: the backward of
     // both the odd-size and the ×2 upsample, attention softmax and layer norms).
     let reference = load_tensors(&fixture("sd1").join("grads.safetensors"));
@@ -310,4 +332,12 @@ fn every_weight_gets_a_gradient_matching_torch() {
         // Gradients pass through ~2× the layers of the forward; same reasoning as F32_TOLERANCE.
         assert!(rel < 1e-3, "gradient of {name}: relative difference {rel}");
     }
+}
+
+#[test]
+fn every_weight_gets_a_gradient_in_the_other_shapes() {
+    // Linear projections, two transformer layers, 5×7 latents.
+    backward_reaches_every_weight("sd2", "batch1_odd");
+    // Stride-2 convolutions of 7×6 and explicitly padded inputs, only_cross_attention.
+    backward_reaches_every_weight("variants", "batch2_odd");
 }
