@@ -4,6 +4,7 @@
 
 pub mod clip;
 pub mod config;
+pub mod device;
 pub mod hub;
 pub mod nn;
 pub mod tokenizer;
