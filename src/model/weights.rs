@@ -252,7 +252,7 @@ fn candidates(base_name: &str, variant: Variant) -> Vec<(WeightEntry, WeightForm
 }
 
 /// The file names that were looked for, for error messages.
-fn expected_names(base_name: &str, variant: Variant) -> String {
+pub(crate) fn expected_names(base_name: &str, variant: Variant) -> String {
     let mut names: Vec<String> = Vec::new();
     for v in [variant, Variant::Default] {
         for (entry, _) in candidates(base_name, v) {
