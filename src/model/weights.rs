@@ -639,3 +639,152 @@ pub fn safetensors_shapes(files: &[PathBuf]) -> Result<BTreeMap<String, Vec<u64>
     }
     Ok(shapes)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(list: &[&str]) -> BTreeSet<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn chosen(list: &[&str], base: &str, variant: Variant) -> Option<(String, Variant)> {
+        select_weights(&names(list), base, variant).map(|s| {
+            let name = match s.entry {
+                WeightEntry::Single(n) => n,
+                WeightEntry::Sharded { index } => index,
+            };
+            (name, s.variant)
+        })
+    }
+
+    #[test]
+    fn preference_order_follows_diffusers() {
+        let all = [
+            "diffusion_pytorch_model.bin",
+            "diffusion_pytorch_model.safetensors",
+            "diffusion_pytorch_model.fp16.bin",
+            "diffusion_pytorch_model.fp16.safetensors",
+        ];
+        let base = DIFFUSERS_WEIGHTS;
+        assert_eq!(
+            chosen(&all, base, Variant::Default),
+            Some((
+                "diffusion_pytorch_model.safetensors".into(),
+                Variant::Default
+            ))
+        );
+        assert_eq!(
+            chosen(&all, base, Variant::Fp16),
+            Some((
+                "diffusion_pytorch_model.fp16.safetensors".into(),
+                Variant::Fp16
+            ))
+        );
+        // A component with fp16 files only as .bin keeps the variant (diffusers' rule: the
+        // variant's files when the component has any).
+        assert_eq!(
+            chosen(&all[..3], base, Variant::Fp16),
+            Some(("diffusion_pytorch_model.fp16.bin".into(), Variant::Fp16))
+        );
+        // No fp16 files: the default ones.
+        assert_eq!(
+            chosen(&all[..2], base, Variant::Fp16),
+            Some((
+                "diffusion_pytorch_model.safetensors".into(),
+                Variant::Default
+            ))
+        );
+        assert_eq!(chosen(&["config.json"], base, Variant::Default), None);
+    }
+
+    #[test]
+    fn sharded_and_transformers_names() {
+        // Names as diffusers 0.42 / transformers 5 write them (checked with save_pretrained).
+        assert_eq!(
+            chosen(
+                &["diffusion_pytorch_model.safetensors.index.fp16.json"],
+                DIFFUSERS_WEIGHTS,
+                Variant::Fp16
+            ),
+            Some((
+                "diffusion_pytorch_model.safetensors.index.fp16.json".into(),
+                Variant::Fp16
+            ))
+        );
+        assert_eq!(
+            chosen(
+                &["diffusion_pytorch_model.safetensors.fp16.index.json"],
+                DIFFUSERS_WEIGHTS,
+                Variant::Fp16
+            )
+            .map(|c| c.1),
+            Some(Variant::Fp16),
+            "legacy variant index name"
+        );
+        assert_eq!(
+            chosen(
+                &["pytorch_model.bin", "model.safetensors.index.json"],
+                TRANSFORMERS_WEIGHTS,
+                Variant::Default
+            ),
+            Some(("model.safetensors.index.json".into(), Variant::Default))
+        );
+        assert_eq!(
+            chosen(&["pytorch_model.bin"], TRANSFORMERS_WEIGHTS, Variant::Fp16),
+            Some(("pytorch_model.bin".into(), Variant::Default))
+        );
+    }
+
+    #[test]
+    fn shard_names_reject_paths_outside_the_folder() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let index = dir.path().join("model.safetensors.index.json");
+        std::fs::write(
+            &index,
+            r#"{"weight_map": {"a": "model-1.safetensors", "b": "../../etc/passwd"}}"#,
+        )
+        .expect("write");
+        let err = shard_names(&index).expect_err("unsafe shard");
+        assert!(err.to_string().contains("not a file name"), "{err}");
+        std::fs::write(
+            &index,
+            r#"{"weight_map": {"a": "m-2.safetensors", "b": "m-1.safetensors", "c": "m-1.safetensors"}}"#,
+        )
+        .expect("write");
+        assert_eq!(
+            shard_names(&index).expect("index"),
+            ["m-1.safetensors", "m-2.safetensors"]
+        );
+    }
+
+    #[test]
+    fn header_sizes_must_match_dtype_and_shape() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("w.safetensors");
+        let write = |header: &str, data_len: usize| {
+            let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+            bytes.extend_from_slice(header.as_bytes());
+            bytes.extend(std::iter::repeat_n(0u8, data_len));
+            std::fs::write(&path, bytes).expect("write");
+        };
+        write(
+            r#"{"w":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]}}"#,
+            16,
+        );
+        check_safetensors(&path).expect("a valid file");
+        write(
+            r#"{"w":{"dtype":"F16","shape":[2,2],"data_offsets":[0,16]}}"#,
+            16,
+        );
+        let err = check_safetensors(&path).expect_err("wrong size");
+        assert!(err.to_string().contains("expected 8"), "{err}");
+        write(
+            r#"{"w":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]}}"#,
+            12,
+        );
+        let err = check_safetensors(&path).expect_err("short");
+        assert!(matches!(err, WeightsError::Truncated { .. }), "{err:?}");
+        assert!(err.to_string().contains("(4 missing)"), "{err}");
+    }
+}
