@@ -5,7 +5,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{copy_dir, files_in, fixtures, pipeline, run, stderr};
+use common::{copy_dir, files_in, fixture_pipeline, fixtures, run, stderr};
 
 struct Case {
     _dir: tempfile::TempDir,
@@ -32,7 +32,7 @@ impl Case {
     /// A private copy of a fixture pipeline, to break.
     fn pipeline_copy(&self, name: &str) -> PathBuf {
         let target = self.root.join(name);
-        copy_dir(&pipeline(name), &target);
+        copy_dir(&fixture_pipeline(name), &target);
         target
     }
 
@@ -58,7 +58,7 @@ impl Case {
 }
 
 fn sd1() -> String {
-    pipeline("sd1-tiny").display().to_string()
+    fixture_pipeline("sd1-tiny").display().to_string()
 }
 
 fn write(path: &Path, bytes: &[u8]) -> String {
@@ -149,7 +149,7 @@ fn malformed_config() {
 #[test]
 fn plain_stable_diffusion_model_is_refused() {
     let case = Case::new();
-    let line = case.fails(&pipeline("sd-plain-4ch").display().to_string(), &case.input(), &[]);
+    let line = case.fails(&fixture_pipeline("sd-plain-4ch").display().to_string(), &case.input(), &[]);
     assert!(
         line.contains("not an InstructPix2Pix model: its UNet takes 4 input channels, it needs 8"),
         "{line}"

@@ -6,7 +6,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{fixtures, pipeline, pixel_difference, run, stderr};
+use common::{fixture_pipeline, fixtures, pixel_difference, run, stderr};
 use instruct_pix2pix::pipeline::image::read_png_text;
 use instruct_pix2pix::pipeline::metadata::EditRecord;
 use serde_json::Value;
@@ -20,7 +20,7 @@ fn check_case(case: &str) {
     let settings: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("settings.json")).unwrap()).unwrap();
     let work = tempfile::tempdir().unwrap();
     let output = work.path().join("result.png");
-    let model = pipeline(settings["pipeline"].as_str().unwrap());
+    let model = fixture_pipeline(settings["pipeline"].as_str().unwrap());
     let mut args: Vec<String> = vec![
         "edit".into(),
         "--model".into(),

@@ -1,1 +1,790 @@
-//! TODO(skeleton): filled in by its owner.
+//! Weight files of one pipeline component: which files to load for a [`Variant`] (diffusers'
+//! choice: the variant's files when the component has them, otherwise the default ones;
+//! safetensors before PyTorch `.bin`; single files or sharded `*.index.json`), checking
+//! safetensors files before they are memory-mapped (so a truncated download is reported as such),
+//! and building a candle [`VarBuilder`] over them.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use serde_json::Value;
+
+/// Weight base name of diffusers models (UNet, VAE).
+pub const DIFFUSERS_WEIGHTS: &str = "diffusion_pytorch_model";
+/// Weight base name of transformers models (the CLIP text encoder).
+pub const TRANSFORMERS_WEIGHTS: &str = "model";
+
+/// Safetensors headers larger than this are refused (the safetensors crate's own limit).
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+/// Which published copy of the weights to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Variant {
+    /// The default files (`diffusion_pytorch_model.safetensors`), usually float32.
+    #[default]
+    Default,
+    /// The `fp16` variant (`diffusion_pytorch_model.fp16.safetensors`): half the download.
+    Fp16,
+}
+
+impl Variant {
+    /// The variant tag inserted in file names, `None` for the default files.
+    pub fn tag(self) -> Option<&'static str> {
+        match self {
+            Variant::Default => None,
+            Variant::Fp16 => Some("fp16"),
+        }
+    }
+}
+
+impl fmt::Display for Variant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.tag().unwrap_or("default"))
+    }
+}
+
+impl FromStr for Variant {
+    type Err = WeightsError;
+
+    /// Accepts `default` (also `none`, `fp32`) and `fp16`.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "default" | "none" | "fp32" | "" => Ok(Variant::Default),
+            "fp16" => Ok(Variant::Fp16),
+            _ => Err(WeightsError::UnknownVariant {
+                text: text.to_string(),
+            }),
+        }
+    }
+}
+
+/// The serialisation of a weight file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// `.safetensors`: memory-mapped.
+    SafeTensors,
+    /// PyTorch pickle `.bin`: read through candle's pickle reader.
+    PyTorch,
+}
+
+/// Why weights could not be found or loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum WeightsError {
+    /// The variant name is not one this program knows.
+    #[error("unknown weights variant {text:?}: use \"default\" or \"fp16\"")]
+    UnknownVariant {
+        /// What was given.
+        text: String,
+    },
+    /// The component folder does not exist.
+    #[error("component folder {dir} does not exist")]
+    MissingFolder {
+        /// The folder looked for.
+        dir: PathBuf,
+    },
+    /// The component folder could not be listed.
+    #[error("cannot list component folder {dir}: {source}")]
+    ReadDir {
+        /// The folder being listed.
+        dir: PathBuf,
+        /// The underlying I/O error.
+        source: std::io::Error,
+    },
+    /// No weight file with an expected name is in the folder.
+    #[error("no weights in {dir}: expected {expected}")]
+    NoWeights {
+        /// The component folder.
+        dir: PathBuf,
+        /// The file names that were looked for.
+        expected: String,
+    },
+    /// A sharded checkpoint's index file is unusable.
+    #[error("weight index {path} is malformed: {reason}")]
+    BadIndex {
+        /// The index file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A shard named by an index file is not present.
+    #[error("weight shard {shard} named in {index} is missing")]
+    MissingShard {
+        /// The index file.
+        index: PathBuf,
+        /// The shard's file name.
+        shard: String,
+    },
+    /// `var_builder` was given no files.
+    #[error("no weight files given")]
+    NoFiles,
+    /// `var_builder` was given both safetensors and `.bin` files.
+    #[error("cannot mix safetensors and PyTorch .bin weight files ({first} and {second})")]
+    MixedFormats {
+        /// A safetensors file.
+        first: PathBuf,
+        /// A `.bin` file.
+        second: PathBuf,
+    },
+    /// A file has an extension that is not a known weight format.
+    #[error("{path} is not a weight file this program reads (.safetensors or .bin)")]
+    UnknownFormat {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A weight file could not be opened or read.
+    #[error("cannot read weight file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The underlying I/O error.
+        source: std::io::Error,
+    },
+    /// A safetensors file ends before the data its header describes.
+    #[error("{path} is truncated: {reason} (an interrupted download? delete it and fetch again)")]
+    Truncated {
+        /// The file.
+        path: PathBuf,
+        /// What was expected and what was found.
+        reason: String,
+    },
+    /// A safetensors file's header is not valid.
+    #[error("{path} is not a valid safetensors file: {reason}")]
+    InvalidSafetensors {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// candle could not load the files.
+    #[error("cannot load weights from {files}: {source}")]
+    Load {
+        /// The files, comma-separated.
+        files: String,
+        /// candle's error.
+        source: candle_core::Error,
+    },
+}
+
+/// The weights chosen for one component, with what the choice was.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ComponentWeights {
+    /// The files to load, in order (one file, or every shard of a sharded checkpoint).
+    pub files: Vec<PathBuf>,
+    /// Their serialisation.
+    pub format: WeightFormat,
+    /// The variant actually used.
+    pub variant: Variant,
+    /// Set when the requested variant was absent and the default weights were chosen instead
+    /// (diffusers does the same with a warning): a sentence to show the user.
+    pub fallback_note: Option<String>,
+}
+
+/// How a component's weights are stored: one file or an index naming shards.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WeightEntry {
+    /// One file with every tensor.
+    Single(String),
+    /// A `*.index.json` whose `weight_map` names the shard files.
+    Sharded {
+        /// The index file's name.
+        index: String,
+    },
+}
+
+/// A choice among the file names of one component folder, made before any file is read (so it
+/// can be made from a Hub listing).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WeightSelection {
+    /// The file (or the index of the shards) to use.
+    pub entry: WeightEntry,
+    /// Their serialisation.
+    pub format: WeightFormat,
+    /// The variant actually chosen.
+    pub variant: Variant,
+}
+
+/// PyTorch files of transformers models are `pytorch_model.bin`, not `model.bin`.
+fn pytorch_base_name(base_name: &str) -> String {
+    if base_name == TRANSFORMERS_WEIGHTS {
+        "pytorch_model".to_string()
+    } else {
+        base_name.to_string()
+    }
+}
+
+/// The candidate names for one variant, in order of preference: safetensors single, safetensors
+/// sharded, `.bin` single, `.bin` sharded. Index names follow diffusers' `_add_variant`
+/// (`x.safetensors.index.fp16.json`) and its legacy form (`x.safetensors.fp16.index.json`).
+fn candidates(base_name: &str, variant: Variant) -> Vec<(WeightEntry, WeightFormat)> {
+    let bin_base = pytorch_base_name(base_name);
+    let mut out = Vec::new();
+    for (base, ext, format) in [
+        (base_name, "safetensors", WeightFormat::SafeTensors),
+        (bin_base.as_str(), "bin", WeightFormat::PyTorch),
+    ] {
+        match variant.tag() {
+            None => {
+                out.push((WeightEntry::Single(format!("{base}.{ext}")), format));
+                out.push((
+                    WeightEntry::Sharded {
+                        index: format!("{base}.{ext}.index.json"),
+                    },
+                    format,
+                ));
+            }
+            Some(tag) => {
+                out.push((WeightEntry::Single(format!("{base}.{tag}.{ext}")), format));
+                for index in [
+                    format!("{base}.{ext}.index.{tag}.json"),
+                    format!("{base}.{ext}.{tag}.index.json"),
+                ] {
+                    out.push((WeightEntry::Sharded { index }, format));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The file names that were looked for, for error messages.
+pub(crate) fn expected_names(base_name: &str, variant: Variant) -> String {
+    let mut names: Vec<String> = Vec::new();
+    for v in [variant, Variant::Default] {
+        for (entry, _) in candidates(base_name, v) {
+            let name = match entry {
+                WeightEntry::Single(name) => name,
+                WeightEntry::Sharded { index } => index,
+            };
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+    }
+    names.join(", ")
+}
+
+/// Chooses a component's weights among the file names present in its folder, as diffusers does:
+/// the requested variant's files if there are any, else the default files; safetensors preferred
+/// over `.bin`; a single file preferred over shards. `None` when nothing fits.
+pub fn select_weights(
+    names: &BTreeSet<String>,
+    base_name: &str,
+    variant: Variant,
+) -> Option<WeightSelection> {
+    let mut variants = vec![variant];
+    if variant != Variant::Default {
+        variants.push(Variant::Default);
+    }
+    for v in variants {
+        for (entry, format) in candidates(base_name, v) {
+            let name = match &entry {
+                WeightEntry::Single(name) => name,
+                WeightEntry::Sharded { index } => index,
+            };
+            if names.contains(name) {
+                return Some(WeightSelection {
+                    entry,
+                    format,
+                    variant: v,
+                });
+            }
+        }
+    }
+    None
+}
+
+/// The shard file names listed in a sharded checkpoint's index (`weight_map` values), sorted and
+/// without repeats. Names must be plain file names in the same folder.
+pub fn shard_names(index_path: &Path) -> Result<Vec<String>, WeightsError> {
+    let bad = |reason: String| WeightsError::BadIndex {
+        path: index_path.to_path_buf(),
+        reason,
+    };
+    let text = std::fs::read_to_string(index_path).map_err(|source| WeightsError::Read {
+        path: index_path.to_path_buf(),
+        source,
+    })?;
+    let index: Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let Some(Value::Object(map)) = index.get("weight_map") else {
+        return Err(bad("no `weight_map` object".to_string()));
+    };
+    let mut shards = BTreeSet::new();
+    for (tensor, file) in map {
+        let Value::String(file) = file else {
+            return Err(bad(format!("the file of tensor {tensor} is not a string")));
+        };
+        if !is_plain_file_name(file) {
+            return Err(bad(format!(
+                "shard name {file:?} is not a file name in the same folder"
+            )));
+        }
+        shards.insert(file.clone());
+    }
+    if shards.is_empty() {
+        return Err(bad("`weight_map` is empty".to_string()));
+    }
+    Ok(shards.into_iter().collect())
+}
+
+/// A name with no directory part, safe to join to a folder (names come from downloaded files).
+pub(crate) fn is_plain_file_name(name: &str) -> bool {
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && !name.contains('/')
+        && !name.contains('\\')
+        && !name.contains('\0')
+}
+
+/// The names of the regular files (symlinks followed, as in the Hugging Face cache) in a folder.
+fn file_names(dir: &Path) -> Result<BTreeSet<String>, WeightsError> {
+    if !dir.is_dir() {
+        return Err(WeightsError::MissingFolder {
+            dir: dir.to_path_buf(),
+        });
+    }
+    let read_err = |source| WeightsError::ReadDir {
+        dir: dir.to_path_buf(),
+        source,
+    };
+    let mut names = BTreeSet::new();
+    for entry in std::fs::read_dir(dir).map_err(read_err)? {
+        let entry = entry.map_err(read_err)?;
+        if entry.path().is_file()
+            && let Some(name) = entry.file_name().to_str()
+        {
+            names.insert(name.to_string());
+        }
+    }
+    Ok(names)
+}
+
+/// The weight files of one component folder for a variant, with a note when the variant was
+/// absent and the default weights were chosen.
+pub fn component_weights_detailed(
+    component_dir: &Path,
+    base_name: &str,
+    variant: Variant,
+) -> Result<ComponentWeights, WeightsError> {
+    let names = file_names(component_dir)?;
+    let selection =
+        select_weights(&names, base_name, variant).ok_or_else(|| WeightsError::NoWeights {
+            dir: component_dir.to_path_buf(),
+            expected: expected_names(base_name, variant),
+        })?;
+    let files = match &selection.entry {
+        WeightEntry::Single(name) => vec![component_dir.join(name)],
+        WeightEntry::Sharded { index } => {
+            let index_path = component_dir.join(index);
+            let shards = shard_names(&index_path)?;
+            let mut files = Vec::with_capacity(shards.len());
+            for shard in shards {
+                if !names.contains(&shard) {
+                    return Err(WeightsError::MissingShard {
+                        index: index_path,
+                        shard,
+                    });
+                }
+                files.push(component_dir.join(shard));
+            }
+            files
+        }
+    };
+    let fallback_note = (selection.variant != variant).then(|| {
+        format!(
+            "{} has no {variant} weights; using the default weights instead",
+            component_dir.display()
+        )
+    });
+    Ok(ComponentWeights {
+        files,
+        format: selection.format,
+        variant: selection.variant,
+        fallback_note,
+    })
+}
+
+/// The weight files of one component folder for a variant (fp16 variant falls back to default
+/// weights with a note when absent, like diffusers), safetensors preferred over .bin.
+/// Use [`component_weights_detailed`] to get the note.
+pub fn component_weights(
+    component_dir: &Path,
+    base_name: &str,
+    variant: Variant,
+) -> Result<Vec<PathBuf>, WeightsError> {
+    component_weights_detailed(component_dir, base_name, variant).map(|w| w.files)
+}
+
+/// Bits per element of the safetensors dtypes (`None` for names this check does not know: their
+/// byte count is then not checked, only their offsets).
+fn safetensors_dtype_bits(dtype: &str) -> Option<u64> {
+    Some(match dtype {
+        "F4" => 4,
+        "F6_E2M3" | "F6_E3M2" => 6,
+        "BOOL" | "U8" | "I8" | "F8_E5M2" | "F8_E4M3" | "F8_E8M0" | "F8_E4M3FNUZ"
+        | "F8_E5M2FNUZ" => 8,
+        "I16" | "U16" | "F16" | "BF16" => 16,
+        "I32" | "U32" | "F32" => 32,
+        "I64" | "U64" | "F64" | "C64" => 64,
+        _ => return None,
+    })
+}
+
+/// Checks a safetensors file's header against its length: the header must be complete JSON,
+/// every tensor's byte range must match its dtype and shape, and the data must end exactly where
+/// the file ends. Reads only the header.
+pub fn check_safetensors(path: &Path) -> Result<(), WeightsError> {
+    read_checked_header(path).map(|_| ())
+}
+
+/// Reads a safetensors header and checks it against the file's length (see [`check_safetensors`]).
+fn read_checked_header(path: &Path) -> Result<serde_json::Map<String, Value>, WeightsError> {
+    let read_err = |source| WeightsError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let truncated = |reason: String| WeightsError::Truncated {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let invalid = |reason: String| WeightsError::InvalidSafetensors {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let mut file = std::fs::File::open(path).map_err(read_err)?;
+    let file_len = file.metadata().map_err(read_err)?.len();
+    if file_len < 8 {
+        return Err(truncated(format!(
+            "it has {file_len} bytes, fewer than the 8-byte header length"
+        )));
+    }
+    let mut len_bytes = [0u8; 8];
+    file.read_exact(&mut len_bytes).map_err(read_err)?;
+    let header_len = u64::from_le_bytes(len_bytes);
+    if header_len > MAX_HEADER_BYTES {
+        return Err(invalid(format!(
+            "header length {header_len} is implausible (over {MAX_HEADER_BYTES} bytes)"
+        )));
+    }
+    if 8 + header_len > file_len {
+        return Err(truncated(format!(
+            "the header needs {} bytes but the file has {file_len}",
+            8 + header_len
+        )));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    file.read_exact(&mut header).map_err(read_err)?;
+    let header: serde_json::Map<String, Value> =
+        serde_json::from_slice(&header).map_err(|e| invalid(format!("header JSON: {e}")))?;
+
+    let data_len = file_len - 8 - header_len;
+    let mut data_end = 0u64;
+    let mut last_tensor = "";
+    for (name, info) in &header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let (Some(dtype), Some(shape), Some([begin, end])) = (
+            info.get("dtype").and_then(Value::as_str),
+            u64_list(info.get("shape")),
+            u64_list(info.get("data_offsets")).and_then(|o| <[u64; 2]>::try_from(o).ok()),
+        ) else {
+            return Err(invalid(format!(
+                "tensor {name} lacks a dtype, a shape or two data_offsets"
+            )));
+        };
+        if end < begin {
+            return Err(invalid(format!(
+                "tensor {name} has data_offsets [{begin}, {end}] that run backwards"
+            )));
+        }
+        if let Some(bits) = safetensors_dtype_bits(dtype) {
+            let expected = shape
+                .iter()
+                .try_fold(bits, |acc, &d| acc.checked_mul(d))
+                .map(|b| b.div_ceil(8));
+            if expected != Some(end - begin) {
+                let expected =
+                    expected.map_or("an overflowing count".to_string(), |e| e.to_string());
+                return Err(invalid(format!(
+                    "tensor {name} ({dtype}, shape {shape:?}) spans {} bytes, expected {expected}",
+                    end - begin
+                )));
+            }
+        }
+        if end > data_end {
+            data_end = end;
+            last_tensor = name;
+        }
+    }
+    if data_end > data_len {
+        return Err(truncated(format!(
+            "tensor {last_tensor} ends at byte {} but the file has {file_len} bytes ({} missing)",
+            8 + header_len + data_end,
+            data_end - data_len
+        )));
+    }
+    if data_end < data_len {
+        return Err(invalid(format!(
+            "{} unexpected bytes after the last tensor",
+            data_len - data_end
+        )));
+    }
+    Ok(header)
+}
+
+/// A JSON array of unsigned integers, `None` for anything else.
+fn u64_list(value: Option<&Value>) -> Option<Vec<u64>> {
+    value?.as_array()?.iter().map(Value::as_u64).collect()
+}
+
+fn format_of(path: &Path) -> Result<WeightFormat, WeightsError> {
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("safetensors") => Ok(WeightFormat::SafeTensors),
+        Some("bin" | "pt" | "pth" | "ckpt") => Ok(WeightFormat::PyTorch),
+        _ => Err(WeightsError::UnknownFormat {
+            path: path.to_path_buf(),
+        }),
+    }
+}
+
+fn list_files(files: &[PathBuf]) -> String {
+    files
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A VarBuilder over those files in `dtype` on `device`: safetensors memory-mapped, .bin via
+/// candle's pickle reader. Validates each safetensors header and that the file is not truncated
+/// (data offsets within file length) BEFORE handing it to candle, so a truncated file gives
+/// "FILE is truncated: ... " rather than a panic or obscure error.
+///
+/// Safetensors files stay memory-mapped for the builder's life: they must not be modified
+/// meanwhile (the Hugging Face cache never rewrites a blob in place).
+pub fn var_builder(
+    files: &[PathBuf],
+    dtype: DType,
+    device: &Device,
+) -> Result<VarBuilder<'static>, WeightsError> {
+    let Some(first) = files.first() else {
+        return Err(WeightsError::NoFiles);
+    };
+    let format = format_of(first)?;
+    for file in &files[1..] {
+        if format_of(file)? != format {
+            let (first, second) = match format {
+                WeightFormat::SafeTensors => (first.clone(), file.clone()),
+                WeightFormat::PyTorch => (file.clone(), first.clone()),
+            };
+            return Err(WeightsError::MixedFormats { first, second });
+        }
+    }
+    let load_err = |source| WeightsError::Load {
+        files: list_files(files),
+        source,
+    };
+    match format {
+        WeightFormat::SafeTensors => {
+            for file in files {
+                check_safetensors(file)?;
+            }
+            // SAFETY: the files were just checked to be complete safetensors files; memory
+            // mapping is sound as long as no one truncates them while mapped (see the doc).
+            unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }.map_err(load_err)
+        }
+        WeightFormat::PyTorch => {
+            for file in files {
+                if !file.is_file() {
+                    return Err(WeightsError::Read {
+                        path: file.clone(),
+                        source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+                    });
+                }
+            }
+            if let [single] = files {
+                return VarBuilder::from_pth(single, dtype, device).map_err(load_err);
+            }
+            let mut tensors: HashMap<String, Tensor> = HashMap::new();
+            for file in files {
+                let loaded =
+                    candle_core::pickle::read_all(file).map_err(|source| WeightsError::Load {
+                        files: file.display().to_string(),
+                        source,
+                    })?;
+                tensors.extend(loaded);
+            }
+            Ok(VarBuilder::from_tensors(tensors, dtype, device))
+        }
+    }
+}
+
+/// The tensor names and shapes of safetensors files, read from their (checked) headers only,
+/// for diagnostics such as "this UNet takes 4 input channels, not 8".
+pub fn safetensors_shapes(files: &[PathBuf]) -> Result<BTreeMap<String, Vec<u64>>, WeightsError> {
+    let mut shapes = BTreeMap::new();
+    for path in files {
+        for (name, info) in read_checked_header(path)? {
+            if name == "__metadata__" {
+                continue;
+            }
+            shapes.insert(name, u64_list(info.get("shape")).unwrap_or_default());
+        }
+    }
+    Ok(shapes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(list: &[&str]) -> BTreeSet<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn chosen(list: &[&str], base: &str, variant: Variant) -> Option<(String, Variant)> {
+        select_weights(&names(list), base, variant).map(|s| {
+            let name = match s.entry {
+                WeightEntry::Single(n) => n,
+                WeightEntry::Sharded { index } => index,
+            };
+            (name, s.variant)
+        })
+    }
+
+    #[test]
+    fn preference_order_follows_diffusers() {
+        let all = [
+            "diffusion_pytorch_model.bin",
+            "diffusion_pytorch_model.safetensors",
+            "diffusion_pytorch_model.fp16.bin",
+            "diffusion_pytorch_model.fp16.safetensors",
+        ];
+        let base = DIFFUSERS_WEIGHTS;
+        assert_eq!(
+            chosen(&all, base, Variant::Default),
+            Some((
+                "diffusion_pytorch_model.safetensors".into(),
+                Variant::Default
+            ))
+        );
+        assert_eq!(
+            chosen(&all, base, Variant::Fp16),
+            Some((
+                "diffusion_pytorch_model.fp16.safetensors".into(),
+                Variant::Fp16
+            ))
+        );
+        // A component with fp16 files only as .bin keeps the variant (diffusers' rule: the
+        // variant's files when the component has any).
+        assert_eq!(
+            chosen(&all[..3], base, Variant::Fp16),
+            Some(("diffusion_pytorch_model.fp16.bin".into(), Variant::Fp16))
+        );
+        // No fp16 files: the default ones.
+        assert_eq!(
+            chosen(&all[..2], base, Variant::Fp16),
+            Some((
+                "diffusion_pytorch_model.safetensors".into(),
+                Variant::Default
+            ))
+        );
+        assert_eq!(chosen(&["config.json"], base, Variant::Default), None);
+    }
+
+    #[test]
+    fn sharded_and_transformers_names() {
+        // Names as diffusers 0.42 / transformers 5 write them (checked with save_pretrained).
+        assert_eq!(
+            chosen(
+                &["diffusion_pytorch_model.safetensors.index.fp16.json"],
+                DIFFUSERS_WEIGHTS,
+                Variant::Fp16
+            ),
+            Some((
+                "diffusion_pytorch_model.safetensors.index.fp16.json".into(),
+                Variant::Fp16
+            ))
+        );
+        assert_eq!(
+            chosen(
+                &["diffusion_pytorch_model.safetensors.fp16.index.json"],
+                DIFFUSERS_WEIGHTS,
+                Variant::Fp16
+            )
+            .map(|c| c.1),
+            Some(Variant::Fp16),
+            "legacy variant index name"
+        );
+        assert_eq!(
+            chosen(
+                &["pytorch_model.bin", "model.safetensors.index.json"],
+                TRANSFORMERS_WEIGHTS,
+                Variant::Default
+            ),
+            Some(("model.safetensors.index.json".into(), Variant::Default))
+        );
+        assert_eq!(
+            chosen(&["pytorch_model.bin"], TRANSFORMERS_WEIGHTS, Variant::Fp16),
+            Some(("pytorch_model.bin".into(), Variant::Default))
+        );
+    }
+
+    #[test]
+    fn shard_names_reject_paths_outside_the_folder() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let index = dir.path().join("model.safetensors.index.json");
+        std::fs::write(
+            &index,
+            r#"{"weight_map": {"a": "model-1.safetensors", "b": "../../etc/passwd"}}"#,
+        )
+        .expect("write");
+        let err = shard_names(&index).expect_err("unsafe shard");
+        assert!(err.to_string().contains("not a file name"), "{err}");
+        std::fs::write(
+            &index,
+            r#"{"weight_map": {"a": "m-2.safetensors", "b": "m-1.safetensors", "c": "m-1.safetensors"}}"#,
+        )
+        .expect("write");
+        assert_eq!(
+            shard_names(&index).expect("index"),
+            ["m-1.safetensors", "m-2.safetensors"]
+        );
+    }
+
+    #[test]
+    fn header_sizes_must_match_dtype_and_shape() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("w.safetensors");
+        let write = |header: &str, data_len: usize| {
+            let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+            bytes.extend_from_slice(header.as_bytes());
+            bytes.extend(std::iter::repeat_n(0u8, data_len));
+            std::fs::write(&path, bytes).expect("write");
+        };
+        write(
+            r#"{"w":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]}}"#,
+            16,
+        );
+        check_safetensors(&path).expect("a valid file");
+        write(
+            r#"{"w":{"dtype":"F16","shape":[2,2],"data_offsets":[0,16]}}"#,
+            16,
+        );
+        let err = check_safetensors(&path).expect_err("wrong size");
+        assert!(err.to_string().contains("expected 8"), "{err}");
+        write(
+            r#"{"w":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]}}"#,
+            12,
+        );
+        let err = check_safetensors(&path).expect_err("short");
+        assert!(matches!(err, WeightsError::Truncated { .. }), "{err:?}");
+        assert!(err.to_string().contains("(4 missing)"), "{err}");
+    }
+}

@@ -1,5 +1,10 @@
-//! Helpers shared by the integration tests: the binary, the fixtures, temp copies, image comparison.
-#![allow(dead_code)]
+//! Helpers shared by the integration tests: the binary, the committed fixtures, temp copies, image
+//! comparison, a fake Hugging Face Hub and a tiny diffusers pipeline made at test time.
+
+#![allow(dead_code)] // each test binary uses a different subset
+
+pub mod fake_hub;
+pub mod pipeline;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -10,7 +15,7 @@ pub fn fixtures() -> PathBuf {
 }
 
 /// A tiny pipeline saved by diffusers (`tests/fixtures/pipelines/NAME`).
-pub fn pipeline(name: &str) -> PathBuf {
+pub fn fixture_pipeline(name: &str) -> PathBuf {
     fixtures().join("pipelines").join(name)
 }
 

@@ -1,0 +1,288 @@
+//! Where and in which precision the models run: parsing the user's device (`auto`, `cpu`,
+//! `cuda:1`, `metal`) and dtype (`f32`, `f16`, `bf16`) choices, opening the candle [`Device`] with
+//! a clear error when this build lacks the backend, and judging a dtype on a device.
+
+use std::fmt;
+use std::str::FromStr;
+
+use candle_core::{DType, Device};
+
+/// Why a device or dtype choice cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// The text is not a device name.
+    #[error("unknown device {text:?}: use auto, cpu, cuda, cuda:N, metal or metal:N")]
+    UnknownDevice {
+        /// What was given.
+        text: String,
+    },
+    /// The text is not a dtype name.
+    #[error("unknown dtype {text:?}: use f32, f16 or bf16")]
+    UnknownDType {
+        /// What was given.
+        text: String,
+    },
+    /// The binary was built without the backend asked for.
+    #[error("this build has no {backend} support: rebuild with --features {feature}")]
+    NotBuilt {
+        /// "CUDA" or "Metal".
+        backend: &'static str,
+        /// The Cargo feature that enables it.
+        feature: &'static str,
+    },
+    /// The backend is built in but the device could not be opened.
+    #[error("cannot open {device}: {source}")]
+    Open {
+        /// The device asked for, as the user would write it.
+        device: String,
+        /// candle's error.
+        source: candle_core::Error,
+    },
+}
+
+/// The device the user asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceChoice {
+    /// The first GPU this build supports and finds, else the CPU.
+    #[default]
+    Auto,
+    /// The CPU.
+    Cpu,
+    /// The CUDA GPU with this ordinal.
+    Cuda(usize),
+    /// The Metal GPU with this ordinal.
+    Metal(usize),
+}
+
+impl fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceChoice::Auto => f.write_str("auto"),
+            DeviceChoice::Cpu => f.write_str("cpu"),
+            DeviceChoice::Cuda(n) => write!(f, "cuda:{n}"),
+            DeviceChoice::Metal(n) => write!(f, "metal:{n}"),
+        }
+    }
+}
+
+impl FromStr for DeviceChoice {
+    type Err = DeviceError;
+
+    /// Accepts `auto`, `cpu`, `cuda`, `cuda:N`, `metal`, `metal:N` (any case).
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let unknown = || DeviceError::UnknownDevice {
+            text: text.to_string(),
+        };
+        let lower = text.trim().to_ascii_lowercase();
+        let (name, ordinal) = match lower.split_once(':') {
+            Some((name, n)) => (name, Some(n.parse::<usize>().map_err(|_| unknown())?)),
+            None => (lower.as_str(), None),
+        };
+        match (name, ordinal) {
+            ("auto", None) => Ok(DeviceChoice::Auto),
+            ("cpu", None) => Ok(DeviceChoice::Cpu),
+            ("cuda" | "gpu", n) => Ok(DeviceChoice::Cuda(n.unwrap_or(0))),
+            ("metal", n) => Ok(DeviceChoice::Metal(n.unwrap_or(0))),
+            _ => Err(unknown()),
+        }
+    }
+}
+
+/// Opens the chosen device. `Auto` tries CUDA then Metal (when built in) and falls back to the
+/// CPU when no GPU opens; an explicit GPU choice fails with a clear error instead.
+pub fn select_device(choice: DeviceChoice) -> Result<Device, DeviceError> {
+    match choice {
+        DeviceChoice::Cpu => Ok(Device::Cpu),
+        DeviceChoice::Cuda(ordinal) => open_cuda(ordinal),
+        DeviceChoice::Metal(ordinal) => open_metal(ordinal),
+        DeviceChoice::Auto => Ok(open_cuda(0)
+            .or_else(|_| open_metal(0))
+            .unwrap_or(Device::Cpu)),
+    }
+}
+
+fn open_cuda(ordinal: usize) -> Result<Device, DeviceError> {
+    if !cfg!(feature = "cuda") {
+        return Err(DeviceError::NotBuilt {
+            backend: "CUDA",
+            feature: "cuda",
+        });
+    }
+    Device::new_cuda(ordinal).map_err(|source| DeviceError::Open {
+        device: DeviceChoice::Cuda(ordinal).to_string(),
+        source,
+    })
+}
+
+fn open_metal(ordinal: usize) -> Result<Device, DeviceError> {
+    if !cfg!(feature = "metal") {
+        return Err(DeviceError::NotBuilt {
+            backend: "Metal",
+            feature: "metal",
+        });
+    }
+    Device::new_metal(ordinal).map_err(|source| DeviceError::Open {
+        device: DeviceChoice::Metal(ordinal).to_string(),
+        source,
+    })
+}
+
+/// The floating-point precision the user asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DTypeChoice {
+    /// float32: what diffusers uses by default; the reference for exact results.
+    #[default]
+    F32,
+    /// float16: half the memory; for GPUs.
+    F16,
+    /// bfloat16: half the memory, float32's range; fast on GPUs and on CPUs with bf16
+    /// instructions.
+    Bf16,
+}
+
+impl DTypeChoice {
+    /// The candle dtype.
+    pub fn dtype(self) -> DType {
+        match self {
+            DTypeChoice::F32 => DType::F32,
+            DTypeChoice::F16 => DType::F16,
+            DTypeChoice::Bf16 => DType::BF16,
+        }
+    }
+
+    /// Whether this dtype suits `device`: `Ok(None)` when it does, `Ok(Some(warning))` when it
+    /// works but badly. float16 on the CPU runs its matrix products through a slow path (several
+    /// times slower than float32), so it is allowed with a warning rather than refused: the
+    /// results are still right.
+    pub fn check_on(self, device: &Device) -> Result<Option<String>, DeviceError> {
+        Ok(match (self, device) {
+            (DTypeChoice::F16, Device::Cpu) => Some(
+                "float16 on the CPU is several times slower than float32; \
+                 use bf16 (or f32) for speed"
+                    .to_string(),
+            ),
+            _ => None,
+        })
+    }
+
+    /// A sensible default for a device: float16 on GPUs, float32 on the CPU.
+    pub fn default_for(device: &Device) -> Self {
+        match device {
+            Device::Cpu => DTypeChoice::F32,
+            _ => DTypeChoice::F16,
+        }
+    }
+}
+
+impl fmt::Display for DTypeChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DTypeChoice::F32 => "f32",
+            DTypeChoice::F16 => "f16",
+            DTypeChoice::Bf16 => "bf16",
+        })
+    }
+}
+
+impl FromStr for DTypeChoice {
+    type Err = DeviceError;
+
+    /// Accepts `f32`/`fp32`/`float32`, `f16`/`fp16`/`float16`/`half`, `bf16`/`bfloat16`.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "f32" | "fp32" | "float32" | "float" => Ok(DTypeChoice::F32),
+            "f16" | "fp16" | "float16" | "half" => Ok(DTypeChoice::F16),
+            "bf16" | "bfloat16" => Ok(DTypeChoice::Bf16),
+            _ => Err(DeviceError::UnknownDType {
+                text: text.to_string(),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_names_parse() {
+        let cases = [
+            ("auto", DeviceChoice::Auto),
+            ("CPU", DeviceChoice::Cpu),
+            ("cuda", DeviceChoice::Cuda(0)),
+            ("cuda:1", DeviceChoice::Cuda(1)),
+            ("metal", DeviceChoice::Metal(0)),
+            ("metal:2", DeviceChoice::Metal(2)),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(text.parse::<DeviceChoice>().ok(), Some(expected), "{text}");
+        }
+        for bad in ["", "tpu", "cuda:x", "cpu:1", "cuda:-1"] {
+            let err = bad.parse::<DeviceChoice>().expect_err(bad);
+            assert!(err.to_string().contains("unknown device"), "{err}");
+        }
+    }
+
+    #[test]
+    fn display_round_trips() {
+        for choice in [
+            DeviceChoice::Auto,
+            DeviceChoice::Cpu,
+            DeviceChoice::Cuda(3),
+            DeviceChoice::Metal(1),
+        ] {
+            assert_eq!(
+                choice.to_string().parse::<DeviceChoice>().ok(),
+                Some(choice)
+            );
+        }
+        for choice in [DTypeChoice::F32, DTypeChoice::F16, DTypeChoice::Bf16] {
+            assert_eq!(choice.to_string().parse::<DTypeChoice>().ok(), Some(choice));
+        }
+    }
+
+    #[test]
+    fn cpu_and_auto_open() {
+        assert!(matches!(select_device(DeviceChoice::Cpu), Ok(Device::Cpu)));
+        // Without a GPU backend built in (or a GPU present), auto is the CPU.
+        if !cfg!(feature = "cuda") && !cfg!(feature = "metal") {
+            assert!(matches!(select_device(DeviceChoice::Auto), Ok(Device::Cpu)));
+        }
+    }
+
+    #[test]
+    fn missing_backend_says_how_to_rebuild() {
+        if !cfg!(feature = "cuda") {
+            let err = select_device(DeviceChoice::Cuda(0)).expect_err("no cuda in this build");
+            assert_eq!(
+                err.to_string(),
+                "this build has no CUDA support: rebuild with --features cuda"
+            );
+        }
+        if !cfg!(feature = "metal") {
+            let err = select_device(DeviceChoice::Metal(0)).expect_err("no metal in this build");
+            assert_eq!(
+                err.to_string(),
+                "this build has no Metal support: rebuild with --features metal"
+            );
+        }
+    }
+
+    #[test]
+    fn dtypes_parse_and_cpu_f16_warns() {
+        assert_eq!(
+            "bfloat16".parse::<DTypeChoice>().ok(),
+            Some(DTypeChoice::Bf16)
+        );
+        assert_eq!("FP16".parse::<DTypeChoice>().ok(), Some(DTypeChoice::F16));
+        assert_eq!(DTypeChoice::Bf16.dtype(), DType::BF16);
+        assert!("f8".parse::<DTypeChoice>().is_err());
+        let warning = DTypeChoice::F16.check_on(&Device::Cpu).expect("allowed");
+        assert!(warning.is_some_and(|w| w.contains("slower")));
+        assert_eq!(
+            DTypeChoice::F32.check_on(&Device::Cpu).expect("allowed"),
+            None
+        );
+        assert_eq!(DTypeChoice::default_for(&Device::Cpu), DTypeChoice::F32);
+    }
+}

@@ -1,0 +1,277 @@
+//! A tiny stand-in for the Hugging Face Hub on 127.0.0.1, answering the requests hf-hub 0.5's
+//! sync API makes (read from its source):
+//! - `GET /api/models/{owner}/{name}/revision/{rev}` → `{"sha", "siblings": [{"rfilename"}]}`;
+//!   404 with `X-Error-Code: RepoNotFound` / `RevisionNotFound` like the Hub.
+//! - `GET|HEAD /{owner}/{name}/resolve/{rev}/{path}` with `Range: bytes=0-0` (metadata) or
+//!   `bytes=N-` (download): small files answer 206 with `ETag`, `X-Repo-Commit` and
+//!   `Content-Range`; large-file-storage files (`.safetensors`, `.bin`) answer 302 to
+//!   `/cdn/{sha}` with `X-Linked-Etag` and `X-Repo-Commit`, as the Hub redirects to its CDN.
+//! - `GET /cdn/{etag}` with Range support.
+//!
+//! Private repos answer 401 unless `Authorization: Bearer <token>` matches. Every request is
+//! logged so tests can check what was (not) downloaded.
+
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use tiny_http::{Header, Method, Request, Response, Server, StatusCode};
+
+/// One repo served by the fake Hub.
+#[derive(Clone, Debug)]
+pub struct FakeRepo {
+    /// `owner/name`.
+    pub repo_id: String,
+    /// The commit hash `main` points to.
+    pub sha: String,
+    /// Repo-relative path → content.
+    pub files: BTreeMap<String, Vec<u8>>,
+    /// When set, requests without `Authorization: Bearer <token>` get 401.
+    pub token: Option<String>,
+}
+
+/// A running fake Hub; stops when dropped.
+pub struct FakeHub {
+    server: Arc<Server>,
+    thread: Option<JoinHandle<()>>,
+    /// `http://127.0.0.1:PORT`.
+    pub endpoint: String,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+/// A content hash standing in for the Hub's git/LFS hashes (SipHash with fixed keys is
+/// deterministic): unique enough to name blobs in a test cache.
+pub fn content_etag(content: &[u8]) -> String {
+    let mut parts = String::new();
+    for salt in 0u8..4 {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        salt.hash(&mut hasher);
+        content.hash(&mut hasher);
+        parts.push_str(&format!("{:016x}", hasher.finish()));
+    }
+    parts
+}
+
+fn is_lfs(path: &str) -> bool {
+    path.ends_with(".safetensors") || path.ends_with(".bin")
+}
+
+fn header(name: &str, value: &str) -> Header {
+    Header::from_bytes(name.as_bytes(), value.as_bytes()).expect("ASCII header")
+}
+
+fn request_header<'r>(request: &'r Request, name: &str) -> Option<&'r str> {
+    request
+        .headers()
+        .iter()
+        .find(|h| h.field.as_str().as_str().eq_ignore_ascii_case(name))
+        .map(|h| h.value.as_str())
+}
+
+/// Answers a body, honouring `Range: bytes=S-` / `bytes=S-E` with 206 and `Content-Range`.
+fn ranged(
+    request: &Request,
+    body: &[u8],
+    extra: Vec<Header>,
+) -> Response<std::io::Cursor<Vec<u8>>> {
+    let total = body.len();
+    let range = request_header(request, "Range").and_then(|r| {
+        let spec = r.strip_prefix("bytes=")?;
+        let (start, end) = spec.split_once('-')?;
+        let start: usize = start.parse().ok()?;
+        let end: usize = if end.is_empty() {
+            total.saturating_sub(1)
+        } else {
+            end.parse::<usize>().ok()?.min(total.saturating_sub(1))
+        };
+        Some((start, end))
+    });
+    let mut response = match range {
+        Some((start, end)) if start <= end && end < total => {
+            Response::from_data(body[start..=end].to_vec())
+                .with_status_code(StatusCode(206))
+                .with_header(header(
+                    "Content-Range",
+                    &format!("bytes {start}-{end}/{total}"),
+                ))
+        }
+        Some((start, _)) if start >= total && total > 0 => Response::from_data(Vec::new())
+            .with_status_code(StatusCode(416))
+            .with_header(header("Content-Range", &format!("bytes */{total}"))),
+        _ => Response::from_data(body.to_vec()),
+    };
+    for h in extra {
+        response.add_header(h);
+    }
+    response
+}
+
+fn error(status: u16, code: &str, message: &str) -> Response<std::io::Cursor<Vec<u8>>> {
+    let mut response = Response::from_data(format!("{{\"error\":\"{message}\"}}").into_bytes())
+        .with_status_code(StatusCode(status))
+        .with_header(header("Content-Type", "application/json"));
+    if !code.is_empty() {
+        response.add_header(header("X-Error-Code", code));
+    }
+    response
+}
+
+impl FakeHub {
+    /// Starts serving `repos` on a free port.
+    pub fn start(repos: Vec<FakeRepo>) -> FakeHub {
+        let server = Arc::new(Server::http("127.0.0.1:0").expect("bind 127.0.0.1"));
+        let port = server.server_addr().to_ip().expect("an IP listener").port();
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let thread = {
+            let server = Arc::clone(&server);
+            let log = Arc::clone(&log);
+            let endpoint = endpoint.clone();
+            std::thread::spawn(move || {
+                // `recv` fails once `unblock` is called on drop.
+                while let Ok(request) = server.recv() {
+                    log.lock().expect("log lock").push(format!(
+                        "{} {}",
+                        request.method(),
+                        request.url()
+                    ));
+                    let response = answer(&repos, &endpoint, &request);
+                    let _ = request.respond(response);
+                }
+            })
+        };
+        FakeHub {
+            server,
+            thread: Some(thread),
+            endpoint,
+            log,
+        }
+    }
+
+    /// Every request so far, as `"GET /path"`.
+    pub fn requests(&self) -> Vec<String> {
+        self.log.lock().expect("log lock").clone()
+    }
+
+    /// Forgets the requests logged so far.
+    pub fn clear_log(&self) {
+        self.log.lock().expect("log lock").clear();
+    }
+
+    /// The repo-relative files whose content was downloaded (the CDN for large files, ranged
+    /// GETs past byte 0 for small ones are both counted through their resolve request).
+    pub fn resolved_files(&self) -> Vec<String> {
+        self.requests()
+            .iter()
+            .filter_map(|r| {
+                let (_, path) = r.split_once(' ')?;
+                let rest = path.split_once("/resolve/")?.1;
+                Some(rest.split_once('/')?.1.to_string())
+            })
+            .collect()
+    }
+}
+
+impl Drop for FakeHub {
+    fn drop(&mut self) {
+        self.server.unblock();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn answer(
+    repos: &[FakeRepo],
+    endpoint: &str,
+    request: &Request,
+) -> Response<std::io::Cursor<Vec<u8>>> {
+    if !matches!(request.method(), Method::Get | Method::Head) {
+        return error(405, "", "method not allowed");
+    }
+    let url = request.url().split('?').next().unwrap_or("").to_string();
+    let authorized = |repo: &FakeRepo| match &repo.token {
+        None => true,
+        Some(token) => request_header(request, "Authorization") == Some(&format!("Bearer {token}")),
+    };
+
+    if let Some(etag) = url.strip_prefix("/cdn/") {
+        let blob = repos
+            .iter()
+            .flat_map(|r| r.files.values())
+            .find(|content| content_etag(content) == etag);
+        return match blob {
+            Some(content) => ranged(request, content, Vec::new()),
+            None => error(404, "", "no such blob"),
+        };
+    }
+
+    if let Some(rest) = url.strip_prefix("/api/models/") {
+        // owner/name/revision/rev (a branch name may be %2F-escaped)
+        let parts: Vec<&str> = rest.splitn(4, '/').collect();
+        let [owner, name, "revision", revision] = parts.as_slice() else {
+            return error(404, "", "bad API path");
+        };
+        let repo_id = format!("{owner}/{name}");
+        let Some(repo) = repos.iter().find(|r| r.repo_id == repo_id) else {
+            return error(404, "RepoNotFound", "Repository not found");
+        };
+        if !authorized(repo) {
+            return error(401, "", "Invalid credentials in Authorization header");
+        }
+        if *revision != "main" && *revision != repo.sha {
+            return error(404, "RevisionNotFound", "Invalid rev id");
+        }
+        let siblings: Vec<String> = repo
+            .files
+            .keys()
+            .map(|f| format!("{{\"rfilename\":\"{f}\"}}"))
+            .collect();
+        let body = format!(
+            "{{\"id\":\"{repo_id}\",\"sha\":\"{}\",\"siblings\":[{}]}}",
+            repo.sha,
+            siblings.join(",")
+        );
+        return Response::from_data(body.into_bytes())
+            .with_header(header("Content-Type", "application/json"));
+    }
+
+    // /owner/name/resolve/rev/path...
+    let parts: Vec<&str> = url.trim_start_matches('/').splitn(5, '/').collect();
+    let [owner, name, "resolve", revision, path] = parts.as_slice() else {
+        return error(404, "", "not found");
+    };
+    let repo_id = format!("{owner}/{name}");
+    let Some(repo) = repos.iter().find(|r| r.repo_id == repo_id) else {
+        return error(404, "RepoNotFound", "Repository not found");
+    };
+    if !authorized(repo) {
+        return error(401, "", "Invalid credentials in Authorization header");
+    }
+    if *revision != "main" && *revision != repo.sha {
+        return error(404, "RevisionNotFound", "Invalid rev id");
+    }
+    let Some(content) = repo.files.get(*path) else {
+        return error(404, "EntryNotFound", "Entry not found");
+    };
+    let etag = content_etag(content);
+    if is_lfs(path) {
+        Response::from_data(Vec::new())
+            .with_status_code(StatusCode(302))
+            .with_header(header("Location", &format!("{endpoint}/cdn/{etag}")))
+            .with_header(header("X-Repo-Commit", &repo.sha))
+            .with_header(header("X-Linked-Etag", &format!("\"{etag}\"")))
+            .with_header(header("X-Linked-Size", &content.len().to_string()))
+            .with_header(header("ETag", "\"git-pointer-etag\""))
+    } else {
+        ranged(
+            request,
+            content,
+            vec![
+                header("ETag", &format!("\"{etag}\"")),
+                header("X-Repo-Commit", &repo.sha),
+            ],
+        )
+    }
+}
