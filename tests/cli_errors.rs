@@ -22,11 +22,20 @@ impl Case {
     }
 
     fn out(&self) -> String {
-        self.root.join("out").join("result.png").display().to_string()
+        self.root
+            .join("out")
+            .join("result.png")
+            .display()
+            .to_string()
     }
 
     fn input(&self) -> String {
-        fixtures().join("edits").join("sd1-plain").join("input.png").display().to_string()
+        fixtures()
+            .join("edits")
+            .join("sd1-plain")
+            .join("input.png")
+            .display()
+            .to_string()
     }
 
     /// A private copy of a fixture pipeline, to break.
@@ -41,18 +50,33 @@ impl Case {
     fn fails(&self, model: &str, image: &str, extra: &[&str]) -> String {
         let out = self.out();
         let mut args = vec![
-            "edit", "--model", model, "--image", image, "--prompt", "make it snowy", "--steps", "2", "--output",
-            &out, "--quiet",
+            "edit",
+            "--model",
+            model,
+            "--image",
+            image,
+            "--prompt",
+            "make it snowy",
+            "--output",
+            &out,
+            "--quiet",
         ];
         args.extend_from_slice(extra);
         let output = run(&self.root.join("hf"), &args);
         let text = stderr(&output);
-        assert!(!output.status.success(), "expected failure, got success; stderr: {text}");
+        assert!(
+            !output.status.success(),
+            "expected failure, got success; stderr: {text}"
+        );
         assert!(!text.contains("panicked"), "panic: {text}");
         let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
         assert_eq!(lines.len(), 1, "expected one line, got: {text}");
         assert!(lines[0].starts_with("error"), "unexpected message: {text}");
-        assert!(files_in(&self.root.join("out")).is_empty(), "left files behind: {:?}", files_in(&self.root.join("out")));
+        assert!(
+            files_in(&self.root.join("out")).is_empty(),
+            "left files behind: {:?}",
+            files_in(&self.root.join("out"))
+        );
         lines[0].to_string()
     }
 }
@@ -77,7 +101,10 @@ fn missing_image() {
 #[test]
 fn corrupt_image() {
     let case = Case::new();
-    let corrupt = write(&case.root.join("corrupt.png"), b"\x89PNG\r\n\x1a\nthis is not an image at all");
+    let corrupt = write(
+        &case.root.join("corrupt.png"),
+        b"\x89PNG\r\n\x1a\nthis is not an image at all",
+    );
     let line = case.fails(&sd1(), &corrupt, &[]);
     assert!(line.contains("corrupt.png"), "{line}");
 }
@@ -120,7 +147,12 @@ fn model_folder_missing_a_component() {
 fn model_folder_missing_a_weight_file() {
     let case = Case::new();
     let model = case.pipeline_copy("sd1-tiny");
-    std::fs::remove_file(model.join("unet").join("diffusion_pytorch_model.safetensors")).unwrap();
+    std::fs::remove_file(
+        model
+            .join("unet")
+            .join("diffusion_pytorch_model.safetensors"),
+    )
+    .unwrap();
     let line = case.fails(&model.display().to_string(), &case.input(), &[]);
     assert!(line.contains("unet"), "{line}");
 }
@@ -129,11 +161,16 @@ fn model_folder_missing_a_weight_file() {
 fn truncated_safetensors() {
     let case = Case::new();
     let model = case.pipeline_copy("sd1-tiny");
-    let weights = model.join("unet").join("diffusion_pytorch_model.safetensors");
+    let weights = model
+        .join("unet")
+        .join("diffusion_pytorch_model.safetensors");
     let bytes = std::fs::read(&weights).unwrap();
     std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
     let line = case.fails(&model.display().to_string(), &case.input(), &[]);
-    assert!(line.contains("diffusion_pytorch_model.safetensors"), "{line}");
+    assert!(
+        line.contains("diffusion_pytorch_model.safetensors"),
+        "{line}"
+    );
     assert!(line.contains("truncated"), "{line}");
 }
 
@@ -141,7 +178,11 @@ fn truncated_safetensors() {
 fn malformed_config() {
     let case = Case::new();
     let model = case.pipeline_copy("sd1-tiny");
-    std::fs::write(model.join("unet").join("config.json"), "{ \"in_channels\": 8,").unwrap();
+    std::fs::write(
+        model.join("unet").join("config.json"),
+        "{ \"in_channels\": 8,",
+    )
+    .unwrap();
     let line = case.fails(&model.display().to_string(), &case.input(), &[]);
     assert!(line.contains("config.json"), "{line}");
 }
@@ -149,7 +190,11 @@ fn malformed_config() {
 #[test]
 fn plain_stable_diffusion_model_is_refused() {
     let case = Case::new();
-    let line = case.fails(&fixture_pipeline("sd-plain-4ch").display().to_string(), &case.input(), &[]);
+    let line = case.fails(
+        &fixture_pipeline("sd-plain-4ch").display().to_string(),
+        &case.input(),
+        &[],
+    );
     assert!(
         line.contains("not an InstructPix2Pix model: its UNet takes 4 input channels, it needs 8"),
         "{line}"
@@ -169,7 +214,17 @@ fn unwritable_output_path() {
     let case = Case::new();
     let out = "/proc/instruct-pix2pix-cannot-write-here.png";
     let args = [
-        "edit", "--model", &sd1(), "--image", &case.input(), "--prompt", "x", "--steps", "1", "--output", out,
+        "edit",
+        "--model",
+        &sd1(),
+        "--image",
+        &case.input(),
+        "--prompt",
+        "x",
+        "--steps",
+        "1",
+        "--output",
+        out,
     ];
     let output = run(&case.root.join("hf"), &args);
     let text = stderr(&output);
@@ -181,25 +236,61 @@ fn unwritable_output_path() {
 #[test]
 fn missing_output_folder() {
     let case = Case::new();
-    let out = case.root.join("no-such-folder").join("x.png").display().to_string();
+    let out = case
+        .root
+        .join("no-such-folder")
+        .join("x.png")
+        .display()
+        .to_string();
     let args = [
-        "edit", "--model", &sd1(), "--image", &case.input(), "--prompt", "x", "--steps", "1", "--output", &out,
+        "edit",
+        "--model",
+        &sd1(),
+        "--image",
+        &case.input(),
+        "--prompt",
+        "x",
+        "--steps",
+        "1",
+        "--output",
+        &out,
     ];
     let output = run(&case.root.join("hf"), &args);
     assert!(!output.status.success());
-    assert!(stderr(&output).contains("no-such-folder"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("no-such-folder"),
+        "{}",
+        stderr(&output)
+    );
 }
 
 #[test]
 fn unknown_output_format() {
     let case = Case::new();
-    let out = case.root.join("out").join("result.gif").display().to_string();
+    let out = case
+        .root
+        .join("out")
+        .join("result.gif")
+        .display()
+        .to_string();
     let args = [
-        "edit", "--model", &sd1(), "--image", &case.input(), "--prompt", "x", "--output", &out,
+        "edit",
+        "--model",
+        &sd1(),
+        "--image",
+        &case.input(),
+        "--prompt",
+        "x",
+        "--output",
+        &out,
     ];
     let output = run(&case.root.join("hf"), &args);
     assert!(!output.status.success());
-    assert!(stderr(&output).contains("result.gif"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("result.gif"),
+        "{}",
+        stderr(&output)
+    );
 }
 
 #[test]
@@ -227,7 +318,8 @@ fn nonsense_numbers() {
 fn latents_of_the_wrong_shape() {
     let case = Case::new();
     // A valid float32 .npy of shape [1, 4, 3, 3]: the 64×64 input needs [1, 4, 8, 8].
-    let mut header = "{'descr': '<f4', 'fortran_order': False, 'shape': (1, 4, 3, 3), }".to_string();
+    let mut header =
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (1, 4, 3, 3), }".to_string();
     while (10 + header.len() + 1) % 64 != 0 {
         header.push(' ');
     }
@@ -247,7 +339,11 @@ fn crc32(bytes: &[u8]) -> u32 {
     for &byte in bytes {
         crc ^= byte as u32;
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc

@@ -17,7 +17,8 @@ const MEAN_LEVELS: f64 = 0.3;
 /// Runs `edit` exactly as the case's settings.json describes and compares with expected.png.
 fn check_case(case: &str) {
     let dir = fixtures().join("edits").join(case);
-    let settings: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("settings.json")).unwrap()).unwrap();
+    let settings: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("settings.json")).unwrap()).unwrap();
     let work = tempfile::tempdir().unwrap();
     let output = work.path().join("result.png");
     let model = fixture_pipeline(settings["pipeline"].as_str().unwrap());
@@ -50,14 +51,24 @@ fn check_case(case: &str) {
     }
     let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let result = run(&work.path().join("hf"), &arg_refs);
-    assert!(result.status.success(), "{case}: edit failed: {}", stderr(&result));
+    assert!(
+        result.status.success(),
+        "{case}: edit failed: {}",
+        stderr(&result)
+    );
 
     let ours = image::open(&output).unwrap().to_rgb8();
     let expected = image::open(dir.join("expected.png")).unwrap().to_rgb8();
     let (max, mean) = pixel_difference(&ours, &expected);
     eprintln!("{case}: max difference {max} levels, mean {mean:.4}");
-    assert!(max <= MAX_LEVELS, "{case}: a pixel differs by {max} levels (mean {mean:.4})");
-    assert!(mean <= MEAN_LEVELS, "{case}: mean difference {mean:.4} levels");
+    assert!(
+        max <= MAX_LEVELS,
+        "{case}: a pixel differs by {max} levels (mean {mean:.4})"
+    );
+    assert!(
+        mean <= MEAN_LEVELS,
+        "{case}: mean difference {mean:.4} levels"
+    );
 
     check_settings_chunk(&output, &settings);
 }
@@ -67,9 +78,18 @@ fn check_settings_chunk(output: &Path, settings: &Value) {
     let chunks = read_png_text(output).unwrap();
     let record = EditRecord::from_text_chunks(&chunks).expect("settings chunk present");
     assert_eq!(record.prompt, settings["prompt"].as_str().unwrap());
-    assert_eq!(record.steps as u64, settings["num_inference_steps"].as_u64().unwrap());
-    assert_eq!(record.guidance_scale, settings["guidance_scale"].as_f64().unwrap());
-    assert_eq!(record.image_guidance_scale, settings["image_guidance_scale"].as_f64().unwrap());
+    assert_eq!(
+        record.steps as u64,
+        settings["num_inference_steps"].as_u64().unwrap()
+    );
+    assert_eq!(
+        record.guidance_scale,
+        settings["guidance_scale"].as_f64().unwrap()
+    );
+    assert_eq!(
+        record.image_guidance_scale,
+        settings["image_guidance_scale"].as_f64().unwrap()
+    );
     if let Some(seed) = settings["seed"].as_u64() {
         assert_eq!(record.seed, seed);
     }

@@ -39,18 +39,38 @@ pub struct BenchArgs {
 
 pub fn run(args: BenchArgs) -> Result<()> {
     let device = select_device(args.device)?;
-    let dtype: DType = args.dtype.into();
-    let variant = if dtype == DType::F16 { Variant::Fp16 } else { Variant::Default };
+    let dtype: DType = args.dtype.dtype();
+    if let Some(warning) = args.dtype.check_on(&device)? {
+        eprintln!("warning: {warning}");
+    }
+    let variant = if dtype == DType::F16 {
+        Variant::Fp16
+    } else {
+        Variant::Default
+    };
     let spec = ModelSpec::parse(&args.model, None)?;
     let load_started = Instant::now();
-    let options = LoadOptions { variant, dtype, device };
-    let model = InstructPix2PixModel::fetch_and_load(&spec, &HubSettings::from_env(), &options, &mut |_| {})?;
+    let options = LoadOptions {
+        variant,
+        dtype,
+        device,
+    };
+    let model = InstructPix2PixModel::fetch_and_load(
+        &spec,
+        &HubSettings::from_env(),
+        &options,
+        &mut |_| {},
+    )?;
     let load_seconds = load_started.elapsed().as_secs_f64();
     let mut pipeline = EditPipeline::new(model)?;
     let multiple = pipeline.size_multiple();
     let side = (args.size / multiple).max(1) * multiple;
     let image = RgbImage::from_fn(side, side, |x, y| {
-        Rgb([(x * 255 / side) as u8, (y * 255 / side) as u8, ((x + y) * 127 / side) as u8])
+        Rgb([
+            (x * 255 / side) as u8,
+            (y * 255 / side) as u8,
+            ((x + y) * 127 / side) as u8,
+        ])
     });
     let mut settings = EditSettings {
         prompt: "make it look like a watercolor painting".into(),

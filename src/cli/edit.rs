@@ -76,7 +76,10 @@ pub struct EditArgs {
 }
 
 fn parse_steps(text: &str) -> Result<usize, String> {
-    let steps: i64 = text.trim().parse().map_err(|_| format!("`{text}` is not a whole number"))?;
+    let steps: i64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{text}` is not a whole number"))?;
     let max = crate::pipeline::edit::MAX_STEPS as i64;
     if !(1..=max).contains(&steps) {
         return Err(format!("must be between 1 and {max}, got {steps}"));
@@ -85,7 +88,10 @@ fn parse_steps(text: &str) -> Result<usize, String> {
 }
 
 fn parse_scale(text: &str) -> Result<f64, String> {
-    let value: f64 = text.trim().parse().map_err(|_| format!("`{text}` is not a number"))?;
+    let value: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{text}` is not a number"))?;
     let max = crate::pipeline::edit::MAX_GUIDANCE;
     if !value.is_finite() || !(0.0..=max).contains(&value) {
         return Err(format!("must be a number between 0 and {max}, got {text}"));
@@ -103,12 +109,23 @@ pub fn run(args: EditArgs) -> Result<()> {
 
     let input = load_image(&args.image)?;
     let device = select_device(args.device)?;
-    let dtype: DType = args.dtype.into();
-    let variant = if dtype == DType::F16 { Variant::Fp16 } else { Variant::Default };
+    let dtype: DType = args.dtype.dtype();
+    if let Some(warning) = args.dtype.check_on(&device)? {
+        eprintln!("warning: {warning}");
+    }
+    let variant = if dtype == DType::F16 {
+        Variant::Fp16
+    } else {
+        Variant::Default
+    };
     let spec = ModelSpec::parse(&args.model, args.revision.as_deref())?;
     let mut progress = Progress::new(args.quiet);
     let hub = HubSettings::from_env();
-    let options = LoadOptions { variant, dtype, device };
+    let options = LoadOptions {
+        variant,
+        dtype,
+        device,
+    };
     let spinner = progress.spinner(&format!("loading {}", args.model));
     let model = InstructPix2PixModel::fetch_and_load(&spec, &hub, &options, &mut |update| {
         progress.on_download(update)
@@ -129,7 +146,9 @@ pub fn run(args: EditArgs) -> Result<()> {
         .with_context(|| format!("{}", args.image.display()))?;
     let input = resize_lanczos(&input, width, height);
 
-    let first_seed = args.seed.unwrap_or_else(rand::random::<u32>).into();
+    let first_seed = args
+        .seed
+        .unwrap_or_else(|| u64::from(rand::random::<u32>()));
     let mut settings = EditSettings {
         prompt: args.prompt.clone(),
         negative_prompt: args.negative_prompt.clone(),
@@ -149,10 +168,21 @@ pub fn run(args: EditArgs) -> Result<()> {
             "editing".to_string()
         };
         let bar = progress.steps(args.steps, &label);
-        let result = pipeline.edit(&input, &settings, &mut |step| bar.set_position(step.step as u64), &cancel);
+        let result = pipeline.edit(
+            &input,
+            &settings,
+            &mut |step| bar.set_position(step.step as u64),
+            &cancel,
+        );
         bar.finish_and_clear();
         let result = result?;
-        let record = EditRecord::new(&args.model, &settings, width, height, &format!("{dtype:?}").to_lowercase());
+        let record = EditRecord::new(
+            &args.model,
+            &settings,
+            width,
+            height,
+            &format!("{dtype:?}").to_lowercase(),
+        );
         save_image(output, &result.image, &record.to_text_chunks())?;
         println!(
             "wrote {} ({}×{}, seed {}, {:.1} s)",
@@ -182,7 +212,10 @@ fn output_paths(output: &Path, count: u32) -> Result<Vec<PathBuf>> {
     if count == 1 {
         return Ok(vec![output.to_path_buf()]);
     }
-    let stem = output.file_stem().and_then(|s| s.to_str()).unwrap_or("edit");
+    let stem = output
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("edit");
     Ok((1..=count)
         .map(|i| output.with_file_name(format!("{stem}-{i}.{extension}")))
         .collect())
@@ -195,13 +228,23 @@ fn check_output_folder(output: &Path) -> Result<()> {
         _ => PathBuf::from("."),
     };
     if !folder.is_dir() {
-        bail!("{}: the output folder {} does not exist", output.display(), folder.display());
+        bail!(
+            "{}: the output folder {} does not exist",
+            output.display(),
+            folder.display()
+        );
     }
     tempfile::Builder::new()
         .prefix(".instruct-pix2pix-probe")
         .tempfile_in(&folder)
         .map(drop)
-        .with_context(|| format!("{}: cannot write to the folder {}", output.display(), folder.display()))
+        .with_context(|| {
+            format!(
+                "{}: cannot write to the folder {}",
+                output.display(),
+                folder.display()
+            )
+        })
 }
 
 /// Reads a float32 .npy latents file.
@@ -212,11 +255,18 @@ fn read_latents(path: &Path) -> Result<InitialLatents> {
     let tensor = candle_core::Tensor::read_npy(path)
         .map_err(|e| anyhow::anyhow!("{}: not a readable .npy array: {e}", path.display()))?;
     if tensor.dtype() != DType::F32 {
-        bail!("{}: latents must be float32, this array is {:?}", path.display(), tensor.dtype());
+        bail!(
+            "{}: latents must be float32, this array is {:?}",
+            path.display(),
+            tensor.dtype()
+        );
     }
     let shape = tensor.dims().to_vec();
     if shape.len() != 4 || shape[0] != 1 {
-        bail!("{}: latents must have shape [1, C, h, w], this array has {shape:?}", path.display());
+        bail!(
+            "{}: latents must have shape [1, C, h, w], this array has {shape:?}",
+            path.display()
+        );
     }
     let values = tensor
         .flatten_all()

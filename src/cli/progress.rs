@@ -12,7 +12,10 @@ pub struct Progress {
 
 impl Progress {
     pub fn new(quiet: bool) -> Self {
-        Self { quiet, download: None }
+        Self {
+            quiet,
+            download: None,
+        }
     }
 
     fn target(&self) -> ProgressDrawTarget {
@@ -54,9 +57,11 @@ impl Progress {
     pub fn steps(&self, total: usize, label: &str) -> ProgressBar {
         let bar = ProgressBar::with_draw_target(Some(total as u64), self.target());
         bar.set_style(
-            ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} steps, {per_sec}, ETA {eta}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
+            ProgressStyle::with_template(
+                "{msg} [{bar:30}] {pos}/{len} steps, {per_sec}, ETA {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
         );
         bar.set_message(label.to_string());
         bar

@@ -9,7 +9,7 @@ use super::clip::{ClipTextConfig, ClipTextModel};
 use super::config::{ConfigError, ModelIndex, read_json};
 use super::hub::{DownloadProgress, HubError, HubSettings, ModelSpec, Variant, fetch_model};
 use super::tokenizer::{ClipTokenizer, TokenizerError};
-use super::unet::{UNet2DConditionModel, UNetConfig};
+use super::unet::{PerBlock, UNet2DConditionModel, UNetConfig};
 use super::vae::{AutoencoderKL, VaeConfig};
 use super::weights::{WeightsError, component_weights, var_builder};
 
@@ -24,8 +24,13 @@ pub enum LoadError {
     Weights(#[from] WeightsError),
     #[error(transparent)]
     Tokenizer(#[from] TokenizerError),
-    #[error("{folder}: missing the `{component}` component folder (a diffusers pipeline needs {component}/)")]
-    MissingComponent { folder: PathBuf, component: &'static str },
+    #[error(
+        "{folder}: missing the `{component}` component folder (a diffusers pipeline needs {component}/)"
+    )]
+    MissingComponent {
+        folder: PathBuf,
+        component: &'static str,
+    },
     #[error("{path}: {reason}")]
     BadConfig { path: PathBuf, reason: String },
     #[error("{folder}: building the {component} from its weights failed: {source}")]
@@ -114,9 +119,16 @@ impl InstructPix2PixModel {
                 ),
             });
         }
-        let clip_config: ClipTextConfig = read_json(&folder.join("text_encoder").join("config.json"))?;
-        let cross_attention_dim = unet_config.cross_attention_dim();
-        if clip_config.hidden_size != cross_attention_dim {
+        let clip_config: ClipTextConfig =
+            read_json(&folder.join("text_encoder").join("config.json"))?;
+        let cross_attention_dims = match &unet_config.cross_attention_dim {
+            PerBlock::Same(dim) => vec![*dim],
+            PerBlock::Each(dims) => dims.clone(),
+        };
+        if let Some(&cross_attention_dim) = cross_attention_dims
+            .iter()
+            .find(|&&d| d != clip_config.hidden_size)
+        {
             return Err(LoadError::TextWidthMismatch {
                 folder,
                 text_width: clip_config.hidden_size,
@@ -127,19 +139,32 @@ impl InstructPix2PixModel {
 
         let build_err = |component: &'static str| {
             let folder = folder.clone();
-            move |source| LoadError::Build { folder, component, source }
+            move |source| LoadError::Build {
+                folder,
+                component,
+                source,
+            }
         };
         let (dtype, device) = (options.dtype, &options.device);
 
         let files = component_weights(&folder.join("text_encoder"), "model", options.variant)?;
         let vb = var_builder(&files, dtype, device)?;
-        let text_encoder = ClipTextModel::load(vb, &clip_config).map_err(build_err("text encoder"))?;
+        let text_encoder =
+            ClipTextModel::load(vb, &clip_config).map_err(build_err("text encoder"))?;
 
-        let files = component_weights(&folder.join("vae"), "diffusion_pytorch_model", options.variant)?;
+        let files = component_weights(
+            &folder.join("vae"),
+            "diffusion_pytorch_model",
+            options.variant,
+        )?;
         let vb = var_builder(&files, dtype, device)?;
         let vae = AutoencoderKL::load(vb, &vae_config).map_err(build_err("VAE"))?;
 
-        let files = component_weights(&folder.join("unet"), "diffusion_pytorch_model", options.variant)?;
+        let files = component_weights(
+            &folder.join("unet"),
+            "diffusion_pytorch_model",
+            options.variant,
+        )?;
         let vb = var_builder(&files, dtype, device)?;
         let unet = UNet2DConditionModel::load(vb, &unet_config).map_err(build_err("UNet"))?;
 

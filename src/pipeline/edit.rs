@@ -14,7 +14,9 @@ use image::RgbImage;
 use super::image::{to_images, to_tensor};
 use super::preview::latents_to_preview;
 use super::rng::TorchGenerator;
-use super::scheduler::{NoiseSource, SchedulerConfig, SchedulerError, SchedulerKind, build_scheduler};
+use super::scheduler::{
+    NoiseSource, SchedulerConfig, SchedulerError, SchedulerKind, build_scheduler,
+};
 use crate::model::InstructPix2PixModel;
 
 /// What went wrong in an edit.
@@ -31,9 +33,16 @@ pub enum EditError {
     #[error(
         "the input image is {width}×{height}: both sides must be positive multiples of {multiple} (the VAE's factor); resize it first"
     )]
-    ImageSize { width: u32, height: u32, multiple: u32 },
+    ImageSize {
+        width: u32,
+        height: u32,
+        multiple: u32,
+    },
     #[error("the given latents have shape {given:?}, but this image and model need {expected:?}")]
-    LatentsShape { given: Vec<usize>, expected: Vec<usize> },
+    LatentsShape {
+        given: Vec<usize>,
+        expected: Vec<usize>,
+    },
     #[error(transparent)]
     Scheduler(#[from] SchedulerError),
     #[error("the model failed during the edit: {0}")]
@@ -112,7 +121,10 @@ impl EditSettings {
                 return Err(EditError::InvalidSetting {
                     name: "latents",
                     value: format!("{:?}", latents.shape),
-                    reason: format!("holds {} values, the shape needs {count}", latents.values.len()),
+                    reason: format!(
+                        "holds {} values, the shape needs {count}",
+                        latents.values.len()
+                    ),
                 });
             }
             if latents.values.iter().any(|v| !v.is_finite()) {
@@ -231,7 +243,11 @@ impl EditPipeline {
         let multiple = self.size_multiple();
         let (width, height) = image.dimensions();
         if width == 0 || height == 0 || width % multiple != 0 || height % multiple != 0 {
-            return Err(EditError::ImageSize { width, height, multiple });
+            return Err(EditError::ImageSize {
+                width,
+                height,
+                multiple,
+            });
         }
         let guided = settings.uses_guidance();
 
@@ -253,7 +269,8 @@ impl EditPipeline {
             (prompt.text.clone(), image_latents.clone())
         };
 
-        let mut scheduler = build_scheduler(&self.scheduler_config, settings.scheduler, settings.steps)?;
+        let mut scheduler =
+            build_scheduler(&self.scheduler_config, settings.scheduler, settings.steps)?;
         let latent_shape = vec![
             1,
             self.model.vae.config().latent_channels,
@@ -271,7 +288,8 @@ impl EditPipeline {
                         expected: latent_shape.clone(),
                     });
                 }
-                Tensor::from_slice(&given.values, given.shape.as_slice(), device)?.to_dtype(dtype)?
+                Tensor::from_slice(&given.values, given.shape.as_slice(), device)?
+                    .to_dtype(dtype)?
             }
             None => generator.randn(&latent_shape, dtype, device)?,
         };
@@ -321,7 +339,9 @@ impl EditPipeline {
         let scaling_factor = self.model.vae.config().scaling_factor;
         let decoded = self.model.vae.decode(&(latents / scaling_factor)?)?;
         let mut images = to_images(&decoded.to_dtype(DType::F32)?)?;
-        let image = images.pop().ok_or_else(|| candle_core::Error::Msg("the VAE decoded no image".into()))?;
+        let image = images
+            .pop()
+            .ok_or_else(|| candle_core::Error::Msg("the VAE decoded no image".into()))?;
         Ok(EditOutput {
             image,
             seed: settings.seed,
@@ -356,7 +376,11 @@ impl EditPipeline {
         let ids = self.model.tokenizer.encode_for_model(text);
         let len = ids.len();
         let ids = Tensor::from_vec(ids, (1, len), &self.model.device)?;
-        Ok(self.model.text_encoder.forward(&ids)?.to_dtype(self.model.dtype)?)
+        Ok(self
+            .model
+            .text_encoder
+            .forward(&ids)?
+            .to_dtype(self.model.dtype)?)
     }
 
     /// Encodes the image unless the previous edit used the same pixels. Returns whether it reused.

@@ -11,7 +11,9 @@ use std::process::{Command, Output};
 
 /// The committed fixtures folder.
 pub fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("fixtures")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("fixtures")
 }
 
 /// A tiny pipeline saved by diffusers (`tests/fixtures/pipelines/NAME`).
@@ -34,7 +36,10 @@ pub fn program(hf_home: &Path) -> Command {
 
 /// Runs the program with `args` and returns its output.
 pub fn run(hf_home: &Path, args: &[&str]) -> Output {
-    program(hf_home).args(args).output().expect("the test binary starts")
+    program(hf_home)
+        .args(args)
+        .output()
+        .expect("the test binary starts")
 }
 
 pub fn stderr(output: &Output) -> String {
