@@ -307,10 +307,13 @@ fn nonsense_numbers() {
         ("--num-images", "0"),
         ("--seed", "-3"),
     ] {
-        let flag_value = format!("{flag}={value}");
-        let line = case.fails(&sd1(), &case.input(), &[&flag_value]);
-        assert!(line.contains(flag), "{flag} {value}: {line}");
-        assert!(line.contains(value), "{flag} {value}: {line}");
+        // Both spellings a user types: `--steps=-5` and `--steps -5`.
+        let joined = format!("{flag}={value}");
+        for args in [vec![joined.as_str()], vec![flag, value]] {
+            let line = case.fails(&sd1(), &case.input(), &args);
+            assert!(line.contains(flag), "{flag} {value}: {line}");
+            assert!(line.contains(value), "{flag} {value}: {line}");
+        }
     }
 }
 

@@ -40,16 +40,16 @@ pub struct EditArgs {
     #[arg(long, value_name = "REV")]
     pub revision: Option<String>,
     /// Denoising steps.
-    #[arg(long, value_name = "N", default_value_t = 20, value_parser = parse_steps)]
+    #[arg(long, value_name = "N", default_value_t = 20, value_parser = parse_steps, allow_negative_numbers = true)]
     pub steps: usize,
     /// How strongly to follow the instruction (text guidance).
-    #[arg(long, value_name = "F", default_value_t = 7.5, value_parser = parse_scale)]
+    #[arg(long, value_name = "F", default_value_t = 7.5, value_parser = parse_scale, allow_negative_numbers = true)]
     pub guidance_scale: f64,
     /// How closely to stay with the input image (image guidance).
-    #[arg(long, value_name = "F", default_value_t = 1.5, value_parser = parse_scale)]
+    #[arg(long, value_name = "F", default_value_t = 1.5, value_parser = parse_scale, allow_negative_numbers = true)]
     pub image_guidance_scale: f64,
     /// Random seed (torch-compatible: the same seed gives diffusers' result); random when absent.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pub seed: Option<u64>,
     /// Scheduler to use instead of the model's own.
     #[arg(long, value_name = "NAME")]

@@ -76,7 +76,14 @@ fn usage_error(error: clap::Error) -> ExitCode {
 fn one_line(error: &anyhow::Error) -> String {
     let mut line = String::new();
     for cause in error.chain() {
-        let text = cause.to_string();
+        // Only a cause's first line: candle appends a backtrace when RUST_BACKTRACE is set.
+        let text = cause
+            .to_string()
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_string();
         if line.contains(&text) {
             continue;
         }
@@ -85,5 +92,5 @@ fn one_line(error: &anyhow::Error) -> String {
         }
         line.push_str(&text);
     }
-    line.replace('\n', " ")
+    line
 }
