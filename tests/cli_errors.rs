@@ -323,7 +323,7 @@ fn latents_of_the_wrong_shape() {
     // A valid float32 .npy of shape [1, 4, 3, 3]: the 64×64 input needs [1, 4, 8, 8].
     let mut header =
         "{'descr': '<f4', 'fortran_order': False, 'shape': (1, 4, 3, 3), }".to_string();
-    while (10 + header.len() + 1) % 64 != 0 {
+    while !(10 + header.len() + 1).is_multiple_of(64) {
         header.push(' ');
     }
     header.push('\n');

@@ -17,7 +17,7 @@ use super::weights::{WeightsError, component_weights, var_builder};
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error(transparent)]
-    Hub(#[from] HubError),
+    Hub(Box<HubError>),
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
@@ -55,6 +55,12 @@ pub enum LoadError {
         text_width: usize,
         cross_attention_dim: usize,
     },
+}
+
+impl From<HubError> for LoadError {
+    fn from(error: HubError) -> Self {
+        Self::Hub(Box::new(error))
+    }
 }
 
 /// How to load: the weight variant, the compute dtype and the device.
