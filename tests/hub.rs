@@ -760,3 +760,58 @@ fn pytorch_bin_weights_match_their_safetensors_copy() {
         }
     }
 }
+
+/// Not a test: serves the fake Hub for tests/fixtures/scripts/hf_cache_from_fake_hub.py, which
+/// downloads from it with huggingface_hub itself to make the `hf_cache` fixture. Writes the
+/// endpoint to `$FAKE_HUB_DIR/endpoint` and serves until `$FAKE_HUB_DIR/done` appears.
+#[test]
+#[ignore = "helper for a fixture script"]
+fn serve_fake_hub_for_python() {
+    let Some(dir) = std::env::var_os("FAKE_HUB_DIR").map(PathBuf::from) else {
+        return;
+    };
+    let hub = FakeHub::start(vec![fake_repo()]);
+    std::fs::write(dir.join("endpoint"), &hub.endpoint).expect("write endpoint");
+    for _ in 0..1200 {
+        if dir.join("done").exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// A cache written by huggingface_hub itself (hf_hub_download against the fake Hub; see
+/// tests/fixtures/scripts/hf_cache_from_fake_hub.py): `.locks/`, `CACHEDIR.TAG`, relative
+/// symlinks, `refs/main`. Read offline, its files are the published ones.
+#[test]
+fn cache_written_by_huggingface_hub_is_used_offline() {
+    let cache = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/load/hf_cache");
+    let offline = HubSettings {
+        endpoint: dead_endpoint(),
+        cache_dir: cache.clone(),
+        token: None,
+        offline: true,
+    };
+    let snapshot = fetch_model(
+        &hub_spec(REPO),
+        Variant::Default,
+        &offline,
+        &mut no_progress(),
+    )
+    .expect("huggingface_hub's cache is found");
+    assert_eq!(snapshot, repo_dir(&cache).join("snapshots").join(SHA));
+    let files = pipeline_files();
+    for needed in needed_default() {
+        if needed.ends_with(".json") || needed.ends_with(".txt") {
+            let content = std::fs::read(snapshot.join(needed)).expect(needed);
+            assert_eq!(content, files[needed], "{needed}");
+        }
+    }
+    let unet = component_weights(&snapshot.join("unet"), DIFFUSERS_WEIGHTS, Variant::Default)
+        .expect("unet weights");
+    assert_weights(&unet, &unet_tensors(), DType::F32);
+    let vae = component_weights(&snapshot.join("vae"), DIFFUSERS_WEIGHTS, Variant::Default)
+        .expect("vae weights");
+    let [shard1, shard2] = vae_shards();
+    assert_weights(&vae, &[shard1, shard2].concat(), DType::F32);
+}
