@@ -253,6 +253,51 @@ fn download_into_cache_then_offline_without_server() {
 }
 
 #[test]
+fn interrupted_download_resumes_from_its_part_file() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let hub = FakeHub::start(vec![fake_repo()]);
+    let files = pipeline_files();
+    let unet_file = "unet/diffusion_pytorch_model.safetensors";
+    let content = &files[unet_file];
+    let etag = content_etag(content);
+    // What hf-hub leaves behind when a download is cut: blobs/<etag>.part with the first bytes.
+    let blobs = repo_dir(tmp.path()).join("blobs");
+    std::fs::create_dir_all(&blobs).expect("blobs");
+    let half = content.len() / 2;
+    std::fs::write(blobs.join(format!("{etag}.part")), &content[..half]).expect("part file");
+
+    let mut events: Vec<DownloadProgress> = Vec::new();
+    let snapshot = fetch_model(
+        &hub_spec(REPO),
+        Variant::Default,
+        &settings(&hub.endpoint, tmp.path()),
+        &mut |p: &DownloadProgress| events.push(p.clone()),
+    )
+    .expect("download resumes");
+    assert_eq!(
+        std::fs::read(snapshot.join(unet_file)).expect("unet"),
+        *content
+    );
+    let content_requests: Vec<String> = hub
+        .requests()
+        .into_iter()
+        .filter(|r| r.starts_with(&format!("CDN GET /cdn/{etag} ")) && !r.ends_with("bytes=0-0"))
+        .collect();
+    assert_eq!(
+        content_requests,
+        [format!("CDN GET /cdn/{etag} bytes={half}-")]
+    );
+    let unet_events: Vec<u64> = events
+        .iter()
+        .filter(|e| e.file == unet_file)
+        .map(|e| e.bytes_done)
+        .collect();
+    assert_eq!(unet_events.first(), Some(&(half as u64)), "{unet_events:?}");
+    assert_eq!(unet_events.last(), Some(&(content.len() as u64)));
+    assert!(!blobs.join(format!("{etag}.part")).exists());
+}
+
+#[test]
 fn offline_with_empty_cache_names_the_repo() {
     let tmp = tempfile::tempdir().expect("temp dir");
     let mut offline = settings(&dead_endpoint(), tmp.path());
@@ -667,6 +712,13 @@ fn model_spec_parsing() {
             .contains("neither an existing folder nor a Hub repo id of the form owner/name"),
         "{err}"
     );
+    if let Some(home) = std::env::home_dir() {
+        let err = ModelSpec::parse("~/no-such-model-folder-7f3a", None).expect_err("missing");
+        assert!(
+            matches!(&err, HubError::LocalDirMissing { path } if *path == home.join("no-such-model-folder-7f3a")),
+            "{err:?}"
+        );
+    }
     assert!(ModelSpec::parse("a/b c", None).is_err());
     assert!(ModelSpec::parse("a/b", Some("../../etc")).is_err());
     assert!(ModelSpec::parse("", None).is_err());

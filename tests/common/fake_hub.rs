@@ -140,12 +140,14 @@ impl FakeHub {
             threads.push(std::thread::spawn(move || {
                 // `recv` fails once `unblock` is called on drop.
                 while let Ok(request) = server.recv() {
-                    let tag = if is_cdn { "CDN " } else { "" };
-                    log.lock().expect("log lock").push(format!(
-                        "{tag}{} {}",
-                        request.method(),
-                        request.url()
-                    ));
+                    // CDN entries carry the Range asked for: "CDN GET /cdn/x bytes=0-".
+                    let entry = if is_cdn {
+                        let range = request_header(&request, "Range").unwrap_or("-");
+                        format!("CDN {} {} {range}", request.method(), request.url())
+                    } else {
+                        format!("{} {}", request.method(), request.url())
+                    };
+                    log.lock().expect("log lock").push(entry);
                     let response = if is_cdn {
                         answer_cdn(&repos, &request)
                     } else {
@@ -163,7 +165,7 @@ impl FakeHub {
         }
     }
 
-    /// Every request so far, as `"GET /path"`.
+    /// Every request so far, as `"GET /path"` (`"CDN GET /cdn/etag bytes=N-"` for the CDN).
     pub fn requests(&self) -> Vec<String> {
         self.log.lock().expect("log lock").clone()
     }
