@@ -721,6 +721,20 @@ fn model_spec_parsing() {
     }
     assert!(ModelSpec::parse("a/b c", None).is_err());
     assert!(ModelSpec::parse("a/b", Some("../../etc")).is_err());
+    // A spec built by hand is checked too before any path is made from it.
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let hand_made = ModelSpec::Hub {
+        repo_id: "a/b".to_string(),
+        revision: "../../../outside".to_string(),
+    };
+    let err = fetch_model(
+        &hand_made,
+        Variant::Default,
+        &settings(&dead_endpoint(), tmp.path()),
+        &mut no_progress(),
+    )
+    .expect_err("bad revision");
+    assert!(matches!(err, HubError::InvalidRevision { .. }), "{err:?}");
     assert!(ModelSpec::parse("", None).is_err());
 }
 

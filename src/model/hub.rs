@@ -500,6 +500,15 @@ pub fn fetch_model(
             Ok(dir.clone())
         }
         ModelSpec::Hub { repo_id, revision } => {
+            // A spec built by hand skipped `parse`; both name paths inside the cache.
+            check_repo_id(repo_id).map_err(|reason| HubError::InvalidSpec {
+                spec: repo_id.clone(),
+                reason,
+            })?;
+            check_revision(revision).map_err(|reason| HubError::InvalidRevision {
+                revision: revision.clone(),
+                reason,
+            })?;
             if settings.offline {
                 let why = "HF_HUB_OFFLINE is set; unset it to download".to_string();
                 return fetch_from_cache(repo_id, revision, variant, settings, why);
