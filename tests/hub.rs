@@ -253,6 +253,51 @@ fn download_into_cache_then_offline_without_server() {
 }
 
 #[test]
+fn interrupted_download_resumes_from_its_part_file() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let hub = FakeHub::start(vec![fake_repo()]);
+    let files = pipeline_files();
+    let unet_file = "unet/diffusion_pytorch_model.safetensors";
+    let content = &files[unet_file];
+    let etag = content_etag(content);
+    // What hf-hub leaves behind when a download is cut: blobs/<etag>.part with the first bytes.
+    let blobs = repo_dir(tmp.path()).join("blobs");
+    std::fs::create_dir_all(&blobs).expect("blobs");
+    let half = content.len() / 2;
+    std::fs::write(blobs.join(format!("{etag}.part")), &content[..half]).expect("part file");
+
+    let mut events: Vec<DownloadProgress> = Vec::new();
+    let snapshot = fetch_model(
+        &hub_spec(REPO),
+        Variant::Default,
+        &settings(&hub.endpoint, tmp.path()),
+        &mut |p: &DownloadProgress| events.push(p.clone()),
+    )
+    .expect("download resumes");
+    assert_eq!(
+        std::fs::read(snapshot.join(unet_file)).expect("unet"),
+        *content
+    );
+    let content_requests: Vec<String> = hub
+        .requests()
+        .into_iter()
+        .filter(|r| r.starts_with(&format!("CDN GET /cdn/{etag} ")) && !r.ends_with("bytes=0-0"))
+        .collect();
+    assert_eq!(
+        content_requests,
+        [format!("CDN GET /cdn/{etag} bytes={half}-")]
+    );
+    let unet_events: Vec<u64> = events
+        .iter()
+        .filter(|e| e.file == unet_file)
+        .map(|e| e.bytes_done)
+        .collect();
+    assert_eq!(unet_events.first(), Some(&(half as u64)), "{unet_events:?}");
+    assert_eq!(unet_events.last(), Some(&(content.len() as u64)));
+    assert!(!blobs.join(format!("{etag}.part")).exists());
+}
+
+#[test]
 fn offline_with_empty_cache_names_the_repo() {
     let tmp = tempfile::tempdir().expect("temp dir");
     let mut offline = settings(&dead_endpoint(), tmp.path());
@@ -667,8 +712,29 @@ fn model_spec_parsing() {
             .contains("neither an existing folder nor a Hub repo id of the form owner/name"),
         "{err}"
     );
+    if let Some(home) = std::env::home_dir() {
+        let err = ModelSpec::parse("~/no-such-model-folder-7f3a", None).expect_err("missing");
+        assert!(
+            matches!(&err, HubError::LocalDirMissing { path } if *path == home.join("no-such-model-folder-7f3a")),
+            "{err:?}"
+        );
+    }
     assert!(ModelSpec::parse("a/b c", None).is_err());
     assert!(ModelSpec::parse("a/b", Some("../../etc")).is_err());
+    // A spec built by hand is checked too before any path is made from it.
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let hand_made = ModelSpec::Hub {
+        repo_id: "a/b".to_string(),
+        revision: "../../../outside".to_string(),
+    };
+    let err = fetch_model(
+        &hand_made,
+        Variant::Default,
+        &settings(&dead_endpoint(), tmp.path()),
+        &mut no_progress(),
+    )
+    .expect_err("bad revision");
+    assert!(matches!(err, HubError::InvalidRevision { .. }), "{err:?}");
     assert!(ModelSpec::parse("", None).is_err());
 }
 
@@ -759,4 +825,59 @@ fn pytorch_bin_weights_match_their_safetensors_copy() {
             assert_eq!(diff, 0.0, "{bin_dir}: {name}");
         }
     }
+}
+
+/// Not a test: serves the fake Hub for tests/fixtures/scripts/hf_cache_from_fake_hub.py, which
+/// downloads from it with huggingface_hub itself to make the `hf_cache` fixture. Writes the
+/// endpoint to `$FAKE_HUB_DIR/endpoint` and serves until `$FAKE_HUB_DIR/done` appears.
+#[test]
+#[ignore = "helper for a fixture script"]
+fn serve_fake_hub_for_python() {
+    let Some(dir) = std::env::var_os("FAKE_HUB_DIR").map(PathBuf::from) else {
+        return;
+    };
+    let hub = FakeHub::start(vec![fake_repo()]);
+    std::fs::write(dir.join("endpoint"), &hub.endpoint).expect("write endpoint");
+    for _ in 0..1200 {
+        if dir.join("done").exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// A cache written by huggingface_hub itself (hf_hub_download against the fake Hub; see
+/// tests/fixtures/scripts/hf_cache_from_fake_hub.py): `.locks/`, `CACHEDIR.TAG`, relative
+/// symlinks, `refs/main`. Read offline, its files are the published ones.
+#[test]
+fn cache_written_by_huggingface_hub_is_used_offline() {
+    let cache = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/load/hf_cache");
+    let offline = HubSettings {
+        endpoint: dead_endpoint(),
+        cache_dir: cache.clone(),
+        token: None,
+        offline: true,
+    };
+    let snapshot = fetch_model(
+        &hub_spec(REPO),
+        Variant::Default,
+        &offline,
+        &mut no_progress(),
+    )
+    .expect("huggingface_hub's cache is found");
+    assert_eq!(snapshot, repo_dir(&cache).join("snapshots").join(SHA));
+    let files = pipeline_files();
+    for needed in needed_default() {
+        if needed.ends_with(".json") || needed.ends_with(".txt") {
+            let content = std::fs::read(snapshot.join(needed)).expect(needed);
+            assert_eq!(content, files[needed], "{needed}");
+        }
+    }
+    let unet = component_weights(&snapshot.join("unet"), DIFFUSERS_WEIGHTS, Variant::Default)
+        .expect("unet weights");
+    assert_weights(&unet, &unet_tensors(), DType::F32);
+    let vae = component_weights(&snapshot.join("vae"), DIFFUSERS_WEIGHTS, Variant::Default)
+        .expect("vae weights");
+    let [shard1, shard2] = vae_shards();
+    assert_weights(&vae, &[shard1, shard2].concat(), DType::F32);
 }

@@ -86,8 +86,9 @@ impl fmt::Display for ModelSpec {
 }
 
 impl ModelSpec {
-    /// Reads a model argument: an existing folder wins; `owner/name` is a Hub repo id (at
-    /// `revision`, `main` when `None`); anything else is an error saying which it looked like.
+    /// Reads a model argument: an existing folder wins (a leading `~/` is the home folder);
+    /// `owner/name` is a Hub repo id (at `revision`, `main` when `None`); anything else is an
+    /// error saying which it looked like.
     pub fn parse(spec: &str, revision: Option<&str>) -> Result<Self, HubError> {
         let trimmed = spec.trim();
         let invalid = |reason: &str| HubError::InvalidSpec {
@@ -97,7 +98,12 @@ impl ModelSpec {
         if trimmed.is_empty() {
             return Err(invalid("it is empty"));
         }
-        let path = Path::new(trimmed);
+        // Typed paths (a settings field, not a shell) may start with `~/`.
+        let expanded = match (trimmed.strip_prefix("~/"), std::env::home_dir()) {
+            (Some(rest), Some(home)) => home.join(rest),
+            _ => PathBuf::from(trimmed),
+        };
+        let path = expanded.as_path();
         if path.is_dir() {
             return Ok(ModelSpec::LocalDir(path.to_path_buf()));
         }
@@ -494,6 +500,15 @@ pub fn fetch_model(
             Ok(dir.clone())
         }
         ModelSpec::Hub { repo_id, revision } => {
+            // A spec built by hand skipped `parse`; both name paths inside the cache.
+            check_repo_id(repo_id).map_err(|reason| HubError::InvalidSpec {
+                spec: repo_id.clone(),
+                reason,
+            })?;
+            check_revision(revision).map_err(|reason| HubError::InvalidRevision {
+                revision: revision.clone(),
+                reason,
+            })?;
             if settings.offline {
                 let why = "HF_HUB_OFFLINE is set; unset it to download".to_string();
                 return fetch_from_cache(repo_id, revision, variant, settings, why);

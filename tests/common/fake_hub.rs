@@ -5,8 +5,10 @@
 //! - `GET|HEAD /{owner}/{name}/resolve/{rev}/{path}` with `Range: bytes=0-0` (metadata) or
 //!   `bytes=N-` (download): small files answer 206 with `ETag`, `X-Repo-Commit` and
 //!   `Content-Range`; large-file-storage files (`.safetensors`, `.bin`) answer 302 to
-//!   `/cdn/{sha}` with `X-Linked-Etag` and `X-Repo-Commit`, as the Hub redirects to its CDN.
-//! - `GET /cdn/{etag}` with Range support.
+//!   `{cdn}/cdn/{etag}` with `X-Linked-Etag`, `X-Linked-Size` and `X-Repo-Commit`, as the Hub
+//!   redirects to its CDN.
+//! - The CDN is a second server (another origin, as on the real Hub, so clients must not expect
+//!   Hub headers there): `GET /cdn/{etag}` with Range support.
 //!
 //! Private repos answer 401 unless `Authorization: Bearer <token>` matches. Every request is
 //! logged so tests can check what was (not) downloaded.
@@ -33,8 +35,8 @@ pub struct FakeRepo {
 
 /// A running fake Hub; stops when dropped.
 pub struct FakeHub {
-    server: Arc<Server>,
-    thread: Option<JoinHandle<()>>,
+    servers: Vec<Arc<Server>>,
+    threads: Vec<JoinHandle<()>>,
     /// `http://127.0.0.1:PORT`.
     pub endpoint: String,
     log: Arc<Mutex<Vec<String>>>,
@@ -118,38 +120,52 @@ fn error(status: u16, code: &str, message: &str) -> Response<std::io::Cursor<Vec
 }
 
 impl FakeHub {
-    /// Starts serving `repos` on a free port.
+    /// Starts serving `repos` on a free port (and the CDN on another).
     pub fn start(repos: Vec<FakeRepo>) -> FakeHub {
-        let server = Arc::new(Server::http("127.0.0.1:0").expect("bind 127.0.0.1"));
-        let port = server.server_addr().to_ip().expect("an IP listener").port();
-        let endpoint = format!("http://127.0.0.1:{port}");
+        let bind = || Arc::new(Server::http("127.0.0.1:0").expect("bind 127.0.0.1"));
+        let address = |server: &Server| {
+            let port = server.server_addr().to_ip().expect("an IP listener").port();
+            format!("http://127.0.0.1:{port}")
+        };
+        let (hub, cdn) = (bind(), bind());
+        let endpoint = address(&hub);
+        let cdn_endpoint = address(&cdn);
         let log = Arc::new(Mutex::new(Vec::new()));
-        let thread = {
-            let server = Arc::clone(&server);
+        let repos = Arc::new(repos);
+        let mut threads = Vec::new();
+        for (server, is_cdn) in [(Arc::clone(&hub), false), (Arc::clone(&cdn), true)] {
             let log = Arc::clone(&log);
-            let endpoint = endpoint.clone();
-            std::thread::spawn(move || {
+            let repos = Arc::clone(&repos);
+            let cdn_endpoint = cdn_endpoint.clone();
+            threads.push(std::thread::spawn(move || {
                 // `recv` fails once `unblock` is called on drop.
                 while let Ok(request) = server.recv() {
-                    log.lock().expect("log lock").push(format!(
-                        "{} {}",
-                        request.method(),
-                        request.url()
-                    ));
-                    let response = answer(&repos, &endpoint, &request);
+                    // CDN entries carry the Range asked for: "CDN GET /cdn/x bytes=0-".
+                    let entry = if is_cdn {
+                        let range = request_header(&request, "Range").unwrap_or("-");
+                        format!("CDN {} {} {range}", request.method(), request.url())
+                    } else {
+                        format!("{} {}", request.method(), request.url())
+                    };
+                    log.lock().expect("log lock").push(entry);
+                    let response = if is_cdn {
+                        answer_cdn(&repos, &request)
+                    } else {
+                        answer(&repos, &cdn_endpoint, &request)
+                    };
                     let _ = request.respond(response);
                 }
-            })
-        };
+            }));
+        }
         FakeHub {
-            server,
-            thread: Some(thread),
+            servers: vec![hub, cdn],
+            threads,
             endpoint,
             log,
         }
     }
 
-    /// Every request so far, as `"GET /path"`.
+    /// Every request so far, as `"GET /path"` (`"CDN GET /cdn/etag bytes=N-"` for the CDN).
     pub fn requests(&self) -> Vec<String> {
         self.log.lock().expect("log lock").clone()
     }
@@ -159,8 +175,7 @@ impl FakeHub {
         self.log.lock().expect("log lock").clear();
     }
 
-    /// The repo-relative files whose content was downloaded (the CDN for large files, ranged
-    /// GETs past byte 0 for small ones are both counted through their resolve request).
+    /// The repo-relative files asked for through `/resolve/` (metadata or content), in order.
     pub fn resolved_files(&self) -> Vec<String> {
         self.requests()
             .iter()
@@ -175,18 +190,35 @@ impl FakeHub {
 
 impl Drop for FakeHub {
     fn drop(&mut self) {
-        self.server.unblock();
-        if let Some(thread) = self.thread.take() {
+        for server in &self.servers {
+            server.unblock();
+        }
+        for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
     }
 }
 
-fn answer(
-    repos: &[FakeRepo],
-    endpoint: &str,
-    request: &Request,
-) -> Response<std::io::Cursor<Vec<u8>>> {
+/// The CDN: blobs by etag, no Hub headers.
+fn answer_cdn(repos: &[FakeRepo], request: &Request) -> Response<std::io::Cursor<Vec<u8>>> {
+    let url = request.url().split('?').next().unwrap_or("");
+    let blob = url.strip_prefix("/cdn/").and_then(|etag| {
+        repos
+            .iter()
+            .flat_map(|r| r.files.values())
+            .find(|content| content_etag(content) == etag)
+    });
+    match blob {
+        Some(content) if matches!(request.method(), Method::Get | Method::Head) => {
+            ranged(request, content, Vec::new())
+        }
+        Some(_) => error(405, "", "method not allowed"),
+        None => error(404, "", "no such blob"),
+    }
+}
+
+/// The Hub: repo listings and `/resolve/`; large files redirect to `cdn`.
+fn answer(repos: &[FakeRepo], cdn: &str, request: &Request) -> Response<std::io::Cursor<Vec<u8>>> {
     if !matches!(request.method(), Method::Get | Method::Head) {
         return error(405, "", "method not allowed");
     }
@@ -195,17 +227,6 @@ fn answer(
         None => true,
         Some(token) => request_header(request, "Authorization") == Some(&format!("Bearer {token}")),
     };
-
-    if let Some(etag) = url.strip_prefix("/cdn/") {
-        let blob = repos
-            .iter()
-            .flat_map(|r| r.files.values())
-            .find(|content| content_etag(content) == etag);
-        return match blob {
-            Some(content) => ranged(request, content, Vec::new()),
-            None => error(404, "", "no such blob"),
-        };
-    }
 
     if let Some(rest) = url.strip_prefix("/api/models/") {
         // owner/name/revision/rev (a branch name may be %2F-escaped)
@@ -259,7 +280,7 @@ fn answer(
     if is_lfs(path) {
         Response::from_data(Vec::new())
             .with_status_code(StatusCode(302))
-            .with_header(header("Location", &format!("{endpoint}/cdn/{etag}")))
+            .with_header(header("Location", &format!("{cdn}/cdn/{etag}")))
             .with_header(header("X-Repo-Commit", &repo.sha))
             .with_header(header("X-Linked-Etag", &format!("\"{etag}\"")))
             .with_header(header("X-Linked-Size", &content.len().to_string()))
