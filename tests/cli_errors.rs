@@ -351,3 +351,15 @@ fn crc32(bytes: &[u8]) -> u32 {
     }
     !crc
 }
+
+#[test]
+fn bf16_on_the_cpu_is_refused_before_loading() {
+    let case = Case::new();
+    let line = case.fails(
+        &sd1(),
+        &case.input(),
+        &["--device", "cpu", "--dtype", "bf16"],
+    );
+    assert!(line.contains("bf16"), "{line}");
+    assert!(line.contains("--dtype f32"), "{line}");
+}

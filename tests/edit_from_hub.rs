@@ -19,7 +19,11 @@ fn repo_files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
             if path.is_dir() {
                 walk(root, &path, files);
             } else {
-                let relative = path.strip_prefix(root).unwrap().to_string_lossy().replace('\\', "/");
+                let relative = path
+                    .strip_prefix(root)
+                    .unwrap()
+                    .to_string_lossy()
+                    .replace('\\', "/");
                 files.insert(relative, std::fs::read(&path).unwrap());
             }
         }
@@ -65,7 +69,9 @@ fn download_then_offline_gives_diffusers_pixels() {
     let hf_home = work.path().join("hf");
     let case_dir = fixtures().join("edits").join("sd1-plain");
     let case_dir = case_dir.display().to_string();
-    let expected = image::open(fixtures().join("edits/sd1-plain/expected.png")).unwrap().to_rgb8();
+    let expected = image::open(fixtures().join("edits/sd1-plain/expected.png"))
+        .unwrap()
+        .to_rgb8();
 
     // Online: downloads into HF_HOME/hub in huggingface_hub's layout.
     let online = work.path().join("online.png").display().to_string();
@@ -75,27 +81,55 @@ fn download_then_offline_gives_diffusers_pixels() {
         .args(edit_args(&case_dir, &online, &[]))
         .output()
         .unwrap();
-    assert!(result.status.success(), "online edit failed: {}", stderr(&result));
-    let repo_cache = hf_home.join("hub").join("models--tiny-org--instruct-pix2pix-tiny");
-    assert!(repo_cache.join("refs").join("main").is_file(), "no refs/main in the cache");
+    assert!(
+        result.status.success(),
+        "online edit failed: {}",
+        stderr(&result)
+    );
+    let repo_cache = hf_home
+        .join("hub")
+        .join("models--tiny-org--instruct-pix2pix-tiny");
+    assert!(
+        repo_cache.join("refs").join("main").is_file(),
+        "no refs/main in the cache"
+    );
     assert!(repo_cache.join("blobs").is_dir(), "no blobs/ in the cache");
     let fetched = hub.resolved_files();
-    assert!(fetched.iter().any(|f| f == "unet/diffusion_pytorch_model.safetensors"), "{fetched:?}");
+    assert!(
+        fetched
+            .iter()
+            .any(|f| f == "unet/diffusion_pytorch_model.safetensors"),
+        "{fetched:?}"
+    );
     assert!(
         !fetched.iter().any(|f| f.contains(".fp16.")),
         "the default run must not download fp16 weights: {fetched:?}"
     );
     let ours = image::open(&online).unwrap().to_rgb8();
     let (max, mean) = pixel_difference(&ours, &expected);
-    assert!(max <= 3 && mean <= 0.3, "online result differs from diffusers: max {max}, mean {mean}");
+    assert!(
+        max <= 3 && mean <= 0.3,
+        "online result differs from diffusers: max {max}, mean {mean}"
+    );
 
     // Offline, with the server gone: the same model from the cache, the same pixels.
     drop(hub);
     let offline = work.path().join("offline.png").display().to_string();
-    let result = program(&hf_home).args(edit_args(&case_dir, &offline, &[])).output().unwrap();
-    assert!(result.status.success(), "offline edit failed: {}", stderr(&result));
+    let result = program(&hf_home)
+        .args(edit_args(&case_dir, &offline, &[]))
+        .output()
+        .unwrap();
+    assert!(
+        result.status.success(),
+        "offline edit failed: {}",
+        stderr(&result)
+    );
     let again = image::open(&offline).unwrap().to_rgb8();
-    assert_eq!(pixel_difference(&again, &ours).0, 0, "offline result differs from the online one");
+    assert_eq!(
+        pixel_difference(&again, &ours).0,
+        0,
+        "offline result differs from the online one"
+    );
 }
 
 #[test]
@@ -107,25 +141,49 @@ fn dtype_f16_fetches_the_fp16_variant() {
         token: None,
     }]);
     let work = tempfile::tempdir().unwrap();
-    let case_dir = fixtures().join("edits").join("sd1-plain").display().to_string();
+    let case_dir = fixtures()
+        .join("edits")
+        .join("sd1-plain")
+        .display()
+        .to_string();
     let output = work.path().join("half.png").display().to_string();
     let result = program(&work.path().join("hf"))
         .env("HF_HUB_OFFLINE", "0")
         .env("HF_ENDPOINT", &hub.endpoint)
-        .args(edit_args(&case_dir, &output, &["--dtype", "f16", "--device", "cpu"]))
+        .args(edit_args(
+            &case_dir,
+            &output,
+            &["--dtype", "f16", "--device", "cpu"],
+        ))
         .output()
         .unwrap();
-    assert!(result.status.success(), "f16 edit failed: {}", stderr(&result));
+    assert!(
+        result.status.success(),
+        "f16 edit failed: {}",
+        stderr(&result)
+    );
     let fetched = hub.resolved_files();
-    for component in ["unet/diffusion_pytorch_model", "vae/diffusion_pytorch_model", "text_encoder/model"] {
+    for component in [
+        "unet/diffusion_pytorch_model",
+        "vae/diffusion_pytorch_model",
+        "text_encoder/model",
+    ] {
         let half = format!("{component}.fp16.safetensors");
         let full = format!("{component}.safetensors");
         assert!(fetched.contains(&half), "{half} not fetched: {fetched:?}");
-        assert!(!fetched.contains(&full), "{full} fetched although f16 was asked for");
+        assert!(
+            !fetched.contains(&full),
+            "{full} fetched although f16 was asked for"
+        );
     }
     // Half precision stays close to diffusers' float32 result.
     let ours = image::open(&output).unwrap().to_rgb8();
-    let expected = image::open(fixtures().join("edits/sd1-plain/expected.png")).unwrap().to_rgb8();
+    let expected = image::open(fixtures().join("edits/sd1-plain/expected.png"))
+        .unwrap()
+        .to_rgb8();
     let (max, mean) = pixel_difference(&ours, &expected);
-    assert!(max <= 40 && mean <= 3.0, "f16 result too far from float32: max {max}, mean {mean}");
+    assert!(
+        max <= 40 && mean <= 3.0,
+        "f16 result too far from float32: max {max}, mean {mean}"
+    );
 }

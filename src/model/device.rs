@@ -22,6 +22,16 @@ pub enum DeviceError {
         /// What was given.
         text: String,
     },
+    /// The dtype cannot run on the device at all.
+    #[error("{dtype} is not supported on {device}: {reason}")]
+    UnsupportedDType {
+        /// The dtype asked for.
+        dtype: &'static str,
+        /// The device, as the user would write it.
+        device: &'static str,
+        /// What to do instead.
+        reason: &'static str,
+    },
     /// The binary was built without the backend asked for.
     #[error("this build has no {backend} support: rebuild with --features {feature}")]
     NotBuilt {
@@ -151,11 +161,18 @@ impl DTypeChoice {
     }
 
     /// Whether this dtype suits `device`: `Ok(None)` when it does, `Ok(Some(warning))` when it
-    /// works but badly. float16 on the CPU runs its matrix products through a slow path (several
+    /// works but badly, an error when it cannot run there (bf16 on the CPU). float16 on the CPU runs its matrix products through a slow path (several
     /// times slower than float32), so it is allowed with a warning rather than refused: the
     /// results are still right.
     pub fn check_on(self, device: &Device) -> Result<Option<String>, DeviceError> {
         Ok(match (self, device) {
+            (DTypeChoice::Bf16, Device::Cpu) => {
+                return Err(DeviceError::UnsupportedDType {
+                    dtype: "bf16",
+                    device: "the CPU",
+                    reason: "candle 0.11's CPU matrix multiply has no bfloat16 kernel; use --dtype f32",
+                });
+            }
             (DTypeChoice::F16, Device::Cpu) => Some(
                 "float16 on the CPU is several times slower than float32; \
                  use bf16 (or f32) for speed"
