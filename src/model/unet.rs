@@ -15,7 +15,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use candle_core::{D, DType, Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2d, GroupNorm, VarBuilder};
 use serde::Deserialize;
 
@@ -857,33 +857,45 @@ impl Attention {
     }
 }
 
-/// diffusers' `FeedForward` with its default GEGLU activation: `net.0.proj`, `net.2`.
+/// diffusers' `FeedForward` with its default GEGLU activation: `net.0.proj` (dim → 2·inner, the
+/// value half then the gate half), `value · gelu(gate)`, then `net.2` (inner → dim).
 #[derive(Debug, Clone)]
 pub struct FeedForward {
-    /// `net.0.proj`: dim → 2·inner (value and gate halves).
-    pub proj_in: Linear,
+    /// Rows `0..inner` of `net.0.proj` (a view of the loaded weight, so its gradient reaches it).
+    pub value_proj: Linear,
+    /// Rows `inner..2·inner` of `net.0.proj`.
+    pub gate_proj: Linear,
     /// `net.2`: inner → dim.
     pub proj_out: Linear,
-    inner_dim: usize,
 }
 
 impl FeedForward {
     fn load(vb: VarBuilder, dim: usize) -> Result<Self> {
         let inner_dim = dim * 4;
+        // Two products on the halves of the weight give contiguous value and gate tensors,
+        // where slicing one product's output would make the activation and product strided.
+        let proj = Linear::load(vb.pp("net").pp("0").pp("proj"), dim, inner_dim * 2, true)?;
+        let half = |start: usize| -> Result<Linear> {
+            Ok(Linear {
+                weight: proj.weight.narrow(0, start, inner_dim)?,
+                bias: match &proj.bias {
+                    Some(bias) => Some(bias.narrow(0, start, inner_dim)?),
+                    None => None,
+                },
+            })
+        };
         Ok(Self {
-            proj_in: Linear::load(vb.pp("net").pp("0").pp("proj"), dim, inner_dim * 2, true)?,
+            value_proj: half(0)?,
+            gate_proj: half(inner_dim)?,
             proj_out: Linear::load(vb.pp("net").pp("2"), inner_dim, dim, true)?,
-            inner_dim,
         })
     }
 
     /// `x` [B, N, dim].
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let projected = self.proj_in.forward(x)?;
-        let value = projected.narrow(D::Minus1, 0, self.inner_dim)?;
-        let gate = projected.narrow(D::Minus1, self.inner_dim, self.inner_dim)?;
-        let h = (value * nn::gelu(&gate)?)?;
-        self.proj_out.forward(&h)
+        let value = self.value_proj.forward(x)?;
+        let gate = nn::gelu(&self.gate_proj.forward(x)?)?;
+        self.proj_out.forward(&(value * gate)?)
     }
 }
 
@@ -1555,7 +1567,10 @@ impl UNet2DConditionModel {
         let dtype = sample.dtype();
 
         // 1. Time: the sinusoidal embedding in f32, then cast, as diffusers does.
-        let timesteps = timesteps.to_dtype(DType::F32)?.flatten_all()?;
+        let timesteps = timesteps
+            .to_device(sample.device())?
+            .to_dtype(DType::F32)?
+            .flatten_all()?;
         let timesteps = match timesteps.dim(0)? {
             1 => timesteps.broadcast_as(batch)?,
             n if n == batch => timesteps,
