@@ -294,24 +294,24 @@ const CROSS_ATTN_MID: &str = "UNetMidBlock2DCrossAttn";
 /// Why a UNet config cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum UNetConfigError {
-    #[error("cannot read UNet config {path}: {source}")]
     /// The file could not be read.
+    #[error("cannot read UNet config {path}: {source}")]
     Read {
         /// The config file.
         path: PathBuf,
         /// The I/O error.
         source: std::io::Error,
     },
-    #[error("UNet config {path} is not a valid UNet2DConditionModel config: {source}")]
     /// The file is not JSON of the expected shape.
+    #[error("UNet config {path} is not a valid UNet2DConditionModel config: {source}")]
     Parse {
         /// The config file.
         path: PathBuf,
         /// The JSON error.
         source: serde_json::Error,
     },
-    #[error("UNet config field `{field}` = {value} is not supported: {reason}")]
     /// A feature this module does not implement.
+    #[error("UNet config field `{field}` = {value} is not supported: {reason}")]
     Unsupported {
         /// The config field.
         field: &'static str,
@@ -320,16 +320,16 @@ pub enum UNetConfigError {
         /// What is not implemented.
         reason: &'static str,
     },
-    #[error("UNet config field `{field}` {message}")]
     /// A value that cannot describe a UNet.
+    #[error("UNet config field `{field}` {message}")]
     Invalid {
         /// The config field.
         field: &'static str,
         /// What is wrong with it.
         message: String,
     },
-    #[error("UNet config {path}: {source}")]
     /// A problem found in a config file.
+    #[error("UNet config {path}: {source}")]
     InFile {
         /// The config file.
         path: PathBuf,
