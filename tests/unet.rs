@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
@@ -340,4 +341,77 @@ fn every_weight_gets_a_gradient_in_the_other_shapes() {
     backward_reaches_every_weight("sd2", "batch1_odd");
     // Stride-2 convolutions of 7×6 and explicitly padded inputs, only_cross_attention.
     backward_reaches_every_weight("variants", "batch2_odd");
+}
+
+/// A weight source that hands out zero tensors (broadcast, no memory) of whatever shape is asked
+/// and records every request in `requested`.
+struct RecordingBackend {
+    requested: Arc<Mutex<HashMap<String, Vec<usize>>>>,
+}
+
+impl candle_nn::var_builder::SimpleBackend for RecordingBackend {
+    fn get(
+        &self,
+        shape: candle_core::Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let previous = self
+            .requested
+            .lock()
+            .unwrap()
+            .insert(name.to_string(), shape.dims().to_vec());
+        assert!(previous.is_none(), "{name} requested twice");
+        Tensor::zeros((), dtype, device)?.broadcast_as(shape)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("{name}: unchecked access is not expected")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
+
+#[test]
+fn full_size_models_read_exactly_diffusers_weights() {
+    // timbrooks/instruct-pix2pix (SD 1.5, 8 input channels) and SD 2.1: every weight name and
+    // shape of diffusers' state dict, none more, none fewer.
+    for name in ["ip2p_sd15", "sd21"] {
+        let dir = fixture("full_size").join(name);
+        let config = UNetConfig::from_file(&dir.join("config.json")).unwrap();
+        let shapes = std::fs::read_to_string(dir.join("weight_shapes.json")).unwrap();
+        let expected: HashMap<String, Vec<usize>> = serde_json::from_str(&shapes).unwrap();
+        let requested = Arc::new(Mutex::new(HashMap::new()));
+        let backend = RecordingBackend {
+            requested: requested.clone(),
+        };
+        let vb = VarBuilder::from_backend(Box::new(backend), DType::F32, Device::Cpu);
+        UNet2DConditionModel::load(vb, &config).unwrap();
+        let requested = requested.lock().unwrap().clone();
+        let mut missing: Vec<_> = expected
+            .keys()
+            .filter(|k| !requested.contains_key(*k))
+            .collect();
+        let mut extra: Vec<_> = requested
+            .keys()
+            .filter(|k| !expected.contains_key(*k))
+            .collect();
+        missing.sort();
+        extra.sort();
+        assert!(
+            missing.is_empty() && extra.is_empty(),
+            "{name}: not read {missing:?}, unknown {extra:?}"
+        );
+        for (weight, shape) in &expected {
+            assert_eq!(&requested[weight], shape, "{name}: shape of {weight}");
+        }
+        println!(
+            "{name}: {} weights read with diffusers' shapes",
+            expected.len()
+        );
+    }
 }
