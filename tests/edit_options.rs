@@ -6,11 +6,25 @@ mod common;
 use common::{files_in, fixture_pipeline, fixtures, pixel_difference, run, stderr};
 
 fn sd1_plain(file: &str) -> String {
-    fixtures().join("edits").join("sd1-plain").join(file).display().to_string()
+    fixtures()
+        .join("edits")
+        .join("sd1-plain")
+        .join(file)
+        .display()
+        .to_string()
 }
 
 fn edit(work: &std::path::Path, model: &str, extra: &[&str]) -> std::process::Output {
-    let mut args = vec!["edit", "--model", model, "--image", &sd1_plain_input(), "--prompt", "make it snowy"];
+    let input = sd1_plain_input();
+    let mut args = vec![
+        "edit",
+        "--model",
+        model,
+        "--image",
+        &input,
+        "--prompt",
+        "make it snowy",
+    ];
     args.extend_from_slice(extra);
     run(&work.join("hf"), &args)
 }
@@ -21,8 +35,16 @@ fn sd1_plain_input() -> String {
 
 fn seed_from_stdout(stdout: &[u8]) -> u64 {
     let text = String::from_utf8_lossy(stdout);
-    let after = text.split("seed ").nth(1).unwrap_or_else(|| panic!("no seed printed: {text}"));
-    after.split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap()
+    let after = text
+        .split("seed ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no seed printed: {text}"));
+    after
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 /// timbrooks' Euler-ancestral config converted with `--scheduler euler` is the Euler config the
@@ -36,7 +58,17 @@ fn scheduler_override_converts_like_from_config() {
     let result = edit(
         work.path(),
         &model,
-        &["--scheduler", "euler", "--latents", &latents, "--steps", "10", "--output", &output, "--quiet"],
+        &[
+            "--scheduler",
+            "euler",
+            "--latents",
+            &latents,
+            "--steps",
+            "10",
+            "--output",
+            &output,
+            "--quiet",
+        ],
     );
     assert!(result.status.success(), "{}", stderr(&result));
     let ours = image::open(&output).unwrap().to_rgb8();
@@ -51,11 +83,25 @@ fn every_scheduler_runs() {
     let model = fixture_pipeline("sd1-tiny").display().to_string();
     let mut images = Vec::new();
     for name in ["euler-ancestral", "euler", "ddim", "ddpm", "dpm++2m"] {
-        let output = work.path().join(format!("{name}.png")).display().to_string();
+        let output = work
+            .path()
+            .join(format!("{name}.png"))
+            .display()
+            .to_string();
         let result = edit(
             work.path(),
             &model,
-            &["--scheduler", name, "--seed", "7", "--steps", "4", "--output", &output, "--quiet"],
+            &[
+                "--scheduler",
+                name,
+                "--seed",
+                "7",
+                "--steps",
+                "4",
+                "--output",
+                &output,
+                "--quiet",
+            ],
         );
         assert!(result.status.success(), "{name}: {}", stderr(&result));
         images.push(image::open(&output).unwrap().to_rgb8());
@@ -64,7 +110,11 @@ fn every_scheduler_runs() {
     for pair in images.windows(2) {
         assert!(pixel_difference(&pair[0], &pair[1]).0 > 0);
     }
-    let result = edit(work.path(), &model, &["--scheduler", "lms", "--output", "x.png"]);
+    let result = edit(
+        work.path(),
+        &model,
+        &["--scheduler", "lms", "--output", "x.png"],
+    );
     assert!(!result.status.success());
     assert!(stderr(&result).contains("lms"), "{}", stderr(&result));
 }
@@ -74,14 +124,31 @@ fn random_seed_is_printed_and_reproduces() {
     let work = tempfile::tempdir().unwrap();
     let model = fixture_pipeline("sd1-tiny-ancestral").display().to_string();
     let first = work.path().join("first.png").display().to_string();
-    let result = edit(work.path(), &model, &["--steps", "3", "--output", &first, "--quiet"]);
+    let result = edit(
+        work.path(),
+        &model,
+        &["--steps", "3", "--output", &first, "--quiet"],
+    );
     assert!(result.status.success(), "{}", stderr(&result));
     let seed = seed_from_stdout(&result.stdout).to_string();
     let again = work.path().join("again.png").display().to_string();
-    let result = edit(work.path(), &model, &["--steps", "3", "--seed", &seed, "--output", &again, "--quiet"]);
+    let result = edit(
+        work.path(),
+        &model,
+        &[
+            "--steps", "3", "--seed", &seed, "--output", &again, "--quiet",
+        ],
+    );
     assert!(result.status.success(), "{}", stderr(&result));
-    let (a, b) = (image::open(&first).unwrap().to_rgb8(), image::open(&again).unwrap().to_rgb8());
-    assert_eq!(pixel_difference(&a, &b).0, 0, "seed {seed} did not reproduce the image");
+    let (a, b) = (
+        image::open(&first).unwrap().to_rgb8(),
+        image::open(&again).unwrap().to_rgb8(),
+    );
+    assert_eq!(
+        pixel_difference(&a, &b).0,
+        0,
+        "seed {seed} did not reproduce the image"
+    );
 }
 
 #[test]
@@ -94,34 +161,73 @@ fn num_images_are_numbered_with_consecutive_seeds() {
     let result = edit(
         work.path(),
         &model,
-        &["--steps", "3", "--seed", "41", "--num-images", "2", "--output", &output, "--quiet"],
+        &[
+            "--steps",
+            "3",
+            "--seed",
+            "41",
+            "--num-images",
+            "2",
+            "--output",
+            &output,
+            "--quiet",
+        ],
     );
     assert!(result.status.success(), "{}", stderr(&result));
     assert_eq!(files_in(&out_dir), ["v-1.png", "v-2.png"]);
     let single = work.path().join("single.png").display().to_string();
-    let result = edit(work.path(), &model, &["--steps", "3", "--seed", "42", "--output", &single, "--quiet"]);
+    let result = edit(
+        work.path(),
+        &model,
+        &[
+            "--steps", "3", "--seed", "42", "--output", &single, "--quiet",
+        ],
+    );
     assert!(result.status.success(), "{}", stderr(&result));
     let second = image::open(out_dir.join("v-2.png")).unwrap().to_rgb8();
     let first = image::open(out_dir.join("v-1.png")).unwrap().to_rgb8();
-    assert_eq!(pixel_difference(&second, &image::open(&single).unwrap().to_rgb8()).0, 0);
-    assert!(pixel_difference(&first, &second).0 > 0, "variations are identical");
+    assert_eq!(
+        pixel_difference(&second, &image::open(&single).unwrap().to_rgb8()).0,
+        0
+    );
+    assert!(
+        pixel_difference(&first, &second).0 > 0,
+        "variations are identical"
+    );
 }
 
 #[test]
 fn jpeg_and_webp_outputs() {
     let work = tempfile::tempdir().unwrap();
     let model = fixture_pipeline("sd1-tiny").display().to_string();
-    for (name, format) in [("out.jpg", image::ImageFormat::Jpeg), ("out.webp", image::ImageFormat::WebP)] {
+    for (name, format) in [
+        ("out.jpg", image::ImageFormat::Jpeg),
+        ("out.webp", image::ImageFormat::WebP),
+    ] {
         let output = work.path().join(name);
         let result = edit(
             work.path(),
             &model,
-            &["--steps", "2", "--seed", "1", "--output", &output.display().to_string(), "--quiet"],
+            &[
+                "--steps",
+                "2",
+                "--seed",
+                "1",
+                "--output",
+                &output.display().to_string(),
+                "--quiet",
+            ],
         );
         assert!(result.status.success(), "{name}: {}", stderr(&result));
         let bytes = std::fs::read(&output).unwrap();
         assert_eq!(image::guess_format(&bytes).unwrap(), format, "{name}");
-        assert_eq!(image::load_from_memory(&bytes).unwrap().to_rgb8().dimensions(), (64, 64));
+        assert_eq!(
+            image::load_from_memory(&bytes)
+                .unwrap()
+                .to_rgb8()
+                .dimensions(),
+            (64, 64)
+        );
     }
 }
 
@@ -131,13 +237,31 @@ fn resolution_caps_the_long_side() {
     let work = tempfile::tempdir().unwrap();
     let model = fixture_pipeline("sd1-tiny").display().to_string();
     // The sd1-exif-resize input is 64×48 once its EXIF orientation is applied.
-    let input = fixtures().join("edits/sd1-exif-resize/input.png").display().to_string();
+    let input = fixtures()
+        .join("edits/sd1-exif-resize/input.png")
+        .display()
+        .to_string();
     let output = work.path().join("small.png");
     let args = [
-        "edit", "--model", &model, "--image", &input, "--prompt", "x", "--steps", "1", "--resolution", "40",
-        "--output", &output.display().to_string(), "--quiet",
+        "edit",
+        "--model",
+        &model,
+        "--image",
+        &input,
+        "--prompt",
+        "x",
+        "--steps",
+        "1",
+        "--resolution",
+        "40",
+        "--output",
+        &output.display().to_string(),
+        "--quiet",
     ];
     let result = run(&work.path().join("hf"), &args);
     assert!(result.status.success(), "{}", stderr(&result));
-    assert_eq!(image::open(&output).unwrap().to_rgb8().dimensions(), (40, 24));
+    assert_eq!(
+        image::open(&output).unwrap().to_rgb8().dimensions(),
+        (40, 24)
+    );
 }

@@ -256,9 +256,17 @@ impl EditPipeline {
         if cancel.load(Ordering::Relaxed) {
             return Err(EditError::Cancelled);
         }
-        let (prompt, image_latents) = match (&self.cached_prompt, &self.cached_image) {
-            (Some(p), Some(i)) => (p, &i.latents),
-            _ => unreachable!("both caches were just filled"),
+        let (
+            Some(prompt),
+            Some(CachedImage {
+                latents: image_latents,
+                ..
+            }),
+        ) = (&self.cached_prompt, &self.cached_image)
+        else {
+            return Err(
+                candle_core::Error::Msg("the encoders produced no conditioning".into()).into(),
+            );
         };
         let (text_embeddings, conditioning_latents) = if guided {
             let text = Tensor::cat(&[&prompt.text, &prompt.negative, &prompt.negative], 0)?;
