@@ -14,10 +14,10 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use candle_core::{D, DType, Module, Result, Tensor};
-use candle_nn::{Conv2d, GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use super::nn::{self, LayerNorm, Linear};
+use super::nn::{self, Conv2d, GroupNorm, LayerNorm, Linear};
 
 // ---------------------------------------------------------------------------------------------
 // Config
