@@ -5,7 +5,7 @@
 //! `softmax_last_dim` and `layer_norm` have no backward pass, so they are used only when the input
 //! is not part of a tracked graph, and the slower composed ops otherwise.
 //!
-//! The same rule brings in the fused CPU kernels of [`cpu`] (convolution as im2col + GEMM,
+//! The same rule brings in the fused CPU kernels of `nn/cpu.rs` (convolution as im2col + GEMM,
 //! group norm, blocked attention): inference on the CPU runs them, while anything tracked for a
 //! backward pass, or on another device, runs candle's differentiable ops.
 
