@@ -823,6 +823,24 @@ mod tests {
     }
 
     #[test]
+    fn conv_in_f16_matches_candle() {
+        let conv = conv(6, 5, 3, 1, 1, true);
+        let to_f16 = |t: &Tensor| t.to_dtype(DType::F16).expect("cast");
+        let conv16 = Conv2d::new(
+            to_f16(conv.weight()),
+            conv.bias().map(to_f16),
+            *conv.config(),
+        );
+        let x = to_f16(&values(&[2, 6, 5, 4], 9, 0.0));
+        let diff = relative_diff(
+            &cpu_conv(&conv16, &x),
+            &conv16.forward_candle(&x).expect("candle"),
+        );
+        // Half precision: both sides round products and sums to 11-bit mantissas.
+        assert!(diff <= 5e-3, "f16: relative difference {diff}");
+    }
+
+    #[test]
     fn conv_in_several_column_blocks_matches_one_block() {
         let s = ConvShape {
             batch: 2,
