@@ -4,9 +4,17 @@
 //! Everything here must stay differentiable so the same modules can train: candle-nn's fused
 //! `softmax_last_dim` and `layer_norm` have no backward pass, so they are used only when the input
 //! is not part of a tracked graph, and the slower composed ops otherwise.
+//!
+//! The same rule brings in the fused CPU kernels of `nn/cpu.rs` (convolution as im2col + GEMM,
+//! group norm, blocked attention): inference on the CPU runs them, while anything tracked for a
+//! backward pass, or on another device, runs candle's differentiable ops.
+
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{D, DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
+
+mod cpu;
 
 /// A fully connected layer, `y = x Wᵀ + b`, for inputs of any rank (the last dim is the feature).
 #[derive(Debug, Clone)]
@@ -77,17 +85,129 @@ impl Module for LayerNorm {
     }
 }
 
-/// Group normalisation (candle-nn's is composed of differentiable ops).
-pub fn group_norm(
-    vb: VarBuilder,
+/// Group normalisation over [B, C, ...] (diffusers' `nn.GroupNorm` with an affine transform).
+///
+/// candle-nn's version is composed of differentiable ops (about eight passes over the tensor,
+/// each on one thread); when no gradient is needed on the CPU, a fused multi-threaded kernel
+/// computes the same thing in two passes.
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
     groups: usize,
-    channels: usize,
     eps: f64,
-) -> Result<candle_nn::GroupNorm> {
-    candle_nn::group_norm(groups, channels, eps, vb)
+    composed: candle_nn::GroupNorm,
 }
 
-/// A 2-D convolution with bias, `padding` on every side.
+impl GroupNorm {
+    /// A group norm from its per-channel `weight` and `bias` [channels].
+    pub fn new(weight: Tensor, bias: Tensor, groups: usize, eps: f64) -> Result<Self> {
+        let channels = weight.dims1()?;
+        let composed =
+            candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?;
+        Ok(Self {
+            weight,
+            bias,
+            groups,
+            eps,
+            composed,
+        })
+    }
+
+    /// The per-channel scale [channels].
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The per-channel shift [channels].
+    pub fn bias(&self) -> &Tensor {
+        &self.bias
+    }
+
+    /// candle-nn's composed (differentiable) group norm, whatever the input: the reference the
+    /// fused kernel is tested and benchmarked against.
+    pub fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
+        self.composed.forward(x)
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if fast_path_allowed(&[x, &self.weight, &self.bias])
+            && let Some(y) = cpu::group_norm(x, &self.weight, &self.bias, self.groups, self.eps)?
+        {
+            return Ok(y);
+        }
+        self.composed.forward(x)
+    }
+}
+
+/// Loads a group norm's `weight` and `bias` [channels] (1 and 0 in a fresh `VarMap`, as torch
+/// initialises them).
+pub fn group_norm(vb: VarBuilder, groups: usize, channels: usize, eps: f64) -> Result<GroupNorm> {
+    let weight = vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.))?;
+    let bias = vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.))?;
+    GroupNorm::new(weight, bias, groups, eps)
+}
+
+/// A 2-D convolution with bias (diffusers' `nn.Conv2d`), weight [out, in, k, k].
+///
+/// When no gradient is needed on the CPU, the forward pass is an im2col into contiguous column
+/// blocks, each followed by one large multi-threaded GEMM (bias fused in), instead of candle's
+/// tiled convolution, which runs many small GEMMs. Elsewhere it is candle's (differentiable)
+/// `conv2d`.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    inner: candle_nn::Conv2d,
+}
+
+impl Conv2d {
+    /// A convolution from its weight [out, in / groups, k_h, k_w], optional bias [out] and
+    /// configuration.
+    pub fn new(weight: Tensor, bias: Option<Tensor>, config: candle_nn::Conv2dConfig) -> Self {
+        Self {
+            inner: candle_nn::Conv2d::new(weight, bias, config),
+        }
+    }
+
+    /// The kernel [out, in / groups, k_h, k_w].
+    pub fn weight(&self) -> &Tensor {
+        self.inner.weight()
+    }
+
+    /// The per-output-channel bias [out], if any.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.inner.bias()
+    }
+
+    /// Padding, stride, dilation and groups.
+    pub fn config(&self) -> &candle_nn::Conv2dConfig {
+        self.inner.config()
+    }
+
+    /// candle's convolution (differentiable) whatever the input: the reference the CPU kernel
+    /// is tested and benchmarked against.
+    pub fn forward_candle(&self, x: &Tensor) -> Result<Tensor> {
+        self.inner.forward(x)
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let weight = self.weight();
+        let allowed = match self.bias() {
+            Some(bias) => fast_path_allowed(&[x, weight, bias]),
+            None => fast_path_allowed(&[x, weight]),
+        };
+        if allowed && let Some(y) = cpu::conv2d(x, weight, self.bias(), self.config())? {
+            return Ok(y);
+        }
+        self.inner.forward(x)
+    }
+}
+
+/// Loads a 2-D convolution with bias, `padding` on every side: `weight` [out, in, k, k] and
+/// `bias` [out].
 pub fn conv2d(
     vb: VarBuilder,
     in_channels: usize,
@@ -95,13 +215,34 @@ pub fn conv2d(
     kernel: usize,
     stride: usize,
     padding: usize,
-) -> Result<candle_nn::Conv2d> {
+) -> Result<Conv2d> {
     let cfg = candle_nn::Conv2dConfig {
         padding,
         stride,
         ..Default::default()
     };
-    candle_nn::conv2d(in_channels, out_channels, kernel, cfg, vb)
+    let inner = candle_nn::conv2d(in_channels, out_channels, kernel, cfg, vb)?;
+    Ok(Conv2d { inner })
+}
+
+/// Whether the fused CPU kernels (convolution, group norm, attention) replace candle's ops
+/// where they can; on unless switched off.
+static FAST_CPU_KERNELS: AtomicBool = AtomicBool::new(true);
+
+/// Turns the fused CPU kernels on or off for the whole process, for A/B benchmarks in one
+/// process (results agree within float32 rounding either way).
+pub fn set_fast_cpu_kernels(enabled: bool) {
+    FAST_CPU_KERNELS.store(enabled, Ordering::Relaxed);
+}
+
+/// Whether the fused CPU kernels are on (see [`set_fast_cpu_kernels`]).
+pub fn fast_cpu_kernels() -> bool {
+    FAST_CPU_KERNELS.load(Ordering::Relaxed)
+}
+
+/// The fused kernels have no backward pass: they may run only when no input is tracked.
+fn fast_path_allowed(tensors: &[&Tensor]) -> bool {
+    fast_cpu_kernels() && tensors.iter().all(|t| !needs_backward(t))
 }
 
 /// Softmax over the last dimension, fused when no gradient is needed.
@@ -123,7 +264,21 @@ pub fn needs_backward(x: &Tensor) -> bool {
 /// `q` is [batch, q_len, heads·head_dim], `k` and `v` are [batch, kv_len, heads·head_dim];
 /// returns [batch, q_len, heads·head_dim]. Scores are computed in f32 for half-precision inputs,
 /// as torch's SDPA math path does.
+///
+/// On the CPU without gradient, a fused kernel computes it in blocks of query rows, never
+/// building the whole score tensor; otherwise it is [`attention_composed`].
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+    if fast_path_allowed(&[q, k, v])
+        && let Some(out) = cpu::attention(q, k, v, heads)?
+    {
+        return Ok(out);
+    }
+    attention_composed(q, k, v, heads)
+}
+
+/// [`attention`] composed of candle ops (differentiable): the heads split out, the full score
+/// tensor, its softmax, the product with the values.
+pub fn attention_composed(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
     let (batch, q_len, inner) = q.dims3()?;
     let kv_len = k.dim(1)?;
     let head_dim = inner / heads;

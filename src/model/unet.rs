@@ -16,10 +16,10 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Conv2d, GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use super::nn::{self, LayerNorm, Linear};
+use super::nn::{self, Conv2d, GroupNorm, LayerNorm, Linear};
 
 // ---------------------------------------------------------------------------------------------
 // Config
@@ -718,7 +718,7 @@ impl ResnetBlock2D {
     /// (diffusers applies it inside every resnet; the UNet does it once for all of them).
     pub fn forward(&self, x: &Tensor, temb_activated: &Tensor) -> Result<Tensor> {
         let h = self.act.apply(&self.norm1.forward(x)?)?;
-        let h = conv_forward(&self.conv1, &h)?;
+        let h = self.conv1.forward(&h)?;
         let temb = self
             .time_emb_proj
             .forward(temb_activated)?
@@ -726,9 +726,9 @@ impl ResnetBlock2D {
             .unsqueeze(3)?;
         let h = h.broadcast_add(&temb)?;
         let h = self.act.apply(&self.norm2.forward(&h)?)?;
-        let h = conv_forward(&self.conv2, &h)?;
+        let h = self.conv2.forward(&h)?;
         let shortcut = match &self.conv_shortcut {
-            Some(conv) => conv_forward(conv, x)?,
+            Some(conv) => conv.forward(x)?,
             None => x.clone(),
         };
         let out = (shortcut + h)?;
@@ -737,79 +737,6 @@ impl ResnetBlock2D {
         } else {
             out / self.output_scale_factor
         }
-    }
-}
-
-/// A stride-1 convolution with "same" padding (every convolution of the UNet but the
-/// downsamplers'). Without a gradient to track and in f32 it avoids candle's im2col, which costs
-/// about as much as the matrix product itself on the CPU: a 1×1 convolution is one matrix product
-/// over the channels, and a k×k one is k² products of each kernel tap with a shifted view of the
-/// zero-padded input, flattened so that every tap is a plain strided slice (the positions that
-/// straddle a padded border are computed and then dropped). Otherwise candle's convolution.
-fn conv_forward(conv: &Conv2d, x: &Tensor) -> Result<Tensor> {
-    let weight = conv.weight();
-    let (out_channels, in_channels, kernel, kernel_w) = weight.dims4()?;
-    let cfg = conv.config();
-    let same_padding = kernel == kernel_w
-        && kernel % 2 == 1
-        && cfg.stride == 1
-        && cfg.dilation == 1
-        && cfg.groups == 1
-        && cfg.padding == (kernel - 1) / 2;
-    if !same_padding
-        || x.dtype() != DType::F32
-        || nn::needs_backward(x)
-        || nn::needs_backward(weight)
-    {
-        return conv.forward(x);
-    }
-    let (batch, channels, height, width) = x.dims4()?;
-    if channels != in_channels {
-        candle_core::bail!("convolution expects {in_channels} input channels, got {channels}");
-    }
-    let out = if kernel == 1 {
-        let taps = weight.reshape((out_channels, in_channels))?;
-        taps.broadcast_matmul(&x.reshape((batch, channels, height * width))?)?
-            .reshape((batch, out_channels, height, width))?
-    } else {
-        let pad = (kernel - 1) / 2;
-        let (padded_h, padded_w) = (height + 2 * pad, width + 2 * pad);
-        let positions = batch * padded_h * padded_w;
-        // [C, B·Hp·Wp], with a zero tail so that the furthest tap's slice stays in bounds.
-        let tail = (kernel - 1) * padded_w + (kernel - 1);
-        let flat = x
-            .transpose(0, 1)?
-            .pad_with_zeros(3, pad, pad)?
-            .pad_with_zeros(2, pad, pad)?
-            .reshape((channels, positions))?
-            .pad_with_zeros(1, 0, tail)?;
-        let mut sum: Option<Tensor> = None;
-        for ky in 0..kernel {
-            for kx in 0..kernel {
-                let tap = weight
-                    .narrow(2, ky, 1)?
-                    .narrow(3, kx, 1)?
-                    .squeeze(3)?
-                    .squeeze(2)?;
-                let shifted = flat.narrow(1, ky * padded_w + kx, positions)?;
-                let product = tap.matmul(&shifted)?;
-                sum = Some(match sum {
-                    Some(sum) => (sum + product)?,
-                    None => product,
-                });
-            }
-        }
-        let Some(sum) = sum else {
-            candle_core::bail!("convolution with an empty kernel");
-        };
-        sum.reshape((out_channels, batch, padded_h, padded_w))?
-            .narrow(2, 0, height)?
-            .narrow(3, 0, width)?
-            .transpose(0, 1)?
-    };
-    match conv.bias() {
-        Some(bias) => out.broadcast_add(&bias.reshape((1, out_channels, 1, 1))?),
-        None => out.contiguous(),
     }
 }
 
@@ -1153,7 +1080,7 @@ impl Upsample2D {
     pub fn forward(&self, x: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
         let (_, _, height, width) = x.dims4()?;
         let (out_h, out_w) = size.unwrap_or((height * 2, width * 2));
-        conv_forward(&self.conv, &upsample_nearest(x, out_h, out_w)?)
+        self.conv.forward(&upsample_nearest(x, out_h, out_w)?)
     }
 }
 
@@ -1625,7 +1552,7 @@ impl UNet2DConditionModel {
         } else {
             sample.clone()
         };
-        let mut h = conv_forward(&self.conv_in, &sample)?;
+        let mut h = self.conv_in.forward(&sample)?;
         let mut skips = vec![h.clone()];
         for block in &self.down_blocks {
             let (out, states) = block.forward(&h, &temb_activated, encoder_hidden_states)?;
@@ -1667,7 +1594,7 @@ impl UNet2DConditionModel {
 
         // 5. Out.
         let h = self.act.apply(&self.conv_norm_out.forward(&h)?)?;
-        conv_forward(&self.conv_out, &h)
+        self.conv_out.forward(&h)
     }
 }
 

@@ -13,10 +13,10 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{D, DType, Module, Result, Tensor};
-use candle_nn::{Conv2d, GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use super::nn::{Linear, attention, conv2d, group_norm};
+use super::nn::{Conv2d, GroupNorm, Linear, attention, conv2d, group_norm};
 
 /// diffusers builds every VAE norm with this epsilon.
 const NORM_EPS: f64 = 1e-6;

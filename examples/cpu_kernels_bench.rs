@@ -1,0 +1,331 @@
+//! A/B timings of the fused CPU kernels (`model::nn`) against candle's ops, interleaved in one
+//! process so that load from other programs on the machine hits both sides alike.
+//!
+//! ```text
+//! cargo run --release --locked --example cpu_kernels_bench -- ops [REPS]
+//! cargo run --release --locked --example cpu_kernels_bench -- unet MODEL_DIR [REPS] [fast|candle]
+//! ```
+//!
+//! `ops` times single convolutions and group norms at Stable Diffusion 1.5 shapes and checks
+//! that both sides agree; `unet` times one forward of the UNet in MODEL_DIR/unet (a diffusers
+//! folder) on a batch of 3 latents of 8×32×32 (a 256×256 edit), timestep 500, a 3×77×768
+//! context. With `fast` or `candle` it runs only that side (for a profiler).
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Device, Module, Tensor};
+use instruct_pix2pix::model::nn::{self, Conv2d, GroupNorm};
+use instruct_pix2pix::model::unet::{PerBlock, UNet2DConditionModel, UNetConfig};
+use instruct_pix2pix::model::weights;
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("ops") => {
+            let reps = args.get(1).map(|r| r.parse()).transpose()?.unwrap_or(5);
+            bench_ops(reps)
+        }
+        Some("unet") => {
+            let dir = args.get(1).context("unet needs MODEL_DIR")?;
+            let reps = args.get(2).map(|r| r.parse()).transpose()?.unwrap_or(3);
+            bench_unet(Path::new(dir), reps, args.get(3).map(String::as_str))
+        }
+        _ => bail!("usage: cpu_kernels_bench ops [REPS] | unet MODEL_DIR [REPS] [fast|candle]"),
+    }
+}
+
+/// Seconds `f` takes.
+fn timed<T>(f: impl FnOnce() -> Result<T>) -> Result<(f64, T)> {
+    let start = Instant::now();
+    let value = f()?;
+    Ok((start.elapsed().as_secs_f64(), value))
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// max |a − b| / max |b|.
+fn relative_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    let scale = b.abs()?.max_all()?.to_scalar::<f32>()?;
+    Ok(diff / scale.max(f32::MIN_POSITIVE))
+}
+
+struct ConvCase {
+    name: &'static str,
+    input: (usize, usize, usize, usize),
+    out_channels: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+}
+
+fn bench_ops(reps: usize) -> Result<()> {
+    let cases = [
+        ConvCase {
+            name: "unet 320→320 3×3 @32²",
+            input: (3, 320, 32, 32),
+            out_channels: 320,
+            kernel: 3,
+            stride: 1,
+            padding: 1,
+        },
+        ConvCase {
+            name: "unet 640→640 3×3 @16²",
+            input: (3, 640, 16, 16),
+            out_channels: 640,
+            kernel: 3,
+            stride: 1,
+            padding: 1,
+        },
+        ConvCase {
+            name: "unet 1280→1280 3×3 @8²",
+            input: (3, 1280, 8, 8),
+            out_channels: 1280,
+            kernel: 3,
+            stride: 1,
+            padding: 1,
+        },
+        ConvCase {
+            name: "unet 1280→1280 3×3 @4²",
+            input: (3, 1280, 4, 4),
+            out_channels: 1280,
+            kernel: 3,
+            stride: 1,
+            padding: 1,
+        },
+        ConvCase {
+            name: "unet 640 down s2 @16²",
+            input: (3, 640, 16, 16),
+            out_channels: 640,
+            kernel: 3,
+            stride: 2,
+            padding: 1,
+        },
+        ConvCase {
+            name: "unet 960→640 1×1 @16²",
+            input: (3, 960, 16, 16),
+            out_channels: 640,
+            kernel: 1,
+            stride: 1,
+            padding: 0,
+        },
+        ConvCase {
+            name: "unet 8→320 conv_in @32²",
+            input: (3, 8, 32, 32),
+            out_channels: 320,
+            kernel: 3,
+            stride: 1,
+            padding: 1,
+        },
+        ConvCase {
+            name: "vae 128→128 3×3 @256²",
+            input: (1, 128, 256, 256),
+            out_channels: 128,
+            kernel: 3,
+            stride: 1,
+            padding: 1,
+        },
+        ConvCase {
+            name: "vae 512→512 3×3 @32²",
+            input: (1, 512, 32, 32),
+            out_channels: 512,
+            kernel: 3,
+            stride: 1,
+            padding: 1,
+        },
+    ];
+    let device = Device::Cpu;
+    // The GEMM ceiling right now (the machine is shared): candle's matmul, 2048³.
+    let a = Tensor::randn(0f32, 1.0, (2048, 2048), &device)?;
+    let gemm_times = (0..reps)
+        .map(|_| Ok(timed(|| Ok(a.matmul(&a)?))?.0))
+        .collect::<Result<Vec<_>>>()?;
+    println!(
+        "GEMM 2048³: {:.1} GFLOP/s",
+        2.0 * 2048f64.powi(3) / median(gemm_times) / 1e9
+    );
+    println!(
+        "{:<28} {:>10} {:>10} {:>9} {:>9} {:>8} {:>9}",
+        "conv", "candle ms", "fused ms", "candle GF", "fused GF", "speedup", "rel diff"
+    );
+    for case in &cases {
+        let (b, c, h, w) = case.input;
+        let x = Tensor::randn(0f32, 1.0, case.input, &device)?;
+        let weight = (Tensor::randn(
+            0f32,
+            1.0,
+            (case.out_channels, c, case.kernel, case.kernel),
+            &device,
+        )? / ((c * case.kernel * case.kernel) as f64).sqrt())?;
+        let bias = Tensor::randn(0f32, 0.1, case.out_channels, &device)?;
+        let cfg = candle_nn::Conv2dConfig {
+            padding: case.padding,
+            stride: case.stride,
+            ..Default::default()
+        };
+        let conv = Conv2d::new(weight, Some(bias), cfg);
+        let out_h = (h + 2 * case.padding - case.kernel) / case.stride + 1;
+        let out_w = (w + 2 * case.padding - case.kernel) / case.stride + 1;
+        let flop =
+            2.0 * (b * case.out_channels * out_h * out_w * c * case.kernel * case.kernel) as f64;
+        let (mut candle_times, mut fused_times) = (vec![], vec![]);
+        let mut diff = 0f32;
+        for _ in 0..reps {
+            let (t_candle, y_candle) = timed(|| Ok(conv.forward_candle(&x)?))?;
+            let (t_fused, y_fused) = timed(|| Ok(conv.forward(&x)?))?;
+            candle_times.push(t_candle);
+            fused_times.push(t_fused);
+            diff = diff.max(relative_diff(&y_fused, &y_candle)?);
+        }
+        let (tc, tf) = (median(candle_times), median(fused_times));
+        println!(
+            "{:<28} {:>10.2} {:>10.2} {:>9.1} {:>9.1} {:>7.2}× {:>9.1e}",
+            case.name,
+            tc * 1e3,
+            tf * 1e3,
+            flop / tc / 1e9,
+            flop / tf / 1e9,
+            tc / tf,
+            diff
+        );
+    }
+
+    println!();
+    println!(
+        "{:<28} {:>10} {:>10} {:>8} {:>9}",
+        "group norm (32 groups)", "candle ms", "fused ms", "speedup", "rel diff"
+    );
+    for (name, shape) in [
+        ("unet 320 @32²", (3usize, 320usize, 32usize, 32usize)),
+        ("unet 1280 @8²", (3, 1280, 8, 8)),
+        ("vae 128 @256²", (1, 128, 256, 256)),
+    ] {
+        let channels = shape.1;
+        let x = (Tensor::randn(0f32, 1.0, shape, &device)? + 0.5)?;
+        let norm = GroupNorm::new(
+            Tensor::randn(1f32, 0.1, channels, &device)?,
+            Tensor::randn(0f32, 0.1, channels, &device)?,
+            32,
+            1e-5,
+        )?;
+        let (mut candle_times, mut fused_times) = (vec![], vec![]);
+        let mut diff = 0f32;
+        for _ in 0..reps {
+            let (t_candle, y_candle) = timed(|| Ok(norm.forward_composed(&x)?))?;
+            let (t_fused, y_fused) = timed(|| Ok(norm.forward(&x)?))?;
+            candle_times.push(t_candle);
+            fused_times.push(t_fused);
+            diff = diff.max(relative_diff(&y_fused, &y_candle)?);
+        }
+        let (tc, tf) = (median(candle_times), median(fused_times));
+        println!(
+            "{:<28} {:>10.2} {:>10.2} {:>7.2}× {:>9.1e}",
+            name,
+            tc * 1e3,
+            tf * 1e3,
+            tc / tf,
+            diff
+        );
+    }
+
+    println!();
+    println!(
+        "{:<28} {:>10} {:>10} {:>8} {:>9}",
+        "attention", "candle ms", "fused ms", "speedup", "rel diff"
+    );
+    for (name, batch, q_len, kv_len, inner, heads) in [
+        (
+            "unet self 8×40 @32²",
+            3usize,
+            1024usize,
+            1024usize,
+            320usize,
+            8usize,
+        ),
+        ("unet cross 8×40 @32²", 3, 1024, 77, 320, 8),
+        ("unet self 8×160 @8²", 3, 64, 64, 1280, 8),
+        ("vae mid 1×512 @32²", 1, 1024, 1024, 512, 1),
+    ] {
+        let q = Tensor::randn(0f32, 1.0, (batch, q_len, inner), &device)?;
+        let k = Tensor::randn(0f32, 1.0, (batch, kv_len, inner), &device)?;
+        let v = Tensor::randn(0f32, 1.0, (batch, kv_len, inner), &device)?;
+        let (mut candle_times, mut fused_times) = (vec![], vec![]);
+        let mut diff = 0f32;
+        for _ in 0..reps {
+            let (t_candle, y_candle) = timed(|| Ok(nn::attention_composed(&q, &k, &v, heads)?))?;
+            let (t_fused, y_fused) = timed(|| Ok(nn::attention(&q, &k, &v, heads)?))?;
+            candle_times.push(t_candle);
+            fused_times.push(t_fused);
+            diff = diff.max(relative_diff(&y_fused, &y_candle)?);
+        }
+        let (tc, tf) = (median(candle_times), median(fused_times));
+        println!(
+            "{:<28} {:>10.2} {:>10.2} {:>7.2}× {:>9.1e}",
+            name,
+            tc * 1e3,
+            tf * 1e3,
+            tc / tf,
+            diff
+        );
+    }
+    Ok(())
+}
+
+fn bench_unet(model_dir: &Path, reps: usize, only: Option<&str>) -> Result<()> {
+    let unet_dir = model_dir.join("unet");
+    let config = UNetConfig::from_file(&unet_dir.join("config.json"))?;
+    let files = [unet_dir.join("diffusion_pytorch_model.safetensors")];
+    let device = Device::Cpu;
+    let vb = weights::var_builder(&files, DType::F32, &device)?;
+    let (load_s, unet) = timed(|| Ok(UNet2DConditionModel::load(vb, &config)?))?;
+    eprintln!("loaded the UNet in {load_s:.1} s");
+    let sample = Tensor::randn(0f32, 1.0, (3, config.in_channels, 32, 32), &device)?;
+    let timesteps = Tensor::new(&[500f32], &device)?;
+    let context_dim = match &config.cross_attention_dim {
+        PerBlock::Same(dim) => *dim,
+        PerBlock::Each(dims) => *dims.first().context("no down blocks")?,
+    };
+    let context = Tensor::randn(0f32, 1.0, (3, 77, context_dim), &device)?;
+    let sides: Vec<bool> = match only {
+        Some("fast") => vec![true],
+        Some("candle") => vec![false],
+        None => vec![false, true],
+        Some(other) => bail!("unknown side {other:?}: fast or candle"),
+    };
+    // Warm up (first-touch of the memory-mapped weights, allocator).
+    nn::set_fast_cpu_kernels(true);
+    unet.forward(&sample, &timesteps, &context)?;
+    let mut times = vec![Vec::new(); 2];
+    let mut outputs: [Option<Tensor>; 2] = [None, None];
+    for rep in 0..reps {
+        for &fast in &sides {
+            nn::set_fast_cpu_kernels(fast);
+            let (seconds, out) = timed(|| Ok(unet.forward(&sample, &timesteps, &context)?))?;
+            eprintln!(
+                "rep {rep} {}: {seconds:.3} s",
+                if fast { "fused" } else { "candle" }
+            );
+            times[usize::from(fast)].push(seconds);
+            outputs[usize::from(fast)] = Some(out);
+        }
+    }
+    for &fast in &sides {
+        let t = median(times[usize::from(fast)].clone());
+        println!(
+            "{}: median {t:.3} s per UNet forward (batch 3, 32×32 latents)",
+            if fast { "fused" } else { "candle" }
+        );
+    }
+    if let [Some(candle), Some(fused)] = &outputs {
+        println!(
+            "relative max difference fused vs candle: {:.2e}",
+            relative_diff(fused, candle)?
+        );
+    }
+    Ok(())
+}

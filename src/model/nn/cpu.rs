@@ -1,0 +1,963 @@
+//! Fused CPU kernels for inference (no backward pass): convolution as im2col + GEMM, and group
+//! normalisation. Each returns `Ok(None)` when it does not apply (another device, dtype or
+//! configuration), and the caller falls back to candle's differentiable ops.
+
+use candle_core::{DType, Device, Layout, Result, Storage, Tensor, WithDType};
+use candle_nn::Conv2dConfig;
+use gemm::Parallelism;
+use half::f16;
+use rayon::prelude::*;
+
+/// Largest im2col block, in elements (32 MiB of f32). A block holds whole output rows, so this
+/// bounds memory on large images (the VAE at 512² would otherwise need a 1.2 GB column matrix)
+/// while keeping every GEMM wide enough to run near the machine's peak.
+const COL_BLOCK_ELEMENTS: usize = 8 << 20;
+
+/// The geometry of one convolution.
+#[derive(Debug, Clone, Copy)]
+struct ConvShape {
+    batch: usize,
+    in_channels: usize,
+    in_h: usize,
+    in_w: usize,
+    out_channels: usize,
+    k_h: usize,
+    k_w: usize,
+    stride: usize,
+    padding: usize,
+    out_h: usize,
+    out_w: usize,
+}
+
+impl ConvShape {
+    /// Rows of the column matrix (and columns of the flattened kernel): C_in·k_h·k_w.
+    fn patch_len(&self) -> usize {
+        self.in_channels * self.k_h * self.k_w
+    }
+
+    fn out_pixels(&self) -> usize {
+        self.out_h * self.out_w
+    }
+
+    fn is_pointwise(&self) -> bool {
+        self.k_h == 1 && self.k_w == 1 && self.stride == 1 && self.padding == 0
+    }
+}
+
+/// `x` [B, C_in, H, W] convolved with `weight` [C_out, C_in, k_h, k_w] (+ `bias` [C_out]),
+/// when the fused kernel applies (CPU, f32/f64/f16, no groups or dilation).
+pub(super) fn conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    cfg: &Conv2dConfig,
+) -> Result<Option<Tensor>> {
+    let dtype = x.dtype();
+    let same_dtype = weight.dtype() == dtype && bias.is_none_or(|b| b.dtype() == dtype);
+    let on_cpu = x.device().is_cpu() && weight.device().is_cpu();
+    if !on_cpu || !same_dtype || cfg.groups != 1 || cfg.dilation != 1 || x.rank() != 4 {
+        return Ok(None);
+    }
+    let (batch, in_channels, in_h, in_w) = x.dims4()?;
+    let (out_channels, weight_in, k_h, k_w) = weight.dims4()?;
+    let bias_ok = match bias {
+        Some(b) => b.dims() == [out_channels],
+        None => true,
+    };
+    let (padded_h, padded_w) = (in_h + 2 * cfg.padding, in_w + 2 * cfg.padding);
+    // Anything unusual (mismatched shapes, a kernel larger than the padded input) goes to
+    // candle, which reports it.
+    if weight_in != in_channels
+        || !bias_ok
+        || cfg.stride == 0
+        || padded_h < k_h
+        || padded_w < k_w
+        || batch == 0
+    {
+        return Ok(None);
+    }
+    let shape = ConvShape {
+        batch,
+        in_channels,
+        in_h,
+        in_w,
+        out_channels,
+        k_h,
+        k_w,
+        stride: cfg.stride,
+        padding: cfg.padding,
+        out_h: (padded_h - k_h) / cfg.stride + 1,
+        out_w: (padded_w - k_w) / cfg.stride + 1,
+    };
+    match dtype {
+        DType::F32 => conv2d_typed::<f32>(x, weight, bias, &shape).map(Some),
+        DType::F64 => conv2d_typed::<f64>(x, weight, bias, &shape).map(Some),
+        DType::F16 => conv2d_typed::<f16>(x, weight, bias, &shape).map(Some),
+        _ => Ok(None),
+    }
+}
+
+fn conv2d_typed<T: WithDType>(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    shape: &ConvShape,
+) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let weight = weight.contiguous()?;
+    let bias = bias.map(Tensor::contiguous).transpose()?;
+    let (x_storage, x_layout) = x.storage_and_layout();
+    let (w_storage, w_layout) = weight.storage_and_layout();
+    let x_data = contiguous_slice::<T>(&x_storage, x_layout)?;
+    let w_data = contiguous_slice::<T>(&w_storage, w_layout)?;
+    let bias_guard = bias.as_ref().map(|b| b.storage_and_layout());
+    let bias_data = match &bias_guard {
+        Some((storage, layout)) => Some(contiguous_slice::<T>(storage, layout)?),
+        None => None,
+    };
+    let out = if shape.is_pointwise() {
+        pointwise_conv(x_data, w_data, bias_data, shape)?
+    } else {
+        im2col_conv(x_data, w_data, bias_data, shape, COL_BLOCK_ELEMENTS)?
+    };
+    Tensor::from_vec(
+        out,
+        (shape.batch, shape.out_channels, shape.out_h, shape.out_w),
+        &Device::Cpu,
+    )
+}
+
+/// A 1×1 convolution with stride 1 is a matrix product per image:
+/// out[b] [C_out, H·W] = weight [C_out, C_in] · x[b] [C_in, H·W].
+fn pointwise_conv<T: WithDType>(
+    x: &[T],
+    weight: &[T],
+    bias: Option<&[T]>,
+    s: &ConvShape,
+) -> Result<Vec<T>> {
+    let pixels = s.out_pixels();
+    let mut out = vec![T::zero(); s.batch * s.out_channels * pixels];
+    for (image, dst) in x
+        .chunks_exact(s.in_channels * pixels)
+        .zip(out.chunks_exact_mut(s.out_channels * pixels))
+    {
+        if let Some(bias) = bias {
+            fill_rows_with_bias(dst, bias, pixels);
+        }
+        let product = MatProduct {
+            m: s.out_channels,
+            n: pixels,
+            k: s.in_channels,
+            dst_row_stride: pixels,
+            lhs_row_stride: s.in_channels,
+            rhs_row_stride: pixels,
+        };
+        product.run(dst, bias.is_some(), weight, image)?;
+    }
+    Ok(out)
+}
+
+/// The general case. The output of all images is computed as one matrix
+/// [C_out, B·H_out·W_out] = weight [C_out, C_in·k_h·k_w] · columns [C_in·k_h·k_w, B·H_out·W_out],
+/// the columns built (im2col) for a block of output rows at a time; then the [C_out, B] axes
+/// are swapped to give [B, C_out, H_out, W_out].
+fn im2col_conv<T: WithDType>(
+    x: &[T],
+    weight: &[T],
+    bias: Option<&[T]>,
+    s: &ConvShape,
+    col_block_elements: usize,
+) -> Result<Vec<T>> {
+    let patch_len = s.patch_len();
+    let all_pixels = s.batch * s.out_pixels();
+    let mut merged = vec![T::zero(); s.out_channels * all_pixels];
+    if let Some(bias) = bias {
+        fill_rows_with_bias(&mut merged, bias, all_pixels);
+    }
+    // Output rows of all images, numbered image by image.
+    let total_rows = s.batch * s.out_h;
+    let rows_per_block = (col_block_elements / (patch_len * s.out_w)).clamp(1, total_rows);
+    let mut columns = vec![T::zero(); patch_len * rows_per_block * s.out_w];
+    let mut first_row = 0;
+    while first_row < total_rows {
+        let rows = rows_per_block.min(total_rows - first_row);
+        let block_pixels = rows * s.out_w;
+        let block = &mut columns[..patch_len * block_pixels];
+        block
+            .par_chunks_mut(block_pixels)
+            .enumerate()
+            .for_each(|(patch_index, column_row)| {
+                fill_column_row(x, s, patch_index, first_row, column_row);
+            });
+        let product = MatProduct {
+            m: s.out_channels,
+            n: block_pixels,
+            k: patch_len,
+            dst_row_stride: all_pixels,
+            lhs_row_stride: patch_len,
+            rhs_row_stride: block_pixels,
+        };
+        product.run(
+            &mut merged[first_row * s.out_w..],
+            bias.is_some(),
+            weight,
+            block,
+        )?;
+        first_row += rows;
+    }
+    if s.batch == 1 {
+        return Ok(merged);
+    }
+    // [C_out, B, P] → [B, C_out, P], one contiguous run of P values at a time.
+    let pixels = s.out_pixels();
+    let mut out = vec![T::zero(); merged.len()];
+    out.par_chunks_mut(pixels)
+        .enumerate()
+        .for_each(|(dst_index, dst)| {
+            let (image, channel) = (dst_index / s.out_channels, dst_index % s.out_channels);
+            let start = (channel * s.batch + image) * pixels;
+            dst.copy_from_slice(&merged[start..start + pixels]);
+        });
+    Ok(out)
+}
+
+/// One row of the column matrix: input channel and kernel offset `patch_index` (in the weight's
+/// [C_in, k_h, k_w] order) for the output rows `first_row..` (numbered across images), zero
+/// where the kernel reads padding.
+fn fill_column_row<T: WithDType>(
+    x: &[T],
+    s: &ConvShape,
+    patch_index: usize,
+    first_row: usize,
+    column_row: &mut [T],
+) {
+    let channel = patch_index / (s.k_h * s.k_w);
+    let ky = (patch_index / s.k_w) % s.k_h;
+    let kx = patch_index % s.k_w;
+    // Output columns whose input column `ox·stride + kx − padding` lies inside the image.
+    let first_inside = s.padding.saturating_sub(kx).div_ceil(s.stride).min(s.out_w);
+    let end_inside = if s.in_w + s.padding > kx {
+        (s.in_w + s.padding - kx)
+            .div_ceil(s.stride)
+            .clamp(first_inside, s.out_w)
+    } else {
+        first_inside
+    };
+    for (i, dst) in column_row.chunks_exact_mut(s.out_w).enumerate() {
+        let row = first_row + i;
+        let (image, oy) = (row / s.out_h, row % s.out_h);
+        let iy = oy * s.stride + ky;
+        if iy < s.padding || iy - s.padding >= s.in_h {
+            dst.fill(T::zero());
+            continue;
+        }
+        let src_start = ((image * s.in_channels + channel) * s.in_h + iy - s.padding) * s.in_w;
+        let src = &x[src_start..src_start + s.in_w];
+        dst[..first_inside].fill(T::zero());
+        dst[end_inside..].fill(T::zero());
+        let inside = &mut dst[first_inside..end_inside];
+        if s.stride == 1 {
+            // ox ≥ first_inside ≥ padding − kx, so the subtraction cannot underflow.
+            let start = first_inside + kx - s.padding;
+            inside.copy_from_slice(&src[start..start + inside.len()]);
+        } else {
+            for (j, value) in inside.iter_mut().enumerate() {
+                *value = src[(first_inside + j) * s.stride + kx - s.padding];
+            }
+        }
+    }
+}
+
+/// Sets every row of `rows` (rows of `row_len` values) to its channel's bias.
+fn fill_rows_with_bias<T: WithDType>(rows: &mut [T], bias: &[T], row_len: usize) {
+    for (row, &b) in rows.chunks_exact_mut(row_len).zip(bias.iter().cycle()) {
+        row.fill(b);
+    }
+}
+
+/// `dst = lhs · rhs` (or `dst += lhs · rhs`), row-major matrices with unit column stride:
+/// lhs [m, k], rhs [k, n], dst [m, n], each row `*_row_stride` elements after the previous one.
+#[derive(Debug, Clone, Copy)]
+struct MatProduct {
+    m: usize,
+    n: usize,
+    k: usize,
+    dst_row_stride: usize,
+    lhs_row_stride: usize,
+    rhs_row_stride: usize,
+}
+
+impl MatProduct {
+    fn run<T: WithDType>(
+        &self,
+        dst: &mut [T],
+        accumulate: bool,
+        lhs: &[T],
+        rhs: &[T],
+    ) -> Result<()> {
+        let span = |rows: usize, stride: usize, cols: usize| match rows {
+            0 => 0,
+            rows => (rows - 1) * stride + cols,
+        };
+        if dst.len() < span(self.m, self.dst_row_stride, self.n)
+            || lhs.len() < span(self.m, self.lhs_row_stride, self.k)
+            || rhs.len() < span(self.k, self.rhs_row_stride, self.n)
+        {
+            candle_core::bail!("conv2d kernel: matrix product {self:?} out of its buffers");
+        }
+        let threads = candle_core::utils::get_num_threads();
+        let parallelism = if threads > 1 {
+            Parallelism::Rayon(threads)
+        } else {
+            Parallelism::None
+        };
+        // SAFETY: the checks above keep every element the product reads or writes inside
+        // `lhs`, `rhs` and `dst`; `dst` is borrowed mutably, so it aliases neither input. T is
+        // f32, f64 or f16 (the callers' dtype match), all of which gemm implements.
+        unsafe {
+            gemm::gemm(
+                self.m,
+                self.n,
+                self.k,
+                dst.as_mut_ptr(),
+                1,
+                self.dst_row_stride as isize,
+                accumulate,
+                lhs.as_ptr(),
+                1,
+                self.lhs_row_stride as isize,
+                rhs.as_ptr(),
+                1,
+                self.rhs_row_stride as isize,
+                T::from_f64(1.0),
+                T::from_f64(1.0),
+                false,
+                false,
+                false,
+                parallelism,
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Group normalisation of `x` [B, C, ...] in `groups` groups, then `· weight[c] + bias[c]`,
+/// when the fused kernel applies (CPU, f32).
+pub(super) fn group_norm(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    groups: usize,
+    eps: f64,
+) -> Result<Option<Tensor>> {
+    let all_f32 = [x, weight, bias].iter().all(|t| t.dtype() == DType::F32);
+    let on_cpu = [x, weight, bias].iter().all(|t| t.device().is_cpu());
+    if !all_f32 || !on_cpu || x.rank() < 3 || groups == 0 {
+        return Ok(None);
+    }
+    let dims = x.dims();
+    let channels = dims[1];
+    if !channels.is_multiple_of(groups)
+        || weight.dims() != [channels]
+        || bias.dims() != [channels]
+        || x.elem_count() == 0
+    {
+        return Ok(None);
+    }
+    let spatial: usize = dims[2..].iter().product();
+    let channels_per_group = channels / groups;
+    let group_len = channels_per_group * spatial;
+
+    let x = x.contiguous()?;
+    let (x_storage, x_layout) = x.storage_and_layout();
+    let (w_storage, w_layout) = weight.storage_and_layout();
+    let (b_storage, b_layout) = bias.storage_and_layout();
+    let x_data = contiguous_slice::<f32>(&x_storage, x_layout)?;
+    let w_data = strided_vector::<f32>(&w_storage, w_layout)?;
+    let b_data = strided_vector::<f32>(&b_storage, b_layout)?;
+
+    let mut out = vec![0f32; x_data.len()];
+    out.par_chunks_mut(group_len)
+        .zip(x_data.par_chunks(group_len))
+        .enumerate()
+        .for_each(|(index, (dst, src))| {
+            let group = index % groups;
+            let n = src.len() as f64;
+            let mean = sum_f64(src, |v| v) / n;
+            let mean_f32 = mean as f32;
+            let variance = sum_f64(src, |v| {
+                let d = v - mean_f32;
+                d * d
+            }) / n;
+            let inv_std = 1.0 / (variance + eps).sqrt();
+            for (offset, (dst, src)) in dst
+                .chunks_exact_mut(spatial)
+                .zip(src.chunks_exact(spatial))
+                .enumerate()
+            {
+                let channel = group * channels_per_group + offset;
+                let scale = (inv_std * f64::from(w_data[channel])) as f32;
+                let shift = b_data[channel];
+                for (d, &s) in dst.iter_mut().zip(src) {
+                    *d = (s - mean_f32) * scale + shift;
+                }
+            }
+        });
+    drop(x_storage);
+    Tensor::from_vec(out, dims, &Device::Cpu).map(Some)
+}
+
+/// Σ f(v) over `values`: f32 partial sums over short runs in 16 independent lanes (so they
+/// vectorise), gathered in f64, which keeps the error far below float32 rounding of the result.
+fn sum_f64(values: &[f32], f: impl Fn(f32) -> f32) -> f64 {
+    const LANES: usize = 16;
+    let mut total = 0f64;
+    for run in values.chunks(LANES * 64) {
+        let mut lanes = [0f32; LANES];
+        let mut chunks = run.chunks_exact(LANES);
+        for chunk in &mut chunks {
+            for (lane, &v) in lanes.iter_mut().zip(chunk) {
+                *lane += f(v);
+            }
+        }
+        total += lanes.iter().map(|&v| f64::from(v)).sum::<f64>();
+        total += chunks
+            .remainder()
+            .iter()
+            .map(|&v| f64::from(f(v)))
+            .sum::<f64>();
+    }
+    total
+}
+
+/// The values of a contiguous CPU tensor.
+fn contiguous_slice<'a, T: WithDType>(storage: &'a Storage, layout: &Layout) -> Result<&'a [T]> {
+    let Storage::Cpu(cpu) = storage else {
+        candle_core::bail!("fused CPU kernel given a tensor on {:?}", storage.device());
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("fused CPU kernel given a non-contiguous tensor");
+    };
+    Ok(&cpu.as_slice::<T>()?[start..end])
+}
+
+/// The values of a rank-1 CPU tensor, whatever its stride.
+fn strided_vector<T: WithDType>(storage: &Storage, layout: &Layout) -> Result<Vec<T>> {
+    let Storage::Cpu(cpu) = storage else {
+        candle_core::bail!("fused CPU kernel given a tensor on {:?}", storage.device());
+    };
+    let data = cpu.as_slice::<T>()?;
+    let (&len, &stride) = match (layout.dims(), layout.stride()) {
+        ([len], [stride]) => (len, stride),
+        _ => candle_core::bail!(
+            "fused CPU kernel expected a vector, got {:?}",
+            layout.dims()
+        ),
+    };
+    Ok((0..len)
+        .map(|i| data[layout.start_offset() + i * stride])
+        .collect())
+}
+
+/// Largest block of attention scores one task holds, in elements (512 KiB of f32: it stays in
+/// the core's L2 cache between the two products).
+const SCORE_BLOCK_ELEMENTS: usize = 128 * 1024;
+
+/// Multi-head scaled dot-product attention, `q` [B, N_q, H·D], `k` and `v` [B, N_kv, H·D] →
+/// [B, N_q, H·D], when the fused kernel applies (CPU, f32).
+///
+/// Each task takes a block of query rows of one image and, head after head, computes the block
+/// of scores (one GEMM reading q and k in place, no head split or transpose), its softmax in
+/// place, and the product with v written straight into the merged-heads output. The full
+/// [B, H, N_q, N_kv] score tensor (100 MB for a 32×32 latent) is never built.
+pub(super) fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+) -> Result<Option<Tensor>> {
+    let all_f32 = [q, k, v].iter().all(|t| t.dtype() == DType::F32);
+    let on_cpu = [q, k, v].iter().all(|t| t.device().is_cpu());
+    if !all_f32 || !on_cpu || [q, k, v].iter().any(|t| t.rank() != 3) || heads == 0 {
+        return Ok(None);
+    }
+    let (batch, q_len, inner) = q.dims3()?;
+    let (kv_batch, kv_len, kv_inner) = k.dims3()?;
+    if v.dims() != k.dims()
+        || kv_batch != batch
+        || kv_inner != inner
+        || !inner.is_multiple_of(heads)
+        || q_len == 0
+        || kv_len == 0
+        || batch == 0
+    {
+        return Ok(None);
+    }
+    let head_dim = inner / heads;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let (q_storage, q_layout) = q.storage_and_layout();
+    let (k_storage, k_layout) = k.storage_and_layout();
+    let (v_storage, v_layout) = v.storage_and_layout();
+    let q_data = contiguous_slice::<f32>(&q_storage, q_layout)?;
+    let k_data = contiguous_slice::<f32>(&k_storage, k_layout)?;
+    let v_data = contiguous_slice::<f32>(&v_storage, v_layout)?;
+
+    let block_rows = (SCORE_BLOCK_ELEMENTS / kv_len).clamp(8, 256).min(q_len);
+    let mut out = vec![0f32; batch * q_len * inner];
+    out.par_chunks_mut(q_len * inner)
+        .enumerate()
+        .try_for_each(|(image, out_image)| {
+            let q_image = &q_data[image * q_len * inner..][..q_len * inner];
+            let k_image = &k_data[image * kv_len * inner..][..kv_len * inner];
+            let v_image = &v_data[image * kv_len * inner..][..kv_len * inner];
+            out_image
+                .par_chunks_mut(block_rows * inner)
+                .enumerate()
+                .try_for_each(|(block, out_block)| {
+                    let rows = out_block.len() / inner;
+                    let q_block = &q_image[block * block_rows * inner..][..rows * inner];
+                    let mut scores = vec![0f32; rows * kv_len];
+                    for head in 0..heads {
+                        let column = head * head_dim;
+                        // scores = scale · q_h · k_hᵀ.
+                        let qk = StridedProduct {
+                            m: rows,
+                            n: kv_len,
+                            k: head_dim,
+                            dst: (kv_len, 1),
+                            lhs: (inner, 1),
+                            rhs: (1, inner),
+                            scale,
+                        };
+                        qk.run(&mut scores, &q_block[column..], &k_image[column..])?;
+                        let mut sums = Vec::with_capacity(rows);
+                        for row in scores.chunks_exact_mut(kv_len) {
+                            sums.push(exp_minus_max_in_place(row));
+                        }
+                        // out_h = exp(scores) · v_h, then each row divided by its sum.
+                        let pv = StridedProduct {
+                            m: rows,
+                            n: head_dim,
+                            k: kv_len,
+                            dst: (inner, 1),
+                            lhs: (kv_len, 1),
+                            rhs: (inner, 1),
+                            scale: 1.0,
+                        };
+                        pv.run(&mut out_block[column..], &scores, &v_image[column..])?;
+                        for (row, sum) in out_block.chunks_exact_mut(inner).zip(&sums) {
+                            for value in &mut row[column..column + head_dim] {
+                                *value /= sum;
+                            }
+                        }
+                    }
+                    Ok::<(), candle_core::Error>(())
+                })
+        })?;
+    drop((q_storage, k_storage, v_storage));
+    Tensor::from_vec(out, (batch, q_len, inner), &Device::Cpu).map(Some)
+}
+
+/// `dst = scale · lhs · rhs` on one thread (the caller runs many at once), f32 matrices given by
+/// (row stride, column stride) in elements.
+#[derive(Debug, Clone, Copy)]
+struct StridedProduct {
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: (usize, usize),
+    lhs: (usize, usize),
+    rhs: (usize, usize),
+    scale: f32,
+}
+
+impl StridedProduct {
+    fn run(&self, dst: &mut [f32], lhs: &[f32], rhs: &[f32]) -> Result<()> {
+        let last = |rows: usize, cols: usize, (rs, cs): (usize, usize)| match (rows, cols) {
+            (0, _) | (_, 0) => 0,
+            (rows, cols) => (rows - 1) * rs + (cols - 1) * cs + 1,
+        };
+        if dst.len() < last(self.m, self.n, self.dst)
+            || lhs.len() < last(self.m, self.k, self.lhs)
+            || rhs.len() < last(self.k, self.n, self.rhs)
+        {
+            candle_core::bail!("attention kernel: matrix product {self:?} out of its buffers");
+        }
+        // SAFETY: the checks above keep every element read or written inside `lhs`, `rhs` and
+        // `dst` (the furthest one being (rows − 1)·row stride + (cols − 1)·column stride);
+        // `dst` is borrowed mutably, so it aliases neither input.
+        unsafe {
+            gemm::gemm(
+                self.m,
+                self.n,
+                self.k,
+                dst.as_mut_ptr(),
+                self.dst.1 as isize,
+                self.dst.0 as isize,
+                false,
+                lhs.as_ptr(),
+                self.lhs.1 as isize,
+                self.lhs.0 as isize,
+                rhs.as_ptr(),
+                self.rhs.1 as isize,
+                self.rhs.0 as isize,
+                0.0,
+                self.scale,
+                false,
+                false,
+                false,
+                Parallelism::None,
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Replaces `row` by `exp(row − max(row))` and returns the sum of the new values: softmax
+/// before its division.
+fn exp_minus_max_in_place(row: &mut [f32]) -> f32 {
+    const LANES: usize = 16;
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane = lane.max(v);
+        }
+    }
+    let max = chunks
+        .remainder()
+        .iter()
+        .chain(&lanes)
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    exp_minus_in_place(row, max);
+    sum_f64(row, |v| v) as f32
+}
+
+/// `row[i] = exp(row[i] − max)`, in 16-wide AVX-512 vectors where the CPU has them (the build
+/// targets baseline x86-64, whose 4-wide SSE would otherwise bound this loop).
+fn exp_minus_in_place(row: &mut [f32], max: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU was just checked to have AVX-512F, the function's only requirement.
+        unsafe { exp_minus_in_place_avx512(row, max) };
+        return;
+    }
+    exp_minus_in_place_portable(row, max);
+}
+
+#[inline(always)]
+fn exp_minus_in_place_portable(row: &mut [f32], max: f32) {
+    for value in row.iter_mut() {
+        *value = exp_non_positive(*value - max);
+    }
+}
+
+/// The same loop compiled for AVX-512F (LLVM vectorises it 16 wide).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn exp_minus_in_place_avx512(row: &mut [f32], max: f32) {
+    exp_minus_in_place_portable(row, max);
+}
+
+/// e^x for x ≤ 0 (NaN stays NaN), within about one ulp: Cephes' `expf` (x = n·ln 2 + r,
+/// |r| ≤ ln 2 / 2, a degree-6 polynomial for e^r, then 2^n through the exponent bits), written
+/// without branches so that loops over it vectorise, unlike libm's `expf`.
+#[inline(always)]
+fn exp_non_positive(x: f32) -> f32 {
+    const LOG2_E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 split in two so that n·LN2_HI is exact.
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // 1.5·2²³: adding and subtracting it rounds to the nearest integer.
+    const ROUNDER: f32 = 12_582_912.0;
+    // Below this, e^x is under f32's smallest normal number.
+    const LOWEST: f32 = -87.33;
+    let clamped = x.clamp(LOWEST, 0.0);
+    let n = (clamped * LOG2_E + ROUNDER) - ROUNDER;
+    let r = clamped - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_2e-4_f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let e_r = p * r * r + r + 1.0;
+    let two_to_n = f32::from_bits((((n as i32) + 127) as u32) << 23);
+    let y = e_r * two_to_n;
+    if x.is_nan() {
+        x
+    } else if x < LOWEST {
+        0.0
+    } else {
+        y
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The fused kernels against candle's ops on the same inputs. Tolerance: the largest
+    //! difference at most 1e-5 of the largest output value; the two sides sum the same
+    //! products in different orders, which in float32 moves results by about 1e-7 relative
+    //! per term cancelled, far below this, while any indexing mistake is of order 1.
+
+    use super::*;
+    use crate::model::nn::{self, Conv2d, GroupNorm};
+    use candle_core::{Module, Var};
+
+    const TOLERANCE: f32 = 1e-5;
+
+    /// Deterministic values in [-1, 1) (plus `offset`), varied enough to catch index mix-ups.
+    fn values(shape: &[usize], seed: u64, offset: f32) -> Tensor {
+        let count: usize = shape.iter().product();
+        let mut state = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+        let data: Vec<f32> = (0..count)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0 + offset
+            })
+            .collect();
+        Tensor::from_vec(data, shape, &Device::Cpu).expect("shape matches the data")
+    }
+
+    fn relative_diff(actual: &Tensor, expected: &Tensor) -> f32 {
+        assert_eq!(actual.dims(), expected.dims());
+        let as_f32 = |t: &Tensor| t.to_dtype(DType::F32).expect("cast");
+        let (actual, expected) = (as_f32(actual), as_f32(expected));
+        let diff = (&actual - &expected)
+            .and_then(|d| d.abs())
+            .and_then(|d| d.max_all())
+            .and_then(|d| d.to_scalar::<f32>())
+            .expect("difference");
+        let scale = expected
+            .abs()
+            .and_then(|d| d.max_all())
+            .and_then(|d| d.to_scalar::<f32>())
+            .expect("scale");
+        assert!(scale > 0.0, "the reference output is all zeros");
+        diff / scale
+    }
+
+    fn conv(
+        in_c: usize,
+        out_c: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        bias: bool,
+    ) -> Conv2d {
+        let weight = values(&[out_c, in_c, kernel, kernel], 7, 0.0);
+        let bias = bias.then(|| values(&[out_c], 8, 0.0));
+        let config = candle_nn::Conv2dConfig {
+            padding,
+            stride,
+            ..Default::default()
+        };
+        Conv2d::new(weight, bias, config)
+    }
+
+    #[test]
+    fn conv_matches_candle_across_shapes() {
+        // (batch, in, out, h, w, kernel, stride, padding, bias)
+        let cases = [
+            (2, 5, 7, 9, 11, 3, 1, 1, true),
+            (3, 4, 6, 8, 8, 3, 2, 1, true),
+            (1, 3, 4, 7, 5, 3, 2, 0, true),
+            (2, 6, 5, 6, 7, 1, 1, 0, true),
+            (2, 6, 5, 6, 7, 1, 2, 0, false),
+            (1, 2, 3, 5, 5, 5, 1, 2, false),
+            (2, 3, 4, 2, 3, 3, 1, 1, true),
+        ];
+        for (batch, in_c, out_c, h, w, kernel, stride, padding, bias) in cases {
+            let conv = conv(in_c, out_c, kernel, stride, padding, bias);
+            let x = values(&[batch, in_c, h, w], 3, 0.0);
+            let fused = cpu_conv(&conv, &x);
+            let reference = conv.forward_candle(&x).expect("candle conv");
+            let diff = relative_diff(&fused, &reference);
+            assert!(
+                diff <= TOLERANCE,
+                "case {:?}: relative difference {diff}",
+                (batch, in_c, out_c, h, w, kernel, stride, padding)
+            );
+        }
+    }
+
+    /// The fused result, failing the test if the kernel declined.
+    fn cpu_conv(conv: &Conv2d, x: &Tensor) -> Tensor {
+        conv2d(x, conv.weight(), conv.bias(), conv.config())
+            .expect("kernel ran")
+            .expect("kernel applies")
+    }
+
+    #[test]
+    fn conv_reads_non_contiguous_inputs_and_f64() {
+        let conv = conv(4, 3, 3, 1, 1, true);
+        // [B, W, C, H] transposed to [B, C, H, W]: strided, not contiguous.
+        let x = values(&[2, 6, 4, 5], 5, 0.0)
+            .permute((0, 2, 3, 1))
+            .expect("permute");
+        assert!(!x.is_contiguous());
+        let diff = relative_diff(
+            &cpu_conv(&conv, &x),
+            &conv.forward_candle(&x).expect("candle"),
+        );
+        assert!(
+            diff <= TOLERANCE,
+            "strided input: relative difference {diff}"
+        );
+
+        let to_f64 = |t: &Tensor| t.to_dtype(DType::F64).expect("cast");
+        let conv64 = Conv2d::new(
+            to_f64(conv.weight()),
+            conv.bias().map(to_f64),
+            *conv.config(),
+        );
+        let x64 = to_f64(&x);
+        let diff = relative_diff(
+            &cpu_conv(&conv64, &x64),
+            &conv64.forward_candle(&x64).expect("candle"),
+        );
+        assert!(diff <= 1e-12, "f64: relative difference {diff}");
+    }
+
+    #[test]
+    fn conv_in_f16_matches_candle() {
+        let conv = conv(6, 5, 3, 1, 1, true);
+        let to_f16 = |t: &Tensor| t.to_dtype(DType::F16).expect("cast");
+        let conv16 = Conv2d::new(
+            to_f16(conv.weight()),
+            conv.bias().map(to_f16),
+            *conv.config(),
+        );
+        let x = to_f16(&values(&[2, 6, 5, 4], 9, 0.0));
+        let diff = relative_diff(
+            &cpu_conv(&conv16, &x),
+            &conv16.forward_candle(&x).expect("candle"),
+        );
+        // Half precision: both sides round products and sums to 11-bit mantissas.
+        assert!(diff <= 5e-3, "f16: relative difference {diff}");
+    }
+
+    #[test]
+    fn conv_in_several_column_blocks_matches_one_block() {
+        let s = ConvShape {
+            batch: 2,
+            in_channels: 3,
+            in_h: 7,
+            in_w: 6,
+            out_channels: 4,
+            k_h: 3,
+            k_w: 3,
+            stride: 1,
+            padding: 1,
+            out_h: 7,
+            out_w: 6,
+        };
+        let x = values(&[2, 3, 7, 6], 11, 0.0)
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .expect("x");
+        let w = values(&[4, 27], 12, 0.0)
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .expect("w");
+        let b = values(&[4], 13, 0.0).to_vec1::<f32>().expect("b");
+        let whole = im2col_conv(&x, &w, Some(&b), &s, usize::MAX).expect("one block");
+        // 27·6·3 elements: three output rows per block, blocks that straddle the two images.
+        let blocked = im2col_conv(&x, &w, Some(&b), &s, 27 * 6 * 3).expect("blocks");
+        assert_eq!(whole, blocked);
+        let tensor = |v: Vec<f32>| Tensor::from_vec(v, (2, 4, 7, 6), &Device::Cpu).expect("shape");
+        let reference = conv(3, 4, 3, 1, 1, true);
+        let reference = Conv2d::new(
+            Tensor::from_vec(w.clone(), (4, 3, 3, 3), &Device::Cpu).expect("w"),
+            Some(Tensor::from_vec(b.clone(), 4, &Device::Cpu).expect("b")),
+            *reference.config(),
+        );
+        let x = Tensor::from_vec(x, (2, 3, 7, 6), &Device::Cpu).expect("x");
+        let diff = relative_diff(
+            &tensor(blocked),
+            &reference.forward_candle(&x).expect("candle"),
+        );
+        assert!(diff <= TOLERANCE, "relative difference {diff}");
+    }
+
+    #[test]
+    fn conv_with_tracked_input_keeps_candle_differentiable_op() {
+        let conv = conv(2, 3, 3, 1, 1, true);
+        let x = Var::from_tensor(&values(&[1, 2, 4, 4], 1, 0.0)).expect("var");
+        let y = conv.forward(x.as_tensor()).expect("forward");
+        assert!(
+            nn::needs_backward(&y),
+            "the fused kernel has no backward pass"
+        );
+        let grads = y.sum_all().and_then(|s| s.backward()).expect("backward");
+        assert!(grads.get(x.as_tensor()).is_some());
+    }
+
+    #[test]
+    fn group_norm_matches_candle() {
+        // An offset mean stresses the variance computation.
+        for (shape, groups, offset) in [
+            (vec![2, 6, 5, 7], 3, 3.0),
+            (vec![1, 8, 33], 4, -0.5),
+            (vec![3, 4, 2, 2], 4, 0.0),
+        ] {
+            let channels = shape[1];
+            let norm = GroupNorm::new(
+                values(&[channels], 21, 1.0),
+                values(&[channels], 22, 0.0),
+                groups,
+                1e-6,
+            )
+            .expect("group norm");
+            let x = values(&shape, 23, offset);
+            let fused = group_norm(&x, norm.weight(), norm.bias(), groups, 1e-6)
+                .expect("kernel ran")
+                .expect("kernel applies");
+            let diff = relative_diff(&fused, &norm.forward_composed(&x).expect("candle"));
+            assert!(diff <= TOLERANCE, "{shape:?}: relative difference {diff}");
+        }
+    }
+
+    #[test]
+    fn attention_matches_composed() {
+        // (batch, q_len, kv_len, heads, head_dim); 300 query rows over 600 keys make two
+        // blocks of query rows, the second one partial.
+        for (batch, q_len, kv_len, heads, head_dim) in
+            [(2, 10, 10, 2, 4), (1, 300, 600, 3, 5), (2, 7, 3, 1, 6)]
+        {
+            let inner = heads * head_dim;
+            let q = values(&[batch, q_len, inner], 31, 0.0);
+            let k = (values(&[batch, kv_len, inner], 32, 0.0) * 3.0).expect("scale");
+            let v = values(&[batch, kv_len, inner], 33, 0.0);
+            let fused = attention(&q, &k, &v, heads)
+                .expect("kernel ran")
+                .expect("kernel applies");
+            let reference = nn::attention_composed(&q, &k, &v, heads).expect("composed");
+            let diff = relative_diff(&fused, &reference);
+            assert!(
+                diff <= TOLERANCE,
+                "{:?}: relative difference {diff}",
+                (batch, q_len, kv_len, heads)
+            );
+        }
+    }
+
+    #[test]
+    fn exp_is_accurate_to_about_one_ulp() {
+        let mut worst = 0f64;
+        for i in 0..=200_000 {
+            let x = -87.0 * i as f32 / 200_000.0;
+            let exact = f64::from(x).exp();
+            let error = (f64::from(exp_non_positive(x)) - exact).abs() / exact;
+            worst = worst.max(error);
+        }
+        assert!(worst < 2.5e-7, "worst relative error {worst}");
+        assert_eq!(exp_non_positive(0.0), 1.0);
+        assert_eq!(exp_non_positive(-200.0), 0.0);
+        assert_eq!(exp_non_positive(f32::NEG_INFINITY), 0.0);
+        assert!(exp_non_positive(f32::NAN).is_nan());
+    }
+}
