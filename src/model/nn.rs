@@ -24,7 +24,7 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// Loads `weight` [out, in] and, when `bias` is set, `bias` [out].
+    /// Loads `weight` (`[out, in]`) and, when `bias` is set, `bias` (`[out]`).
     pub fn load(
         vb: VarBuilder,
         in_features: usize,

@@ -1,7 +1,7 @@
 //! Weight files of one pipeline component: which files to load for a [`Variant`] (diffusers'
 //! choice: the variant's files when the component has them, otherwise the default ones;
 //! safetensors before PyTorch `.bin`; single files or sharded `*.index.json`), checking
-//! safetensors files before they are memory-mapped (so a truncated download is reported as such),
+//! safetensors files before they are read (so a truncated download is reported as such),
 //! and building a candle [`VarBuilder`] over them.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -66,7 +66,7 @@ impl FromStr for Variant {
 /// The serialisation of a weight file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WeightFormat {
-    /// `.safetensors`: memory-mapped.
+    /// `.safetensors`: read tensor by tensor.
     SafeTensors,
     /// PyTorch pickle `.bin`: read through candle's pickle reader.
     PyTorch,
@@ -561,13 +561,14 @@ fn list_files(files: &[PathBuf]) -> String {
         .join(", ")
 }
 
-/// A VarBuilder over those files in `dtype` on `device`: safetensors memory-mapped, .bin via
+/// A VarBuilder over those files in `dtype` on `device`: safetensors read tensor by tensor
+/// (each weight read once, into its own buffer, when the network asks for it), .bin via
 /// candle's pickle reader. Validates each safetensors header and that the file is not truncated
 /// (data offsets within file length) BEFORE handing it to candle, so a truncated file gives
 /// "FILE is truncated: ... " rather than a panic or obscure error.
 ///
-/// Safetensors files stay memory-mapped for the builder's life: they must not be modified
-/// meanwhile (the Hugging Face cache never rewrites a blob in place).
+/// Safetensors files stay open for the builder's life: they must not be modified meanwhile
+/// (the Hugging Face cache never rewrites a blob in place).
 pub fn var_builder(
     files: &[PathBuf],
     dtype: DType,
@@ -595,9 +596,12 @@ pub fn var_builder(
             for file in files {
                 check_safetensors(file)?;
             }
-            // SAFETY: the files were just checked to be complete safetensors files; memory
-            // mapping is sound as long as no one truncates them while mapped (see the doc).
-            unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }.map_err(load_err)
+            let backend = StreamedSafetensors::open(files)?;
+            Ok(VarBuilder::from_backend(
+                Box::new(backend),
+                dtype,
+                device.clone(),
+            ))
         }
         WeightFormat::PyTorch => {
             for file in files {
@@ -622,6 +626,159 @@ pub fn var_builder(
             }
             Ok(VarBuilder::from_tensors(tensors, dtype, device))
         }
+    }
+}
+
+/// Safetensors files read one tensor at a time with plain reads.
+///
+/// Memory-mapping (candle's default) keeps every page of a file resident until the whole component
+/// is built, so loading the 3.4 GB UNet peaked at twice its size; reading each tensor into its own
+/// buffer keeps the peak at the weights themselves plus one tensor.
+struct StreamedSafetensors {
+    tensors: HashMap<String, StreamedTensor>,
+}
+
+struct StreamedTensor {
+    file: std::sync::Arc<std::sync::Mutex<std::fs::File>>,
+    path: PathBuf,
+    dtype: String,
+    shape: Vec<usize>,
+    /// Absolute byte offset of the data and its length.
+    start: u64,
+    len: usize,
+}
+
+impl StreamedSafetensors {
+    /// Indexes the (already checked) files' headers; a name in several files keeps the last.
+    fn open(files: &[PathBuf]) -> Result<Self, WeightsError> {
+        let mut tensors = HashMap::new();
+        for path in files {
+            let header = read_checked_header(path)?;
+            let read_err = |source| WeightsError::Read {
+                path: path.clone(),
+                source,
+            };
+            let mut file = std::fs::File::open(path).map_err(read_err)?;
+            let mut len_bytes = [0u8; 8];
+            file.read_exact(&mut len_bytes).map_err(read_err)?;
+            let data_start = 8 + u64::from_le_bytes(len_bytes);
+            let file = std::sync::Arc::new(std::sync::Mutex::new(file));
+            for (name, info) in &header {
+                if name == "__metadata__" {
+                    continue;
+                }
+                // read_checked_header verified these fields.
+                let dtype = info
+                    .get("dtype")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default();
+                let shape = u64_list(info.get("shape")).unwrap_or_default();
+                let offsets = u64_list(info.get("data_offsets")).unwrap_or_default();
+                let [begin, end] = offsets[..] else { continue };
+                tensors.insert(
+                    name.clone(),
+                    StreamedTensor {
+                        file: file.clone(),
+                        path: path.clone(),
+                        dtype: dtype.to_string(),
+                        shape: shape.iter().map(|&d| d as usize).collect(),
+                        start: data_start + begin,
+                        len: (end - begin) as usize,
+                    },
+                );
+            }
+        }
+        Ok(Self { tensors })
+    }
+
+    fn load(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+        use std::io::{Seek, SeekFrom};
+        let entry = self.tensors.get(name).ok_or_else(|| {
+            candle_core::Error::CannotFindTensor {
+                path: name.to_string(),
+            }
+            .bt()
+        })?;
+        let mut bytes = vec![0u8; entry.len];
+        {
+            let mut file = entry
+                .file
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("a weight reader panicked".into()))?;
+            file.seek(SeekFrom::Start(entry.start))
+                .and_then(|_| file.read_exact(&mut bytes))
+                .map_err(|e| {
+                    candle_core::Error::Msg(format!(
+                        "{}: reading {name}: {e}",
+                        entry.path.display()
+                    ))
+                })?;
+        }
+        let shape = entry.shape.as_slice();
+        let cpu = &Device::Cpu;
+        let tensor = match entry.dtype.as_str() {
+            "F32" => Tensor::from_vec(le_values(&bytes, f32::from_le_bytes), shape, cpu)?,
+            "F16" => Tensor::from_vec(le_values(&bytes, half::f16::from_le_bytes), shape, cpu)?,
+            "BF16" => Tensor::from_vec(le_values(&bytes, half::bf16::from_le_bytes), shape, cpu)?,
+            "F64" => Tensor::from_vec(le_values(&bytes, f64::from_le_bytes), shape, cpu)?,
+            "I64" => Tensor::from_vec(le_values(&bytes, i64::from_le_bytes), shape, cpu)?,
+            "U32" => Tensor::from_vec(le_values(&bytes, u32::from_le_bytes), shape, cpu)?,
+            "U8" => Tensor::from_vec(bytes, shape, cpu)?,
+            other => {
+                return Err(candle_core::Error::Msg(format!(
+                    "{}: tensor {name} has dtype {other}, which this program cannot load",
+                    entry.path.display()
+                )));
+            }
+        };
+        tensor.to_dtype(dtype)?.to_device(device)
+    }
+}
+
+/// Little-endian values of `N` bytes each.
+fn le_values<T, const N: usize>(bytes: &[u8], from_le: fn([u8; N]) -> T) -> Vec<T> {
+    bytes
+        .chunks_exact(N)
+        .map(|chunk| {
+            let mut array = [0u8; N];
+            array.copy_from_slice(chunk);
+            from_le(array)
+        })
+        .collect()
+}
+
+impl candle_nn::var_builder::SimpleBackend for StreamedSafetensors {
+    fn get(
+        &self,
+        shape: candle_core::Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let tensor = self.load(name, dtype, device)?;
+        if tensor.shape() != &shape {
+            return Err(candle_core::Error::UnexpectedShape {
+                msg: format!("shape mismatch for {name}"),
+                expected: shape,
+                got: tensor.shape().clone(),
+            }
+            .bt());
+        }
+        Ok(tensor)
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.load(name, dtype, device)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
     }
 }
 
