@@ -209,88 +209,38 @@ fn offline_with_nothing_cached() {
     assert!(line.to_lowercase().contains("offline"), "{line}");
 }
 
+/// Output paths that cannot be written fail before any model work, naming the path.
 #[test]
-fn unwritable_output_path() {
+fn unwritable_output_paths() {
     let case = Case::new();
-    let out = "/proc/instruct-pix2pix-cannot-write-here.png";
-    let args = [
-        "edit",
-        "--model",
-        &sd1(),
-        "--image",
-        &case.input(),
-        "--prompt",
-        "x",
-        "--steps",
-        "1",
-        "--output",
-        out,
-    ];
-    let output = run(&case.root.join("hf"), &args);
-    let text = stderr(&output);
-    assert!(!output.status.success());
-    assert!(text.contains(out), "{text}");
-    assert!(!Path::new(out).exists());
-}
-
-#[test]
-fn missing_output_folder() {
-    let case = Case::new();
-    let out = case
-        .root
-        .join("no-such-folder")
-        .join("x.png")
-        .display()
-        .to_string();
-    let args = [
-        "edit",
-        "--model",
-        &sd1(),
-        "--image",
-        &case.input(),
-        "--prompt",
-        "x",
-        "--steps",
-        "1",
-        "--output",
-        &out,
-    ];
-    let output = run(&case.root.join("hf"), &args);
-    assert!(!output.status.success());
-    assert!(
-        stderr(&output).contains("no-such-folder"),
-        "{}",
-        stderr(&output)
-    );
-}
-
-#[test]
-fn unknown_output_format() {
-    let case = Case::new();
-    let out = case
-        .root
-        .join("out")
-        .join("result.gif")
-        .display()
-        .to_string();
-    let args = [
-        "edit",
-        "--model",
-        &sd1(),
-        "--image",
-        &case.input(),
-        "--prompt",
-        "x",
-        "--output",
-        &out,
-    ];
-    let output = run(&case.root.join("hf"), &args);
-    assert!(!output.status.success());
-    assert!(
-        stderr(&output).contains("result.gif"),
-        "{}",
-        stderr(&output)
-    );
+    let proc_file = "/proc/instruct-pix2pix-cannot-write-here.png";
+    let no_folder = case.root.join("no-such-folder").join("x.png");
+    let gif = case.root.join("out").join("result.gif");
+    for (out, named) in [
+        (proc_file.to_string(), proc_file),
+        (no_folder.display().to_string(), "no-such-folder"),
+        (gif.display().to_string(), "result.gif"),
+    ] {
+        let args = [
+            "edit",
+            "--model",
+            &sd1(),
+            "--image",
+            &case.input(),
+            "--prompt",
+            "x",
+            "--output",
+            &out,
+        ];
+        let output = run(&case.root.join("hf"), &args);
+        let text = stderr(&output);
+        assert!(!output.status.success(), "{out}: succeeded");
+        assert!(!text.contains("panicked"), "{text}");
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(text.contains(named), "{text}");
+        assert!(!Path::new(&out).exists());
+    }
+    assert!(files_in(&case.root.join("out")).is_empty());
 }
 
 #[test]

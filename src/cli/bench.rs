@@ -5,13 +5,12 @@ use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use anyhow::Result;
-use candle_core::DType;
 use clap::Args;
 use image::{Rgb, RgbImage};
 
-use crate::model::device::{DTypeChoice, DeviceChoice, select_device};
-use crate::model::hub::{HubSettings, ModelSpec, Variant};
-use crate::model::{InstructPix2PixModel, LoadOptions};
+use super::load::{ModelFlags, load_model};
+use super::progress::Progress;
+use crate::model::device::{DTypeChoice, DeviceChoice};
 use crate::pipeline::scheduler::SchedulerKind;
 use crate::pipeline::{EditPipeline, EditSettings};
 
@@ -38,29 +37,15 @@ pub struct BenchArgs {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    let device = select_device(args.device)?;
-    let dtype: DType = args.dtype.dtype();
-    if let Some(warning) = args.dtype.check_on(&device)? {
-        eprintln!("warning: {warning}");
-    }
-    let variant = if dtype == DType::F16 {
-        Variant::Fp16
-    } else {
-        Variant::Default
+    let flags = ModelFlags {
+        model: &args.model,
+        revision: None,
+        device: args.device,
+        dtype: args.dtype,
     };
-    let spec = ModelSpec::parse(&args.model, None)?;
     let load_started = Instant::now();
-    let options = LoadOptions {
-        variant,
-        dtype,
-        device,
-    };
-    let model = InstructPix2PixModel::fetch_and_load(
-        &spec,
-        &HubSettings::from_env(),
-        &options,
-        &mut |_| {},
-    )?;
+    let model = load_model(&flags, &mut Progress::new(true))?;
+    let dtype = model.dtype;
     let load_seconds = load_started.elapsed().as_secs_f64();
     let mut pipeline = EditPipeline::new(model)?;
     let multiple = pipeline.size_multiple();

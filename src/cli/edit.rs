@@ -7,10 +7,9 @@ use anyhow::{Context, Result, bail};
 use candle_core::DType;
 use clap::Args;
 
+use super::load::{ModelFlags, load_model};
 use super::progress::Progress;
-use crate::model::device::{DTypeChoice, DeviceChoice, select_device};
-use crate::model::hub::{HubSettings, ModelSpec, Variant};
-use crate::model::{InstructPix2PixModel, LoadOptions};
+use crate::model::device::{DTypeChoice, DeviceChoice};
 use crate::pipeline::image::{edit_size, load_image, resize_lanczos, save_image};
 use crate::pipeline::metadata::EditRecord;
 use crate::pipeline::scheduler::SchedulerKind;
@@ -108,31 +107,15 @@ pub fn run(args: EditArgs) -> Result<()> {
     let initial_latents = args.latents.as_deref().map(read_latents).transpose()?;
 
     let input = load_image(&args.image)?;
-    let device = select_device(args.device)?;
-    let dtype: DType = args.dtype.dtype();
-    if let Some(warning) = args.dtype.check_on(&device)? {
-        eprintln!("warning: {warning}");
-    }
-    let variant = if dtype == DType::F16 {
-        Variant::Fp16
-    } else {
-        Variant::Default
-    };
-    let spec = ModelSpec::parse(&args.model, args.revision.as_deref())?;
     let mut progress = Progress::new(args.quiet);
-    let hub = HubSettings::from_env();
-    let options = LoadOptions {
-        variant,
-        dtype,
-        device,
+    let flags = ModelFlags {
+        model: &args.model,
+        revision: args.revision.as_deref(),
+        device: args.device,
+        dtype: args.dtype,
     };
-    let spinner = progress.spinner(&format!("loading {}", args.model));
-    let model = InstructPix2PixModel::fetch_and_load(&spec, &hub, &options, &mut |update| {
-        progress.on_download(update)
-    });
-    progress.finish_download();
-    spinner.finish_and_clear();
-    let model = model?;
+    let model = load_model(&flags, &mut progress)?;
+    let dtype = model.dtype;
     let truncated = model.tokenizer.truncated_tokens(&args.prompt);
     if truncated > 0 && !args.quiet {
         eprintln!(

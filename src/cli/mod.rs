@@ -3,6 +3,7 @@
 
 mod bench;
 mod edit;
+mod load;
 mod progress;
 
 use std::process::ExitCode;
