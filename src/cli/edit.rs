@@ -132,6 +132,9 @@ pub fn run(args: EditArgs) -> Result<()> {
     let first_seed = args
         .seed
         .unwrap_or_else(|| u64::from(rand::random::<u32>()));
+    if args.seed.is_none() && !args.quiet {
+        eprintln!("seed {first_seed} (pass --seed {first_seed} to make this result again)");
+    }
     let mut settings = EditSettings {
         prompt: args.prompt.clone(),
         negative_prompt: args.negative_prompt.clone(),
