@@ -189,6 +189,17 @@ impl WorkerHandle {
         }
     }
 
+    /// The edit the thread is running, else the one waiting to start, else `None` (its last
+    /// events may still be on their way). For a window choosing between Generate and Cancel.
+    pub fn edit_in_progress(&self) -> Option<JobId> {
+        let state = self.shared.lock();
+        state
+            .running
+            .as_ref()
+            .map(|running| running.id)
+            .or(state.pending.as_ref().map(|pending| pending.id))
+    }
+
     /// Stops the thread and waits for it (the same as dropping the handle).
     pub fn shutdown(self) {}
 
