@@ -5,7 +5,9 @@
 //!   weights, the networks themselves, device and dtype.
 //! - [`pipeline`]: the edit (schedulers, guidance, image pre/post-processing, previews).
 //! - [`cli`]: the command-line subcommands.
+//! - [`worker`]: the background thread that owns the model for the window (jobs in, events out).
 
 pub mod cli;
 pub mod model;
 pub mod pipeline;
+pub mod worker;

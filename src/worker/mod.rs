@@ -1,0 +1,644 @@
+//! The model thread: a named background thread that owns the loaded model, takes [`Job`]s and
+//! answers with [`Event`]s over bounded channels, so a window can drive edits without ever
+//! blocking on them.
+//!
+//! - Sending never blocks: [`WorkerHandle::send`] uses `try_send` on a small bounded queue and
+//!   returns [`WorkerError::QueueFull`] when the thread is too far behind.
+//! - Edits are "latest wins", for slider re-runs: a new edit cancels the running one (reported as
+//!   [`Event::Superseded`]) and replaces one that has not started yet. Edits therefore wait in a
+//!   one-slot mailbox, not in the queue; the queue carries model loads, shutdown and a wake-up.
+//! - Cancelling never waits behind the queue: the running edit's cancel flag lives in state shared
+//!   with the handle and is checked by the edit before every denoising step.
+//! - After every event it sends, the thread calls the waker, so the window repaints only when
+//!   something arrived. Step and download events are dropped when the event channel is full (the
+//!   window is slow; the next one carries newer news); every other event is always delivered,
+//!   waiting for room when needed.
+//! - Failures become [`Event::Failed`] with one line; a panic inside a job is caught and reported
+//!   the same way, and the thread goes on.
+//! - Dropping the [`WorkerHandle`] cancels the running edit and joins the thread. A model load
+//!   cannot be interrupted, so a drop during one waits for it to end.
+
+pub mod protocol;
+
+use std::any::Any;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, DeviceLocation};
+use crossbeam_channel::{Receiver, SendTimeoutError, Sender, TrySendError};
+use image::RgbImage;
+
+pub use protocol::{EditJob, EditResult, Event, Job, JobId, ModelInfo, ModelRequest, StepProgress};
+
+use crate::model::device::select_device;
+use crate::model::hub::{HubSettings, ModelSpec, Variant};
+use crate::model::{InstructPix2PixModel, LoadOptions};
+use crate::pipeline::edit::{EditError, EditPipeline, StepInfo};
+use crate::pipeline::image::{edit_size, resize_lanczos};
+
+/// Called by the model thread after each event it sends (e.g. egui's `Context::request_repaint`).
+/// It runs on the model thread, so it should return quickly.
+pub type Waker = Arc<dyn Fn() + Send + Sync>;
+
+/// The model thread's name, as debuggers and panic messages show it.
+pub const THREAD_NAME: &str = "ip2p-model";
+
+/// Why a job could not be handed to the model thread.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(
+        "the model thread is busy: {capacity} jobs are already waiting, so this {job} was not queued; try again when it has caught up"
+    )]
+    QueueFull { job: &'static str, capacity: usize },
+    #[error("the model thread has stopped; no more jobs are taken")]
+    Stopped,
+    #[error("cannot start the model thread: {0}")]
+    Spawn(std::io::Error),
+}
+
+/// Channel sizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerConfig {
+    /// Model loads (and wake-ups) that may wait; more are refused with [`WorkerError::QueueFull`].
+    pub job_capacity: usize,
+    /// Events that may wait for the window; beyond this step and download events are dropped.
+    pub event_capacity: usize,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            job_capacity: 8,
+            event_capacity: 64,
+        }
+    }
+}
+
+/// Starts model threads.
+pub struct Worker;
+
+impl Worker {
+    /// Starts the model thread with the default channel sizes. Returns the handle that sends it
+    /// jobs and the receiver of its events.
+    pub fn spawn(waker: Waker) -> Result<(WorkerHandle, Receiver<Event>), WorkerError> {
+        Self::spawn_with(WorkerConfig::default(), waker)
+    }
+
+    /// [`Worker::spawn`] with chosen channel sizes (each at least 1).
+    pub fn spawn_with(
+        config: WorkerConfig,
+        waker: Waker,
+    ) -> Result<(WorkerHandle, Receiver<Event>), WorkerError> {
+        let job_capacity = config.job_capacity.max(1);
+        let (job_sender, job_receiver) = crossbeam_channel::bounded(job_capacity);
+        let (event_sender, event_receiver) =
+            crossbeam_channel::bounded(config.event_capacity.max(1));
+        let shared = Arc::new(Shared::default());
+        let mut model_thread = ModelThread {
+            jobs: job_receiver,
+            outbox: Outbox {
+                events: event_sender,
+                waker,
+                shared: Arc::clone(&shared),
+            },
+            pipeline: None,
+            scaled: None,
+        };
+        let thread = std::thread::Builder::new()
+            .name(THREAD_NAME.into())
+            .spawn(move || model_thread.run())
+            .map_err(WorkerError::Spawn)?;
+        let handle = WorkerHandle {
+            jobs: Some(job_sender),
+            job_capacity,
+            shared,
+            thread: Some(thread),
+        };
+        Ok((handle, event_receiver))
+    }
+}
+
+/// Takes events until the channel is empty or `budget` is spent (at least one when one is
+/// waiting), so a frame never spends long on a burst of events. Call it every frame.
+pub fn drain(events: &Receiver<Event>, budget: Duration) -> Vec<Event> {
+    let started = Instant::now();
+    let mut taken = Vec::new();
+    while let Ok(event) = events.try_recv() {
+        taken.push(event);
+        if started.elapsed() >= budget {
+            break;
+        }
+    }
+    taken
+}
+
+/// The window's side: sends jobs, cancels edits; dropping it stops the thread.
+pub struct WorkerHandle {
+    /// `None` once dropped, which disconnects the queue.
+    jobs: Option<Sender<Queued>>,
+    job_capacity: usize,
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl WorkerHandle {
+    /// Hands a job to the model thread without blocking.
+    ///
+    /// - [`Job::Edit`]: replaces an edit that has not started yet (it gets
+    ///   [`Event::Superseded`]) and cancels the running one (also `Superseded`): latest wins.
+    /// - [`Job::Cancel`]: as [`WorkerHandle::cancel`].
+    /// - [`Job::LoadModel`]: queued behind earlier loads; refused when the queue is full.
+    /// - [`Job::Shutdown`]: cancels everything and stops the thread; later sends fail.
+    pub fn send(&self, job: Job) -> Result<(), WorkerError> {
+        if self.shared.shutdown.load(Ordering::Acquire) {
+            return Err(WorkerError::Stopped);
+        }
+        match job {
+            Job::Cancel { id } => {
+                self.cancel(id);
+                Ok(())
+            }
+            Job::Shutdown => {
+                self.begin_shutdown();
+                Ok(())
+            }
+            Job::LoadModel(request) => self.enqueue(Queued::Load(request), "model load"),
+            Job::Edit(edit) => self.submit_edit(edit),
+        }
+    }
+
+    /// Stops edit `id`: the running edit stops before its next step ([`Event::Cancelled`]); an
+    /// edit still waiting is dropped (also `Cancelled`). Unknown or finished ids are ignored.
+    pub fn cancel(&self, id: JobId) {
+        let mut state = self.shared.lock();
+        if let Some(running) = &state.running
+            && running.id == id
+        {
+            running.cancel.store(true, Ordering::Release);
+        } else if state
+            .pending
+            .as_ref()
+            .is_some_and(|pending| pending.id == id)
+        {
+            // A waiting edit always has a wake-up queued, which reports this.
+            state.pending = None;
+            state.notices.push(Event::Cancelled { id });
+        }
+    }
+
+    /// The edit the thread is running, else the one waiting to start, else `None` (its last
+    /// events may still be on their way). For a window choosing between Generate and Cancel.
+    pub fn edit_in_progress(&self) -> Option<JobId> {
+        let state = self.shared.lock();
+        state
+            .running
+            .as_ref()
+            .map(|running| running.id)
+            .or(state.pending.as_ref().map(|pending| pending.id))
+    }
+
+    /// Stops the thread and waits for it (the same as dropping the handle).
+    pub fn shutdown(self) {}
+
+    fn submit_edit(&self, edit: EditJob) -> Result<(), WorkerError> {
+        let mut state = self.shared.lock();
+        let new_id = edit.id;
+        match state.pending.take() {
+            Some(replaced) => {
+                // Its wake-up is still queued and will start `edit` instead.
+                state.notices.push(Event::Superseded {
+                    id: replaced.id,
+                    by: new_id,
+                });
+                state.pending = Some(edit);
+            }
+            None => {
+                self.enqueue(Queued::EditReady, "edit")?;
+                state.pending = Some(edit);
+            }
+        }
+        if let Some(running) = &mut state.running {
+            // The first newer edit is the one that stopped it.
+            running.superseded_by.get_or_insert(new_id);
+            running.cancel.store(true, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    fn enqueue(&self, queued: Queued, job: &'static str) -> Result<(), WorkerError> {
+        let Some(jobs) = &self.jobs else {
+            return Err(WorkerError::Stopped);
+        };
+        jobs.try_send(queued).map_err(|error| match error {
+            TrySendError::Full(_) => WorkerError::QueueFull {
+                job,
+                capacity: self.job_capacity,
+            },
+            TrySendError::Disconnected(_) => WorkerError::Stopped,
+        })
+    }
+
+    fn begin_shutdown(&self) {
+        self.shared.shutdown.store(true, Ordering::Release);
+        let mut state = self.shared.lock();
+        state.pending = None;
+        if let Some(running) = &state.running {
+            running.cancel.store(true, Ordering::Release);
+        }
+        drop(state);
+        // When the queue is full the thread is awake and sees the flag after its current job.
+        if let Some(jobs) = &self.jobs {
+            let _ = jobs.try_send(Queued::Shutdown);
+        }
+    }
+}
+
+impl Drop for WorkerHandle {
+    fn drop(&mut self) {
+        self.begin_shutdown();
+        // Disconnecting the queue wakes a thread waiting for work.
+        self.jobs = None;
+        if let Some(thread) = self.thread.take() {
+            // The thread catches panics in jobs; an error here would be one outside them, with
+            // nothing left to report it to.
+            let _ = thread.join();
+        }
+    }
+}
+
+/// What travels in the job queue. Edits wait in [`State::pending`]; `EditReady` wakes the thread
+/// for them.
+enum Queued {
+    Load(ModelRequest),
+    EditReady,
+    Shutdown,
+}
+
+/// State shared by the handle and the thread.
+#[derive(Default)]
+struct Shared {
+    state: Mutex<State>,
+    shutdown: AtomicBool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Nothing panics while holding the lock; a poisoned lock still holds consistent state.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+#[derive(Default)]
+struct State {
+    running: Option<RunningEdit>,
+    /// The edit to start next (at most one: latest wins).
+    pending: Option<EditJob>,
+    /// Events about edits that never started, sent by the thread at its next wake-up.
+    notices: Vec<Event>,
+}
+
+struct RunningEdit {
+    id: JobId,
+    cancel: Arc<AtomicBool>,
+    /// Set when a newer edit cancelled this one.
+    superseded_by: Option<JobId>,
+}
+
+/// Sends events and wakes the window.
+struct Outbox {
+    events: Sender<Event>,
+    waker: Waker,
+    shared: Arc<Shared>,
+}
+
+impl Outbox {
+    /// Delivers `event`, waiting for room while the window is behind (but not once shutting
+    /// down, when nobody may be reading any more).
+    fn deliver(&self, mut event: Event) {
+        loop {
+            match self.events.send_timeout(event, Duration::from_millis(50)) {
+                Ok(()) => {
+                    self.wake();
+                    return;
+                }
+                Err(SendTimeoutError::Timeout(unsent)) => {
+                    if self.shared.shutdown.load(Ordering::Acquire) {
+                        return;
+                    }
+                    event = unsent;
+                }
+                Err(SendTimeoutError::Disconnected(_)) => return,
+            }
+        }
+    }
+
+    /// Sends `event` if there is room; progress news is dropped otherwise.
+    fn offer(&self, event: Event) {
+        if self.events.try_send(event).is_ok() {
+            self.wake();
+        }
+    }
+
+    /// Calls the window's waker; a panic in it is the window's bug and must not stop the thread
+    /// (the panic hook has already printed it).
+    fn wake(&self) {
+        let _ = catch_unwind(AssertUnwindSafe(|| (self.waker)()));
+    }
+
+    fn has_room(&self) -> bool {
+        !self.events.is_full()
+    }
+}
+
+/// The input scaled to the edit size, kept so re-runs with the same image skip the resize.
+struct ScaledInput {
+    original: Arc<RgbImage>,
+    max_side: u32,
+    multiple: u32,
+    scaled: Arc<RgbImage>,
+}
+
+/// How an edit ended short of a result.
+enum EditFailure {
+    Cancelled,
+    Message(String),
+}
+
+/// The thread's side: owns the model.
+struct ModelThread {
+    jobs: Receiver<Queued>,
+    outbox: Outbox,
+    pipeline: Option<EditPipeline>,
+    scaled: Option<ScaledInput>,
+}
+
+impl ModelThread {
+    fn run(&mut self) {
+        while let Ok(queued) = self.jobs.recv() {
+            if self.outbox.shared.shutdown.load(Ordering::Acquire) {
+                break;
+            }
+            match queued {
+                Queued::Load(request) => self.load(request),
+                Queued::EditReady => self.next_edit(),
+                Queued::Shutdown => break,
+            }
+        }
+    }
+
+    fn load(&mut self, request: ModelRequest) {
+        // Release the old model first: two full models at once may not fit in memory.
+        self.pipeline = None;
+        self.scaled = None;
+        self.outbox.deliver(Event::ModelLoading {
+            spec: request.spec.clone(),
+        });
+        let outbox = &self.outbox;
+        let loaded = catch_unwind(AssertUnwindSafe(|| load_pipeline(&request, outbox)));
+        match loaded {
+            Ok(Ok((pipeline, info))) => {
+                self.pipeline = Some(pipeline);
+                self.outbox.deliver(Event::ModelLoaded(info));
+            }
+            Ok(Err(message)) => self.outbox.deliver(Event::Failed { id: None, message }),
+            Err(panic) => self.outbox.deliver(Event::Failed {
+                id: None,
+                message: format!(
+                    "loading {} crashed (internal error): {}",
+                    request.spec,
+                    panic_message(&panic)
+                ),
+            }),
+        }
+    }
+
+    /// Starts the waiting edit, if any, after reporting edits that never started.
+    fn next_edit(&mut self) {
+        let (job, cancel, notices) = {
+            let mut state = self.outbox.shared.lock();
+            let notices = std::mem::take(&mut state.notices);
+            let job = state.pending.take();
+            let cancel = Arc::new(AtomicBool::new(false));
+            if let Some(job) = &job {
+                state.running = Some(RunningEdit {
+                    id: job.id,
+                    cancel: Arc::clone(&cancel),
+                    superseded_by: None,
+                });
+            }
+            (job, cancel, notices)
+        };
+        for notice in notices {
+            self.outbox.deliver(notice);
+        }
+        let Some(job) = job else { return };
+        let id = job.id;
+        let outcome = catch_unwind(AssertUnwindSafe(|| self.edit(job, &cancel)));
+        let superseded_by = self
+            .outbox
+            .shared
+            .lock()
+            .running
+            .take()
+            .and_then(|running| running.superseded_by);
+        let last = match outcome {
+            Ok(Ok(result)) => Event::Finished(Box::new(result)),
+            Ok(Err(EditFailure::Cancelled)) => match superseded_by {
+                Some(by) => Event::Superseded { id, by },
+                None => Event::Cancelled { id },
+            },
+            Ok(Err(EditFailure::Message(message))) => Event::Failed {
+                id: Some(id),
+                message,
+            },
+            Err(panic) => {
+                // The caches may be half written; start the next edit from scratch.
+                if let Some(pipeline) = &mut self.pipeline {
+                    pipeline.clear_caches();
+                }
+                self.scaled = None;
+                Event::Failed {
+                    id: Some(id),
+                    message: format!(
+                        "the edit crashed (internal error): {}",
+                        panic_message(&panic)
+                    ),
+                }
+            }
+        };
+        self.outbox.deliver(last);
+    }
+
+    fn edit(&mut self, job: EditJob, cancel: &AtomicBool) -> Result<EditResult, EditFailure> {
+        let Some(pipeline) = self.pipeline.as_mut() else {
+            return Err(EditFailure::Message(
+                "no model is loaded: load a model before editing".into(),
+            ));
+        };
+        let input = scale_input(
+            &mut self.scaled,
+            &job.image,
+            job.max_side,
+            pipeline.size_multiple(),
+        )?;
+        let outbox = &self.outbox;
+        outbox.deliver(Event::EditStarted {
+            id: job.id,
+            width: input.width(),
+            height: input.height(),
+        });
+        let mut on_step = |info: &StepInfo<'_>| {
+            // A full channel means the window is behind: skip this step, previews included.
+            if !outbox.has_room() {
+                return;
+            }
+            let remaining = info.total.saturating_sub(info.step) as f64;
+            let eta = if info.step == 0 {
+                Duration::ZERO
+            } else {
+                info.elapsed.mul_f64(remaining / info.step as f64)
+            };
+            // A preview that cannot be made only costs the picture, not the edit.
+            let preview = job
+                .preview_size
+                .and_then(|(width, height)| info.preview(width, height).ok());
+            outbox.offer(Event::Step(StepProgress {
+                id: job.id,
+                step: info.step,
+                total: info.total,
+                elapsed: info.elapsed,
+                eta,
+                preview,
+            }));
+        };
+        match pipeline.edit(&input, &job.settings, &mut on_step, cancel) {
+            Ok(output) => Ok(EditResult {
+                id: job.id,
+                image: output.image,
+                input,
+                seed: output.seed,
+                settings: job.settings,
+                reused_prompt_embeddings: output.reused_prompt_embeddings,
+                reused_image_latents: output.reused_image_latents,
+                denoise_time: output.denoise_time,
+                total_time: output.total_time,
+            }),
+            Err(EditError::Cancelled) => Err(EditFailure::Cancelled),
+            Err(error) => Err(EditFailure::Message(one_line(&error))),
+        }
+    }
+}
+
+/// The input at the edit size, from the cache when the same image and cap come again.
+fn scale_input(
+    cache: &mut Option<ScaledInput>,
+    image: &Arc<RgbImage>,
+    max_side: u32,
+    multiple: u32,
+) -> Result<Arc<RgbImage>, EditFailure> {
+    if let Some(cached) = cache
+        && Arc::ptr_eq(&cached.original, image)
+        && cached.max_side == max_side
+        && cached.multiple == multiple
+    {
+        return Ok(Arc::clone(&cached.scaled));
+    }
+    let (width, height) = image.dimensions();
+    let (edit_width, edit_height) = edit_size(width, height, max_side, multiple)
+        .map_err(|error| EditFailure::Message(one_line(&error)))?;
+    let scaled = if (edit_width, edit_height) == (width, height) {
+        Arc::clone(image)
+    } else {
+        Arc::new(resize_lanczos(image, edit_width, edit_height))
+    };
+    *cache = Some(ScaledInput {
+        original: Arc::clone(image),
+        max_side,
+        multiple,
+        scaled: Arc::clone(&scaled),
+    });
+    Ok(scaled)
+}
+
+/// Resolves, fetches and loads the model as the command line does; the error is one line.
+fn load_pipeline(
+    request: &ModelRequest,
+    outbox: &Outbox,
+) -> Result<(EditPipeline, ModelInfo), String> {
+    // Most errors name the folder or repo already; say which model only when they do not.
+    let failed = |error: &dyn std::error::Error| {
+        let message = one_line(error);
+        if message.contains(request.spec.trim()) {
+            message
+        } else {
+            format!("cannot load {}: {message}", request.spec)
+        }
+    };
+    let device = select_device(request.device).map_err(|e| failed(&e))?;
+    let warning = request.dtype.check_on(&device).map_err(|e| failed(&e))?;
+    let dtype = request.dtype.dtype();
+    let variant = if dtype == DType::F16 {
+        Variant::Fp16
+    } else {
+        Variant::Default
+    };
+    let spec =
+        ModelSpec::parse(&request.spec, request.revision.as_deref()).map_err(|e| failed(&e))?;
+    let hub = request.hub.clone().unwrap_or_else(HubSettings::from_env);
+    let options = LoadOptions {
+        variant,
+        dtype,
+        device: device.clone(),
+    };
+    let model = InstructPix2PixModel::fetch_and_load(&spec, &hub, &options, &mut |progress| {
+        outbox.offer(Event::Download {
+            file: progress.file.clone(),
+            done: progress.bytes_done,
+            total: progress.bytes_total,
+        });
+    })
+    .map_err(|e| failed(&e))?;
+    let folder = model.folder.clone();
+    let pipeline = EditPipeline::new(model).map_err(|e| failed(&e))?;
+    let info = ModelInfo {
+        name: request.spec.clone(),
+        folder,
+        device: device_name(device.location()),
+        dtype: request.dtype.to_string(),
+        size_multiple: pipeline.size_multiple(),
+        warning,
+    };
+    Ok((pipeline, info))
+}
+
+fn device_name(location: DeviceLocation) -> String {
+    match location {
+        DeviceLocation::Cpu => "cpu".into(),
+        DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
+/// An error's message on one line (candle errors may carry several).
+fn one_line(error: &dyn std::error::Error) -> String {
+    error
+        .to_string()
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn panic_message(panic: &Box<dyn Any + Send>) -> String {
+    if let Some(text) = panic.downcast_ref::<&str>() {
+        (*text).to_string()
+    } else if let Some(text) = panic.downcast_ref::<String>() {
+        text.split_whitespace().collect::<Vec<_>>().join(" ")
+    } else {
+        "a panic without a message".into()
+    }
+}

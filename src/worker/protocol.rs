@@ -1,0 +1,152 @@
+//! What the window and the model thread say to each other: [`Job`]s in, [`Event`]s out.
+//!
+//! Plain data only (images, numbers, strings): no tensors, no GUI types, so the window never needs
+//! candle and the worker never needs the GUI toolkit.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use image::RgbImage;
+
+use crate::model::device::{DTypeChoice, DeviceChoice};
+use crate::model::hub::HubSettings;
+use crate::pipeline::EditSettings;
+
+/// Names one edit; chosen by the caller, echoed in every event about that edit.
+pub type JobId = u64;
+
+/// Work for the model thread.
+#[derive(Debug, Clone)]
+pub enum Job {
+    /// Load (fetching from the Hub when needed) a model, replacing the loaded one.
+    LoadModel(ModelRequest),
+    /// Run one edit with the loaded model. "Latest wins": a new edit cancels the running one and
+    /// replaces one still waiting (see [`super::WorkerHandle::send`]).
+    Edit(EditJob),
+    /// Stop the edit with this id, running or waiting; the same as [`super::WorkerHandle::cancel`].
+    Cancel { id: JobId },
+    /// Stop the thread: the running edit is cancelled, waiting work is dropped.
+    Shutdown,
+}
+
+/// Which model to load and how.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelRequest {
+    /// A folder in diffusers' layout or a Hub repo id (`owner/name`), as the `--model` flag.
+    pub spec: String,
+    /// Branch, tag or commit for a Hub repo; `None` is `main`.
+    pub revision: Option<String>,
+    pub device: DeviceChoice,
+    /// float16 also picks the repo's fp16 weight files, as the command line does.
+    pub dtype: DTypeChoice,
+    /// Where the Hub is and where its cache lives; `None` reads the `HF_*` environment variables.
+    pub hub: Option<HubSettings>,
+}
+
+impl ModelRequest {
+    /// A request with the environment's Hub settings.
+    pub fn new(spec: impl Into<String>, device: DeviceChoice, dtype: DTypeChoice) -> Self {
+        Self {
+            spec: spec.into(),
+            revision: None,
+            device,
+            dtype,
+            hub: None,
+        }
+    }
+}
+
+/// One edit.
+///
+/// The image is given as the user opened it; the worker scales it to the edit size itself (long
+/// side capped at `max_side`, sides floored to the model's multiple, Pillow's Lanczos filter, as
+/// [`crate::pipeline::image::edit_size`] and the command line's `--resolution`), so the window
+/// needs to know nothing of the model and never spends frame time resizing. Sending the same
+/// `Arc` again (slider re-runs) reuses the scaled image and the cached VAE encoding.
+#[derive(Debug, Clone)]
+pub struct EditJob {
+    pub id: JobId,
+    /// The input at its own size.
+    pub image: Arc<RgbImage>,
+    /// The most pixels the long side may have; `u32::MAX` keeps the size (floored to the multiple).
+    pub max_side: u32,
+    /// Prompt, scales, steps, seed, scheduler.
+    pub settings: EditSettings,
+    /// Size of the latent previews sent with step events; `None` sends steps without previews.
+    pub preview_size: Option<(u32, u32)>,
+}
+
+/// News from the model thread.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// Loading `spec` has started; the previously loaded model has been released.
+    ModelLoading { spec: String },
+    /// Bytes of one file downloaded so far (may be skipped when the window is slow).
+    Download { file: String, done: u64, total: u64 },
+    /// The model is ready for edits.
+    ModelLoaded(ModelInfo),
+    /// An edit has started at this size (after scaling).
+    EditStarted { id: JobId, width: u32, height: u32 },
+    /// A denoising step is done (may be skipped when the window is slow; never the last events).
+    Step(StepProgress),
+    /// An edit's result.
+    Finished(Box<EditResult>),
+    /// The edit was cancelled (by [`Job::Cancel`] or shutdown) before it finished.
+    Cancelled { id: JobId },
+    /// The edit was stopped, or dropped before starting, because edit `by` replaced it.
+    Superseded { id: JobId, by: JobId },
+    /// Something failed: an edit (`id` set) or a model load (`id` none). One line, for the user.
+    Failed { id: Option<JobId>, message: String },
+}
+
+/// What was loaded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelInfo {
+    /// The spec as requested.
+    pub name: String,
+    /// The folder the weights were read from (a Hub cache snapshot for repos).
+    pub folder: PathBuf,
+    /// `cpu`, `cuda:0`, `metal:0`.
+    pub device: String,
+    /// `f32`, `f16`, `bf16`.
+    pub dtype: String,
+    /// Image sides must be multiples of this (the VAE factor).
+    pub size_multiple: u32,
+    /// Works, but badly (float16 on the CPU).
+    pub warning: Option<String>,
+}
+
+/// Progress of a running edit.
+#[derive(Debug, Clone)]
+pub struct StepProgress {
+    pub id: JobId,
+    /// Steps done (1 after the first).
+    pub step: usize,
+    pub total: usize,
+    /// Time in the denoising loop so far.
+    pub elapsed: Duration,
+    /// Remaining denoising time at the mean step time so far (the VAE decode comes on top).
+    pub eta: Duration,
+    /// The latents seen as RGB at the job's `preview_size`, when asked for.
+    pub preview: Option<RgbImage>,
+}
+
+/// A finished edit.
+#[derive(Debug, Clone)]
+pub struct EditResult {
+    pub id: JobId,
+    /// The edited image, at the edit size.
+    pub image: RgbImage,
+    /// The input as edited (scaled to the edit size): the "before" of a comparison.
+    pub input: Arc<RgbImage>,
+    pub seed: u64,
+    /// The settings the edit ran with (for the history and the saved file's metadata).
+    pub settings: EditSettings,
+    /// Whether the prompt embeddings / image latents were kept from the previous edit.
+    pub reused_prompt_embeddings: bool,
+    pub reused_image_latents: bool,
+    /// Time in the denoising loop, and for the whole edit (encodings and decode included).
+    pub denoise_time: Duration,
+    pub total_time: Duration,
+}
