@@ -268,6 +268,45 @@ fn bench_ops(reps: usize) -> Result<()> {
     println!();
     println!(
         "{:<28} {:>10} {:>10} {:>8} {:>9}",
+        "group norm + SiLU", "apart ms", "fused ms", "speedup", "rel diff"
+    );
+    for (name, shape) in [
+        ("unet 320 @64²", (3usize, 320usize, 64usize, 64usize)),
+        ("vae 256 @256²", (1, 256, 256, 256)),
+        ("vae 128 @512²", (1, 128, 512, 512)),
+    ] {
+        let channels = shape.1;
+        let x = (Tensor::randn(0f32, 1.0, shape, &device)? + 0.5)?;
+        let norm = GroupNorm::new(
+            Tensor::randn(1f32, 0.1, channels, &device)?,
+            Tensor::randn(0f32, 0.1, channels, &device)?,
+            32,
+            1e-6,
+        )?;
+        let (mut apart_times, mut fused_times) = (vec![], vec![]);
+        let mut diff = 0f32;
+        for _ in 0..reps {
+            // The fused group norm followed by candle's SiLU, against the single fused pass.
+            let (t_apart, y_apart) = timed(|| Ok(norm.forward(&x)?.silu()?))?;
+            let (t_fused, y_fused) = timed(|| Ok(norm.forward_silu(&x)?))?;
+            apart_times.push(t_apart);
+            fused_times.push(t_fused);
+            diff = diff.max(relative_diff(&y_fused, &y_apart)?);
+        }
+        let (ta, tf) = (median(apart_times), median(fused_times));
+        println!(
+            "{:<28} {:>10.2} {:>10.2} {:>7.2}× {:>9.1e}",
+            name,
+            ta * 1e3,
+            tf * 1e3,
+            ta / tf,
+            diff
+        );
+    }
+
+    println!();
+    println!(
+        "{:<28} {:>10} {:>10} {:>8} {:>9}",
         "attention", "candle ms", "fused ms", "speedup", "rel diff"
     );
     for (name, batch, q_len, kv_len, inner, heads) in [
