@@ -3,10 +3,12 @@
 //!
 //! ```text
 //! cargo run --release --locked --example cpu_kernels_bench -- ops [REPS]
+//! cargo run --release --locked --example cpu_kernels_bench -- attention [REPS] [NAME_PART]
 //! cargo run --release --locked --example cpu_kernels_bench -- unet MODEL_DIR [REPS] [fast|candle]
 //! ```
 //!
-//! `ops` times single convolutions and group norms at Stable Diffusion 1.5 shapes and checks
+//! `attention` times the fused attention at the 256² and 512² edits' shapes (GFLOP/s of the two
+//! products) and checks it once against the composed ops. `ops` times single convolutions and group norms at Stable Diffusion 1.5 shapes and checks
 //! that both sides agree; `unet` times one forward of the UNet in MODEL_DIR/unet (a diffusers
 //! folder) on a batch of 3 latents of 8×32×32 (a 256×256 edit), timestep 500, a 3×77×768
 //! context. With `fast` or `candle` it runs only that side (for a profiler).
@@ -27,12 +29,18 @@ fn main() -> Result<()> {
             let reps = args.get(1).map(|r| r.parse()).transpose()?.unwrap_or(5);
             bench_ops(reps)
         }
+        Some("attention") => {
+            let reps = args.get(1).map(|r| r.parse()).transpose()?.unwrap_or(3);
+            bench_attention(reps, args.get(2).map(String::as_str))
+        }
         Some("unet") => {
             let dir = args.get(1).context("unet needs MODEL_DIR")?;
             let reps = args.get(2).map(|r| r.parse()).transpose()?.unwrap_or(3);
             bench_unet(Path::new(dir), reps, args.get(3).map(String::as_str))
         }
-        _ => bail!("usage: cpu_kernels_bench ops [REPS] | unet MODEL_DIR [REPS] [fast|candle]"),
+        _ => bail!(
+            "usage: cpu_kernels_bench ops [REPS] | attention [REPS] [NAME_PART] | unet MODEL_DIR [REPS] [fast|candle]"
+        ),
     }
 }
 
@@ -126,6 +134,30 @@ fn bench_ops(reps: usize) -> Result<()> {
             name: "vae 128→128 3×3 @256²",
             input: (1, 128, 256, 256),
             out_channels: 128,
+            kernel: 3,
+            stride: 1,
+            padding: 1,
+        },
+        ConvCase {
+            name: "vae 128→128 3×3 @512²",
+            input: (1, 128, 512, 512),
+            out_channels: 128,
+            kernel: 3,
+            stride: 1,
+            padding: 1,
+        },
+        ConvCase {
+            name: "vae 256→256 3×3 @256²",
+            input: (1, 256, 256, 256),
+            out_channels: 256,
+            kernel: 3,
+            stride: 1,
+            padding: 1,
+        },
+        ConvCase {
+            name: "vae 512→512 3×3 @64²",
+            input: (1, 512, 64, 64),
+            out_channels: 512,
             kernel: 3,
             stride: 1,
             padding: 1,
@@ -236,6 +268,45 @@ fn bench_ops(reps: usize) -> Result<()> {
     println!();
     println!(
         "{:<28} {:>10} {:>10} {:>8} {:>9}",
+        "group norm + SiLU", "apart ms", "fused ms", "speedup", "rel diff"
+    );
+    for (name, shape) in [
+        ("unet 320 @64²", (3usize, 320usize, 64usize, 64usize)),
+        ("vae 256 @256²", (1, 256, 256, 256)),
+        ("vae 128 @512²", (1, 128, 512, 512)),
+    ] {
+        let channels = shape.1;
+        let x = (Tensor::randn(0f32, 1.0, shape, &device)? + 0.5)?;
+        let norm = GroupNorm::new(
+            Tensor::randn(1f32, 0.1, channels, &device)?,
+            Tensor::randn(0f32, 0.1, channels, &device)?,
+            32,
+            1e-6,
+        )?;
+        let (mut apart_times, mut fused_times) = (vec![], vec![]);
+        let mut diff = 0f32;
+        for _ in 0..reps {
+            // The fused group norm followed by candle's SiLU, against the single fused pass.
+            let (t_apart, y_apart) = timed(|| Ok(norm.forward(&x)?.silu()?))?;
+            let (t_fused, y_fused) = timed(|| Ok(norm.forward_silu(&x)?))?;
+            apart_times.push(t_apart);
+            fused_times.push(t_fused);
+            diff = diff.max(relative_diff(&y_fused, &y_apart)?);
+        }
+        let (ta, tf) = (median(apart_times), median(fused_times));
+        println!(
+            "{:<28} {:>10.2} {:>10.2} {:>7.2}× {:>9.1e}",
+            name,
+            ta * 1e3,
+            tf * 1e3,
+            ta / tf,
+            diff
+        );
+    }
+
+    println!();
+    println!(
+        "{:<28} {:>10} {:>10} {:>8} {:>9}",
         "attention", "candle ms", "fused ms", "speedup", "rel diff"
     );
     for (name, batch, q_len, kv_len, inner, heads) in [
@@ -325,6 +396,56 @@ fn bench_unet(model_dir: &Path, reps: usize, only: Option<&str>) -> Result<()> {
         println!(
             "relative max difference fused vs candle: {:.2e}",
             relative_diff(fused, candle)?
+        );
+    }
+    Ok(())
+}
+
+/// The fused attention at the shapes of 256² and 512² edits; the composed ops (which build the
+/// whole score tensor) run once per case, as the reference.
+fn bench_attention(reps: usize, only: Option<&str>) -> Result<()> {
+    let device = Device::Cpu;
+    println!(
+        "{:<28} {:>10} {:>9} {:>9}",
+        "attention", "fused ms", "GFLOP/s", "rel diff"
+    );
+    for (name, batch, q_len, kv_len, inner, heads) in [
+        (
+            "unet self 8×40 @32²",
+            3usize,
+            1024usize,
+            1024usize,
+            320usize,
+            8usize,
+        ),
+        ("unet self 8×40 @64²", 3, 4096, 4096, 320, 8),
+        ("unet cross 8×40 @64²", 3, 4096, 77, 320, 8),
+        ("unet self 8×80 @32²", 3, 1024, 1024, 640, 8),
+        ("vae mid 1×512 @32²", 1, 1024, 1024, 512, 1),
+        ("vae mid 1×512 @64²", 1, 4096, 4096, 512, 1),
+    ] {
+        if only.is_some_and(|only| !name.contains(only)) {
+            continue;
+        }
+        let q = Tensor::randn(0f32, 1.0, (batch, q_len, inner), &device)?;
+        let k = Tensor::randn(0f32, 1.0, (batch, kv_len, inner), &device)?;
+        let v = Tensor::randn(0f32, 1.0, (batch, kv_len, inner), &device)?;
+        let reference = nn::attention_composed(&q, &k, &v, heads)?;
+        let mut times = vec![];
+        let mut diff = 0f32;
+        for _ in 0..reps {
+            let (t, y) = timed(|| Ok(nn::attention(&q, &k, &v, heads)?))?;
+            times.push(t);
+            diff = diff.max(relative_diff(&y, &reference)?);
+        }
+        let t = median(times);
+        let flop = 4.0 * (batch * q_len * kv_len * inner) as f64;
+        println!(
+            "{:<28} {:>10.2} {:>9.1} {:>9.1e}",
+            name,
+            t * 1e3,
+            flop / t / 1e9,
+            diff
         );
     }
     Ok(())

@@ -131,10 +131,25 @@ impl GroupNorm {
     }
 }
 
+impl GroupNorm {
+    /// `silu(self.forward(x))`, fused into the group norm's single output pass when the CPU
+    /// kernel applies (no separate single-threaded SiLU pass nor intermediate tensor).
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        if fast_path_allowed(&[x, &self.weight, &self.bias])
+            && let Some(y) =
+                cpu::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, true)?
+        {
+            return Ok(y);
+        }
+        self.composed.forward(x)?.silu()
+    }
+}
+
 impl Module for GroupNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if fast_path_allowed(&[x, &self.weight, &self.bias])
-            && let Some(y) = cpu::group_norm(x, &self.weight, &self.bias, self.groups, self.eps)?
+            && let Some(y) =
+                cpu::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, false)?
         {
             return Ok(y);
         }

@@ -363,6 +363,14 @@ impl Activation {
             Self::Relu => x.relu(),
         }
     }
+
+    /// `self.apply(norm.forward(x))`, with SiLU fused into the group norm's kernel.
+    fn apply_after_norm(self, norm: &GroupNorm, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Silu => norm.forward_silu(x),
+            _ => self.apply(&norm.forward(x)?),
+        }
+    }
 }
 
 /// The config with every per-block value spelled out, as the constructor needs it.
@@ -717,7 +725,7 @@ impl ResnetBlock2D {
     /// `x` [B, C_in, H, W]; `temb_activated` is the time embedding [B, T] after the activation
     /// (diffusers applies it inside every resnet; the UNet does it once for all of them).
     pub fn forward(&self, x: &Tensor, temb_activated: &Tensor) -> Result<Tensor> {
-        let h = self.act.apply(&self.norm1.forward(x)?)?;
+        let h = self.act.apply_after_norm(&self.norm1, x)?;
         let h = self.conv1.forward(&h)?;
         let temb = self
             .time_emb_proj
@@ -725,7 +733,7 @@ impl ResnetBlock2D {
             .unsqueeze(2)?
             .unsqueeze(3)?;
         let h = h.broadcast_add(&temb)?;
-        let h = self.act.apply(&self.norm2.forward(&h)?)?;
+        let h = self.act.apply_after_norm(&self.norm2, &h)?;
         let h = self.conv2.forward(&h)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(x)?,
@@ -1593,7 +1601,7 @@ impl UNet2DConditionModel {
         }
 
         // 5. Out.
-        let h = self.act.apply(&self.conv_norm_out.forward(&h)?)?;
+        let h = self.act.apply_after_norm(&self.conv_norm_out, &h)?;
         self.conv_out.forward(&h)
     }
 }
