@@ -63,6 +63,25 @@ fn relative_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
     Ok(diff / scale.max(f32::MIN_POSITIVE))
 }
 
+/// Interleaved A/B timing: runs `reference` then `candidate` `reps` times and returns their
+/// median seconds and the largest relative difference of the candidate's output.
+fn compare(
+    reps: usize,
+    reference: impl Fn() -> Result<Tensor>,
+    candidate: impl Fn() -> Result<Tensor>,
+) -> Result<(f64, f64, f32)> {
+    let (mut reference_times, mut candidate_times) = (vec![], vec![]);
+    let mut diff = 0f32;
+    for _ in 0..reps {
+        let (t_reference, y_reference) = timed(&reference)?;
+        let (t_candidate, y_candidate) = timed(&candidate)?;
+        reference_times.push(t_reference);
+        candidate_times.push(t_candidate);
+        diff = diff.max(relative_diff(&y_candidate, &y_reference)?);
+    }
+    Ok((median(reference_times), median(candidate_times), diff))
+}
+
 struct ConvCase {
     name: &'static str,
     input: (usize, usize, usize, usize),
@@ -205,16 +224,11 @@ fn bench_ops(reps: usize) -> Result<()> {
         let out_w = (w + 2 * case.padding - case.kernel) / case.stride + 1;
         let flop =
             2.0 * (b * case.out_channels * out_h * out_w * c * case.kernel * case.kernel) as f64;
-        let (mut candle_times, mut fused_times) = (vec![], vec![]);
-        let mut diff = 0f32;
-        for _ in 0..reps {
-            let (t_candle, y_candle) = timed(|| Ok(conv.forward_candle(&x)?))?;
-            let (t_fused, y_fused) = timed(|| Ok(conv.forward(&x)?))?;
-            candle_times.push(t_candle);
-            fused_times.push(t_fused);
-            diff = diff.max(relative_diff(&y_fused, &y_candle)?);
-        }
-        let (tc, tf) = (median(candle_times), median(fused_times));
+        let (tc, tf, diff) = compare(
+            reps,
+            || Ok(conv.forward_candle(&x)?),
+            || Ok(conv.forward(&x)?),
+        )?;
         println!(
             "{:<28} {:>10.2} {:>10.2} {:>9.1} {:>9.1} {:>7.2}× {:>9.1e}",
             case.name,
@@ -245,16 +259,11 @@ fn bench_ops(reps: usize) -> Result<()> {
             32,
             1e-5,
         )?;
-        let (mut candle_times, mut fused_times) = (vec![], vec![]);
-        let mut diff = 0f32;
-        for _ in 0..reps {
-            let (t_candle, y_candle) = timed(|| Ok(norm.forward_composed(&x)?))?;
-            let (t_fused, y_fused) = timed(|| Ok(norm.forward(&x)?))?;
-            candle_times.push(t_candle);
-            fused_times.push(t_fused);
-            diff = diff.max(relative_diff(&y_fused, &y_candle)?);
-        }
-        let (tc, tf) = (median(candle_times), median(fused_times));
+        let (tc, tf, diff) = compare(
+            reps,
+            || Ok(norm.forward_composed(&x)?),
+            || Ok(norm.forward(&x)?),
+        )?;
         println!(
             "{:<28} {:>10.2} {:>10.2} {:>7.2}× {:>9.1e}",
             name,
@@ -283,17 +292,12 @@ fn bench_ops(reps: usize) -> Result<()> {
             32,
             1e-6,
         )?;
-        let (mut apart_times, mut fused_times) = (vec![], vec![]);
-        let mut diff = 0f32;
-        for _ in 0..reps {
-            // The fused group norm followed by candle's SiLU, against the single fused pass.
-            let (t_apart, y_apart) = timed(|| Ok(norm.forward(&x)?.silu()?))?;
-            let (t_fused, y_fused) = timed(|| Ok(norm.forward_silu(&x)?))?;
-            apart_times.push(t_apart);
-            fused_times.push(t_fused);
-            diff = diff.max(relative_diff(&y_fused, &y_apart)?);
-        }
-        let (ta, tf) = (median(apart_times), median(fused_times));
+        // The fused group norm followed by candle's SiLU, against the single fused pass.
+        let (ta, tf, diff) = compare(
+            reps,
+            || Ok(norm.forward(&x)?.silu()?),
+            || Ok(norm.forward_silu(&x)?),
+        )?;
         println!(
             "{:<28} {:>10.2} {:>10.2} {:>7.2}× {:>9.1e}",
             name,
@@ -325,16 +329,11 @@ fn bench_ops(reps: usize) -> Result<()> {
         let q = Tensor::randn(0f32, 1.0, (batch, q_len, inner), &device)?;
         let k = Tensor::randn(0f32, 1.0, (batch, kv_len, inner), &device)?;
         let v = Tensor::randn(0f32, 1.0, (batch, kv_len, inner), &device)?;
-        let (mut candle_times, mut fused_times) = (vec![], vec![]);
-        let mut diff = 0f32;
-        for _ in 0..reps {
-            let (t_candle, y_candle) = timed(|| Ok(nn::attention_composed(&q, &k, &v, heads)?))?;
-            let (t_fused, y_fused) = timed(|| Ok(nn::attention(&q, &k, &v, heads)?))?;
-            candle_times.push(t_candle);
-            fused_times.push(t_fused);
-            diff = diff.max(relative_diff(&y_fused, &y_candle)?);
-        }
-        let (tc, tf) = (median(candle_times), median(fused_times));
+        let (tc, tf, diff) = compare(
+            reps,
+            || Ok(nn::attention_composed(&q, &k, &v, heads)?),
+            || Ok(nn::attention(&q, &k, &v, heads)?),
+        )?;
         println!(
             "{:<28} {:>10.2} {:>10.2} {:>7.2}× {:>9.1e}",
             name,

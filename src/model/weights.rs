@@ -442,8 +442,15 @@ pub fn check_safetensors(path: &Path) -> Result<(), WeightsError> {
     read_checked_header(path).map(|_| ())
 }
 
+/// A checked safetensors header: tensor name → `{dtype, shape, data_offsets}` (plus
+/// `__metadata__`), and the absolute offset where the data offsets start counting.
+struct CheckedHeader {
+    entries: serde_json::Map<String, Value>,
+    data_start: u64,
+}
+
 /// Reads a safetensors header and checks it against the file's length (see [`check_safetensors`]).
-fn read_checked_header(path: &Path) -> Result<serde_json::Map<String, Value>, WeightsError> {
+fn read_checked_header(path: &Path) -> Result<CheckedHeader, WeightsError> {
     let read_err = |source| WeightsError::Read {
         path: path.to_path_buf(),
         source,
@@ -535,7 +542,10 @@ fn read_checked_header(path: &Path) -> Result<serde_json::Map<String, Value>, We
             data_len - data_end
         )));
     }
-    Ok(header)
+    Ok(CheckedHeader {
+        entries: header,
+        data_start: 8 + header_len,
+    })
 }
 
 /// A JSON array of unsigned integers, `None` for anything else.
@@ -593,9 +603,6 @@ pub fn var_builder(
     };
     match format {
         WeightFormat::SafeTensors => {
-            for file in files {
-                check_safetensors(file)?;
-            }
             let backend = StreamedSafetensors::open(files)?;
             Ok(VarBuilder::from_backend(
                 Box::new(backend),
@@ -649,21 +656,20 @@ struct StreamedTensor {
 }
 
 impl StreamedSafetensors {
-    /// Indexes the (already checked) files' headers; a name in several files keeps the last.
+    /// Checks and indexes the files' headers; a name in several files keeps the last.
     fn open(files: &[PathBuf]) -> Result<Self, WeightsError> {
         let mut tensors = HashMap::new();
         for path in files {
-            let header = read_checked_header(path)?;
-            let read_err = |source| WeightsError::Read {
+            let CheckedHeader {
+                entries,
+                data_start,
+            } = read_checked_header(path)?;
+            let file = std::fs::File::open(path).map_err(|source| WeightsError::Read {
                 path: path.clone(),
                 source,
-            };
-            let mut file = std::fs::File::open(path).map_err(read_err)?;
-            let mut len_bytes = [0u8; 8];
-            file.read_exact(&mut len_bytes).map_err(read_err)?;
-            let data_start = 8 + u64::from_le_bytes(len_bytes);
+            })?;
             let file = std::sync::Arc::new(std::sync::Mutex::new(file));
-            for (name, info) in &header {
+            for (name, info) in &entries {
                 if name == "__metadata__" {
                     continue;
                 }
@@ -787,7 +793,7 @@ impl candle_nn::var_builder::SimpleBackend for StreamedSafetensors {
 pub fn safetensors_shapes(files: &[PathBuf]) -> Result<BTreeMap<String, Vec<u64>>, WeightsError> {
     let mut shapes = BTreeMap::new();
     for path in files {
-        for (name, info) in read_checked_header(path)? {
+        for (name, info) in read_checked_header(path)?.entries {
             if name == "__metadata__" {
                 continue;
             }
