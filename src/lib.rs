@@ -8,6 +8,7 @@
 //! - [`worker`]: the background thread that owns the model for the window (jobs in, events out).
 
 pub mod cli;
+pub mod gui;
 pub mod model;
 pub mod pipeline;
 pub mod worker;

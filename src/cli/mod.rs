@@ -5,15 +5,20 @@ mod bench;
 mod edit;
 mod load;
 mod progress;
+mod window;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
 /// Edit photos from written instructions with InstructPix2Pix diffusion models.
+///
+/// Without a subcommand, opens the editor window (with IMAGE when given).
 #[derive(Debug, Parser)]
-#[command(name = "instruct-pix2pix", version, about, long_about = None)]
+#[command(name = "instruct-pix2pix", version, about, args_conflicts_with_subcommands = true)]
 pub struct Cli {
+    #[command(flatten)]
+    pub window: window::WindowArgs,
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -38,12 +43,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Edit(args)) => edit::run(args),
         Some(Command::Bench(args)) => bench::run(args),
-        None => {
-            use clap::CommandFactory;
-            let mut command = Cli::command();
-            let _ = command.print_help();
-            return ExitCode::from(2);
-        }
+        None => window::run(cli.window),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

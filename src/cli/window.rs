@@ -1,0 +1,63 @@
+//! No subcommand: the editor window, with optional start-up choices.
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use clap::Args;
+
+use crate::gui::{self, StartOptions, settings::SettingsStore};
+
+#[derive(Debug, Args)]
+pub struct WindowArgs {
+    /// An image to open at start (what "Open with" passes).
+    #[arg(value_name = "IMAGE")]
+    pub image: Option<PathBuf>,
+    /// The model to load at start, instead of the last one used: a folder or a Hub repo id.
+    #[arg(long, value_name = "DIR|REPO_ID")]
+    pub model: Option<String>,
+    /// The instruction to start with.
+    #[arg(long, value_name = "TEXT")]
+    pub prompt: Option<String>,
+    /// Start the edit as soon as the model and the image are ready.
+    #[arg(long, requires = "image", requires = "prompt")]
+    pub generate: bool,
+    /// Save a screenshot of the window (PNG) once the first result shows (or the image, without
+    /// --generate).
+    #[arg(long, value_name = "PATH")]
+    pub screenshot: Option<PathBuf>,
+    /// Close the window after the screenshot is written.
+    #[arg(long, requires = "screenshot")]
+    pub exit_after_screenshot: bool,
+    /// At exit, write frame-time statistics (JSON) here: the benchmark of the window's
+    /// responsiveness during an edit.
+    #[arg(long, value_name = "PATH")]
+    pub frame_stats: Option<PathBuf>,
+    /// Do not read or write the settings file (a clean start, as on a new machine).
+    #[arg(long)]
+    pub no_settings: bool,
+}
+
+pub fn run(args: WindowArgs) -> Result<()> {
+    if let Some(image) = &args.image
+        && !image.is_file()
+    {
+        bail!("{}: no such image file", image.display());
+    }
+    let settings_store = if args.no_settings {
+        None
+    } else {
+        SettingsStore::user()
+    };
+    let options = StartOptions {
+        model: args.model,
+        image: args.image,
+        prompt: args.prompt,
+        generate: args.generate,
+        screenshot: args.screenshot,
+        exit_after_screenshot: args.exit_after_screenshot,
+        frame_stats: args.frame_stats,
+        settings_store,
+    };
+    gui::run(options)?;
+    Ok(())
+}

@@ -1,0 +1,947 @@
+//! The editor's state and what happens to it: opening images, sending edits to the model thread,
+//! taking in its events, history, the guidance explorer, saving. Drawing lives in
+//! [`super::panels`] and [`super::dialogs`]; this file never draws beyond the frame's outline.
+//!
+//! State is split the way egui's demo app does it: [`Settings`] is what persists, everything else
+//! is this run's (loaded textures, history, the running edit).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+use egui::{TextureHandle, TextureOptions};
+use image::RgbImage;
+
+use crate::model::hub::{HubSettings, ModelSpec};
+use crate::pipeline::EditSettings;
+use crate::pipeline::image::edit_size;
+use crate::pipeline::metadata::EditRecord;
+use crate::worker::{
+    self, EditJob, EditResult, Event, Job, JobId, ModelInfo, ModelRequest, StepProgress, Worker,
+    WorkerHandle,
+};
+
+use super::explorer::Explorer;
+use super::settings::{Settings, SettingsStore};
+use super::tasks::{OpenedImage, TaskEvent, Tasks, display_image, to_color_image};
+use super::viewer::ViewerState;
+
+/// How long one frame may spend taking in events before drawing.
+const EVENT_BUDGET: Duration = Duration::from_millis(8);
+
+/// How the window starts: a model, an image and an instruction to begin with, and the unattended
+/// mode used by the real-window test (edit, screenshot, quit).
+#[derive(Debug, Clone, Default)]
+pub struct StartOptions {
+    /// Replaces the remembered model.
+    pub model: Option<String>,
+    pub image: Option<PathBuf>,
+    pub prompt: Option<String>,
+    /// Start an edit as soon as the model and the image are ready.
+    pub generate: bool,
+    /// After the first result (or, without `generate`, once the image shows), save a screenshot
+    /// of the window here.
+    pub screenshot: Option<PathBuf>,
+    /// Close the window once the screenshot is written.
+    pub exit_after_screenshot: bool,
+    /// At exit, write frame-time statistics (JSON) here.
+    pub frame_stats: Option<PathBuf>,
+    /// Where settings persist; None keeps them for this run only.
+    pub settings_store: Option<SettingsStore>,
+}
+
+/// The model thread's state as the window knows it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelState {
+    /// Nothing loaded or asked for.
+    None,
+    Loading {
+        spec: String,
+        download: Option<DownloadStatus>,
+    },
+    Ready(ModelInfo),
+    Failed {
+        spec: String,
+        message: String,
+    },
+}
+
+/// The file being downloaded and how far along it is.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DownloadStatus {
+    pub file: String,
+    pub done: u64,
+    pub total: u64,
+}
+
+/// What a running edit is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// The main edit: its result joins the history and shows.
+    Main,
+    /// A cell of the guidance explorer's grid.
+    Explorer { cell: usize },
+}
+
+/// The edit the model thread is working on for us.
+#[derive(Debug, Clone)]
+pub struct RunningEdit {
+    pub id: JobId,
+    pub purpose: Purpose,
+    pub started: Instant,
+    /// The size it runs at, once the thread said.
+    pub size: Option<(u32, u32)>,
+    /// The latest step event.
+    pub progress: Option<StepProgress>,
+    /// The input it edits, at its own size.
+    pub source: Arc<RgbImage>,
+}
+
+/// The input image and its texture.
+#[derive(Clone)]
+pub struct InputImage {
+    pub opened: OpenedImage,
+    pub texture: TextureHandle,
+    /// File name, or where it came from ("clipboard", "result #3").
+    pub name: String,
+}
+
+/// One finished edit of this session.
+#[derive(Clone)]
+pub struct HistoryEntry {
+    /// 1-based, in the order results arrived.
+    pub number: usize,
+    pub result: Arc<EditResult>,
+    /// The input it edited, at its own size (to tell whether a slider change can re-run it).
+    pub source: Arc<RgbImage>,
+    /// The model that made it (for the saved file's record).
+    pub model: String,
+    pub dtype: String,
+    pub texture: TextureHandle,
+    /// The input as edited, for before/after.
+    pub before: TextureHandle,
+}
+
+impl HistoryEntry {
+    /// The settings as a saved PNG carries them.
+    pub fn record(&self) -> EditRecord {
+        let (width, height) = self.result.image.dimensions();
+        EditRecord::new(
+            &self.model,
+            &self.result.settings,
+            width,
+            height,
+            &self.dtype,
+        )
+    }
+}
+
+/// A message shown at the top of the image view until dismissed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Notice {
+    pub text: String,
+    pub is_error: bool,
+}
+
+/// Frame times, for the "never blocks" benchmark.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct FrameStats {
+    pub frames: u64,
+    /// Frames drawn while an edit ran.
+    pub frames_during_edit: u64,
+    /// Longest time spent in one frame's logic and drawing, any time / during an edit (ms).
+    pub worst_frame_ms: f64,
+    pub worst_frame_during_edit_ms: f64,
+    /// Mean frame time during an edit (ms).
+    pub mean_frame_during_edit_ms: f64,
+    /// Longest gap between the starts of two frames during an edit (ms): includes rendering and
+    /// any wait for the CPU, which the model thread keeps busy.
+    pub worst_gap_during_edit_ms: f64,
+    #[serde(skip)]
+    sum_during_edit_ms: f64,
+    #[serde(skip)]
+    last_frame_start: Option<Instant>,
+}
+
+impl FrameStats {
+    fn record(&mut self, started: Instant, took: Duration, during_edit: bool) {
+        let ms = took.as_secs_f64() * 1000.0;
+        self.frames += 1;
+        self.worst_frame_ms = self.worst_frame_ms.max(ms);
+        if during_edit {
+            if let Some(last) = self.last_frame_start {
+                let gap = started.duration_since(last).as_secs_f64() * 1000.0;
+                self.worst_gap_during_edit_ms = self.worst_gap_during_edit_ms.max(gap);
+            }
+            self.frames_during_edit += 1;
+            self.sum_during_edit_ms += ms;
+            self.worst_frame_during_edit_ms = self.worst_frame_during_edit_ms.max(ms);
+            self.mean_frame_during_edit_ms = self.sum_during_edit_ms / self.frames_during_edit as f64;
+        }
+        self.last_frame_start = during_edit.then_some(started);
+    }
+}
+
+/// Unattended start: what is left to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Autopilot {
+    /// Waiting for the model and the image, then generate.
+    Generate,
+    /// Waiting for a result (or the image) before the screenshot.
+    AwaitShot,
+    /// Screenshot requested, waiting for it to be written.
+    ShotRequested,
+    Done,
+}
+
+/// The editor window.
+pub struct EditorApp {
+    pub settings: Settings,
+    pub store: Option<SettingsStore>,
+    /// The instruction being typed.
+    pub prompt: String,
+    pub model: ModelState,
+    pub input: Option<InputImage>,
+    /// Earlier inputs, for "Undo input".
+    pub input_stack: Vec<InputImage>,
+    pub running: Option<RunningEdit>,
+    /// The running edit's latest latent preview.
+    pub preview: Option<TextureHandle>,
+    pub history: Vec<HistoryEntry>,
+    /// The history entry in view; None shows the input.
+    pub selected: Option<usize>,
+    pub viewer: ViewerState,
+    pub notices: Vec<Notice>,
+    pub explorer: Explorer,
+    /// Re-run the edit when a slider or the seed changes after a result.
+    pub rerun_on_change: bool,
+    pub frame_stats: FrameStats,
+    pub ui_state: super::dialogs::DialogState,
+
+    ctx: egui::Context,
+    worker: Option<WorkerHandle>,
+    events: Receiver<Event>,
+    pub(crate) tasks: Tasks,
+    task_events: Receiver<TaskEvent>,
+    next_job: JobId,
+    options: StartOptions,
+    autopilot: Autopilot,
+    frame_started: Option<Instant>,
+}
+
+impl EditorApp {
+    /// The app for eframe: settings from the store named in `options` (the user's by default).
+    pub fn new(cc: &eframe::CreationContext<'_>, options: StartOptions) -> Self {
+        Self::with_context(cc.egui_ctx.clone(), options)
+    }
+
+    /// The app on any egui context (tests drive it through egui_kittest).
+    pub fn with_context(ctx: egui::Context, options: StartOptions) -> Self {
+        let waker_ctx = ctx.clone();
+        let waker: worker::Waker = Arc::new(move || waker_ctx.request_repaint());
+        let (tasks, task_events) = Tasks::new(waker.clone());
+        let mut notices = Vec::new();
+        let (mut settings, store) = match &options.settings_store {
+            Some(store) => {
+                let (settings, error) = store.load();
+                if let Some(error) = error {
+                    notices.push(Notice {
+                        text: error.to_string(),
+                        is_error: true,
+                    });
+                }
+                (settings, Some(store.clone()))
+            }
+            None => (Settings::default(), None),
+        };
+        if let Some(model) = &options.model {
+            settings.model = model.clone();
+        }
+        let (worker, events) = match Worker::spawn(waker) {
+            Ok((handle, events)) => (Some(handle), events),
+            Err(e) => {
+                notices.push(Notice {
+                    text: format!("cannot start the model thread: {e}"),
+                    is_error: true,
+                });
+                (None, crossbeam_channel::never())
+            }
+        };
+        let autopilot = if options.generate {
+            Autopilot::Generate
+        } else if options.screenshot.is_some() {
+            Autopilot::AwaitShot
+        } else {
+            Autopilot::Done
+        };
+        let mut app = Self {
+            prompt: options.prompt.clone().unwrap_or_default(),
+            settings,
+            store,
+            model: ModelState::None,
+            input: None,
+            input_stack: Vec::new(),
+            running: None,
+            preview: None,
+            history: Vec::new(),
+            selected: None,
+            viewer: ViewerState::default(),
+            notices,
+            explorer: Explorer::default(),
+            rerun_on_change: true,
+            frame_stats: FrameStats::default(),
+            ui_state: Default::default(),
+            ctx,
+            worker,
+            events,
+            tasks,
+            task_events,
+            next_job: 1,
+            options,
+            autopilot,
+            frame_started: None,
+        };
+        if let Some(path) = app.options.image.clone() {
+            app.tasks.open_file(path);
+        }
+        app.load_model_at_start();
+        app
+    }
+
+    /// Loads the remembered (or given) model when it is at hand: a local folder, or a Hub repo
+    /// already in the cache. A repo that would need a download opens the model manager instead,
+    /// so a first start never begins a multi-gigabyte download unasked.
+    fn load_model_at_start(&mut self) {
+        let spec = self.settings.model.clone();
+        let at_hand = match ModelSpec::parse(&spec, None) {
+            Ok(ModelSpec::LocalDir(dir)) => dir.is_dir(),
+            Ok(ModelSpec::Hub { repo_id, revision }) => {
+                crate::model::hub::cached_snapshot(&HubSettings::from_env(), &repo_id, &revision)
+                    .is_some()
+            }
+            Err(_) => false,
+        };
+        if at_hand || self.options.model.is_some() {
+            self.load_model(spec);
+        } else {
+            self.ui_state.model_manager_open = true;
+            self.ui_state.model_field = spec;
+        }
+    }
+
+    /// Asks the model thread to load `spec` with the chosen device and precision.
+    pub fn load_model(&mut self, spec: String) {
+        let spec = spec.trim().to_string();
+        if spec.is_empty() {
+            self.notify_error("type a model folder or a Hub repo id first".into());
+            return;
+        }
+        let request = ModelRequest::new(
+            spec.clone(),
+            self.settings.device_choice(),
+            self.settings.dtype_choice(),
+        );
+        if self.send(Job::LoadModel(request)) {
+            self.model = ModelState::Loading {
+                spec,
+                download: None,
+            };
+        }
+    }
+
+    fn send(&mut self, job: Job) -> bool {
+        let Some(worker) = &self.worker else {
+            self.notify_error("the model thread is not running".into());
+            return false;
+        };
+        match worker.send(job) {
+            Ok(()) => true,
+            Err(e) => {
+                self.notify_error(format!("the model thread did not take the job: {e}"));
+                false
+            }
+        }
+    }
+
+    pub fn notify(&mut self, text: String) {
+        self.push_notice(text, false);
+    }
+
+    pub fn notify_error(&mut self, text: String) {
+        self.push_notice(text, true);
+    }
+
+    fn push_notice(&mut self, text: String, is_error: bool) {
+        self.notices.retain(|n| n.text != text);
+        self.notices.push(Notice { text, is_error });
+        // A long session's messages must not pile up over the image.
+        if self.notices.len() > 4 {
+            self.notices.remove(0);
+        }
+    }
+
+    /// The size the current input will be edited at, once a model says its size multiple.
+    pub fn edit_size(&self) -> Option<(u32, u32)> {
+        let input = self.input.as_ref()?;
+        let ModelState::Ready(info) = &self.model else {
+            return None;
+        };
+        let (width, height) = input.opened.image.dimensions();
+        edit_size(width, height, self.settings.max_side, info.size_multiple).ok()
+    }
+
+    /// Why Generate cannot run now, if it cannot.
+    pub fn generate_blocker(&self) -> Option<&'static str> {
+        if self.input.is_none() {
+            return Some("open an image first (drop it here, Open… or Paste)");
+        }
+        match &self.model {
+            ModelState::Ready(_) => {}
+            ModelState::Loading { .. } => return Some("the model is still loading"),
+            _ => return Some("load a model first (Model > Model manager…)"),
+        }
+        if self.prompt.trim().is_empty() {
+            return Some("type an instruction first");
+        }
+        if self.edit_size().is_none() {
+            return Some("the image is too small for this model");
+        }
+        None
+    }
+
+    fn edit_settings(&self) -> EditSettings {
+        EditSettings {
+            prompt: self.prompt.trim().to_string(),
+            negative_prompt: self.settings.negative_prompt.clone(),
+            steps: self.settings.steps,
+            guidance_scale: self.settings.guidance_scale,
+            image_guidance_scale: self.settings.image_guidance_scale,
+            seed: self.settings.seed,
+            scheduler: self.settings.scheduler_kind(),
+            initial_latents: None,
+        }
+    }
+
+    /// The Generate button: a new seed when "random seed" is on, then the edit.
+    pub fn generate(&mut self) {
+        if let Some(why) = self.generate_blocker() {
+            self.notify_error(why.to_string());
+            return;
+        }
+        if self.settings.randomize_seed {
+            self.settings.seed = u64::from(rand::random::<u32>());
+        }
+        self.start_edit(self.edit_settings(), Purpose::Main);
+    }
+
+    /// After a slider, the seed or the scheduler changed: the same edit again with the new values,
+    /// when there is a result of this input and instruction to update. The model thread keeps
+    /// the prompt embeddings and image latents, so only the denoising runs again.
+    pub fn settings_changed(&mut self) {
+        if !self.rerun_on_change || self.generate_blocker().is_some() {
+            return;
+        }
+        let Some(input) = &self.input else { return };
+        let same_edit = self.selected.and_then(|i| self.history.get(i)).is_some_and(|entry| {
+            entry.result.settings.prompt == self.prompt.trim()
+                && Arc::ptr_eq(&entry.source, &input.opened.image)
+        });
+        if same_edit {
+            self.start_edit(self.edit_settings(), Purpose::Main);
+        }
+    }
+
+    pub(crate) fn start_edit(&mut self, settings: EditSettings, purpose: Purpose) -> bool {
+        let Some(input) = self.input.clone() else {
+            return false;
+        };
+        let id = self.next_job;
+        self.next_job += 1;
+        let job = EditJob {
+            id,
+            image: input.opened.image.clone(),
+            max_side: self.settings.max_side,
+            settings,
+            preview_size: self.edit_size(),
+        };
+        if !self.send(Job::Edit(job)) {
+            return false;
+        }
+        if let Some(previous) = self.running.take() {
+            self.explorer.edit_replaced(&previous);
+        }
+        self.running = Some(RunningEdit {
+            id,
+            purpose,
+            started: Instant::now(),
+            size: None,
+            progress: None,
+            source: input.opened.image.clone(),
+        });
+        self.persist_settings();
+        true
+    }
+
+    /// Stops the running edit; the result in view stays.
+    pub fn cancel(&mut self) {
+        if let (Some(running), Some(worker)) = (&self.running, &self.worker) {
+            worker.cancel(running.id);
+        }
+    }
+
+    /// Shows an opened image as the new input; the previous one can be brought back with
+    /// [`Self::undo_input`].
+    pub fn set_input(&mut self, opened: OpenedImage, name: String) {
+        let texture = self.ctx.load_texture(
+            format!("input-{name}"),
+            (*opened.display).clone(),
+            TextureOptions::LINEAR,
+        );
+        if let Some(path) = &opened.path {
+            self.settings.remember_image(path);
+        }
+        let new_input = InputImage {
+            opened,
+            texture,
+            name,
+        };
+        if let Some(old) = self.input.replace(new_input) {
+            self.input_stack.push(old);
+        }
+        self.selected = None;
+        self.viewer.reset_view();
+        self.explorer.clear();
+        self.persist_settings();
+    }
+
+    /// Back to the input before the current one.
+    pub fn undo_input(&mut self) {
+        if let Some(previous) = self.input_stack.pop() {
+            self.input = Some(previous);
+            self.selected = None;
+            self.viewer.reset_view();
+            self.explorer.clear();
+        }
+    }
+
+    /// Chains edits: the result in view becomes the input.
+    pub fn use_result_as_input(&mut self) {
+        let Some(entry) = self.selected.and_then(|i| self.history.get(i)) else {
+            return;
+        };
+        let image = Arc::new(entry.result.image.clone());
+        let opened = OpenedImage {
+            display: Arc::new(to_color_image(&image)),
+            image,
+            path: None,
+            record: Some(entry.record()),
+        };
+        let name = format!("result #{}", entry.number);
+        self.set_input(opened, name);
+    }
+
+    /// Puts a history entry's settings back on the sliders and in the instruction box.
+    pub fn restore_settings(&mut self, index: usize) {
+        let Some(entry) = self.history.get(index) else {
+            return;
+        };
+        let used = entry.result.settings.clone();
+        self.prompt = used.prompt;
+        self.settings.negative_prompt = used.negative_prompt;
+        self.settings.steps = used.steps;
+        self.settings.guidance_scale = used.guidance_scale;
+        self.settings.image_guidance_scale = used.image_guidance_scale;
+        self.settings.seed = used.seed;
+        self.settings.randomize_seed = false;
+        self.settings.scheduler = used.scheduler.map(|s| s.name().to_string());
+    }
+
+    /// Settings stored in an opened PNG, put on the controls.
+    pub fn restore_record(&mut self, record: &EditRecord) {
+        self.prompt = record.prompt.clone();
+        self.settings.negative_prompt = record.negative_prompt.clone();
+        self.settings.steps = record.steps;
+        self.settings.guidance_scale = record.guidance_scale;
+        self.settings.image_guidance_scale = record.image_guidance_scale;
+        self.settings.seed = record.seed;
+        self.settings.randomize_seed = false;
+        self.settings.scheduler = record.scheduler.clone();
+        self.settings = self.settings.clone().sanitized();
+    }
+
+    /// The result in view, if any.
+    pub fn selected_entry(&self) -> Option<&HistoryEntry> {
+        self.selected.and_then(|i| self.history.get(i))
+    }
+
+    /// Saves the result in view at `path` (on a background thread).
+    pub fn save_selected(&mut self, path: PathBuf) {
+        let Some(entry) = self.selected_entry() else {
+            self.notify_error("there is no result to save yet".into());
+            return;
+        };
+        let image = Arc::new(entry.result.image.clone());
+        let record = entry.record();
+        if let Some(folder) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            self.settings.save_folder = Some(folder.to_path_buf());
+        }
+        self.tasks.save(path, image, record);
+    }
+
+    /// Where Save suggests writing the result in view.
+    pub fn suggested_save_path(&self) -> PathBuf {
+        let folder = self
+            .settings
+            .save_folder
+            .clone()
+            .or_else(dirs::picture_dir)
+            .or_else(dirs::home_dir)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let stem = self
+            .input
+            .as_ref()
+            .and_then(|i| i.opened.path.as_deref())
+            .and_then(Path::file_stem)
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "edit".into());
+        let seed = self.selected_entry().map_or(0, |e| e.result.seed);
+        folder.join(format!("{stem}-edited-{seed}.png"))
+    }
+
+    pub fn copy_selected(&mut self) {
+        match self.selected_entry() {
+            Some(entry) => {
+                let image = Arc::new(entry.result.image.clone());
+                self.tasks.copy(image);
+            }
+            None => self.notify_error("there is no result to copy yet".into()),
+        }
+    }
+
+    /// Writes the settings file in the background (when there is one).
+    pub fn persist_settings(&self) {
+        if let Some(store) = &self.store {
+            self.tasks.save_settings(store.clone(), self.settings.clone());
+        }
+    }
+
+    /// Starts (or continues) the guidance explorer's grid around the current values.
+    pub fn start_explorer(&mut self) {
+        if let Some(why) = self.generate_blocker() {
+            self.notify_error(why.to_string());
+            return;
+        }
+        if self.settings.randomize_seed && !self.explorer.matches(&self.edit_settings()) {
+            self.settings.seed = self
+                .selected_entry()
+                .map_or_else(|| u64::from(rand::random::<u32>()), |e| e.result.seed);
+        }
+        let settings = self.edit_settings();
+        if !self.explorer.matches(&settings)
+            && let Some(input) = &self.input
+        {
+            self.explorer.plan(&settings, input.opened.image.clone());
+        }
+        self.explorer.running = true;
+        self.advance_explorer();
+    }
+
+    fn advance_explorer(&mut self) {
+        if !self.explorer.running || self.running.is_some() {
+            return;
+        }
+        match self.explorer.next_job() {
+            Some((cell, settings)) => {
+                if self.start_edit(settings, Purpose::Explorer { cell }) {
+                    self.explorer.mark_running(cell, self.next_job - 1);
+                } else {
+                    self.explorer.running = false;
+                }
+            }
+            None => self.explorer.running = false,
+        }
+    }
+
+    /// Takes a grid cell's values (and its image, as a result in the history).
+    pub fn adopt_explorer_cell(&mut self, cell: usize) {
+        let Some((result, source)) = self.explorer.cell_result(cell) else {
+            return;
+        };
+        self.settings.guidance_scale = result.settings.guidance_scale;
+        self.settings.image_guidance_scale = result.settings.image_guidance_scale;
+        self.settings.seed = result.seed;
+        self.settings.randomize_seed = false;
+        self.add_to_history(result, source);
+    }
+
+    /// Takes in the model thread's and the chores' news; at most [`EVENT_BUDGET`] per frame.
+    pub fn take_events(&mut self) {
+        for event in worker::drain(&self.events, EVENT_BUDGET) {
+            self.on_worker_event(event);
+        }
+        while let Ok(event) = self.task_events.try_recv() {
+            self.on_task_event(event);
+        }
+    }
+
+    fn on_worker_event(&mut self, event: Event) {
+        match event {
+            Event::ModelLoading { spec } => {
+                self.model = ModelState::Loading {
+                    spec,
+                    download: None,
+                };
+            }
+            Event::Download { file, done, total } => {
+                if let ModelState::Loading { download, .. } = &mut self.model {
+                    *download = Some(DownloadStatus { file, done, total });
+                }
+            }
+            Event::ModelLoaded(info) => {
+                if let Some(warning) = &info.warning {
+                    self.notify(warning.clone());
+                }
+                self.settings.model = info.name.clone();
+                self.model = ModelState::Ready(info);
+                self.persist_settings();
+            }
+            Event::EditStarted { id, width, height } => {
+                if let Some(running) = self.running.as_mut().filter(|r| r.id == id) {
+                    running.size = Some((width, height));
+                }
+            }
+            Event::Step(progress) => self.on_step(progress),
+            Event::Finished(result) => self.on_finished(*result),
+            Event::Cancelled { id } => {
+                if let Some(running) = self.running.take_if(|r| r.id == id) {
+                    self.preview = None;
+                    self.explorer.edit_replaced(&running);
+                    self.notify("edit cancelled".into());
+                }
+            }
+            Event::Superseded { .. } => {
+                // The replacing edit is already the running one; nothing to undo.
+            }
+            Event::Failed { id: Some(id), message } => {
+                if let Some(running) = self.running.take_if(|r| r.id == id) {
+                    self.preview = None;
+                    self.explorer.edit_failed(&running, &message);
+                    self.notify_error(format!("the edit failed: {message}"));
+                }
+            }
+            Event::Failed { id: None, message } => {
+                let spec = match &self.model {
+                    ModelState::Loading { spec, .. } => spec.clone(),
+                    _ => self.settings.model.clone(),
+                };
+                self.notify_error(format!("cannot load the model: {message}"));
+                self.model = ModelState::Failed { spec, message };
+                self.autopilot = match self.autopilot {
+                    Autopilot::Generate => Autopilot::AwaitShot,
+                    other => other,
+                };
+            }
+        }
+    }
+
+    fn on_step(&mut self, progress: StepProgress) {
+        let Some(running) = self.running.as_mut().filter(|r| r.id == progress.id) else {
+            return;
+        };
+        if let (Purpose::Main, Some(preview)) = (running.purpose, &progress.preview) {
+            let image = to_color_image(preview);
+            match &mut self.preview {
+                Some(texture) if texture.size() == image.size => {
+                    texture.set(image, TextureOptions::LINEAR)
+                }
+                _ => {
+                    self.preview = Some(self.ctx.load_texture(
+                        "preview",
+                        image,
+                        TextureOptions::LINEAR,
+                    ))
+                }
+            }
+        }
+        let mut progress = progress;
+        progress.preview = None;
+        running.progress = Some(progress);
+    }
+
+    fn on_finished(&mut self, result: EditResult) {
+        let Some(running) = self.running.take_if(|r| r.id == result.id) else {
+            return;
+        };
+        self.preview = None;
+        let result = Arc::new(result);
+        match running.purpose {
+            Purpose::Main => self.add_to_history(result, running.source),
+            Purpose::Explorer { cell } => {
+                self.explorer.cell_done(cell, result, &self.ctx);
+                self.advance_explorer();
+            }
+        }
+    }
+
+    fn add_to_history(&mut self, result: Arc<EditResult>, source: Arc<RgbImage>) {
+        let number = self.history.len() + 1;
+        let texture = self.ctx.load_texture(
+            format!("result-{number}"),
+            display_image(&result.image),
+            TextureOptions::LINEAR,
+        );
+        let before = self.ctx.load_texture(
+            format!("before-{number}"),
+            display_image(&result.input),
+            TextureOptions::LINEAR,
+        );
+        let (model, dtype) = match &self.model {
+            ModelState::Ready(info) => (info.name.clone(), info.dtype.clone()),
+            _ => (self.settings.model.clone(), self.settings.dtype.clone()),
+        };
+        self.history.push(HistoryEntry {
+            number,
+            result,
+            source,
+            model,
+            dtype,
+            texture,
+            before,
+        });
+        self.selected = Some(self.history.len() - 1);
+    }
+
+    fn on_task_event(&mut self, event: TaskEvent) {
+        match event {
+            TaskEvent::ImageOpened(opened) => {
+                let name = opened
+                    .path
+                    .as_deref()
+                    .and_then(Path::file_name)
+                    .map_or_else(|| "clipboard".into(), |n| n.to_string_lossy().into_owned());
+                if let Some(record) = opened.record.clone() {
+                    self.restore_record(&record);
+                    self.notify(format!("{name} was made by this program: its settings are on the controls"));
+                }
+                self.set_input(opened, name);
+            }
+            TaskEvent::OpenDialogClosed => {}
+            TaskEvent::SavePathChosen(path) => {
+                self.ui_state.save_path = path.display().to_string();
+            }
+            TaskEvent::FolderChosen(path) => {
+                self.ui_state.model_field = path.display().to_string();
+            }
+            TaskEvent::Saved(path) => {
+                self.ui_state.save_open = false;
+                self.notify(format!("saved {}", path.display()));
+                self.persist_settings();
+            }
+            TaskEvent::CopiedToClipboard => self.notify("result copied to the clipboard".into()),
+            TaskEvent::ScreenshotWritten(path) => {
+                println!("screenshot written to {}", path.display());
+                if self.options.exit_after_screenshot {
+                    self.ctx.send_viewport_cmd(egui::ViewportCommand::Close);
+                }
+                self.autopilot = Autopilot::Done;
+            }
+            TaskEvent::Failed(message) => {
+                if self.autopilot == Autopilot::Generate {
+                    self.autopilot = Autopilot::AwaitShot;
+                }
+                self.notify_error(message);
+            }
+        }
+    }
+
+    /// Unattended start: generate when ready, then the screenshot.
+    fn drive_autopilot(&mut self) {
+        match self.autopilot {
+            Autopilot::Generate => {
+                if self.input.is_some() && matches!(self.model, ModelState::Ready(_)) {
+                    self.autopilot = Autopilot::AwaitShot;
+                    self.generate();
+                }
+            }
+            Autopilot::AwaitShot => {
+                let waiting_for_edit = self.running.is_some();
+                let has_something = self.input.is_some() || !self.notices.is_empty();
+                let model_settled = !matches!(self.model, ModelState::Loading { .. });
+                if !waiting_for_edit && has_something && model_settled {
+                    if let Some(path) = self.options.screenshot.clone() {
+                        self.autopilot = Autopilot::ShotRequested;
+                        self.ctx.request_screenshot(self.tasks.screenshot_writer(path));
+                    } else {
+                        self.autopilot = Autopilot::Done;
+                    }
+                }
+            }
+            Autopilot::ShotRequested | Autopilot::Done => {}
+        }
+    }
+
+    /// Drops and pastes of files onto the window.
+    fn take_dropped_files(&mut self, ctx: &egui::Context) {
+        let dropped = ctx.input(|i| i.raw.dropped_files.clone());
+        // One image at a time: the first file of a drop.
+        if let Some(file) = dropped.first() {
+            self.tasks.open_file(file.path().to_path_buf());
+        }
+    }
+
+    /// Work that is not drawing: events in, autopilot, window size.
+    pub fn logic(&mut self, ctx: &egui::Context) {
+        self.frame_started = Some(Instant::now());
+        self.take_events();
+        self.take_dropped_files(ctx);
+        self.drive_autopilot();
+        if let Some(rect) = ctx.input(|i| i.viewport().inner_rect) {
+            self.settings.window_size = Some([rect.width(), rect.height()]);
+        }
+    }
+
+    fn end_frame(&mut self) {
+        if let Some(started) = self.frame_started.take() {
+            let during_edit = self.running.is_some();
+            self.frame_stats.record(started, started.elapsed(), during_edit);
+        }
+    }
+
+    fn write_frame_stats(&self) {
+        if let Some(path) = &self.options.frame_stats {
+            let json = serde_json::to_string_pretty(&self.frame_stats).unwrap_or_default();
+            if let Err(e) = std::fs::write(path, json) {
+                eprintln!("error: {}: cannot write frame statistics: {e}", path.display());
+            }
+        }
+    }
+}
+
+impl eframe::App for EditorApp {
+    fn logic(&mut self, ctx: &egui::Context, _frame: &mut eframe::Frame) {
+        EditorApp::logic(self, ctx);
+    }
+
+    fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
+        super::panels::show(self, ui);
+        super::dialogs::show(self, ui.ctx());
+        self.end_frame();
+    }
+
+    fn on_exit(&mut self) {
+        if let Some(worker) = &self.worker
+            && let Some(running) = &self.running
+        {
+            worker.cancel(running.id);
+        }
+        if let Some(store) = &self.store
+            && let Err(e) = store.save(&self.settings)
+        {
+            eprintln!("error: {e}");
+        }
+        self.write_frame_stats();
+        // Joins the model thread (a running edit stops within a step).
+        self.worker.take();
+    }
+}

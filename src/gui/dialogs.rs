@@ -1,0 +1,271 @@
+//! The windows over the editor: the model manager, Save, the guidance explorer, About.
+
+use std::path::PathBuf;
+
+use egui::{Context, RichText, vec2};
+
+use super::app::{EditorApp, ModelState};
+use super::explorer::{CellState, GRID_SIDE};
+use crate::model::hub::DEFAULT_REPO;
+
+/// Which windows are open and what is typed in them.
+#[derive(Debug, Clone, Default)]
+pub struct DialogState {
+    pub model_manager_open: bool,
+    /// The model folder or repo id typed in the model manager.
+    pub model_field: String,
+    pub save_open: bool,
+    /// The file typed (or chosen with Browse…) in the Save window.
+    pub save_path: String,
+    pub about_open: bool,
+}
+
+/// Draws whichever windows are open.
+pub fn show(app: &mut EditorApp, ctx: &Context) {
+    model_manager(app, ctx);
+    save_window(app, ctx);
+    explorer_window(app, ctx);
+    about_window(app, ctx);
+}
+
+fn model_manager(app: &mut EditorApp, ctx: &Context) {
+    let mut open = app.ui_state.model_manager_open;
+    egui::Window::new("Model manager")
+        .open(&mut open)
+        .default_width(460.0)
+        .show(ctx, |ui| {
+            match &app.model {
+                ModelState::None => {
+                    ui.label("No model is loaded.");
+                }
+                ModelState::Loading { spec, download } => {
+                    ui.label(format!("Loading {spec}…"));
+                    if let Some(download) = download {
+                        let fraction = if download.total > 0 {
+                            download.done as f32 / download.total as f32
+                        } else {
+                            0.0
+                        };
+                        ui.add(egui::ProgressBar::new(fraction).text(format!(
+                            "downloading {}: {:.1} of {:.1} MB",
+                            download.file,
+                            download.done as f64 / 1e6,
+                            download.total as f64 / 1e6
+                        )));
+                    }
+                }
+                ModelState::Ready(info) => {
+                    ui.label(format!(
+                        "Loaded: {} on {} ({})",
+                        info.name, info.device, info.dtype
+                    ));
+                    ui.weak(info.folder.display().to_string());
+                }
+                ModelState::Failed { spec, message } => {
+                    ui.colored_label(
+                        ui.visuals().error_fg_color,
+                        format!("{spec} failed to load: {message}"),
+                    );
+                }
+            }
+            ui.separator();
+            let field_label = ui.label("Model folder or Hub repo id");
+            ui.horizontal(|ui| {
+                ui.add(
+                    egui::TextEdit::singleline(&mut app.ui_state.model_field)
+                        .hint_text(DEFAULT_REPO)
+                        .desired_width(300.0),
+                )
+                .labelled_by(field_label.id);
+                if ui.button("Browse…").clicked() {
+                    app.tasks.folder_dialog("Choose a model folder (diffusers layout)");
+                }
+            });
+            ui.horizontal(|ui| {
+                egui::ComboBox::from_label("Device")
+                    .selected_text(app.settings.device.clone())
+                    .show_ui(ui, |ui| {
+                        for device in ["auto", "cpu", "cuda", "metal"] {
+                            ui.selectable_value(&mut app.settings.device, device.into(), device);
+                        }
+                    });
+                egui::ComboBox::from_label("Precision")
+                    .selected_text(app.settings.dtype.clone())
+                    .show_ui(ui, |ui| {
+                        for dtype in ["f32", "f16", "bf16"] {
+                            ui.selectable_value(&mut app.settings.dtype, dtype.into(), dtype);
+                        }
+                    });
+            });
+            let loading = matches!(app.model, ModelState::Loading { .. });
+            ui.horizontal(|ui| {
+                if ui
+                    .add_enabled(!loading, egui::Button::new("Load"))
+                    .on_hover_text("Load this model (downloading it first when it is a Hub repo)")
+                    .clicked()
+                {
+                    let spec = app.ui_state.model_field.clone();
+                    app.load_model(spec);
+                }
+                if ui
+                    .add_enabled(
+                        !loading,
+                        egui::Button::new(format!("Download {DEFAULT_REPO}")),
+                    )
+                    .on_hover_text("The original InstructPix2Pix model, about 5 GB in float32")
+                    .clicked()
+                {
+                    app.ui_state.model_field = DEFAULT_REPO.into();
+                    app.load_model(DEFAULT_REPO.into());
+                }
+            });
+        });
+    app.ui_state.model_manager_open = open;
+}
+
+fn save_window(app: &mut EditorApp, ctx: &Context) {
+    let mut open = app.ui_state.save_open;
+    egui::Window::new("Save result")
+        .open(&mut open)
+        .collapsible(false)
+        .default_width(420.0)
+        .show(ctx, |ui| {
+            let label = ui.label("File");
+            ui.horizontal(|ui| {
+                let field = ui
+                    .add(
+                        egui::TextEdit::singleline(&mut app.ui_state.save_path)
+                            .desired_width(300.0),
+                    )
+                    .labelled_by(label.id);
+                if field.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter)) {
+                    let path = PathBuf::from(app.ui_state.save_path.trim());
+                    app.save_selected(path);
+                }
+                if ui.button("Browse…").clicked() {
+                    let suggested = PathBuf::from(app.ui_state.save_path.trim());
+                    app.tasks.save_dialog(suggested);
+                }
+            });
+            ui.weak(
+                ".png keeps the instruction, seed and every setting inside the file; .jpg and \
+                 .webp do not.",
+            );
+            if ui.button("Save").clicked() {
+                let path = PathBuf::from(app.ui_state.save_path.trim());
+                app.save_selected(path);
+            }
+        });
+    app.ui_state.save_open = open && app.ui_state.save_open;
+}
+
+fn explorer_window(app: &mut EditorApp, ctx: &Context) {
+    let mut open = app.explorer.open;
+    let mut adopt = None;
+    let mut start = false;
+    let mut stop = false;
+    egui::Window::new("Guidance explorer")
+        .open(&mut open)
+        .default_width(420.0)
+        .show(ctx, |ui| {
+            ui.label(
+                "One edit per cell, same image, instruction and seed: text guidance grows to the \
+                 right, image guidance grows upward. Click a result to take its values.",
+            );
+            ui.horizontal(|ui| {
+                let label = if app.explorer.cells.is_empty() || app.explorer.done_count() == 0 {
+                    "Render grid"
+                } else {
+                    "Continue grid"
+                };
+                if ui
+                    .add_enabled(!app.explorer.running, egui::Button::new(label))
+                    .clicked()
+                {
+                    start = true;
+                }
+                if ui
+                    .add_enabled(app.explorer.running, egui::Button::new("Stop grid"))
+                    .clicked()
+                {
+                    stop = true;
+                }
+                if !app.explorer.cells.is_empty() {
+                    ui.label(format!(
+                        "{} of {} done",
+                        app.explorer.done_count(),
+                        app.explorer.cells.len()
+                    ));
+                }
+            });
+            if app.explorer.cells.is_empty() {
+                return;
+            }
+            egui::Grid::new("explorer-grid")
+                .spacing(vec2(4.0, 4.0))
+                .show(ui, |ui| {
+                    for (index, cell) in app.explorer.cells.iter().enumerate() {
+                        let label = format!(
+                            "text {:.2} · image {:.2}",
+                            cell.guidance_scale, cell.image_guidance_scale
+                        );
+                        let size = vec2(120.0, 120.0);
+                        match &cell.state {
+                            CellState::Done { texture, .. } => {
+                                let image = egui::Image::new(texture).fit_to_exact_size(size);
+                                let response = ui
+                                    .add(egui::Button::image_and_text(image, label.clone()))
+                                    .on_hover_text("Take these values");
+                                if response.clicked() {
+                                    adopt = Some(index);
+                                }
+                            }
+                            CellState::Waiting => {
+                                ui.add_sized(size, egui::Label::new(format!("{label}\nwaiting")));
+                            }
+                            CellState::Running(_) => {
+                                ui.add_sized(
+                                    size,
+                                    egui::Label::new(RichText::new(format!("{label}\nrendering…")).strong()),
+                                );
+                            }
+                            CellState::Failed(message) => {
+                                ui.add_sized(size, egui::Label::new(format!("{label}\nfailed: {message}")));
+                            }
+                        }
+                        if (index + 1) % GRID_SIDE == 0 {
+                            ui.end_row();
+                        }
+                    }
+                });
+        });
+    app.explorer.open = open;
+    if start {
+        app.start_explorer();
+    }
+    if stop {
+        app.explorer.running = false;
+        app.cancel();
+    }
+    if let Some(cell) = adopt {
+        app.adopt_explorer_cell(cell);
+    }
+}
+
+fn about_window(app: &mut EditorApp, ctx: &Context) {
+    let mut open = app.ui_state.about_open;
+    egui::Window::new("About instruct-pix2pix")
+        .open(&mut open)
+        .collapsible(false)
+        .show(ctx, |ui| {
+            ui.label(RichText::new(format!("instruct-pix2pix {}", env!("CARGO_PKG_VERSION"))).strong());
+            ui.label(env!("CARGO_PKG_DESCRIPTION"));
+            ui.label(format!("License: {}", env!("CARGO_PKG_LICENSE")));
+            let hub = crate::model::hub::HubSettings::from_env();
+            ui.label(format!("Models are stored in {}", hub.cache_dir.display()));
+            if let Some(store) = &app.store {
+                ui.label(format!("Settings: {}", store.path.display()));
+            }
+        });
+    app.ui_state.about_open = open;
+}

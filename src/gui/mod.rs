@@ -1,0 +1,53 @@
+//! The editor window (egui + eframe, wgpu renderer): drop an image, type an instruction, move the
+//! sliders, watch the edit form, compare, save. The window never calls candle or hf-hub and never
+//! waits: model work goes to the [`crate::worker`] thread as jobs and comes back as events; slow
+//! chores (decoding, dialogs, clipboard, saving) run on [`tasks`] threads.
+//!
+//! - [`app`]: the state and what happens to it.
+//! - [`panels`], [`dialogs`], [`viewer`]: drawing.
+//! - [`explorer`]: the guidance grid. [`settings`]: what persists.
+
+pub mod app;
+pub mod dialogs;
+pub mod explorer;
+pub mod panels;
+pub mod settings;
+pub mod tasks;
+pub mod viewer;
+
+pub use app::{EditorApp, StartOptions};
+
+/// The window's title.
+pub const TITLE: &str = "InstructPix2Pix";
+
+/// Why the window could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum GuiError {
+    #[error("cannot open the window: {0}")]
+    Window(String),
+}
+
+/// Opens the window and runs until it is closed.
+pub fn run(options: StartOptions) -> Result<(), GuiError> {
+    let remembered = options
+        .settings_store
+        .as_ref()
+        .map(|store| store.load().0)
+        .unwrap_or_default();
+    let [width, height] = remembered.window_size.unwrap_or([1200.0, 800.0]);
+    let native = eframe::NativeOptions {
+        viewport: egui::ViewportBuilder::default()
+            .with_title(TITLE)
+            .with_app_id("instruct-pix2pix")
+            .with_inner_size([width, height])
+            .with_min_inner_size([640.0, 420.0])
+            .with_drag_and_drop(true),
+        ..Default::default()
+    };
+    eframe::run_native(
+        TITLE,
+        native,
+        Box::new(move |cc| Ok(Box::new(EditorApp::new(cc, options)))),
+    )
+    .map_err(|e| GuiError::Window(e.to_string()))
+}

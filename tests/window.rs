@@ -1,0 +1,378 @@
+//! The editor window driven by its labels with egui_kittest, on the tiny fixture models: open an
+//! image, type, slide, generate, cancel, re-run, chain, save, explore, recover from a bad file.
+//! The model thread is the real one; frames are stepped until what the user would see appears.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use egui_kittest::Harness;
+use egui_kittest::kittest::Queryable;
+use instruct_pix2pix::gui::app::ModelState;
+use instruct_pix2pix::gui::settings::{Settings, SettingsStore};
+use instruct_pix2pix::gui::{EditorApp, StartOptions};
+use instruct_pix2pix::pipeline::image::{load_image, read_png_text};
+use instruct_pix2pix::pipeline::metadata::EditRecord;
+
+/// Long enough for the slowest step of a loaded CI machine; a failing test says what it waited for.
+const WAIT: Duration = Duration::from_secs(180);
+
+fn options(model: &str) -> StartOptions {
+    StartOptions {
+        model: Some(common::fixture_pipeline(model).display().to_string()),
+        ..StartOptions::default()
+    }
+}
+
+fn harness(options: StartOptions) -> Harness<'static, EditorApp> {
+    Harness::builder()
+        .with_size([1280.0, 900.0])
+        .build_eframe(move |cc| EditorApp::new(cc, options))
+}
+
+/// Steps frames until `done` holds for the app, as a user waits watching the window.
+fn wait_for(
+    harness: &mut Harness<'static, EditorApp>,
+    what: &str,
+    done: impl Fn(&EditorApp) -> bool,
+) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        harness.step();
+        if done(harness.state()) {
+            // One more frame so the new state is drawn and queryable.
+            harness.step();
+            return;
+        }
+        if let Some(notice) = harness.state().notices.iter().find(|n| n.is_error) {
+            if !what.contains("error") {
+                panic!("waiting for {what}: the window shows an error: {}", notice.text);
+            }
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn model_ready(app: &EditorApp) -> bool {
+    matches!(app.model, ModelState::Ready(_))
+}
+
+/// A file as the platform layer hands a drop to egui.
+#[derive(Debug)]
+struct DroppedPath(PathBuf);
+
+impl egui::DroppedFile for DroppedPath {
+    fn path(&self) -> &Path {
+        &self.0
+    }
+
+    fn bytes(&self) -> Result<Vec<u8>, String> {
+        std::fs::read(&self.0).map_err(|e| e.to_string())
+    }
+}
+
+fn drop_file(harness: &mut Harness<'static, EditorApp>, path: &Path) {
+    harness
+        .input_mut()
+        .dropped_files
+        .push(std::sync::Arc::new(DroppedPath(path.to_path_buf())));
+}
+
+fn type_into(harness: &mut Harness<'static, EditorApp>, label: &str, text: &str) {
+    let field = harness.get_by_label(label);
+    field.click();
+    field.type_text(text);
+    harness.run_steps(2);
+}
+
+fn click(harness: &mut Harness<'static, EditorApp>, label: &str) {
+    harness.get_by_label(label).click();
+    harness.run_steps(2);
+}
+
+/// Sets a slider or number field the way assistive technology does (accesskit's SetValue).
+fn set_slider(harness: &mut Harness<'static, EditorApp>, label: &str, value: f64) {
+    // A slider's number box carries the same label; the seed is a number box alone.
+    let slider = harness.query_by_role_and_label(egui::Role::Slider, label);
+    let node = slider.unwrap_or_else(|| harness.get_by_label(label));
+    node.set_value_accesskit(value);
+    harness.run_steps(2);
+}
+
+fn sees(harness: &Harness<'static, EditorApp>, text: &str) -> bool {
+    harness.query_by_label_contains(text).is_some()
+}
+
+fn ancestral_case() -> PathBuf {
+    common::fixtures().join("edits").join("sd1-ancestral-seed")
+}
+
+/// Opens the ancestral fixture's input, types its instruction and sets its values.
+fn prepare_ancestral_edit(harness: &mut Harness<'static, EditorApp>) {
+    wait_for(harness, "the model to load", model_ready);
+    drop_file(harness, &ancestral_case().join("input.png"));
+    wait_for(harness, "the dropped image", |app| app.input.is_some());
+    assert!(
+        sees(harness, "input.png · 64×64, edited at 64×64"),
+        "the input's size and edit size are shown"
+    );
+    type_into(harness, "Instruction", "make it snowy");
+    set_slider(harness, "Steps", 10.0);
+    set_slider(harness, "Text guidance", 7.5);
+    set_slider(harness, "Image guidance", 1.5);
+    harness.get_by_label("Random seed each time").click();
+    harness.run_steps(2);
+    set_slider(harness, "Seed", 1234.0);
+}
+
+#[test]
+fn an_edit_in_the_window_equals_diffusers() {
+    let mut harness = harness(options("sd1-tiny-ancestral"));
+    prepare_ancestral_edit(&mut harness);
+    assert!(!harness.state().settings.randomize_seed);
+
+    click(&mut harness, "Generate");
+    wait_for(&mut harness, "the first step", |app| {
+        app.running.as_ref().is_some_and(|r| r.progress.is_some())
+    });
+    assert!(sees(&harness, "of 10"), "the progress bar shows the step count");
+    assert!(harness.state().preview.is_some(), "the edit shows forming");
+    wait_for(&mut harness, "the result", |app| !app.history.is_empty());
+
+    let app = harness.state();
+    let entry = &app.history[0];
+    assert_eq!(entry.result.seed, 1234);
+    assert_eq!(entry.result.settings.steps, 10);
+    let expected = load_image(&ancestral_case().join("expected.png")).unwrap();
+    let (worst, mean) = common::pixel_difference(&entry.result.image, &expected);
+    assert!(worst <= 3 && mean <= 0.3, "window result vs diffusers: worst {worst}, mean {mean}");
+    assert!(sees(&harness, "seed 1234 · text guidance 7.50 · image guidance 1.50"));
+    assert!(sees(&harness, "Result #1"));
+}
+
+#[test]
+fn enter_generates_and_a_slider_change_reruns_only_the_denoising() {
+    let mut harness = harness(options("sd1-tiny"));
+    wait_for(&mut harness, "the model to load", model_ready);
+    drop_file(&mut harness, &ancestral_case().join("input.png"));
+    wait_for(&mut harness, "the image", |app| app.input.is_some());
+    set_slider(&mut harness, "Steps", 4.0);
+    type_into(&mut harness, "Instruction", "turn it into a watercolor");
+    harness.key_press(egui::Key::Enter);
+    wait_for(&mut harness, "the result of Enter", |app| app.history.len() == 1);
+    let first = harness.state().history[0].result.clone();
+    assert!(!first.reused_prompt_embeddings && !first.reused_image_latents);
+    assert!(sees(&harness, "encoded the instruction and the image"));
+
+    set_slider(&mut harness, "Text guidance", 3.0);
+    wait_for(&mut harness, "the re-run", |app| app.history.len() == 2);
+    let second = harness.state().history[1].result.clone();
+    assert_eq!(second.settings.guidance_scale, 3.0);
+    assert_eq!(second.seed, first.seed, "a slider re-run keeps the seed");
+    assert!(second.reused_prompt_embeddings && second.reused_image_latents);
+    assert!(sees(&harness, "encodings reused: only the denoising ran"));
+    assert_ne!(second.image, first.image);
+
+    // The dice draws a new seed and re-runs with it.
+    click(&mut harness, "New seed");
+    wait_for(&mut harness, "the re-run with a new seed", |app| {
+        app.history.len() == 3
+    });
+    assert_ne!(harness.state().history[2].result.seed, first.seed);
+}
+
+#[test]
+fn cancel_stops_midway_and_keeps_the_previous_result() {
+    let mut harness = harness(options("sd1-tiny"));
+    wait_for(&mut harness, "the model to load", model_ready);
+    // A large input keeps each step slow enough to cancel in the middle.
+    let folder = tempfile::tempdir().unwrap();
+    let big = folder.path().join("big.png");
+    let source = load_image(&ancestral_case().join("input.png")).unwrap();
+    image::imageops::resize(&source, 512, 512, image::imageops::FilterType::Nearest)
+        .save(&big)
+        .unwrap();
+    drop_file(&mut harness, &big);
+    wait_for(&mut harness, "the image", |app| app.input.is_some());
+    type_into(&mut harness, "Instruction", "make it night");
+    set_slider(&mut harness, "Steps", 2.0);
+    click(&mut harness, "Generate");
+    wait_for(&mut harness, "the first result", |app| app.history.len() == 1);
+    let kept = harness.state().history[0].result.image.clone();
+
+    set_slider(&mut harness, "Steps", 100.0);
+    // Slider re-runs are on: the step change already started the long edit.
+    wait_for(&mut harness, "the long edit's third step", |app| {
+        app.running
+            .as_ref()
+            .and_then(|r| r.progress.as_ref())
+            .is_some_and(|p| p.step >= 3)
+    });
+    click(&mut harness, "Cancel");
+    wait_for(&mut harness, "the cancel", |app| app.running.is_none());
+    let app = harness.state();
+    assert_eq!(app.history.len(), 1, "a cancelled edit adds no result");
+    assert_eq!(app.selected, Some(0));
+    assert_eq!(app.history[0].result.image, kept, "the previous result stays in view");
+    assert!(sees(&harness, "edit cancelled"));
+}
+
+#[test]
+fn chain_save_and_undo() {
+    let mut harness = harness(options("sd1-tiny"));
+    wait_for(&mut harness, "the model to load", model_ready);
+    drop_file(&mut harness, &ancestral_case().join("input.png"));
+    wait_for(&mut harness, "the image", |app| app.input.is_some());
+    set_slider(&mut harness, "Steps", 3.0);
+    type_into(&mut harness, "Instruction", "add fireworks");
+    click(&mut harness, "Generate");
+    wait_for(&mut harness, "the first result", |app| app.history.len() == 1);
+
+    click(&mut harness, "Use as input");
+    assert!(sees(&harness, "result #1 · 64×64"));
+    click(&mut harness, "Generate");
+    wait_for(&mut harness, "the chained result", |app| app.history.len() == 2);
+    let chained_input = harness.state().history[1].source.clone();
+    assert_eq!(*chained_input, harness.state().history[0].result.image);
+
+    // Save with the Save window; the PNG carries the settings like the `edit` command's.
+    let folder = tempfile::tempdir().unwrap();
+    let target = folder.path().join("chained.png");
+    click(&mut harness, "Save…");
+    let field = harness.get_by_label("File");
+    field.click();
+    harness.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::A);
+    harness.get_by_label("File").type_text(&target.display().to_string());
+    harness.run_steps(2);
+    click(&mut harness, "Save");
+    wait_for(&mut harness, "the saved file", |app| {
+        app.notices.iter().any(|n| n.text.starts_with("saved "))
+    });
+    let saved = load_image(&target).unwrap();
+    assert_eq!(saved, harness.state().history[1].result.image);
+    let record = EditRecord::from_text_chunks(&read_png_text(&target).unwrap()).unwrap();
+    assert_eq!(record.prompt, "add fireworks");
+    assert_eq!(record.seed, harness.state().history[1].result.seed);
+    assert_eq!(record.steps, 3);
+    assert_eq!((record.width, record.height), (64, 64));
+
+    click(&mut harness, "Undo input");
+    assert!(sees(&harness, "input.png · 64×64"));
+    assert!(harness.state().input_stack.is_empty());
+
+    // Opening the saved file restores its settings on the controls.
+    harness.state_mut().prompt.clear();
+    drop_file(&mut harness, &target);
+    wait_for(&mut harness, "the saved file as input", |app| app.prompt == "add fireworks");
+    assert_eq!(harness.state().settings.steps, 3);
+}
+
+#[test]
+fn the_guidance_explorer_fills_its_grid_and_a_cell_can_be_adopted() {
+    let mut harness = harness(options("sd1-tiny"));
+    wait_for(&mut harness, "the model to load", model_ready);
+    drop_file(&mut harness, &ancestral_case().join("input.png"));
+    wait_for(&mut harness, "the image", |app| app.input.is_some());
+    set_slider(&mut harness, "Steps", 2.0);
+    type_into(&mut harness, "Instruction", "make it autumn");
+    click(&mut harness, "Guidance explorer…");
+    click(&mut harness, "Render grid");
+    wait_for(&mut harness, "nine grid cells", |app| app.explorer.done_count() == 9);
+    assert!(sees(&harness, "9 of 9 done"));
+    let seeds: Vec<u64> = (0..9)
+        .map(|i| harness.state().explorer.cell_result(i).unwrap().0.seed)
+        .collect();
+    assert!(seeds.iter().all(|&s| s == seeds[0]), "one seed for the whole grid");
+    // All cells after the first reuse the encodings.
+    assert!(harness.state().explorer.cell_result(8).unwrap().0.reused_image_latents);
+
+    click(&mut harness, "text 10.00 · image 1.00");
+    let app = harness.state();
+    assert_eq!(app.settings.guidance_scale, 10.0);
+    assert_eq!(app.settings.image_guidance_scale, 1.0);
+    assert_eq!(app.history.len(), 1, "the adopted cell joins the history");
+    assert_eq!(app.selected, Some(0));
+}
+
+#[test]
+fn a_bad_file_shows_an_error_and_the_window_keeps_working() {
+    let mut harness = harness(options("sd1-tiny"));
+    wait_for(&mut harness, "the model to load", model_ready);
+    let folder = tempfile::tempdir().unwrap();
+    let bad = folder.path().join("holiday.png");
+    std::fs::write(&bad, b"this is not a picture").unwrap();
+    drop_file(&mut harness, &bad);
+    wait_for(&mut harness, "the error", |app| !app.notices.is_empty());
+    assert!(sees(&harness, "holiday.png"), "the message names the file");
+    assert!(harness.state().input.is_none());
+    assert!(harness.state().notices[0].is_error);
+    click(&mut harness, "Dismiss");
+    assert!(harness.state().notices.is_empty());
+
+    drop_file(&mut harness, &ancestral_case().join("input.png"));
+    wait_for(&mut harness, "the good image", |app| app.input.is_some());
+    type_into(&mut harness, "Instruction", "make it snowy");
+    set_slider(&mut harness, "Steps", 2.0);
+    click(&mut harness, "Generate");
+    wait_for(&mut harness, "a result after the error", |app| app.history.len() == 1);
+}
+
+#[test]
+fn a_model_that_fails_to_load_is_reported_and_another_can_be_loaded() {
+    let mut harness = harness(options("sd-plain-4ch"));
+    wait_for(&mut harness, "the load error", |app| {
+        matches!(app.model, ModelState::Failed { .. })
+    });
+    assert!(sees(&harness, "it needs 8"), "the reason is shown");
+    click(&mut harness, "Dismiss");
+    click(&mut harness, "Models…");
+    let model = common::fixture_pipeline("sd1-tiny").display().to_string();
+    type_into(&mut harness, "Model folder or Hub repo id", &model);
+    click(&mut harness, "Load");
+    wait_for(&mut harness, "the other model", model_ready);
+    assert!(sees(&harness, "Model: "), "the status bar names the model");
+}
+
+#[test]
+fn settings_persist_across_restarts() {
+    let folder = tempfile::tempdir().unwrap();
+    let store = SettingsStore::at(folder.path().join("settings.json"));
+    let start = |store: &SettingsStore| StartOptions {
+        settings_store: Some(store.clone()),
+        ..options("sd1-tiny")
+    };
+    let mut first = harness(start(&store));
+    wait_for(&mut first, "the model to load", model_ready);
+    set_slider(&mut first, "Text guidance", 11.0);
+    set_slider(&mut first, "Image guidance", 2.5);
+    set_slider(&mut first, "Steps", 37.0);
+    drop_file(&mut first, &ancestral_case().join("input.png"));
+    wait_for(&mut first, "the image", |app| app.input.is_some());
+    eframe::App::on_exit(first.state_mut());
+    drop(first);
+
+    let (saved, error) = store.load();
+    assert!(error.is_none());
+    assert_eq!(saved.guidance_scale, 11.0);
+    assert_eq!(saved.steps, 37);
+    assert_eq!(
+        saved.model,
+        common::fixture_pipeline("sd1-tiny").display().to_string()
+    );
+    assert_eq!(
+        saved.recent_images,
+        [ancestral_case().join("input.png")]
+    );
+
+    // The second start names no model: the remembered one loads.
+    let mut second = harness(StartOptions {
+        settings_store: Some(store.clone()),
+        ..StartOptions::default()
+    });
+    wait_for(&mut second, "the remembered model", model_ready);
+    let settings: &Settings = &second.state().settings;
+    assert_eq!(settings.image_guidance_scale, 2.5);
+    assert_eq!(settings.steps, 37);
+}
