@@ -50,7 +50,15 @@ fn wait_for(
                 panic!("waiting for {what}: the window shows an error: {}", notice.text);
             }
         }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        let app = harness.state();
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: model {:?}, running {:?}, {} results, notices {:?}",
+            app.model,
+            app.running,
+            app.history.len(),
+            app.notices
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -241,10 +249,10 @@ fn chain_save_and_undo() {
     let folder = tempfile::tempdir().unwrap();
     let target = folder.path().join("chained.png");
     click(&mut harness, "Save…");
-    let field = harness.get_by_label("File");
+    let field = harness.get_by_label("Save to file");
     field.click();
     harness.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::A);
-    harness.get_by_label("File").type_text(&target.display().to_string());
+    harness.get_by_label("Save to file").type_text(&target.display().to_string());
     harness.run_steps(2);
     click(&mut harness, "Save");
     wait_for(&mut harness, "the saved file", |app| {

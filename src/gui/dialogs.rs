@@ -130,7 +130,7 @@ fn save_window(app: &mut EditorApp, ctx: &Context) {
         .collapsible(false)
         .default_width(420.0)
         .show(ctx, |ui| {
-            let label = ui.label("File");
+            let label = ui.label("Save to file");
             ui.horizontal(|ui| {
                 let field = ui
                     .add(
