@@ -6,8 +6,11 @@
 //! files, locks). What hf-hub 0.5 lacks is done here: the `HF_HUB_CACHE`, `HF_HUB_OFFLINE` and
 //! `HF_TOKEN` variables, resolving `refs/<revision>` and snapshot files from the cache without any
 //! request (offline, or when the Hub cannot be reached), telling a missing repo (404) from a
-//! private or gated one (401/403), and choosing which files of the repo an edit needs from the
-//! repo listing so that only those are downloaded.
+//! private or gated one (401/403), choosing which files of the repo an edit needs from the
+//! repo listing so that only those are downloaded, progress as "file 3 of 9" with overall bytes
+//! (the listing's `?blobs=true` sizes), and cancelling a download mid-file
+//! ([`fetch_model_with_cancel`]; it unwinds out of hf-hub's download, so the crate must not be
+//! built with `panic = "abort"`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
