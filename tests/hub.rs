@@ -10,6 +10,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{DType, Device, Tensor};
 use common::fake_hub::{FakeHub, FakeRepo, content_etag};
@@ -20,6 +21,7 @@ use common::pipeline::{
 use instruct_pix2pix::model::config::{ConfigError, ModelIndex};
 use instruct_pix2pix::model::hub::{
     DownloadProgress, HubError, HubSettings, ModelSpec, Variant, fetch_model,
+    fetch_model_with_cancel,
 };
 use instruct_pix2pix::model::weights::{
     DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS, WeightsError, component_weights,
@@ -161,7 +163,7 @@ fn download_into_cache_then_offline_without_server() {
     assert_eq!(again, snapshot);
     assert_eq!(
         hub.requests(),
-        vec![format!("GET /api/models/{REPO}/revision/main")]
+        vec![format!("GET /api/models/{REPO}/revision/main?blobs=true")]
     );
 
     // Offline: no request at all, even with the server still up.
@@ -880,4 +882,264 @@ fn cache_written_by_huggingface_hub_is_used_offline() {
         .expect("vae weights");
     let [shard1, shard2] = vae_shards();
     assert_weights(&vae, &[shard1, shard2].concat(), DType::F32);
+}
+
+// ---- Cancellable downloads, file counts and overall bytes ----
+
+const BIG_REPO: &str = "tester/fixture-pix2pix";
+const BIG_UNET: &str = "unet/diffusion_pytorch_model.safetensors";
+
+/// The committed tiny pipeline (a 2.2 MB UNet) as a Hub repo: big enough to cancel mid-file.
+fn fixture_repo() -> FakeRepo {
+    FakeRepo::from_folder(
+        BIG_REPO,
+        SHA,
+        &common::fixture_pipeline("sd1-tiny-ancestral"),
+    )
+}
+
+fn blobs_of(cache: &Path, repo_folder: &str) -> Vec<(String, u64)> {
+    let mut blobs: Vec<(String, u64)> = std::fs::read_dir(cache.join(repo_folder).join("blobs"))
+        .expect("blobs folder")
+        .map(|e| {
+            let e = e.expect("entry");
+            let len = e.metadata().expect("metadata").len();
+            (e.file_name().to_string_lossy().into_owned(), len)
+        })
+        .collect();
+    blobs.sort();
+    blobs
+}
+
+#[test]
+fn a_cancelled_download_leaves_a_resumable_part_and_nothing_in_the_snapshot() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let cache = tmp.path().join("hub");
+    let repo = fixture_repo();
+    let unet = repo.files[BIG_UNET].clone();
+    let unet_etag = content_etag(&unet);
+    let hub = FakeHub::start(vec![repo.clone()]);
+    let s = settings(&hub.endpoint, &cache);
+    let cancel = AtomicBool::new(false);
+    let mut events = Vec::new();
+    // Cancel from inside the progress callback once 256 KiB of the UNet are in: the next block
+    // of bytes must stop the download.
+    let err = fetch_model_with_cancel(
+        &hub_spec(BIG_REPO),
+        Variant::Default,
+        &s,
+        &mut |p: &DownloadProgress| {
+            events.push(p.clone());
+            if p.file == BIG_UNET && p.bytes_done > 0 {
+                cancel.store(true, Ordering::SeqCst);
+            }
+        },
+        &cancel,
+    )
+    .expect_err("cancelled");
+    assert!(
+        matches!(&err, HubError::Cancelled { repo } if repo == BIG_REPO),
+        "{err:?}"
+    );
+    assert_eq!(
+        err.to_string(),
+        format!("the download of {BIG_REPO} was cancelled")
+    );
+    let last = events.last().expect("progress before the cancel");
+    assert_eq!(last.file, BIG_UNET, "nothing was reported after the cancel");
+
+    // The UNet blob stays as a `.part` holding a true prefix of the file; no complete blob.
+    let folder = "models--tester--fixture-pix2pix";
+    let blobs = blobs_of(&cache, folder);
+    let part_name = format!("{unet_etag}.part");
+    let part_len = blobs
+        .iter()
+        .find(|(name, _)| *name == part_name)
+        .map(|(_, len)| *len)
+        .unwrap_or_else(|| panic!("no {part_name} in {blobs:?}"));
+    assert!(
+        part_len >= 256 * 1024 && part_len < unet.len() as u64,
+        "partial length {part_len} of {}",
+        unet.len()
+    );
+    let part = std::fs::read(cache.join(folder).join("blobs").join(&part_name)).expect("part");
+    assert_eq!(part, unet[..part.len()], "the part is the file's start");
+    assert!(!blobs.iter().any(|(name, _)| *name == unet_etag));
+    // Nothing in the snapshot points at it, and no ref claims the revision is there.
+    let snapshot = cache.join(folder).join("snapshots").join(SHA);
+    assert!(std::fs::symlink_metadata(snapshot.join(BIG_UNET)).is_err());
+    assert!(
+        snapshot.join("model_index.json").is_file(),
+        "configs came first"
+    );
+    assert!(!cache.join(folder).join("refs").join("main").exists());
+    assert!(!cache.join(folder).join("refs").join(SHA).exists());
+    // Offline, the model is reported as incomplete, not as a bad file.
+    let offline = HubSettings {
+        offline: true,
+        ..s.clone()
+    };
+    let err = fetch_model(
+        &hub_spec(BIG_REPO),
+        Variant::Default,
+        &offline,
+        &mut no_progress(),
+    )
+    .expect_err("incomplete");
+    assert!(matches!(err, HubError::NotCached { .. }), "{err:?}");
+
+    // The next fetch resumes the part (hf-hub's lock was released) and completes.
+    hub.clear_log();
+    let mut events = Vec::new();
+    let snapshot_again = fetch_model(
+        &hub_spec(BIG_REPO),
+        Variant::Default,
+        &s,
+        &mut |p: &DownloadProgress| events.push(p.clone()),
+    )
+    .expect("resumed download");
+    assert_eq!(snapshot_again, snapshot);
+    assert_eq!(std::fs::read(snapshot.join(BIG_UNET)).expect("unet"), unet);
+    let resumed = format!("CDN GET /cdn/{unet_etag} bytes={part_len}-");
+    assert!(
+        hub.requests().contains(&resumed),
+        "no {resumed:?} in {:#?}",
+        hub.requests()
+    );
+    let first_unet = events
+        .iter()
+        .find(|e| e.file == BIG_UNET)
+        .expect("UNet progress");
+    assert_eq!(
+        first_unet.bytes_done, part_len,
+        "progress starts at the resume offset"
+    );
+    assert_eq!(
+        std::fs::read_to_string(cache.join(folder).join("refs/main")).expect("refs/main"),
+        SHA
+    );
+    assert!(
+        !blobs_of(&cache, folder)
+            .iter()
+            .any(|(n, _)| n.ends_with(".part"))
+    );
+
+    // Only the files not yet cached were counted: the UNet, the VAE and the text encoder.
+    let weights = [
+        BIG_UNET,
+        "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+    ];
+    let total: u64 = weights.iter().map(|f| repo.files[*f].len() as u64).sum();
+    for (index, file) in weights.iter().enumerate() {
+        let file_events: Vec<&DownloadProgress> =
+            events.iter().filter(|e| e.file == *file).collect();
+        assert!(!file_events.is_empty(), "no progress for {file}");
+        for e in file_events {
+            assert_eq!((e.file_index, e.file_count), (index + 1, 3), "{file}");
+            assert_eq!(e.overall_total, Some(total), "{file}");
+        }
+    }
+    let last = events.last().expect("events");
+    assert_eq!(last.overall_done, Some(total), "the overall bar ends full");
+}
+
+#[test]
+fn a_cancel_set_before_the_fetch_makes_no_request() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let hub = FakeHub::start(vec![fake_repo()]);
+    let cancel = AtomicBool::new(true);
+    let err = fetch_model_with_cancel(
+        &hub_spec(REPO),
+        Variant::Default,
+        &settings(&hub.endpoint, &tmp.path().join("hub")),
+        &mut no_progress(),
+        &cancel,
+    )
+    .expect_err("cancelled");
+    assert!(matches!(err, HubError::Cancelled { .. }), "{err:?}");
+    assert!(hub.requests().is_empty(), "{:?}", hub.requests());
+}
+
+/// Every download event of a fresh fetch of the sharded test repo, with or without sizes in
+/// the listing.
+fn fresh_fetch_events(listing_sizes: bool) -> Vec<DownloadProgress> {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let hub = FakeHub::start_with(vec![fake_repo()], listing_sizes);
+    let mut events = Vec::new();
+    fetch_model(
+        &hub_spec(REPO),
+        Variant::Default,
+        &settings(&hub.endpoint, &tmp.path().join("hub")),
+        &mut |p: &DownloadProgress| events.push(p.clone()),
+    )
+    .expect("download");
+    events
+}
+
+#[test]
+fn progress_says_which_file_of_how_many_and_the_overall_bytes() {
+    let events = fresh_fetch_events(true);
+    let files = pipeline_files();
+    let needed = needed_default();
+    // Each needed file gets one index, in download order, 1..=14.
+    let mut order: Vec<(&str, usize)> = Vec::new();
+    for e in &events {
+        if order.last().map(|(f, _)| *f) != Some(e.file.as_str()) {
+            order.push((e.file.as_str(), e.file_index));
+        }
+    }
+    assert_eq!(order.len(), needed.len(), "{order:?}");
+    for (position, (file, index)) in order.iter().enumerate() {
+        assert_eq!(*index, position + 1, "{file}");
+        assert!(needed.contains(file), "{file}");
+    }
+    // The listing cannot name the VAE's shards until its index is read: 12 files are planned,
+    // and the two shards (files 12 and 13) join the count and their sizes the total when they
+    // come.
+    let shards = [
+        "vae/diffusion_pytorch_model-00001-of-00002.safetensors",
+        "vae/diffusion_pytorch_model-00002-of-00002.safetensors",
+    ];
+    assert_eq!(order[11].0, shards[0]);
+    assert_eq!(order[12].0, shards[1]);
+    let size = |f: &str| files[f].len() as u64;
+    let all: u64 = needed.iter().map(|f| size(f)).sum();
+    let before_shards: u64 = all - shards.iter().map(|f| size(f)).sum::<u64>();
+    for e in &events {
+        let (count, total) = match e.file_index {
+            1..=11 => (12, before_shards),
+            12 => (13, before_shards + size(shards[0])),
+            _ => (14, all),
+        };
+        assert_eq!(e.file_count, count, "{}", e.file);
+        assert_eq!(e.overall_total, Some(total), "{}", e.file);
+        assert!(e.overall_done.expect("sizes listed") <= total, "{e:?}");
+    }
+    let last = events.last().expect("events");
+    assert_eq!((last.file_index, last.file_count), (14, 14));
+    assert_eq!(
+        (last.overall_done, last.overall_total),
+        (Some(all), Some(all))
+    );
+    // The overall bytes never go back.
+    let overall: Vec<u64> = events.iter().filter_map(|e| e.overall_done).collect();
+    assert!(overall.windows(2).all(|w| w[0] <= w[1]), "{overall:?}");
+}
+
+#[test]
+fn without_sizes_in_the_listing_only_the_file_counts_are_given() {
+    let events = fresh_fetch_events(false);
+    assert!(!events.is_empty());
+    for e in &events {
+        assert_eq!(
+            (e.overall_done, e.overall_total),
+            (None, None),
+            "{}",
+            e.file
+        );
+        assert!(e.file_index >= 1 && e.file_index <= e.file_count, "{e:?}");
+    }
+    let last = events.last().expect("events");
+    assert_eq!((last.file_index, last.file_count), (14, 14));
 }

@@ -19,7 +19,9 @@ use instruct_pix2pix::worker::{
     drain,
 };
 
+use common::fake_hub::{FakeHub, FakeRepo, content_etag};
 use common::{fixture_pipeline, fixtures};
+use instruct_pix2pix::model::hub::HubSettings;
 
 /// Long enough for any single event on a loaded 2-core machine running other builds.
 const EVENT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -510,4 +512,218 @@ fn drain_stops_at_the_budget_but_takes_at_least_one() {
         .collect();
     assert_eq!(ids, vec![1, 2, 3, 4]);
     assert!(drain(&receiver, Duration::from_secs(10)).is_empty());
+}
+
+// ---- Cancellable model loads ----
+
+const HUB_REPO: &str = "tester/slow-pix2pix";
+const HUB_SHA: &str = "5555555555555555555555555555555555555555";
+const HUB_UNET: &str = "unet/diffusion_pytorch_model.safetensors";
+
+/// The fixture model served by a fake Hub whose weight bodies come at 16 KiB per 20 ms (the
+/// 2.2 MB UNet takes about 3 s), and a load request for it into `cache`.
+fn slow_hub(cache: &std::path::Path) -> (FakeHub, FakeRepo, ModelRequest) {
+    let repo = FakeRepo::from_folder(HUB_REPO, HUB_SHA, &fixture_pipeline("sd1-tiny-ancestral"));
+    let hub = FakeHub::start(vec![repo.clone()]);
+    hub.set_cdn_delay(Duration::from_millis(20));
+    let mut request = ModelRequest::new(HUB_REPO, DeviceChoice::Cpu, DTypeChoice::F32);
+    request.hub = Some(HubSettings {
+        endpoint: hub.endpoint.clone(),
+        cache_dir: cache.to_path_buf(),
+        token: None,
+        offline: false,
+    });
+    (hub, repo, request)
+}
+
+fn is_load_end(e: &Event) -> bool {
+    matches!(
+        e,
+        Event::ModelLoaded(_) | Event::Failed { id: None, .. } | Event::LoadCancelled { .. }
+    )
+}
+
+#[test]
+fn a_cancelled_download_keeps_the_old_model_and_a_later_load_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("hub");
+    let (hub, repo, request) = slow_hub(&cache);
+    let (handle, events, _) = spawn(WorkerConfig::default());
+    load(&handle, &events);
+    let old = handle.loaded_model().expect("the local model is loaded");
+    assert_eq!(old.name, model_path());
+
+    handle.send(Job::LoadModel(request.clone())).unwrap();
+    // Cancel once the UNet is partly downloaded (its first report past the start).
+    let seen = until(
+        &events,
+        |e| matches!(e, Event::Download { file, done, total, .. } if file == HUB_UNET && *done > 0 && done < total),
+    );
+    assert!(matches!(&seen[0], Event::ModelLoading { spec } if spec == HUB_REPO));
+    let Some(Event::Download {
+        file_index,
+        file_count,
+        overall_done,
+        overall_total,
+        ..
+    }) = seen.last()
+    else {
+        unreachable!()
+    };
+    // The configs and tokenizer came first; the three weight files remain.
+    assert_eq!((*file_index, *file_count), (10, 12), "{seen:#?}");
+    let total: u64 = repo.files.values().map(|c| c.len() as u64).sum();
+    assert_eq!(*overall_total, Some(total));
+    assert!(overall_done.is_some_and(|done| done < total));
+    assert_eq!(
+        handle.loaded_model(),
+        Some(old.clone()),
+        "still the old model"
+    );
+
+    let started = Instant::now();
+    handle.cancel_load();
+    assert!(started.elapsed() < NON_BLOCKING, "cancel_load waited");
+    let seen = until(&events, is_load_end);
+    assert!(
+        matches!(seen.last(), Some(Event::LoadCancelled { spec }) if spec == HUB_REPO),
+        "{seen:#?}"
+    );
+    assert!(
+        !seen
+            .iter()
+            .any(|e| matches!(e, Event::ModelReleased { .. })),
+        "{seen:#?}"
+    );
+    // The download stopped within a block or two, long before the 3 s the UNet takes.
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(handle.loaded_model(), Some(old.clone()));
+
+    // The cut-off UNet waits as a `.part`; the snapshot has no entry for it.
+    let repo_dir = cache.join("models--tester--slow-pix2pix");
+    let part = repo_dir
+        .join("blobs")
+        .join(format!("{}.part", content_etag(&repo.files[HUB_UNET])));
+    let part_len = std::fs::metadata(&part).expect("a .part blob").len();
+    assert!(part_len > 0 && part_len < repo.files[HUB_UNET].len() as u64);
+    let snapshot = repo_dir.join("snapshots").join(HUB_SHA);
+    assert!(std::fs::symlink_metadata(snapshot.join(HUB_UNET)).is_err());
+    assert!(!repo_dir.join("refs").join("main").exists());
+
+    // The old model still edits.
+    let image = input_image();
+    handle.send(edit_job(1, &image, settings(2, 3))).unwrap();
+    let seen = until(&events, |e| {
+        matches!(e, Event::Finished(_) | Event::Failed { .. })
+    });
+    assert_eq!(finished(&seen).id, 1);
+
+    // Loading the same repo again resumes the UNet where it stopped and switches models.
+    hub.set_cdn_delay(Duration::ZERO);
+    hub.clear_log();
+    handle.send(Job::LoadModel(request)).unwrap();
+    let seen = until(&events, is_load_end);
+    let Some(Event::ModelLoaded(info)) = seen.last() else {
+        panic!("{seen:#?}")
+    };
+    assert_eq!(info.folder, snapshot);
+    assert_eq!(handle.loaded_model().as_ref(), Some(info));
+    let released = seen
+        .iter()
+        .position(|e| matches!(e, Event::ModelReleased { spec } if spec == HUB_REPO))
+        .expect("ModelReleased");
+    let last_download = seen
+        .iter()
+        .rposition(|e| matches!(e, Event::Download { .. }))
+        .expect("downloads");
+    assert!(
+        last_download < released,
+        "released only after the downloads"
+    );
+    let resumed = format!(
+        "CDN GET /cdn/{} bytes={part_len}-",
+        content_etag(&repo.files[HUB_UNET])
+    );
+    assert!(hub.requests().contains(&resumed), "{:#?}", hub.requests());
+    assert!(!part.exists());
+    let downloads: Vec<(usize, usize)> = seen
+        .iter()
+        .filter_map(|e| match e {
+            Event::Download {
+                file_index,
+                file_count,
+                ..
+            } => Some((*file_index, *file_count)),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        downloads.iter().all(|&(_, count)| count == 3),
+        "{downloads:?}"
+    );
+
+    handle.send(edit_job(2, &image, settings(2, 3))).unwrap();
+    let seen = until(&events, |e| {
+        matches!(e, Event::Finished(_) | Event::Failed { .. })
+    });
+    // The same weights through the Hub cache give the same picture.
+    let first = finished(&seen).image.clone();
+    assert_eq!(first, edit_directly(&image, &settings(2, 3)));
+}
+
+#[test]
+fn cancel_load_drops_waiting_loads_too_and_later_loads_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_hub, _repo, slow) = slow_hub(&tmp.path().join("hub"));
+    let (handle, events, _) = spawn(WorkerConfig::default());
+    handle.send(Job::LoadModel(slow)).unwrap();
+    let local = ModelRequest::new(model_path(), DeviceChoice::Cpu, DTypeChoice::F32);
+    handle.send(Job::LoadModel(local.clone())).unwrap();
+    until(&events, |e| matches!(e, Event::Download { .. }));
+    handle.cancel_load();
+    // A load sent after the cancel is not affected.
+    handle.send(Job::LoadModel(local)).unwrap();
+
+    let mut ends = Vec::new();
+    while ends.len() < 3 {
+        let seen = until(&events, is_load_end);
+        ends.push(seen.last().cloned().expect("an event"));
+    }
+    assert!(
+        matches!(&ends[0], Event::LoadCancelled { spec } if spec == HUB_REPO),
+        "{ends:#?}"
+    );
+    assert!(
+        matches!(&ends[1], Event::LoadCancelled { spec } if *spec == model_path()),
+        "{ends:#?}"
+    );
+    assert!(matches!(&ends[2], Event::ModelLoaded(_)), "{ends:#?}");
+    // No model was loaded before, so none was released.
+    assert_eq!(
+        handle.loaded_model().map(|info| info.name),
+        Some(model_path())
+    );
+}
+
+#[test]
+fn dropping_the_handle_stops_a_download() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_hub, _repo, slow) = slow_hub(&tmp.path().join("hub"));
+    let (handle, events, _) = spawn(WorkerConfig::default());
+    handle.send(Job::LoadModel(slow)).unwrap();
+    until(
+        &events,
+        |e| matches!(e, Event::Download { file, .. } if file == HUB_UNET),
+    );
+    let started = Instant::now();
+    drop(handle);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
 }

@@ -6,12 +6,17 @@
 //! files, locks). What hf-hub 0.5 lacks is done here: the `HF_HUB_CACHE`, `HF_HUB_OFFLINE` and
 //! `HF_TOKEN` variables, resolving `refs/<revision>` and snapshot files from the cache without any
 //! request (offline, or when the Hub cannot be reached), telling a missing repo (404) from a
-//! private or gated one (401/403), and choosing which files of the repo an edit needs from the
-//! repo listing so that only those are downloaded.
+//! private or gated one (401/403), choosing which files of the repo an edit needs from the
+//! repo listing so that only those are downloaded, progress as "file 3 of 9" with overall bytes
+//! (the listing's `?blobs=true` sizes), and cancelling a download mid-file
+//! ([`fetch_model_with_cancel`]; it unwinds out of hf-hub's download, so the crate must not be
+//! built with `panic = "abort"`).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use hf_hub::api::Progress;
@@ -279,6 +284,18 @@ pub struct DownloadProgress {
     pub bytes_done: u64,
     /// The file's size.
     pub bytes_total: u64,
+    /// This file's place (1-based) among the files this fetch downloads: "file 3 of 9".
+    pub file_index: usize,
+    /// How many files this fetch downloads; files already in the cache are not counted. Known
+    /// from the repo listing before the first download; for sharded weights the shards are
+    /// added once their index file has been read, so the count can grow then.
+    pub file_count: usize,
+    /// Bytes of all the files of this fetch on disk so far (finished files plus this one's
+    /// `bytes_done`), when the listing gave every planned file's size.
+    pub overall_done: Option<u64>,
+    /// The sum of the sizes of all the files this fetch downloads, when the listing gave them
+    /// (the Hub does with `?blobs=true`); `None` means only the per-file bar is known.
+    pub overall_total: Option<u64>,
 }
 
 /// Why a model could not be found or fetched.
@@ -449,6 +466,14 @@ pub enum HubError {
         /// The snapshot the file landed in.
         got: String,
     },
+    /// The download was cancelled (through the cancel flag of [`fetch_model_with_cancel`]).
+    /// A file cut off mid-way stays as a `.part` blob that the next download resumes; nothing
+    /// in the snapshot points at it.
+    #[error("the download of {repo} was cancelled")]
+    Cancelled {
+        /// `owner/name`.
+        repo: String,
+    },
     /// The cache could not be read or written.
     #[error("Hugging Face cache error at {path}: {source}")]
     Cache {
@@ -483,6 +508,26 @@ pub fn fetch_model(
     settings: &HubSettings,
     progress: &mut dyn FnMut(&DownloadProgress),
 ) -> Result<PathBuf, HubError> {
+    fetch_model_with_cancel(spec, variant, settings, progress, &AtomicBool::new(false))
+}
+
+/// [`fetch_model`] that stops with [`HubError::Cancelled`] once `cancel` is set: before the
+/// listing, before each file, and mid-file at the next block of bytes that arrives (hf-hub 0.5
+/// has no abort, so the progress callback unwinds out of its download with a private payload
+/// that is caught here; hf-hub's lock on the blob is released as the unwind drops it).
+///
+/// A file cut off mid-way stays as `blobs/<etag>.part`, which the next download of the same
+/// file resumes; the snapshot only ever links complete blobs, and `refs/<revision>` is written
+/// only once every file is present. A stalled connection (no bytes at all) is not interrupted:
+/// hf-hub 0.5 offers no timeout for its downloads, so the cancel takes effect when bytes flow
+/// again.
+pub fn fetch_model_with_cancel(
+    spec: &ModelSpec,
+    variant: Variant,
+    settings: &HubSettings,
+    progress: &mut dyn FnMut(&DownloadProgress),
+    cancel: &AtomicBool,
+) -> Result<PathBuf, HubError> {
     match spec {
         ModelSpec::LocalDir(dir) => {
             if !dir.is_dir() {
@@ -513,9 +558,19 @@ pub fn fetch_model(
                 let why = "HF_HUB_OFFLINE is set; unset it to download".to_string();
                 return fetch_from_cache(repo_id, revision, variant, settings, why);
             }
-            fetch_from_hub(repo_id, revision, variant, settings, progress)
+            fetch_from_hub(repo_id, revision, variant, settings, progress, cancel)
         }
     }
+}
+
+/// Checks, without any request, that `folder` (a local pipeline or a cache snapshot) holds every
+/// file an edit with `variant` needs: the same check [`fetch_model`] makes offline.
+pub(crate) fn check_pipeline_folder(folder: &Path, variant: Variant) -> Result<(), HubError> {
+    let mut source = FolderSource {
+        root: folder.to_path_buf(),
+        origin: FolderOrigin::Local,
+    };
+    collect_pipeline_files(&mut source, variant)
 }
 
 /// The snapshot folder of `repo_id` at `revision` in the cache, if the cache knows that
@@ -606,7 +661,14 @@ fn fetch_from_hub(
     variant: Variant,
     settings: &HubSettings,
     progress: &mut dyn FnMut(&DownloadProgress),
+    cancel: &AtomicBool,
 ) -> Result<PathBuf, HubError> {
+    let cancelled = || HubError::Cancelled {
+        repo: repo_id.to_string(),
+    };
+    if cancel.load(Ordering::Acquire) {
+        return Err(cancelled());
+    }
     let endpoint = settings.endpoint.clone();
     let api = ApiBuilder::from_cache(Cache::new(settings.cache_dir.clone()))
         .with_endpoint(endpoint.clone())
@@ -630,8 +692,22 @@ fn fetch_from_hub(
         Err(ListError::Hub(err)) => return Err(*err),
     };
 
+    if cancel.load(Ordering::Acquire) {
+        return Err(cancelled());
+    }
+
     let repo_dir = settings.repo_cache_dir(repo_id);
     let snapshot = repo_dir.join("snapshots").join(&listing.sha);
+    // Which files are missing, from the listing alone, so progress can say "file 3 of 9" and
+    // errors in the repo's layout show before any download.
+    let mut plan_source = PlanSource {
+        location: format!("repository {repo_id}@{revision} on {endpoint}"),
+        files: &listing.files,
+        snapshot: &snapshot,
+        planned: Vec::new(),
+    };
+    collect_pipeline_files(&mut plan_source, variant)?;
+    let plan = DownloadPlan::new(plan_source.planned, &listing.sizes);
     // Downloads name the listed commit, so every file comes from the same snapshot. hf-hub then
     // writes `refs/<commit>`, which huggingface_hub never does; it is removed afterwards.
     let stray_ref = repo_dir.join("refs").join(&listing.sha);
@@ -642,6 +718,9 @@ fn fetch_from_hub(
         endpoint,
         sha: listing.sha.clone(),
         files: listing.files,
+        sizes: listing.sizes,
+        plan,
+        cancel,
         snapshot: snapshot.clone(),
         api_repo: api.repo(Repo::with_revision(
             repo_id.to_string(),
@@ -678,10 +757,26 @@ fn write_ref(repo_dir: &Path, revision: &str, sha: &str) -> Result<(), HubError>
     std::fs::write(&ref_path, sha).map_err(cache_err)
 }
 
-/// The repo listing: its commit and file names.
+/// The repo listing: its commit, file names and (when the Hub gives them) file sizes.
 struct Listing {
     sha: String,
     files: BTreeSet<String>,
+    sizes: BTreeMap<String, u64>,
+}
+
+/// The Hub's answer to `/api/models/{repo}/revision/{rev}?blobs=true`, the parts used.
+#[derive(serde::Deserialize)]
+struct RepoListing {
+    sha: String,
+    siblings: Vec<ListedFile>,
+}
+
+#[derive(serde::Deserialize)]
+struct ListedFile {
+    rfilename: String,
+    /// Present with `?blobs=true` (the LFS size for large files).
+    #[serde(default)]
+    size: Option<u64>,
 }
 
 enum ListError {
@@ -691,7 +786,8 @@ enum ListError {
     Hub(Box<HubError>),
 }
 
-/// `GET {endpoint}/api/models/{repo}/revision/{revision}`, reading statuses and the Hub's
+/// `GET {endpoint}/api/models/{repo}/revision/{revision}?blobs=true` (the sizes feed the overall
+/// progress), reading statuses and the Hub's
 /// `X-Error-Code` header itself (hf-hub's `info()` turns them all into one opaque error).
 fn list_repo(
     api_repo: &ApiRepo,
@@ -702,6 +798,7 @@ fn list_repo(
     let endpoint = settings.endpoint.clone();
     let response = api_repo
         .info_request()
+        .query("blobs", "true")
         .config()
         .http_status_as_error(false)
         .timeout_global(Some(Duration::from_secs(60)))
@@ -782,7 +879,7 @@ fn list_repo(
             reason,
         }))
     };
-    let info: hf_hub::api::RepoInfo = response
+    let info: RepoListing = response
         .body_mut()
         .read_json()
         .map_err(|e| bad(e.to_string()))?;
@@ -790,15 +887,20 @@ fn list_repo(
         return Err(bad(format!("commit {:?} is not a commit hash", info.sha)));
     }
     let mut files = BTreeSet::new();
+    let mut sizes = BTreeMap::new();
     for sibling in info.siblings {
         if !is_safe_repo_path(&sibling.rfilename) {
             return Err(bad(format!("file name {:?} is unsafe", sibling.rfilename)));
+        }
+        if let Some(size) = sibling.size {
+            sizes.insert(sibling.rfilename.clone(), size);
         }
         files.insert(sibling.rfilename);
     }
     Ok(Listing {
         sha: info.sha,
         files,
+        sizes,
     })
 }
 
@@ -820,6 +922,11 @@ trait PipelineSource {
     /// Makes `file` (a pipeline-relative path) present locally; `Ok(false)` when the source does
     /// not have it.
     fn fetch(&mut self, file: &str) -> Result<bool, HubError>;
+    /// Whether a fetched `file` can be read now. Only a [`PlanSource`] says no (it fetches
+    /// nothing): the checks that read files are then left to the pass that downloads them.
+    fn readable(&self, _file: &str) -> bool {
+        true
+    }
 }
 
 /// Fetches (or checks) every file an edit needs, in the order small-to-large so that a broken
@@ -839,7 +946,9 @@ fn collect_pipeline_files(
         });
     }
     // Parse it now so a broken index fails before any weight is downloaded.
-    ModelIndex::read(source.root())?;
+    if source.readable(MODEL_INDEX_FILE) {
+        ModelIndex::read(source.root())?;
+    }
 
     for component in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
         if !source.has_component(component)? {
@@ -854,12 +963,16 @@ fn collect_pipeline_files(
         if !source.fetch(&config)? {
             return Err(missing(&config));
         }
-        let _: serde_json::Value = read_json(&source.root().join(&config))?;
+        if source.readable(&config) {
+            let _: serde_json::Value = read_json(&source.root().join(&config))?;
+        }
     }
     if !source.fetch(SCHEDULER_CONFIG)? {
         return Err(missing(SCHEDULER_CONFIG));
     }
-    let _: serde_json::Value = read_json(&source.root().join(SCHEDULER_CONFIG))?;
+    if source.readable(SCHEDULER_CONFIG) {
+        let _: serde_json::Value = read_json(&source.root().join(SCHEDULER_CONFIG))?;
+    }
 
     let tokenizer_files = source.component_files("tokenizer")?;
     let has = |name: &str| tokenizer_files.contains(name);
@@ -895,6 +1008,10 @@ fn collect_pipeline_files(
                 let index_file = format!("{component}/{index}");
                 if !source.fetch(&index_file)? {
                     return Err(missing(&index_file));
+                }
+                if !source.readable(&index_file) {
+                    // Planning: the shards are known once the index is downloaded.
+                    continue;
                 }
                 for shard in shard_names(&source.root().join(&index_file))? {
                     let file = format!("{component}/{shard}");
@@ -966,6 +1083,104 @@ impl PipelineSource for FolderSource {
     }
 }
 
+/// A Hub listing walked without downloading: records which needed files the snapshot lacks.
+struct PlanSource<'l> {
+    /// As the downloading pass names it, so errors read the same from either pass.
+    location: String,
+    files: &'l BTreeSet<String>,
+    snapshot: &'l Path,
+    /// Needed files not yet in the snapshot, in download order.
+    planned: Vec<String>,
+}
+
+impl PipelineSource for PlanSource<'_> {
+    fn location(&self) -> String {
+        self.location.clone()
+    }
+
+    fn root(&self) -> &Path {
+        self.snapshot
+    }
+
+    fn has_component(&mut self, component: &str) -> Result<bool, HubError> {
+        Ok(listed_has_component(self.files, component))
+    }
+
+    fn component_files(&mut self, component: &str) -> Result<BTreeSet<String>, HubError> {
+        Ok(listed_component_files(self.files, component))
+    }
+
+    fn fetch(&mut self, file: &str) -> Result<bool, HubError> {
+        if !self.files.contains(file) {
+            return Ok(false);
+        }
+        if !self.snapshot.join(file).is_file() && !self.planned.iter().any(|p| p == file) {
+            self.planned.push(file.to_string());
+        }
+        Ok(true)
+    }
+
+    fn readable(&self, file: &str) -> bool {
+        self.snapshot.join(file).is_file()
+    }
+}
+
+fn listed_has_component(files: &BTreeSet<String>, component: &str) -> bool {
+    let prefix = format!("{component}/");
+    files.iter().any(|f| f.starts_with(&prefix))
+}
+
+fn listed_component_files(files: &BTreeSet<String>, component: &str) -> BTreeSet<String> {
+    let prefix = format!("{component}/");
+    files
+        .iter()
+        .filter_map(|f| f.strip_prefix(&prefix))
+        .filter(|name| !name.contains('/'))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The files one fetch downloads, for "file 3 of 9" and the overall bar.
+struct DownloadPlan {
+    /// Files expected to be downloaded; shards join once their index is read.
+    planned: BTreeSet<String>,
+    /// Files downloaded (or being downloaded) so far.
+    started: usize,
+    /// Bytes of the files finished so far.
+    finished_bytes: u64,
+    /// Sum of the planned files' sizes, while every one is known.
+    total_bytes: Option<u64>,
+}
+
+impl DownloadPlan {
+    fn new(planned: Vec<String>, sizes: &BTreeMap<String, u64>) -> Self {
+        let total_bytes = planned
+            .iter()
+            .map(|file| sizes.get(file).copied())
+            .sum::<Option<u64>>();
+        Self {
+            planned: planned.into_iter().collect(),
+            started: 0,
+            finished_bytes: 0,
+            total_bytes,
+        }
+    }
+
+    /// Counts `file` as the next download; returns its 1-based index.
+    fn start(&mut self, file: &str, size: Option<u64>) -> usize {
+        if self.planned.insert(file.to_string()) {
+            // Not foreseen (a shard): it adds to the total, which is unknown without its size.
+            self.total_bytes = self.total_bytes.zip(size).map(|(total, size)| total + size);
+        }
+        self.started += 1;
+        self.started
+    }
+
+    fn count(&self) -> usize {
+        self.planned.len().max(self.started)
+    }
+}
+
 /// A Hub repo at a listed commit, downloading into the cache snapshot on demand.
 struct HubSource<'p> {
     repo_id: String,
@@ -973,6 +1188,10 @@ struct HubSource<'p> {
     endpoint: String,
     sha: String,
     files: BTreeSet<String>,
+    /// File sizes from the listing (may be empty).
+    sizes: BTreeMap<String, u64>,
+    plan: DownloadPlan,
+    cancel: &'p AtomicBool,
     snapshot: PathBuf,
     api_repo: ApiRepo,
     progress: &'p mut dyn FnMut(&DownloadProgress),
@@ -991,19 +1210,11 @@ impl PipelineSource for HubSource<'_> {
     }
 
     fn has_component(&mut self, component: &str) -> Result<bool, HubError> {
-        let prefix = format!("{component}/");
-        Ok(self.files.iter().any(|f| f.starts_with(&prefix)))
+        Ok(listed_has_component(&self.files, component))
     }
 
     fn component_files(&mut self, component: &str) -> Result<BTreeSet<String>, HubError> {
-        let prefix = format!("{component}/");
-        Ok(self
-            .files
-            .iter()
-            .filter_map(|f| f.strip_prefix(&prefix))
-            .filter(|name| !name.contains('/'))
-            .map(str::to_string)
-            .collect())
+        Ok(listed_component_files(&self.files, component))
     }
 
     fn fetch(&mut self, file: &str) -> Result<bool, HubError> {
@@ -1014,22 +1225,49 @@ impl PipelineSource for HubSource<'_> {
         if local.is_file() {
             return Ok(true);
         }
+        let cancelled = || HubError::Cancelled {
+            repo: self.repo_id.clone(),
+        };
+        if self.cancel.load(Ordering::Acquire) {
+            return Err(cancelled());
+        }
+        let file_index = self.plan.start(file, self.sizes.get(file).copied());
         let reporter = ProgressReporter {
             file: file.to_string(),
             bytes_done: 0,
             bytes_total: 0,
             last_reported: None,
+            file_index,
+            file_count: self.plan.count(),
+            overall_base: self.plan.finished_bytes,
+            overall_total: self.plan.total_bytes,
+            cancel: self.cancel,
             callback: &mut *self.progress,
         };
-        let path = self
-            .api_repo
-            .download_with_progress(file, reporter)
-            .map_err(|source| HubError::Download {
-                repo: self.repo_id.clone(),
-                file: file.to_string(),
-                endpoint: self.endpoint.clone(),
-                source,
-            })?;
+        let api_repo = &self.api_repo;
+        // The reporter unwinds with `DownloadCancelled` to abort hf-hub's download mid-file.
+        let downloaded = catch_unwind(AssertUnwindSafe(|| {
+            api_repo.download_with_progress(file, reporter)
+        }));
+        let downloaded = match downloaded {
+            Ok(downloaded) => downloaded,
+            Err(payload) if payload.is::<DownloadCancelled>() => return Err(cancelled()),
+            // A panic of the caller's progress callback (or of hf-hub) is not ours to hide.
+            Err(payload) => resume_unwind(payload),
+        };
+        let path = downloaded.map_err(|source| HubError::Download {
+            repo: self.repo_id.clone(),
+            file: file.to_string(),
+            endpoint: self.endpoint.clone(),
+            source,
+        })?;
+        let size = self
+            .sizes
+            .get(file)
+            .copied()
+            .or_else(|| std::fs::metadata(&path).ok().map(|m| m.len()))
+            .unwrap_or(0);
+        self.plan.finished_bytes += size;
         if path != local {
             let got = path
                 .strip_prefix(self.snapshot.parent().unwrap_or(&self.snapshot))
@@ -1048,13 +1286,23 @@ impl PipelineSource for HubSource<'_> {
     }
 }
 
+/// The unwind payload that aborts an hf-hub download when the cancel flag is set; private, so
+/// no other panic is mistaken for a cancel.
+struct DownloadCancelled;
+
 /// Forwards hf-hub's progress calls to the caller's callback, at most every 256 KiB (and at the
-/// start and end of each file) so a UI is not flooded.
+/// start and end of each file) so a UI is not flooded; checks the cancel flag on every call.
 struct ProgressReporter<'p> {
     file: String,
     bytes_done: u64,
     bytes_total: u64,
     last_reported: Option<u64>,
+    file_index: usize,
+    file_count: usize,
+    /// Bytes of the files of this fetch finished before this one.
+    overall_base: u64,
+    overall_total: Option<u64>,
+    cancel: &'p AtomicBool,
     callback: &'p mut dyn FnMut(&DownloadProgress),
 }
 
@@ -1074,6 +1322,12 @@ impl ProgressReporter<'_> {
                 file: self.file.clone(),
                 bytes_done: self.bytes_done,
                 bytes_total: self.bytes_total,
+                file_index: self.file_index,
+                file_count: self.file_count,
+                overall_done: self
+                    .overall_total
+                    .map(|_| self.overall_base + self.bytes_done),
+                overall_total: self.overall_total,
             });
         }
     }
@@ -1088,6 +1342,12 @@ impl Progress for ProgressReporter<'_> {
     }
 
     fn update(&mut self, size: usize) {
+        if self.cancel.load(Ordering::Acquire) {
+            // hf-hub has no abort: unwind out of `download_with_progress` (caught in
+            // `HubSource::fetch`). The bytes of this block are not yet written, so the `.part`
+            // file holds exactly what was written before, and resumes from there.
+            resume_unwind(Box::new(DownloadCancelled));
+        }
         self.bytes_done += size as u64;
         self.report(false);
     }

@@ -2,6 +2,7 @@
 //! the networks (CLIP text encoder, VAE, UNet) built from diffusers' weight names, device and dtype.
 //! Knows nothing of the window or the edit loop.
 
+pub mod catalog;
 pub mod clip;
 pub mod config;
 pub mod device;

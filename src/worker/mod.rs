@@ -15,14 +15,21 @@
 //!   waiting for room when needed.
 //! - Failures become [`Event::Failed`] with one line; a panic inside a job is caught and reported
 //!   the same way, and the thread goes on.
-//! - Dropping the [`WorkerHandle`] cancels the running edit and joins the thread. A model load
-//!   cannot be interrupted, so a drop during one waits for it to end.
+//! - Model loads download first and release the old model only then, so a cancelled or failed
+//!   download leaves the old model usable while memory still holds one model at a time:
+//!   [`Event::ModelLoading`], [`Event::Download`]s, then [`Event::ModelReleased`] and
+//!   [`Event::ModelLoaded`]. [`WorkerHandle::cancel_load`] works like the edit cancel, outside
+//!   the queue: it stops the running download (within one block of bytes) and drops the loads
+//!   still waiting, each answered [`Event::LoadCancelled`]. Reading the weights (after
+//!   `ModelReleased`) cannot be interrupted.
+//! - Dropping the [`WorkerHandle`] cancels the running edit and download and joins the thread; a
+//!   drop while weights are being read waits for that to end.
 
 pub mod protocol;
 
 use std::any::Any;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -34,7 +41,7 @@ use image::RgbImage;
 pub use protocol::{EditJob, EditResult, Event, Job, JobId, ModelInfo, ModelRequest, StepProgress};
 
 use crate::model::device::select_device;
-use crate::model::hub::{HubSettings, ModelSpec, Variant};
+use crate::model::hub::{HubError, HubSettings, ModelSpec, Variant, fetch_model_with_cancel};
 use crate::model::{InstructPix2PixModel, LoadOptions};
 use crate::pipeline::edit::{EditError, EditPipeline, StepInfo};
 use crate::pipeline::image::{edit_size, resize_lanczos};
@@ -165,7 +172,10 @@ impl WorkerHandle {
                 self.begin_shutdown();
                 Ok(())
             }
-            Job::LoadModel(request) => self.enqueue(Queued::Load(request), "model load"),
+            Job::LoadModel(request) => {
+                let seq = self.shared.next_load.fetch_add(1, Ordering::AcqRel);
+                self.enqueue(Queued::Load(request, seq), "model load")
+            }
             Job::Edit(edit) => self.submit_edit(edit),
         }
     }
@@ -187,6 +197,26 @@ impl WorkerHandle {
             state.pending = None;
             state.notices.push(Event::Cancelled { id });
         }
+    }
+
+    /// Stops every model load sent before this call: the running download stops within one
+    /// block of bytes, loads still waiting are dropped; each is answered
+    /// [`Event::LoadCancelled`] and the model loaded before stays loaded. A load whose files are
+    /// all downloaded already (after [`Event::ModelReleased`]) is past cancelling and completes.
+    /// Loads sent after this call are not affected. Never blocks.
+    pub fn cancel_load(&self) {
+        let mut state = self.shared.lock();
+        state.cancel_loads_before = self.shared.next_load.load(Ordering::Acquire);
+        if let Some(cancel) = &state.running_load {
+            cancel.store(true, Ordering::Release);
+        }
+    }
+
+    /// The model edits run with now, `None` when none is loaded (never loaded, or released for
+    /// a load that then failed). Changes as [`Event::ModelLoaded`] and [`Event::ModelReleased`]
+    /// are sent.
+    pub fn loaded_model(&self) -> Option<ModelInfo> {
+        self.shared.lock().loaded.clone()
     }
 
     /// The edit the thread is running, else the one waiting to start, else `None` (its last
@@ -248,6 +278,9 @@ impl WorkerHandle {
         if let Some(running) = &state.running {
             running.cancel.store(true, Ordering::Release);
         }
+        if let Some(cancel) = &state.running_load {
+            cancel.store(true, Ordering::Release);
+        }
         drop(state);
         // When the queue is full the thread is awake and sees the flag after its current job.
         if let Some(jobs) = &self.jobs {
@@ -272,7 +305,8 @@ impl Drop for WorkerHandle {
 /// What travels in the job queue. Edits wait in [`State::pending`]; `EditReady` wakes the thread
 /// for them.
 enum Queued {
-    Load(ModelRequest),
+    /// A load and its sequence number (for [`WorkerHandle::cancel_load`]).
+    Load(ModelRequest, u64),
     EditReady,
     Shutdown,
 }
@@ -282,6 +316,8 @@ enum Queued {
 struct Shared {
     state: Mutex<State>,
     shutdown: AtomicBool,
+    /// The sequence number the next load sent gets.
+    next_load: AtomicU64,
 }
 
 impl Shared {
@@ -298,6 +334,12 @@ struct State {
     pending: Option<EditJob>,
     /// Events about edits that never started, sent by the thread at its next wake-up.
     notices: Vec<Event>,
+    /// Loads with a smaller sequence number are cancelled.
+    cancel_loads_before: u64,
+    /// The cancel flag of the load being downloaded.
+    running_load: Option<Arc<AtomicBool>>,
+    /// The model edits run with.
+    loaded: Option<ModelInfo>,
 }
 
 struct RunningEdit {
@@ -382,35 +424,73 @@ impl ModelThread {
                 break;
             }
             match queued {
-                Queued::Load(request) => self.load(request),
+                Queued::Load(request, seq) => self.load(request, seq),
                 Queued::EditReady => self.next_edit(),
                 Queued::Shutdown => break,
             }
         }
     }
 
-    fn load(&mut self, request: ModelRequest) {
-        // Release the old model first: two full models at once may not fit in memory.
-        self.pipeline = None;
-        self.scaled = None;
-        self.outbox.deliver(Event::ModelLoading {
-            spec: request.spec.clone(),
-        });
+    /// Downloads (cancellably), then releases the old model, then reads the new one, so memory
+    /// never holds two models and a cancelled download leaves the old one usable.
+    fn load(&mut self, request: ModelRequest, seq: u64) {
+        let cancel = {
+            let mut state = self.outbox.shared.lock();
+            if seq < state.cancel_loads_before {
+                None
+            } else {
+                let cancel = Arc::new(AtomicBool::new(false));
+                state.running_load = Some(Arc::clone(&cancel));
+                Some(cancel)
+            }
+        };
+        let spec = request.spec.clone();
+        let Some(cancel) = cancel else {
+            self.outbox.deliver(Event::LoadCancelled { spec });
+            return;
+        };
+        self.outbox
+            .deliver(Event::ModelLoading { spec: spec.clone() });
         let outbox = &self.outbox;
-        let loaded = catch_unwind(AssertUnwindSafe(|| load_pipeline(&request, outbox)));
+        let prepared = catch_unwind(AssertUnwindSafe(|| prepare_load(&request, outbox, &cancel)));
+        // Past this point a cancel is too late: take the flag away first, then look at it once.
+        self.outbox.shared.lock().running_load = None;
+        let prepared = match prepared {
+            Ok(Ok(_)) if cancel.load(Ordering::Acquire) => Err(LoadEnd::Cancelled),
+            Ok(prepared) => prepared,
+            Err(panic) => Err(LoadEnd::Failed(crashed(&spec, &panic))),
+        };
+        let prepared = match prepared {
+            Ok(prepared) => prepared,
+            Err(LoadEnd::Cancelled) => {
+                self.outbox.deliver(Event::LoadCancelled { spec });
+                return;
+            }
+            Err(LoadEnd::Failed(message)) => {
+                self.outbox.deliver(Event::Failed { id: None, message });
+                return;
+            }
+        };
+
+        // Release the old model first: two full models at once may not fit in memory.
+        let had_model = self.pipeline.take().is_some();
+        self.scaled = None;
+        self.outbox.shared.lock().loaded = None;
+        if had_model {
+            self.outbox
+                .deliver(Event::ModelReleased { spec: spec.clone() });
+        }
+        let loaded = catch_unwind(AssertUnwindSafe(|| finish_load(&request, prepared)));
         match loaded {
             Ok(Ok((pipeline, info))) => {
                 self.pipeline = Some(pipeline);
+                self.outbox.shared.lock().loaded = Some(info.clone());
                 self.outbox.deliver(Event::ModelLoaded(info));
             }
             Ok(Err(message)) => self.outbox.deliver(Event::Failed { id: None, message }),
             Err(panic) => self.outbox.deliver(Event::Failed {
                 id: None,
-                message: format!(
-                    "loading {} crashed (internal error): {}",
-                    request.spec,
-                    panic_message(&panic)
-                ),
+                message: crashed(&spec, &panic),
             }),
         }
     }
@@ -563,20 +643,45 @@ fn scale_input(
     Ok(scaled)
 }
 
-/// Resolves, fetches and loads the model as the command line does; the error is one line.
-fn load_pipeline(
+/// How a load ended before its weights were read.
+enum LoadEnd {
+    Cancelled,
+    /// One line for the user.
+    Failed(String),
+}
+
+/// A load whose files are all present, ready to be read.
+struct PreparedLoad {
+    folder: std::path::PathBuf,
+    options: LoadOptions,
+    warning: Option<String>,
+}
+
+/// Names the model in a message unless it already does (most errors name the folder or repo).
+fn load_failed(request: &ModelRequest, error: &dyn std::error::Error) -> String {
+    let message = one_line(error);
+    if message.contains(request.spec.trim()) {
+        message
+    } else {
+        format!("cannot load {}: {message}", request.spec)
+    }
+}
+
+fn crashed(spec: &str, panic: &Box<dyn Any + Send>) -> String {
+    format!(
+        "loading {spec} crashed (internal error): {}",
+        panic_message(panic)
+    )
+}
+
+/// Resolves the model as the command line does and makes its files present (downloading them,
+/// reported as [`Event::Download`], stopped by `cancel`); the old model is untouched.
+fn prepare_load(
     request: &ModelRequest,
     outbox: &Outbox,
-) -> Result<(EditPipeline, ModelInfo), String> {
-    // Most errors name the folder or repo already; say which model only when they do not.
-    let failed = |error: &dyn std::error::Error| {
-        let message = one_line(error);
-        if message.contains(request.spec.trim()) {
-            message
-        } else {
-            format!("cannot load {}: {message}", request.spec)
-        }
-    };
+    cancel: &AtomicBool,
+) -> Result<PreparedLoad, LoadEnd> {
+    let failed = |error: &dyn std::error::Error| LoadEnd::Failed(load_failed(request, error));
     let device = select_device(request.device).map_err(|e| failed(&e))?;
     let warning = request.dtype.check_on(&device).map_err(|e| failed(&e))?;
     let dtype = request.dtype.dtype();
@@ -588,28 +693,50 @@ fn load_pipeline(
     let spec =
         ModelSpec::parse(&request.spec, request.revision.as_deref()).map_err(|e| failed(&e))?;
     let hub = request.hub.clone().unwrap_or_else(HubSettings::from_env);
-    let options = LoadOptions {
-        variant,
-        dtype,
-        device: device.clone(),
-    };
-    let model = InstructPix2PixModel::fetch_and_load(&spec, &hub, &options, &mut |progress| {
+    let mut on_progress = |progress: &crate::model::hub::DownloadProgress| {
         outbox.offer(Event::Download {
             file: progress.file.clone(),
             done: progress.bytes_done,
             total: progress.bytes_total,
+            file_index: progress.file_index,
+            file_count: progress.file_count,
+            overall_done: progress.overall_done,
+            overall_total: progress.overall_total,
         });
+    };
+    let folder = match fetch_model_with_cancel(&spec, variant, &hub, &mut on_progress, cancel) {
+        Ok(folder) => folder,
+        Err(HubError::Cancelled { .. }) => return Err(LoadEnd::Cancelled),
+        Err(error) => return Err(failed(&error)),
+    };
+    Ok(PreparedLoad {
+        folder,
+        options: LoadOptions {
+            variant,
+            dtype,
+            device,
+        },
+        warning,
     })
-    .map_err(|e| failed(&e))?;
+}
+
+/// Reads the weights of a prepared load; the error is one line.
+fn finish_load(
+    request: &ModelRequest,
+    prepared: PreparedLoad,
+) -> Result<(EditPipeline, ModelInfo), String> {
+    let failed = |error: &dyn std::error::Error| load_failed(request, error);
+    let model =
+        InstructPix2PixModel::load(&prepared.folder, &prepared.options).map_err(|e| failed(&e))?;
     let folder = model.folder.clone();
     let pipeline = EditPipeline::new(model).map_err(|e| failed(&e))?;
     let info = ModelInfo {
         name: request.spec.clone(),
         folder,
-        device: device_name(device.location()),
+        device: device_name(prepared.options.device.location()),
         dtype: request.dtype.to_string(),
         size_multiple: pipeline.size_multiple(),
-        warning,
+        warning: prepared.warning,
     };
     Ok((pipeline, info))
 }

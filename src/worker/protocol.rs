@@ -19,7 +19,8 @@ pub type JobId = u64;
 /// Work for the model thread.
 #[derive(Debug, Clone)]
 pub enum Job {
-    /// Load (fetching from the Hub when needed) a model, replacing the loaded one.
+    /// Load (fetching from the Hub when needed) a model, replacing the loaded one once the new
+    /// one's files are all downloaded. Stopped by [`super::WorkerHandle::cancel_load`].
     LoadModel(ModelRequest),
     /// Run one edit with the loaded model. "Latest wins": a new edit cancels the running one and
     /// replaces one still waiting (see [`super::WorkerHandle::send`]).
@@ -80,10 +81,37 @@ pub struct EditJob {
 /// News from the model thread.
 #[derive(Debug, Clone)]
 pub enum Event {
-    /// Loading `spec` has started; the previously loaded model has been released.
+    /// Loading `spec` has started. The previously loaded model stays loaded (and edits queued
+    /// after the load still wait for it) until the new model's files are all downloaded; then
+    /// [`Event::ModelReleased`] comes.
     ModelLoading { spec: String },
     /// Bytes of one file downloaded so far (may be skipped when the window is slow).
-    Download { file: String, done: u64, total: u64 },
+    Download {
+        /// The file's path in the repo.
+        file: String,
+        /// Bytes of this file on disk so far (a resumed download starts above zero).
+        done: u64,
+        /// This file's size.
+        total: u64,
+        /// This file's place (1-based) among the files this load downloads: "file 3 of 9".
+        file_index: usize,
+        /// How many files this load downloads (cached ones not counted; may grow once for
+        /// sharded weights).
+        file_count: usize,
+        /// Bytes of all the files of this load so far, when the Hub listing gave their sizes.
+        overall_done: Option<u64>,
+        /// The sum of those sizes; `None`: only the per-file bar is known.
+        overall_total: Option<u64>,
+    },
+    /// The previous model has been released, every file of `spec` is present, and its weights
+    /// are being read: from here the load can no longer be cancelled, and edits fail until
+    /// [`Event::ModelLoaded`] (or the load's [`Event::Failed`]). Sent only when a model was
+    /// loaded.
+    ModelReleased { spec: String },
+    /// The load of `spec` was cancelled ([`super::WorkerHandle::cancel_load`]) while waiting or
+    /// downloading. The previously loaded model, if any, is still loaded and usable. Downloaded
+    /// files stay in the cache; a cut-off file resumes at the next load of the same repo.
+    LoadCancelled { spec: String },
     /// The model is ready for edits.
     ModelLoaded(ModelInfo),
     /// An edit has started at this size (after scaling).
@@ -97,6 +125,9 @@ pub enum Event {
     /// The edit was stopped, or dropped before starting, because edit `by` replaced it.
     Superseded { id: JobId, by: JobId },
     /// Something failed: an edit (`id` set) or a model load (`id` none). One line, for the user.
+    /// A load that fails before [`Event::ModelReleased`] (a bad spec, a download error) leaves
+    /// the previous model loaded; after it, no model is loaded
+    /// ([`super::WorkerHandle::loaded_model`] says which is the case).
     Failed { id: Option<JobId>, message: String },
 }
 

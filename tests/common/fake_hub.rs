@@ -1,7 +1,9 @@
 //! A tiny stand-in for the Hugging Face Hub on 127.0.0.1, answering the requests hf-hub 0.5's
 //! sync API makes (read from its source):
 //! - `GET /api/models/{owner}/{name}/revision/{rev}` → `{"sha", "siblings": [{"rfilename"}]}`;
-//!   404 with `X-Error-Code: RepoNotFound` / `RevisionNotFound` like the Hub.
+//!   with `?blobs=true` each sibling also has its `size`, as on the real Hub (unless the hub was
+//!   started without sizes, to test the fallback); 404 with `X-Error-Code: RepoNotFound` /
+//!   `RevisionNotFound` like the Hub.
 //! - `GET|HEAD /{owner}/{name}/resolve/{rev}/{path}` with `Range: bytes=0-0` (metadata) or
 //!   `bytes=N-` (download): small files answer 206 with `ETag`, `X-Repo-Commit` and
 //!   `Content-Range`; large-file-storage files (`.safetensors`, `.bin`) answer 302 to
@@ -11,12 +13,17 @@
 //!   Hub headers there): `GET /cdn/{etag}` with Range support.
 //!
 //! Private repos answer 401 unless `Authorization: Bearer <token>` matches. Every request is
-//! logged so tests can check what was (not) downloaded.
+//! logged so tests can check what was (not) downloaded. CDN bodies can be slowed down
+//! ([`FakeHub::set_cdn_delay`]) so a test can act in the middle of a download; every request is
+//! answered on its own thread, so a slow body never holds up the next request.
 
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
+use std::io::Read;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use tiny_http::{Header, Method, Request, Response, Server, StatusCode};
 
@@ -33,6 +40,34 @@ pub struct FakeRepo {
     pub token: Option<String>,
 }
 
+impl FakeRepo {
+    /// A public repo serving every file under `folder` (links followed), e.g. a fixture pipeline.
+    pub fn from_folder(repo_id: &str, sha: &str, folder: &std::path::Path) -> FakeRepo {
+        fn walk(dir: &std::path::Path, prefix: &str, files: &mut BTreeMap<String, Vec<u8>>) {
+            for entry in std::fs::read_dir(dir).expect("read fixture folder") {
+                let entry = entry.expect("fixture entry");
+                let name = format!("{prefix}{}", entry.file_name().to_string_lossy());
+                if entry.path().is_dir() {
+                    walk(&entry.path(), &format!("{name}/"), files);
+                } else {
+                    files.insert(
+                        name,
+                        std::fs::read(entry.path()).expect("read fixture file"),
+                    );
+                }
+            }
+        }
+        let mut files = BTreeMap::new();
+        walk(folder, "", &mut files);
+        FakeRepo {
+            repo_id: repo_id.to_string(),
+            sha: sha.to_string(),
+            files,
+            token: None,
+        }
+    }
+}
+
 /// A running fake Hub; stops when dropped.
 pub struct FakeHub {
     servers: Vec<Arc<Server>>,
@@ -40,6 +75,30 @@ pub struct FakeHub {
     /// `http://127.0.0.1:PORT`.
     pub endpoint: String,
     log: Arc<Mutex<Vec<String>>>,
+    /// Microseconds slept before each `CDN_CHUNK` bytes of a CDN body; 0 is full speed.
+    cdn_delay_us: Arc<AtomicU64>,
+}
+
+/// Bytes a slowed CDN body sends per delay.
+const CDN_CHUNK: usize = 16 * 1024;
+
+/// A response body read slowly: `CDN_CHUNK` bytes per delay (read at each read, so a test can
+/// speed a body up mid-way).
+struct Slowed<R> {
+    inner: R,
+    delay_us: Arc<AtomicU64>,
+}
+
+impl<R: Read> Read for Slowed<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let delay = self.delay_us.load(Ordering::Relaxed);
+        if delay == 0 {
+            return self.inner.read(buf);
+        }
+        std::thread::sleep(Duration::from_micros(delay));
+        let len = buf.len().min(CDN_CHUNK);
+        self.inner.read(&mut buf[..len])
+    }
 }
 
 /// A content hash standing in for the Hub's git/LFS hashes (SipHash with fixed keys is
@@ -122,6 +181,11 @@ fn error(status: u16, code: &str, message: &str) -> Response<std::io::Cursor<Vec
 impl FakeHub {
     /// Starts serving `repos` on a free port (and the CDN on another).
     pub fn start(repos: Vec<FakeRepo>) -> FakeHub {
+        Self::start_with(repos, true)
+    }
+
+    /// [`FakeHub::start`]; `listing_sizes: false` leaves `size` out of `?blobs=true` listings.
+    pub fn start_with(repos: Vec<FakeRepo>, listing_sizes: bool) -> FakeHub {
         let bind = || Arc::new(Server::http("127.0.0.1:0").expect("bind 127.0.0.1"));
         let address = |server: &Server| {
             let port = server.server_addr().to_ip().expect("an IP listener").port();
@@ -132,11 +196,13 @@ impl FakeHub {
         let cdn_endpoint = address(&cdn);
         let log = Arc::new(Mutex::new(Vec::new()));
         let repos = Arc::new(repos);
+        let cdn_delay_us = Arc::new(AtomicU64::new(0));
         let mut threads = Vec::new();
         for (server, is_cdn) in [(Arc::clone(&hub), false), (Arc::clone(&cdn), true)] {
             let log = Arc::clone(&log);
             let repos = Arc::clone(&repos);
             let cdn_endpoint = cdn_endpoint.clone();
+            let cdn_delay_us = Arc::clone(&cdn_delay_us);
             threads.push(std::thread::spawn(move || {
                 // `recv` fails once `unblock` is called on drop.
                 while let Ok(request) = server.recv() {
@@ -151,9 +217,24 @@ impl FakeHub {
                     let response = if is_cdn {
                         answer_cdn(&repos, &request)
                     } else {
-                        answer(&repos, &cdn_endpoint, &request)
+                        answer(&repos, &cdn_endpoint, &request, listing_sizes)
                     };
-                    let _ = request.respond(response);
+                    let delay_us = Arc::clone(&cdn_delay_us);
+                    std::thread::spawn(move || {
+                        if is_cdn {
+                            let status = response.status_code();
+                            let headers = response.headers().to_vec();
+                            let length = response.data_length();
+                            let body = Slowed {
+                                inner: response.into_reader(),
+                                delay_us,
+                            };
+                            let slowed = Response::new(status, headers, body, length, None);
+                            let _ = request.respond(slowed);
+                        } else {
+                            let _ = request.respond(response);
+                        }
+                    });
                 }
             }));
         }
@@ -162,7 +243,15 @@ impl FakeHub {
             threads,
             endpoint,
             log,
+            cdn_delay_us,
         }
+    }
+
+    /// Slows CDN bodies (the large weight files) to 16 KiB per `delay`; zero is full speed.
+    /// Takes effect at once, also in bodies being sent.
+    pub fn set_cdn_delay(&self, delay: Duration) {
+        self.cdn_delay_us
+            .store(delay.as_micros() as u64, Ordering::Relaxed);
     }
 
     /// Every request so far, as `"GET /path"` (`"CDN GET /cdn/etag bytes=N-"` for the CDN).
@@ -218,7 +307,12 @@ fn answer_cdn(repos: &[FakeRepo], request: &Request) -> Response<std::io::Cursor
 }
 
 /// The Hub: repo listings and `/resolve/`; large files redirect to `cdn`.
-fn answer(repos: &[FakeRepo], cdn: &str, request: &Request) -> Response<std::io::Cursor<Vec<u8>>> {
+fn answer(
+    repos: &[FakeRepo],
+    cdn: &str,
+    request: &Request,
+    listing_sizes: bool,
+) -> Response<std::io::Cursor<Vec<u8>>> {
     if !matches!(request.method(), Method::Get | Method::Head) {
         return error(405, "", "method not allowed");
     }
@@ -244,10 +338,17 @@ fn answer(repos: &[FakeRepo], cdn: &str, request: &Request) -> Response<std::io:
         if *revision != "main" && *revision != repo.sha {
             return error(404, "RevisionNotFound", "Invalid rev id");
         }
+        let with_sizes = listing_sizes && request.url().contains("blobs=true");
         let siblings: Vec<String> = repo
             .files
-            .keys()
-            .map(|f| format!("{{\"rfilename\":\"{f}\"}}"))
+            .iter()
+            .map(|(f, content)| {
+                if with_sizes {
+                    format!("{{\"rfilename\":\"{f}\",\"size\":{}}}", content.len())
+                } else {
+                    format!("{{\"rfilename\":\"{f}\"}}")
+                }
+            })
             .collect();
         let body = format!(
             "{{\"id\":\"{repo_id}\",\"sha\":\"{}\",\"siblings\":[{}]}}",
