@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
-use instruct_pix2pix::gui::app::ModelState;
 use instruct_pix2pix::gui::settings::{Settings, SettingsStore};
 use instruct_pix2pix::gui::{EditorApp, StartOptions};
 use instruct_pix2pix::pipeline::image::{load_image, read_png_text};
@@ -64,7 +63,7 @@ fn wait_for(
 }
 
 fn model_ready(app: &EditorApp) -> bool {
-    matches!(app.model, ModelState::Ready(_))
+    app.model.is_some() && app.loading.is_none()
 }
 
 /// A file as the platform layer hands a drop to egui.
@@ -110,7 +109,7 @@ fn set_slider(harness: &mut Harness<'static, EditorApp>, label: &str, value: f64
 }
 
 fn sees(harness: &Harness<'static, EditorApp>, text: &str) -> bool {
-    harness.query_by_label_contains(text).is_some()
+    harness.query_all_by_label_contains(text).next().is_some()
 }
 
 fn ancestral_case() -> PathBuf {
@@ -199,7 +198,7 @@ fn cancel_stops_midway_and_keeps_the_previous_result() {
     let folder = tempfile::tempdir().unwrap();
     let big = folder.path().join("big.png");
     let source = load_image(&ancestral_case().join("input.png")).unwrap();
-    image::imageops::resize(&source, 512, 512, image::imageops::FilterType::Nearest)
+    image::imageops::resize(&source, 256, 256, image::imageops::FilterType::Nearest)
         .save(&big)
         .unwrap();
     drop_file(&mut harness, &big);
@@ -330,9 +329,7 @@ fn a_bad_file_shows_an_error_and_the_window_keeps_working() {
 #[test]
 fn a_model_that_fails_to_load_is_reported_and_another_can_be_loaded() {
     let mut harness = harness(options("sd-plain-4ch"));
-    wait_for(&mut harness, "the load error", |app| {
-        matches!(app.model, ModelState::Failed { .. })
-    });
+    wait_for(&mut harness, "the load error", |app| app.load_failure.is_some());
     assert!(sees(&harness, "it needs 8"), "the reason is shown");
     click(&mut harness, "Dismiss");
     click(&mut harness, "Models…");
@@ -383,4 +380,74 @@ fn settings_persist_across_restarts() {
     let settings: &Settings = &second.state().settings;
     assert_eq!(settings.image_guidance_scale, 2.5);
     assert_eq!(settings.steps, 37);
+}
+
+#[test]
+fn the_model_manager_downloads_with_progress_cancels_and_switches_models() {
+    use common::fake_hub::{FakeHub, FakeRepo};
+    use instruct_pix2pix::model::hub::HubSettings;
+
+    const REPO: &str = "someone/tiny-ip2p";
+    let repo = FakeRepo::from_folder(
+        REPO,
+        "7777777777777777777777777777777777777777",
+        &common::fixture_pipeline("sd1-tiny-ancestral"),
+    );
+    let hub = FakeHub::start(vec![repo]);
+    // Slow weight bodies (the 2.2 MB UNet takes seconds) leave time to see progress and cancel.
+    hub.set_cdn_delay(Duration::from_millis(20));
+    let cache = tempfile::tempdir().unwrap();
+    let mut harness = harness(StartOptions {
+        hub: Some(HubSettings {
+            endpoint: hub.endpoint.clone(),
+            cache_dir: cache.path().to_path_buf(),
+            token: None,
+            offline: false,
+        }),
+        ..options("sd1-tiny")
+    });
+    wait_for(&mut harness, "the first model", model_ready);
+    let first = harness.state().model.clone().unwrap();
+
+    click(&mut harness, "Models…");
+    type_into(&mut harness, "Model folder or Hub repo id", REPO);
+    click(&mut harness, "Load");
+    wait_for(&mut harness, "download progress", |app| {
+        app.loading
+            .as_ref()
+            .and_then(|l| l.download.as_ref())
+            .is_some_and(|d| d.file.starts_with("unet/") && d.done > 0)
+    });
+    assert!(sees(&harness, "MB"), "the download shows its progress");
+    assert_eq!(harness.state().model.as_ref(), Some(&first), "the old model stays meanwhile");
+    click(&mut harness, "Cancel download");
+    wait_for(&mut harness, "the cancel", |app| app.loading.is_none());
+    assert!(sees(&harness, "was cancelled; still using"));
+    assert_eq!(harness.state().model.as_ref(), Some(&first));
+    click(&mut harness, "Close");
+
+    // Edits still work with the old model.
+    drop_file(&mut harness, &ancestral_case().join("input.png"));
+    wait_for(&mut harness, "the image", |app| app.input.is_some());
+    type_into(&mut harness, "Instruction", "make it snowy");
+    set_slider(&mut harness, "Steps", 2.0);
+    click(&mut harness, "Generate");
+    wait_for(&mut harness, "an edit after the cancel", |app| app.history.len() == 1);
+
+    // Full speed now: the download resumes, the new model replaces the old.
+    hub.set_cdn_delay(Duration::ZERO);
+    click(&mut harness, "Models…");
+    click(&mut harness, "Load");
+    wait_for(&mut harness, "the downloaded model", |app| {
+        model_ready(app) && app.model.as_ref().is_some_and(|m| m.name == REPO)
+    });
+    assert!(sees(&harness, &format!("Model: {REPO} · cpu · f32")));
+    // The catalog lists the cached repo as ready.
+    click(&mut harness, "Refresh");
+    wait_for(&mut harness, "the catalog", |app| {
+        app.catalog.iter().any(|e| e.spec == REPO && e.problem.is_none())
+    });
+    set_slider(&mut harness, "Steps", 3.0);
+    wait_for(&mut harness, "an edit with the new model", |app| app.history.len() == 2);
+    assert!(harness.state().history[1].model.contains(REPO));
 }

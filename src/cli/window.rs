@@ -57,6 +57,7 @@ pub fn run(args: WindowArgs) -> Result<()> {
         exit_after_screenshot: args.exit_after_screenshot,
         frame_stats: args.frame_stats,
         settings_store,
+        hub: None,
     };
     gui::run(options)?;
     Ok(())

@@ -24,7 +24,7 @@ use crate::worker::{
 
 use super::explorer::Explorer;
 use super::settings::{Settings, SettingsStore};
-use super::tasks::{OpenedImage, TaskEvent, Tasks, display_image, to_color_image};
+use super::tasks::{CatalogEntry, OpenedImage, TaskEvent, Tasks, display_image, to_color_image};
 use super::viewer::ViewerState;
 
 /// How long one frame may spend taking in events before drawing.
@@ -49,22 +49,22 @@ pub struct StartOptions {
     pub frame_stats: Option<PathBuf>,
     /// Where settings persist; None keeps them for this run only.
     pub settings_store: Option<SettingsStore>,
+    /// The Hub and cache to use; None reads the `HF_*` environment variables.
+    pub hub: Option<HubSettings>,
 }
 
-/// The model thread's state as the window knows it.
+/// A model load in progress.
 #[derive(Debug, Clone, PartialEq)]
-pub enum ModelState {
-    /// Nothing loaded or asked for.
-    None,
-    Loading {
-        spec: String,
-        download: Option<DownloadStatus>,
-    },
-    Ready(ModelInfo),
-    Failed {
-        spec: String,
-        message: String,
-    },
+pub struct Loading {
+    pub spec: String,
+    pub download: Option<DownloadStatus>,
+}
+
+/// A model load that failed, for the status bar and the model manager.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadFailure {
+    pub spec: String,
+    pub message: String,
 }
 
 /// The file being downloaded and how far along it is.
@@ -73,6 +73,36 @@ pub struct DownloadStatus {
     pub file: String,
     pub done: u64,
     pub total: u64,
+    /// 1-based, of `file_count` files this load downloads.
+    pub file_index: usize,
+    pub file_count: usize,
+    /// Bytes over all files, when the Hub said their sizes.
+    pub overall: Option<(u64, u64)>,
+}
+
+impl DownloadStatus {
+    /// Fraction done, over all files when known, else of this file.
+    pub fn fraction(&self) -> f32 {
+        let (done, total) = self.overall.unwrap_or((self.done, self.total));
+        if total == 0 {
+            0.0
+        } else {
+            (done as f64 / total as f64) as f32
+        }
+    }
+
+    /// "unet/diffusion_pytorch_model.safetensors (3 of 9): 120 of 3400 MB".
+    pub fn describe(&self) -> String {
+        let (done, total) = self.overall.unwrap_or((self.done, self.total));
+        format!(
+            "{} ({} of {}): {:.0} of {:.0} MB",
+            self.file,
+            self.file_index,
+            self.file_count,
+            done as f64 / 1e6,
+            total as f64 / 1e6
+        )
+    }
 }
 
 /// What a running edit is for.
@@ -201,7 +231,12 @@ pub struct EditorApp {
     pub store: Option<SettingsStore>,
     /// The instruction being typed.
     pub prompt: String,
-    pub model: ModelState,
+    /// The model edits run with; it stays while another one downloads.
+    pub model: Option<ModelInfo>,
+    pub loading: Option<Loading>,
+    pub load_failure: Option<LoadFailure>,
+    /// What the model manager lists (cached repos and known folders), newest listing.
+    pub catalog: Vec<CatalogEntry>,
     pub input: Option<InputImage>,
     /// Earlier inputs, for "Undo input".
     pub input_stack: Vec<InputImage>,
@@ -279,7 +314,10 @@ impl EditorApp {
             prompt: options.prompt.clone().unwrap_or_default(),
             settings,
             store,
-            model: ModelState::None,
+            model: None,
+            loading: None,
+            load_failure: None,
+            catalog: Vec::new(),
             input: None,
             input_stack: Vec::new(),
             running: None,
@@ -317,7 +355,7 @@ impl EditorApp {
         let at_hand = match ModelSpec::parse(&spec, None) {
             Ok(ModelSpec::LocalDir(dir)) => dir.is_dir(),
             Ok(ModelSpec::Hub { repo_id, revision }) => {
-                crate::model::hub::cached_snapshot(&HubSettings::from_env(), &repo_id, &revision)
+                crate::model::hub::cached_snapshot(&self.hub_settings(), &repo_id, &revision)
                     .is_some()
             }
             Err(_) => false,
@@ -327,6 +365,7 @@ impl EditorApp {
         } else {
             self.ui_state.model_manager_open = true;
             self.ui_state.model_field = spec;
+            self.refresh_catalog();
         }
     }
 
@@ -337,16 +376,18 @@ impl EditorApp {
             self.notify_error("type a model folder or a Hub repo id first".into());
             return;
         }
-        let request = ModelRequest::new(
+        let mut request = ModelRequest::new(
             spec.clone(),
             self.settings.device_choice(),
             self.settings.dtype_choice(),
         );
+        request.hub = self.options.hub.clone();
         if self.send(Job::LoadModel(request)) {
-            self.model = ModelState::Loading {
+            self.load_failure = None;
+            self.loading = Some(Loading {
                 spec,
                 download: None,
-            };
+            });
         }
     }
 
@@ -384,9 +425,7 @@ impl EditorApp {
     /// The size the current input will be edited at, once a model says its size multiple.
     pub fn edit_size(&self) -> Option<(u32, u32)> {
         let input = self.input.as_ref()?;
-        let ModelState::Ready(info) = &self.model else {
-            return None;
-        };
+        let info = self.model.as_ref()?;
         let (width, height) = input.opened.image.dimensions();
         edit_size(width, height, self.settings.max_side, info.size_multiple).ok()
     }
@@ -396,10 +435,11 @@ impl EditorApp {
         if self.input.is_none() {
             return Some("open an image first (drop it here, Open… or Paste)");
         }
-        match &self.model {
-            ModelState::Ready(_) => {}
-            ModelState::Loading { .. } => return Some("the model is still loading"),
-            _ => return Some("load a model first (Model > Model manager…)"),
+        if self.loading.is_some() {
+            return Some("a model is loading (cancel it in the model manager to keep editing)");
+        }
+        if self.model.is_none() {
+            return Some("load a model first (Model > Model manager…)");
         }
         if self.prompt.trim().is_empty() {
             return Some("type an instruction first");
@@ -481,6 +521,25 @@ impl EditorApp {
         });
         self.persist_settings();
         true
+    }
+
+    /// Stops a model download or load that has not started reading weights; the loaded model
+    /// stays.
+    pub fn cancel_load(&mut self) {
+        if let Some(worker) = &self.worker {
+            worker.cancel_load();
+        }
+    }
+
+    /// Lists cached and known models again (in the background).
+    pub fn refresh_catalog(&mut self) {
+        self.tasks
+            .list_models(self.hub_settings(), self.settings.model_folders.clone());
+    }
+
+    /// Where models are downloaded from and cached.
+    pub fn hub_settings(&self) -> HubSettings {
+        self.options.hub.clone().unwrap_or_else(HubSettings::from_env)
     }
 
     /// Stops the running edit; the result in view stays.
@@ -688,23 +747,54 @@ impl EditorApp {
     fn on_worker_event(&mut self, event: Event) {
         match event {
             Event::ModelLoading { spec } => {
-                self.model = ModelState::Loading {
+                self.loading = Some(Loading {
                     spec,
                     download: None,
-                };
+                });
             }
-            Event::Download { file, done, total } => {
-                if let ModelState::Loading { download, .. } = &mut self.model {
-                    *download = Some(DownloadStatus { file, done, total });
+            Event::Download {
+                file,
+                done,
+                total,
+                file_index,
+                file_count,
+                overall_done,
+                overall_total,
+            } => {
+                if let Some(loading) = &mut self.loading {
+                    loading.download = Some(DownloadStatus {
+                        file,
+                        done,
+                        total,
+                        file_index,
+                        file_count,
+                        overall: overall_done.zip(overall_total),
+                    });
                 }
             }
+            Event::ModelReleased { .. } => self.model = None,
             Event::ModelLoaded(info) => {
                 if let Some(warning) = &info.warning {
                     self.notify(warning.clone());
                 }
                 self.settings.model = info.name.clone();
-                self.model = ModelState::Ready(info);
+                let folder = PathBuf::from(&info.name);
+                if folder.is_dir() && !self.settings.model_folders.contains(&folder) {
+                    self.settings.model_folders.push(folder);
+                }
+                self.loading = None;
+                self.model = Some(info);
                 self.persist_settings();
+                self.refresh_catalog();
+            }
+            Event::LoadCancelled { spec } => {
+                self.loading = None;
+                let still = self
+                    .model
+                    .as_ref()
+                    .map_or_else(String::new, |m| format!("; still using {}", m.name));
+                self.notify(format!("loading {spec} was cancelled{still}"));
+                self.refresh_catalog();
             }
             Event::EditStarted { id, width, height } => {
                 if let Some(running) = self.running.as_mut().filter(|r| r.id == id) {
@@ -731,12 +821,12 @@ impl EditorApp {
                 }
             }
             Event::Failed { id: None, message } => {
-                let spec = match &self.model {
-                    ModelState::Loading { spec, .. } => spec.clone(),
-                    _ => self.settings.model.clone(),
-                };
+                let spec = self
+                    .loading
+                    .take()
+                    .map_or_else(|| self.settings.model.clone(), |l| l.spec);
                 self.notify_error(format!("cannot load the model: {message}"));
-                self.model = ModelState::Failed { spec, message };
+                self.load_failure = Some(LoadFailure { spec, message });
                 self.autopilot = match self.autopilot {
                     Autopilot::Generate => Autopilot::AwaitShot,
                     other => other,
@@ -797,8 +887,8 @@ impl EditorApp {
             TextureOptions::LINEAR,
         );
         let (model, dtype) = match &self.model {
-            ModelState::Ready(info) => (info.name.clone(), info.dtype.clone()),
-            _ => (self.settings.model.clone(), self.settings.dtype.clone()),
+            Some(info) => (info.name.clone(), info.dtype.clone()),
+            None => (self.settings.model.clone(), self.settings.dtype.clone()),
         };
         self.history.push(HistoryEntry {
             number,
@@ -830,6 +920,7 @@ impl EditorApp {
             TaskEvent::SavePathChosen(path) => {
                 self.ui_state.save_path = path.display().to_string();
             }
+            TaskEvent::ModelList(entries) => self.catalog = entries,
             TaskEvent::FolderChosen(path) => {
                 self.ui_state.model_field = path.display().to_string();
             }
@@ -859,7 +950,7 @@ impl EditorApp {
     fn drive_autopilot(&mut self) {
         match self.autopilot {
             Autopilot::Generate => {
-                if self.input.is_some() && matches!(self.model, ModelState::Ready(_)) {
+                if self.input.is_some() && self.model.is_some() && self.loading.is_none() {
                     self.autopilot = Autopilot::AwaitShot;
                     self.generate();
                 }
@@ -867,7 +958,7 @@ impl EditorApp {
             Autopilot::AwaitShot => {
                 let waiting_for_edit = self.running.is_some();
                 let has_something = self.input.is_some() || !self.notices.is_empty();
-                let model_settled = !matches!(self.model, ModelState::Loading { .. });
+                let model_settled = self.loading.is_none();
                 if !waiting_for_edit && has_something && model_settled {
                     if let Some(path) = self.options.screenshot.clone() {
                         self.autopilot = Autopilot::ShotRequested;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use egui::{Context, RichText, vec2};
 
-use super::app::{EditorApp, ModelState};
+use super::app::EditorApp;
 use super::explorer::{CellState, GRID_SIDE};
 use crate::model::hub::DEFAULT_REPO;
 
@@ -30,55 +30,96 @@ pub fn show(app: &mut EditorApp, ctx: &Context) {
 
 fn model_manager(app: &mut EditorApp, ctx: &Context) {
     let mut open = app.ui_state.model_manager_open;
+    let mut load = None;
     egui::Window::new("Model manager")
         .open(&mut open)
-        .default_width(460.0)
+        .default_width(520.0)
         .show(ctx, |ui| {
             match &app.model {
-                ModelState::None => {
-                    ui.label("No model is loaded.");
-                }
-                ModelState::Loading { spec, download } => {
-                    ui.label(format!("Loading {spec}…"));
-                    if let Some(download) = download {
-                        let fraction = if download.total > 0 {
-                            download.done as f32 / download.total as f32
-                        } else {
-                            0.0
-                        };
-                        ui.add(egui::ProgressBar::new(fraction).text(format!(
-                            "downloading {}: {:.1} of {:.1} MB",
-                            download.file,
-                            download.done as f64 / 1e6,
-                            download.total as f64 / 1e6
-                        )));
-                    }
-                }
-                ModelState::Ready(info) => {
+                Some(info) => {
                     ui.label(format!(
-                        "Loaded: {} on {} ({})",
+                        "In use: {} on {} ({})",
                         info.name, info.device, info.dtype
                     ));
                     ui.weak(info.folder.display().to_string());
                 }
-                ModelState::Failed { spec, message } => {
-                    ui.colored_label(
-                        ui.visuals().error_fg_color,
-                        format!("{spec} failed to load: {message}"),
-                    );
+                None => {
+                    ui.label("No model is loaded.");
+                }
+            }
+            if let Some(failure) = &app.load_failure {
+                ui.colored_label(
+                    ui.visuals().error_fg_color,
+                    format!("{} failed to load: {}", failure.spec, failure.message),
+                );
+            }
+            if let Some(loading) = app.loading.clone() {
+                ui.horizontal(|ui| {
+                    ui.label(format!("Loading {}…", loading.spec));
+                    if ui
+                        .button("Cancel download")
+                        .on_hover_text("Stop downloading; the model in use stays")
+                        .clicked()
+                    {
+                        app.cancel_load();
+                    }
+                });
+                if let Some(download) = &loading.download {
+                    ui.add(egui::ProgressBar::new(download.fraction()).text(download.describe()));
                 }
             }
             ui.separator();
+
+            ui.horizontal(|ui| {
+                ui.label(RichText::new("Models on this computer").strong());
+                if ui.small_button("Refresh").clicked() {
+                    app.refresh_catalog();
+                }
+            });
+            if app.catalog.is_empty() {
+                ui.weak("None yet: download one below, or choose a folder in diffusers' layout.");
+            }
+            egui::Grid::new("model-catalog")
+                .striped(true)
+                .num_columns(4)
+                .show(ui, |ui| {
+                    for entry in &app.catalog {
+                        ui.label(&entry.spec).on_hover_text(entry.source);
+                        ui.label(format!("{:.2} GB", entry.bytes_on_disk as f64 / 1e9));
+                        match &entry.problem {
+                            None => {
+                                ui.label("ready");
+                            }
+                            Some(problem) => {
+                                ui.colored_label(ui.visuals().warn_fg_color, problem);
+                            }
+                        }
+                        let in_use = app.model.as_ref().is_some_and(|m| m.name == entry.spec);
+                        let usable = entry.problem.is_none() && app.loading.is_none() && !in_use;
+                        let text = if in_use { "In use" } else { "Use" };
+                        if ui
+                            .add_enabled(usable, egui::Button::new(text))
+                            .on_hover_text(format!("Load {}", entry.spec))
+                            .clicked()
+                        {
+                            load = Some(entry.spec.clone());
+                        }
+                        ui.end_row();
+                    }
+                });
+            ui.separator();
+
             let field_label = ui.label("Model folder or Hub repo id");
             ui.horizontal(|ui| {
                 ui.add(
                     egui::TextEdit::singleline(&mut app.ui_state.model_field)
                         .hint_text(DEFAULT_REPO)
-                        .desired_width(300.0),
+                        .desired_width(340.0),
                 )
                 .labelled_by(field_label.id);
                 if ui.button("Browse…").clicked() {
-                    app.tasks.folder_dialog("Choose a model folder (diffusers layout)");
+                    app.tasks
+                        .folder_dialog("Choose a model folder (diffusers layout)");
                 }
             });
             ui.horizontal(|ui| {
@@ -97,30 +138,38 @@ fn model_manager(app: &mut EditorApp, ctx: &Context) {
                         }
                     });
             });
-            let loading = matches!(app.model, ModelState::Loading { .. });
+            let idle = app.loading.is_none();
             ui.horizontal(|ui| {
                 if ui
-                    .add_enabled(!loading, egui::Button::new("Load"))
+                    .add_enabled(idle, egui::Button::new("Load"))
                     .on_hover_text("Load this model (downloading it first when it is a Hub repo)")
                     .clicked()
                 {
-                    let spec = app.ui_state.model_field.clone();
-                    app.load_model(spec);
+                    load = Some(app.ui_state.model_field.clone());
                 }
                 if ui
-                    .add_enabled(
-                        !loading,
-                        egui::Button::new(format!("Download {DEFAULT_REPO}")),
-                    )
+                    .add_enabled(idle, egui::Button::new(format!("Download {DEFAULT_REPO}")))
                     .on_hover_text("The original InstructPix2Pix model, about 5 GB in float32")
                     .clicked()
                 {
                     app.ui_state.model_field = DEFAULT_REPO.into();
-                    app.load_model(DEFAULT_REPO.into());
+                    load = Some(DEFAULT_REPO.into());
                 }
             });
+            let hub = app.hub_settings();
+            ui.weak(format!(
+                "Downloads go to the Hugging Face cache ({}), shared with diffusers.",
+                hub.cache_dir.display()
+            ));
+            ui.separator();
+            if ui.button("Close").clicked() {
+                app.ui_state.model_manager_open = false;
+            }
         });
-    app.ui_state.model_manager_open = open;
+    app.ui_state.model_manager_open = open && app.ui_state.model_manager_open;
+    if let Some(spec) = load {
+        app.load_model(spec);
+    }
 }
 
 fn save_window(app: &mut EditorApp, ctx: &Context) {
@@ -261,7 +310,7 @@ fn about_window(app: &mut EditorApp, ctx: &Context) {
             ui.label(RichText::new(format!("instruct-pix2pix {}", env!("CARGO_PKG_VERSION"))).strong());
             ui.label(env!("CARGO_PKG_DESCRIPTION"));
             ui.label(format!("License: {}", env!("CARGO_PKG_LICENSE")));
-            let hub = crate::model::hub::HubSettings::from_env();
+            let hub = app.hub_settings();
             ui.label(format!("Models are stored in {}", hub.cache_dir.display()));
             if let Some(store) = &app.store {
                 ui.label(format!("Settings: {}", store.path.display()));

@@ -5,7 +5,7 @@
 
 use egui::{Key, KeyboardShortcut, Modifiers, RichText, Ui, vec2};
 
-use super::app::{EditorApp, ModelState, Purpose};
+use super::app::{EditorApp, Purpose};
 use super::settings::{GUIDANCE_RANGE, IMAGE_GUIDANCE_RANGE, RESOLUTION_RANGE, STEPS_RANGE};
 use super::viewer::{self, CompareMode, Shown};
 use crate::pipeline::scheduler::SchedulerKind;
@@ -133,6 +133,7 @@ fn menu_bar(app: &mut EditorApp, ui: &mut Ui) {
         ui.menu_button("Model", |ui| {
             if ui.button("Model manager…").clicked() {
                 app.ui_state.model_manager_open = true;
+                app.refresh_catalog();
             }
         });
         ui.menu_button("View", |ui| {
@@ -448,39 +449,35 @@ fn history_strip(app: &mut EditorApp, ui: &mut Ui) {
 
 fn status_bar(app: &mut EditorApp, ui: &mut Ui) {
     ui.horizontal(|ui| {
-        match &app.model {
-            ModelState::None => {
-                ui.label("No model loaded");
-            }
-            ModelState::Loading { spec, download } => {
-                ui.label(format!("Loading {spec}…"));
-                if let Some(download) = download {
-                    let fraction = if download.total > 0 {
-                        download.done as f32 / download.total as f32
-                    } else {
-                        0.0
-                    };
+        match (&app.model, &app.loading) {
+            (_, Some(loading)) => {
+                ui.label(format!("Loading {}…", loading.spec));
+                if let Some(download) = &loading.download {
                     ui.add(
-                        egui::ProgressBar::new(fraction)
-                            .desired_width(220.0)
-                            .text(format!(
-                                "{} {:.0}/{:.0} MB",
-                                download.file,
-                                download.done as f64 / 1e6,
-                                download.total as f64 / 1e6
-                            )),
+                        egui::ProgressBar::new(download.fraction())
+                            .desired_width(260.0)
+                            .text(download.describe()),
                     );
                 }
             }
-            ModelState::Ready(info) => {
+            (Some(info), None) => {
                 ui.label(format!("Model: {} · {} · {}", info.name, info.device, info.dtype));
             }
-            ModelState::Failed { spec, .. } => {
-                ui.colored_label(ui.visuals().error_fg_color, format!("Model {spec} failed to load"));
-            }
+            (None, None) => match &app.load_failure {
+                Some(failure) => {
+                    ui.colored_label(
+                        ui.visuals().error_fg_color,
+                        format!("Model {} failed to load", failure.spec),
+                    );
+                }
+                None => {
+                    ui.label("No model loaded");
+                }
+            },
         }
         if ui.small_button("Models…").clicked() {
             app.ui_state.model_manager_open = true;
+            app.refresh_catalog();
         }
     });
 }

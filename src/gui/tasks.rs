@@ -1,5 +1,5 @@
 //! The window's slow chores off the UI thread: decoding an opened or dropped image, native file
-//! dialogs, the clipboard, saving results and settings, writing screenshots. Each chore runs on a
+//! dialogs, the clipboard, saving results and settings, listing models, writing screenshots. Each chore runs on a
 //! short-lived named thread (`ip2p-io`), or on the one clipboard thread (`ip2p-clipboard`, which
 //! must own the clipboard for as long as a copied image should stay pasteable on X11), and its
 //! outcome comes back as a [`TaskEvent`] over a bounded channel, followed by a call to the waker.
@@ -10,6 +10,8 @@ use std::sync::Arc;
 use crossbeam_channel::{Receiver, Sender};
 use image::RgbImage;
 
+use crate::model::catalog::{inspect_folder, list_cached_models};
+use crate::model::hub::HubSettings;
 use crate::pipeline::image::{load_image, read_png_text, save_image};
 use crate::pipeline::metadata::EditRecord;
 use crate::worker::Waker;
@@ -42,6 +44,75 @@ impl std::fmt::Debug for OpenedImage {
     }
 }
 
+/// One model the model manager lists.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CatalogEntry {
+    /// What to load: a Hub repo id or a folder path.
+    pub spec: String,
+    /// "Hugging Face cache" or "folder".
+    pub source: &'static str,
+    pub bytes_on_disk: u64,
+    /// Why it cannot be loaded as it is; None when it can.
+    pub problem: Option<String>,
+}
+
+/// The cache's models, then the folders', each checked for what an edit needs.
+pub fn list_catalog(hub: &HubSettings, folders: &[PathBuf]) -> Vec<CatalogEntry> {
+    let mut entries: Vec<CatalogEntry> = list_cached_models(hub)
+        .into_iter()
+        .map(|model| {
+            let problem = match model.preferred_snapshot() {
+                Some(snapshot) if snapshot.check.is_loadable() => None,
+                Some(snapshot) => Some(
+                    snapshot
+                        .check
+                        .problem
+                        .clone()
+                        .unwrap_or_else(|| "incomplete".into()),
+                ),
+                None if model.partial_downloads > 0 => Some("download not finished".into()),
+                None => Some(
+                    model
+                        .problems
+                        .first()
+                        .cloned()
+                        .unwrap_or_else(|| "nothing downloaded".into()),
+                ),
+            };
+            CatalogEntry {
+                spec: model.repo_id,
+                source: "Hugging Face cache",
+                bytes_on_disk: model.bytes_on_disk,
+                problem,
+            }
+        })
+        .collect();
+    for folder in folders {
+        let entry = match inspect_folder(folder) {
+            Ok(local) => CatalogEntry {
+                spec: folder.display().to_string(),
+                source: "folder",
+                bytes_on_disk: local.bytes_on_disk,
+                problem: (!local.check.is_loadable()).then(|| {
+                    local
+                        .check
+                        .problem
+                        .clone()
+                        .unwrap_or_else(|| "incomplete".into())
+                }),
+            },
+            Err(e) => CatalogEntry {
+                spec: folder.display().to_string(),
+                source: "folder",
+                bytes_on_disk: 0,
+                problem: Some(e.to_string()),
+            },
+        };
+        entries.push(entry);
+    }
+    entries
+}
+
 /// What a chore produced.
 #[derive(Debug)]
 pub enum TaskEvent {
@@ -55,6 +126,8 @@ pub enum TaskEvent {
     Saved(PathBuf),
     CopiedToClipboard,
     ScreenshotWritten(PathBuf),
+    /// Models in the Hugging Face cache and the known folders.
+    ModelList(Vec<CatalogEntry>),
     /// A chore failed; one line for the user.
     Failed(String),
 }
@@ -100,6 +173,11 @@ impl Tasks {
                 .try_send(TaskEvent::Failed(format!("cannot start a thread: {e}")));
             (self.waker)();
         }
+    }
+
+    /// Lists the models in the Hugging Face cache and `folders`.
+    pub fn list_models(&self, hub: HubSettings, folders: Vec<PathBuf>) {
+        self.spawn(move || TaskEvent::ModelList(list_catalog(&hub, &folders)));
     }
 
     /// Decodes an image file (PNG, JPEG, WebP, BMP, TIFF).
