@@ -123,6 +123,11 @@ fn the_window_comes_up_edits_and_takes_a_screenshot() {
 
     let kept = artifacts().join("window.png");
     std::fs::copy(&screenshot, &kept).unwrap();
+    // A small copy for CI's log.
+    let thumb_height = height * 400 / width;
+    image::imageops::thumbnail(&shot, 400, thumb_height)
+        .save(artifacts().join("window-thumb.png"))
+        .unwrap();
     std::fs::copy(&stats, artifacts().join("window-frames.json")).unwrap();
     let mut log = std::io::stderr();
     let _ = writeln!(

@@ -27,6 +27,12 @@ use super::settings::{Settings, SettingsStore};
 use super::tasks::{CatalogEntry, OpenedImage, TaskEvent, Tasks, display_image, to_color_image};
 use super::viewer::ViewerState;
 
+/// Smooth when scaled down, crisp pixels when zoomed in.
+const IMAGE_TEXTURE: TextureOptions = TextureOptions {
+    magnification: egui::TextureFilter::Nearest,
+    ..TextureOptions::LINEAR
+};
+
 /// How long one frame may spend taking in events before drawing.
 const EVENT_BUDGET: Duration = Duration::from_millis(8);
 
@@ -555,7 +561,7 @@ impl EditorApp {
         let texture = self.ctx.load_texture(
             format!("input-{name}"),
             (*opened.display).clone(),
-            TextureOptions::LINEAR,
+            IMAGE_TEXTURE,
         );
         if let Some(path) = &opened.path {
             self.settings.remember_image(path);
@@ -843,13 +849,13 @@ impl EditorApp {
             let image = to_color_image(preview);
             match &mut self.preview {
                 Some(texture) if texture.size() == image.size => {
-                    texture.set(image, TextureOptions::LINEAR)
+                    texture.set(image, IMAGE_TEXTURE)
                 }
                 _ => {
                     self.preview = Some(self.ctx.load_texture(
                         "preview",
                         image,
-                        TextureOptions::LINEAR,
+                        IMAGE_TEXTURE,
                     ))
                 }
             }
@@ -879,12 +885,12 @@ impl EditorApp {
         let texture = self.ctx.load_texture(
             format!("result-{number}"),
             display_image(&result.image),
-            TextureOptions::LINEAR,
+            IMAGE_TEXTURE,
         );
         let before = self.ctx.load_texture(
             format!("before-{number}"),
             display_image(&result.input),
-            TextureOptions::LINEAR,
+            IMAGE_TEXTURE,
         );
         let (model, dtype) = match &self.model {
             Some(info) => (info.name.clone(), info.dtype.clone()),
@@ -996,6 +1002,11 @@ impl EditorApp {
         if let Some(started) = self.frame_started.take() {
             let during_edit = self.running.is_some();
             self.frame_stats.record(started, started.elapsed(), during_edit);
+            // Measuring: draw continuously during an edit, as while a user drags a slider, so
+            // the gaps between frames show any wait on the model thread or the CPU.
+            if during_edit && self.options.frame_stats.is_some() {
+                self.ctx.request_repaint();
+            }
         }
     }
 
