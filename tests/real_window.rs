@@ -38,7 +38,14 @@ fn start_xvfb() -> Option<Xvfb> {
     let number = 90 + std::process::id() % 100;
     let display = format!(":{number}");
     let child = Command::new("Xvfb")
-        .args([display.as_str(), "-screen", "0", "1400x1000x24", "-nolisten", "tcp"])
+        .args([
+            display.as_str(),
+            "-screen",
+            "0",
+            "1400x1000x24",
+            "-nolisten",
+            "tcp",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -46,7 +53,10 @@ fn start_xvfb() -> Option<Xvfb> {
     let socket = PathBuf::from(format!("/tmp/.X11-unix/X{number}"));
     let deadline = Instant::now() + Duration::from_secs(20);
     while !socket.exists() {
-        assert!(Instant::now() < deadline, "Xvfb did not come up on {display}");
+        assert!(
+            Instant::now() < deadline,
+            "Xvfb did not come up on {display}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     Some(Xvfb { child, display })
@@ -106,20 +116,34 @@ fn the_window_comes_up_edits_and_takes_a_screenshot() {
     let output = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(status.success(), "exit {status}\nstdout: {stdout}\nstderr: {stderr}");
-    assert!(stdout.contains("screenshot written"), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(
+        status.success(),
+        "exit {status}\nstdout: {stdout}\nstderr: {stderr}"
+    );
+    assert!(
+        stdout.contains("screenshot written"),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
 
-    let shot = image::open(&screenshot).expect("the screenshot is a PNG").to_rgb8();
+    let shot = image::open(&screenshot)
+        .expect("the screenshot is a PNG")
+        .to_rgb8();
     let (width, height) = shot.dimensions();
     assert!(width >= 640 && height >= 420, "window of {width}×{height}");
     let first = shot.get_pixel(0, 0);
     let distinct = shot.pixels().filter(|p| *p != first).count();
-    assert!(distinct > (width * height / 20) as usize, "the screenshot is nearly blank");
+    assert!(
+        distinct > (width * height / 20) as usize,
+        "the screenshot is nearly blank"
+    );
 
     let frames: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
     assert!(frames["frames"].as_u64().unwrap() > 2, "{frames}");
-    assert!(frames["frames_during_edit"].as_u64().unwrap() >= 1, "{frames}");
+    assert!(
+        frames["frames_during_edit"].as_u64().unwrap() >= 1,
+        "{frames}"
+    );
 
     let kept = artifacts().join("window.png");
     std::fs::copy(&screenshot, &kept).unwrap();

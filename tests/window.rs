@@ -46,7 +46,10 @@ fn wait_for(
         }
         if let Some(notice) = harness.state().notices.iter().find(|n| n.is_error) {
             if !what.contains("error") {
-                panic!("waiting for {what}: the window shows an error: {}", notice.text);
+                panic!(
+                    "waiting for {what}: the window shows an error: {}",
+                    notice.text
+                );
             }
         }
         let app = harness.state();
@@ -144,7 +147,10 @@ fn an_edit_in_the_window_equals_diffusers() {
     wait_for(&mut harness, "the first step", |app| {
         app.running.as_ref().is_some_and(|r| r.progress.is_some())
     });
-    assert!(sees(&harness, "of 10"), "the progress bar shows the step count");
+    assert!(
+        sees(&harness, "of 10"),
+        "the progress bar shows the step count"
+    );
     assert!(harness.state().preview.is_some(), "the edit shows forming");
     wait_for(&mut harness, "the result", |app| !app.history.is_empty());
 
@@ -154,8 +160,14 @@ fn an_edit_in_the_window_equals_diffusers() {
     assert_eq!(entry.result.settings.steps, 10);
     let expected = load_image(&ancestral_case().join("expected.png")).unwrap();
     let (worst, mean) = common::pixel_difference(&entry.result.image, &expected);
-    assert!(worst <= 3 && mean <= 0.3, "window result vs diffusers: worst {worst}, mean {mean}");
-    assert!(sees(&harness, "seed 1234 · text guidance 7.50 · image guidance 1.50"));
+    assert!(
+        worst <= 3 && mean <= 0.3,
+        "window result vs diffusers: worst {worst}, mean {mean}"
+    );
+    assert!(sees(
+        &harness,
+        "seed 1234 · text guidance 7.50 · image guidance 1.50"
+    ));
     assert!(sees(&harness, "Result #1"));
 }
 
@@ -168,7 +180,9 @@ fn enter_generates_and_a_slider_change_reruns_only_the_denoising() {
     set_slider(&mut harness, "Steps", 4.0);
     type_into(&mut harness, "Instruction", "turn it into a watercolor");
     harness.key_press(egui::Key::Enter);
-    wait_for(&mut harness, "the result of Enter", |app| app.history.len() == 1);
+    wait_for(&mut harness, "the result of Enter", |app| {
+        app.history.len() == 1
+    });
     let first = harness.state().history[0].result.clone();
     assert!(!first.reused_prompt_embeddings && !first.reused_image_latents);
     assert!(sees(&harness, "encoded the instruction and the image"));
@@ -206,7 +220,9 @@ fn cancel_stops_midway_and_keeps_the_previous_result() {
     type_into(&mut harness, "Instruction", "make it night");
     set_slider(&mut harness, "Steps", 2.0);
     click(&mut harness, "Generate");
-    wait_for(&mut harness, "the first result", |app| app.history.len() == 1);
+    wait_for(&mut harness, "the first result", |app| {
+        app.history.len() == 1
+    });
     let kept = harness.state().history[0].result.image.clone();
 
     set_slider(&mut harness, "Steps", 100.0);
@@ -222,7 +238,10 @@ fn cancel_stops_midway_and_keeps_the_previous_result() {
     let app = harness.state();
     assert_eq!(app.history.len(), 1, "a cancelled edit adds no result");
     assert_eq!(app.selected, Some(0));
-    assert_eq!(app.history[0].result.image, kept, "the previous result stays in view");
+    assert_eq!(
+        app.history[0].result.image, kept,
+        "the previous result stays in view"
+    );
     assert!(sees(&harness, "edit cancelled"));
 }
 
@@ -235,12 +254,16 @@ fn chain_save_and_undo() {
     set_slider(&mut harness, "Steps", 3.0);
     type_into(&mut harness, "Instruction", "add fireworks");
     click(&mut harness, "Generate");
-    wait_for(&mut harness, "the first result", |app| app.history.len() == 1);
+    wait_for(&mut harness, "the first result", |app| {
+        app.history.len() == 1
+    });
 
     click(&mut harness, "Use as input");
     assert!(sees(&harness, "result #1 · 64×64"));
     click(&mut harness, "Generate");
-    wait_for(&mut harness, "the chained result", |app| app.history.len() == 2);
+    wait_for(&mut harness, "the chained result", |app| {
+        app.history.len() == 2
+    });
     let chained_input = harness.state().history[1].source.clone();
     assert_eq!(*chained_input, harness.state().history[0].result.image);
 
@@ -251,7 +274,9 @@ fn chain_save_and_undo() {
     let field = harness.get_by_label("Save to file");
     field.click();
     harness.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::A);
-    harness.get_by_label("Save to file").type_text(&target.display().to_string());
+    harness
+        .get_by_label("Save to file")
+        .type_text(&target.display().to_string());
     harness.run_steps(2);
     click(&mut harness, "Save");
     wait_for(&mut harness, "the saved file", |app| {
@@ -272,7 +297,9 @@ fn chain_save_and_undo() {
     // Opening the saved file restores its settings on the controls.
     harness.state_mut().prompt.clear();
     drop_file(&mut harness, &target);
-    wait_for(&mut harness, "the saved file as input", |app| app.prompt == "add fireworks");
+    wait_for(&mut harness, "the saved file as input", |app| {
+        app.prompt == "add fireworks"
+    });
     assert_eq!(harness.state().settings.steps, 3);
 }
 
@@ -286,14 +313,27 @@ fn the_guidance_explorer_fills_its_grid_and_a_cell_can_be_adopted() {
     type_into(&mut harness, "Instruction", "make it autumn");
     click(&mut harness, "Guidance explorer…");
     click(&mut harness, "Render grid");
-    wait_for(&mut harness, "nine grid cells", |app| app.explorer.done_count() == 9);
+    wait_for(&mut harness, "nine grid cells", |app| {
+        app.explorer.done_count() == 9
+    });
     assert!(sees(&harness, "9 of 9 done"));
     let seeds: Vec<u64> = (0..9)
         .map(|i| harness.state().explorer.cell_result(i).unwrap().0.seed)
         .collect();
-    assert!(seeds.iter().all(|&s| s == seeds[0]), "one seed for the whole grid");
+    assert!(
+        seeds.iter().all(|&s| s == seeds[0]),
+        "one seed for the whole grid"
+    );
     // All cells after the first reuse the encodings.
-    assert!(harness.state().explorer.cell_result(8).unwrap().0.reused_image_latents);
+    assert!(
+        harness
+            .state()
+            .explorer
+            .cell_result(8)
+            .unwrap()
+            .0
+            .reused_image_latents
+    );
 
     click(&mut harness, "text 10.00 · image 1.00");
     let app = harness.state();
@@ -323,13 +363,17 @@ fn a_bad_file_shows_an_error_and_the_window_keeps_working() {
     type_into(&mut harness, "Instruction", "make it snowy");
     set_slider(&mut harness, "Steps", 2.0);
     click(&mut harness, "Generate");
-    wait_for(&mut harness, "a result after the error", |app| app.history.len() == 1);
+    wait_for(&mut harness, "a result after the error", |app| {
+        app.history.len() == 1
+    });
 }
 
 #[test]
 fn a_model_that_fails_to_load_is_reported_and_another_can_be_loaded() {
     let mut harness = harness(options("sd-plain-4ch"));
-    wait_for(&mut harness, "the load error", |app| app.load_failure.is_some());
+    wait_for(&mut harness, "the load error", |app| {
+        app.load_failure.is_some()
+    });
     assert!(sees(&harness, "it needs 8"), "the reason is shown");
     click(&mut harness, "Dismiss");
     click(&mut harness, "Models…");
@@ -366,10 +410,7 @@ fn settings_persist_across_restarts() {
         saved.model,
         common::fixture_pipeline("sd1-tiny").display().to_string()
     );
-    assert_eq!(
-        saved.recent_images,
-        [ancestral_case().join("input.png")]
-    );
+    assert_eq!(saved.recent_images, [ancestral_case().join("input.png")]);
 
     // The second start names no model: the remembered one loads.
     let mut second = harness(StartOptions {
@@ -419,7 +460,11 @@ fn the_model_manager_downloads_with_progress_cancels_and_switches_models() {
             .is_some_and(|d| d.file.starts_with("unet/") && d.done > 0)
     });
     assert!(sees(&harness, "MB"), "the download shows its progress");
-    assert_eq!(harness.state().model.as_ref(), Some(&first), "the old model stays meanwhile");
+    assert_eq!(
+        harness.state().model.as_ref(),
+        Some(&first),
+        "the old model stays meanwhile"
+    );
     click(&mut harness, "Cancel download");
     wait_for(&mut harness, "the cancel", |app| app.loading.is_none());
     assert!(sees(&harness, "was cancelled; still using"));
@@ -432,7 +477,9 @@ fn the_model_manager_downloads_with_progress_cancels_and_switches_models() {
     type_into(&mut harness, "Instruction", "make it snowy");
     set_slider(&mut harness, "Steps", 2.0);
     click(&mut harness, "Generate");
-    wait_for(&mut harness, "an edit after the cancel", |app| app.history.len() == 1);
+    wait_for(&mut harness, "an edit after the cancel", |app| {
+        app.history.len() == 1
+    });
 
     // Full speed now: the download resumes, the new model replaces the old.
     hub.set_cdn_delay(Duration::ZERO);
@@ -445,9 +492,69 @@ fn the_model_manager_downloads_with_progress_cancels_and_switches_models() {
     // The catalog lists the cached repo as ready.
     click(&mut harness, "Refresh");
     wait_for(&mut harness, "the catalog", |app| {
-        app.catalog.iter().any(|e| e.spec == REPO && e.problem.is_none())
+        app.catalog
+            .iter()
+            .any(|e| e.spec == REPO && e.problem.is_none())
     });
     set_slider(&mut harness, "Steps", 3.0);
-    wait_for(&mut harness, "an edit with the new model", |app| app.history.len() == 2);
+    wait_for(&mut harness, "an edit with the new model", |app| {
+        app.history.len() == 2
+    });
     assert!(harness.state().history[1].model.contains(REPO));
+}
+
+#[test]
+fn before_after_split_zoom_and_history() {
+    let mut harness = harness(options("sd1-tiny"));
+    wait_for(&mut harness, "the model to load", model_ready);
+    drop_file(&mut harness, &ancestral_case().join("input.png"));
+    wait_for(&mut harness, "the image", |app| app.input.is_some());
+    set_slider(&mut harness, "Steps", 2.0);
+    type_into(&mut harness, "Instruction", "make it snowy");
+    click(&mut harness, "Generate");
+    wait_for(&mut harness, "the first result", |app| {
+        app.history.len() == 1
+    });
+    set_slider(&mut harness, "Image guidance", 2.0);
+    wait_for(&mut harness, "the second result", |app| {
+        app.history.len() == 2
+    });
+
+    click(&mut harness, "Before | after");
+    assert_eq!(
+        harness.state().viewer.mode,
+        instruct_pix2pix::gui::viewer::CompareMode::Split
+    );
+    // Drag the split line (it starts in the middle of the image) to the left.
+    let view = harness.get_by_label("Image view").rect();
+    let centre = view.center();
+    harness.drag_at(centre);
+    harness.run_steps(1);
+    harness.hover_at(centre - egui::vec2(view.width() / 8.0, 0.0));
+    harness.run_steps(1);
+    harness.drop_at(centre - egui::vec2(view.width() / 8.0, 0.0));
+    harness.run_steps(2);
+    let split = harness.state().viewer.split;
+    assert!(split < 0.5, "the split line moved left: {split}");
+
+    // Zoom with the wheel around the pointer; double-click fits again.
+    harness.hover_at(centre);
+    harness.event(egui::Event::MouseWheel {
+        unit: egui::MouseWheelUnit::Point,
+        delta: egui::vec2(0.0, 120.0),
+        phase: egui::TouchPhase::Move,
+        modifiers: egui::Modifiers::NONE,
+        source: egui::MouseWheelSource::Wheel,
+    });
+    harness.run_steps(4);
+    assert!(harness.state().viewer.zoom > 1.0, "zoomed in");
+    click(&mut harness, "Fit");
+    assert_eq!(harness.state().viewer.zoom, 1.0);
+
+    // History: click the first thumbnail, restore its settings.
+    click(&mut harness, "#1");
+    assert_eq!(harness.state().selected, Some(0));
+    assert!(sees(&harness, "Result #1"));
+    click(&mut harness, "Restore settings");
+    assert_eq!(harness.state().settings.image_guidance_scale, 1.5);
 }

@@ -15,7 +15,12 @@ use clap::{Parser, Subcommand};
 ///
 /// Without a subcommand, opens the editor window (with IMAGE when given).
 #[derive(Debug, Parser)]
-#[command(name = "instruct-pix2pix", version, about, args_conflicts_with_subcommands = true)]
+#[command(
+    name = "instruct-pix2pix",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
 pub struct Cli {
     #[command(flatten)]
     pub window: window::WindowArgs,

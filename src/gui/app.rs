@@ -213,7 +213,8 @@ impl FrameStats {
             self.frames_during_edit += 1;
             self.sum_during_edit_ms += ms;
             self.worst_frame_during_edit_ms = self.worst_frame_during_edit_ms.max(ms);
-            self.mean_frame_during_edit_ms = self.sum_during_edit_ms / self.frames_during_edit as f64;
+            self.mean_frame_during_edit_ms =
+                self.sum_during_edit_ms / self.frames_during_edit as f64;
         }
         self.last_frame_start = during_edit.then_some(started);
     }
@@ -489,10 +490,13 @@ impl EditorApp {
             return;
         }
         let Some(input) = &self.input else { return };
-        let same_edit = self.selected.and_then(|i| self.history.get(i)).is_some_and(|entry| {
-            entry.result.settings.prompt == self.prompt.trim()
-                && Arc::ptr_eq(&entry.source, &input.opened.image)
-        });
+        let same_edit = self
+            .selected
+            .and_then(|i| self.history.get(i))
+            .is_some_and(|entry| {
+                entry.result.settings.prompt == self.prompt.trim()
+                    && Arc::ptr_eq(&entry.source, &input.opened.image)
+            });
         if same_edit {
             self.start_edit(self.edit_settings(), Purpose::Main);
         }
@@ -545,7 +549,10 @@ impl EditorApp {
 
     /// Where models are downloaded from and cached.
     pub fn hub_settings(&self) -> HubSettings {
-        self.options.hub.clone().unwrap_or_else(HubSettings::from_env)
+        self.options
+            .hub
+            .clone()
+            .unwrap_or_else(HubSettings::from_env)
     }
 
     /// Stops the running edit; the result in view stays.
@@ -687,7 +694,8 @@ impl EditorApp {
     /// Writes the settings file in the background (when there is one).
     pub fn persist_settings(&self) {
         if let Some(store) = &self.store {
-            self.tasks.save_settings(store.clone(), self.settings.clone());
+            self.tasks
+                .save_settings(store.clone(), self.settings.clone());
         }
     }
 
@@ -819,7 +827,10 @@ impl EditorApp {
             Event::Superseded { .. } => {
                 // The replacing edit is already the running one; nothing to undo.
             }
-            Event::Failed { id: Some(id), message } => {
+            Event::Failed {
+                id: Some(id),
+                message,
+            } => {
                 if let Some(running) = self.running.take_if(|r| r.id == id) {
                     self.preview = None;
                     self.explorer.edit_failed(&running, &message);
@@ -848,16 +859,8 @@ impl EditorApp {
         if let (Purpose::Main, Some(preview)) = (running.purpose, &progress.preview) {
             let image = to_color_image(preview);
             match &mut self.preview {
-                Some(texture) if texture.size() == image.size => {
-                    texture.set(image, IMAGE_TEXTURE)
-                }
-                _ => {
-                    self.preview = Some(self.ctx.load_texture(
-                        "preview",
-                        image,
-                        IMAGE_TEXTURE,
-                    ))
-                }
+                Some(texture) if texture.size() == image.size => texture.set(image, IMAGE_TEXTURE),
+                _ => self.preview = Some(self.ctx.load_texture("preview", image, IMAGE_TEXTURE)),
             }
         }
         let mut progress = progress;
@@ -918,7 +921,9 @@ impl EditorApp {
                     .map_or_else(|| "clipboard".into(), |n| n.to_string_lossy().into_owned());
                 if let Some(record) = opened.record.clone() {
                     self.restore_record(&record);
-                    self.notify(format!("{name} was made by this program: its settings are on the controls"));
+                    self.notify(format!(
+                        "{name} was made by this program: its settings are on the controls"
+                    ));
                 }
                 self.set_input(opened, name);
             }
@@ -968,7 +973,8 @@ impl EditorApp {
                 if !waiting_for_edit && has_something && model_settled {
                     if let Some(path) = self.options.screenshot.clone() {
                         self.autopilot = Autopilot::ShotRequested;
-                        self.ctx.request_screenshot(self.tasks.screenshot_writer(path));
+                        self.ctx
+                            .request_screenshot(self.tasks.screenshot_writer(path));
                     } else {
                         self.autopilot = Autopilot::Done;
                     }
@@ -1001,7 +1007,8 @@ impl EditorApp {
     fn end_frame(&mut self) {
         if let Some(started) = self.frame_started.take() {
             let during_edit = self.running.is_some();
-            self.frame_stats.record(started, started.elapsed(), during_edit);
+            self.frame_stats
+                .record(started, started.elapsed(), during_edit);
             // Measuring: draw continuously during an edit, as while a user drags a slider, so
             // the gaps between frames show any wait on the model thread or the CPU.
             if during_edit && self.options.frame_stats.is_some() {
@@ -1014,7 +1021,10 @@ impl EditorApp {
         if let Some(path) = &self.options.frame_stats {
             let json = serde_json::to_string_pretty(&self.frame_stats).unwrap_or_default();
             if let Err(e) = std::fs::write(path, json) {
-                eprintln!("error: {}: cannot write frame statistics: {e}", path.display());
+                eprintln!(
+                    "error: {}: cannot write frame statistics: {e}",
+                    path.display()
+                );
             }
         }
     }

@@ -275,11 +275,16 @@ fn explorer_window(app: &mut EditorApp, ctx: &Context) {
                             CellState::Running(_) => {
                                 ui.add_sized(
                                     size,
-                                    egui::Label::new(RichText::new(format!("{label}\nrendering…")).strong()),
+                                    egui::Label::new(
+                                        RichText::new(format!("{label}\nrendering…")).strong(),
+                                    ),
                                 );
                             }
                             CellState::Failed(message) => {
-                                ui.add_sized(size, egui::Label::new(format!("{label}\nfailed: {message}")));
+                                ui.add_sized(
+                                    size,
+                                    egui::Label::new(format!("{label}\nfailed: {message}")),
+                                );
                             }
                         }
                         if (index + 1) % GRID_SIDE == 0 {
@@ -307,7 +312,9 @@ fn about_window(app: &mut EditorApp, ctx: &Context) {
         .open(&mut open)
         .collapsible(false)
         .show(ctx, |ui| {
-            ui.label(RichText::new(format!("instruct-pix2pix {}", env!("CARGO_PKG_VERSION"))).strong());
+            ui.label(
+                RichText::new(format!("instruct-pix2pix {}", env!("CARGO_PKG_VERSION"))).strong(),
+            );
             ui.label(env!("CARGO_PKG_DESCRIPTION"));
             ui.label(format!("License: {}", env!("CARGO_PKG_LICENSE")));
             let hub = app.hub_settings();

@@ -57,16 +57,18 @@ fn shortcuts(app: &mut EditorApp, ui: &mut Ui) {
             i.consume_shortcut(&COPY),
             // egui turns Ctrl+V into a text paste; an image paste is asked of the clipboard itself
             // when no text field has the focus.
-            i.events
-                .iter()
-                .any(|e| matches!(e, egui::Event::Paste(_)))
+            i.events.iter().any(|e| matches!(e, egui::Event::Paste(_)))
                 || i.consume_shortcut(&KeyboardShortcut::new(Modifiers::COMMAND, Key::V)),
             i.key_pressed(Key::Escape),
         )
     });
     let typing = ui.memory(|m| m.focused().is_some());
     if open {
-        let folder = app.settings.recent_images.first().and_then(|p| p.parent().map(Into::into));
+        let folder = app
+            .settings
+            .recent_images
+            .first()
+            .and_then(|p| p.parent().map(Into::into));
         app.tasks.open_dialog(folder);
     }
     if save {
@@ -119,10 +121,16 @@ fn menu_bar(app: &mut EditorApp, ui: &mut Ui) {
             });
             ui.separator();
             let has_result = app.selected_entry().is_some();
-            if ui.add_enabled(has_result, egui::Button::new("Save result…")).clicked() {
+            if ui
+                .add_enabled(has_result, egui::Button::new("Save result…"))
+                .clicked()
+            {
                 open_save_dialog(app);
             }
-            if ui.add_enabled(has_result, egui::Button::new("Copy result")).clicked() {
+            if ui
+                .add_enabled(has_result, egui::Button::new("Copy result"))
+                .clicked()
+            {
                 app.copy_selected();
             }
             ui.separator();
@@ -156,10 +164,18 @@ fn controls(app: &mut EditorApp, ui: &mut Ui) {
     ui.add_space(4.0);
     ui.heading("Input");
     ui.horizontal(|ui| {
-        if ui.button("Open…").on_hover_text("Open an image (Ctrl+O); or drop one on the window").clicked() {
+        if ui
+            .button("Open…")
+            .on_hover_text("Open an image (Ctrl+O); or drop one on the window")
+            .clicked()
+        {
             app.tasks.open_dialog(None);
         }
-        if ui.button("Paste").on_hover_text("Paste an image from the clipboard (Ctrl+V)").clicked() {
+        if ui
+            .button("Paste")
+            .on_hover_text("Paste an image from the clipboard (Ctrl+V)")
+            .clicked()
+        {
             app.tasks.paste();
         }
         let can_undo = !app.input_stack.is_empty();
@@ -218,8 +234,7 @@ fn controls(app: &mut EditorApp, ui: &mut Ui) {
     );
     let steps = ui
         .add(
-            egui::Slider::new(&mut app.settings.steps, STEPS_RANGE.0..=STEPS_RANGE.1)
-                .text("Steps"),
+            egui::Slider::new(&mut app.settings.steps, STEPS_RANGE.0..=STEPS_RANGE.1).text("Steps"),
         )
         .on_hover_text(STEPS_HELP);
     rerun |= slider_committed(&steps);
@@ -231,7 +246,11 @@ fn controls(app: &mut EditorApp, ui: &mut Ui) {
             .labelled_by(seed_label.id)
             .on_hover_text(SEED_HELP);
         rerun |= slider_committed(&seed);
-        if ui.button("New seed").on_hover_text("Draw a new seed").clicked() {
+        if ui
+            .button("New seed")
+            .on_hover_text("Draw a new seed")
+            .clicked()
+        {
             app.settings.seed = u64::from(rand::random::<u32>());
             rerun = true;
         }
@@ -302,7 +321,10 @@ fn controls(app: &mut EditorApp, ui: &mut Ui) {
         }
         let running = app.running.is_some();
         if ui
-            .add_enabled(running, egui::Button::new("Cancel").min_size(vec2(80.0, 28.0)))
+            .add_enabled(
+                running,
+                egui::Button::new("Cancel").min_size(vec2(80.0, 28.0)),
+            )
             .on_hover_text("Stop the edit (Esc); the result in view stays")
             .clicked()
         {
@@ -361,7 +383,12 @@ fn progress(app: &EditorApp, ui: &mut Ui) {
             let left = p.eta.as_secs_f64();
             (
                 p.step as f32 / p.total.max(1) as f32,
-                format!("{what}: step {} of {} · {:.0} s left", p.step, p.total, left.ceil()),
+                format!(
+                    "{what}: step {} of {} · {:.0} s left",
+                    p.step,
+                    p.total,
+                    left.ceil()
+                ),
             )
         }
         None => (0.0, format!("{what}: encoding the image and instruction…")),
@@ -379,7 +406,9 @@ fn result_info(app: &mut EditorApp, ui: &mut Ui) {
     };
     let result = &entry.result;
     let used = &result.settings;
-    let scheduler = used.scheduler.map_or_else(|| "model's scheduler".into(), |s| s.to_string());
+    let scheduler = used
+        .scheduler
+        .map_or_else(|| "model's scheduler".into(), |s| s.to_string());
     ui.label(RichText::new(format!("Result #{}", entry.number)).strong());
     ui.label(format!(
         "seed {} · text guidance {:.2} · image guidance {:.2}",
@@ -399,10 +428,18 @@ fn result_info(app: &mut EditorApp, ui: &mut Ui) {
     };
     ui.weak(reused);
     ui.horizontal_wrapped(|ui| {
-        if ui.button("Save…").on_hover_text("Save the result (Ctrl+S)").clicked() {
+        if ui
+            .button("Save…")
+            .on_hover_text("Save the result (Ctrl+S)")
+            .clicked()
+        {
             open_save_dialog(app);
         }
-        if ui.button("Copy").on_hover_text("Copy the result (Ctrl+Shift+C)").clicked() {
+        if ui
+            .button("Copy")
+            .on_hover_text("Copy the result (Ctrl+Shift+C)")
+            .clicked()
+        {
             app.copy_selected();
         }
         if ui
@@ -433,8 +470,11 @@ fn history_strip(app: &mut EditorApp, ui: &mut Ui) {
                     .selected(app.selected == Some(index));
                 let response = ui.add(button).on_hover_text(format!(
                     "“{}”\nseed {} · text {:.2} · image {:.2} · {} steps",
-                    used.prompt, entry.result.seed, used.guidance_scale,
-                    used.image_guidance_scale, used.steps
+                    used.prompt,
+                    entry.result.seed,
+                    used.guidance_scale,
+                    used.image_guidance_scale,
+                    used.steps
                 ));
                 if response.clicked() {
                     clicked = Some(index);
@@ -461,7 +501,10 @@ fn status_bar(app: &mut EditorApp, ui: &mut Ui) {
                 }
             }
             (Some(info), None) => {
-                ui.label(format!("Model: {} · {} · {}", info.name, info.device, info.dtype));
+                ui.label(format!(
+                    "Model: {} · {} · {}",
+                    info.name, info.device, info.dtype
+                ));
             }
             (None, None) => match &app.load_failure {
                 Some(failure) => {
@@ -490,14 +533,18 @@ fn image_area(app: &mut EditorApp, ui: &mut Ui) {
         } else {
             ui.visuals().selection.bg_fill.gamma_multiply(0.4)
         };
-        egui::Frame::new().fill(fill).inner_margin(6.0).corner_radius(4.0).show(ui, |ui| {
-            ui.horizontal(|ui| {
-                ui.label(&notice.text);
-                if ui.small_button("Dismiss").clicked() {
-                    dismissed = Some(index);
-                }
+        egui::Frame::new()
+            .fill(fill)
+            .inner_margin(6.0)
+            .corner_radius(4.0)
+            .show(ui, |ui| {
+                ui.horizontal(|ui| {
+                    ui.label(&notice.text);
+                    if ui.small_button("Dismiss").clicked() {
+                        dismissed = Some(index);
+                    }
+                });
             });
-        });
     }
     if let Some(index) = dismissed {
         app.notices.remove(index);
@@ -508,7 +555,11 @@ fn image_area(app: &mut EditorApp, ui: &mut Ui) {
         ui.selectable_value(&mut app.viewer.mode, CompareMode::After, "After");
         ui.selectable_value(&mut app.viewer.mode, CompareMode::Before, "Before");
         ui.selectable_value(&mut app.viewer.mode, CompareMode::Split, "Before | after");
-        if ui.button("Fit").on_hover_text("Fit the image to the view (double-click)").clicked() {
+        if ui
+            .button("Fit")
+            .on_hover_text("Fit the image to the view (double-click)")
+            .clicked()
+        {
             app.viewer.reset_view();
         }
     });

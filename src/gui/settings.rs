@@ -81,7 +81,8 @@ impl Settings {
     /// `"steps": -3` or `NaN` must not reach the model).
     pub fn sanitized(mut self) -> Self {
         let defaults = Settings::default();
-        self.guidance_scale = clamp_or(self.guidance_scale, GUIDANCE_RANGE, defaults.guidance_scale);
+        self.guidance_scale =
+            clamp_or(self.guidance_scale, GUIDANCE_RANGE, defaults.guidance_scale);
         self.image_guidance_scale = clamp_or(
             self.image_guidance_scale,
             IMAGE_GUIDANCE_RANGE,
@@ -178,7 +179,9 @@ impl SettingsStore {
     pub fn load(&self) -> (Settings, Option<SettingsError>) {
         let text = match std::fs::read_to_string(&self.path) {
             Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (Settings::default(), None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return (Settings::default(), None);
+            }
             Err(e) => {
                 let error = SettingsError::Read {
                     path: self.path.clone(),
@@ -283,6 +286,9 @@ mod tests {
         let (loaded, error) = SettingsStore::at(&path).load();
         assert_eq!(loaded, Settings::default());
         let message = error.unwrap().to_string();
-        assert!(message.contains("settings.json") && message.contains("not valid"), "{message}");
+        assert!(
+            message.contains("settings.json") && message.contains("not valid"),
+            "{message}"
+        );
     }
 }

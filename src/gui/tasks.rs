@@ -190,7 +190,10 @@ impl Tasks {
         self.spawn(move || {
             let mut dialog = rfd::FileDialog::new()
                 .set_title("Open an image")
-                .add_filter("Images", &["png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff"]);
+                .add_filter(
+                    "Images",
+                    &["png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff"],
+                );
             if let Some(folder) = folder {
                 dialog = dialog.set_directory(folder);
             }
@@ -224,18 +227,22 @@ impl Tasks {
 
     /// Shows the native folder dialog.
     pub fn folder_dialog(&self, title: &'static str) {
-        self.spawn(move || match rfd::FileDialog::new().set_title(title).pick_folder() {
-            Some(path) => TaskEvent::FolderChosen(path),
-            None => TaskEvent::OpenDialogClosed,
-        });
+        self.spawn(
+            move || match rfd::FileDialog::new().set_title(title).pick_folder() {
+                Some(path) => TaskEvent::FolderChosen(path),
+                None => TaskEvent::OpenDialogClosed,
+            },
+        );
     }
 
     /// Writes a result atomically; PNG files carry `record` as the `edit` command writes it.
     pub fn save(&self, path: PathBuf, image: Arc<RgbImage>, record: EditRecord) {
-        self.spawn(move || match save_image(&path, &image, &record.to_text_chunks()) {
-            Ok(()) => TaskEvent::Saved(path),
-            Err(e) => TaskEvent::Failed(e.to_string()),
-        });
+        self.spawn(
+            move || match save_image(&path, &image, &record.to_text_chunks()) {
+                Ok(()) => TaskEvent::Saved(path),
+                Err(e) => TaskEvent::Failed(e.to_string()),
+            },
+        );
     }
 
     /// Writes the settings file; failures are reported, never fatal.

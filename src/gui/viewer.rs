@@ -109,13 +109,16 @@ pub fn show(
     let split_mode = state.mode == CompareMode::Split && before.is_some() && after.is_some();
     let split_x = image_rect.left() + image_rect.width() * state.split;
     let near_split = |pos: Pos2| split_mode && (pos.x - split_x).abs() < 8.0;
-    let dragging_split = ui.memory(|m| m.data.get_temp::<bool>(response.id).unwrap_or(false));
     if response.drag_started() {
-        let grabbed = response
-            .interact_pointer_pos()
-            .is_some_and(|pos| near_split(pos));
+        // Where the button went down, not where the pointer is once the drag is recognised.
+        let grabbed = ui
+            .input(|i| i.pointer.press_origin())
+            .is_some_and(near_split);
         ui.memory_mut(|m| m.data.insert_temp(response.id, grabbed));
     }
+    // Whether this drag began on the split line (remembered from its first frame).
+    let dragging_split =
+        response.dragged() && ui.memory(|m| m.data.get_temp::<bool>(response.id).unwrap_or(false));
     if response.dragged() {
         if dragging_split {
             if let Some(pos) = response.interact_pointer_pos() {
@@ -152,8 +155,16 @@ pub fn show(
             let tag = |pos: Pos2, align: egui::Align2, text: &str| {
                 painter.text(pos, align, text, font.clone(), Color32::WHITE);
             };
-            tag(left.left_top() + vec2(6.0, 4.0), egui::Align2::LEFT_TOP, "before");
-            tag(right.right_top() + vec2(-6.0, 4.0), egui::Align2::RIGHT_TOP, "after");
+            tag(
+                left.left_top() + vec2(6.0, 4.0),
+                egui::Align2::LEFT_TOP,
+                "before",
+            );
+            tag(
+                right.right_top() + vec2(-6.0, 4.0),
+                egui::Align2::RIGHT_TOP,
+                "after",
+            );
         }
         (CompareMode::Before, Some(before), _) => {
             painter.image(before.texture, image_rect, full_uv, Color32::WHITE);
@@ -175,7 +186,10 @@ mod tests {
         let mut state = ViewerState::default();
         // 800×400 fitted into 400×300: scale 0.5, 400×200 centred.
         let rect = state.image_rect(view, vec2(800.0, 400.0));
-        assert_eq!(rect, Rect::from_min_size(pos2(0.0, 50.0), vec2(400.0, 200.0)));
+        assert_eq!(
+            rect,
+            Rect::from_min_size(pos2(0.0, 50.0), vec2(400.0, 200.0))
+        );
 
         let anchor = pos2(100.0, 100.0);
         let fraction = |r: Rect| (anchor - r.min) / r.size();
