@@ -44,13 +44,13 @@ fn wait_for(
             harness.step();
             return;
         }
-        if let Some(notice) = harness.state().notices.iter().find(|n| n.is_error) {
-            if !what.contains("error") {
-                panic!(
-                    "waiting for {what}: the window shows an error: {}",
-                    notice.text
-                );
-            }
+        if let Some(notice) = harness.state().notices.iter().find(|n| n.is_error)
+            && !what.contains("error")
+        {
+            panic!(
+                "waiting for {what}: the window shows an error: {}",
+                notice.text
+            );
         }
         let app = harness.state();
         assert!(

@@ -925,7 +925,7 @@ impl EditorApp {
                         "{name} was made by this program: its settings are on the controls"
                     ));
                 }
-                self.set_input(opened, name);
+                self.set_input(*opened, name);
             }
             TaskEvent::OpenDialogClosed => {}
             TaskEvent::SavePathChosen(path) => {

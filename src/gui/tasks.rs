@@ -116,7 +116,7 @@ pub fn list_catalog(hub: &HubSettings, folders: &[PathBuf]) -> Vec<CatalogEntry>
 /// What a chore produced.
 #[derive(Debug)]
 pub enum TaskEvent {
-    ImageOpened(OpenedImage),
+    ImageOpened(Box<OpenedImage>),
     /// The open dialog was closed without a choice (also what a headless machine answers).
     OpenDialogClosed,
     /// A save dialog chose where to save.
@@ -252,10 +252,10 @@ impl Tasks {
         let _ = std::thread::Builder::new()
             .name("ip2p-io".into())
             .spawn(move || {
-                if let Err(e) = store.save(&settings) {
-                    if events.send(TaskEvent::Failed(e.to_string())).is_ok() {
-                        waker();
-                    }
+                if let Err(e) = store.save(&settings)
+                    && events.send(TaskEvent::Failed(e.to_string())).is_ok()
+                {
+                    waker();
                 }
             });
     }
@@ -349,7 +349,7 @@ fn serve_clipboard(
     match request {
         ClipboardRequest::Paste => match clipboard.get_image() {
             Ok(data) => match clipboard_to_rgb(&data) {
-                Some(image) => TaskEvent::ImageOpened(opened(image, None, None)),
+                Some(image) => TaskEvent::ImageOpened(Box::new(opened(image, None, None))),
                 None => TaskEvent::Failed("the clipboard image has an unexpected layout".into()),
             },
             Err(arboard::Error::ContentNotAvailable) => {
@@ -395,7 +395,7 @@ fn open_path(path: PathBuf) -> TaskEvent {
             let record = read_png_text(&path)
                 .ok()
                 .and_then(|chunks| EditRecord::from_text_chunks(&chunks));
-            TaskEvent::ImageOpened(opened(image, Some(path), record))
+            TaskEvent::ImageOpened(Box::new(opened(image, Some(path), record)))
         }
         Err(e) => TaskEvent::Failed(e.to_string()),
     }
