@@ -73,6 +73,8 @@ pub struct WorkerConfig {
     pub job_capacity: usize,
     /// Events that may wait for the window; beyond this step and download events are dropped.
     pub event_capacity: usize,
+    /// Run the model (and the compute pool) at a lower priority than the window.
+    pub background_priority: bool,
 }
 
 impl Default for WorkerConfig {
@@ -80,8 +82,41 @@ impl Default for WorkerConfig {
         Self {
             job_capacity: 8,
             event_capacity: 64,
+            background_priority: true,
         }
     }
+}
+
+/// Lowers the priority of the calling thread and of the compute pool's threads (where the
+/// platform allows; Linux here), so that a window drawing on a CPU the model keeps busy still gets
+/// its frames on time. An edit alone on the machine runs as fast as before.
+fn run_in_background() {
+    lower_thread_priority();
+    // The pool the CPU kernels, gemm and candle run on; if something already started it, its
+    // threads keep their priority.
+    let _ = rayon::ThreadPoolBuilder::new()
+        .thread_name(|i| format!("ip2p-compute-{i}"))
+        .start_handler(|_| lower_thread_priority())
+        .build_global();
+}
+
+/// Nice value of the model's threads (0 is normal, 19 the lowest).
+const BACKGROUND_NICE: i32 = 10;
+
+#[cfg(target_os = "linux")]
+fn lower_thread_priority() {
+    // On Linux a thread is a task with its own nice value; `who = 0` is the calling thread.
+    // SAFETY: setpriority only reads its integer arguments.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, 0, BACKGROUND_NICE);
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn lower_thread_priority() {
+    // Elsewhere the priority is left as is (std has no per-thread priority call): the window
+    // then shares the CPU evenly with the model.
+    let _ = BACKGROUND_NICE;
 }
 
 /// Starts model threads.
@@ -114,9 +149,15 @@ impl Worker {
             pipeline: None,
             scaled: None,
         };
+        let background = config.background_priority;
         let thread = std::thread::Builder::new()
             .name(THREAD_NAME.into())
-            .spawn(move || model_thread.run())
+            .spawn(move || {
+                if background {
+                    run_in_background();
+                }
+                model_thread.run()
+            })
             .map_err(WorkerError::Spawn)?;
         let handle = WorkerHandle {
             jobs: Some(job_sender),
