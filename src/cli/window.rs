@@ -32,6 +32,11 @@ pub struct WindowArgs {
     /// responsiveness during an edit.
     #[arg(long, value_name = "PATH")]
     pub frame_stats: Option<PathBuf>,
+    /// With --frame-stats: redraw this many times a second during an edit (as while a slider is
+    /// dragged); 0 redraws only when something arrives.
+    #[arg(long, value_name = "FPS", default_value_t = 60, requires = "frame_stats",
+          value_parser = clap::value_parser!(u32).range(0..=240))]
+    pub redraw_fps: u32,
     /// Do not read or write the settings file (a clean start, as on a new machine).
     #[arg(long)]
     pub no_settings: bool,
@@ -56,6 +61,7 @@ pub fn run(args: WindowArgs) -> Result<()> {
         screenshot: args.screenshot,
         exit_after_screenshot: args.exit_after_screenshot,
         frame_stats: args.frame_stats,
+        redraw_fps: args.redraw_fps,
         settings_store,
         hub: None,
     };

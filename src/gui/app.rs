@@ -53,6 +53,9 @@ pub struct StartOptions {
     pub exit_after_screenshot: bool,
     /// At exit, write frame-time statistics (JSON) here.
     pub frame_stats: Option<PathBuf>,
+    /// While measuring frame times, redraw this often during an edit (as while a slider is
+    /// dragged); 0 redraws only when something arrives, as normally.
+    pub redraw_fps: u32,
     /// Where settings persist; None keeps them for this run only.
     pub settings_store: Option<SettingsStore>,
     /// The Hub and cache to use; None reads the `HF_*` environment variables.
@@ -1019,10 +1022,11 @@ impl EditorApp {
             let during_edit = self.running.is_some();
             self.frame_stats
                 .record(started, started.elapsed(), during_edit);
-            // Measuring: draw at 60 frames a second during an edit, as while a user drags a
-            // slider, so the gaps between frames show any wait on the model thread or the CPU.
-            if during_edit && self.options.frame_stats.is_some() {
-                self.ctx.request_repaint_after(Duration::from_millis(16));
+            // Measuring: draw steadily during an edit, as while a user drags a slider, so the
+            // gaps between frames show any wait on the model thread or the CPU.
+            if during_edit && self.options.frame_stats.is_some() && self.options.redraw_fps > 0 {
+                let interval = Duration::from_secs_f64(1.0 / f64::from(self.options.redraw_fps));
+                self.ctx.request_repaint_after(interval);
             }
         }
     }
