@@ -313,3 +313,39 @@ fn bf16_on_the_cpu_is_refused_before_loading() {
     assert!(line.contains("bf16"), "{line}");
     assert!(line.contains("--dtype f32"), "{line}");
 }
+
+/// The window's start-up mistakes: one line, non-zero exit, no window attempted.
+#[test]
+fn window_without_a_display_or_with_a_missing_image() {
+    let root = tempfile::tempdir().unwrap();
+    let hf = root.path().join("hf");
+    let headless = |args: &[&str]| {
+        let output = common::program(&hf)
+            .env_remove("DISPLAY")
+            .env_remove("WAYLAND_DISPLAY")
+            .env_remove("WAYLAND_SOCKET")
+            .env("INSTRUCT_PIX2PIX_CONFIG_DIR", root.path().join("config"))
+            .args(args)
+            .output()
+            .unwrap();
+        let text = stderr(&output);
+        assert!(!output.status.success(), "{text}");
+        assert!(!text.contains("panicked"), "{text}");
+        assert_eq!(text.trim().lines().count(), 1, "{text}");
+        (output.status.code(), text)
+    };
+    let (code, text) = headless(&["--no-settings"]);
+    assert_eq!(code, Some(1));
+    assert!(text.contains("there is no display"), "{text}");
+    let (code, text) = headless(&["holiday.png"]);
+    assert_eq!(code, Some(1));
+    assert!(text.contains("holiday.png: no such image file"), "{text}");
+    // --generate needs an image and an instruction; clap names what is missing.
+    let (code, text) = headless(&["--generate"]);
+    assert_eq!(code, Some(2));
+    assert!(
+        text.contains("<IMAGE>") && text.contains("--prompt"),
+        "{text}"
+    );
+    assert!(!root.path().join("config").exists(), "nothing written");
+}

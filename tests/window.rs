@@ -95,6 +95,11 @@ fn type_into(harness: &mut Harness<'static, EditorApp>, label: &str, text: &str)
     field.click();
     field.type_text(text);
     harness.run_steps(2);
+    let value = harness.get_by_label(label).value().unwrap_or_default();
+    assert!(
+        value.ends_with(text),
+        "typed {text:?} into {label:?}, it holds {value:?}"
+    );
 }
 
 fn click(harness: &mut Harness<'static, EditorApp>, label: &str) {
@@ -470,6 +475,8 @@ fn the_model_manager_downloads_with_progress_cancels_and_switches_models() {
     assert!(sees(&harness, "was cancelled; still using"));
     assert_eq!(harness.state().model.as_ref(), Some(&first));
     click(&mut harness, "Close");
+    // Let the closing window fade out so it no longer covers the controls.
+    harness.run_ok();
 
     // Edits still work with the old model.
     drop_file(&mut harness, &ancestral_case().join("input.png"));

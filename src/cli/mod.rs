@@ -70,10 +70,16 @@ fn usage_error(error: clap::Error) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let rendered = error.render().to_string();
-    let first = rendered
-        .lines()
+    // The first line, plus the indented lines clap lists under it (the missing arguments).
+    let mut lines = rendered.lines();
+    let mut first = lines
         .next()
-        .unwrap_or("error: invalid arguments");
+        .unwrap_or("error: invalid arguments")
+        .to_string();
+    for detail in lines.take_while(|l| l.starts_with("  ")) {
+        first.push(' ');
+        first.push_str(detail.trim());
+    }
     eprintln!("{first} (see --help)");
     ExitCode::from(2)
 }

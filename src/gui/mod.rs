@@ -29,6 +29,17 @@ pub enum GuiError {
 
 /// Opens the window and runs until it is closed.
 pub fn run(options: StartOptions) -> Result<(), GuiError> {
+    if cfg!(all(unix, not(target_os = "macos")))
+        && ["DISPLAY", "WAYLAND_DISPLAY", "WAYLAND_SOCKET"]
+            .iter()
+            .all(|name| std::env::var_os(name).is_none_or(|v| v.is_empty()))
+    {
+        return Err(GuiError::Window(
+            "there is no display (DISPLAY and WAYLAND_DISPLAY are unset); the `edit` command \
+             works without one"
+                .into(),
+        ));
+    }
     let remembered = options
         .settings_store
         .as_ref()
