@@ -113,6 +113,12 @@ const FORWARD_TOLERANCE: f32 = 1e-5;
 // backward of softmax and normalisations: differences of ~1e-6 of the gradient's scale measured;
 // 1e-4 of the largest element keeps a wide margin and still fails for any missing term.
 const GRAD_TOLERANCE: f32 = 1e-4;
+// Weight updates after AdamW: Adam divides by √v + ε, so where a clipped gradient is as small
+// as ε (1e-8) the update lr·g/(|g| + ε) turns a gradient difference of 1e-6 of its scale into one
+// ~1e5 times larger relative to lr. Measured: at most 7.3e-4 of the largest update (moments agree
+// to 1e-5, the arithmetic alone to ulps in `adamw_clipping_and_ema_arithmetic_equal_torch`).
+// 2e-3 still fails for a missing weight decay (lr·wd·|w| is ~3e-2 of lr here) or bias correction.
+const UPDATE_TOLERANCE: f32 = 2e-3;
 
 /// Runs one micro-batch of `file`'s inputs through the trainer (k = 1, so the accumulated
 /// gradients are the micro-batch's) and compares everything with diffusers.
@@ -340,7 +346,7 @@ fn accumulation_clipping_adamw_and_ema_match_torch_over_three_steps() {
             let want_moved = (want - &initial[name]).unwrap();
             let rel = relative_max_diff(&moved, &want_moved);
             println!("  {name}: update rel {rel:.2e}");
-            assert!(rel < GRAD_TOLERANCE, "step {step} {name}: {rel}");
+            assert!(rel < UPDATE_TOLERANCE, "step {step} {name}: {rel}");
         }
     }
     let optimizer = trainer.optimizer();
@@ -352,12 +358,14 @@ fn accumulation_clipping_adamw_and_ema_match_torch_over_three_steps() {
         let rel_m = relative_max_diff(m, &refs[&format!("exp_avg.{name}")]);
         let rel_v = relative_max_diff(v, &refs[&format!("exp_avg_sq.{name}")]);
         // The moments are gradients (and their squares): the gradient tolerance.
+        println!("  moments {name}: {rel_m:.2e} {rel_v:.2e}");
         assert!(rel_m < GRAD_TOLERANCE && rel_v < GRAD_TOLERANCE, "{name}: {rel_m} {rel_v}");
         let shadow = &ema.shadow()[index].1;
         let moved = (shadow - &initial[name]).unwrap();
         let want = (&refs[&format!("ema.{name}")] - &initial[name]).unwrap();
         let rel = relative_max_diff(&moved, &want);
-        assert!(rel < GRAD_TOLERANCE, "EMA of {name}: {rel}");
+        println!("  EMA {name}: rel {rel:.2e}");
+        assert!(rel < UPDATE_TOLERANCE, "EMA of {name}: {rel}");
     }
 }
 

@@ -227,9 +227,10 @@ impl AdamW {
         }
         self.step += 1;
         let c = &self.config;
-        let t = self.step as i32;
-        let bias_correction1 = 1.0 - c.beta1.powi(t);
-        let bias_correction2 = 1.0 - c.beta2.powi(t);
+        // Python: `beta ** step` with the step as a float, `bias_correction2 ** 0.5`.
+        let t = self.step as f64;
+        let bias_correction1 = 1.0 - c.beta1.powf(t);
+        let bias_correction2 = 1.0 - c.beta2.powf(t);
         let scalars = AdamScalars {
             decay_mul: 1.0 - lr * c.weight_decay,
             apply_decay: c.weight_decay != 0.0,
@@ -237,7 +238,7 @@ impl AdamW {
             beta2: c.beta2,
             one_minus_beta2: 1.0 - c.beta2,
             neg_step_size: -(lr / bias_correction1),
-            bias_correction2_sqrt: bias_correction2.sqrt(),
+            bias_correction2_sqrt: bias_correction2.powf(0.5),
             eps: c.eps,
         };
         for (i, grad) in grads.iter().enumerate() {
@@ -439,9 +440,9 @@ impl InplaceOp3 for AdamUpdate {
 }
 
 /// The total 2-norm of the gradients, as `clip_grad_norm_` computes it: each gradient's norm,
-/// then the norm of those norms (f32 results; sums taken in f64).
+/// then the norm of those f32 norms (sums taken in f64, results rounded to f32 as torch's are).
 pub fn total_grad_norm(grads: &[Option<Tensor>]) -> candle_core::Result<f32> {
-    let mut sum_of_squares = 0f32;
+    let mut sum_of_squares = 0f64;
     for grad in grads.iter().flatten() {
         let norm = grad
             .to_dtype(DType::F64)?
@@ -449,10 +450,9 @@ pub fn total_grad_norm(grads: &[Option<Tensor>]) -> candle_core::Result<f32> {
             .sum_all()?
             .to_scalar::<f64>()?
             .sqrt() as f32;
-        sum_of_squares += norm * norm;
+        sum_of_squares += f64::from(norm) * f64::from(norm);
     }
-    // torch takes the norm of the stacked per-tensor norms in f32.
-    Ok(sum_of_squares.sqrt())
+    Ok(sum_of_squares.sqrt() as f32)
 }
 
 /// `torch.nn.utils.clip_grad_norm_(params, max_norm)`: scales every gradient by
@@ -500,15 +500,15 @@ mod tests {
 
         let (mut p, mut m, mut v) = (start.clone(), grad.zeros_like().unwrap(), grad.zeros_like().unwrap());
         for (t, lr) in lrs.into_iter().enumerate() {
-            let t = t as i32 + 1;
+            let t = t as f64 + 1.0;
             let scalars = AdamScalars {
                 decay_mul: 1.0 - lr * config.weight_decay,
                 apply_decay: true,
                 beta1_weight: 1.0 - config.beta1,
                 beta2: config.beta2,
                 one_minus_beta2: 1.0 - config.beta2,
-                neg_step_size: -(lr / (1.0 - config.beta1.powi(t))),
-                bias_correction2_sqrt: (1.0 - config.beta2.powi(t)).sqrt(),
+                neg_step_size: -(lr / (1.0 - config.beta1.powf(t))),
+                bias_correction2_sqrt: (1.0 - config.beta2.powf(t)).sqrt(),
                 eps: config.eps,
             };
             (m, v, p) = scalars.composed(&p, &grad, &m, &v).unwrap();

@@ -288,10 +288,10 @@ impl TrainableUNet {
             .map(|(_, v)| v.device().clone())
             .unwrap_or(Device::Cpu);
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
-        let unet = UNet2DConditionModel::load(vb, &config).map_err(|source| TrainError::Build {
+        let unet = UNet2DConditionModel::load(vb, &config).map_err(|error| TrainError::Build {
             folder: source.to_path_buf(),
             component: "UNet",
-            source,
+            source: error,
         })?;
         // A VarMap creates any variable it is asked for and lacks: such names were missing.
         let known: std::collections::HashSet<&str> =
