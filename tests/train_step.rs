@@ -14,8 +14,8 @@ use instruct_pix2pix::train::ema::{EmaConfig, EmaModel};
 use instruct_pix2pix::train::optim::{AdamW, AdamWConfig, clip_grad_norm, total_grad_norm};
 use instruct_pix2pix::train::schedule::{LrSchedule, LrScheduleKind};
 use instruct_pix2pix::train::step::{
-    DroppedConditioning, StepConfig, StepDraws, TrainBatch, Trainer, TrainingModels,
-    TrainLoadOptions,
+    DroppedConditioning, StepConfig, StepDraws, TrainBatch, TrainLoadOptions, Trainer,
+    TrainingModels,
 };
 use serde_json::Value;
 
@@ -76,7 +76,12 @@ fn batch_and_draws(refs: &HashMap<String, Tensor>, prefix: &str) -> (TrainBatch,
 }
 
 fn max_abs(t: &Tensor) -> f32 {
-    t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 /// max |actual − expected| / max |expected|.
@@ -130,9 +135,15 @@ fn check_single_step(pipeline: &str, file: &str) -> (Trainer, HashMap<String, Te
     let out = models.micro_batch_loss(&batch, &draws, Some(0.3)).unwrap();
     let loss_rel = (scalar(&out.loss) - scalar(&refs["loss"])).abs() / scalar(&refs["loss"]);
     println!("{file}: loss {} (rel {loss_rel:.2e})", scalar(&out.loss));
-    assert!(loss_rel < FORWARD_TOLERANCE, "loss: relative difference {loss_rel}");
+    assert!(
+        loss_rel < FORWARD_TOLERANCE,
+        "loss: relative difference {loss_rel}"
+    );
     let rel = relative_max_diff(&out.encoder_hidden_states, &refs["encoder_hidden_states"]);
-    assert!(rel < FORWARD_TOLERANCE, "text conditioning after dropout: {rel}");
+    assert!(
+        rel < FORWARD_TOLERANCE,
+        "text conditioning after dropout: {rel}"
+    );
     let rel = relative_max_diff(&out.unet_input, &refs["unet_input"]);
     assert!(rel < FORWARD_TOLERANCE, "UNet input after dropout: {rel}");
 
@@ -142,8 +153,7 @@ fn check_single_step(pipeline: &str, file: &str) -> (Trainer, HashMap<String, Te
         max_grad_norm: 1.0,
         conditioning_dropout_prob: Some(0.3),
     };
-    let mut trainer =
-        Trainer::new(models, AdamWConfig::default(), schedule, None, config).unwrap();
+    let mut trainer = Trainer::new(models, AdamWConfig::default(), schedule, None, config).unwrap();
     let started = Instant::now();
     let report = trainer.accumulate(&batch, &draws).unwrap();
     let (b, _, r, _) = batch.edited_pixels.dims4().unwrap();
@@ -160,7 +170,10 @@ fn check_single_step(pipeline: &str, file: &str) -> (Trainer, HashMap<String, Te
         let grad = grads[index].as_ref().unwrap();
         let rel = relative_max_diff(grad, &refs[&format!("grad.{name}")]);
         println!("  grad {name}: {rel:.2e}");
-        assert!(rel < GRAD_TOLERANCE, "gradient of {name}: relative difference {rel}");
+        assert!(
+            rel < GRAD_TOLERANCE,
+            "gradient of {name}: relative difference {rel}"
+        );
     }
     let norm = total_grad_norm(&grads).unwrap();
     let norm_rel = (norm - scalar(&refs["grad_norm"])).abs() / scalar(&refs["grad_norm"]);
@@ -215,7 +228,10 @@ fn conv_in_grows_from_a_plain_model_and_its_step_matches_diffusers() {
     )
     .unwrap();
     let first_four = weight.narrow(1, 0, 4).unwrap();
-    assert_eq!(max_abs(&(first_four - &original["conv_in.weight"]).unwrap()), 0.0);
+    assert_eq!(
+        max_abs(&(first_four - &original["conv_in.weight"]).unwrap()),
+        0.0
+    );
     assert_eq!(max_abs(&weight.narrow(1, 4, 4).unwrap()), 0.0);
     assert_eq!(max_abs(&(bias - &original["conv_in.bias"]).unwrap()), 0.0);
 }
@@ -231,10 +247,22 @@ fn dropout_masks_drop_text_image_or_both() {
     let out = models.micro_batch_loss(&batch, &draws, Some(p)).unwrap();
     let none = DroppedConditioning::default();
     let expected = [
-        DroppedConditioning { text: true, image: false },
-        DroppedConditioning { text: true, image: true },
-        DroppedConditioning { text: false, image: true },
-        DroppedConditioning { text: false, image: true },
+        DroppedConditioning {
+            text: true,
+            image: false,
+        },
+        DroppedConditioning {
+            text: true,
+            image: true,
+        },
+        DroppedConditioning {
+            text: false,
+            image: true,
+        },
+        DroppedConditioning {
+            text: false,
+            image: true,
+        },
     ];
     assert_eq!(out.dropped, expected);
 
@@ -246,19 +274,46 @@ fn dropout_masks_drop_text_image_or_both() {
         let prompt = kept.encoder_hidden_states.narrow(0, i, 1).unwrap();
         let wanted = if dropped.text { null } else { &prompt };
         assert_eq!(max_abs(&(&text - wanted).unwrap()), 0.0, "sample {i} text");
-        assert!(max_abs(&(&prompt - null).unwrap()) > 1e-3, "prompt {i} differs from \"\"");
+        assert!(
+            max_abs(&(&prompt - null).unwrap()) > 1e-3,
+            "prompt {i} differs from \"\""
+        );
 
-        let image = out.unet_input.narrow(0, i, 1).unwrap().narrow(1, 4, 4).unwrap();
-        let mode = kept.unet_input.narrow(0, i, 1).unwrap().narrow(1, 4, 4).unwrap();
+        let image = out
+            .unet_input
+            .narrow(0, i, 1)
+            .unwrap()
+            .narrow(1, 4, 4)
+            .unwrap();
+        let mode = kept
+            .unet_input
+            .narrow(0, i, 1)
+            .unwrap()
+            .narrow(1, 4, 4)
+            .unwrap();
         assert!(max_abs(&mode) > 1e-3);
         if dropped.image {
             assert_eq!(max_abs(&image), 0.0, "sample {i} image latents zeroed");
         } else {
-            assert_eq!(max_abs(&(&image - &mode).unwrap()), 0.0, "sample {i} image kept");
+            assert_eq!(
+                max_abs(&(&image - &mode).unwrap()),
+                0.0,
+                "sample {i} image kept"
+            );
         }
         // The noisy latents never change.
-        let noisy = out.unet_input.narrow(0, i, 1).unwrap().narrow(1, 0, 4).unwrap();
-        let noisy_kept = kept.unet_input.narrow(0, i, 1).unwrap().narrow(1, 0, 4).unwrap();
+        let noisy = out
+            .unet_input
+            .narrow(0, i, 1)
+            .unwrap()
+            .narrow(1, 0, 4)
+            .unwrap();
+        let noisy_kept = kept
+            .unet_input
+            .narrow(0, i, 1)
+            .unwrap()
+            .narrow(1, 0, 4)
+            .unwrap();
         assert_eq!(max_abs(&(noisy - noisy_kept).unwrap()), 0.0);
     }
 }
@@ -335,7 +390,11 @@ fn accumulation_clipping_adamw_and_ema_match_torch_over_three_steps() {
         let want_norm = expected["grad_norm"].as_f64().unwrap() as f32;
         assert!(((report.grad_norm - want_norm) / want_norm).abs() < GRAD_TOLERANCE);
         let want_lr = expected["lr"].as_f64().unwrap();
-        assert!(((report.lr - want_lr) / want_lr).abs() < 1e-12, "lr {} vs {want_lr}", report.lr);
+        assert!(
+            ((report.lr - want_lr) / want_lr).abs() < 1e-12,
+            "lr {} vs {want_lr}",
+            report.lr
+        );
 
         for name in &names {
             let now = param(trainer.params(), name).as_tensor();
@@ -351,15 +410,25 @@ fn accumulation_clipping_adamw_and_ema_match_torch_over_three_steps() {
     }
     let optimizer = trainer.optimizer();
     let ema = trainer.ema().unwrap();
-    assert_eq!(ema.optimization_step(), run["ema_optimization_step"].as_u64().unwrap());
+    assert_eq!(
+        ema.optimization_step(),
+        run["ema_optimization_step"].as_u64().unwrap()
+    );
     for name in &names {
-        let index = optimizer.params().iter().position(|(n, _)| n == name).unwrap();
+        let index = optimizer
+            .params()
+            .iter()
+            .position(|(n, _)| n == name)
+            .unwrap();
         let (m, v) = optimizer.moments(index).unwrap();
         let rel_m = relative_max_diff(m, &refs[&format!("exp_avg.{name}")]);
         let rel_v = relative_max_diff(v, &refs[&format!("exp_avg_sq.{name}")]);
         // The moments are gradients (and their squares): the gradient tolerance.
         println!("  moments {name}: {rel_m:.2e} {rel_v:.2e}");
-        assert!(rel_m < GRAD_TOLERANCE && rel_v < GRAD_TOLERANCE, "{name}: {rel_m} {rel_v}");
+        assert!(
+            rel_m < GRAD_TOLERANCE && rel_v < GRAD_TOLERANCE,
+            "{name}: {rel_m} {rel_v}"
+        );
         let shadow = &ema.shadow()[index].1;
         let moved = (shadow - &initial[name]).unwrap();
         let want = (&refs[&format!("ema.{name}")] - &initial[name]).unwrap();
@@ -393,7 +462,12 @@ fn adamw_clipping_and_ema_arithmetic_equal_torch() {
         .collect();
     let params: Vec<(String, Var)> = names
         .iter()
-        .map(|n| (n.clone(), Var::from_tensor(&refs[&format!("initial.{n}")]).unwrap()))
+        .map(|n| {
+            (
+                n.clone(),
+                Var::from_tensor(&refs[&format!("initial.{n}")]).unwrap(),
+            )
+        })
         .collect();
     let config = AdamWConfig {
         beta1: s["beta1"].as_f64().unwrap(),
@@ -403,7 +477,12 @@ fn adamw_clipping_and_ema_arithmetic_equal_torch() {
     };
     let mut optimizer = AdamW::new(params.clone(), config).unwrap();
     let mut ema = EmaModel::new(&params, EmaConfig::default()).unwrap();
-    let lrs: Vec<f64> = s["lr"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    let lrs: Vec<f64> = s["lr"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
     for step in 1..=3 {
         if step == 3 {
             // What a checkpoint holds, restored into fresh objects.
@@ -418,12 +497,16 @@ fn adamw_clipping_and_ema_arithmetic_equal_torch() {
             .collect();
         let norm = clip_grad_norm(&mut grads, s["max_grad_norm"].as_f64().unwrap()).unwrap();
         let want_norm = meta["grad_norms"][step - 1].as_f64().unwrap() as f32;
-        assert!((norm - want_norm).abs() <= 2.0 * f32::EPSILON * want_norm, "norm {norm} vs {want_norm}");
+        assert!(
+            (norm - want_norm).abs() <= 2.0 * f32::EPSILON * want_norm,
+            "norm {norm} vs {want_norm}"
+        );
         optimizer.step(&grads, lrs[step - 1]).unwrap();
         ema.step(&params).unwrap();
         for (i, (name, var)) in params.iter().enumerate() {
             let want = &refs[&format!("s{step}.param.{name}")];
             let diff = max_abs(&(var.as_tensor() - want).unwrap());
+            println!("step {step} {name}: max |diff| {diff:.2e}");
             // Same f32 operations in the same order: at most an ulp or two of the weights
             // (|w| < 5) apart; a wrong bias correction or decay is off by ~1e-3.
             assert!(diff <= 1e-6, "step {step} {name}: {diff}");
@@ -495,7 +578,10 @@ fn ema_decay_equals_diffusers() {
         for (step, want) in case["decays"].as_array().unwrap().iter().enumerate() {
             let want = want.as_f64().unwrap();
             let got = config.decay_at(step as u64);
-            assert!((got - want).abs() <= 1e-15, "{label} step {step}: {got} vs {want}");
+            assert!(
+                (got - want).abs() <= 1e-15,
+                "{label} step {step}: {got} vs {want}"
+            );
         }
     }
 }

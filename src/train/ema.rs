@@ -269,9 +269,15 @@ mod tests {
     fn store_copy_to_restore_swaps_the_weights_and_back() {
         let params = params(&[1.0, 2.0]);
         let mut ema = EmaModel::new(&params, EmaConfig::default()).unwrap();
-        params[0].1.set(&Tensor::new(&[3f32, 5.0], &Device::Cpu).unwrap()).unwrap();
+        params[0]
+            .1
+            .set(&Tensor::new(&[3f32, 5.0], &Device::Cpu).unwrap())
+            .unwrap();
         ema.step(&params).unwrap(); // decay 0: the shadow becomes [3, 5]
-        params[0].1.set(&Tensor::new(&[7f32, 9.0], &Device::Cpu).unwrap()).unwrap();
+        params[0]
+            .1
+            .set(&Tensor::new(&[7f32, 9.0], &Device::Cpu).unwrap())
+            .unwrap();
         assert!(matches!(ema.restore(&params), Err(EmaError::NothingStored)));
         ema.store(&params).unwrap();
         ema.copy_to(&params).unwrap();
@@ -291,6 +297,9 @@ mod tests {
         let err = ema.copy_to(&other).unwrap_err();
         assert!(err.to_string().contains("parameter v"), "{err}");
         let err = EmaModel::from_state(ema.state(), ema.shadow_tensors(), &other).unwrap_err();
-        assert!(err.to_string().contains("no EMA weight for parameter v"), "{err}");
+        assert!(
+            err.to_string().contains("no EMA weight for parameter v"),
+            "{err}"
+        );
     }
 }

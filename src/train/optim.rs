@@ -295,7 +295,8 @@ impl AdamScalars {
             (grad - ((grad - m)? * (1.0 - self.beta1_weight))?)?
         };
         let v = ((v * self.beta2)? + ((grad * self.one_minus_beta2)? * grad)?)?;
-        let bc2 = Tensor::new(self.bias_correction2_sqrt as f32, v.device())?.to_dtype(v.dtype())?;
+        let bc2 =
+            Tensor::new(self.bias_correction2_sqrt as f32, v.device())?.to_dtype(v.dtype())?;
         let denom = (v.sqrt()?.broadcast_div(&bc2)? + self.eps)?;
         let p = (&param + ((&m * self.neg_step_size)? / denom)?)?;
         Ok((m, v, p))
@@ -304,9 +305,9 @@ impl AdamScalars {
 
 /// Whether the fused in-place CPU passes apply: f32 on the CPU, contiguous.
 fn fused_cpu_allowed(tensors: &[&Tensor]) -> bool {
-    tensors.iter().all(|t| {
-        matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32 && t.is_contiguous()
-    })
+    tensors
+        .iter()
+        .all(|t| matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32 && t.is_contiguous())
 }
 
 const CHUNK: usize = 1 << 15;
@@ -498,7 +499,11 @@ mod tests {
             fused.step(&[Some(grad.clone())], lr).unwrap();
         }
 
-        let (mut p, mut m, mut v) = (start.clone(), grad.zeros_like().unwrap(), grad.zeros_like().unwrap());
+        let (mut p, mut m, mut v) = (
+            start.clone(),
+            grad.zeros_like().unwrap(),
+            grad.zeros_like().unwrap(),
+        );
         for (t, lr) in lrs.into_iter().enumerate() {
             let t = t as f64 + 1.0;
             let scalars = AdamScalars {
@@ -524,7 +529,17 @@ mod tests {
         // Same formula; only the lerp's fused multiply-add rounds differently (an f32 ulp of
         // the moment, far below the 1e-2 step).
         assert!(diff < 1e-6, "{diff}");
-        assert!((var.as_tensor() - &start).unwrap().abs().unwrap().min_all().unwrap().to_scalar::<f32>().unwrap() > 1e-3);
+        assert!(
+            (var.as_tensor() - &start)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .min_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 1e-3
+        );
         assert_eq!(fused.step_count(), 2);
     }
 

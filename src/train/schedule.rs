@@ -78,7 +78,9 @@ pub enum ScheduleError {
     )]
     PiecewiseConstant,
     /// diffusers refuses a polynomial schedule whose end rate is not below the base rate.
-    #[error("polynomial schedule: lr_end ({lr_end}) must be smaller than the learning rate ({base_lr})")]
+    #[error(
+        "polynomial schedule: lr_end ({lr_end}) must be smaller than the learning rate ({base_lr})"
+    )]
     EndAboveBase {
         /// The final learning rate.
         lr_end: f64,

@@ -65,7 +65,9 @@ pub enum TrainError {
     #[error(transparent)]
     Scheduler(#[from] SchedulerError),
     /// A component folder of the pipeline is missing.
-    #[error("{folder}: missing the `{component}` component folder (a diffusers pipeline needs {component}/)")]
+    #[error(
+        "{folder}: missing the `{component}` component folder (a diffusers pipeline needs {component}/)"
+    )]
     MissingComponent {
         /// The pipeline folder.
         folder: PathBuf,
@@ -503,14 +505,13 @@ impl TrainingModels {
         draws: &StepDraws,
         conditioning_dropout_prob: Option<f64>,
     ) -> Result<MicroBatchLoss, TrainError> {
-        let (bsz, channels, height, width) = batch.edited_pixels.dims4().map_err(|_| {
-            TrainError::Batch {
+        let (bsz, channels, height, width) =
+            batch.edited_pixels.dims4().map_err(|_| TrainError::Batch {
                 reason: format!(
                     "edited pixels must be [B, 3, H, W], got {:?}",
                     batch.edited_pixels.dims()
                 ),
-            }
-        })?;
+            })?;
         if batch.original_pixels.dims() != [bsz, channels, height, width] {
             return Err(TrainError::Batch {
                 reason: format!(
@@ -959,9 +960,9 @@ impl Trainer {
         batch: &TrainBatch,
         draws: &StepDraws,
     ) -> Result<MicroBatchReport, TrainError> {
-        let out = self
-            .models
-            .micro_batch_loss(batch, draws, self.config.conditioning_dropout_prob)?;
+        let out =
+            self.models
+                .micro_batch_loss(batch, draws, self.config.conditioning_dropout_prob)?;
         let k = self.config.gradient_accumulation_steps;
         let loss_value = out.loss.to_scalar::<f32>().stage("loss")?;
         // accelerator.backward divides by the accumulation steps.
