@@ -841,8 +841,8 @@ pub struct Trainer {
 }
 
 impl Trainer {
-    /// A fresh run: zero optimizer moments, and an EMA starting at the current weights when
-    /// `ema` is given.
+    /// A fresh run training every UNet weight: zero optimizer moments, and an EMA starting at
+    /// the current weights when `ema` is given.
     pub fn new(
         models: TrainingModels,
         optimizer: AdamWConfig,
@@ -851,6 +851,19 @@ impl Trainer {
         config: StepConfig,
     ) -> Result<Self, TrainError> {
         let params = models.unet.params().to_vec();
+        Self::with_trainable(models, params, optimizer, schedule, ema, config)
+    }
+
+    /// A fresh run training only `params` (e.g. LoRA adapters the UNet reads): they must be
+    /// variables the loss depends on; anything else in the graph gets no update.
+    pub fn with_trainable(
+        models: TrainingModels,
+        params: Vec<(String, Var)>,
+        optimizer: AdamWConfig,
+        schedule: LrSchedule,
+        ema: Option<EmaConfig>,
+        config: StepConfig,
+    ) -> Result<Self, TrainError> {
         let ema = match ema {
             Some(cfg) => Some(EmaModel::new(&params, cfg)?),
             None => None,
@@ -859,7 +872,8 @@ impl Trainer {
         Self::resume(models, optimizer, schedule, ema, config)
     }
 
-    /// Continues a run from a restored optimizer (its step count is the global step) and EMA.
+    /// Continues a run from a restored optimizer (its step count is the global step; its
+    /// parameters are what trains) and EMA (of the same parameters).
     pub fn resume(
         models: TrainingModels,
         optimizer: AdamW,
@@ -884,15 +898,16 @@ impl Trainer {
         if let Some(p) = config.conditioning_dropout_prob {
             check_dropout_prob(p)?;
         }
-        let names_match = optimizer.params().len() == models.unet.params().len()
-            && optimizer
-                .params()
-                .iter()
-                .zip(models.unet.params())
-                .all(|((a, _), (b, _))| a == b);
-        if !names_match {
-            return Err(TrainError::Optim(OptimError::BadState {
-                reason: "the optimizer's parameters are not the UNet's".into(),
+        if let Some(ema) = &ema
+            && (ema.shadow().len() != optimizer.params().len()
+                || ema
+                    .shadow()
+                    .iter()
+                    .zip(optimizer.params())
+                    .any(|((a, _), (b, _))| a != b))
+        {
+            return Err(TrainError::Ema(EmaError::Mismatch {
+                reason: "the EMA does not average the optimizer's parameters".into(),
             }));
         }
         let grads = vec![None; optimizer.params().len()];
