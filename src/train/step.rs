@@ -1,0 +1,1117 @@
+//! One training step of `train_instruct_pix2pix.py` (diffusers 0.42.1), exactly: the models it
+//! trains and freezes, the conv_in growth of a plain Stable Diffusion UNet, the loss of one
+//! micro-batch, gradient accumulation, clipping, the AdamW update, the learning-rate schedule and
+//! the EMA update.
+//!
+//! The micro-batch, as the script's loop body computes it:
+//! 1. `latents = vae.encode(edited).latent_dist.sample() · scaling_factor`;
+//! 2. `noisy = DDPM.add_noise(latents, ε, t)`, `t` uniform in `[0, num_train_timesteps)`;
+//! 3. text embeddings of the prompts (frozen text encoder);
+//! 4. `image_latents = vae.encode(original).latent_dist.mode()` (not scaled);
+//! 5. conditioning dropout with probability p and a uniform draw r per sample: the text
+//!    embedding becomes that of `""` when `r < 2p`, the image latents become 0 when
+//!    `p ≤ r < 3p` (so r < p drops the text only, p ≤ r < 2p both, 2p ≤ r < 3p the image only);
+//! 6. `loss = mse(unet(cat[noisy, image_latents], t, text), ε or v)` in f32.
+//!
+//! The random draws of a micro-batch (the VAE's sampling noise, ε, t, r) are a [`StepDraws`]
+//! value, so a test can pin them; [`StepDraws::seeded`] draws them from a seed.
+//!
+//! [`Trainer`] runs micro-batches and optimizer steps as accelerate does with
+//! `gradient_accumulation_steps = k`: each micro-batch back-propagates `loss / k` into the
+//! accumulated gradients; after k of them (or earlier, at the end of an epoch, through
+//! [`Trainer::optimizer_step`]) the gradients are clipped to `max_grad_norm`, AdamW steps at the
+//! schedule's rate and the EMA follows.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use rand::{Rng, SeedableRng};
+
+use super::ema::{EmaConfig, EmaError, EmaModel};
+use super::optim::{AdamW, AdamWConfig, OptimError, clip_grad_norm};
+use super::schedule::LrSchedule;
+use crate::model::clip::{ClipTextConfig, ClipTextModel};
+use crate::model::config::{ConfigError, read_json};
+use crate::model::tokenizer::{ClipTokenizer, TokenizerError};
+use crate::model::unet::{UNet2DConditionModel, UNetConfig};
+use crate::model::vae::{AutoencoderKL, VaeConfig};
+use crate::model::weights::{
+    DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS, Variant, WeightFormat, WeightsError,
+    component_weights, component_weights_detailed, safetensors_shapes, var_builder,
+};
+use crate::pipeline::rng::TorchGenerator;
+use crate::pipeline::scheduler::{NoiseSchedule, SchedulerConfig, SchedulerError};
+
+/// The UNet's input channels for InstructPix2Pix: 4 noisy latents + 4 image latents.
+pub const INSTRUCT_PIX2PIX_IN_CHANNELS: usize = 8;
+/// The input channels of a plain Stable Diffusion UNet, which conv_in grows from.
+pub const PLAIN_SD_IN_CHANNELS: usize = 4;
+
+/// Why training could not be set up or a step could not run; messages name the file or value.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// A config file is missing or malformed.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Weight files are missing or unreadable.
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    /// The tokenizer folder is unusable.
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    /// The scheduler config is unusable.
+    #[error(transparent)]
+    Scheduler(#[from] SchedulerError),
+    /// A component folder of the pipeline is missing.
+    #[error(
+        "{folder}: missing the `{component}` component folder (a diffusers pipeline needs {component}/)"
+    )]
+    MissingComponent {
+        /// The pipeline folder.
+        folder: PathBuf,
+        /// The missing component.
+        component: &'static str,
+    },
+    /// A config value this training cannot use.
+    #[error("{path}: {reason}")]
+    BadConfig {
+        /// The config file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Building a network from its weights failed.
+    #[error("{folder}: building the {component} from its weights failed: {source}")]
+    Build {
+        /// The component folder.
+        folder: PathBuf,
+        /// Which network.
+        component: &'static str,
+        /// candle's error.
+        source: candle_core::Error,
+    },
+    /// The UNet's weight files lack weights its config needs.
+    #[error("{dir}: the weights lack {names} that the UNet config needs")]
+    MissingWeights {
+        /// The UNet folder.
+        dir: PathBuf,
+        /// The missing names, comma-separated.
+        names: String,
+    },
+    /// A batch or its random draws do not fit the model or each other.
+    #[error("training batch: {reason}")]
+    Batch {
+        /// Which shapes or values disagree.
+        reason: String,
+    },
+    /// A setting out of range.
+    #[error("{setting} = {value}: {reason}")]
+    BadSetting {
+        /// The flag.
+        setting: &'static str,
+        /// Its value.
+        value: String,
+        /// The allowed range.
+        reason: &'static str,
+    },
+    /// `optimizer_step` with no micro-batch accumulated.
+    #[error("an optimizer step needs at least one accumulated micro-batch")]
+    NothingAccumulated,
+    /// A tensor operation of the step failed.
+    #[error("{stage}: {source}")]
+    Compute {
+        /// Which part of the step.
+        stage: &'static str,
+        /// candle's error.
+        source: candle_core::Error,
+    },
+    /// The optimizer failed.
+    #[error(transparent)]
+    Optim(#[from] OptimError),
+    /// The EMA failed.
+    #[error(transparent)]
+    Ema(#[from] EmaError),
+}
+
+/// Attaches the stage name to candle errors.
+trait Stage<T> {
+    fn stage(self, stage: &'static str) -> Result<T, TrainError>;
+}
+
+impl<T> Stage<T> for candle_core::Result<T> {
+    fn stage(self, stage: &'static str) -> Result<T, TrainError> {
+        self.map_err(|source| TrainError::Compute { stage, source })
+    }
+}
+
+/// What the UNet learns to predict (the scheduler config's `prediction_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PredictionType {
+    /// The noise ε.
+    Epsilon,
+    /// The velocity `sqrt(ᾱ)·ε − sqrt(1 − ᾱ)·x₀`.
+    VPrediction,
+}
+
+/// The UNet with every weight a trainable [`Var`] (f32), its conv_in grown to 8 input channels
+/// when it came from a plain Stable Diffusion model.
+pub struct TrainableUNet {
+    /// The network, built over the variables: updating a variable updates the network.
+    pub unet: UNet2DConditionModel,
+    config: UNetConfig,
+    varmap: VarMap,
+    params: Vec<(String, Var)>,
+    grew_conv_in: bool,
+}
+
+impl std::fmt::Debug for TrainableUNet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrainableUNet")
+            .field("params", &self.params.len())
+            .field("grew_conv_in", &self.grew_conv_in)
+            .finish()
+    }
+}
+
+/// conv_in's weight [out, 4, k, k] grown to [out, 8, k, k] as the script does: the first four
+/// input channels keep the pretrained weights, the four new ones (the image latents) start at 0.
+pub fn grow_conv_in_weight(weight: &Tensor) -> candle_core::Result<Tensor> {
+    let (out, in_channels, kh, kw) = weight.dims4()?;
+    let zeros = Tensor::zeros(
+        (out, INSTRUCT_PIX2PIX_IN_CHANNELS - in_channels, kh, kw),
+        weight.dtype(),
+        weight.device(),
+    )?;
+    Tensor::cat(&[weight, &zeros], 1)
+}
+
+impl TrainableUNet {
+    /// Reads `unet_dir` (diffusers' `config.json` and weights, safetensors or .bin, sharded or
+    /// not) into f32 variables on `device`, growing conv_in from 4 to 8 input channels if needed.
+    pub fn load(unet_dir: &Path, variant: Variant, device: &Device) -> Result<Self, TrainError> {
+        let config_path = unet_dir.join("config.json");
+        let config: UNetConfig = read_json(&config_path)?;
+        let weights = component_weights_detailed(unet_dir, DIFFUSERS_WEIGHTS, variant)?;
+        let load_err = |source| WeightsError::Load {
+            files: weights
+                .files
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            source,
+        };
+        let mut tensors: BTreeMap<String, Tensor> = BTreeMap::new();
+        match weights.format {
+            WeightFormat::SafeTensors => {
+                let shapes = safetensors_shapes(&weights.files)?;
+                let vb = var_builder(&weights.files, DType::F32, device)?;
+                for (name, shape) in shapes {
+                    let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+                    let tensor = vb.get(shape, &name).map_err(load_err)?;
+                    tensors.insert(name, tensor);
+                }
+            }
+            WeightFormat::PyTorch => {
+                for file in &weights.files {
+                    for (name, tensor) in candle_core::pickle::read_all(file).map_err(load_err)? {
+                        let tensor = tensor
+                            .to_dtype(DType::F32)
+                            .and_then(|t| t.to_device(device))
+                            .map_err(load_err)?;
+                        tensors.insert(name, tensor);
+                    }
+                }
+            }
+        }
+        Self::from_tensors(tensors, config, unet_dir)
+    }
+
+    /// Builds the trainable UNet from named f32 tensors and their config (`source` names them in
+    /// errors), growing conv_in as [`TrainableUNet::load`] does.
+    pub fn from_tensors(
+        mut tensors: BTreeMap<String, Tensor>,
+        mut config: UNetConfig,
+        source: &Path,
+    ) -> Result<Self, TrainError> {
+        let config_path = source.join("config.json");
+        let bad = |reason: String| TrainError::BadConfig {
+            path: config_path.clone(),
+            reason,
+        };
+        let conv_in_name = "conv_in.weight";
+        let Some(conv_in) = tensors.get(conv_in_name) else {
+            return Err(TrainError::MissingWeights {
+                dir: source.to_path_buf(),
+                names: conv_in_name.to_string(),
+            });
+        };
+        let weight_in = conv_in.dims().get(1).copied().unwrap_or(0);
+        if weight_in != config.in_channels {
+            return Err(bad(format!(
+                "in_channels is {} but conv_in.weight takes {weight_in} channels",
+                config.in_channels
+            )));
+        }
+        let grew_conv_in = match config.in_channels {
+            INSTRUCT_PIX2PIX_IN_CHANNELS => false,
+            PLAIN_SD_IN_CHANNELS => {
+                let grown = grow_conv_in_weight(conv_in).stage("growing conv_in")?;
+                tensors.insert(conv_in_name.to_string(), grown);
+                config.in_channels = INSTRUCT_PIX2PIX_IN_CHANNELS;
+                true
+            }
+            other => {
+                return Err(bad(format!(
+                    "in_channels {other}: training starts from a 4-channel Stable Diffusion UNet or an 8-channel InstructPix2Pix one"
+                )));
+            }
+        };
+        config.validate().map_err(|e| bad(e.to_string()))?;
+
+        let varmap = VarMap::new();
+        let mut params = Vec::with_capacity(tensors.len());
+        {
+            let mut data = varmap
+                .data()
+                .lock()
+                .map_err(|_| bad("the variable map's lock is poisoned".to_string()))?;
+            for (name, tensor) in tensors {
+                let var = Var::from_tensor(&tensor.to_dtype(DType::F32).stage("loading the UNet")?)
+                    .stage("loading the UNet")?;
+                data.insert(name.clone(), var.clone());
+                params.push((name, var));
+            }
+        }
+        let device = params
+            .first()
+            .map(|(_, v)| v.device().clone())
+            .unwrap_or(Device::Cpu);
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
+        let unet = UNet2DConditionModel::load(vb, &config).map_err(|error| TrainError::Build {
+            folder: source.to_path_buf(),
+            component: "UNet",
+            source: error,
+        })?;
+        // A VarMap creates any variable it is asked for and lacks: such names were missing.
+        let known: std::collections::HashSet<&str> =
+            params.iter().map(|(name, _)| name.as_str()).collect();
+        let mut created: Vec<String> = varmap
+            .data()
+            .lock()
+            .map_err(|_| bad("the variable map's lock is poisoned".to_string()))?
+            .keys()
+            .filter(|name| !known.contains(name.as_str()))
+            .cloned()
+            .collect();
+        if !created.is_empty() {
+            created.sort();
+            return Err(TrainError::MissingWeights {
+                dir: source.to_path_buf(),
+                names: created.join(", "),
+            });
+        }
+        Ok(Self {
+            unet,
+            config,
+            varmap,
+            params,
+            grew_conv_in,
+        })
+    }
+
+    /// The trainable weights by diffusers name, sorted by name (the order gradients, moments and
+    /// EMA weights use).
+    pub fn params(&self) -> &[(String, Var)] {
+        &self.params
+    }
+
+    /// The variables as a candle `VarMap` (same variables as [`TrainableUNet::params`]).
+    pub fn varmap(&self) -> &VarMap {
+        &self.varmap
+    }
+
+    /// The config, with `in_channels` 8 (what the saved model's `config.json` must say).
+    pub fn config(&self) -> &UNetConfig {
+        &self.config
+    }
+
+    /// Whether conv_in was grown from 4 input channels.
+    pub fn grew_conv_in(&self) -> bool {
+        self.grew_conv_in
+    }
+
+    /// The current weights by name, detached (for saving).
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        self.params
+            .iter()
+            .map(|(name, var)| (name.clone(), var.as_detached_tensor()))
+            .collect()
+    }
+}
+
+/// How to load the models for training.
+#[derive(Debug, Clone)]
+pub struct TrainLoadOptions {
+    /// Weight variant (`--variant`).
+    pub variant: Variant,
+    /// The frozen VAE's and text encoder's dtype (`--mixed_precision`'s `weight_dtype`); the
+    /// UNet always trains in f32, and their outputs are used in f32.
+    pub frozen_dtype: DType,
+    /// Where everything runs.
+    pub device: Device,
+}
+
+impl Default for TrainLoadOptions {
+    fn default() -> Self {
+        Self {
+            variant: Variant::Default,
+            frozen_dtype: DType::F32,
+            device: Device::Cpu,
+        }
+    }
+}
+
+/// Everything one training step uses: the frozen tokenizer, text encoder and VAE, the trainable
+/// UNet, the DDPM noise schedule and the prediction type.
+pub struct TrainingModels {
+    /// The pipeline folder.
+    pub folder: PathBuf,
+    /// The prompts' tokenizer.
+    pub tokenizer: ClipTokenizer,
+    /// Frozen.
+    pub text_encoder: ClipTextModel,
+    /// Frozen.
+    pub vae: AutoencoderKL,
+    /// The UNet being trained.
+    pub unet: TrainableUNet,
+    /// `DDPMScheduler.from_pretrained(folder, subfolder="scheduler")`'s ᾱ.
+    pub noise_schedule: NoiseSchedule,
+    /// The loss target.
+    pub prediction_type: PredictionType,
+    /// The text embedding of `""` [1, 77, width], for conditioning dropout (f32).
+    pub null_text_embedding: Tensor,
+    /// Where everything runs.
+    pub device: Device,
+}
+
+impl TrainingModels {
+    /// Loads a pipeline folder in diffusers' layout (an InstructPix2Pix model, or a plain Stable
+    /// Diffusion one whose conv_in grows to 8 channels).
+    pub fn load(folder: &Path, options: &TrainLoadOptions) -> Result<Self, TrainError> {
+        for component in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
+            if !folder.join(component).is_dir() {
+                return Err(TrainError::MissingComponent {
+                    folder: folder.to_path_buf(),
+                    component,
+                });
+            }
+        }
+        let device = &options.device;
+        let scheduler_path = folder.join("scheduler").join("scheduler_config.json");
+        let scheduler_config = SchedulerConfig::from_file(&scheduler_path)?;
+        let noise_schedule = NoiseSchedule::from_config(&scheduler_config)?;
+        let prediction_type = match scheduler_config.prediction_type.as_str() {
+            "epsilon" => PredictionType::Epsilon,
+            "v_prediction" => PredictionType::VPrediction,
+            other => {
+                return Err(TrainError::BadConfig {
+                    path: scheduler_path,
+                    reason: format!(
+                        "prediction_type {other:?}: training supports \"epsilon\" and \"v_prediction\" (as train_instruct_pix2pix.py)"
+                    ),
+                });
+            }
+        };
+        let tokenizer = ClipTokenizer::from_dir(&folder.join("tokenizer"))?;
+
+        let text_dir = folder.join("text_encoder");
+        let clip_config: ClipTextConfig = read_json(&text_dir.join("config.json"))?;
+        let files = component_weights(&text_dir, TRANSFORMERS_WEIGHTS, options.variant)?;
+        let vb = var_builder(&files, options.frozen_dtype, device)?;
+        let text_encoder =
+            ClipTextModel::load(vb, &clip_config).map_err(|source| TrainError::Build {
+                folder: text_dir.clone(),
+                component: "text encoder",
+                source,
+            })?;
+
+        let vae_dir = folder.join("vae");
+        let vae_config: VaeConfig = read_json(&vae_dir.join("config.json"))?;
+        let files = component_weights(&vae_dir, DIFFUSERS_WEIGHTS, options.variant)?;
+        let vb = var_builder(&files, options.frozen_dtype, device)?;
+        let vae = AutoencoderKL::load(vb, &vae_config).map_err(|source| TrainError::Build {
+            folder: vae_dir.clone(),
+            component: "VAE",
+            source,
+        })?;
+        if vae_config.latent_channels * 2 != INSTRUCT_PIX2PIX_IN_CHANNELS {
+            return Err(TrainError::BadConfig {
+                path: vae_dir.join("config.json"),
+                reason: format!(
+                    "latent_channels {}: InstructPix2Pix training needs 4",
+                    vae_config.latent_channels
+                ),
+            });
+        }
+
+        let unet = TrainableUNet::load(&folder.join("unet"), options.variant, device)?;
+        let null_ids = Tensor::new(tokenizer.encode_for_model("").as_slice(), device)
+            .and_then(|t| t.unsqueeze(0))
+            .stage("tokenizing the empty prompt")?;
+        let null_text_embedding = text_encoder
+            .forward(&null_ids)
+            .and_then(|t| t.to_dtype(DType::F32))
+            .stage("encoding the empty prompt")?;
+        Ok(Self {
+            folder: folder.to_path_buf(),
+            tokenizer,
+            text_encoder,
+            vae,
+            unet,
+            noise_schedule,
+            prediction_type,
+            null_text_embedding,
+            device: device.clone(),
+        })
+    }
+
+    /// The prompts as the script's `tokenize_captions` gives them: u32 ids [B, 77] (padded to
+    /// `model_max_length`, truncated keeping the final end token).
+    pub fn tokenize(&self, prompts: &[&str]) -> Result<Tensor, TrainError> {
+        let rows: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| self.tokenizer.encode_for_model(p))
+            .collect();
+        let len = self.tokenizer.model_max_length();
+        let flat: Vec<u32> = rows.into_iter().flatten().collect();
+        Tensor::from_vec(flat, (prompts.len(), len), &self.device).stage("tokenizing prompts")
+    }
+
+    /// The latent shape [B, 4, R/f, R/f] of a batch of `batch` images of `resolution`².
+    pub fn latent_shape(&self, batch: usize, resolution: usize) -> [usize; 4] {
+        let factor = self.vae.config().downscale_factor();
+        let size = resolution / factor;
+        [batch, self.vae.config().latent_channels, size, size]
+    }
+
+    /// The loss of one micro-batch (see the module doc), with what went into the UNet. The loss
+    /// depends on the UNet's variables only (the frozen networks run without a graph).
+    pub fn micro_batch_loss(
+        &self,
+        batch: &TrainBatch,
+        draws: &StepDraws,
+        conditioning_dropout_prob: Option<f64>,
+    ) -> Result<MicroBatchLoss, TrainError> {
+        let (bsz, channels, height, width) =
+            batch.edited_pixels.dims4().map_err(|_| TrainError::Batch {
+                reason: format!(
+                    "edited pixels must be [B, 3, H, W], got {:?}",
+                    batch.edited_pixels.dims()
+                ),
+            })?;
+        if batch.original_pixels.dims() != [bsz, channels, height, width] {
+            return Err(TrainError::Batch {
+                reason: format!(
+                    "original pixels {:?} and edited pixels {:?} differ in shape",
+                    batch.original_pixels.dims(),
+                    batch.edited_pixels.dims()
+                ),
+            });
+        }
+        let ids_dims = batch.input_ids.dims();
+        if ids_dims.len() != 2 || ids_dims[0] != bsz {
+            return Err(TrainError::Batch {
+                reason: format!("input ids {ids_dims:?} for a batch of {bsz} images"),
+            });
+        }
+        if draws.timesteps.len() != bsz {
+            return Err(TrainError::Batch {
+                reason: format!("{} timesteps for a batch of {bsz}", draws.timesteps.len()),
+            });
+        }
+        if let Some(p) = conditioning_dropout_prob {
+            check_dropout_prob(p)?;
+            if draws.dropout_draws.len() != bsz {
+                return Err(TrainError::Batch {
+                    reason: format!(
+                        "{} dropout draws for a batch of {bsz}",
+                        draws.dropout_draws.len()
+                    ),
+                });
+            }
+        }
+
+        // 1. Target latents: a sample of the edited image's posterior, scaled.
+        let posterior = self
+            .vae
+            .encode(&batch.edited_pixels)
+            .stage("encoding the edited images")?;
+        if posterior.mean.dims() != draws.latent_sample_noise.dims()
+            || posterior.mean.dims() != draws.noise.dims()
+        {
+            return Err(TrainError::Batch {
+                reason: format!(
+                    "latents are {:?}; the sampling noise is {:?} and the noise {:?}",
+                    posterior.mean.dims(),
+                    draws.latent_sample_noise.dims(),
+                    draws.noise.dims()
+                ),
+            });
+        }
+        let scaling_factor = self.vae.config().scaling_factor;
+        let latents = (posterior
+            .sample_with(&draws.latent_sample_noise)
+            .and_then(|t| t.to_dtype(DType::F32))
+            .stage("sampling the latents")?
+            * scaling_factor)
+            .stage("scaling the latents")?;
+        let noise = draws.noise.to_dtype(DType::F32).stage("noise")?;
+
+        // 2. The forward diffusion.
+        let noisy_latents = self
+            .noise_schedule
+            .add_noise(&latents, &noise, &draws.timesteps)
+            .stage("adding noise")?;
+
+        // 3.–4. Conditioning: text embeddings and the original image's latent mode.
+        let mut encoder_hidden_states = self
+            .text_encoder
+            .forward(&batch.input_ids)
+            .and_then(|t| t.to_dtype(DType::F32))
+            .stage("encoding the prompts")?;
+        let mut image_latents = self
+            .vae
+            .encode(&batch.original_pixels)
+            .stage("encoding the original images")?
+            .mode()
+            .to_dtype(DType::F32)
+            .stage("image latents")?;
+
+        // 5. Conditioning dropout.
+        let dropped: Vec<DroppedConditioning> = match conditioning_dropout_prob {
+            Some(p) => draws
+                .dropout_draws
+                .iter()
+                .map(|&r| DroppedConditioning::from_draw(r, p))
+                .collect(),
+            None => vec![DroppedConditioning::default(); bsz],
+        };
+        if conditioning_dropout_prob.is_some() {
+            let rows = dropped
+                .iter()
+                .enumerate()
+                .map(|(i, d)| {
+                    if d.text {
+                        Ok(self.null_text_embedding.clone())
+                    } else {
+                        encoder_hidden_states.narrow(0, i, 1)
+                    }
+                })
+                .collect::<candle_core::Result<Vec<_>>>()
+                .stage("text dropout")?;
+            encoder_hidden_states = Tensor::cat(&rows, 0).stage("text dropout")?;
+            let keep: Vec<f32> = dropped
+                .iter()
+                .map(|d| if d.image { 0.0 } else { 1.0 })
+                .collect();
+            let image_mask =
+                Tensor::from_vec(keep, (bsz, 1, 1, 1), &self.device).stage("image dropout")?;
+            image_latents = image_mask
+                .broadcast_mul(&image_latents)
+                .stage("image dropout")?;
+        }
+
+        // 6. The prediction and the loss.
+        let unet_input =
+            Tensor::cat(&[&noisy_latents, &image_latents], 1).stage("concatenating latents")?;
+        let target = match self.prediction_type {
+            PredictionType::Epsilon => noise.clone(),
+            PredictionType::VPrediction => self
+                .noise_schedule
+                .velocity(&latents, &noise, &draws.timesteps)
+                .stage("v-prediction target")?,
+        };
+        let timesteps: Vec<f32> = draws.timesteps.iter().map(|&t| t as f32).collect();
+        let timesteps = Tensor::from_vec(timesteps, bsz, &self.device).stage("timesteps")?;
+        let prediction = self
+            .unet
+            .unet
+            .forward(&unet_input, &timesteps, &encoder_hidden_states)
+            .stage("UNet forward")?;
+        let loss = prediction
+            .to_dtype(DType::F32)
+            .and_then(|p| p - &target)
+            .and_then(|d| d.sqr())
+            .and_then(|d| d.mean_all())
+            .stage("loss")?;
+        Ok(MicroBatchLoss {
+            loss,
+            encoder_hidden_states,
+            unet_input,
+            target,
+            dropped,
+        })
+    }
+}
+
+fn check_dropout_prob(p: f64) -> Result<(), TrainError> {
+    if !(0.0..=1.0).contains(&p) {
+        return Err(TrainError::BadSetting {
+            setting: "conditioning_dropout_prob",
+            value: p.to_string(),
+            reason: "must be between 0 and 1",
+        });
+    }
+    Ok(())
+}
+
+/// One micro-batch: pixels in [−1, 1] as the script's preprocessing makes them, and the prompts'
+/// token ids.
+#[derive(Debug, Clone)]
+pub struct TrainBatch {
+    /// The input images [B, 3, R, R].
+    pub original_pixels: Tensor,
+    /// The edited images [B, 3, R, R].
+    pub edited_pixels: Tensor,
+    /// The edit instructions' token ids [B, 77] (integers).
+    pub input_ids: Tensor,
+}
+
+/// The random draws of one micro-batch.
+#[derive(Debug, Clone)]
+pub struct StepDraws {
+    /// N(0, 1) noise for `latent_dist.sample()` of the edited images [B, 4, h, w].
+    pub latent_sample_noise: Tensor,
+    /// The diffusion noise ε [B, 4, h, w].
+    pub noise: Tensor,
+    /// Per-sample timesteps in `[0, num_train_timesteps)`.
+    pub timesteps: Vec<u32>,
+    /// Per-sample uniform draws in [0, 1) for conditioning dropout.
+    pub dropout_draws: Vec<f32>,
+}
+
+/// splitmix64: independent-looking seeds from (seed, index).
+fn mix_seed(seed: u64, index: u64) -> u64 {
+    let mut z = seed ^ index.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+impl StepDraws {
+    /// The draws of micro-batch number `micro_batch_index` of a run seeded with `seed`: normal
+    /// noises from torch's CPU generator algorithm, timesteps and dropout draws uniform. The same
+    /// (seed, index) always gives the same draws, so a resumed run draws what the uninterrupted
+    /// one would have.
+    pub fn seeded(
+        seed: u64,
+        micro_batch_index: u64,
+        latent_shape: [usize; 4],
+        num_train_timesteps: usize,
+        device: &Device,
+    ) -> Result<Self, TrainError> {
+        if num_train_timesteps == 0 {
+            return Err(TrainError::BadSetting {
+                setting: "num_train_timesteps",
+                value: "0".into(),
+                reason: "must be at least 1",
+            });
+        }
+        let stream = mix_seed(seed, micro_batch_index);
+        let mut normal = TorchGenerator::new(stream & 0xffff_ffff);
+        let latent_sample_noise = normal
+            .randn(&latent_shape, DType::F32, device)
+            .stage("drawing noise")?;
+        let noise = normal
+            .randn(&latent_shape, DType::F32, device)
+            .stage("drawing noise")?;
+        let mut uniform = rand::rngs::StdRng::seed_from_u64(stream.rotate_left(32));
+        let batch = latent_shape[0];
+        let timesteps = (0..batch)
+            .map(|_| uniform.random_range(0..num_train_timesteps as u32))
+            .collect();
+        let dropout_draws = (0..batch).map(|_| uniform.random::<f32>()).collect();
+        Ok(Self {
+            latent_sample_noise,
+            noise,
+            timesteps,
+            dropout_draws,
+        })
+    }
+}
+
+/// Which conditioning a sample loses to dropout.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DroppedConditioning {
+    /// The prompt embedding is replaced by that of `""`.
+    pub text: bool,
+    /// The image latents are zeroed.
+    pub image: bool,
+}
+
+impl DroppedConditioning {
+    /// The script's masks for draw `r` and probability `p`: text when `r < 2p`, image when
+    /// `p ≤ r < 3p`, compared in f32 as torch compares a float32 tensor with a Python float.
+    pub fn from_draw(r: f32, p: f64) -> Self {
+        let text = r < (2.0 * p) as f32;
+        let image = r >= p as f32 && r < (3.0 * p) as f32;
+        Self { text, image }
+    }
+}
+
+/// A micro-batch's loss and what the UNet saw.
+#[derive(Debug, Clone)]
+pub struct MicroBatchLoss {
+    /// The f32 scalar loss, differentiable with respect to the UNet's variables.
+    pub loss: Tensor,
+    /// The text conditioning after dropout [B, 77, width].
+    pub encoder_hidden_states: Tensor,
+    /// `cat[noisy latents, image latents (after dropout)]` [B, 8, h, w].
+    pub unet_input: Tensor,
+    /// ε or v [B, 4, h, w].
+    pub target: Tensor,
+    /// What each sample lost to dropout.
+    pub dropped: Vec<DroppedConditioning>,
+}
+
+/// The step settings (`--gradient_accumulation_steps --max_grad_norm
+/// --conditioning_dropout_prob`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepConfig {
+    /// Micro-batches per optimizer step (k ≥ 1).
+    pub gradient_accumulation_steps: usize,
+    /// Gradients are scaled to at most this total 2-norm.
+    pub max_grad_norm: f64,
+    /// p, or `None` for no dropout.
+    pub conditioning_dropout_prob: Option<f64>,
+}
+
+impl Default for StepConfig {
+    /// The script's defaults.
+    fn default() -> Self {
+        Self {
+            gradient_accumulation_steps: 1,
+            max_grad_norm: 1.0,
+            conditioning_dropout_prob: None,
+        }
+    }
+}
+
+/// What one micro-batch gave.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MicroBatchReport {
+    /// Its loss (before division by k).
+    pub loss: f32,
+    /// What each sample lost to dropout.
+    pub dropped: Vec<DroppedConditioning>,
+}
+
+/// What one optimizer step did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepReport {
+    /// The global step after this one (1 for the first).
+    pub step: u64,
+    /// The script's logged `train_loss`: the sum of the micro-batch losses divided by k.
+    pub loss: f64,
+    /// The learning rate this step used.
+    pub lr: f64,
+    /// The gradients' total 2-norm before clipping.
+    pub grad_norm: f32,
+    /// Micro-batches accumulated into this step (k, or fewer at the end of an epoch).
+    pub micro_batches: usize,
+    /// The decay the EMA used, when there is one.
+    pub ema_decay: Option<f64>,
+}
+
+/// The training state between steps: models, optimizer, schedule, EMA and the gradients being
+/// accumulated.
+pub struct Trainer {
+    models: TrainingModels,
+    optimizer: AdamW,
+    schedule: LrSchedule,
+    ema: Option<EmaModel>,
+    config: StepConfig,
+    grads: Vec<Option<Tensor>>,
+    micro_batches: usize,
+    train_loss: f64,
+}
+
+impl Trainer {
+    /// A fresh run training every UNet weight: zero optimizer moments, and an EMA starting at
+    /// the current weights when `ema` is given.
+    pub fn new(
+        models: TrainingModels,
+        optimizer: AdamWConfig,
+        schedule: LrSchedule,
+        ema: Option<EmaConfig>,
+        config: StepConfig,
+    ) -> Result<Self, TrainError> {
+        let params = models.unet.params().to_vec();
+        Self::with_trainable(models, params, optimizer, schedule, ema, config)
+    }
+
+    /// A fresh run training only `params` (e.g. LoRA adapters the UNet reads): they must be
+    /// variables the loss depends on; anything else in the graph gets no update.
+    pub fn with_trainable(
+        models: TrainingModels,
+        params: Vec<(String, Var)>,
+        optimizer: AdamWConfig,
+        schedule: LrSchedule,
+        ema: Option<EmaConfig>,
+        config: StepConfig,
+    ) -> Result<Self, TrainError> {
+        let ema = match ema {
+            Some(cfg) => Some(EmaModel::new(&params, cfg)?),
+            None => None,
+        };
+        let optimizer = AdamW::new(params, optimizer)?;
+        Self::resume(models, optimizer, schedule, ema, config)
+    }
+
+    /// Continues a run from a restored optimizer (its step count is the global step; its
+    /// parameters are what trains) and EMA (of the same parameters).
+    pub fn resume(
+        models: TrainingModels,
+        optimizer: AdamW,
+        schedule: LrSchedule,
+        ema: Option<EmaModel>,
+        config: StepConfig,
+    ) -> Result<Self, TrainError> {
+        if config.gradient_accumulation_steps == 0 {
+            return Err(TrainError::BadSetting {
+                setting: "gradient_accumulation_steps",
+                value: "0".into(),
+                reason: "must be at least 1",
+            });
+        }
+        if config.max_grad_norm.is_nan() || config.max_grad_norm <= 0.0 {
+            return Err(TrainError::BadSetting {
+                setting: "max_grad_norm",
+                value: config.max_grad_norm.to_string(),
+                reason: "must be a number above 0",
+            });
+        }
+        if let Some(p) = config.conditioning_dropout_prob {
+            check_dropout_prob(p)?;
+        }
+        if let Some(ema) = &ema
+            && (ema.shadow().len() != optimizer.params().len()
+                || ema
+                    .shadow()
+                    .iter()
+                    .zip(optimizer.params())
+                    .any(|((a, _), (b, _))| a != b))
+        {
+            return Err(TrainError::Ema(EmaError::Mismatch {
+                reason: "the EMA does not average the optimizer's parameters".into(),
+            }));
+        }
+        let grads = vec![None; optimizer.params().len()];
+        Ok(Self {
+            models,
+            optimizer,
+            schedule,
+            ema,
+            config,
+            grads,
+            micro_batches: 0,
+            train_loss: 0.0,
+        })
+    }
+
+    /// The models (for validation edits: the UNet's variables hold the current weights).
+    pub fn models(&self) -> &TrainingModels {
+        &self.models
+    }
+
+    /// The optimizer (for checkpoints).
+    pub fn optimizer(&self) -> &AdamW {
+        &self.optimizer
+    }
+
+    /// The EMA, if enabled (for checkpoints and the final model).
+    pub fn ema(&self) -> Option<&EmaModel> {
+        self.ema.as_ref()
+    }
+
+    /// The schedule.
+    pub fn schedule(&self) -> &LrSchedule {
+        &self.schedule
+    }
+
+    /// The step settings.
+    pub fn config(&self) -> &StepConfig {
+        &self.config
+    }
+
+    /// Optimizer steps taken (the script's `global_step`).
+    pub fn global_step(&self) -> u64 {
+        self.optimizer.step_count()
+    }
+
+    /// Micro-batches accumulated since the last optimizer step.
+    pub fn pending_micro_batches(&self) -> usize {
+        self.micro_batches
+    }
+
+    /// The accumulated gradients by parameter (scaled by 1/k), before clipping.
+    pub fn accumulated_gradients(&self) -> &[Option<Tensor>] {
+        &self.grads
+    }
+
+    /// The trained parameters by name.
+    pub fn params(&self) -> &[(String, Var)] {
+        self.optimizer.params()
+    }
+
+    /// Forward and backward of one micro-batch: `loss / k` is differentiated and its gradients
+    /// added to the accumulated ones. No optimizer step.
+    pub fn accumulate(
+        &mut self,
+        batch: &TrainBatch,
+        draws: &StepDraws,
+    ) -> Result<MicroBatchReport, TrainError> {
+        let out =
+            self.models
+                .micro_batch_loss(batch, draws, self.config.conditioning_dropout_prob)?;
+        let k = self.config.gradient_accumulation_steps;
+        let loss_value = out.loss.to_scalar::<f32>().stage("loss")?;
+        // accelerator.backward divides by the accumulation steps.
+        let scaled = (&out.loss / k as f64).stage("scaling the loss")?;
+        let grads = scaled.backward().stage("backward")?;
+        for (slot, (_, var)) in self.grads.iter_mut().zip(self.optimizer.params()) {
+            if let Some(grad) = grads.get(var.as_tensor()) {
+                let grad = grad.detach();
+                *slot = Some(match slot.take() {
+                    Some(sum) => (sum + grad).stage("accumulating gradients")?,
+                    None => grad,
+                });
+            }
+        }
+        self.micro_batches += 1;
+        self.train_loss += f64::from(loss_value) / k as f64;
+        Ok(MicroBatchReport {
+            loss: loss_value,
+            dropped: out.dropped,
+        })
+    }
+
+    /// One micro-batch; after the k-th since the last optimizer step, also the optimizer step.
+    pub fn micro_batch(
+        &mut self,
+        batch: &TrainBatch,
+        draws: &StepDraws,
+    ) -> Result<(MicroBatchReport, Option<StepReport>), TrainError> {
+        let report = self.accumulate(batch, draws)?;
+        let step = if self.micro_batches >= self.config.gradient_accumulation_steps {
+            Some(self.optimizer_step()?)
+        } else {
+            None
+        };
+        Ok((report, step))
+    }
+
+    /// Clips the accumulated gradients, steps AdamW at the schedule's rate, updates the EMA and
+    /// clears the gradients. Called by [`Trainer::micro_batch`] after k micro-batches; call it
+    /// directly at the end of an epoch whose micro-batch count is not a multiple of k, as
+    /// accelerate syncs there.
+    pub fn optimizer_step(&mut self) -> Result<StepReport, TrainError> {
+        if self.micro_batches == 0 {
+            return Err(TrainError::NothingAccumulated);
+        }
+        let lr = self.schedule.lr(self.optimizer.step_count());
+        let grad_norm =
+            clip_grad_norm(&mut self.grads, self.config.max_grad_norm).stage("clipping")?;
+        self.optimizer.step(&self.grads, lr)?;
+        let ema_decay = match &mut self.ema {
+            Some(ema) => Some(ema.step(self.optimizer.params())?),
+            None => None,
+        };
+        let report = StepReport {
+            step: self.optimizer.step_count(),
+            loss: self.train_loss,
+            lr,
+            grad_norm,
+            micro_batches: self.micro_batches,
+            ema_decay,
+        };
+        self.grads.iter_mut().for_each(|g| *g = None);
+        self.micro_batches = 0;
+        self.train_loss = 0.0;
+        Ok(report)
+    }
+
+    /// Runs `f` with the EMA weights in the UNet (`store`, `copy_to`, then `restore`), as the
+    /// script's validation does; without EMA, with the current weights.
+    pub fn with_ema_weights<T>(
+        &mut self,
+        f: impl FnOnce(&TrainingModels) -> T,
+    ) -> Result<T, TrainError> {
+        let Some(ema) = &mut self.ema else {
+            return Ok(f(&self.models));
+        };
+        let params = self.optimizer.params();
+        ema.store(params)?;
+        ema.copy_to(params)?;
+        let out = f(&self.models);
+        ema.restore(params)?;
+        Ok(out)
+    }
+
+    /// Gives back the models, optimizer and EMA (e.g. to save the final model).
+    pub fn into_parts(self) -> (TrainingModels, AdamW, Option<EmaModel>) {
+        (self.models, self.optimizer, self.ema)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dropout_masks_follow_the_script() {
+        // p = 0.2: text below 0.4, image in [0.2, 0.6); the edges compared in f32.
+        let p = 0.2;
+        let cases = [
+            (0.0, true, false),
+            (0.19, true, false),
+            (0.2, true, true),
+            (0.39, true, true),
+            (0.4, false, true),
+            (0.59, false, true),
+            (0.6, false, false),
+            (0.99, false, false),
+        ];
+        for (r, text, image) in cases {
+            assert_eq!(
+                DroppedConditioning::from_draw(r, p),
+                DroppedConditioning { text, image },
+                "r = {r}"
+            );
+        }
+        // Zero probability drops nothing, one drops the text always.
+        assert_eq!(
+            DroppedConditioning::from_draw(0.0, 0.0),
+            DroppedConditioning::default()
+        );
+    }
+
+    #[test]
+    fn seeded_draws_repeat_and_differ_by_index() {
+        let device = Device::Cpu;
+        let a = StepDraws::seeded(42, 7, [2, 4, 3, 3], 1000, &device).unwrap();
+        let b = StepDraws::seeded(42, 7, [2, 4, 3, 3], 1000, &device).unwrap();
+        let c = StepDraws::seeded(42, 8, [2, 4, 3, 3], 1000, &device).unwrap();
+        let values = |d: &StepDraws| d.noise.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(values(&a), values(&b));
+        assert_eq!(a.timesteps, b.timesteps);
+        assert_eq!(a.dropout_draws, b.dropout_draws);
+        assert_ne!(values(&a), values(&c));
+        assert!(a.timesteps.iter().all(|&t| t < 1000));
+        assert!(a.dropout_draws.iter().all(|&r| (0.0..1.0).contains(&r)));
+    }
+}
