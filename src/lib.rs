@@ -5,10 +5,12 @@
 //!   weights, the networks themselves, device and dtype.
 //! - [`pipeline`]: the edit (schedulers, guidance, image pre/post-processing, previews).
 //! - [`cli`]: the command-line subcommands.
+//! - [`train`]: fine-tuning (datasets, the training loop, LoRA, EMA, checkpoints, validation).
 //! - [`worker`]: the background thread that owns the model for the window (jobs in, events out).
 
 pub mod cli;
 pub mod gui;
 pub mod model;
 pub mod pipeline;
+pub mod train;
 pub mod worker;
