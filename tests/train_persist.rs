@@ -648,6 +648,14 @@ fn final_model_folder_loads_and_holds_the_trained_weights() {
         );
     }
 
+    // Small files are copies, not links: editing the output's config never changes the base.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let copied = fs::metadata(out.path().join("scheduler/scheduler_config.json")).unwrap();
+        assert_eq!(copied.nlink(), 1);
+    }
+
     // This crate loads it, and its UNet computes what a UNet built from the tensors computes.
     let model = InstructPix2PixModel::load(out.path(), &load_options()).unwrap();
     let config = UNetConfig::from_file(&unet_dir("sd1-tiny").join("config.json")).unwrap();

@@ -4,9 +4,10 @@
 //! `pipe.load_lora_weights(folder)` loads.
 //!
 //! Every attention projection `W` of the UNet's transformers gets `y = W x + scale · B (A x)` with
-//! `A` (`lora_A`, [rank, in]) drawn as peft draws it (kaiming-uniform with a = √5, that is uniform
-//! in ±1/√in) and `B` (`lora_B`, [out, rank]) zero, so training starts from the base model's
-//! output; `scale = lora_alpha / rank`. Only `A` and `B` are [`Var`]s: the base weights stay plain
+//! `A` (`lora_A`, [rank, in]) from peft's distribution (kaiming-uniform with a = √5, that is
+//! uniform in ±1/√in; drawn from a seeded generator of this crate, so the same distribution but
+//! not torch's numbers) and `B` (`lora_B`, [out, rank]) zero, so training starts from the base
+//! model's output; `scale = lora_alpha / rank`. Only `A` and `B` are [`Var`]s: the base weights stay plain
 //! tensors and never train.
 //!
 //! The file holds peft's keys under diffusers' `unet.` prefix

@@ -6,8 +6,8 @@
 //! names) beside the base model's `unet/config.json` with `in_channels` set from the trained
 //! `conv_in` (8 after growing a plain Stable Diffusion model). The frozen components (`vae`,
 //! `text_encoder`, `tokenizer`, `scheduler`, and `feature_extractor`, `safety_checker`,
-//! `image_encoder` when the base has them) are hard-linked from the base folder where the file
-//! system allows, copied otherwise. `model_index.json` names `StableDiffusionInstructPix2PixPipeline`.
+//! `image_encoder` when the base has them) come from the base folder: weight files hard-linked
+//! where the file system allows, everything else copied. `model_index.json` names `StableDiffusionInstructPix2PixPipeline`.
 //!
 //! Atomicity: everything is written into a hidden temporary folder first. When the target folder
 //! does not exist yet, that folder is renamed to it in one step. When it exists (the training
@@ -85,8 +85,10 @@ fn write_json(path: &Path, value: &Value) -> Result<(), OutputError> {
     fs::write(path, text).map_err(io_err("writing", path))
 }
 
-/// Hard-links (or, across file systems, copies) the tree `from` into `to`, following symbolic
-/// links (a Hugging Face cache snapshot is made of links to blobs).
+/// Copies the tree `from` into `to`, following symbolic links (a Hugging Face cache snapshot is
+/// made of links to blobs). Weight files are hard-linked where the file system allows (they are
+/// large and never rewritten in place); small files (configs, tokenizer) are copied, so that
+/// editing them in the output never changes the base model.
 fn link_or_copy_tree(from: &Path, to: &Path) -> Result<(), OutputError> {
     fs::create_dir_all(to).map_err(io_err("creating", to))?;
     for entry in fs::read_dir(from).map_err(io_err("listing", from))? {
@@ -96,8 +98,13 @@ fn link_or_copy_tree(from: &Path, to: &Path) -> Result<(), OutputError> {
         let real = fs::canonicalize(&source).map_err(io_err("resolving", &source))?;
         if real.is_dir() {
             link_or_copy_tree(&real, &target)?;
-        } else if fs::hard_link(&real, &target).is_err() {
-            fs::copy(&real, &target).map_err(io_err("copying", &real))?;
+        } else {
+            let is_weights = real
+                .extension()
+                .is_some_and(|e| e == "safetensors" || e == "bin");
+            if !(is_weights && fs::hard_link(&real, &target).is_ok()) {
+                fs::copy(&real, &target).map_err(io_err("copying", &real))?;
+            }
         }
     }
     Ok(())
