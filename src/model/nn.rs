@@ -16,14 +16,56 @@ use candle_nn::VarBuilder;
 
 mod cpu;
 
-/// A fully connected layer, `y = x Wᵀ + b`, for inputs of any rank (the last dim is the feature).
+/// A fully connected layer, `y = x Wᵀ + b`, for inputs of any rank (the last dim is the feature),
+/// with an optional low-rank adapter added to its output (LoRA, see [`LowRankAdapter`]).
 #[derive(Debug, Clone)]
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    /// A LoRA adapter whose output is added to the layer's; `None` (the default) leaves the
+    /// layer exactly as loaded, at no cost.
+    pub adapter: Option<LowRankAdapter>,
+}
+
+/// A LoRA adapter on a [`Linear`] layer, as peft's `lora.Linear` computes it:
+/// `y = W x + b + scale · B (A x)`, with `down` = A [rank, in] and `up` = B [out, rank].
+///
+/// The tensors are shared, not copied: when they are a `Var`'s tensors, an optimizer's update of
+/// the `Var` is what the next forward pass uses.
+#[derive(Debug, Clone)]
+pub struct LowRankAdapter {
+    /// `lora_A.weight` [rank, in_features].
+    pub down: Tensor,
+    /// `lora_B.weight` [out_features, rank].
+    pub up: Tensor,
+    /// `lora_alpha / rank`.
+    pub scale: f64,
+}
+
+impl LowRankAdapter {
+    /// The adapter's contribution `scale · B (A x)` for `x` [rows, in_features].
+    fn forward_flat(&self, x: &Tensor) -> Result<Tensor> {
+        let low = x.matmul(&self.down.t()?)?;
+        let out = low.matmul(&self.up.t()?)?;
+        // peft multiplies after B; a scale of exactly 1 skips the pass (x·1 is x anyway).
+        if self.scale == 1.0 {
+            Ok(out)
+        } else {
+            out * self.scale
+        }
+    }
 }
 
 impl Linear {
+    /// A layer from its weight [out, in] and optional bias [out], without adapter.
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self {
+            weight,
+            bias,
+            adapter: None,
+        }
+    }
+
     /// Loads `weight` (`[out, in]`) and, when `bias` is set, `bias` (`[out]`).
     pub fn load(
         vb: VarBuilder,
@@ -37,7 +79,7 @@ impl Linear {
         } else {
             None
         };
-        Ok(Self { weight, bias })
+        Ok(Self::new(weight, bias))
     }
 }
 
@@ -51,6 +93,10 @@ impl Module for Linear {
         let y = flat.matmul(&self.weight.t()?)?;
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let y = match &self.adapter {
+            Some(adapter) => (y + adapter.forward_flat(&flat)?)?,
             None => y,
         };
         y.reshape(out_dims)

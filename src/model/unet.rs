@@ -781,6 +781,27 @@ impl Attention {
         })
     }
 
+    /// The four projections with their diffusers names (`to_q`, `to_k`, `to_v`, `to_out.0`),
+    /// in the order diffusers registers them.
+    pub fn projections(&self) -> [(&'static str, &Linear); 4] {
+        [
+            ("to_q", &self.to_q),
+            ("to_k", &self.to_k),
+            ("to_v", &self.to_v),
+            ("to_out.0", &self.to_out),
+        ]
+    }
+
+    /// [`Attention::projections`], mutable (to attach or remove adapters).
+    pub fn projections_mut(&mut self) -> [(&'static str, &mut Linear); 4] {
+        [
+            ("to_q", &mut self.to_q),
+            ("to_k", &mut self.to_k),
+            ("to_v", &mut self.to_v),
+            ("to_out.0", &mut self.to_out),
+        ]
+    }
+
     /// `x` [B, N, query_dim]; `context` [B, M, context_dim] or `None` for self-attention.
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let context = context.unwrap_or(x);
@@ -843,13 +864,13 @@ impl FeedForward {
         // where slicing one product's output would make the activation and product strided.
         let proj = Linear::load(vb.pp("net").pp("0").pp("proj"), dim, inner_dim * 2, true)?;
         let half = |start: usize| -> Result<Linear> {
-            Ok(Linear {
-                weight: proj.weight.narrow(0, start, inner_dim)?,
-                bias: match &proj.bias {
+            Ok(Linear::new(
+                proj.weight.narrow(0, start, inner_dim)?,
+                match &proj.bias {
                     Some(bias) => Some(bias.narrow(0, start, inner_dim)?),
                     None => None,
                 },
-            })
+            ))
         };
         Ok(Self {
             value_proj: half(0)?,
@@ -970,10 +991,7 @@ impl Transformer2DModel {
                     .get((out_dim, in_dim, 1, 1), "weight")?
                     .reshape((out_dim, in_dim))?;
                 let bias = vb.get(out_dim, "bias")?;
-                Ok(Linear {
-                    weight,
-                    bias: Some(bias),
-                })
+                Ok(Linear::new(weight, Some(bias)))
             }
         };
         let transformer_blocks = (0..spec.layers)
@@ -1506,6 +1524,76 @@ impl UNet2DConditionModel {
     /// The config this network was built from.
     pub fn config(&self) -> &UNetConfig {
         &self.config
+    }
+
+    /// Every attention of the transformers with its diffusers module path
+    /// (`down_blocks.0.attentions.1.transformer_blocks.0.attn2`), in the order diffusers
+    /// registers the modules: down blocks, up blocks, then the mid block.
+    pub fn attentions(&self) -> Vec<(String, &Attention)> {
+        let mut out = Vec::new();
+        for (path, transformer) in self.transformers() {
+            for (k, block) in transformer.transformer_blocks.iter().enumerate() {
+                let prefix = format!("{path}.transformer_blocks.{k}");
+                out.push((format!("{prefix}.attn1"), &block.attn1));
+                out.push((format!("{prefix}.attn2"), &block.attn2));
+            }
+        }
+        out
+    }
+
+    /// [`UNet2DConditionModel::attentions`], mutable (to attach or remove adapters).
+    pub fn attentions_mut(&mut self) -> Vec<(String, &mut Attention)> {
+        let mut out = Vec::new();
+        for (path, transformer) in self.transformers_mut() {
+            for (k, block) in transformer.transformer_blocks.iter_mut().enumerate() {
+                let prefix = format!("{path}.transformer_blocks.{k}");
+                out.push((format!("{prefix}.attn1"), &mut block.attn1));
+                out.push((format!("{prefix}.attn2"), &mut block.attn2));
+            }
+        }
+        out
+    }
+
+    /// Every `Transformer2DModel` with its module path, in diffusers' registration order.
+    fn transformers(&self) -> Vec<(String, &Transformer2DModel)> {
+        let mut out = Vec::new();
+        for (i, block) in self.down_blocks.iter().enumerate() {
+            for (j, t) in block.attentions.iter().enumerate() {
+                out.push((format!("down_blocks.{i}.attentions.{j}"), t));
+            }
+        }
+        for (i, block) in self.up_blocks.iter().enumerate() {
+            for (j, t) in block.attentions.iter().enumerate() {
+                out.push((format!("up_blocks.{i}.attentions.{j}"), t));
+            }
+        }
+        if let Some(mid) = &self.mid_block {
+            for (j, t) in mid.attentions.iter().enumerate() {
+                out.push((format!("mid_block.attentions.{j}"), t));
+            }
+        }
+        out
+    }
+
+    /// [`UNet2DConditionModel::transformers`], mutable.
+    fn transformers_mut(&mut self) -> Vec<(String, &mut Transformer2DModel)> {
+        let mut out = Vec::new();
+        for (i, block) in self.down_blocks.iter_mut().enumerate() {
+            for (j, t) in block.attentions.iter_mut().enumerate() {
+                out.push((format!("down_blocks.{i}.attentions.{j}"), t));
+            }
+        }
+        for (i, block) in self.up_blocks.iter_mut().enumerate() {
+            for (j, t) in block.attentions.iter_mut().enumerate() {
+                out.push((format!("up_blocks.{i}.attentions.{j}"), t));
+            }
+        }
+        if let Some(mid) = &mut self.mid_block {
+            for (j, t) in mid.attentions.iter_mut().enumerate() {
+                out.push((format!("mid_block.attentions.{j}"), t));
+            }
+        }
+        out
     }
 
     /// Predicts the noise (or v) for `sample` [B, in_channels, h, w] at `timesteps` (f32 [B], or a

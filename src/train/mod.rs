@@ -1,6 +1,10 @@
 //! Fine-tuning: datasets, the training loop, LoRA, EMA, checkpoints, validation.
 
+pub mod checkpoint;
 pub mod ema;
+pub mod lora;
+pub mod metrics;
 pub mod optim;
+pub mod output;
 pub mod schedule;
 pub mod step;

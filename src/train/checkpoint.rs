@@ -1,0 +1,614 @@
+//! Training checkpoints: `checkpoint-STEP/` folders under the output folder, each holding named
+//! tensor groups (UNet or LoRA weights, optimizer moments, EMA shadow: whatever the training loop
+//! hands over) as safetensors files, the loop's own `state.json` (step, epoch, data position, RNG
+//! state...) and a `checkpoint.json` manifest.
+//!
+//! Crash safety: a checkpoint is written into a hidden temporary folder beside the others, every
+//! file is flushed to disk (`fsync`), the manifest is written last, and only then is the folder
+//! renamed to `checkpoint-STEP` (one atomic rename; the parent folder is synced after it). A kill
+//! at any moment therefore leaves either the complete new checkpoint or none, and never touches
+//! the older ones. Leftover temporary folders are ignored by [`resolve_resume`] and removed by the
+//! next [`save_checkpoint`]. A checkpoint whose files do not match its manifest (damaged after the
+//! fact) is skipped by `latest`.
+//!
+//! `checkpoints_total_limit` keeps at most that many checkpoints, as diffusers' training scripts
+//! do, but removes the oldest *after* the new one is complete, so there is never a moment with
+//! fewer than one complete checkpoint.
+//!
+//! The small safetensors writer here ([`write_safetensors`]) is shared by the LoRA and final-model
+//! writers: it stores string metadata (peft's adapter config) and syncs the file.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde_json::{Value, json};
+
+/// The folder-name prefix of checkpoints (`checkpoint-500`), as in diffusers' scripts.
+pub const CHECKPOINT_PREFIX: &str = "checkpoint-";
+/// The loop's own state inside a checkpoint.
+pub const STATE_FILE: &str = "state.json";
+/// The manifest, written last: its presence and the file sizes it lists mark a complete checkpoint.
+pub const MANIFEST_FILE: &str = "checkpoint.json";
+/// Prefix of the temporary folders checkpoints are written into (hidden, never `checkpoint-*`).
+const TEMP_PREFIX: &str = ".tmp-checkpoint-";
+/// Prefix of a checkpoint folder moved aside while a checkpoint of the same step replaces it.
+const REPLACED_PREFIX: &str = ".replaced-checkpoint-";
+
+/// What went wrong reading or writing a checkpoint or a safetensors file.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// A file-system operation failed on `path`.
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// A tensor could not be read from or converted for `path`.
+    #[error("tensor {name:?} in {path}: {source}")]
+    Tensor {
+        path: PathBuf,
+        name: String,
+        source: Box<candle_core::Error>,
+    },
+    /// The tensors of a safetensors file could not be read.
+    #[error("reading tensors from {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: Box<candle_core::Error>,
+    },
+    /// A group or tensor name is not usable (empty, a path, or given twice).
+    #[error("invalid name {name:?}: {reason}")]
+    BadName { name: String, reason: &'static str },
+    /// A tensor's dtype has no safetensors code here.
+    #[error("tensor {name:?} has dtype {dtype:?}, which this writer does not store")]
+    UnsupportedDType { name: String, dtype: DType },
+    /// A safetensors file or the manifest is malformed.
+    #[error("{path} is not a valid {what}: {reason}")]
+    Malformed {
+        path: PathBuf,
+        what: &'static str,
+        reason: String,
+    },
+    /// `--resume_from_checkpoint` names a checkpoint that does not exist or is incomplete.
+    #[error("checkpoint {path} {reason}")]
+    NotFound { path: PathBuf, reason: String },
+}
+
+fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError {
+    let path = path.to_path_buf();
+    move |source| CheckpointError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Safetensors
+// ---------------------------------------------------------------------------------------------
+
+fn safetensors_dtype(dtype: DType) -> Option<&'static str> {
+    Some(match dtype {
+        DType::F32 => "F32",
+        DType::F16 => "F16",
+        DType::BF16 => "BF16",
+        DType::F64 => "F64",
+        DType::U8 => "U8",
+        DType::U32 => "U32",
+        DType::I64 => "I64",
+        _ => return None,
+    })
+}
+
+/// The little-endian bytes of `tensor` (any device, any layout).
+fn tensor_bytes(tensor: &Tensor) -> candle_core::Result<Vec<u8>> {
+    let flat = tensor.to_device(&Device::Cpu)?.flatten_all()?;
+    Ok(match flat.dtype() {
+        DType::F32 => flat
+            .to_vec1::<f32>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::F16 => flat
+            .to_vec1::<half::f16>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::BF16 => flat
+            .to_vec1::<half::bf16>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::F64 => flat
+            .to_vec1::<f64>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::U8 => flat.to_vec1::<u8>()?,
+        DType::U32 => flat
+            .to_vec1::<u32>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::I64 => flat
+            .to_vec1::<i64>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        other => candle_core::bail!("no byte conversion for {other:?}"),
+    })
+}
+
+/// Writes `tensors` to the safetensors file `path` (tensor data in the given order, header keys
+/// sorted as JSON objects are), with `metadata` as the header's `__metadata__` when given, and
+/// syncs it to disk. Names must be unique.
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    metadata: Option<&BTreeMap<String, String>>,
+) -> Result<(), CheckpointError> {
+    let mut header = serde_json::Map::new();
+    if let Some(metadata) = metadata {
+        header.insert("__metadata__".into(), json!(metadata));
+    }
+    let mut offset = 0usize;
+    for (name, tensor) in tensors {
+        if name.is_empty() || name == "__metadata__" {
+            return Err(CheckpointError::BadName {
+                name: name.clone(),
+                reason: "not a usable tensor name",
+            });
+        }
+        let dtype =
+            safetensors_dtype(tensor.dtype()).ok_or_else(|| CheckpointError::UnsupportedDType {
+                name: name.clone(),
+                dtype: tensor.dtype(),
+            })?;
+        let bytes = tensor.elem_count() * tensor.dtype().size_in_bytes();
+        let entry = json!({
+            "dtype": dtype,
+            "shape": tensor.dims(),
+            "data_offsets": [offset, offset + bytes],
+        });
+        if header.insert(name.clone(), entry).is_some() {
+            return Err(CheckpointError::BadName {
+                name: name.clone(),
+                reason: "given twice",
+            });
+        }
+        offset += bytes;
+    }
+    let mut header =
+        serde_json::to_vec(&Value::Object(header)).map_err(|e| CheckpointError::Malformed {
+            path: path.to_path_buf(),
+            what: "safetensors header",
+            reason: e.to_string(),
+        })?;
+    // The data must start 8-byte aligned: pad the header with spaces, as the reference writer does.
+    header.resize(header.len().next_multiple_of(8), b' ');
+
+    let file = File::create(path).map_err(io_err("creating", path))?;
+    let mut out = BufWriter::with_capacity(1 << 20, file);
+    out.write_all(&(header.len() as u64).to_le_bytes())
+        .and_then(|()| out.write_all(&header))
+        .map_err(io_err("writing", path))?;
+    for (name, tensor) in tensors {
+        let bytes = tensor_bytes(tensor).map_err(|source| CheckpointError::Tensor {
+            path: path.to_path_buf(),
+            name: name.clone(),
+            source: Box::new(source),
+        })?;
+        out.write_all(&bytes).map_err(io_err("writing", path))?;
+    }
+    let file = out
+        .into_inner()
+        .map_err(|e| io_err("writing", path)(e.into_error()))?;
+    file.sync_all().map_err(io_err("syncing", path))
+}
+
+/// The `__metadata__` of a safetensors file (empty when it has none).
+pub fn read_safetensors_metadata(path: &Path) -> Result<BTreeMap<String, String>, CheckpointError> {
+    let malformed = |reason: String| CheckpointError::Malformed {
+        path: path.to_path_buf(),
+        what: "safetensors file",
+        reason,
+    };
+    let mut file = File::open(path).map_err(io_err("opening", path))?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len)
+        .map_err(|e| malformed(format!("no header length ({e})")))?;
+    let len = u64::from_le_bytes(len);
+    if len > 100_000_000 {
+        return Err(malformed(format!("header of {len} bytes")));
+    }
+    let mut header = vec![0u8; len as usize];
+    file.read_exact(&mut header)
+        .map_err(|e| malformed(format!("header cut short ({e})")))?;
+    let header: Value =
+        serde_json::from_slice(&header).map_err(|e| malformed(format!("header JSON: {e}")))?;
+    let mut out = BTreeMap::new();
+    if let Some(Value::Object(metadata)) = header.get("__metadata__") {
+        for (key, value) in metadata {
+            if let Value::String(value) = value {
+                out.insert(key.clone(), value.clone());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Reads every tensor of the safetensors file `path` onto `device`, sorted by name.
+pub fn read_safetensors(
+    path: &Path,
+    device: &Device,
+) -> Result<Vec<(String, Tensor)>, CheckpointError> {
+    crate::model::weights::check_safetensors(path).map_err(|e| CheckpointError::Malformed {
+        path: path.to_path_buf(),
+        what: "safetensors file",
+        reason: e.to_string(),
+    })?;
+    let tensors =
+        candle_core::safetensors::load(path, device).map_err(|source| CheckpointError::Read {
+            path: path.to_path_buf(),
+            source: Box::new(source),
+        })?;
+    let mut tensors: Vec<(String, Tensor)> = tensors.into_iter().collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(tensors)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checkpoints
+// ---------------------------------------------------------------------------------------------
+
+/// One named group of tensors of a checkpoint, stored as `NAME.safetensors`.
+#[derive(Debug, Clone)]
+pub struct TensorGroup {
+    /// The file stem: letters, digits, `_`, `-` and `.` (not starting with `.`).
+    pub name: String,
+    /// The tensors, by name.
+    pub tensors: Vec<(String, Tensor)>,
+}
+
+impl TensorGroup {
+    /// A group named `name` holding `tensors`.
+    pub fn new(name: impl Into<String>, tensors: Vec<(String, Tensor)>) -> Self {
+        Self {
+            name: name.into(),
+            tensors,
+        }
+    }
+}
+
+/// A checkpoint read back by [`load_checkpoint`].
+#[derive(Debug)]
+pub struct LoadedCheckpoint {
+    /// The checkpoint folder.
+    pub path: PathBuf,
+    /// The step in its name.
+    pub step: u64,
+    /// The groups by name, each with its tensors sorted by name.
+    pub groups: BTreeMap<String, Vec<(String, Tensor)>>,
+    /// The caller's `state.json`.
+    pub state: Value,
+}
+
+impl LoadedCheckpoint {
+    /// The tensors of group `name`, or an error naming the checkpoint when it has no such group.
+    pub fn group(&self, name: &str) -> Result<&[(String, Tensor)], CheckpointError> {
+        self.groups
+            .get(name)
+            .map(Vec::as_slice)
+            .ok_or_else(|| CheckpointError::NotFound {
+                path: self.path.clone(),
+                reason: format!(
+                    "has no tensor group {name:?} (it has {:?})",
+                    self.groups.keys().collect::<Vec<_>>()
+                ),
+            })
+    }
+}
+
+fn check_group_name(name: &str) -> Result<(), CheckpointError> {
+    let ok = !name.is_empty()
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if ok && name != "state" && name != "checkpoint" {
+        Ok(())
+    } else {
+        Err(CheckpointError::BadName {
+            name: name.to_string(),
+            reason: "group names are file stems: letters, digits, '_', '-', '.', not 'state' or 'checkpoint'",
+        })
+    }
+}
+
+/// The step of a folder named `checkpoint-STEP`.
+pub fn checkpoint_step(folder_name: &str) -> Option<u64> {
+    folder_name.strip_prefix(CHECKPOINT_PREFIX)?.parse().ok()
+}
+
+/// The `checkpoint-STEP` folders under `output_dir` (complete or not), oldest step first. A
+/// missing `output_dir` has none.
+pub fn list_checkpoints(output_dir: &Path) -> Result<Vec<(u64, PathBuf)>, CheckpointError> {
+    let entries = match fs::read_dir(output_dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_err("listing", output_dir)(e)),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(io_err("listing", output_dir))?;
+        let name = entry.file_name();
+        if let Some(step) = name.to_str().and_then(checkpoint_step)
+            && entry.path().is_dir()
+        {
+            out.push((step, entry.path()));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Why the checkpoint folder `dir` is not complete, or `None` when it is: its manifest exists and
+/// every file it lists is there with the listed size.
+pub fn checkpoint_problem(dir: &Path) -> Option<String> {
+    let manifest_path = dir.join(MANIFEST_FILE);
+    let text = match fs::read_to_string(&manifest_path) {
+        Ok(text) => text,
+        Err(e) => return Some(format!("has no readable {MANIFEST_FILE} ({e})")),
+    };
+    let manifest: Value = match serde_json::from_str(&text) {
+        Ok(value) => value,
+        Err(e) => return Some(format!("has a malformed {MANIFEST_FILE} ({e})")),
+    };
+    let Some(files) = manifest.get("files").and_then(Value::as_object) else {
+        return Some(format!("{MANIFEST_FILE} lists no files"));
+    };
+    for (file, size) in files {
+        let expected = size.as_u64();
+        match fs::metadata(dir.join(file)) {
+            Ok(meta) if Some(meta.len()) == expected => {}
+            Ok(meta) => {
+                return Some(format!(
+                    "has {file} of {} bytes where {expected:?} were written",
+                    meta.len()
+                ));
+            }
+            Err(e) => return Some(format!("lacks {file} ({e})")),
+        }
+    }
+    None
+}
+
+/// Syncs a folder's entry list (so a rename or a new file in it survives a power cut).
+fn sync_dir(dir: &Path) -> Result<(), CheckpointError> {
+    // Opening a directory read-only and calling fsync is the POSIX way; other systems may
+    // refuse, which costs only durability, not consistency.
+    match File::open(dir) {
+        Ok(file) => {
+            let _ = file.sync_all();
+            Ok(())
+        }
+        Err(e) => Err(io_err("opening", dir)(e)),
+    }
+}
+
+fn remove_dir_if_exists(dir: &Path) -> Result<(), CheckpointError> {
+    match fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err("removing", dir)(e)),
+    }
+}
+
+/// Removes what interrupted checkpoint writes left under `output_dir` (hidden temporary and
+/// moved-aside folders). Returns the folders removed.
+pub fn clean_leftovers(output_dir: &Path) -> Result<Vec<PathBuf>, CheckpointError> {
+    let entries = match fs::read_dir(output_dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_err("listing", output_dir)(e)),
+    };
+    let mut removed = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(io_err("listing", output_dir))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(TEMP_PREFIX) || name.starts_with(REPLACED_PREFIX) {
+            remove_dir_if_exists(&entry.path())?;
+            removed.push(entry.path());
+        }
+    }
+    Ok(removed)
+}
+
+/// What [`save_checkpoint`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SavedCheckpoint {
+    /// The new `checkpoint-STEP` folder.
+    pub path: PathBuf,
+    /// Older checkpoints removed to respect the total limit, oldest first.
+    pub removed: Vec<PathBuf>,
+}
+
+/// Writes `output_dir/checkpoint-STEP/` (replacing one of the same step) holding each group as
+/// `NAME.safetensors` and `state` as `state.json`, crash-safely (see the module doc). Then, when
+/// `total_limit` is set, removes the oldest checkpoints so that at most `total_limit` remain
+/// (the new one always stays; a limit of 0 is taken as 1).
+pub fn save_checkpoint(
+    output_dir: &Path,
+    step: u64,
+    groups: &[TensorGroup],
+    state: &Value,
+    total_limit: Option<usize>,
+) -> Result<SavedCheckpoint, CheckpointError> {
+    for (i, group) in groups.iter().enumerate() {
+        check_group_name(&group.name)?;
+        if groups[..i].iter().any(|g| g.name == group.name) {
+            return Err(CheckpointError::BadName {
+                name: group.name.clone(),
+                reason: "group given twice",
+            });
+        }
+    }
+    fs::create_dir_all(output_dir).map_err(io_err("creating", output_dir))?;
+    clean_leftovers(output_dir)?;
+
+    let final_dir = output_dir.join(format!("{CHECKPOINT_PREFIX}{step}"));
+    let temp_dir = output_dir.join(format!("{TEMP_PREFIX}{step}-{}", std::process::id()));
+    remove_dir_if_exists(&temp_dir)?;
+    fs::create_dir(&temp_dir).map_err(io_err("creating", &temp_dir))?;
+
+    let mut files = serde_json::Map::new();
+    for group in groups {
+        let file_name = format!("{}.safetensors", group.name);
+        let path = temp_dir.join(&file_name);
+        write_safetensors(&path, &group.tensors, None)?;
+        let size = fs::metadata(&path).map_err(io_err("reading", &path))?.len();
+        files.insert(file_name, json!(size));
+    }
+    let state_path = temp_dir.join(STATE_FILE);
+    let state_text = serde_json::to_vec_pretty(state).map_err(|e| CheckpointError::Malformed {
+        path: state_path.clone(),
+        what: "JSON state",
+        reason: e.to_string(),
+    })?;
+    write_synced(&state_path, &state_text)?;
+    files.insert(STATE_FILE.into(), json!(state_text.len()));
+    let manifest = json!({ "step": step, "files": files });
+    let manifest_text = serde_json::to_vec_pretty(&manifest).unwrap_or_default();
+    write_synced(&temp_dir.join(MANIFEST_FILE), &manifest_text)?;
+    sync_dir(&temp_dir)?;
+
+    // A checkpoint of the same step (a resumed run saving again) is moved aside first, and
+    // removed only once the new one is in place.
+    let replaced = output_dir.join(format!("{REPLACED_PREFIX}{step}-{}", std::process::id()));
+    let had_old = final_dir.exists();
+    if had_old {
+        fs::rename(&final_dir, &replaced).map_err(io_err("moving aside", &final_dir))?;
+    }
+    fs::rename(&temp_dir, &final_dir).map_err(io_err("renaming into place", &final_dir))?;
+    sync_dir(output_dir)?;
+    if had_old {
+        remove_dir_if_exists(&replaced)?;
+    }
+
+    let mut removed = Vec::new();
+    if let Some(limit) = total_limit {
+        let limit = limit.max(1);
+        let existing = list_checkpoints(output_dir)?;
+        let excess = existing.len().saturating_sub(limit);
+        for (_, dir) in existing
+            .into_iter()
+            .filter(|(_, dir)| *dir != final_dir)
+            .take(excess)
+        {
+            remove_dir_if_exists(&dir)?;
+            removed.push(dir);
+        }
+    }
+    Ok(SavedCheckpoint {
+        path: final_dir,
+        removed,
+    })
+}
+
+/// Writes `bytes` to `path` and syncs the file.
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
+    let mut file = File::create(path).map_err(io_err("creating", path))?;
+    file.write_all(bytes).map_err(io_err("writing", path))?;
+    file.sync_all().map_err(io_err("syncing", path))
+}
+
+/// The newest complete checkpoint under `output_dir`, if any (incomplete or damaged ones are
+/// skipped).
+pub fn latest_checkpoint(output_dir: &Path) -> Result<Option<PathBuf>, CheckpointError> {
+    Ok(list_checkpoints(output_dir)?
+        .into_iter()
+        .rev()
+        .map(|(_, dir)| dir)
+        .find(|dir| checkpoint_problem(dir).is_none()))
+}
+
+/// The checkpoint folder `--resume_from_checkpoint VALUE` means: `latest` is the newest complete
+/// checkpoint under `output_dir` (`None` when there is none: a new run, as diffusers' script
+/// starts one); otherwise an existing folder path, or a folder name under `output_dir`
+/// (`checkpoint-500`). A named checkpoint that is missing or incomplete is an error.
+pub fn resolve_resume(output_dir: &Path, value: &str) -> Result<Option<PathBuf>, CheckpointError> {
+    if value == "latest" {
+        return latest_checkpoint(output_dir);
+    }
+    let given = Path::new(value);
+    let dir = if given.is_dir() {
+        given.to_path_buf()
+    } else {
+        output_dir.join(given)
+    };
+    if !dir.is_dir() {
+        return Err(CheckpointError::NotFound {
+            path: dir,
+            reason: "does not exist".into(),
+        });
+    }
+    if let Some(reason) = checkpoint_problem(&dir) {
+        return Err(CheckpointError::NotFound { path: dir, reason });
+    }
+    Ok(Some(dir))
+}
+
+/// Reads the complete checkpoint `dir`: every group listed in its manifest onto `device`, and
+/// `state.json`.
+pub fn load_checkpoint(dir: &Path, device: &Device) -> Result<LoadedCheckpoint, CheckpointError> {
+    if let Some(reason) = checkpoint_problem(dir) {
+        return Err(CheckpointError::NotFound {
+            path: dir.to_path_buf(),
+            reason,
+        });
+    }
+    let manifest_path = dir.join(MANIFEST_FILE);
+    let manifest: Value = serde_json::from_str(
+        &fs::read_to_string(&manifest_path).map_err(io_err("reading", &manifest_path))?,
+    )
+    .map_err(|e| CheckpointError::Malformed {
+        path: manifest_path.clone(),
+        what: "checkpoint manifest",
+        reason: e.to_string(),
+    })?;
+    let step = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(checkpoint_step)
+        .or_else(|| manifest.get("step").and_then(Value::as_u64))
+        .unwrap_or(0);
+    let mut groups = BTreeMap::new();
+    if let Some(files) = manifest.get("files").and_then(Value::as_object) {
+        for file in files.keys() {
+            if let Some(group) = file.strip_suffix(".safetensors") {
+                let tensors = read_safetensors(&dir.join(file), device)?;
+                groups.insert(group.to_string(), tensors);
+            }
+        }
+    }
+    let state_path = dir.join(STATE_FILE);
+    let state = serde_json::from_str(
+        &fs::read_to_string(&state_path).map_err(io_err("reading", &state_path))?,
+    )
+    .map_err(|e| CheckpointError::Malformed {
+        path: state_path,
+        what: "JSON state",
+        reason: e.to_string(),
+    })?;
+    Ok(LoadedCheckpoint {
+        path: dir.to_path_buf(),
+        step,
+        groups,
+        state,
+    })
+}
