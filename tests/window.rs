@@ -120,6 +120,14 @@ fn sees(harness: &Harness<'static, EditorApp>, text: &str) -> bool {
     harness.query_all_by_label_contains(text).next().is_some()
 }
 
+/// Drops the fixture image, sets the steps and types the instruction, as a user starts.
+fn open_fixture_and_type(harness: &mut Harness<'static, EditorApp>, steps: u32, prompt: &str) {
+    drop_file(harness, &ancestral_case().join("input.png"));
+    wait_for(harness, "the dropped image", |app| app.input.is_some());
+    set_slider(harness, "Steps", f64::from(steps));
+    type_into(harness, "Instruction", prompt);
+}
+
 fn ancestral_case() -> PathBuf {
     common::fixtures().join("edits").join("sd1-ancestral-seed")
 }
@@ -180,10 +188,7 @@ fn an_edit_in_the_window_equals_diffusers() {
 fn enter_generates_and_a_slider_change_reruns_only_the_denoising() {
     let mut harness = harness(options("sd1-tiny"));
     wait_for(&mut harness, "the model to load", model_ready);
-    drop_file(&mut harness, &ancestral_case().join("input.png"));
-    wait_for(&mut harness, "the image", |app| app.input.is_some());
-    set_slider(&mut harness, "Steps", 4.0);
-    type_into(&mut harness, "Instruction", "turn it into a watercolor");
+    open_fixture_and_type(&mut harness, 4, "turn it into a watercolor");
     harness.key_press(egui::Key::Enter);
     wait_for(&mut harness, "the result of Enter", |app| {
         app.history.len() == 1
@@ -254,10 +259,7 @@ fn cancel_stops_midway_and_keeps_the_previous_result() {
 fn chain_save_and_undo() {
     let mut harness = harness(options("sd1-tiny"));
     wait_for(&mut harness, "the model to load", model_ready);
-    drop_file(&mut harness, &ancestral_case().join("input.png"));
-    wait_for(&mut harness, "the image", |app| app.input.is_some());
-    set_slider(&mut harness, "Steps", 3.0);
-    type_into(&mut harness, "Instruction", "add fireworks");
+    open_fixture_and_type(&mut harness, 3, "add fireworks");
     click(&mut harness, "Generate");
     wait_for(&mut harness, "the first result", |app| {
         app.history.len() == 1
@@ -312,10 +314,7 @@ fn chain_save_and_undo() {
 fn the_guidance_explorer_fills_its_grid_and_a_cell_can_be_adopted() {
     let mut harness = harness(options("sd1-tiny"));
     wait_for(&mut harness, "the model to load", model_ready);
-    drop_file(&mut harness, &ancestral_case().join("input.png"));
-    wait_for(&mut harness, "the image", |app| app.input.is_some());
-    set_slider(&mut harness, "Steps", 2.0);
-    type_into(&mut harness, "Instruction", "make it autumn");
+    open_fixture_and_type(&mut harness, 2, "make it autumn");
     click(&mut harness, "Guidance explorer…");
     click(&mut harness, "Render grid");
     wait_for(&mut harness, "nine grid cells", |app| {
@@ -363,10 +362,7 @@ fn a_bad_file_shows_an_error_and_the_window_keeps_working() {
     click(&mut harness, "Dismiss");
     assert!(harness.state().notices.is_empty());
 
-    drop_file(&mut harness, &ancestral_case().join("input.png"));
-    wait_for(&mut harness, "the good image", |app| app.input.is_some());
-    type_into(&mut harness, "Instruction", "make it snowy");
-    set_slider(&mut harness, "Steps", 2.0);
+    open_fixture_and_type(&mut harness, 2, "make it snowy");
     click(&mut harness, "Generate");
     wait_for(&mut harness, "a result after the error", |app| {
         app.history.len() == 1
@@ -479,10 +475,7 @@ fn the_model_manager_downloads_with_progress_cancels_and_switches_models() {
     harness.run_ok();
 
     // Edits still work with the old model.
-    drop_file(&mut harness, &ancestral_case().join("input.png"));
-    wait_for(&mut harness, "the image", |app| app.input.is_some());
-    type_into(&mut harness, "Instruction", "make it snowy");
-    set_slider(&mut harness, "Steps", 2.0);
+    open_fixture_and_type(&mut harness, 2, "make it snowy");
     click(&mut harness, "Generate");
     wait_for(&mut harness, "an edit after the cancel", |app| {
         app.history.len() == 1
@@ -514,10 +507,7 @@ fn the_model_manager_downloads_with_progress_cancels_and_switches_models() {
 fn before_after_split_zoom_and_history() {
     let mut harness = harness(options("sd1-tiny"));
     wait_for(&mut harness, "the model to load", model_ready);
-    drop_file(&mut harness, &ancestral_case().join("input.png"));
-    wait_for(&mut harness, "the image", |app| app.input.is_some());
-    set_slider(&mut harness, "Steps", 2.0);
-    type_into(&mut harness, "Instruction", "make it snowy");
+    open_fixture_and_type(&mut harness, 2, "make it snowy");
     click(&mut harness, "Generate");
     wait_for(&mut harness, "the first result", |app| {
         app.history.len() == 1
