@@ -1,0 +1,4 @@
+//! Fine-tuning: datasets, the training loop, LoRA, EMA, checkpoints, validation.
+
+pub mod data;
+pub mod resize;
