@@ -379,6 +379,11 @@ fn parquet_dataset_reads_the_train_split_row_by_row() {
     let report = dataset.check(CheckLevel::Decode);
     assert!(report.is_clean(), "{report}");
     assert_eq!(report.good, (0..6).collect::<Vec<_>>());
+    // Without keeping any row group in memory, every read goes to the file again.
+    dataset.set_row_group_cache_bytes(0);
+    for i in [4, 1, 5] {
+        assert_is_fixture(&dataset.load(i).unwrap(), i);
+    }
 }
 
 #[test]

@@ -70,12 +70,12 @@
 //! `RandomHorizontalFlip` makes one draw for them. [`FlipMode::PerBatch`] does the same;
 //! [`FlipMode::PerExample`] draws one per example.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Cursor};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{Device, Tensor};
 use image::RgbImage;
@@ -315,6 +315,76 @@ pub struct Dataset {
     kind: DatasetKind,
     records: Vec<Record>,
     parquet: Arc<Vec<ParquetFile>>,
+    /// Recently read Parquet row groups, shared by the subsets of this dataset.
+    group_cache: Arc<Mutex<GroupCache>>,
+}
+
+/// How many bytes of Parquet rows [`Dataset`] keeps in memory by default
+/// ([`Dataset::set_row_group_cache_bytes`]).
+pub const DEFAULT_ROW_GROUP_CACHE_BYTES: usize = 1 << 30;
+
+/// Parquet row groups already read, least recently used first, within a byte budget.
+///
+/// Why: writers put a whole row group's images in one compressed page (pyarrow checks the page
+/// size only every 1024 values, and `datasets` writes 100-row groups for images), so reading one
+/// row means reading and decompressing its whole row group. Keeping groups lets an epoch over a
+/// dataset that fits in the budget read every group once (and a [`Dataset::check`] before
+/// training leaves them ready).
+#[derive(Debug)]
+struct GroupCache {
+    budget: usize,
+    used: usize,
+    /// (file, row group), its rows, their size in bytes.
+    entries: VecDeque<(GroupKey, Arc<Vec<RawRow>>, usize)>,
+}
+
+/// A Parquet row group: (file index, row group index).
+type GroupKey = (usize, usize);
+
+/// The rows of a row group, or why they could not be read.
+type GroupRows = Result<Arc<Vec<RawRow>>, String>;
+
+impl GroupCache {
+    fn new(budget: usize) -> Self {
+        GroupCache {
+            budget,
+            used: 0,
+            entries: VecDeque::new(),
+        }
+    }
+
+    fn get(&mut self, key: GroupKey) -> Option<Arc<Vec<RawRow>>> {
+        let at = self.entries.iter().position(|(k, _, _)| *k == key)?;
+        let entry = self.entries.remove(at)?;
+        let rows = Arc::clone(&entry.1);
+        self.entries.push_back(entry);
+        Some(rows)
+    }
+
+    fn insert(&mut self, key: GroupKey, rows: Arc<Vec<RawRow>>) {
+        let size: usize = rows.iter().map(RawRow::size).sum();
+        if size > self.budget {
+            return;
+        }
+        while self.used + size > self.budget {
+            match self.entries.pop_front() {
+                Some((_, _, freed)) => self.used -= freed,
+                None => break,
+            }
+        }
+        self.used += size;
+        self.entries.push_back((key, rows, size));
+    }
+
+    fn set_budget(&mut self, budget: usize) {
+        self.budget = budget;
+        while self.used > self.budget {
+            match self.entries.pop_front() {
+                Some((_, _, freed)) => self.used -= freed,
+                None => break,
+            }
+        }
+    }
 }
 
 /// How thoroughly [`Dataset::check`] looks at the images.
@@ -732,6 +802,7 @@ impl Dataset {
             kind,
             records,
             parquet: Arc::new(parquet),
+            group_cache: Arc::new(Mutex::new(GroupCache::new(DEFAULT_ROW_GROUP_CACHE_BYTES))),
         }
     }
 
@@ -783,6 +854,7 @@ impl Dataset {
             kind: self.kind.clone(),
             records,
             parquet: Arc::clone(&self.parquet),
+            group_cache: Arc::clone(&self.group_cache),
         })
     }
 
@@ -822,22 +894,17 @@ impl Dataset {
             Record::Row {
                 file, group, row, ..
             } => {
-                let parquet = self
-                    .parquet
-                    .get(*file)
-                    .ok_or_else(|| bad("no such Parquet file".to_string()))?;
-                let mut rows = read_rows(parquet, *group, *row, 1).map_err(&bad)?;
+                let rows = self.group_rows(*file, *group).map_err(&bad)?;
                 let raw = rows
-                    .pop()
+                    .get(*row)
                     .ok_or_else(|| bad("the row is missing from its row group".to_string()))?;
-                let columns = (&raw.original_column, &raw.edited_column);
-                let original_bytes = raw.original.map_err(&bad)?;
-                let edited_bytes = raw.edited.map_err(&bad)?;
-                let prompt = raw.prompt.map_err(&bad)?;
-                let original = decode_image(&original_bytes, &format!("{name} {}", columns.0))
-                    .map_err(|e| bad(e.to_string()))?;
-                let edited = decode_image(&edited_bytes, &format!("{name} {}", columns.1))
-                    .map_err(|e| bad(e.to_string()))?;
+                let cell = |cell: &Result<Vec<u8>, String>, column: &str| {
+                    let bytes = cell.as_ref().map_err(|r| bad(r.clone()))?;
+                    decode_image(bytes, &format!("{name} {column}")).map_err(|e| bad(e.to_string()))
+                };
+                let original = cell(&raw.original, &raw.original_column)?;
+                let edited = cell(&raw.edited, &raw.edited_column)?;
+                let prompt = raw.prompt.clone().map_err(&bad)?;
                 Ok(Example {
                     original,
                     edited,
@@ -846,6 +913,32 @@ impl Dataset {
                 })
             }
         }
+    }
+
+    /// The rows of one Parquet row group, from the cache or read now.
+    fn group_rows(&self, file: usize, group: usize) -> GroupRows {
+        let lock = || self.group_cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(rows) = lock().get((file, group)) {
+            return Ok(rows);
+        }
+        let parquet = self
+            .parquet
+            .get(file)
+            .ok_or_else(|| "no such Parquet file".to_string())?;
+        // Read without holding the lock: other threads may use other groups meanwhile.
+        let rows = Arc::new(read_group(parquet, group)?);
+        lock().insert((file, group), Arc::clone(&rows));
+        Ok(rows)
+    }
+
+    /// How many bytes of Parquet rows (encoded images and prompts) to keep in memory between
+    /// reads (default [`DEFAULT_ROW_GROUP_CACHE_BYTES`]; 0 keeps none). Shared with the datasets
+    /// made from this one by [`Self::subset`].
+    pub fn set_row_group_cache_bytes(&self, bytes: usize) {
+        self.group_cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_budget(bytes);
     }
 
     /// Loads the examples at `indices`, in order (the first bad one is the error).
@@ -867,25 +960,25 @@ impl Dataset {
         let total = self.len();
         let mut good = Vec::new();
         let mut problems = Vec::new();
-        // Rows of the row group read last: rows are read group by group, not one at a time.
-        let mut cached_group: Option<((usize, usize), Vec<RawRow>)> = None;
+        // The row group read last, so a group is read once even with no cache budget.
+        let mut last_group: Option<(GroupKey, GroupRows)> = None;
         for (index, record) in self.records.iter().enumerate() {
             let outcome = match record {
                 Record::Row {
                     file, group, row, ..
                 } => {
                     let key = (*file, *group);
-                    if cached_group.as_ref().map(|(k, _)| *k) != Some(key) {
-                        let rows = match self.parquet.get(*file) {
-                            Some(parquet) => read_rows(parquet, *group, 0, usize::MAX),
-                            None => Err("no such Parquet file".to_string()),
-                        };
-                        cached_group = Some((key, rows.unwrap_or_default()));
+                    if last_group.as_ref().map(|(k, _)| *k) != Some(key) {
+                        last_group = Some((key, self.group_rows(*file, *group)));
                     }
                     let name = self.record_name(record);
-                    match cached_group.as_ref().and_then(|(_, rows)| rows.get(*row)) {
-                        Some(raw) => check_raw_row(raw, &name, level),
-                        None => Err("cannot read this row from its row group".to_string()),
+                    match last_group.as_ref().map(|(_, rows)| rows) {
+                        Some(Ok(rows)) => match rows.get(*row) {
+                            Some(raw) => check_raw_row(raw, &name, level),
+                            None => Err("the row is missing from its row group".to_string()),
+                        },
+                        Some(Err(reason)) => Err(reason.clone()),
+                        None => Err("cannot read this row".to_string()),
                     }
                 }
                 Record::Invalid { reason, .. } => Err(reason.clone()),
@@ -1072,6 +1165,14 @@ struct RawRow {
     edited_column: String,
 }
 
+impl RawRow {
+    /// Bytes held (for the cache budget).
+    fn size(&self) -> usize {
+        let len = |cell: &Result<Vec<u8>, String>| cell.as_ref().map_or(0, Vec::len);
+        len(&self.original) + len(&self.edited) + self.prompt.as_ref().map_or(0, String::len) + 64
+    }
+}
+
 fn open_parquet_file(
     path: &Path,
     shown: String,
@@ -1124,19 +1225,14 @@ fn open_parquet_file(
     })
 }
 
-/// Rows `skip..skip + take` of one row group (fewer at its end).
-fn read_rows(
-    parquet: &ParquetFile,
-    group: usize,
-    skip: usize,
-    take: usize,
-) -> Result<Vec<RawRow>, String> {
+/// All the rows of one row group.
+fn read_group(parquet: &ParquetFile, group: usize) -> Result<Vec<RawRow>, String> {
     let fail = |e: parquet::errors::ParquetError| {
         format!("cannot read Parquet file {}: {e}", parquet.path.display())
     };
     let group_reader = parquet.reader.get_row_group(group).map_err(fail)?;
     let rows_in_group = group_reader.metadata().num_rows().max(0) as usize;
-    let take = take.min(rows_in_group.saturating_sub(skip));
+    let take = rows_in_group;
     let schema = parquet.reader.metadata().file_metadata().schema_descr_ptr();
     let read_column = |leaf: usize| -> Result<Vec<Option<Vec<u8>>>, String> {
         let max_def = schema.column(leaf).max_def_level();
@@ -1149,10 +1245,6 @@ fn read_rows(
                 schema.column(leaf).path()
             ));
         };
-        let skipped = reader.skip_records(skip).map_err(fail)?;
-        if skipped < skip {
-            return Ok(Vec::new());
-        }
         let mut defs = Vec::new();
         let mut values = Vec::new();
         let mut records = 0;
@@ -1706,6 +1798,37 @@ mod tests {
             EpochSampler::epoch_order(50, 1, 0),
             EpochSampler::epoch_order(50, 1, 1)
         );
+    }
+
+    fn rows(bytes: usize) -> Arc<Vec<RawRow>> {
+        Arc::new(vec![RawRow {
+            original: Ok(vec![0; bytes]),
+            edited: Err("null".to_string()),
+            prompt: Ok(String::new()),
+            original_column: "input_image".to_string(),
+            edited_column: "edited_image".to_string(),
+        }])
+    }
+
+    #[test]
+    fn group_cache_keeps_recent_groups_within_its_budget() {
+        // Each entry is 1000 bytes + 64 of overhead.
+        let mut cache = GroupCache::new(2200);
+        cache.insert((0, 0), rows(1000));
+        cache.insert((0, 1), rows(1000));
+        assert!(cache.get((0, 0)).is_some());
+        // (0, 1) is now the least recently used: the third group evicts it.
+        cache.insert((1, 0), rows(1000));
+        assert!(cache.get((0, 1)).is_none());
+        assert!(cache.get((0, 0)).is_some());
+        assert!(cache.get((1, 0)).is_some());
+        assert_eq!(cache.used, 2128);
+        // A group larger than the whole budget is not kept (and evicts nothing).
+        cache.insert((2, 0), rows(5000));
+        assert!(cache.get((2, 0)).is_none());
+        assert_eq!(cache.entries.len(), 2);
+        cache.set_budget(0);
+        assert_eq!((cache.used, cache.entries.len()), (0, 0));
     }
 
     #[test]
