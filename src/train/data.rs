@@ -23,7 +23,10 @@
 //!   word — split at `/ - _ .`, spaces and digits — equal to `train`, `test`, `validation`,
 //!   `valid`, `val`, `dev` or `eval`), only the `train` files are used, as `dataset["train"]`;
 //!   otherwise all. Files are taken in path order, rows in file order. Codecs: uncompressed,
-//!   snappy and gzip (others give an error naming the file).
+//!   snappy and gzip (others give an error naming the file). Writers put a whole row group in one
+//!   compressed page, so a row is read with its group; recently read groups stay in memory within
+//!   a budget ([`Dataset::set_row_group_cache_bytes`], 1 GiB by default), so an epoch over a
+//!   dataset that fits reads each group once (and [`Dataset::check`] leaves them ready).
 //! - **Hub dataset id** ([`Dataset::open_dataset_name`] with `owner/name`): resolved through the
 //!   Hugging Face cache only (`datasets--owner--name/refs/<revision>` →
 //!   `snapshots/<commit>/`, as `huggingface-cli download --repo-type dataset owner/name` leaves
@@ -1081,17 +1084,17 @@ fn check_files(
         match level {
             CheckLevel::Decode => load_image(path).map(drop).map_err(|e| e.to_string())?,
             CheckLevel::Headers => {
-                let bytes = read_header_bytes(path)?;
-                probe_image(&bytes, &path.display().to_string())?
+                let file = open_image_file(path)?;
+                probe_image(BufReader::new(file), &path.display().to_string())?
             }
         }
     }
     Ok(())
 }
 
-/// The whole file (headers of some formats sit anywhere, e.g. WebP chunks or JPEG after EXIF).
-fn read_header_bytes(path: &Path) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| match e.kind() {
+/// Opens an image file; a missing one says "not found" as the edit path does.
+fn open_image_file(path: &Path) -> Result<File, String> {
+    File::open(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => ImageError::NotFound {
             path: path.to_path_buf(),
         }
@@ -1100,9 +1103,10 @@ fn read_header_bytes(path: &Path) -> Result<Vec<u8>, String> {
     })
 }
 
-/// A supported format with a non-empty size within [`MAX_IMAGE_PIXELS`], from the headers.
-fn probe_image(bytes: &[u8], name: &str) -> Result<(), String> {
-    let reader = image::ImageReader::new(Cursor::new(bytes))
+/// A supported format with a non-empty size within [`MAX_IMAGE_PIXELS`], reading only as far as
+/// the headers.
+fn probe_image<R: BufRead + std::io::Seek>(input: R, name: &str) -> Result<(), String> {
+    let reader = image::ImageReader::new(input)
         .with_guessed_format()
         .map_err(|e| format!("cannot read image {name}: {e}"))?;
     match reader.format() {
@@ -1146,7 +1150,7 @@ fn check_raw_row(raw: &RawRow, name: &str, level: CheckLevel) -> Result<(), Stri
             CheckLevel::Decode => decode_image(bytes, &shown)
                 .map(drop)
                 .map_err(|e| e.to_string())?,
-            CheckLevel::Headers => probe_image(bytes, &shown)?,
+            CheckLevel::Headers => probe_image(Cursor::new(bytes), &shown)?,
         }
     }
     Ok(())
