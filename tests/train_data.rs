@@ -491,6 +491,32 @@ fn dataset_name_resolves_a_cached_hub_dataset_and_local_folders() {
         Dataset::open_dataset_name(folder.to_str().unwrap(), None, &hub, &options()).unwrap();
     assert_eq!(local.len(), 3);
 
+    // A cached Hub dataset in imagefolder form (no Parquet files).
+    let snapshot = cache
+        .path()
+        .join("datasets--owner--folder-edits/snapshots")
+        .join(sha);
+    std::fs::create_dir_all(snapshot.join("img")).unwrap();
+    for entry in std::fs::read_dir(fixtures().join("imagefolder/img")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), snapshot.join("img").join(entry.file_name())).unwrap();
+    }
+    std::fs::copy(
+        fixtures().join("imagefolder/metadata.jsonl"),
+        snapshot.join("metadata.jsonl"),
+    )
+    .unwrap();
+    std::fs::create_dir_all(cache.path().join("datasets--owner--folder-edits/refs")).unwrap();
+    std::fs::write(
+        cache.path().join("datasets--owner--folder-edits/refs/main"),
+        sha,
+    )
+    .unwrap();
+    let folder_repo =
+        Dataset::open_dataset_name("owner/folder-edits", None, &hub, &options()).unwrap();
+    assert!(matches!(folder_repo.kind(), DatasetKind::ImageFolder(_)));
+    assert_is_fixture(&folder_repo.load(1).unwrap(), 1);
+
     match Dataset::open_dataset_name("owner/not-cached", None, &hub, &options()) {
         Err(e @ DataError::NotCached { .. }) => {
             let text = e.to_string();

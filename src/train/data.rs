@@ -30,7 +30,8 @@
 //! - **Hub dataset id** ([`Dataset::open_dataset_name`] with `owner/name`): resolved through the
 //!   Hugging Face cache only (`datasets--owner--name/refs/<revision>` →
 //!   `snapshots/<commit>/`, as `huggingface-cli download --repo-type dataset owner/name` leaves
-//!   it); nothing is downloaded here, and a dataset that is not cached is an error saying so.
+//!   it), the snapshot then read as a local folder (Parquet files, else imagefolder or pairs);
+//!   nothing is downloaded here, and a dataset that is not cached is an error saying so.
 //! - **Pairs made by hand** ([`Dataset::open_pairs`]): in one folder (sub-folders are not read),
 //!   - `NAME.txt` holds the instruction (UTF-8; leading and trailing white space removed);
 //!   - `NAME.EXT` is the input image and `NAME_edited.EXT` the edited one, where each `EXT` is
@@ -462,9 +463,9 @@ impl Dataset {
     }
 
     /// `--dataset_name`: an existing folder (Parquet files under it, else as
-    /// [`Self::open_train_data_dir`]; a `datasets--owner--name` cache folder uses its
-    /// `refs/main` snapshot) or a Hub id `owner/name` at `revision` (default `main`) taken from
-    /// the cache described by `hub` (see the module doc).
+    /// [`Self::open_train_data_dir`]; a `datasets--owner--name` cache folder uses its snapshot of
+    /// `revision`, default `main`) or a Hub id `owner/name` at `revision` taken from the cache
+    /// described by `hub`, its snapshot read as a local folder (see the module doc).
     pub fn open_dataset_name(
         spec: &str,
         revision: Option<&str>,
@@ -481,11 +482,7 @@ impl Dataset {
                 Some(snapshot) => snapshot,
                 None => path,
             };
-            return if has_parquet(&root) {
-                Self::open_parquet_folder(&root, options)
-            } else {
-                Self::open_train_data_dir(&root, options)
-            };
+            return Self::open_local_folder(&root, options);
         }
         if path.exists() {
             return Err(DataError::NotADataset {
@@ -501,7 +498,16 @@ impl Dataset {
         })?;
         let revision = revision.map(str::trim).unwrap_or("main");
         let snapshot = cached_dataset_snapshot(hub, trimmed, revision)?;
-        Self::open_parquet_folder(&snapshot, options)
+        Self::open_local_folder(&snapshot, options)
+    }
+
+    /// Parquet files under `root` if there are any, else `root` as `--train_data_dir`.
+    fn open_local_folder(root: &Path, options: &DatasetOptions) -> Result<Self, DataError> {
+        if has_parquet(root) {
+            Self::open_parquet_folder(root, options)
+        } else {
+            Self::open_train_data_dir(root, options)
+        }
     }
 
     /// An imagefolder dataset (see the module doc).
