@@ -4,7 +4,9 @@
 //! # Sources
 //! Every source gives the same [`Example`] (input image, edited image, instruction, a name for
 //! messages). Opening a dataset lists its examples without decoding any image; each is read and
-//! decoded when [`Dataset::load`] asks for it.
+//! decoded when [`Dataset::load`] asks for it. Images are decoded as the `datasets` `Image`
+//! feature does (EXIF orientation applied, then `convert("RGB")`), by
+//! [`crate::pipeline::image`]'s decoder.
 //!
 //! - **imagefolder** ([`Dataset::open_image_folder`]): a folder with `metadata.jsonl` (or
 //!   `train/metadata.jsonl`, a split folder as Hugging Face `datasets` finds it), one JSON object
