@@ -33,6 +33,9 @@ const IMAGE_TEXTURE: TextureOptions = TextureOptions {
     ..TextureOptions::LINEAR
 };
 
+/// How many earlier inputs "Undo input" can bring back.
+const MAX_UNDO_INPUTS: usize = 20;
+
 /// How long one frame may spend taking in events before drawing.
 const EVENT_BUDGET: Duration = Duration::from_millis(8);
 
@@ -593,6 +596,10 @@ impl EditorApp {
         };
         if let Some(old) = self.input.replace(new_input) {
             self.input_stack.push(old);
+            // Each input holds its full image and a texture: keep a bounded undo.
+            if self.input_stack.len() > MAX_UNDO_INPUTS {
+                self.input_stack.remove(0);
+            }
         }
         self.selected = None;
         self.viewer.reset_view();
@@ -628,18 +635,9 @@ impl EditorApp {
 
     /// Puts a history entry's settings back on the sliders and in the instruction box.
     pub fn restore_settings(&mut self, index: usize) {
-        let Some(entry) = self.history.get(index) else {
-            return;
-        };
-        let used = entry.result.settings.clone();
-        self.prompt = used.prompt;
-        self.settings.negative_prompt = used.negative_prompt;
-        self.settings.steps = used.steps;
-        self.settings.guidance_scale = used.guidance_scale;
-        self.settings.image_guidance_scale = used.image_guidance_scale;
-        self.settings.seed = used.seed;
-        self.settings.randomize_seed = false;
-        self.settings.scheduler = used.scheduler.map(|s| s.name().to_string());
+        if let Some(record) = self.history.get(index).map(HistoryEntry::record) {
+            self.restore_record(&record);
+        }
     }
 
     /// Settings stored in an opened PNG, put on the controls.
