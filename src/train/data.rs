@@ -1707,7 +1707,8 @@ pub fn crop_to(img: &RgbImage, resolution: u32, _mode: CropMode) -> RgbImage {
     })
 }
 
-/// A batch ready for a training step (the script's `collate_fn` output, before tokenizing).
+/// A batch ready for a training step (the script's `collate_fn` output): what
+/// [`super::step::TrainingModels::micro_batch_loss`] takes; it tokenizes the prompts itself.
 #[derive(Debug, Clone)]
 pub struct TrainBatch {
     /// `original_pixel_values`: `[N, 3, R, R]` float32 in [-1, 1].

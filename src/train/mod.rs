@@ -8,5 +8,6 @@ pub mod metrics;
 pub mod optim;
 pub mod output;
 pub mod resize;
+pub mod run;
 pub mod schedule;
 pub mod step;

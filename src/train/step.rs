@@ -29,6 +29,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use rand::{Rng, SeedableRng};
 
+use super::data::TrainBatch;
 use super::ema::{EmaConfig, EmaError, EmaModel};
 use super::optim::{AdamW, AdamWConfig, OptimError, clip_grad_norm};
 use super::schedule::LrSchedule;
@@ -187,10 +188,38 @@ pub fn grow_conv_in_weight(weight: &Tensor) -> candle_core::Result<Tensor> {
     Tensor::cat(&[weight, &zeros], 1)
 }
 
+/// The grown conv_in's bias [out]: the script builds a fresh `nn.Conv2d(8, out, k)` and copies
+/// only the weight into it, so its bias keeps torch's default initialisation, uniform in
+/// ±1/√fan_in with fan_in = 8·k·k. Drawn here from `seed` (the run's `--seed`): the same
+/// distribution as torch, not torch's numbers.
+pub fn grown_conv_in_bias(
+    out_channels: usize,
+    kernel: (usize, usize),
+    seed: u64,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    let fan_in = INSTRUCT_PIX2PIX_IN_CHANNELS * kernel.0 * kernel.1;
+    let bound = 1.0 / (fan_in as f32).sqrt();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(mix_seed(seed, CONV_IN_BIAS_STREAM));
+    let values: Vec<f32> = (0..out_channels)
+        .map(|_| rng.random_range(-bound..bound))
+        .collect();
+    Tensor::from_vec(values, out_channels, device)
+}
+
+/// The `mix_seed` index of the grown conv_in bias's draws (far from any micro-batch index).
+const CONV_IN_BIAS_STREAM: u64 = u64::MAX;
+
 impl TrainableUNet {
     /// Reads `unet_dir` (diffusers' `config.json` and weights, safetensors or .bin, sharded or
-    /// not) into f32 variables on `device`, growing conv_in from 4 to 8 input channels if needed.
-    pub fn load(unet_dir: &Path, variant: Variant, device: &Device) -> Result<Self, TrainError> {
+    /// not) into f32 variables on `device`, growing conv_in from 4 to 8 input channels if needed
+    /// (its new bias drawn from `seed`, see [`grown_conv_in_bias`]).
+    pub fn load(
+        unet_dir: &Path,
+        variant: Variant,
+        device: &Device,
+        seed: u64,
+    ) -> Result<Self, TrainError> {
         let config_path = unet_dir.join("config.json");
         let config: UNetConfig = read_json(&config_path)?;
         let weights = component_weights_detailed(unet_dir, DIFFUSERS_WEIGHTS, variant)?;
@@ -226,7 +255,7 @@ impl TrainableUNet {
                 }
             }
         }
-        Self::from_tensors(tensors, config, unet_dir)
+        Self::from_tensors(tensors, config, unet_dir, seed)
     }
 
     /// Builds the trainable UNet from named f32 tensors and their config (`source` names them in
@@ -235,6 +264,7 @@ impl TrainableUNet {
         mut tensors: BTreeMap<String, Tensor>,
         mut config: UNetConfig,
         source: &Path,
+        seed: u64,
     ) -> Result<Self, TrainError> {
         let config_path = source.join("config.json");
         let bad = |reason: String| TrainError::BadConfig {
@@ -259,7 +289,11 @@ impl TrainableUNet {
             INSTRUCT_PIX2PIX_IN_CHANNELS => false,
             PLAIN_SD_IN_CHANNELS => {
                 let grown = grow_conv_in_weight(conv_in).stage("growing conv_in")?;
+                let (out_channels, _, kh, kw) = grown.dims4().stage("growing conv_in")?;
+                let bias = grown_conv_in_bias(out_channels, (kh, kw), seed, grown.device())
+                    .stage("growing conv_in")?;
                 tensors.insert(conv_in_name.to_string(), grown);
+                tensors.insert("conv_in.bias".to_string(), bias);
                 config.in_channels = INSTRUCT_PIX2PIX_IN_CHANNELS;
                 true
             }
@@ -350,6 +384,38 @@ impl TrainableUNet {
             .map(|(name, var)| (name.clone(), var.as_detached_tensor()))
             .collect()
     }
+
+    /// A UNet of this config over `tensors` (all of [`TrainableUNet::params`]' names, e.g. the
+    /// current weights or the EMA's) that are plain tensors, not variables: it builds no graph and
+    /// uses the fast inference kernels (validation edits), and a loss through it differentiates
+    /// only what is attached to it afterwards (LoRA adapters). Shares the tensors' storage.
+    pub fn frozen_unet(
+        &self,
+        tensors: &[(String, Tensor)],
+    ) -> Result<UNet2DConditionModel, TrainError> {
+        let map: std::collections::HashMap<String, Tensor> = tensors
+            .iter()
+            .map(|(name, t)| (name.clone(), t.detach()))
+            .collect();
+        let device = tensors
+            .first()
+            .map(|(_, t)| t.device().clone())
+            .unwrap_or(Device::Cpu);
+        let vb = VarBuilder::from_tensors(map, DType::F32, &device);
+        UNet2DConditionModel::load(vb, &self.config).map_err(|source| TrainError::Build {
+            folder: PathBuf::from("(trained weights)"),
+            component: "UNet",
+            source,
+        })
+    }
+
+    /// Makes the base weights frozen (for LoRA training): the network is rebuilt over plain
+    /// tensors sharing the variables' storage, so backward passes compute no gradient for them.
+    /// [`TrainableUNet::params`] still lists them (for saving).
+    pub fn freeze_base(&mut self) -> Result<(), TrainError> {
+        self.unet = self.frozen_unet(&self.named_tensors())?;
+        Ok(())
+    }
 }
 
 /// How to load the models for training.
@@ -362,6 +428,8 @@ pub struct TrainLoadOptions {
     pub frozen_dtype: DType,
     /// Where everything runs.
     pub device: Device,
+    /// The run's seed (`--seed`): draws the grown conv_in's new bias.
+    pub seed: u64,
 }
 
 impl Default for TrainLoadOptions {
@@ -370,6 +438,7 @@ impl Default for TrainLoadOptions {
             variant: Variant::Default,
             frozen_dtype: DType::F32,
             device: Device::Cpu,
+            seed: 0,
         }
     }
 }
@@ -457,7 +526,8 @@ impl TrainingModels {
             });
         }
 
-        let unet = TrainableUNet::load(&folder.join("unet"), options.variant, device)?;
+        let unet =
+            TrainableUNet::load(&folder.join("unet"), options.variant, device, options.seed)?;
         let null_ids = Tensor::new(tokenizer.encode_for_model("").as_slice(), device)
             .and_then(|t| t.unsqueeze(0))
             .stage("tokenizing the empty prompt")?;
@@ -506,27 +576,34 @@ impl TrainingModels {
         conditioning_dropout_prob: Option<f64>,
     ) -> Result<MicroBatchLoss, TrainError> {
         let (bsz, channels, height, width) =
-            batch.edited_pixels.dims4().map_err(|_| TrainError::Batch {
-                reason: format!(
-                    "edited pixels must be [B, 3, H, W], got {:?}",
-                    batch.edited_pixels.dims()
-                ),
-            })?;
-        if batch.original_pixels.dims() != [bsz, channels, height, width] {
+            batch
+                .edited_pixel_values
+                .dims4()
+                .map_err(|_| TrainError::Batch {
+                    reason: format!(
+                        "edited pixels must be [B, 3, H, W], got {:?}",
+                        batch.edited_pixel_values.dims()
+                    ),
+                })?;
+        if batch.original_pixel_values.dims() != [bsz, channels, height, width] {
             return Err(TrainError::Batch {
                 reason: format!(
                     "original pixels {:?} and edited pixels {:?} differ in shape",
-                    batch.original_pixels.dims(),
-                    batch.edited_pixels.dims()
+                    batch.original_pixel_values.dims(),
+                    batch.edited_pixel_values.dims()
                 ),
             });
         }
-        let ids_dims = batch.input_ids.dims();
-        if ids_dims.len() != 2 || ids_dims[0] != bsz {
+        if batch.prompts.len() != bsz {
             return Err(TrainError::Batch {
-                reason: format!("input ids {ids_dims:?} for a batch of {bsz} images"),
+                reason: format!(
+                    "{} prompts for a batch of {bsz} images",
+                    batch.prompts.len()
+                ),
             });
         }
+        let prompts: Vec<&str> = batch.prompts.iter().map(String::as_str).collect();
+        let input_ids = self.tokenize(&prompts)?;
         if draws.timesteps.len() != bsz {
             return Err(TrainError::Batch {
                 reason: format!("{} timesteps for a batch of {bsz}", draws.timesteps.len()),
@@ -547,7 +624,7 @@ impl TrainingModels {
         // 1. Target latents: a sample of the edited image's posterior, scaled.
         let posterior = self
             .vae
-            .encode(&batch.edited_pixels)
+            .encode(&batch.edited_pixel_values)
             .stage("encoding the edited images")?;
         if posterior.mean.dims() != draws.latent_sample_noise.dims()
             || posterior.mean.dims() != draws.noise.dims()
@@ -579,12 +656,12 @@ impl TrainingModels {
         // 3.–4. Conditioning: text embeddings and the original image's latent mode.
         let mut encoder_hidden_states = self
             .text_encoder
-            .forward(&batch.input_ids)
+            .forward(&input_ids)
             .and_then(|t| t.to_dtype(DType::F32))
             .stage("encoding the prompts")?;
         let mut image_latents = self
             .vae
-            .encode(&batch.original_pixels)
+            .encode(&batch.original_pixel_values)
             .stage("encoding the original images")?
             .mode()
             .to_dtype(DType::F32)
@@ -666,18 +743,6 @@ fn check_dropout_prob(p: f64) -> Result<(), TrainError> {
         });
     }
     Ok(())
-}
-
-/// One micro-batch: pixels in [−1, 1] as the script's preprocessing makes them, and the prompts'
-/// token ids.
-#[derive(Debug, Clone)]
-pub struct TrainBatch {
-    /// The input images [B, 3, R, R].
-    pub original_pixels: Tensor,
-    /// The edited images [B, 3, R, R].
-    pub edited_pixels: Tensor,
-    /// The edit instructions' token ids [B, 77] (integers).
-    pub input_ids: Tensor,
 }
 
 /// The random draws of one micro-batch.
