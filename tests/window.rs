@@ -555,3 +555,100 @@ fn before_after_split_zoom_and_history() {
     click(&mut harness, "Restore settings");
     assert_eq!(harness.state().settings.image_guidance_scale, 1.5);
 }
+
+/// Clears a text field and types `text` (Ctrl+A, then typing replaces the selection).
+fn replace_text(harness: &mut Harness<'static, EditorApp>, label: &str, text: &str) {
+    harness.get_by_label(label).click();
+    harness.run_steps(1);
+    harness.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::A);
+    harness.get_by_label(label).type_text(text);
+    harness.run_steps(2);
+    let value = harness.get_by_label(label).value().unwrap_or_default();
+    assert_eq!(value, text, "{label}");
+}
+
+#[test]
+fn the_fine_tune_dialog_checks_a_folder_trains_validates_stops_and_opens_the_model() {
+    let mut harness = harness(options("sd1-tiny"));
+    wait_for(&mut harness, "the model to load", model_ready);
+    click(&mut harness, "Fine-tune on folder…");
+    let data = common::fixtures().join("train_data");
+
+    // A folder with broken pairs: the check lists them by name.
+    replace_text(
+        &mut harness,
+        "Examples folder",
+        &data.join("pairs_broken").display().to_string(),
+    );
+    click(&mut harness, "Check");
+    wait_for(&mut harness, "the dataset check", |app| {
+        app.finetune.check.is_some()
+    });
+    let check = harness.state().finetune.check.clone().unwrap().unwrap();
+    assert!(!check.problems.is_empty(), "{check:?}");
+    assert!(sees(&harness, "examples will be skipped"));
+
+    let output = tempfile::tempdir().unwrap();
+    let model_dir = output.path().join("tuned");
+    replace_text(
+        &mut harness,
+        "Examples folder",
+        &data.join("pairs").display().to_string(),
+    );
+    click(&mut harness, "Check");
+    wait_for(
+        &mut harness,
+        "the clean check",
+        |app| matches!(&app.finetune.check, Some(Ok(c)) if c.problems.is_empty() && c.total == 2),
+    );
+    replace_text(
+        &mut harness,
+        "Output folder",
+        &model_dir.display().to_string(),
+    );
+    set_slider(&mut harness, "Training steps", 1000.0);
+    set_slider(&mut harness, "Batch size", 1.0);
+    set_slider(&mut harness, "Gradient accumulation", 1.0);
+    set_slider(&mut harness, "Resolution", 64.0);
+    replace_text(
+        &mut harness,
+        "Validation image",
+        &ancestral_case().join("input.png").display().to_string(),
+    );
+    replace_text(&mut harness, "Validation prompt", "make it snowy");
+    click(&mut harness, "Start");
+    assert!(
+        harness.state().generate_blocker().is_some(),
+        "editing waits while training holds the device"
+    );
+    wait_for(&mut harness, "loss points and a validation image", |app| {
+        app.finetune
+            .run
+            .as_ref()
+            .is_some_and(|run| run.losses.len() >= 3 && !run.validation.is_empty())
+    });
+    assert!(sees(&harness, "Validation at step"));
+    assert!(sees(&harness, "loss "), "the progress line shows the loss");
+    click(&mut harness, "Stop");
+    wait_for(&mut harness, "the stopped run's model", |app| {
+        app.finetune
+            .run
+            .as_ref()
+            .is_some_and(|run| run.finished.is_some())
+    });
+    let run = harness.state().finetune.run.as_ref().unwrap();
+    assert!(run.failed.is_none(), "{:?}", run.failed);
+    let steps = run.losses.len() as u64;
+    assert!(steps < 1000, "stopped early, after {steps} steps");
+    assert!(model_dir.join("model_index.json").is_file());
+    assert!(model_dir.join("unet").join("config.json").is_file());
+
+    click(&mut harness, "Open in editor");
+    wait_for(&mut harness, "the fine-tuned model in the editor", |app| {
+        model_ready(app)
+            && app
+                .model
+                .as_ref()
+                .is_some_and(|m| m.name == model_dir.display().to_string())
+    });
+}

@@ -23,8 +23,11 @@ use crate::worker::{
 };
 
 use super::explorer::Explorer;
+use super::finetune::{FineTune, FineTuneAction};
 use super::settings::{Settings, SettingsStore};
-use super::tasks::{CatalogEntry, OpenedImage, TaskEvent, Tasks, display_image, to_color_image};
+use super::tasks::{
+    CatalogEntry, FolderPurpose, OpenedImage, TaskEvent, Tasks, display_image, to_color_image,
+};
 use super::viewer::ViewerState;
 
 /// Smooth when scaled down, crisp pixels when zoomed in.
@@ -276,6 +279,8 @@ pub struct EditorApp {
     pub rerun_on_change: bool,
     pub frame_stats: FrameStats,
     pub ui_state: super::dialogs::DialogState,
+    /// The "Fine-tune on folder" dialog and its run.
+    pub finetune: FineTune,
 
     ctx: egui::Context,
     worker: Option<WorkerHandle>,
@@ -353,6 +358,7 @@ impl EditorApp {
             rerun_on_change: true,
             frame_stats: FrameStats::default(),
             ui_state: Default::default(),
+            finetune: FineTune::default(),
             ctx,
             worker,
             events,
@@ -394,6 +400,11 @@ impl EditorApp {
 
     /// Asks the model thread to load `spec` with the chosen device and precision.
     pub fn load_model(&mut self, spec: String) {
+        self.load_model_with_lora(spec, None);
+    }
+
+    /// [`Self::load_model`] with LoRA weights applied on the UNet.
+    pub fn load_model_with_lora(&mut self, spec: String, lora: Option<PathBuf>) {
         let spec = spec.trim().to_string();
         if spec.is_empty() {
             self.notify_error("type a model folder or a Hub repo id first".into());
@@ -405,6 +416,7 @@ impl EditorApp {
             self.settings.dtype_choice(),
         );
         request.hub = self.options.hub.clone();
+        request.lora = lora;
         if self.send(Job::LoadModel(request)) {
             self.load_failure = None;
             self.loading = Some(Loading {
@@ -460,6 +472,9 @@ impl EditorApp {
         }
         if self.loading.is_some() {
             return Some("a model is loading (cancel it in the model manager to keep editing)");
+        }
+        if self.finetune.training() {
+            return Some("fine-tuning is running; editing waits until it ends (or Stop it)");
         }
         if self.model.is_none() {
             return Some("load a model first (Model > Model manager…)");
@@ -943,9 +958,14 @@ impl EditorApp {
                 self.ui_state.save_path = path.display().to_string();
             }
             TaskEvent::ModelList(entries) => self.catalog = entries,
-            TaskEvent::FolderChosen(path) => {
+            TaskEvent::FolderChosen(path, FolderPurpose::Model) => {
                 self.ui_state.model_field = path.display().to_string();
             }
+            TaskEvent::FolderChosen(path, FolderPurpose::Dataset) => {
+                let action = self.finetune.set_folder(path);
+                self.finetune_action(action);
+            }
+            TaskEvent::DatasetChecked(check) => self.finetune.check = Some(check),
             TaskEvent::Saved(path) => {
                 self.ui_state.save_open = false;
                 self.notify(format!("saved {}", path.display()));
@@ -998,16 +1018,43 @@ impl EditorApp {
     /// Drops and pastes of files onto the window.
     fn take_dropped_files(&mut self, ctx: &egui::Context) {
         let dropped = ctx.input(|i| i.raw.dropped_files.clone());
-        // One image at a time: the first file of a drop.
+        // One image at a time: the first file of a drop; a folder goes to the fine-tuning dialog.
         if let Some(file) = dropped.first() {
-            self.tasks.open_file(file.path().to_path_buf());
+            let path = file.path().to_path_buf();
+            if path.is_dir() {
+                self.finetune.open_with(&self.settings.model);
+                let action = self.finetune.set_folder(path);
+                self.finetune_action(action);
+            } else {
+                self.tasks.open_file(path);
+            }
         }
+    }
+
+    /// Carries out what the fine-tuning dialog asked for.
+    pub fn finetune_action(&mut self, action: FineTuneAction) {
+        match action {
+            FineTuneAction::Check(folder) => self.tasks.check_dataset(folder),
+            FineTuneAction::BrowseFolder => self
+                .tasks
+                .folder_dialog("Choose a folder of examples", FolderPurpose::Dataset),
+            FineTuneAction::OpenInEditor { model, lora } => {
+                self.load_model_with_lora(model, lora);
+            }
+        }
+    }
+
+    /// Wakes the window (for threads the window starts itself).
+    pub fn waker(&self) -> worker::Waker {
+        let ctx = self.ctx.clone();
+        Arc::new(move || ctx.request_repaint())
     }
 
     /// Work that is not drawing: events in, autopilot, window size.
     pub fn logic(&mut self, ctx: &egui::Context) {
         self.frame_started = Some(Instant::now());
         self.take_events();
+        self.finetune.take_events(ctx);
         self.take_dropped_files(ctx);
         self.drive_autopilot();
         if let Some(rect) = ctx.input(|i| i.viewport().inner_rect) {

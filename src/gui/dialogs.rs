@@ -1,4 +1,5 @@
-//! The windows over the editor: the model manager, Save, the guidance explorer, About.
+//! The windows over the editor: fine-tuning, the model manager, Save, the guidance explorer,
+//! About.
 
 use std::path::PathBuf;
 
@@ -6,6 +7,7 @@ use egui::{Context, RichText, vec2};
 
 use super::app::EditorApp;
 use super::explorer::{CellState, GRID_SIDE};
+use super::tasks::FolderPurpose;
 use crate::model::hub::DEFAULT_REPO;
 
 /// Which windows are open and what is typed in them.
@@ -22,6 +24,10 @@ pub struct DialogState {
 
 /// Draws whichever windows are open.
 pub fn show(app: &mut EditorApp, ctx: &Context) {
+    let waker = app.waker();
+    if let Some(action) = app.finetune.show(ctx, &waker) {
+        app.finetune_action(action);
+    }
     model_manager(app, ctx);
     save_window(app, ctx);
     explorer_window(app, ctx);
@@ -118,8 +124,10 @@ fn model_manager(app: &mut EditorApp, ctx: &Context) {
                 )
                 .labelled_by(field_label.id);
                 if ui.button("Browse…").clicked() {
-                    app.tasks
-                        .folder_dialog("Choose a model folder (diffusers layout)");
+                    app.tasks.folder_dialog(
+                        "Choose a model folder (diffusers layout)",
+                        FolderPurpose::Model,
+                    );
                 }
             });
             ui.horizontal(|ui| {

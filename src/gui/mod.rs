@@ -5,11 +5,13 @@
 //!
 //! - [`app`]: the state and what happens to it.
 //! - [`panels`], [`dialogs`], [`viewer`]: drawing.
-//! - [`explorer`]: the guidance grid. [`settings`]: what persists.
+//! - [`explorer`]: the guidance grid. [`finetune`]: the fine-tuning dialog.
+//! - [`settings`]: what persists.
 
 pub mod app;
 pub mod dialogs;
 pub mod explorer;
+pub mod finetune;
 pub mod panels;
 pub mod settings;
 pub mod tasks;

@@ -134,6 +134,10 @@ fn menu_bar(app: &mut EditorApp, ui: &mut Ui) {
                 app.copy_selected();
             }
             ui.separator();
+            if ui.button("Fine-tune on folder…").clicked() {
+                app.finetune.open_with(&app.settings.model);
+            }
+            ui.separator();
             if ui.button("Quit").clicked() {
                 ui.ctx().send_viewport_cmd(egui::ViewportCommand::Close);
             }
@@ -341,6 +345,13 @@ fn controls(app: &mut EditorApp, ui: &mut Ui) {
         .clicked()
     {
         app.explorer.open = true;
+    }
+    if ui
+        .button("Fine-tune on folder…")
+        .on_hover_text("Teach the model your own edits from a folder of examples")
+        .clicked()
+    {
+        app.finetune.open_with(&app.settings.model);
     }
 }
 

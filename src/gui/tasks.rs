@@ -10,11 +10,14 @@ use std::sync::Arc;
 use crossbeam_channel::{Receiver, Sender};
 use image::RgbImage;
 
+use super::finetune::DatasetSummary;
 use crate::model::catalog::{inspect_folder, list_cached_models};
 use crate::model::hub::HubSettings;
 use crate::pipeline::image::{load_image, read_png_text, save_image};
 use crate::pipeline::metadata::EditRecord;
+use crate::train::data::{CheckLevel, Dataset, DatasetKind, DatasetOptions};
 use crate::worker::Waker;
+use crate::worker::training::holds_parquet;
 
 use super::settings::{Settings, SettingsStore};
 
@@ -113,6 +116,39 @@ pub fn list_catalog(hub: &HubSettings, folders: &[PathBuf]) -> Vec<CatalogEntry>
     entries
 }
 
+/// What a chosen folder is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FolderPurpose {
+    Model,
+    Dataset,
+}
+
+fn check_dataset(folder: &std::path::Path) -> Result<DatasetSummary, String> {
+    let options = DatasetOptions::default();
+    let dataset = if holds_parquet(folder) {
+        Dataset::open_parquet_folder(folder, &options)
+    } else {
+        Dataset::open_train_data_dir(folder, &options)
+    }
+    .map_err(|e| e.to_string())?;
+    let report = dataset.check(CheckLevel::Headers);
+    Ok(DatasetSummary {
+        folder: folder.to_path_buf(),
+        kind: match dataset.kind() {
+            DatasetKind::ImageFolder(_) => "imagefolder",
+            DatasetKind::Parquet(_) => "Parquet",
+            DatasetKind::Pairs(_) => "pairs",
+        }
+        .into(),
+        total: report.total,
+        problems: report
+            .problems
+            .iter()
+            .map(|p| format!("{}: {}", p.name, p.reason))
+            .collect(),
+    })
+}
+
 /// What a chore produced.
 #[derive(Debug)]
 pub enum TaskEvent {
@@ -121,8 +157,10 @@ pub enum TaskEvent {
     OpenDialogClosed,
     /// A save dialog chose where to save.
     SavePathChosen(PathBuf),
-    /// A folder dialog chose a folder (for the model manager).
-    FolderChosen(PathBuf),
+    /// A folder dialog chose a folder, for the model manager or the fine-tuning dialog.
+    FolderChosen(PathBuf, FolderPurpose),
+    /// A fine-tuning dataset was checked.
+    DatasetChecked(Result<DatasetSummary, String>),
     Saved(PathBuf),
     CopiedToClipboard,
     ScreenshotWritten(PathBuf),
@@ -226,13 +264,18 @@ impl Tasks {
     }
 
     /// Shows the native folder dialog.
-    pub fn folder_dialog(&self, title: &'static str) {
+    pub fn folder_dialog(&self, title: &'static str, purpose: FolderPurpose) {
         self.spawn(
             move || match rfd::FileDialog::new().set_title(title).pick_folder() {
-                Some(path) => TaskEvent::FolderChosen(path),
+                Some(path) => TaskEvent::FolderChosen(path, purpose),
                 None => TaskEvent::OpenDialogClosed,
             },
         );
+    }
+
+    /// Opens a folder of training examples and checks every file's header.
+    pub fn check_dataset(&self, folder: PathBuf) {
+        self.spawn(move || TaskEvent::DatasetChecked(check_dataset(&folder)));
     }
 
     /// Writes a result atomically; PNG files carry `record` as the `edit` command writes it.

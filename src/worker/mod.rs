@@ -26,6 +26,7 @@
 //!   drop while weights are being read waits for that to end.
 
 pub mod protocol;
+pub mod training;
 
 use std::any::Any;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -767,8 +768,11 @@ fn finish_load(
     prepared: PreparedLoad,
 ) -> Result<(EditPipeline, ModelInfo), String> {
     let failed = |error: &dyn std::error::Error| load_failed(request, error);
-    let model =
+    let mut model =
         InstructPix2PixModel::load(&prepared.folder, &prepared.options).map_err(|e| failed(&e))?;
+    if let Some(lora) = &request.lora {
+        crate::train::lora::apply_lora_file(&mut model, lora).map_err(|e| failed(&e))?;
+    }
     let folder = model.folder.clone();
     let pipeline = EditPipeline::new(model).map_err(|e| failed(&e))?;
     let info = ModelInfo {
@@ -778,6 +782,7 @@ fn finish_load(
         dtype: request.dtype.to_string(),
         size_multiple: pipeline.size_multiple(),
         warning: prepared.warning,
+        lora: request.lora.clone(),
     };
     Ok((pipeline, info))
 }

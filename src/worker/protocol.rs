@@ -43,6 +43,9 @@ pub struct ModelRequest {
     pub dtype: DTypeChoice,
     /// Where the Hub is and where its cache lives; `None` reads the `HF_*` environment variables.
     pub hub: Option<HubSettings>,
+    /// LoRA weights to apply on the UNet (a `pytorch_lora_weights.safetensors` file or its
+    /// folder, as fine-tuning with `--lora-rank` writes them).
+    pub lora: Option<PathBuf>,
 }
 
 impl ModelRequest {
@@ -54,6 +57,7 @@ impl ModelRequest {
             device,
             dtype,
             hub: None,
+            lora: None,
         }
     }
 }
@@ -146,6 +150,8 @@ pub struct ModelInfo {
     pub size_multiple: u32,
     /// Works, but badly (float16 on the CPU).
     pub warning: Option<String>,
+    /// The LoRA file applied, if any.
+    pub lora: Option<PathBuf>,
 }
 
 /// Progress of a running edit.

@@ -1,0 +1,393 @@
+//! The "Fine-tune on folder…" dialog: pick a folder of examples, see the dataset check, choose
+//! the base model, output folder and main settings (the reference recipe as the preset), then
+//! Start / Pause / Stop, with progress, a live loss curve, the latest validation edits and memory
+//! in use; when done, "Open in editor" loads the new model. Training runs on the
+//! [`crate::worker::training`] thread; this file only sends requests and draws its events.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use crossbeam_channel::Receiver;
+use egui::{Context, RichText, TextureHandle, TextureOptions, Ui, vec2};
+use egui_plot::{Line, Plot, PlotPoints};
+
+use crate::worker::Waker;
+use crate::worker::training::{TrainRequest, TrainingEvent, TrainingHandle, TrainingProgress};
+
+/// The dataset check as the dialog shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DatasetSummary {
+    pub folder: PathBuf,
+    /// "imagefolder", "Parquet", "pairs".
+    pub kind: String,
+    pub total: usize,
+    /// Bad examples, each "name: reason".
+    pub problems: Vec<String>,
+}
+
+/// The dialog's state.
+#[derive(Default)]
+pub struct FineTune {
+    pub open: bool,
+    pub folder: String,
+    pub output: String,
+    pub base_model: String,
+    pub validation_image: String,
+    pub validation_prompt: String,
+    pub lora: bool,
+    pub request: TrainRequest,
+    pub check: Option<Result<DatasetSummary, String>>,
+    pub run: Option<Run>,
+}
+
+/// A run started from the dialog and what it has reported.
+pub struct Run {
+    pub handle: TrainingHandle,
+    events: Receiver<TrainingEvent>,
+    pub started: Instant,
+    /// (step, loss) of every step.
+    pub losses: Vec<[f64; 2]>,
+    pub last: Option<TrainingProgress>,
+    pub validation: Vec<TextureHandle>,
+    pub validation_step: Option<u64>,
+    pub checkpoints: Vec<u64>,
+    /// The model written, and whether it is a LoRA file (to apply on the base model).
+    pub finished: Option<(PathBuf, bool)>,
+    pub failed: Option<String>,
+    /// One-line notes from the run (skipped examples, resumed checkpoint…).
+    pub notices: Vec<String>,
+}
+
+impl Run {
+    /// Still training (not finished, failed or stopped).
+    pub fn active(&self) -> bool {
+        self.finished.is_none() && self.failed.is_none()
+    }
+}
+
+/// What the dialog wants the app to do.
+pub enum FineTuneAction {
+    /// Check this folder (on a chore thread).
+    Check(PathBuf),
+    /// Pick a folder with the native dialog.
+    BrowseFolder,
+    /// Load the finished model in the editor: a model, with LoRA weights on top when set.
+    OpenInEditor {
+        model: String,
+        lora: Option<PathBuf>,
+    },
+}
+
+impl FineTune {
+    /// Fills the fields from the preset the first time the dialog opens.
+    pub fn open_with(&mut self, current_model: &str) {
+        if !self.open && self.run.is_none() {
+            if self.base_model.is_empty() {
+                self.base_model = current_model.to_string();
+            }
+            self.request = TrainRequest {
+                base_model: self.base_model.clone(),
+                ..self.request.clone()
+            };
+        }
+        self.open = true;
+    }
+
+    /// Uses a chosen or dropped folder.
+    pub fn set_folder(&mut self, folder: PathBuf) -> FineTuneAction {
+        self.folder = folder.display().to_string();
+        if self.output.is_empty() {
+            self.output = folder.with_extension("finetuned").display().to_string();
+        }
+        self.check = None;
+        FineTuneAction::Check(folder)
+    }
+
+    /// Takes in the training thread's news.
+    pub fn take_events(&mut self, ctx: &Context) {
+        let Some(run) = &mut self.run else { return };
+        while let Ok(event) = run.events.try_recv() {
+            match event {
+                TrainingEvent::Checked { total, problems } => {
+                    if let Some(Ok(check)) = &mut self.check {
+                        check.total = total;
+                        check.problems = problems;
+                    }
+                }
+                TrainingEvent::Started { .. } => {}
+                TrainingEvent::Notice(line) => run.notices.push(line),
+                TrainingEvent::Step(progress) => {
+                    run.losses.push([progress.step as f64, progress.loss]);
+                    run.last = Some(progress);
+                }
+                TrainingEvent::Validation { step, images, .. } => {
+                    run.validation = images
+                        .iter()
+                        .enumerate()
+                        .map(|(i, image)| {
+                            ctx.load_texture(
+                                format!("validation-{i}"),
+                                super::tasks::to_color_image(image),
+                                TextureOptions::LINEAR,
+                            )
+                        })
+                        .collect();
+                    run.validation_step = Some(step);
+                }
+                TrainingEvent::CheckpointSaved { step, .. } => run.checkpoints.push(step),
+                TrainingEvent::Finished { model, lora, .. } => run.finished = Some((model, lora)),
+                TrainingEvent::Failed(message) => run.failed = Some(message),
+            }
+        }
+    }
+
+    /// Whether a run holds the device (editing waits meanwhile).
+    pub fn training(&self) -> bool {
+        self.run.as_ref().is_some_and(Run::active)
+    }
+
+    fn start(&mut self, waker: Waker) -> Result<(), String> {
+        let folder = self.folder.trim();
+        if folder.is_empty() {
+            return Err("choose a folder of examples first".into());
+        }
+        if self.output.trim().is_empty() {
+            return Err("choose an output folder".into());
+        }
+        let validation_image = Some(self.validation_image.trim())
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from);
+        let validation_prompt = Some(self.validation_prompt.trim())
+            .filter(|p| !p.is_empty())
+            .map(str::to_string);
+        if validation_image.is_some() != validation_prompt.is_some() {
+            return Err("validation needs both an image and a prompt (or neither)".into());
+        }
+        let request = TrainRequest {
+            dataset: PathBuf::from(folder),
+            base_model: self.base_model.trim().to_string(),
+            output_dir: PathBuf::from(self.output.trim()),
+            lora_rank: self.lora.then_some(self.request.lora_rank.unwrap_or(4)),
+            validation_image,
+            validation_prompt,
+            ..self.request.clone()
+        };
+        let (handle, events) = TrainingHandle::spawn(request, waker)
+            .map_err(|e| format!("cannot start the training thread: {e}"))?;
+        self.run = Some(Run {
+            handle,
+            events,
+            started: Instant::now(),
+            losses: Vec::new(),
+            last: None,
+            validation: Vec::new(),
+            validation_step: None,
+            checkpoints: Vec::new(),
+            finished: None,
+            failed: None,
+            notices: Vec::new(),
+        });
+        Ok(())
+    }
+
+    /// Draws the dialog; returns what the app should do.
+    pub fn show(&mut self, ctx: &Context, waker: &Waker) -> Option<FineTuneAction> {
+        let mut open = self.open;
+        let mut action = None;
+        egui::Window::new("Fine-tune on folder")
+            .open(&mut open)
+            .default_width(560.0)
+            .show(ctx, |ui| action = self.contents(ui, waker));
+        self.open = open;
+        action
+    }
+
+    fn contents(&mut self, ui: &mut Ui, waker: &Waker) -> Option<FineTuneAction> {
+        let mut action = None;
+        let running = self.training();
+        ui.add_enabled_ui(!running, |ui| {
+            let label = ui.label("Examples folder");
+            ui.horizontal(|ui| {
+                let field = ui
+                    .add(egui::TextEdit::singleline(&mut self.folder).desired_width(380.0))
+                    .labelled_by(label.id);
+                if field.lost_focus() && !self.folder.trim().is_empty() {
+                    action = Some(FineTuneAction::Check(PathBuf::from(self.folder.trim())));
+                }
+                if ui.button("Choose…").clicked() {
+                    action = Some(FineTuneAction::BrowseFolder);
+                }
+                if ui.button("Check").clicked() && !self.folder.trim().is_empty() {
+                    action = Some(FineTuneAction::Check(PathBuf::from(self.folder.trim())));
+                }
+            });
+            ui.weak(
+                "A Hugging Face imagefolder (metadata.jsonl with input_image, edit_prompt, \
+                 edited_image), Parquet files, or pairs NAME.png + NAME_edited.png with the \
+                 instruction in NAME.txt.",
+            );
+            match &self.check {
+                Some(Ok(check)) => {
+                    ui.label(format!(
+                        "{} ({}): {} examples, {} bad",
+                        check.folder.display(),
+                        check.kind,
+                        check.total,
+                        check.problems.len()
+                    ));
+                    if !check.problems.is_empty() {
+                        egui::CollapsingHeader::new(format!(
+                            "{} examples will be skipped",
+                            check.problems.len()
+                        ))
+                        .show(ui, |ui| {
+                            for problem in check.problems.iter().take(50) {
+                                ui.label(problem);
+                            }
+                        });
+                    }
+                }
+                Some(Err(message)) => {
+                    ui.colored_label(ui.visuals().error_fg_color, message);
+                }
+                None => {}
+            }
+            ui.separator();
+            text_row(ui, "Base model", &mut self.base_model);
+            text_row(ui, "Output folder", &mut self.output);
+            let request = &mut self.request;
+            ui.add(
+                egui::Slider::new(&mut request.max_train_steps, 10..=50_000)
+                    .logarithmic(true)
+                    .text("Training steps"),
+            );
+            ui.add(
+                egui::Slider::new(&mut request.learning_rate, 1e-6..=1e-3)
+                    .logarithmic(true)
+                    .text("Learning rate"),
+            );
+            ui.add(egui::Slider::new(&mut request.train_batch_size, 1..=32).text("Batch size"));
+            ui.add(
+                egui::Slider::new(&mut request.gradient_accumulation_steps, 1..=32)
+                    .text("Gradient accumulation"),
+            );
+            ui.add(
+                egui::Slider::new(&mut request.resolution, 64..=1024)
+                    .step_by(64.0)
+                    .text("Resolution"),
+            );
+            ui.add(
+                egui::Slider::new(&mut request.conditioning_dropout_prob, 0.0..=0.3)
+                    .text("Conditioning dropout"),
+            );
+            ui.horizontal(|ui| {
+                ui.checkbox(&mut self.lora, "LoRA (adapters only)")
+                    .on_hover_text(
+                        "Trains small adapters on the attention layers: far less memory",
+                    );
+                ui.checkbox(&mut request.use_ema, "EMA weights");
+            });
+            text_row(ui, "Validation image", &mut self.validation_image);
+            text_row(ui, "Validation prompt", &mut self.validation_prompt);
+        });
+
+        ui.separator();
+        ui.horizontal(|ui| {
+            if ui
+                .add_enabled(!running, egui::Button::new("Start"))
+                .clicked()
+                && let Err(message) = self.start(waker.clone())
+            {
+                self.check = Some(Err(message));
+            }
+            if let Some(run) = self.run.as_ref().filter(|r| r.active()) {
+                let label = if run.handle.is_paused() {
+                    "Resume"
+                } else {
+                    "Pause"
+                };
+                if ui.button(label).clicked() {
+                    if run.handle.is_paused() {
+                        run.handle.resume();
+                    } else {
+                        run.handle.pause();
+                    }
+                }
+                if ui
+                    .button("Stop")
+                    .on_hover_text("Stop after this step; the model so far is saved")
+                    .clicked()
+                {
+                    run.handle.stop();
+                }
+            }
+        });
+        if let Some(run) = &self.run {
+            if let Some(progress) = &run.last {
+                let fraction = progress.step as f32 / progress.total_steps.max(1) as f32;
+                let memory = progress
+                    .memory_bytes
+                    .map(|b| format!(" · {:.1} GB in use", b as f64 / 1e9))
+                    .unwrap_or_default();
+                ui.add(egui::ProgressBar::new(fraction).text(format!(
+                    "step {} of {} · loss {:.4} · {:.0} s left{memory}",
+                    progress.step,
+                    progress.total_steps,
+                    progress.loss,
+                    progress.eta.as_secs_f64()
+                )));
+            } else if run.active() {
+                ui.label("Checking the examples and loading the model…");
+            }
+            if !run.losses.is_empty() {
+                Plot::new("loss")
+                    .height(160.0)
+                    .allow_scroll(false)
+                    .x_axis_label("step")
+                    .y_axis_label("loss")
+                    .show(ui, |plot| {
+                        plot.line(Line::new("loss", PlotPoints::from(run.losses.clone())));
+                    });
+            }
+            if let Some(step) = run.validation_step {
+                ui.label(format!("Validation at step {step}"));
+                ui.horizontal_wrapped(|ui| {
+                    for texture in &run.validation {
+                        ui.add(egui::Image::new(texture).fit_to_exact_size(vec2(128.0, 128.0)));
+                    }
+                });
+            }
+            for notice in &run.notices {
+                ui.weak(notice);
+            }
+            if let Some(message) = &run.failed {
+                ui.colored_label(ui.visuals().error_fg_color, message);
+            }
+            if let Some((model, lora)) = &run.finished {
+                ui.label(RichText::new(format!("Saved {}", model.display())).strong());
+                if ui.button("Open in editor").clicked() {
+                    action = Some(if *lora {
+                        FineTuneAction::OpenInEditor {
+                            model: self.base_model.trim().to_string(),
+                            lora: Some(model.clone()),
+                        }
+                    } else {
+                        FineTuneAction::OpenInEditor {
+                            model: model.display().to_string(),
+                            lora: None,
+                        }
+                    });
+                }
+            }
+        }
+        action
+    }
+}
+
+fn text_row(ui: &mut Ui, label: &str, value: &mut String) {
+    ui.horizontal(|ui| {
+        let label = ui.label(label);
+        ui.add(egui::TextEdit::singleline(value).desired_width(360.0))
+            .labelled_by(label.id);
+    });
+}
