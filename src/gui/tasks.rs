@@ -17,7 +17,7 @@ use crate::pipeline::image::{load_image, read_png_text, save_image};
 use crate::pipeline::metadata::EditRecord;
 use crate::train::data::{CheckLevel, Dataset, DatasetKind, DatasetOptions};
 use crate::worker::Waker;
-use crate::worker::training::holds_parquet;
+use crate::worker::training::{holds_parquet, problem_lines};
 
 use super::settings::{Settings, SettingsStore};
 
@@ -141,11 +141,7 @@ fn check_dataset(folder: &std::path::Path) -> Result<DatasetSummary, String> {
         }
         .into(),
         total: report.total,
-        problems: report
-            .problems
-            .iter()
-            .map(|p| format!("{}: {}", p.name, p.reason))
-            .collect(),
+        problems: problem_lines(&report),
     })
 }
 

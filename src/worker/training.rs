@@ -262,6 +262,15 @@ fn config_for(request: &TrainRequest) -> Result<TrainConfig, String> {
     Ok(config)
 }
 
+/// A dataset check's bad examples as "name: reason" lines.
+pub fn problem_lines(report: &crate::train::data::CheckReport) -> Vec<String> {
+    report
+        .problems
+        .iter()
+        .map(|p| format!("{}: {}", p.name, p.reason))
+        .collect()
+}
+
 /// Whether a dataset folder holds Parquet files (at its top or in `data/`, as Hub datasets do).
 pub fn holds_parquet(folder: &std::path::Path) -> bool {
     let in_folder = |dir: std::path::PathBuf| {
@@ -280,11 +289,7 @@ impl TrainingEvent {
             TrainEvent::Notice(line) => TrainingEvent::Notice(line),
             TrainEvent::DatasetChecked(report) => TrainingEvent::Checked {
                 total: report.total,
-                problems: report
-                    .problems
-                    .iter()
-                    .map(|p| format!("{}: {}", p.name, p.reason))
-                    .collect(),
+                problems: problem_lines(&report),
             },
             TrainEvent::Started(plan) => TrainingEvent::Started {
                 step: plan.first_step,
