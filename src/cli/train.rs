@@ -26,8 +26,10 @@ use crate::train::run::{
 use crate::train::schedule::LrScheduleKind;
 
 /// The script's flags (same names and defaults), plus `--lora-rank`, `--skip_bad_examples`,
-/// `--decode_check` and `--quiet`.
+/// `--decode_check` and `--quiet`. A flag given twice takes its last value, as with argparse.
 #[derive(Debug, Args)]
+// As argparse: a flag given twice takes its last value.
+#[command(args_override_self = true)]
 pub struct TrainArgs {
     /// The base model: a folder in diffusers' layout or a Hub repo id (InstructPix2Pix, or plain
     /// Stable Diffusion whose conv_in grows to 8 channels).

@@ -743,11 +743,6 @@ pub fn train(
         conditioning_dropout_prob: config.conditioning_dropout_prob,
     };
 
-    std::fs::create_dir_all(&config.output_dir).map_err(|source| RunError::Io {
-        path: config.output_dir.clone(),
-        source,
-    })?;
-
     // Resume, or start fresh.
     let resume_dir = match &config.resume_from_checkpoint {
         Some(value) => {
@@ -808,6 +803,11 @@ pub fn train(
             (trainer, sampler, 0)
         }
     };
+    // Nothing is written before everything above succeeded.
+    std::fs::create_dir_all(&config.output_dir).map_err(|source| RunError::Io {
+        path: config.output_dir.clone(),
+        source,
+    })?;
     let first_step = trainer.global_step();
     let metrics = if resume_dir.is_some() {
         MetricsLog::resume(&config.output_dir, first_step)?
