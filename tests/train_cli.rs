@@ -463,7 +463,7 @@ fn killed_mid_run_resumes_from_the_latest_checkpoint() {
         load_checkpoint(path, &Device::Cpu).unwrap();
     }
     let last = checkpoints.last().unwrap().0;
-    assert!(last >= 8 && last < 60, "{last}");
+    assert!((8..60).contains(&last), "{last}");
     let killed_steps = logged_steps(&out);
     assert!(killed_steps.len() as u64 >= last);
 
