@@ -5,6 +5,7 @@ mod bench;
 mod edit;
 mod load;
 mod progress;
+mod train;
 mod window;
 
 use std::process::ExitCode;
@@ -34,6 +35,8 @@ pub enum Command {
     Edit(edit::EditArgs),
     /// Time edits on a model: seconds per step and per edit, peak memory (one JSON line).
     Bench(bench::BenchArgs),
+    /// Fine-tune a model on a folder of examples, as diffusers' train_instruct_pix2pix.py.
+    Train(Box<train::TrainArgs>),
 }
 
 /// Exit code for a run that failed on its input or the model (clap uses 2 for bad flags).
@@ -48,6 +51,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Edit(args)) => edit::run(args),
         Some(Command::Bench(args)) => bench::run(args),
+        Some(Command::Train(args)) => train::run(*args),
         None => window::run(cli.window),
     };
     match result {

@@ -367,7 +367,7 @@ pub enum RunError {
     Data(#[from] DataError),
     /// Loading the model or a training step failed.
     #[error(transparent)]
-    Train(#[from] TrainError),
+    Train(Box<TrainError>),
     /// The learning-rate schedule cannot be built.
     #[error("--lr_scheduler: {0}")]
     Schedule(#[from] ScheduleError),
@@ -393,7 +393,7 @@ pub enum RunError {
     Metrics(#[from] MetricsError),
     /// A validation edit failed.
     #[error("validation edit: {0}")]
-    Validation(#[from] EditError),
+    Validation(Box<EditError>),
     /// Saving a validation image failed.
     #[error(transparent)]
     Image(#[from] ImageError),
@@ -405,6 +405,18 @@ pub enum RunError {
         /// The error.
         source: std::io::Error,
     },
+}
+
+impl From<TrainError> for RunError {
+    fn from(error: TrainError) -> Self {
+        RunError::Train(Box::new(error))
+    }
+}
+
+impl From<EditError> for RunError {
+    fn from(error: EditError) -> Self {
+        RunError::Validation(Box::new(error))
+    }
 }
 
 fn list_problems(report: &CheckReport) -> String {
@@ -680,7 +692,7 @@ pub fn train(
         },
     )?;
     let factor = models.vae.config().downscale_factor() as u32;
-    if config.resolution % factor != 0 {
+    if !config.resolution.is_multiple_of(factor) {
         return Err(RunError::Setting {
             flag: "--resolution",
             value: config.resolution.to_string(),
@@ -743,11 +755,6 @@ pub fn train(
         conditioning_dropout_prob: config.conditioning_dropout_prob,
     };
 
-    std::fs::create_dir_all(&config.output_dir).map_err(|source| RunError::Io {
-        path: config.output_dir.clone(),
-        source,
-    })?;
-
     // Resume, or start fresh.
     let resume_dir = match &config.resume_from_checkpoint {
         Some(value) => {
@@ -808,6 +815,11 @@ pub fn train(
             (trainer, sampler, 0)
         }
     };
+    // Nothing is written before everything above succeeded.
+    std::fs::create_dir_all(&config.output_dir).map_err(|source| RunError::Io {
+        path: config.output_dir.clone(),
+        source,
+    })?;
     let first_step = trainer.global_step();
     let metrics = if resume_dir.is_some() {
         MetricsLog::resume(&config.output_dir, first_step)?
@@ -1070,7 +1082,7 @@ impl Run<'_> {
                     peak_rss_bytes,
                     params_without_gradient,
                 }));
-                if report.step % config.checkpointing_steps == 0 {
+                if report.step.is_multiple_of(config.checkpointing_steps) {
                     self.checkpoint(on_event)?;
                 }
                 step_started = Instant::now();
@@ -1080,7 +1092,7 @@ impl Run<'_> {
             let finished = self.trainer.global_step() >= total_steps;
             if (last_of_epoch || finished)
                 && let Some(validation) = &config.validation
-                && epoch % validation.every_epochs == 0
+                && epoch.is_multiple_of(validation.every_epochs)
                 && last_validation_step != Some(self.trainer.global_step())
             {
                 self.validate(validation, epoch, on_event)?;
@@ -1338,7 +1350,8 @@ mod tests {
 
     #[test]
     fn nonsense_values_name_their_flag() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut TrainConfig)>)> = vec![
+        type Change = Box<dyn Fn(&mut TrainConfig)>;
+        let cases: Vec<(&str, Change)> = vec![
             ("--resolution", Box::new(|c| c.resolution = 0)),
             ("--train_batch_size", Box::new(|c| c.train_batch_size = 0)),
             (

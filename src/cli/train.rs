@@ -1,0 +1,793 @@
+//! `instruct-pix2pix train`: `train_instruct_pix2pix.py`'s flags under the same snake_case names
+//! (plus kebab-case aliases and `--lora-rank`), validated into a [`TrainConfig`] and run by
+//! [`crate::train::run::train`] with a progress bar. Flags that mean nothing here are accepted
+//! with a one-line notice of what is done instead. Ctrl+C stops cleanly: a checkpoint of the last
+//! step and the model so far are saved (a second Ctrl+C ends the process at once).
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use super::progress::Progress;
+use crate::model::hub::{HubSettings, ModelSpec, Variant, fetch_model};
+use crate::pipeline::image::{decode_image, load_image};
+use crate::train::checkpoint::{STATE_FILE, resolve_resume};
+use crate::train::data::{
+    CheckLevel, Columns, DEFAULT_EDIT_PROMPT_COLUMN, DEFAULT_EDITED_IMAGE_COLUMN,
+    DEFAULT_ORIGINAL_IMAGE_COLUMN,
+};
+use crate::train::optim::AdamWConfig;
+use crate::train::run::{
+    DataSource, RunError, TrainConfig, TrainControl, TrainEvent, ValidationConfig, train,
+};
+use crate::train::schedule::LrScheduleKind;
+
+/// The script's flags (same names and defaults), plus `--lora-rank`, `--skip_bad_examples`,
+/// `--decode_check` and `--quiet`. A flag given twice takes its last value, as with argparse.
+#[derive(Debug, Args)]
+// As argparse: a flag given twice takes its last value.
+#[command(args_override_self = true)]
+pub struct TrainArgs {
+    /// The base model: a folder in diffusers' layout or a Hub repo id (InstructPix2Pix, or plain
+    /// Stable Diffusion whose conv_in grows to 8 channels).
+    #[arg(
+        long = "pretrained_model_name_or_path",
+        alias = "pretrained-model-name-or-path",
+        value_name = "DIR|REPO_ID"
+    )]
+    pub pretrained_model_name_or_path: String,
+    /// Hub revision of the model.
+    #[arg(long, value_name = "REV")]
+    pub revision: Option<String>,
+    /// Weight variant of the model files (fp16).
+    #[arg(long, value_name = "NAME")]
+    pub variant: Option<String>,
+    /// A dataset: a local folder (Parquet files, imagefolder or pairs) or a cached Hub dataset id.
+    #[arg(long = "dataset_name", alias = "dataset-name", value_name = "DIR|ID")]
+    pub dataset_name: Option<String>,
+    /// A folder of training data: imagefolder (metadata.jsonl) or pairs (NAME.png,
+    /// NAME_edited.png, NAME.txt).
+    #[arg(long = "train_data_dir", alias = "train-data-dir", value_name = "DIR")]
+    pub train_data_dir: Option<PathBuf>,
+    /// Column of the input images.
+    #[arg(long = "original_image_column", alias = "original-image-column", default_value = DEFAULT_ORIGINAL_IMAGE_COLUMN)]
+    pub original_image_column: String,
+    /// Column of the edit instructions.
+    #[arg(long = "edit_prompt_column", alias = "edit-prompt-column", default_value = DEFAULT_EDIT_PROMPT_COLUMN)]
+    pub edit_prompt_column: String,
+    /// Column of the edited images.
+    #[arg(long = "edited_image_column", alias = "edited-image-column", default_value = DEFAULT_EDITED_IMAGE_COLUMN)]
+    pub edited_image_column: String,
+    /// Train on the first N examples of a seeded shuffle.
+    #[arg(
+        long = "max_train_samples",
+        alias = "max-train-samples",
+        value_name = "N"
+    )]
+    pub max_train_samples: Option<usize>,
+    /// Checkpoints, logs, validation images and the final model go here.
+    #[arg(
+        long = "output_dir",
+        alias = "output-dir",
+        value_name = "DIR",
+        default_value = "instruct-pix2pix-model"
+    )]
+    pub output_dir: PathBuf,
+    /// Seed of every random draw (random and printed when absent; a resumed run takes its
+    /// checkpoint's).
+    #[arg(long, value_name = "N")]
+    pub seed: Option<u64>,
+    /// Training images are resized to this square size.
+    #[arg(long, value_name = "PX", default_value_t = 256)]
+    pub resolution: u32,
+    /// Center crop (a no-op after the square resize, as in the script).
+    #[arg(long = "center_crop", alias = "center-crop")]
+    pub center_crop: bool,
+    /// Flip input and edited image together at random.
+    #[arg(long = "random_flip", alias = "random-flip")]
+    pub random_flip: bool,
+    /// Examples per micro-batch.
+    #[arg(
+        long = "train_batch_size",
+        alias = "train-batch-size",
+        value_name = "N",
+        default_value_t = 16
+    )]
+    pub train_batch_size: usize,
+    /// Epochs (ignored when --max_train_steps is given).
+    #[arg(
+        long = "num_train_epochs",
+        alias = "num-train-epochs",
+        value_name = "N",
+        default_value_t = 100
+    )]
+    pub num_train_epochs: u64,
+    /// Optimizer steps to train (overrides the epochs).
+    #[arg(long = "max_train_steps", alias = "max-train-steps", value_name = "N")]
+    pub max_train_steps: Option<u64>,
+    /// Micro-batches per optimizer step.
+    #[arg(
+        long = "gradient_accumulation_steps",
+        alias = "gradient-accumulation-steps",
+        value_name = "N",
+        default_value_t = 1
+    )]
+    pub gradient_accumulation_steps: usize,
+    /// Not implemented: activations are kept (see docs/benchmarks.md for memory).
+    #[arg(long = "gradient_checkpointing", alias = "gradient-checkpointing")]
+    pub gradient_checkpointing: bool,
+    /// The learning rate (after warm-up).
+    #[arg(
+        long = "learning_rate",
+        alias = "learning-rate",
+        value_name = "F",
+        default_value_t = 1e-4,
+        allow_negative_numbers = true
+    )]
+    pub learning_rate: f64,
+    /// Multiply the learning rate by accumulation steps × batch size.
+    #[arg(long = "scale_lr", alias = "scale-lr")]
+    pub scale_lr: bool,
+    /// constant, constant_with_warmup, linear, cosine, cosine_with_restarts or polynomial.
+    #[arg(
+        long = "lr_scheduler",
+        alias = "lr-scheduler",
+        value_name = "NAME",
+        default_value = "constant"
+    )]
+    pub lr_scheduler: String,
+    /// Warm-up steps of the learning rate.
+    #[arg(
+        long = "lr_warmup_steps",
+        alias = "lr-warmup-steps",
+        value_name = "N",
+        default_value_t = 500
+    )]
+    pub lr_warmup_steps: u64,
+    /// Probability of dropping the text, the image or both conditionings (InstructPix2Pix used 0.05).
+    #[arg(
+        long = "conditioning_dropout_prob",
+        alias = "conditioning-dropout-prob",
+        value_name = "P",
+        allow_negative_numbers = true
+    )]
+    pub conditioning_dropout_prob: Option<f64>,
+    /// Keep an exponential moving average of the weights and save it as the model.
+    #[arg(long = "use_ema", alias = "use-ema")]
+    pub use_ema: bool,
+    /// Not used: the EMA starts from the same weights as training.
+    #[arg(
+        long = "non_ema_revision",
+        alias = "non-ema-revision",
+        value_name = "REV"
+    )]
+    pub non_ema_revision: Option<String>,
+    /// Not available: AdamW runs in float32.
+    #[arg(long = "use_8bit_adam", alias = "use-8bit-adam")]
+    pub use_8bit_adam: bool,
+    /// Not used (an NVIDIA Ampere setting).
+    #[arg(long = "allow_tf32", alias = "allow-tf32")]
+    pub allow_tf32: bool,
+    /// Not used: examples are read on the training thread.
+    #[arg(
+        long = "dataloader_num_workers",
+        alias = "dataloader-num-workers",
+        value_name = "N",
+        default_value_t = 0
+    )]
+    pub dataloader_num_workers: usize,
+    /// AdamW β1.
+    #[arg(
+        long = "adam_beta1",
+        alias = "adam-beta1",
+        value_name = "F",
+        default_value_t = 0.9,
+        allow_negative_numbers = true
+    )]
+    pub adam_beta1: f64,
+    /// AdamW β2.
+    #[arg(
+        long = "adam_beta2",
+        alias = "adam-beta2",
+        value_name = "F",
+        default_value_t = 0.999,
+        allow_negative_numbers = true
+    )]
+    pub adam_beta2: f64,
+    /// AdamW decoupled weight decay.
+    #[arg(
+        long = "adam_weight_decay",
+        alias = "adam-weight-decay",
+        value_name = "F",
+        default_value_t = 1e-2,
+        allow_negative_numbers = true
+    )]
+    pub adam_weight_decay: f64,
+    /// AdamW ε.
+    #[arg(
+        long = "adam_epsilon",
+        alias = "adam-epsilon",
+        value_name = "F",
+        default_value_t = 1e-8,
+        allow_negative_numbers = true
+    )]
+    pub adam_epsilon: f64,
+    /// Gradients are clipped to this total norm.
+    #[arg(
+        long = "max_grad_norm",
+        alias = "max-grad-norm",
+        value_name = "F",
+        default_value_t = 1.0,
+        allow_negative_numbers = true
+    )]
+    pub max_grad_norm: f64,
+    /// Not available: the result stays in --output_dir.
+    #[arg(long = "push_to_hub", alias = "push-to-hub")]
+    pub push_to_hub: bool,
+    /// Not used (no upload).
+    #[arg(long = "hub_token", alias = "hub-token", value_name = "TOKEN")]
+    pub hub_token: Option<String>,
+    /// Not used (no upload).
+    #[arg(long = "hub_model_id", alias = "hub-model-id", value_name = "ID")]
+    pub hub_model_id: Option<String>,
+    /// Not used: TensorBoard files go to OUTPUT_DIR/logs/instruct-pix2pix.
+    #[arg(long = "logging_dir", alias = "logging-dir", value_name = "DIR")]
+    pub logging_dir: Option<PathBuf>,
+    /// no, fp16 or bf16; training runs in float32 here (fp16/bf16 get a notice).
+    #[arg(
+        long = "mixed_precision",
+        alias = "mixed-precision",
+        value_name = "MODE"
+    )]
+    pub mixed_precision: Option<String>,
+    /// tensorboard (the default; also metrics.jsonl, always written), all, wandb, comet_ml or none.
+    #[arg(
+        long = "report_to",
+        alias = "report-to",
+        value_name = "WHERE",
+        default_value = "tensorboard"
+    )]
+    pub report_to: String,
+    /// Not used (one process).
+    #[arg(long = "local_rank", alias = "local-rank", value_name = "N", default_value_t = -1, allow_negative_numbers = true)]
+    pub local_rank: i64,
+    /// Save a checkpoint every N optimizer steps.
+    #[arg(
+        long = "checkpointing_steps",
+        alias = "checkpointing-steps",
+        value_name = "N",
+        default_value_t = 500
+    )]
+    pub checkpointing_steps: u64,
+    /// Keep at most this many checkpoints (the oldest are removed).
+    #[arg(
+        long = "checkpoints_total_limit",
+        alias = "checkpoints-total-limit",
+        value_name = "N"
+    )]
+    pub checkpoints_total_limit: Option<usize>,
+    /// `latest` or a checkpoint folder (name under --output_dir, or a path) to continue from.
+    #[arg(
+        long = "resume_from_checkpoint",
+        alias = "resume-from-checkpoint",
+        value_name = "latest|DIR"
+    )]
+    pub resume_from_checkpoint: Option<String>,
+    /// Not available (xformers is a CUDA library): attention runs in blocks on the CPU anyway.
+    #[arg(
+        long = "enable_xformers_memory_efficient_attention",
+        alias = "enable-xformers-memory-efficient-attention"
+    )]
+    pub enable_xformers_memory_efficient_attention: bool,
+    /// Instruction of the validation edits.
+    #[arg(
+        long = "validation_prompt",
+        alias = "validation-prompt",
+        value_name = "TEXT"
+    )]
+    pub validation_prompt: Option<String>,
+    /// Image of the validation edits: an http(s) URL or a local file.
+    #[arg(
+        long = "val_image_url",
+        alias = "val-image-url",
+        value_name = "URL|PATH"
+    )]
+    pub val_image_url: Option<String>,
+    /// Validation edits each time.
+    #[arg(
+        long = "num_validation_images",
+        alias = "num-validation-images",
+        value_name = "N",
+        default_value_t = 4
+    )]
+    pub num_validation_images: usize,
+    /// Validate after every N epochs.
+    #[arg(
+        long = "validation_epochs",
+        alias = "validation-epochs",
+        value_name = "N",
+        default_value_t = 1
+    )]
+    pub validation_epochs: u64,
+    /// Train LoRA adapters of this rank on the attention projections instead of the whole UNet
+    /// (saved as OUTPUT_DIR/pytorch_lora_weights.safetensors).
+    #[arg(long = "lora-rank", alias = "lora_rank", value_name = "N")]
+    pub lora_rank: Option<usize>,
+    /// Train on the good examples when the dataset check finds bad ones (else refuse, or ask on
+    /// a terminal).
+    #[arg(long = "skip_bad_examples", alias = "skip-bad-examples")]
+    pub skip_bad_examples: bool,
+    /// Decode every image in the dataset check (slower; by default headers are checked).
+    #[arg(long = "decode_check", alias = "decode-check")]
+    pub decode_check: bool,
+    /// No progress bar.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// Prints a one-line notice.
+fn notice(text: &str) {
+    eprintln!("note: {text}");
+}
+
+/// The notices for flags without meaning here; returns whether TensorBoard is wanted.
+fn meaningless_flags(args: &TrainArgs) -> Result<bool> {
+    if args.gradient_checkpointing {
+        notice("--gradient_checkpointing is not implemented: all activations are kept");
+    }
+    if args.enable_xformers_memory_efficient_attention {
+        notice(
+            "--enable_xformers_memory_efficient_attention: xformers is a CUDA library; the CPU attention already runs without the full score matrix where no gradient is needed",
+        );
+    }
+    if args.use_8bit_adam {
+        notice("--use_8bit_adam: bitsandbytes is not available; AdamW keeps float32 moments");
+    }
+    if args.allow_tf32 {
+        notice("--allow_tf32 has no effect here (an NVIDIA Ampere setting)");
+    }
+    if args.non_ema_revision.is_some() {
+        notice("--non_ema_revision is not used: training and the EMA start from --revision");
+    }
+    if args.dataloader_num_workers > 0 {
+        notice("--dataloader_num_workers: examples are read on the training thread");
+    }
+    if args.push_to_hub || args.hub_token.is_some() || args.hub_model_id.is_some() {
+        notice(&format!(
+            "--push_to_hub/--hub_token/--hub_model_id: nothing is uploaded; the result stays in {}",
+            args.output_dir.display()
+        ));
+    }
+    if args.logging_dir.is_some() {
+        notice(&format!(
+            "--logging_dir is not used: TensorBoard files go to {}",
+            args.output_dir
+                .join(crate::train::run::TENSORBOARD_DIR)
+                .display()
+        ));
+    }
+    if args.local_rank != -1 {
+        notice("--local_rank is not used: training runs in one process");
+    }
+    match args.mixed_precision.as_deref() {
+        None | Some("no") => {}
+        Some(mode @ ("fp16" | "bf16")) => notice(&format!(
+            "--mixed_precision {mode}: training runs in float32 (candle's CPU has no fast {mode} matrix product)"
+        )),
+        Some(other) => bail!("--mixed_precision {other}: must be no, fp16 or bf16"),
+    }
+    Ok(match args.report_to.as_str() {
+        "tensorboard" => true,
+        "all" => {
+            notice(
+                "--report_to all: TensorBoard and metrics.jsonl (wandb and comet_ml are not available)",
+            );
+            true
+        }
+        "none" => false,
+        other @ ("wandb" | "comet_ml") => {
+            notice(&format!(
+                "--report_to {other} is not available: metrics go to metrics.jsonl only"
+            ));
+            false
+        }
+        other => bail!("--report_to {other}: must be tensorboard, all, wandb, comet_ml or none"),
+    })
+}
+
+/// Reads `--val_image_url`: an http(s) URL is downloaded, anything else is a local file.
+fn read_validation_image(spec: &str) -> Result<image::RgbImage> {
+    if spec.starts_with("http://") || spec.starts_with("https://") {
+        let mut response = ureq::get(spec)
+            .call()
+            .with_context(|| format!("--val_image_url {spec}: download failed"))?;
+        let bytes = response
+            .body_mut()
+            .with_config()
+            .limit(256 << 20)
+            .read_to_vec()
+            .with_context(|| format!("--val_image_url {spec}: download failed"))?;
+        Ok(decode_image(&bytes, spec)?)
+    } else {
+        Ok(load_image(Path::new(spec)).context("--val_image_url")?)
+    }
+}
+
+/// The seed a resumed run without `--seed` takes: its checkpoint's.
+fn checkpoint_seed(output_dir: &Path, resume: &str) -> Option<u64> {
+    let dir = resolve_resume(output_dir, resume).ok()??;
+    let text = std::fs::read_to_string(dir.join(STATE_FILE)).ok()?;
+    serde_json::from_str::<serde_json::Value>(&text)
+        .ok()?
+        .get("seed")?
+        .as_u64()
+}
+
+/// Builds the run's settings from the flags (the library validates the values).
+fn config_from_args(
+    args: &TrainArgs,
+    model_dir: PathBuf,
+    tensorboard: bool,
+) -> Result<TrainConfig> {
+    let data = match (&args.train_data_dir, &args.dataset_name) {
+        (Some(dir), None) => DataSource::TrainDataDir(dir.clone()),
+        (None, Some(name)) => DataSource::DatasetName {
+            name: name.clone(),
+            revision: None,
+        },
+        (Some(_), Some(_)) => bail!("give --dataset_name or --train_data_dir, not both"),
+        (None, None) => {
+            bail!("give the training data: --train_data_dir DIR or --dataset_name NAME")
+        }
+    };
+    let seed = match args.seed {
+        Some(seed) => seed,
+        None => match args
+            .resume_from_checkpoint
+            .as_deref()
+            .and_then(|r| checkpoint_seed(&args.output_dir, r))
+        {
+            Some(seed) => seed,
+            None => {
+                let seed = u64::from(rand::random::<u32>());
+                notice(&format!(
+                    "seed {seed} (pass --seed {seed} to repeat this run)"
+                ));
+                seed
+            }
+        },
+    };
+    let validation = match (&args.validation_prompt, &args.val_image_url) {
+        (Some(prompt), Some(url)) => Some(ValidationConfig {
+            prompt: prompt.clone(),
+            image: read_validation_image(url)?,
+            num_images: args.num_validation_images,
+            every_epochs: args.validation_epochs,
+        }),
+        (Some(_), None) | (None, Some(_)) => {
+            notice(
+                "validation needs both --validation_prompt and --val_image_url; no validation edits",
+            );
+            None
+        }
+        (None, None) => None,
+    };
+    let lr_scheduler: LrScheduleKind = args
+        .lr_scheduler
+        .parse()
+        .with_context(|| format!("--lr_scheduler {}", args.lr_scheduler))?;
+    let variant = match args.variant.as_deref() {
+        None => Variant::Default,
+        Some("fp16") => Variant::Fp16,
+        Some(other) => bail!("--variant {other}: the weight variants read are fp16 (or none)"),
+    };
+    let mut config = TrainConfig::new(model_dir, data, args.output_dir.clone());
+    config.variant = variant;
+    config.columns = Columns {
+        original_image: args.original_image_column.clone(),
+        edit_prompt: args.edit_prompt_column.clone(),
+        edited_image: args.edited_image_column.clone(),
+    };
+    config.max_train_samples = args.max_train_samples;
+    config.seed = seed;
+    config.resolution = args.resolution;
+    config.center_crop = args.center_crop;
+    config.random_flip = args.random_flip;
+    config.train_batch_size = args.train_batch_size;
+    config.num_train_epochs = args.num_train_epochs;
+    config.max_train_steps = args.max_train_steps;
+    config.gradient_accumulation_steps = args.gradient_accumulation_steps;
+    config.learning_rate = args.learning_rate;
+    config.scale_lr = args.scale_lr;
+    config.lr_scheduler = lr_scheduler;
+    config.lr_warmup_steps = args.lr_warmup_steps;
+    config.conditioning_dropout_prob = args.conditioning_dropout_prob;
+    config.use_ema = args.use_ema;
+    config.adam = AdamWConfig {
+        beta1: args.adam_beta1,
+        beta2: args.adam_beta2,
+        eps: args.adam_epsilon,
+        weight_decay: args.adam_weight_decay,
+    };
+    config.max_grad_norm = args.max_grad_norm;
+    config.checkpointing_steps = args.checkpointing_steps;
+    config.checkpoints_total_limit = args.checkpoints_total_limit;
+    config.resume_from_checkpoint = args.resume_from_checkpoint.clone();
+    config.validation = validation;
+    config.report_to_tensorboard = tensorboard;
+    config.lora_rank = args.lora_rank;
+    config.skip_bad_examples = args.skip_bad_examples;
+    config.check_level = if args.decode_check {
+        CheckLevel::Decode
+    } else {
+        CheckLevel::Headers
+    };
+    Ok(config)
+}
+
+/// Resolves the model argument to a local folder (downloading from the Hub when needed).
+fn model_folder(args: &TrainArgs, progress: &mut Progress) -> Result<PathBuf> {
+    let spec = ModelSpec::parse(
+        &args.pretrained_model_name_or_path,
+        args.revision.as_deref(),
+    )
+    .context("--pretrained_model_name_or_path")?;
+    let variant = match args.variant.as_deref() {
+        Some("fp16") => Variant::Fp16,
+        _ => Variant::Default,
+    };
+    let folder = fetch_model(&spec, variant, &HubSettings::from_env(), &mut |update| {
+        progress.on_download(update)
+    });
+    progress.finish_download();
+    Ok(folder?)
+}
+
+fn human_seconds(seconds: f64) -> String {
+    let s = seconds.max(0.0).round() as u64;
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, s % 3600 / 60)
+    } else if s >= 60 {
+        format!("{}m{:02}s", s / 60, s % 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
+/// Runs `train` with the flags.
+pub fn run(args: TrainArgs) -> Result<()> {
+    let tensorboard = meaningless_flags(&args)?;
+    let mut progress = Progress::new(args.quiet);
+    let model_dir = model_folder(&args, &mut progress)?;
+    let mut config = config_from_args(&args, model_dir, tensorboard)?;
+    config.validate()?;
+
+    let control = TrainControl::new();
+    let interrupted = sigint::install();
+    let watcher_done = std::sync::atomic::AtomicBool::new(false);
+    let outcome = std::thread::scope(|scope| {
+        let control_ref = &control;
+        let done_ref = &watcher_done;
+        scope.spawn(move || {
+            while !done_ref.load(std::sync::atomic::Ordering::SeqCst) {
+                if interrupted.load(std::sync::atomic::Ordering::SeqCst) {
+                    eprintln!("\nstopping: saving a checkpoint and the model so far (Ctrl+C again to quit at once)");
+                    control_ref.request_stop();
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        });
+        let result = run_with_prompt(&mut config, &control, args.quiet);
+        watcher_done.store(true, std::sync::atomic::Ordering::SeqCst);
+        result
+    })?;
+    match &outcome.model {
+        Some(model) => println!(
+            "{} after {} steps; model: {}",
+            if outcome.stopped {
+                "stopped"
+            } else {
+                "trained"
+            },
+            outcome.step,
+            model.display()
+        ),
+        None => println!("stopped before the first step; nothing saved"),
+    }
+    Ok(())
+}
+
+/// Trains, asking on a terminal whether to skip bad examples when the check finds some.
+fn run_with_prompt(
+    config: &mut TrainConfig,
+    control: &TrainControl,
+    quiet: bool,
+) -> Result<crate::train::run::TrainOutcome> {
+    loop {
+        let mut bar: Option<ProgressBar> = None;
+        let result = train(config, control, &mut |event| {
+            handle_event(event, &mut bar, quiet);
+        });
+        if let Some(bar) = bar.take() {
+            bar.finish_and_clear();
+        }
+        match result {
+            Err(RunError::BadExamples { report })
+                if !config.skip_bad_examples
+                    && !report.good.is_empty()
+                    && std::io::stdin().is_terminal()
+                    && std::io::stderr().is_terminal() =>
+            {
+                eprint!(
+                    "{} bad examples (listed above). Train on the {} good ones? [y/N] ",
+                    report.problems.len(),
+                    report.good.len()
+                );
+                let _ = std::io::stderr().flush();
+                let mut answer = String::new();
+                std::io::stdin().read_line(&mut answer)?;
+                if matches!(answer.trim(), "y" | "Y" | "yes") {
+                    config.skip_bad_examples = true;
+                    continue;
+                }
+                bail!(
+                    "stopped: the dataset has bad examples ({})",
+                    report.summary()
+                );
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
+fn handle_event(event: TrainEvent, bar: &mut Option<ProgressBar>, quiet: bool) {
+    let say = |bar: &Option<ProgressBar>, text: String| match bar {
+        Some(bar) if !bar.is_hidden() => bar.println(text),
+        _ => eprintln!("{text}"),
+    };
+    match event {
+        TrainEvent::Notice(text) => say(bar, format!("note: {text}")),
+        TrainEvent::DatasetChecked(report) => {
+            eprintln!("dataset: {}", report.summary());
+            for problem in &report.problems {
+                eprintln!("  bad: {}: {}", problem.name, problem.reason);
+            }
+        }
+        TrainEvent::Started(plan) => {
+            eprintln!(
+                "training {} {} parameters on {} examples: {} steps ({} per epoch, {} epochs), learning rate {:e}{}",
+                if plan.trainable_parameters > 0 {
+                    ""
+                } else {
+                    "no"
+                },
+                plan.trainable_parameters,
+                plan.examples,
+                plan.total_steps,
+                plan.updates_per_epoch,
+                plan.epochs,
+                plan.learning_rate,
+                match &plan.resumed_from {
+                    Some(dir) => format!(
+                        ", resuming from {} at step {}",
+                        dir.display(),
+                        plan.first_step
+                    ),
+                    None => String::new(),
+                }
+            );
+            let target = if quiet {
+                ProgressDrawTarget::hidden()
+            } else {
+                ProgressDrawTarget::stderr()
+            };
+            let new_bar = ProgressBar::with_draw_target(Some(plan.total_steps), target);
+            new_bar.set_style(
+                ProgressStyle::with_template("[{bar:30}] {pos}/{len} steps {msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+            );
+            new_bar.set_position(plan.first_step);
+            *bar = Some(new_bar);
+        }
+        TrainEvent::Step(step) => {
+            if let Some(missing) = &step.params_without_gradient
+                && !missing.is_empty()
+            {
+                say(
+                    bar,
+                    format!(
+                        "warning: {} trained parameters got no gradient in the first step: {}",
+                        missing.len(),
+                        missing.join(", ")
+                    ),
+                );
+            }
+            if let Some(bar) = bar {
+                let memory = step
+                    .rss_bytes
+                    .map(|b| format!(", {:.1} GB", b as f64 / 1e9))
+                    .unwrap_or_default();
+                bar.set_message(format!(
+                    "loss {:.4}, lr {:.2e}, {:.2} s/step, {} left{memory}",
+                    step.loss,
+                    step.lr,
+                    step.seconds_per_step,
+                    human_seconds(step.eta_seconds)
+                ));
+                bar.set_position(step.step);
+            }
+        }
+        TrainEvent::CheckpointSaved {
+            step,
+            path,
+            removed,
+        } => {
+            let removed = if removed.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " (removed {})",
+                    removed
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            };
+            say(
+                bar,
+                format!("step {step}: saved {}{removed}", path.display()),
+            );
+        }
+        TrainEvent::Paused => say(bar, "paused".into()),
+        TrainEvent::Resumed => say(bar, "resumed".into()),
+        TrainEvent::Validation(v) => say(
+            bar,
+            format!(
+                "step {}: validation edits of {:?}: {}",
+                v.step,
+                v.prompt,
+                v.paths
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ),
+        TrainEvent::Finished(_) => {}
+    }
+}
+
+/// Ctrl+C as a stop request: the first SIGINT sets a flag (the handler only stores an atomic,
+/// which is async-signal-safe) and restores the default action, so a second one ends the process.
+mod sigint {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+    #[cfg(target_os = "linux")]
+    extern "C" fn on_sigint(_: libc::c_int) {
+        INTERRUPTED.store(true, Ordering::SeqCst);
+    }
+
+    /// Installs the handler (Linux; elsewhere Ctrl+C keeps its default action) and returns the
+    /// flag it sets.
+    pub fn install() -> &'static AtomicBool {
+        #[cfg(target_os = "linux")]
+        // SAFETY: the handler only stores to an atomic; SA_RESETHAND restores the default action
+        // after the first signal.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_sigint as extern "C" fn(libc::c_int) as usize;
+            action.sa_flags = libc::SA_RESETHAND;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(libc::SIGINT, &action, std::ptr::null_mut());
+        }
+        &INTERRUPTED
+    }
+}

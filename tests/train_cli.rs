@@ -1,0 +1,495 @@
+//! `instruct-pix2pix train` as a user runs it: the script's flags and their kebab-case aliases,
+//! notices for flags without meaning here, bad input refused in one line with nothing written,
+//! a plain 4-channel model grown, a validation image from a URL, LoRA, and a run killed with
+//! SIGKILL mid-run that `--resume_from_checkpoint latest` continues.
+//!
+//! With `INSTRUCT_PIX2PIX_EXPORT_DIR=DIR` set, the LoRA and full tests leave their outputs in
+//! `DIR/train_lora` and `DIR/train_full` for scripts/check_lora_in_diffusers.py and
+//! scripts/check_trained_model.py.
+
+mod common;
+mod train_dataset;
+
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device};
+use instruct_pix2pix::model::{InstructPix2PixModel, LoadOptions};
+use instruct_pix2pix::train::checkpoint::{list_checkpoints, load_checkpoint, write_safetensors};
+use instruct_pix2pix::train::lora::apply_lora_file;
+use instruct_pix2pix::train::metrics::read_metrics;
+
+fn model(name: &str) -> String {
+    common::fixture_pipeline(name).display().to_string()
+}
+
+/// `train` on `data` into `out` for a few quick steps at 32², plus `extra` flags.
+fn train_args(data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "train",
+        "--pretrained_model_name_or_path",
+        &model("sd1-tiny"),
+        "--train_data_dir",
+        &data.display().to_string(),
+        "--output_dir",
+        &out.display().to_string(),
+        "--resolution",
+        "32",
+        "--train_batch_size",
+        "2",
+        "--max_train_steps",
+        "2",
+        "--lr_warmup_steps",
+        "0",
+        "--seed",
+        "3",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+fn run(args: &[String]) -> Output {
+    let home = tempfile::tempdir().unwrap();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    common::run(home.path(), &args)
+}
+
+fn dataset(dir: &Path, count: usize) -> PathBuf {
+    let data = dir.join("data");
+    train_dataset::write_invert_dataset(&data, count, 32, 11);
+    data
+}
+
+/// The error lines of a failed run: exactly one, starting with `error:`.
+fn one_error_line(output: &Output) -> String {
+    let stderr = common::stderr(output);
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| !l.starts_with("note:") && !l.starts_with("dataset:"))
+        .collect();
+    assert_eq!(errors.len(), 1, "stderr: {stderr}");
+    assert!(errors[0].starts_with("error"), "stderr: {stderr}");
+    errors[0].to_string()
+}
+
+fn export_dir(name: &str) -> Option<PathBuf> {
+    let dir = PathBuf::from(std::env::var_os("INSTRUCT_PIX2PIX_EXPORT_DIR")?).join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.parent()?).unwrap();
+    Some(dir)
+}
+
+#[test]
+fn script_flags_aliases_and_notices() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path(), 4);
+    let out = dir.path().join("out");
+    let output = run(&train_args(
+        &data,
+        &out,
+        &[
+            // kebab-case aliases of the script's names
+            "--gradient-accumulation-steps",
+            "1",
+            "--learning-rate",
+            "1e-3",
+            "--lr-scheduler",
+            "linear",
+            "--conditioning-dropout-prob",
+            "0.05",
+            "--random-flip",
+            "--use-ema",
+            "--checkpointing-steps",
+            "1",
+            "--checkpoints-total-limit",
+            "1",
+            // flags without meaning here
+            "--enable_xformers_memory_efficient_attention",
+            "--use_8bit_adam",
+            "--allow_tf32",
+            "--gradient_checkpointing",
+            "--push_to_hub",
+            "--hub_model_id",
+            "me/model",
+            "--mixed_precision",
+            "fp16",
+            "--report_to",
+            "wandb",
+            "--logging_dir",
+            "logs",
+            "--local_rank",
+            "0",
+            "--dataloader_num_workers",
+            "4",
+            "--non_ema_revision",
+            "main",
+        ],
+    ));
+    let stderr = common::stderr(&output);
+    assert!(output.status.success(), "{stderr}");
+    for flag in [
+        "--enable_xformers_memory_efficient_attention",
+        "--use_8bit_adam",
+        "--allow_tf32",
+        "--gradient_checkpointing",
+        "--push_to_hub",
+        "--mixed_precision fp16",
+        "--report_to wandb",
+        "--logging_dir",
+        "--local_rank",
+        "--dataloader_num_workers",
+        "--non_ema_revision",
+    ] {
+        let notices: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.starts_with("note: ") && l.contains(flag))
+            .collect();
+        assert_eq!(notices.len(), 1, "{flag}: {stderr}");
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("trained after 2 steps"), "{stdout}");
+    // The model folder, one checkpoint (the limit), metrics, and no TensorBoard (wandb asked).
+    assert!(out.join("model_index.json").is_file());
+    let checkpoints = list_checkpoints(&out).unwrap();
+    assert_eq!(checkpoints.len(), 1);
+    assert_eq!(checkpoints[0].0, 2);
+    assert_eq!(read_metrics(&out.join("metrics.jsonl")).unwrap().len(), 2);
+    assert!(!out.join("logs").exists());
+}
+
+#[test]
+fn bad_input_is_one_line_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path(), 4);
+    let out = dir.path().join("out");
+    let not_a_model = dir.path().join("not-a-model");
+    std::fs::create_dir_all(not_a_model.join("unet")).unwrap();
+    std::fs::write(not_a_model.join("README.md"), "hello").unwrap();
+    let missing = dir.path().join("missing");
+
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (train_args(&missing, &out, &[]), "dataset folder"),
+        (
+            train_args(&data, &out, &["--learning_rate", "-1"]),
+            "--learning_rate -1",
+        ),
+        (
+            train_args(&data, &out, &["--conditioning_dropout_prob", "2"]),
+            "--conditioning_dropout_prob 2",
+        ),
+        (
+            train_args(&data, &out, &["--train_batch_size", "0"]),
+            "--train_batch_size 0",
+        ),
+        (
+            train_args(&data, &out, &["--max_grad_norm", "nan"]),
+            "--max_grad_norm NaN",
+        ),
+        (
+            train_args(&data, &out, &["--lr_scheduler", "sometimes"]),
+            "--lr_scheduler sometimes",
+        ),
+        (
+            train_args(&data, &out, &["--mixed_precision", "fp8"]),
+            "--mixed_precision fp8",
+        ),
+        (
+            train_args(&data, &out, &["--resolution", "36"]),
+            "--resolution 36: must be a multiple of 8",
+        ),
+        (
+            train_args(&data, &out, &["--lora-rank", "0"]),
+            "--lora-rank 0",
+        ),
+        (
+            train_args(&data, &out, &["--resume_from_checkpoint", "checkpoint-5"]),
+            "checkpoint-5",
+        ),
+        (
+            train_args(
+                &data,
+                &out,
+                &[
+                    "--validation_prompt",
+                    "x",
+                    "--val_image_url",
+                    "/no/such.png",
+                ],
+            ),
+            "such.png",
+        ),
+    ];
+    for (args, expected) in cases {
+        let output = run(&args);
+        assert_eq!(output.status.code(), Some(1), "{args:?}");
+        let line = one_error_line(&output);
+        assert!(line.contains(expected), "{expected}: {line}");
+        assert!(!out.exists(), "{expected}: the output folder was created");
+    }
+
+    // A folder that is not a diffusers pipeline.
+    let mut args = train_args(&data, &out, &[]);
+    args[2] = not_a_model.display().to_string();
+    let output = run(&args);
+    assert_eq!(output.status.code(), Some(1));
+    let line = one_error_line(&output);
+    assert!(line.contains("not-a-model"), "{line}");
+    assert!(!out.exists());
+
+    // Both data sources, or none: one line too (exit 1).
+    let mut args = train_args(&data, &out, &["--dataset_name", "owner/name"]);
+    let output = run(&args);
+    assert!(one_error_line(&output).contains("not both"));
+    args.drain(3..5);
+    args.truncate(args.len() - 2);
+    let output = run(&args);
+    assert!(one_error_line(&output).contains("--train_data_dir"));
+    assert!(!out.exists());
+}
+
+#[test]
+fn half_a_dataset_is_listed_and_skipped_on_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path(), 4);
+    std::fs::remove_file(data.join("ex001_edited.png")).unwrap();
+    std::fs::write(data.join("ex002.png"), b"not a png").unwrap();
+    let out = dir.path().join("out");
+
+    let output = run(&train_args(&data, &out, &[]));
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = common::stderr(&output);
+    assert!(stderr.contains("4 examples: 2 good, 2 bad"), "{stderr}");
+    assert!(
+        stderr.contains("ex001") && stderr.contains("ex002"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("--skip_bad_examples"), "{stderr}");
+    assert!(!out.exists());
+
+    let output = run(&train_args(&data, &out, &["--skip-bad-examples"]));
+    let stderr = common::stderr(&output);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("training on 2"), "{stderr}");
+    assert!(out.join("model_index.json").is_file());
+}
+
+#[test]
+fn plain_four_channel_model_grows_and_trains() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path(), 2);
+    let out = dir.path().join("out");
+    let mut args = train_args(&data, &out, &["--max_train_steps", "1"]);
+    args[2] = model("sd-plain-4ch");
+    let output = run(&args);
+    let stderr = common::stderr(&output);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("conv_in grows from 4 to 8"), "{stderr}");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("unet/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["in_channels"], 8);
+    // The written folder loads as an InstructPix2Pix model.
+    InstructPix2PixModel::load(&out, &load_options()).unwrap();
+}
+
+fn load_options() -> LoadOptions {
+    LoadOptions {
+        variant: Default::default(),
+        dtype: DType::F32,
+        device: Device::Cpu,
+    }
+}
+
+#[test]
+fn validation_image_from_a_url_and_lora_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path(), 4);
+    let out = dir.path().join("out");
+    // A one-file web server for --val_image_url.
+    let png = std::fs::read(data.join("ex000.png")).unwrap();
+    let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
+    let port = server.server_addr().to_ip().unwrap().port();
+    let serving = std::thread::spawn(move || {
+        if let Ok(Some(request)) = server.recv_timeout(Duration::from_secs(60)) {
+            let _ = request.respond(tiny_http::Response::from_data(png));
+        }
+    });
+    let url = format!("http://127.0.0.1:{port}/val.png");
+    let output = run(&train_args(
+        &data,
+        &out,
+        &[
+            "--lora-rank",
+            "4",
+            "--learning_rate",
+            "1e-2",
+            "--max_train_steps",
+            "4",
+            "--validation_prompt",
+            train_dataset::INSTRUCTION,
+            "--val_image_url",
+            &url,
+            "--num_validation_images",
+            "2",
+            "--validation_epochs",
+            "1",
+        ],
+    ));
+    serving.join().unwrap();
+    let stderr = common::stderr(&output);
+    assert!(output.status.success(), "{stderr}");
+    // 4 examples in batches of 2: 2 steps per epoch, validation after epochs 0 and 1.
+    for step in [2, 4] {
+        for i in 0..2 {
+            let path = out.join(format!("validation/step-{step:06}-{i}.png"));
+            assert_eq!(
+                image::open(&path).unwrap().width(),
+                32,
+                "{}",
+                path.display()
+            );
+        }
+    }
+    let validations: Vec<serde_json::Value> = read_metrics(&out.join("metrics.jsonl"))
+        .unwrap()
+        .into_iter()
+        .filter(|v| v.get("validation").is_some())
+        .collect();
+    assert_eq!(validations.len(), 2);
+    assert_eq!(
+        validations[0]["validation"][0]["prompt"],
+        train_dataset::INSTRUCTION
+    );
+    // The LoRA file, no model folder; it applies to the base model.
+    let lora_file = out.join("pytorch_lora_weights.safetensors");
+    assert!(lora_file.is_file());
+    assert!(!out.join("model_index.json").exists());
+    let mut model =
+        InstructPix2PixModel::load(&common::fixture_pipeline("sd1-tiny"), &load_options()).unwrap();
+    assert_eq!(apply_lora_file(&mut model, &out).unwrap().rank, 4);
+
+    if let Some(export) = export_dir("train_lora") {
+        // The UNet output with the trained adapter on the LoRA check's input.
+        std::fs::create_dir_all(&export).unwrap();
+        std::fs::copy(&lora_file, export.join("pytorch_lora_weights.safetensors")).unwrap();
+        let case = candle_core::safetensors::load(
+            common::fixtures().join("train_persist/lora_py/cases.safetensors"),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let output = model
+            .unet
+            .forward(
+                &case["sample"],
+                &case["timesteps"],
+                &case["encoder_hidden_states"],
+            )
+            .unwrap();
+        write_safetensors(
+            &export.join("cases.safetensors"),
+            &[
+                ("sample".into(), case["sample"].clone()),
+                ("timesteps".into(), case["timesteps"].clone()),
+                (
+                    "encoder_hidden_states".into(),
+                    case["encoder_hidden_states"].clone(),
+                ),
+                ("output".into(), output),
+            ],
+            None,
+        )
+        .unwrap();
+    }
+}
+
+/// Steps logged in metrics.jsonl, in order.
+fn logged_steps(out: &Path) -> Vec<u64> {
+    read_metrics(&out.join("metrics.jsonl"))
+        .unwrap()
+        .iter()
+        .filter(|v| v.get("loss").is_some())
+        .map(|v| v["step"].as_u64().unwrap())
+        .collect()
+}
+
+#[test]
+fn killed_mid_run_resumes_from_the_latest_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path(), 6);
+    let out = dir.path().join("out");
+    let flags = [
+        "--max_train_steps",
+        "60",
+        "--checkpointing_steps",
+        "4",
+        "--checkpoints_total_limit",
+        "2",
+        "--use_ema",
+        "--gradient_accumulation_steps",
+        "2",
+    ];
+    let args = train_args(&data, &out, &flags);
+    let mut child = common::program(home.path())
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait for the second checkpoint, then SIGKILL (Child::kill sends SIGKILL on Unix).
+    let started = Instant::now();
+    while !out.join("checkpoint-8").is_dir() {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no checkpoint-8 after 2 minutes"
+        );
+        assert!(child.try_wait().unwrap().is_none(), "the run ended early");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    // Nothing corrupt: every checkpoint folder is complete and loads; at most the limit remain.
+    let checkpoints = list_checkpoints(&out).unwrap();
+    assert!(
+        !checkpoints.is_empty() && checkpoints.len() <= 2,
+        "{checkpoints:?}"
+    );
+    for (_, path) in &checkpoints {
+        load_checkpoint(path, &Device::Cpu).unwrap();
+    }
+    let last = checkpoints.last().unwrap().0;
+    assert!((8..60).contains(&last), "{last}");
+    let killed_steps = logged_steps(&out);
+    assert!(killed_steps.len() as u64 >= last);
+
+    // Resume: no --seed needed (the checkpoint's is taken), continues after `last`.
+    let mut args = train_args(&data, &out, &flags);
+    let seed_at = args.iter().position(|a| a == "--seed").unwrap();
+    args.drain(seed_at..seed_at + 2);
+    args.extend(["--resume_from_checkpoint".to_string(), "latest".to_string()]);
+    let output = run(&args);
+    let stderr = common::stderr(&output);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("checkpoint-{last} at step {last}")),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("note: seed"), "{stderr}");
+    // metrics.jsonl reads as one run: steps after the checkpoint logged by the killed run were
+    // dropped and logged again.
+    assert_eq!(logged_steps(&out), (1..=60).collect::<Vec<u64>>());
+    let checkpoints = list_checkpoints(&out).unwrap();
+    assert_eq!(
+        checkpoints.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        [56, 60]
+    );
+    assert!(out.join("model_index.json").is_file());
+    if let Some(export) = export_dir("train_full") {
+        common::copy_dir(&out, &export);
+    }
+}
