@@ -52,6 +52,8 @@ cp -r tests/fixtures/pipelines/sd1-tiny "$work/model"
 cp tests/fixtures/edits/sd1-plain/input.png tests/fixtures/edits/sd1-plain/latents.npy "$work/"
 cd "$work"
 export HF_HUB_OFFLINE=1 HF_HOME="$work/hf-home" INSTRUCT_PIX2PIX_CONFIG_DIR="$work/config"
+mkdir -m 700 "$work/runtime"
+export XDG_RUNTIME_DIR="$work/runtime"
 
 step "installed /usr/bin/instruct-pix2pix --version"
 /usr/bin/instruct-pix2pix --version | tee version.txt
@@ -86,6 +88,7 @@ DISPLAY=":$display_number" WAYLAND_DISPLAY="" timeout 300 /usr/bin/instruct-pix2
   --model "$work/model" --prompt "make it snowy" --generate \
   --screenshot "$work/window.png" --exit-after-screenshot
 [ -s window.png ] || { echo "the window wrote no screenshot"; exit 1; }
+mkdir -p "$repo/target/ci-artifacts" && cp window.png "$repo/target/ci-artifacts/installed-window.png"
 echo "window.png: $(od -An -j16 -N8 -tu1 window.png | awk '{print $1*16777216+$2*65536+$3*256+$4 "x" $5*16777216+$6*65536+$7*256+$8}')"
 # Nothing was written next to the binary, and the installed files are as shipped.
 [ "$(ls -A /usr/bin)" = "$bin_before" ] || { echo "files appeared in /usr/bin"; exit 1; }
