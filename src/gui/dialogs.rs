@@ -328,13 +328,15 @@ fn about_window(app: &mut EditorApp, ctx: &Context) {
             let hub = app.hub_settings();
             ui.label(format!("Models are stored in {}", hub.cache_dir.display()));
             // The packages (packaging/) put it beside the program (Windows), in
-            // ../share/doc/instruct-pix2pix (Linux, AppImage) or ../Resources (macOS .app).
+            // ../share/doc/instruct-pix2pix (Linux), ../Resources (macOS .app) or
+            // ../lib/instruct-pix2pix (cargo-packager's Linux layout).
             let licenses = std::env::current_exe().ok().and_then(|exe| {
                 let (dir, up) = (exe.parent()?, exe.parent()?.parent()?);
                 [
                     dir.to_owned(),
                     up.join("share/doc/instruct-pix2pix"),
                     up.join("Resources"),
+                    up.join("lib/instruct-pix2pix"),
                 ]
                 .map(|folder| folder.join("THIRD-PARTY-LICENSES.html"))
                 .into_iter()
