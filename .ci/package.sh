@@ -25,6 +25,10 @@ ls -l "$deb"
 dpkg-deb --info "$deb" | sed -n '/Package:/,$p'
 dpkg-deb --contents "$deb"
 version="$(dpkg-deb --field "$deb" Version)"
+# The test build (dev profile; `cargo test` has built it already in CI), whose edits the tests
+# compare with diffusers: the installed program must write the very same file.
+cargo build --locked --quiet --bin instruct-pix2pix
+test_build="$(dirname "$(dirname "$deb")")/debug/instruct-pix2pix"
 
 step "installing it (dpkg -i, then apt-get -f for missing dependencies)"
 # A copy left installed by an earlier, interrupted run would hide a broken install.
@@ -60,13 +64,16 @@ step "installed /usr/bin/instruct-pix2pix --version"
 grep -qx "instruct-pix2pix ${version%-*}" version.txt
 
 step "an edit with the installed program (fixture model sd1-tiny)"
-/usr/bin/instruct-pix2pix edit --model "$work/model" --image input.png \
-  --prompt "make it snowy" --steps 10 --latents latents.npy --output out.png --quiet
+edit_args=(edit --model "$work/model" --image input.png --prompt "make it snowy" --steps 10
+  --seed 1 --latents latents.npy --quiet)
+/usr/bin/instruct-pix2pix "${edit_args[@]}" --output out.png
+"$test_build" "${edit_args[@]}" --output out-test-build.png
+cmp out.png out-test-build.png || { echo "the installed program's edit differs from the test build's"; exit 1; }
 # A 64×64 PNG that carries the edit's settings (its text chunk names the prompt).
 [ "$(head -c 8 out.png | od -An -tx1 | tr -d ' \n')" = 89504e470d0a1a0a ] || { echo "out.png is not a PNG"; exit 1; }
 [ "$(od -An -j16 -N8 -tu1 out.png | tr -s ' ' | sed 's/^ //')" = "0 0 0 64 0 0 0 64" ] || { echo "out.png is not 64x64"; exit 1; }
 grep -aq "make it snowy" out.png || { echo "out.png lacks its settings chunk"; exit 1; }
-echo "out.png: 64x64 PNG with its settings"
+echo "out.png: 64x64 PNG with its settings, byte for byte the test build's"
 
 step "desktop-file-validate"
 desktop-file-validate /usr/share/applications/instruct-pix2pix.desktop
