@@ -43,7 +43,9 @@ mkdir -p "$staging/man"
 echo "--- man pages (examples/gen_man.rs)" >&2
 profile_flag=()
 [ "${GEN_MAN_PROFILE:-dev}" = release ] && profile_flag=(--release)
-cargo run --locked --quiet "${profile_flag[@]}" --example gen_man -- "$staging/man" >&2
+# With the variant's features, so that in the release profile it reuses the package's build.
+cargo run --locked --quiet "${profile_flag[@]}" ${features:+--features "$features"} \
+  --example gen_man -- "$staging/man" >&2
 gzip -9nf "$staging"/man/*.1
 
 echo "--- third-party licenses" >&2
