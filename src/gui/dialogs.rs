@@ -327,6 +327,26 @@ fn about_window(app: &mut EditorApp, ctx: &Context) {
             ui.label(format!("License: {}", env!("CARGO_PKG_LICENSE")));
             let hub = app.hub_settings();
             ui.label(format!("Models are stored in {}", hub.cache_dir.display()));
+            // The packages (packaging/) put it beside the program (Windows), in
+            // ../share/doc/instruct-pix2pix (Linux), ../Resources (macOS .app) or
+            // ../lib/instruct-pix2pix (cargo-packager's Linux layout).
+            let licenses = std::env::current_exe().ok().and_then(|exe| {
+                let (dir, up) = (exe.parent()?, exe.parent()?.parent()?);
+                [
+                    dir.to_owned(),
+                    up.join("share/doc/instruct-pix2pix"),
+                    up.join("Resources"),
+                    up.join("lib/instruct-pix2pix"),
+                ]
+                .map(|folder| folder.join("THIRD-PARTY-LICENSES.html"))
+                .into_iter()
+                .find(|path| path.is_file())
+            });
+            ui.label(
+                licenses.map_or("Third-party licenses: see the package".into(), |path| {
+                    format!("Third-party licenses: {}", path.display())
+                }),
+            );
             if let Some(store) = &app.store {
                 ui.label(format!("Settings: {}", store.path.display()));
             }
