@@ -472,7 +472,16 @@ fn the_model_manager_downloads_with_progress_cancels_and_switches_models() {
     assert_eq!(harness.state().model.as_ref(), Some(&first));
     click(&mut harness, "Close");
     // Let the closing window fade out so it no longer covers the controls.
-    harness.run_ok();
+    for _ in 0..240 {
+        if harness
+            .query_by_label("Model folder or Hub repo id")
+            .is_none()
+        {
+            break;
+        }
+        harness.step();
+    }
+    harness.run_steps(30);
 
     // Edits still work with the old model.
     open_fixture_and_type(&mut harness, 2, "make it snowy");
