@@ -151,7 +151,7 @@ fn looks_like_path(spec: &str) -> bool {
 }
 
 /// huggingface_hub's `validate_repo_id`, restricted to `owner/name`.
-fn check_repo_id(repo_id: &str) -> Result<(), String> {
+pub(crate) fn check_repo_id(repo_id: &str) -> Result<(), String> {
     let Some((owner, name)) = repo_id.split_once('/') else {
         return Err("no `/` between owner and name".to_string());
     };

@@ -292,81 +292,6 @@ pub fn edit_size(
     Ok((w, h))
 }
 
-/// Fixed-point precision of Pillow's 8-bit resampling coefficients (`PRECISION_BITS`).
-const PRECISION_BITS: u32 = 32 - 8 - 2;
-
-/// Lanczos support radius (`lanczos_filter`'s window, a = 3).
-const LANCZOS_SUPPORT: f64 = 3.0;
-
-fn sinc(x: f64) -> f64 {
-    if x == 0.0 {
-        return 1.0;
-    }
-    let x = x * std::f64::consts::PI;
-    x.sin() / x
-}
-
-fn lanczos(x: f64) -> f64 {
-    if (-LANCZOS_SUPPORT..LANCZOS_SUPPORT).contains(&x) {
-        sinc(x) * sinc(x / 3.0)
-    } else {
-        0.0
-    }
-}
-
-/// Per-output-pixel source window (`first`, `count`) and fixed-point weights, as Pillow's
-/// `precompute_coeffs` + `normalize_coeffs_8bpc` compute them for the box `[0, in_size)`.
-struct Coefficients {
-    ksize: usize,
-    bounds: Vec<(usize, usize)>,
-    weights: Vec<i32>,
-}
-
-fn precompute_coefficients(in_size: u32, out_size: u32) -> Coefficients {
-    let scale = f64::from(in_size) / f64::from(out_size);
-    let filter_scale = scale.max(1.0);
-    let support = LANCZOS_SUPPORT * filter_scale;
-    let ksize = support.ceil() as usize * 2 + 1;
-    let mut bounds = Vec::with_capacity(out_size as usize);
-    let mut weights = vec![0i32; out_size as usize * ksize];
-    let mut k = vec![0f64; ksize];
-    let inv_filter_scale = 1.0 / filter_scale;
-    for xx in 0..out_size as usize {
-        let center = (xx as f64 + 0.5) * scale;
-        // C's (int) cast truncates toward zero, as `as i64` does.
-        let xmin = ((center - support + 0.5) as i64).max(0);
-        let xmax = ((center + support + 0.5) as i64).min(i64::from(in_size));
-        let count = (xmax - xmin).max(0) as usize;
-        let mut sum = 0.0;
-        for (x, slot) in k.iter_mut().enumerate().take(count) {
-            let w = lanczos(((x as i64 + xmin) as f64 - center + 0.5) * inv_filter_scale);
-            *slot = w;
-            sum += w;
-        }
-        let row = &mut weights[xx * ksize..xx * ksize + count];
-        for (dst, &w) in row.iter_mut().zip(&k[..count]) {
-            let w = if sum != 0.0 { w / sum } else { w };
-            let fixed = w * f64::from(1u32 << PRECISION_BITS);
-            *dst = if w < 0.0 {
-                (fixed - 0.5) as i32
-            } else {
-                (fixed + 0.5) as i32
-            };
-        }
-        bounds.push((xmin as usize, count));
-    }
-    Coefficients {
-        ksize,
-        bounds,
-        weights,
-    }
-}
-
-/// Pillow's `clip8`: the fixed-point sum back to a byte, clamped to 0..=255.
-fn clip8(acc: i64) -> u8 {
-    (acc >> PRECISION_BITS).clamp(0, 255) as u8
-}
-
 /// PIL's `Image.resize(size, Image.LANCZOS)` on RGB8, reproduced exactly: Pillow's `Resample.c`
 /// coefficients (support 3 × the downscale factor, normalised to sum 1, rounded to 22-bit fixed
 /// point), two passes each rounded and clipped to 8 bits, in Pillow 13's order (see
@@ -374,107 +299,7 @@ fn clip8(acc: i64) -> u8 {
 /// its axis keeps its size. Returns a copy of the input when the size is the same.
 /// A zero target size gives an empty image.
 pub fn resize_lanczos(img: &RgbImage, width: u32, height: u32) -> RgbImage {
-    let (in_w, in_h) = img.dimensions();
-    if (in_w, in_h) == (width, height) {
-        return img.clone();
-    }
-    if width == 0 || height == 0 || in_w == 0 || in_h == 0 {
-        return RgbImage::new(width, height);
-    }
-    // Pillow skips the pass of an axis that keeps its size.
-    let need_horizontal = width != in_w;
-    let need_vertical = height != in_h;
-    let horizontal = precompute_coefficients(in_w, width);
-    let mut vertical = precompute_coefficients(in_h, height);
-
-    let out = if need_vertical && vertical_first(in_w, in_h, width, height) {
-        let stage = vertical_pass(img.as_raw(), in_w as usize, &vertical);
-        if need_horizontal {
-            horizontal_pass(&stage, in_w as usize, 0..height as usize, &horizontal)
-        } else {
-            stage
-        }
-    } else if need_horizontal {
-        // Only the source rows that the vertical pass reads get the horizontal pass.
-        let (row_first, row_last) = match (vertical.bounds.first(), vertical.bounds.last()) {
-            (Some(&(first, _)), Some(&(last_start, last_count))) => {
-                (first, last_start + last_count)
-            }
-            _ => (0, in_h as usize),
-        };
-        let stage = horizontal_pass(
-            img.as_raw(),
-            in_w as usize,
-            row_first..row_last,
-            &horizontal,
-        );
-        if need_vertical {
-            for bound in &mut vertical.bounds {
-                bound.0 -= row_first;
-            }
-            vertical_pass(&stage, width as usize, &vertical)
-        } else {
-            stage
-        }
-    } else {
-        vertical_pass(img.as_raw(), in_w as usize, &vertical)
-    };
-    // The buffer has exactly width*height*3 bytes by construction.
-    RgbImage::from_raw(width, height, out).unwrap_or_else(|| RgbImage::new(width, height))
-}
-
-/// Pillow 13's pass order (python-pillow/Pillow#9549, found to hold exactly on ~900 random size
-/// pairs): the vertical pass goes first when the height shrinks by more than twice as many pixels
-/// as the width does; otherwise horizontal first, as every earlier Pillow always did. The order
-/// changes the result (each pass rounds to 8 bits).
-fn vertical_first(in_w: u32, in_h: u32, out_w: u32, out_h: u32) -> bool {
-    let shrink_h = i64::from(in_h) - i64::from(out_h);
-    let shrink_w = i64::from(in_w) - i64::from(out_w);
-    out_h < in_h && shrink_h > 2 * shrink_w
-}
-
-fn horizontal_pass(
-    src: &[u8],
-    in_w: usize,
-    rows: std::ops::Range<usize>,
-    coeffs: &Coefficients,
-) -> Vec<u8> {
-    let out_w = coeffs.bounds.len();
-    let mut out = Vec::with_capacity(rows.len() * out_w * 3);
-    for y in rows {
-        let row = &src[y * in_w * 3..(y + 1) * in_w * 3];
-        for (xx, &(xmin, count)) in coeffs.bounds.iter().enumerate() {
-            let k = &coeffs.weights[xx * coeffs.ksize..xx * coeffs.ksize + count];
-            let mut acc = [1i64 << (PRECISION_BITS - 1); 3];
-            for (px, &w) in row[xmin * 3..(xmin + count) * 3].chunks_exact(3).zip(k) {
-                let w = i64::from(w);
-                acc[0] += i64::from(px[0]) * w;
-                acc[1] += i64::from(px[1]) * w;
-                acc[2] += i64::from(px[2]) * w;
-            }
-            out.extend(acc.map(clip8));
-        }
-    }
-    out
-}
-
-fn vertical_pass(src: &[u8], width: usize, coeffs: &Coefficients) -> Vec<u8> {
-    let stride = width * 3;
-    let mut out = Vec::with_capacity(coeffs.bounds.len() * stride);
-    let mut acc = vec![0i64; stride];
-    for (yy, &(ymin, count)) in coeffs.bounds.iter().enumerate() {
-        let k = &coeffs.weights[yy * coeffs.ksize..yy * coeffs.ksize + count];
-        acc.fill(1i64 << (PRECISION_BITS - 1));
-        for (dy, &w) in k.iter().enumerate() {
-            let w = i64::from(w);
-            let row = &src[(ymin + dy) * stride..(ymin + dy + 1) * stride];
-            for (a, &v) in acc.iter_mut().zip(row) {
-                *a += i64::from(v) * w;
-            }
-        }
-        out.extend(acc.iter().map(|&a| clip8(a)));
-    }
-    out
+    super::resize::resize(img, width, height, super::resize::Filter::Lanczos)
 }
 
 /// diffusers' `VaeImageProcessor.preprocess` for one RGB8 image already at the edit size:
@@ -833,22 +658,6 @@ mod tests {
         assert!(edit_size(1000, 20, 64, 8).is_err());
         assert!(edit_size(64, 64, 64, 0).is_err());
         assert!(edit_size(0, 64, 64, 8).is_err());
-    }
-
-    #[test]
-    fn lanczos_weights_sum_to_one_in_fixed_point() {
-        for (in_size, out_size) in [(67u32, 64u32), (45, 101), (300, 7), (10, 1)] {
-            let c = precompute_coefficients(in_size, out_size);
-            for (i, &(start, count)) in c.bounds.iter().enumerate() {
-                assert!(start + count <= in_size as usize);
-                let sum: i64 = c.weights[i * c.ksize..i * c.ksize + count]
-                    .iter()
-                    .map(|&w| i64::from(w))
-                    .sum();
-                // Each weight is rounded separately: off by at most half a unit each.
-                assert!((sum - (1 << PRECISION_BITS)).abs() <= count as i64, "{sum}");
-            }
-        }
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod edit;
 pub mod image;
 pub mod metadata;
 pub mod preview;
+pub mod resize;
 pub mod rng;
 pub mod scheduler;
 

@@ -492,7 +492,7 @@ impl Dataset {
                 reason: "it is a file, not a folder".to_string(),
             });
         }
-        check_dataset_id(trimmed).map_err(|reason| DataError::InvalidName {
+        crate::model::hub::check_repo_id(trimmed).map_err(|reason| DataError::InvalidName {
             spec: spec.to_string(),
             reason: format!(
                 "it is neither an existing folder nor a Hub dataset id owner/name ({reason})"
@@ -1360,27 +1360,6 @@ fn split_words(relative: &str) -> Vec<&'static str> {
         .collect()
 }
 
-/// `owner/name` as Hub dataset ids are spelled.
-fn check_dataset_id(id: &str) -> Result<(), String> {
-    let Some((owner, name)) = id.split_once('/') else {
-        return Err("no `/` between owner and name".to_string());
-    };
-    for part in [owner, name] {
-        if part.is_empty() {
-            return Err("empty owner or name".to_string());
-        }
-        if let Some(c) = part
-            .chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
-        {
-            return Err(format!("{c:?} is not allowed"));
-        }
-        if part.contains("--") || part.contains("..") {
-            return Err("`--` and `..` are not allowed".to_string());
-        }
-    }
-    Ok(())
-}
 
 /// A `datasets--owner--name` (or `models--…`) cache folder given as a path: its snapshot for
 /// `revision`, when it has one.

@@ -7,7 +7,8 @@ pub mod lora;
 pub mod metrics;
 pub mod optim;
 pub mod output;
-pub mod resize;
+/// Pillow-exact resampling (shared with the edit path).
+pub use crate::pipeline::resize;
 pub mod run;
 pub mod schedule;
 pub mod step;
