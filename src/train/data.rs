@@ -1360,7 +1360,6 @@ fn split_words(relative: &str) -> Vec<&'static str> {
         .collect()
 }
 
-
 /// A `datasets--owner--name` (or `models--…`) cache folder given as a path: its snapshot for
 /// `revision`, when it has one.
 fn resolve_cache_folder(dir: &Path, revision: &str) -> Option<PathBuf> {
