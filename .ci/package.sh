@@ -3,12 +3,21 @@
 # build), installs it with dpkg, runs the installed program from a folder outside the source tree
 # (--version, an `edit` on the fixture model, the window once under Xvfb), validates the .desktop
 # entry, then removes the package and checks that its files are gone. `.ci/run` calls it last;
-# it also runs alone (as root, or with sudo): `bash .ci/package.sh`.
+# it also runs alone (as root, or with sudo): `bash .ci/package.sh [--release]`.
+#
+# By default it packages the test build (build-deb.sh --profile dev: the binary `cargo test` built,
+# so CI spends no release build on it); `--release` packages a release build, as releases are.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo="$PWD"
 started=$(date +%s)
 step() { echo "--- [package +$(($(date +%s) - started))s] $*"; }
+profile=dev
+case "${1:-}" in
+  "") ;;
+  --release) profile=release ;;
+  *) echo "usage: $0 [--release]" >&2; exit 2 ;;
+esac
 
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
 apt_updated=""
@@ -19,8 +28,8 @@ apt_install() {
 command -v desktop-file-validate >/dev/null || { step "installing desktop-file-utils"; apt_install desktop-file-utils; }
 command -v Xvfb >/dev/null || { step "installing Xvfb"; apt_install xvfb; }
 
-step "building the .deb"
-deb="$(packaging/linux/build-deb.sh | tail -n 1)"
+step "building the .deb ($profile profile)"
+deb="$(packaging/linux/build-deb.sh --profile "$profile" | tail -n 1)"
 ls -l "$deb"
 dpkg-deb --info "$deb" | sed -n '/Package:/,$p'
 dpkg-deb --contents "$deb"

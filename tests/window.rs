@@ -467,10 +467,21 @@ fn the_model_manager_downloads_with_progress_cancels_and_switches_models() {
         "the old model stays meanwhile"
     );
     click(&mut harness, "Cancel download");
-    wait_for(&mut harness, "the cancel", |app| app.loading.is_none());
+    // The manager lists the cache again after a cancel: the partial download shows up, not
+    // ready (and, as it adds a row, moves the buttons below it: wait for it before clicking).
+    wait_for(&mut harness, "the cancel and the new listing", |app| {
+        app.loading.is_none()
+            && app
+                .catalog
+                .iter()
+                .any(|e| e.spec == REPO && e.problem.is_some())
+    });
     assert!(sees(&harness, "was cancelled; still using"));
     assert_eq!(harness.state().model.as_ref(), Some(&first));
     click(&mut harness, "Close");
+    wait_for(&mut harness, "the model manager to close", |app| {
+        !app.ui_state.model_manager_open
+    });
     // Let the closing window fade out so it no longer covers the controls.
     for _ in 0..240 {
         if harness

@@ -44,6 +44,8 @@ const EXIT_FAILURE: u8 = 1;
 
 /// Parses the process arguments and runs the chosen subcommand.
 pub fn main() -> ExitCode {
+    #[cfg(windows)]
+    attach_to_parent_console();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(error) => return usage_error(error),
@@ -60,6 +62,23 @@ pub fn main() -> ExitCode {
             eprintln!("error: {}", one_line(&error));
             ExitCode::from(EXIT_FAILURE)
         }
+    }
+}
+
+/// The Windows release build has no console of its own (`windows_subsystem = "windows"` in
+/// main.rs); started from a terminal, its output and errors go to that terminal. Started from
+/// Explorer there is no parent console and this does nothing.
+#[cfg(windows)]
+fn attach_to_parent_console() {
+    #[link(name = "kernel32")]
+    unsafe extern "system" {
+        fn AttachConsole(process_id: u32) -> i32;
+    }
+    const ATTACH_PARENT_PROCESS: u32 = u32::MAX;
+    // SAFETY: a plain Win32 call with a constant argument; failure (no parent console, or one
+    // already attached) leaves the process as it was.
+    unsafe {
+        AttachConsole(ATTACH_PARENT_PROCESS);
     }
 }
 

@@ -54,7 +54,8 @@ pub fn run(options: StartOptions) -> Result<(), GuiError> {
             .with_app_id("instruct-pix2pix")
             .with_inner_size([width, height])
             .with_min_inner_size([640.0, 420.0])
-            .with_drag_and_drop(true),
+            .with_drag_and_drop(true)
+            .with_icon(std::sync::Arc::new(window_icon())),
         ..Default::default()
     };
     eframe::run_native(
@@ -63,4 +64,36 @@ pub fn run(options: StartOptions) -> Result<(), GuiError> {
         Box::new(move |cc| Ok(Box::new(EditorApp::new(cc, options)))),
     )
     .map_err(|e| GuiError::Window(e.to_string()))
+}
+
+/// The application icon (assets/icons, drawn by assets/make_icons.py) for the title bar and task
+/// bar; the installed packages also carry it for the desktop's menus.
+pub fn window_icon() -> egui::IconData {
+    const PNG: &[u8] = include_bytes!("../../assets/icons/128x128.png");
+    // The file is part of the program, so it can only fail if the build is broken; an icon-less
+    // window is still better than no window.
+    match image::load_from_memory_with_format(PNG, image::ImageFormat::Png) {
+        Ok(icon) => {
+            let icon = icon.into_rgba8();
+            egui::IconData {
+                width: icon.width(),
+                height: icon.height(),
+                rgba: icon.into_raw(),
+            }
+        }
+        Err(_) => egui::IconData::default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_window_icon_is_the_128_pixel_application_icon() {
+        let icon = super::window_icon();
+        assert_eq!((icon.width, icon.height), (128, 128));
+        assert_eq!(icon.rgba.len(), 128 * 128 * 4);
+        // Not blank: the drawing has opaque pixels and transparent corners.
+        assert!(icon.rgba.chunks(4).any(|p| p[3] == 255));
+        assert_eq!(icon.rgba[3], 0);
+    }
 }
