@@ -18,6 +18,9 @@ if ! cargo about --version 2>/dev/null | grep -qF "$CARGO_ABOUT_VERSION"; then
   cargo install cargo-about --locked --features cli --version "$CARGO_ABOUT_VERSION" >&2
 fi
 host="$(rustc -vV | sed -n 's/^host: //p')"
+# `cargo metadata` (which cargo-about reads offline) wants every platform's crates in the local
+# registry, not only those a host build downloaded.
+cargo fetch --locked --quiet >&2
 mkdir -p "$(dirname "$out")"
 cargo about generate --locked --offline --fail --target "$host" ${features:+--features "$features"} \
   --config packaging/licenses/about.toml --output-file "$out" packaging/licenses/about.hbs

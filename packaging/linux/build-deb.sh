@@ -15,7 +15,8 @@
 #
 # `--profile dev` is what CI packages: the binary `cargo test` has already built (same code,
 # dependencies optimised, this crate not), which spares CI's 2 cores a 13-minute release build.
-# Releases are built with the release profile (.github/workflows/release.yml).
+# Releases are built with the release profile (.github/workflows/release.yml). cargo-deb 3.8
+# warns that the dev profile "will be a hard error in the future": the version is pinned below.
 # cargo-deb (like cargo-about) is installed from crates.io on first use (pinned version).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
