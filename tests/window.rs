@@ -425,6 +425,76 @@ fn settings_persist_across_restarts() {
 }
 
 #[test]
+fn first_start_offers_the_default_model_and_downloads_it_with_progress() {
+    use common::fake_hub::{FakeHub, FakeRepo};
+    use instruct_pix2pix::model::hub::{DEFAULT_REPO, HubSettings};
+
+    // A fresh install: no settings, an empty Hugging Face cache, and a Hub that serves the
+    // default repo (the tiny fixture pipeline under its name).
+    let repo = FakeRepo::from_folder(
+        DEFAULT_REPO,
+        "8888888888888888888888888888888888888888",
+        &common::fixture_pipeline("sd1-tiny-ancestral"),
+    );
+    let hub = FakeHub::start(vec![repo]);
+    // Slow enough to see the progress bar.
+    hub.set_cdn_delay(Duration::from_millis(20));
+    let cache = tempfile::tempdir().unwrap();
+    let config = tempfile::tempdir().unwrap();
+    let store = SettingsStore::at(config.path().join("settings.json"));
+    let mut harness = harness(StartOptions {
+        settings_store: Some(store.clone()),
+        hub: Some(HubSettings {
+            endpoint: hub.endpoint.clone(),
+            cache_dir: cache.path().to_path_buf(),
+            token: None,
+            offline: false,
+        }),
+        ..StartOptions::default()
+    });
+    harness.run_steps(10);
+
+    // Nothing downloads by itself: the model manager offers the default model or a folder.
+    let app = harness.state();
+    assert!(app.model.is_none() && app.loading.is_none());
+    assert!(app.ui_state.model_manager_open);
+    assert!(sees(&harness, "No model is loaded."));
+    assert!(harness.query_by_label("Browse…").is_some());
+    assert!(
+        hub.requests().is_empty(),
+        "nothing was asked of the Hub before the user chose"
+    );
+
+    click(&mut harness, &format!("Download {DEFAULT_REPO}"));
+    wait_for(&mut harness, "download progress", |app| {
+        app.loading
+            .as_ref()
+            .and_then(|l| l.download.as_ref())
+            .is_some_and(|d| d.done > 0)
+    });
+    assert!(sees(&harness, "MB"), "the download shows its progress");
+    wait_for(&mut harness, "the downloaded model", |app| {
+        model_ready(app) && app.model.as_ref().is_some_and(|m| m.name == DEFAULT_REPO)
+    });
+    assert!(sees(
+        &harness,
+        &format!("Model: {DEFAULT_REPO} · cpu · f32")
+    ));
+    // Into the Hugging Face cache's own layout, where diffusers would look too.
+    assert!(
+        cache
+            .path()
+            .join("models--timbrooks--instruct-pix2pix/snapshots")
+            .join("8888888888888888888888888888888888888888")
+            .join("model_index.json")
+            .is_file()
+    );
+    eframe::App::on_exit(harness.state_mut());
+    drop(harness);
+    assert_eq!(store.load().0.model, DEFAULT_REPO);
+}
+
+#[test]
 fn the_model_manager_downloads_with_progress_cancels_and_switches_models() {
     use common::fake_hub::{FakeHub, FakeRepo};
     use instruct_pix2pix::model::hub::HubSettings;
