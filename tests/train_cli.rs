@@ -1,7 +1,8 @@
 //! `instruct-pix2pix train` as a user runs it: the script's flags and their kebab-case aliases,
 //! notices for flags without meaning here, bad input refused in one line with nothing written,
 //! a plain 4-channel model grown, a validation image from a URL, LoRA, and a run killed with
-//! SIGKILL mid-run that `--resume_from_checkpoint latest` continues.
+//! SIGKILL mid-run that `--resume_from_checkpoint latest` continues, and a Hub dataset id
+//! downloaded from a fake Hub on 127.0.0.1.
 //!
 //! With `INSTRUCT_PIX2PIX_EXPORT_DIR=DIR` set, the LoRA and full tests leave their outputs in
 //! `DIR/train_lora` and `DIR/train_full` for scripts/check_lora_in_diffusers.py and
@@ -414,6 +415,57 @@ fn logged_steps(out: &Path) -> Vec<u64> {
         .filter(|v| v.get("loss").is_some())
         .map(|v| v["step"].as_u64().unwrap())
         .collect()
+}
+
+#[test]
+fn a_hub_dataset_id_is_downloaded_into_the_cache_and_trained_on() {
+    use common::fake_hub::{FakeHub, FakeRepo};
+    let sha = "6666666666666666666666666666666666666666";
+    let hub = FakeHub::start(vec![FakeRepo::from_folder(
+        "datasets/owner/tiny-edits",
+        sha,
+        &common::fixtures().join("train_data/parquet"),
+    )]);
+    let home = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let mut args = train_args(Path::new("unused"), &out, &[]);
+    let at = args.iter().position(|a| a == "--train_data_dir").unwrap();
+    args[at] = "--dataset_name".into();
+    args[at + 1] = "owner/tiny-edits".into();
+    let output = common::program(home.path())
+        .env("HF_HUB_OFFLINE", "0")
+        .env("HF_ENDPOINT", &hub.endpoint)
+        .args(&args)
+        .output()
+        .unwrap();
+    let stderr = common::stderr(&output);
+    assert!(output.status.success(), "{stderr}");
+    for (index, file) in ["train-00000-of-00002", "train-00001-of-00002"]
+        .iter()
+        .enumerate()
+    {
+        let line = format!(
+            "note: downloading dataset owner/tiny-edits: data/{file}.parquet ({} of 2,",
+            index + 1
+        );
+        assert!(stderr.contains(&line), "{line:?} in {stderr}");
+    }
+    assert!(stderr.contains("6 examples"), "{stderr}");
+    assert_eq!(logged_steps(&out), [1, 2]);
+    let repo_dir = home.path().join("hub/datasets--owner--tiny-edits");
+    assert_eq!(
+        std::fs::read_to_string(repo_dir.join("refs/main")).unwrap(),
+        sha
+    );
+    // The test split was not downloaded.
+    assert!(
+        !repo_dir
+            .join("snapshots")
+            .join(sha)
+            .join("data/test-00000-of-00001.parquet")
+            .exists()
+    );
 }
 
 #[test]

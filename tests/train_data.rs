@@ -3,12 +3,15 @@
 //! check on broken rows and files, Pillow-exact bicubic resizing, the script's preprocessing, and
 //! the resumable epoch sampler.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 
 use candle_core::Device;
 use image::RgbImage;
-use instruct_pix2pix::model::hub::HubSettings;
+use instruct_pix2pix::model::hub::{HubError, HubSettings};
 use instruct_pix2pix::pipeline::image::{load_image, save_image};
 use instruct_pix2pix::train::data::{
     CheckLevel, Columns, CropMode, DataError, Dataset, DatasetKind, DatasetOptions, EpochSampler,
@@ -517,22 +520,175 @@ fn dataset_name_resolves_a_cached_hub_dataset_and_local_folders() {
     assert!(matches!(folder_repo.kind(), DatasetKind::ImageFolder(_)));
     assert_is_fixture(&folder_repo.load(1).unwrap(), 1);
 
+    // Offline, a dataset that is not cached is an error naming it and saying why.
     match Dataset::open_dataset_name("owner/not-cached", None, &hub, &options()) {
-        Err(e @ DataError::NotCached { .. }) => {
+        Err(e @ DataError::Hub(_)) => {
             let text = e.to_string();
-            assert!(text.contains("owner/not-cached"), "{text}");
-            assert!(text.contains("--repo-type dataset"), "{text}");
+            assert!(text.contains("dataset owner/not-cached"), "{text}");
+            assert!(text.contains("HF_HUB_OFFLINE"), "{text}");
         }
         other => panic!("{other:?}"),
     }
     assert!(matches!(
         Dataset::open_dataset_name("owner/tiny-edits", Some("v2"), &hub, &options()),
-        Err(DataError::NotCached { .. })
+        Err(DataError::Hub(e)) if matches!(*e, HubError::NotCached { .. })
     ));
     assert!(matches!(
         Dataset::open_dataset_name("not a dataset", None, &hub, &options()),
         Err(DataError::InvalidName { .. })
     ));
+}
+
+/// A fake Hub serving the fixture Parquet dataset (train and test splits, plus a README and a
+/// .gitattributes as real dataset repos have) as `owner/tiny-edits`.
+fn hub_dataset(sha: &str) -> common::fake_hub::FakeRepo {
+    let mut repo = common::fake_hub::FakeRepo::from_folder(
+        "datasets/owner/tiny-edits",
+        sha,
+        &fixtures().join("parquet"),
+    );
+    repo.files
+        .insert("README.md".into(), b"# tiny edits\n".to_vec());
+    repo.files
+        .insert(".gitattributes".into(), b"*.parquet filter=lfs\n".to_vec());
+    repo
+}
+
+#[test]
+fn dataset_name_downloads_a_hub_dataset_into_the_cache() {
+    use common::fake_hub::FakeHub;
+    let sha = "4444444444444444444444444444444444444444";
+    let hub = FakeHub::start(vec![hub_dataset(sha)]);
+    let cache = tempfile::tempdir().unwrap();
+    let settings = HubSettings {
+        endpoint: hub.endpoint.clone(),
+        cache_dir: cache.path().to_path_buf(),
+        token: None,
+        offline: false,
+    };
+    let mut files_seen = Vec::new();
+    let dataset = Dataset::fetch_dataset_name(
+        "owner/tiny-edits",
+        None,
+        &settings,
+        &options(),
+        &mut |p| {
+            if files_seen.last() != Some(&(p.file.clone(), p.file_count)) {
+                files_seen.push((p.file.clone(), p.file_count));
+            }
+        },
+        &AtomicBool::new(false),
+    )
+    .unwrap();
+    // The train split only, every example as the Python script wrote it.
+    assert_eq!(dataset.len(), 6);
+    for i in 0..6 {
+        assert_is_fixture(&dataset.load(i).unwrap(), i);
+    }
+    let train = [
+        "data/train-00000-of-00002.parquet",
+        "data/train-00001-of-00002.parquet",
+    ];
+    assert_eq!(
+        files_seen,
+        train.map(|f| (f.to_string(), 2)).to_vec(),
+        "progress names each file, of 2"
+    );
+    let downloaded: BTreeSet<String> = hub.resolved_files().into_iter().collect();
+    assert_eq!(downloaded, train.map(String::from).into_iter().collect());
+    // In huggingface_hub's layout, where `datasets.load_dataset` would find it too.
+    let repo_dir = cache.path().join("datasets--owner--tiny-edits");
+    assert_eq!(
+        std::fs::read_to_string(repo_dir.join("refs/main")).unwrap(),
+        sha
+    );
+    for file in train {
+        assert!(repo_dir.join("snapshots").join(sha).join(file).is_file());
+    }
+
+    // Again: nothing is downloaded twice; offline, the cache alone serves it.
+    let requests = hub.resolved_files().len();
+    let again =
+        Dataset::open_dataset_name("owner/tiny-edits", None, &settings, &options()).unwrap();
+    assert_eq!(again.len(), 6);
+    assert_eq!(hub.resolved_files().len(), requests);
+    let offline = HubSettings {
+        offline: true,
+        ..settings.clone()
+    };
+    let cached =
+        Dataset::open_dataset_name("owner/tiny-edits", None, &offline, &options()).unwrap();
+    assert_eq!(cached.len(), 6);
+
+    // A stop request before the download cancels it; an unknown dataset is named.
+    let fresh = tempfile::tempdir().unwrap();
+    let fresh_settings = HubSettings {
+        cache_dir: fresh.path().to_path_buf(),
+        ..settings.clone()
+    };
+    match Dataset::fetch_dataset_name(
+        "owner/tiny-edits",
+        None,
+        &fresh_settings,
+        &options(),
+        &mut |_| {},
+        &AtomicBool::new(true),
+    ) {
+        Err(DataError::Hub(e)) => assert!(matches!(*e, HubError::Cancelled { .. }), "{e:?}"),
+        other => panic!("{other:?}"),
+    }
+    match Dataset::open_dataset_name("owner/no-such-set", None, &settings, &options()) {
+        Err(e @ DataError::Hub(_)) => {
+            let text = e.to_string();
+            assert!(
+                text.contains("owner/no-such-set") && text.contains("not found"),
+                "{text}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_hub_dataset_without_training_data_is_refused_before_any_download() {
+    use common::fake_hub::{FakeHub, FakeRepo};
+    let sha = "5555555555555555555555555555555555555555";
+    let mut only_test = hub_dataset(sha);
+    only_test.files.retain(|name, _| !name.contains("train-"));
+    let mut no_data =
+        FakeRepo::from_folder("datasets/owner/notes", sha, &fixtures().join("parquet"));
+    no_data.files.clear();
+    no_data
+        .files
+        .insert("README.md".into(), b"# notes\n".to_vec());
+    let hub = FakeHub::start(vec![only_test, no_data]);
+    let cache = tempfile::tempdir().unwrap();
+    let settings = HubSettings {
+        endpoint: hub.endpoint.clone(),
+        cache_dir: cache.path().to_path_buf(),
+        token: None,
+        offline: false,
+    };
+    for (id, expected) in [
+        ("owner/tiny-edits", "none is the train split"),
+        (
+            "owner/notes",
+            "no .parquet files, no metadata.jsonl and no images",
+        ),
+    ] {
+        match Dataset::open_dataset_name(id, None, &settings, &options()) {
+            Err(e @ DataError::Hub(_)) => {
+                let text = e.to_string();
+                assert!(text.contains(id) && text.contains(expected), "{text}");
+            }
+            other => panic!("{id}: {other:?}"),
+        }
+    }
+    assert!(
+        hub.resolved_files().is_empty(),
+        "{:?}",
+        hub.resolved_files()
+    );
 }
 
 #[test]

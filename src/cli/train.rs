@@ -45,7 +45,8 @@ pub struct TrainArgs {
     /// Weight variant of the model files (fp16).
     #[arg(long, value_name = "NAME")]
     pub variant: Option<String>,
-    /// A dataset: a local folder (Parquet files, imagefolder or pairs) or a cached Hub dataset id.
+    /// A dataset: a local folder (Parquet files, imagefolder or pairs) or a Hub dataset id
+    /// (downloaded into the Hugging Face cache, e.g. fusing/instructpix2pix-1000-samples).
     #[arg(long = "dataset_name", alias = "dataset-name", value_name = "DIR|ID")]
     pub dataset_name: Option<String>,
     /// A folder of training data: imagefolder (metadata.jsonl) or pairs (NAME.png,

@@ -273,6 +273,12 @@ impl HubSettings {
         self.cache_dir
             .join(Repo::new(repo_id.to_string(), RepoType::Model).folder_name())
     }
+
+    /// The cache folder of Hub dataset `repo_id` (`datasets--owner--name`).
+    pub fn dataset_cache_dir(&self, repo_id: &str) -> PathBuf {
+        self.cache_dir
+            .join(Repo::new(repo_id.to_string(), RepoType::Dataset).folder_name())
+    }
 }
 
 /// Progress of one file download, reported as bytes arrive.
@@ -431,6 +437,16 @@ pub enum HubError {
         /// The Hub's address.
         endpoint: String,
         /// What is wrong.
+        reason: String,
+    },
+    /// A dataset repo has no files the training can read.
+    #[error("dataset {repo} on {endpoint} has no training data this program reads: {reason}")]
+    NoDataFiles {
+        /// `owner/name`.
+        repo: String,
+        /// The Hub's address.
+        endpoint: String,
+        /// What was looked for.
         reason: String,
     },
     /// hf-hub could not be set up.
@@ -670,14 +686,7 @@ fn fetch_from_hub(
         return Err(cancelled());
     }
     let endpoint = settings.endpoint.clone();
-    let api = ApiBuilder::from_cache(Cache::new(settings.cache_dir.clone()))
-        .with_endpoint(endpoint.clone())
-        .with_token(settings.token.clone())
-        .with_progress(false)
-        .with_retries(2)
-        .with_user_agent(env!("CARGO_PKG_NAME"), env!("CARGO_PKG_VERSION"))
-        .build()
-        .map_err(|source| HubError::Client { source })?;
+    let api = hub_api(settings)?;
     let listing_repo = api.repo(Repo::with_revision(
         repo_id.to_string(),
         RepoType::Model,
@@ -732,6 +741,140 @@ fn fetch_from_hub(
     let outcome = collect_pipeline_files(&mut source, variant);
     if !stray_ref_existed && revision != listing.sha {
         // Best effort: a leftover ref only clutters `huggingface-cli scan-cache`.
+        let _ = std::fs::remove_file(&stray_ref);
+    }
+    outcome?;
+    if revision != listing.sha {
+        write_ref(&repo_dir, revision, &listing.sha)?;
+    }
+    Ok(snapshot)
+}
+
+/// hf-hub's client for the Hub and cache of `settings`.
+fn hub_api(settings: &HubSettings) -> Result<hf_hub::api::sync::Api, HubError> {
+    ApiBuilder::from_cache(Cache::new(settings.cache_dir.clone()))
+        .with_endpoint(settings.endpoint.clone())
+        .with_token(settings.token.clone())
+        .with_progress(false)
+        .with_retries(2)
+        .with_user_agent(env!("CARGO_PKG_NAME"), env!("CARGO_PKG_VERSION"))
+        .build()
+        .map_err(|source| HubError::Client { source })
+}
+
+/// Picks the files of a dataset repo to download from all its file names, or says why none
+/// will do.
+pub type DatasetFileChoice = dyn Fn(&BTreeSet<String>) -> Result<Vec<String>, String>;
+
+/// Makes the files of Hub dataset `repo_id` at `revision` that `choose` picks from the repo's
+/// listing (`/api/datasets/{repo}/revision/{rev}`) present in the Hugging Face cache, as
+/// `huggingface-cli download --repo-type dataset` leaves them (`datasets--owner--name/snapshots/
+/// <commit>/`, `refs/<revision>`), and returns the snapshot folder. `choose` gets every file name
+/// of the repo and returns those to fetch, or why none will do. Files already in the snapshot are
+/// not downloaded again; progress and cancelling work as for [`fetch_model_with_cancel`].
+///
+/// Offline (`settings.offline`), or when the Hub cannot be reached, a cached snapshot of
+/// `revision` is returned as it is (the caller then reads what it holds).
+pub fn fetch_dataset(
+    repo_id: &str,
+    revision: &str,
+    settings: &HubSettings,
+    choose: &DatasetFileChoice,
+    progress: &mut dyn FnMut(&DownloadProgress),
+    cancel: &AtomicBool,
+) -> Result<PathBuf, HubError> {
+    check_repo_id(repo_id).map_err(|reason| HubError::InvalidSpec {
+        spec: repo_id.to_string(),
+        reason,
+    })?;
+    check_revision(revision).map_err(|reason| HubError::InvalidRevision {
+        revision: revision.to_string(),
+        reason,
+    })?;
+    let repo_dir = settings.dataset_cache_dir(repo_id);
+    let from_cache = |why: String| {
+        resolve_cached_revision(&repo_dir, revision)
+            .map(|(_, snapshot)| snapshot)
+            .map_err(|detail| HubError::NotCached {
+                repo: format!("dataset {repo_id}"),
+                revision: revision.to_string(),
+                cache_dir: settings.cache_dir.clone(),
+                detail,
+                why: format!(" ({why})"),
+            })
+    };
+    if settings.offline {
+        return from_cache("HF_HUB_OFFLINE is set; unset it to download".to_string());
+    }
+    let cancelled = || HubError::Cancelled {
+        repo: repo_id.to_string(),
+    };
+    if cancel.load(Ordering::Acquire) {
+        return Err(cancelled());
+    }
+    let endpoint = settings.endpoint.clone();
+    let api = hub_api(settings)?;
+    let listing_repo = api.repo(Repo::with_revision(
+        repo_id.to_string(),
+        RepoType::Dataset,
+        revision.to_string(),
+    ));
+    let listing = match list_repo(&listing_repo, repo_id, revision, settings) {
+        Ok(listing) => listing,
+        Err(ListError::Unreachable(reason)) => {
+            return from_cache(format!("{endpoint} could not be reached: {reason}"));
+        }
+        Err(ListError::Hub(err)) => return Err(*err),
+    };
+    let chosen = choose(&listing.files).map_err(|reason| HubError::NoDataFiles {
+        repo: repo_id.to_string(),
+        endpoint: endpoint.clone(),
+        reason,
+    })?;
+    let snapshot = repo_dir.join("snapshots").join(&listing.sha);
+    let stray_ref = repo_dir.join("refs").join(&listing.sha);
+    let stray_ref_existed = stray_ref.exists();
+    let missing: Vec<String> = chosen
+        .iter()
+        .filter(|file| !snapshot.join(file).is_file())
+        .cloned()
+        .collect();
+    let mut source = HubSource {
+        repo_id: repo_id.to_string(),
+        revision: revision.to_string(),
+        endpoint,
+        sha: listing.sha.clone(),
+        plan: DownloadPlan::new(missing, &listing.sizes),
+        files: listing.files,
+        sizes: listing.sizes,
+        cancel,
+        snapshot: snapshot.clone(),
+        api_repo: api.repo(Repo::with_revision(
+            repo_id.to_string(),
+            RepoType::Dataset,
+            listing.sha.clone(),
+        )),
+        progress,
+    };
+    let mut outcome = Ok(());
+    for file in &chosen {
+        match source.fetch(file) {
+            Ok(true) => {}
+            Ok(false) => {
+                outcome = Err(HubError::MissingFile {
+                    location: source.location(),
+                    file: file.clone(),
+                });
+                break;
+            }
+            Err(err) => {
+                outcome = Err(err);
+                break;
+            }
+        }
+    }
+    // As for models: hf-hub's `refs/<commit>` is not huggingface_hub's layout.
+    if !stray_ref_existed && revision != listing.sha {
         let _ = std::fs::remove_file(&stray_ref);
     }
     outcome?;

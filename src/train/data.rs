@@ -29,11 +29,14 @@
 //!   compressed page, so a row is read with its group; recently read groups stay in memory within
 //!   a budget ([`Dataset::set_row_group_cache_bytes`], 1 GiB by default), so an epoch over a
 //!   dataset that fits reads each group once (and [`Dataset::check`] leaves them ready).
-//! - **Hub dataset id** ([`Dataset::open_dataset_name`] with `owner/name`): resolved through the
-//!   Hugging Face cache only (`datasets--owner--name/refs/<revision>` →
-//!   `snapshots/<commit>/`, as `huggingface-cli download --repo-type dataset owner/name` leaves
-//!   it), the snapshot then read as a local folder (Parquet files, else imagefolder or pairs);
-//!   nothing is downloaded here, and a dataset that is not cached is an error saying so.
+//! - **Hub dataset id** ([`Dataset::open_dataset_name`] with `owner/name`): downloaded with hf-hub
+//!   into the Hugging Face cache (`datasets--owner--name/snapshots/<commit>/` and
+//!   `refs/<revision>`, as `huggingface-cli download --repo-type dataset owner/name` leaves it;
+//!   what is already there is not fetched again), only the files training reads: the Parquet
+//!   files (the train split's, when their names say splits), else every file of an imagefolder
+//!   or pairs repo. The snapshot is then read as a local folder. Offline (`HF_HUB_OFFLINE`) or
+//!   when the Hub cannot be reached, the cached snapshot is used, and a dataset not in the cache
+//!   is an error saying so.
 //! - **Pairs made by hand** ([`Dataset::open_pairs`]): in one folder (sub-folders are not read),
 //!   - `NAME.txt` holds the instruction (UTF-8; leading and trailing white space removed);
 //!   - `NAME.EXT` is the input image and `NAME_edited.EXT` the edited one, where each `EXT` is
@@ -81,6 +84,7 @@ use std::fmt;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Cursor};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 use candle_core::{Device, Tensor};
@@ -91,7 +95,7 @@ use parquet::file::reader::{FileReader, SerializedFileReader};
 use serde::{Deserialize, Serialize};
 
 use super::resize::resize_bicubic;
-use crate::model::hub::HubSettings;
+use crate::model::hub::{DownloadProgress, HubError, HubSettings, fetch_dataset};
 use crate::pipeline::image::{ImageError, MAX_IMAGE_PIXELS, decode_image, load_image};
 
 /// The script's default `--original_image_column`.
@@ -207,23 +211,9 @@ pub enum DataError {
         /// Why.
         reason: String,
     },
-    /// A Hub dataset id whose revision is not in the Hugging Face cache.
-    #[error(
-        "dataset {repo_id} (revision {revision}) is not in the Hugging Face cache at {}: {detail}; \
-         download it first (huggingface-cli download --repo-type dataset {repo_id}) or give its \
-         folder",
-        cache_dir.display()
-    )]
-    NotCached {
-        /// `owner/name`.
-        repo_id: String,
-        /// The revision asked for.
-        revision: String,
-        /// The cache folder searched.
-        cache_dir: PathBuf,
-        /// What is missing.
-        detail: String,
-    },
+    /// A Hub dataset could not be fetched (or, offline, is not in the Hugging Face cache).
+    #[error(transparent)]
+    Hub(Box<HubError>),
     /// One example cannot be used (missing or undecodable file, bad row).
     #[error("bad training example {name}: {reason}")]
     BadExample {
@@ -474,6 +464,26 @@ impl Dataset {
         hub: &HubSettings,
         options: &DatasetOptions,
     ) -> Result<Self, DataError> {
+        Self::fetch_dataset_name(
+            spec,
+            revision,
+            hub,
+            options,
+            &mut |_| {},
+            &AtomicBool::new(false),
+        )
+    }
+
+    /// [`Self::open_dataset_name`], reporting a Hub dataset's download through `progress` and
+    /// stopping it (with [`HubError::Cancelled`]) once `cancel` is set.
+    pub fn fetch_dataset_name(
+        spec: &str,
+        revision: Option<&str>,
+        hub: &HubSettings,
+        options: &DatasetOptions,
+        progress: &mut dyn FnMut(&DownloadProgress),
+        cancel: &AtomicBool,
+    ) -> Result<Self, DataError> {
         let trimmed = spec.trim();
         let path = match (trimmed.strip_prefix("~/"), std::env::home_dir()) {
             (Some(rest), Some(home)) => home.join(rest),
@@ -499,7 +509,15 @@ impl Dataset {
             ),
         })?;
         let revision = revision.map(str::trim).unwrap_or("main");
-        let snapshot = cached_dataset_snapshot(hub, trimmed, revision)?;
+        let snapshot = fetch_dataset(
+            trimmed,
+            revision,
+            hub,
+            &dataset_files_to_fetch,
+            progress,
+            cancel,
+        )
+        .map_err(|e| DataError::Hub(Box::new(e)))?;
         Self::open_local_folder(&snapshot, options)
     }
 
@@ -1400,29 +1418,41 @@ fn resolve_revision(repo_dir: &Path, revision: &str) -> Result<PathBuf, String> 
     }
 }
 
-/// The cached snapshot of Hub dataset `repo_id` at `revision`.
-fn cached_dataset_snapshot(
-    hub: &HubSettings,
-    repo_id: &str,
-    revision: &str,
-) -> Result<PathBuf, DataError> {
-    let folder = hf_hub::Repo::with_revision(
-        repo_id.to_string(),
-        hf_hub::RepoType::Dataset,
-        revision.to_string(),
-    )
-    .folder_name();
-    let repo_dir = hub.cache_dir.join(folder);
-    let not_cached = |detail: String| DataError::NotCached {
-        repo_id: repo_id.to_string(),
-        revision: revision.to_string(),
-        cache_dir: hub.cache_dir.clone(),
-        detail,
-    };
-    if !repo_dir.is_dir() {
-        return Err(not_cached(format!("there is no {}", repo_dir.display())));
+/// The files of a Hub dataset repo that training reads, from the repo's file list: its Parquet
+/// files (only the train split's when their names say splits, as for a local folder), else,
+/// for an imagefolder or a folder of pairs, every file but hidden ones (`.gitattributes`).
+fn dataset_files_to_fetch(files: &BTreeSet<String>) -> Result<Vec<String>, String> {
+    let visible = |file: &&String| !file.split('/').any(|part| part.starts_with('.'));
+    let parquet: Vec<&String> = files
+        .iter()
+        .filter(visible)
+        .filter(|f| f.to_ascii_lowercase().ends_with(".parquet"))
+        .collect();
+    if !parquet.is_empty() {
+        let any_split = parquet.iter().any(|f| !split_words(f).is_empty());
+        let chosen: Vec<String> = parquet
+            .into_iter()
+            .filter(|f| !any_split || split_words(f).contains(&"train"))
+            .cloned()
+            .collect();
+        if chosen.is_empty() {
+            return Err("its .parquet files name splits, but none is the train split".to_string());
+        }
+        return Ok(chosen);
     }
-    resolve_revision(&repo_dir, revision).map_err(not_cached)
+    let all: Vec<String> = files.iter().filter(visible).cloned().collect();
+    let readable = all.iter().any(|f| {
+        let name = f.rsplit('/').next().unwrap_or(f);
+        let extension = name.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase());
+        name == METADATA_FILE
+            || extension.is_some_and(|e| PAIR_IMAGE_EXTENSIONS.contains(&e.as_str()))
+    });
+    if !readable {
+        return Err(format!(
+            "it has no .parquet files, no {METADATA_FILE} and no images"
+        ));
+    }
+    Ok(all)
 }
 
 // ---------------------------------------------------------------------------------------------

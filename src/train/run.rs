@@ -94,7 +94,8 @@ pub const MAX_RESOLUTION: u32 = 4096;
 pub enum DataSource {
     /// `--train_data_dir`: an imagefolder or a folder of pairs.
     TrainDataDir(PathBuf),
-    /// `--dataset_name`: a local folder (Parquet, imagefolder, pairs) or a cached Hub dataset id.
+    /// `--dataset_name`: a local folder (Parquet, imagefolder, pairs) or a Hub dataset id
+    /// (downloaded into the Hugging Face cache).
     DatasetName {
         /// The folder or `owner/name`.
         name: String,
@@ -660,12 +661,32 @@ pub fn train(
     };
     let dataset = match &config.data {
         DataSource::TrainDataDir(dir) => Dataset::open_train_data_dir(dir, &options)?,
-        DataSource::DatasetName { name, revision } => Dataset::open_dataset_name(
-            name,
-            revision.as_deref(),
-            &HubSettings::from_env(),
-            &options,
-        )?,
+        DataSource::DatasetName { name, revision } => {
+            // A Hub dataset downloads first: one line per file, and a stop request cancels it.
+            let mut announced = 0;
+            Dataset::fetch_dataset_name(
+                name,
+                revision.as_deref(),
+                &HubSettings::from_env(),
+                &options,
+                &mut |download| {
+                    if download.file_index != announced {
+                        announced = download.file_index;
+                        let bytes = download.bytes_total;
+                        let size = if bytes < 1_000_000 {
+                            format!("{} kB", bytes.div_ceil(1000))
+                        } else {
+                            format!("{:.1} MB", bytes as f64 / 1e6)
+                        };
+                        on_event(TrainEvent::Notice(format!(
+                            "downloading dataset {name}: {} ({} of {}, {size})",
+                            download.file, download.file_index, download.file_count
+                        )));
+                    }
+                },
+                &control.stop,
+            )?
+        }
     };
     let report = dataset.check(config.check_level);
     on_event(TrainEvent::DatasetChecked(report.clone()));

@@ -12,6 +12,10 @@
 //! - The CDN is a second server (another origin, as on the real Hub, so clients must not expect
 //!   Hub headers there): `GET /cdn/{etag}` with Range support.
 //!
+//! - Datasets the same way under `/api/datasets/{owner}/{name}/...` and
+//!   `/datasets/{owner}/{name}/resolve/...`: a dataset repo is a [`FakeRepo`] whose `repo_id` is
+//!   `datasets/owner/name`. Parquet files are large-file-storage files, as on the Hub.
+//!
 //! Private repos answer 401 unless `Authorization: Bearer <token>` matches. Every request is
 //! logged so tests can check what was (not) downloaded. CDN bodies can be slowed down
 //! ([`FakeHub::set_cdn_delay`]) so a test can act in the middle of a download; every request is
@@ -115,7 +119,7 @@ pub fn content_etag(content: &[u8]) -> String {
 }
 
 fn is_lfs(path: &str) -> bool {
-    path.ends_with(".safetensors") || path.ends_with(".bin")
+    path.ends_with(".safetensors") || path.ends_with(".bin") || path.ends_with(".parquet")
 }
 
 fn header(name: &str, value: &str) -> Header {
@@ -322,13 +326,20 @@ fn answer(
         Some(token) => request_header(request, "Authorization") == Some(&format!("Bearer {token}")),
     };
 
-    if let Some(rest) = url.strip_prefix("/api/models/") {
+    let api = url
+        .strip_prefix("/api/models/")
+        .map(|rest| ("", rest))
+        .or_else(|| {
+            url.strip_prefix("/api/datasets/")
+                .map(|rest| ("datasets/", rest))
+        });
+    if let Some((kind, rest)) = api {
         // owner/name/revision/rev (a branch name may be %2F-escaped)
         let parts: Vec<&str> = rest.splitn(4, '/').collect();
         let [owner, name, "revision", revision] = parts.as_slice() else {
             return error(404, "", "bad API path");
         };
-        let repo_id = format!("{owner}/{name}");
+        let repo_id = format!("{kind}{owner}/{name}");
         let Some(repo) = repos.iter().find(|r| r.repo_id == repo_id) else {
             return error(404, "RepoNotFound", "Repository not found");
         };
@@ -351,7 +362,8 @@ fn answer(
             })
             .collect();
         let body = format!(
-            "{{\"id\":\"{repo_id}\",\"sha\":\"{}\",\"siblings\":[{}]}}",
+            "{{\"id\":\"{}\",\"sha\":\"{}\",\"siblings\":[{}]}}",
+            repo_id.trim_start_matches("datasets/"),
             repo.sha,
             siblings.join(",")
         );
@@ -359,12 +371,16 @@ fn answer(
             .with_header(header("Content-Type", "application/json"));
     }
 
-    // /owner/name/resolve/rev/path...
-    let parts: Vec<&str> = url.trim_start_matches('/').splitn(5, '/').collect();
+    // /owner/name/resolve/rev/path... (or /datasets/owner/name/resolve/...)
+    let (kind, rest) = match url.strip_prefix("/datasets/") {
+        Some(rest) => ("datasets/", rest),
+        None => ("", url.trim_start_matches('/')),
+    };
+    let parts: Vec<&str> = rest.splitn(5, '/').collect();
     let [owner, name, "resolve", revision, path] = parts.as_slice() else {
         return error(404, "", "not found");
     };
-    let repo_id = format!("{owner}/{name}");
+    let repo_id = format!("{kind}{owner}/{name}");
     let Some(repo) = repos.iter().find(|r| r.repo_id == repo_id) else {
         return error(404, "RepoNotFound", "Repository not found");
     };
