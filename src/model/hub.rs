@@ -11,6 +11,9 @@
 //! (the listing's `?blobs=true` sizes), and cancelling a download mid-file
 //! ([`fetch_model_with_cancel`]; it unwinds out of hf-hub's download, so the crate must not be
 //! built with `panic = "abort"`).
+//!
+//! Training datasets come the same way ([`fetch_dataset`]: `datasets--owner--name/...`, only the
+//! files the caller chooses from the listing); which files those are is `train::data`'s call.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
