@@ -774,7 +774,7 @@ impl EditorApp {
         self.add_to_history(result, source);
     }
 
-    /// Takes in the model thread's and the chores' news; at most [`EVENT_BUDGET`] per frame.
+    /// Takes in the model thread's and the chores' news; at most `EVENT_BUDGET` per frame.
     pub fn take_events(&mut self) {
         for event in worker::drain(&self.events, EVENT_BUDGET) {
             self.on_worker_event(event);

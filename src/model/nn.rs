@@ -57,7 +57,7 @@ impl LowRankAdapter {
 }
 
 impl Linear {
-    /// A layer from its weight [out, in] and optional bias [out], without adapter.
+    /// A layer from its weight `[out, in]` and optional bias `[out]`, without adapter.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
         Self {
             weight,
@@ -146,7 +146,7 @@ pub struct GroupNorm {
 }
 
 impl GroupNorm {
-    /// A group norm from its per-channel `weight` and `bias` [channels].
+    /// A group norm from its per-channel `weight` and `bias` `[channels]`.
     pub fn new(weight: Tensor, bias: Tensor, groups: usize, eps: f64) -> Result<Self> {
         let channels = weight.dims1()?;
         let composed =
@@ -160,12 +160,12 @@ impl GroupNorm {
         })
     }
 
-    /// The per-channel scale [channels].
+    /// The per-channel scale `[channels]`.
     pub fn weight(&self) -> &Tensor {
         &self.weight
     }
 
-    /// The per-channel shift [channels].
+    /// The per-channel shift `[channels]`.
     pub fn bias(&self) -> &Tensor {
         &self.bias
     }
@@ -203,7 +203,7 @@ impl Module for GroupNorm {
     }
 }
 
-/// Loads a group norm's `weight` and `bias` [channels] (1 and 0 in a fresh `VarMap`, as torch
+/// Loads a group norm's `weight` and `bias` `[channels]` (1 and 0 in a fresh `VarMap`, as torch
 /// initialises them).
 pub fn group_norm(vb: VarBuilder, groups: usize, channels: usize, eps: f64) -> Result<GroupNorm> {
     let weight = vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.))?;
@@ -223,7 +223,7 @@ pub struct Conv2d {
 }
 
 impl Conv2d {
-    /// A convolution from its weight [out, in / groups, k_h, k_w], optional bias [out] and
+    /// A convolution from its weight `[out, in / groups, k_h, k_w]`, optional bias `[out]` and
     /// configuration.
     pub fn new(weight: Tensor, bias: Option<Tensor>, config: candle_nn::Conv2dConfig) -> Self {
         Self {
@@ -236,7 +236,7 @@ impl Conv2d {
         self.inner.weight()
     }
 
-    /// The per-output-channel bias [out], if any.
+    /// The per-output-channel bias `[out]`, if any.
     pub fn bias(&self) -> Option<&Tensor> {
         self.inner.bias()
     }
@@ -268,7 +268,7 @@ impl Module for Conv2d {
 }
 
 /// Loads a 2-D convolution with bias, `padding` on every side: `weight` [out, in, k, k] and
-/// `bias` [out].
+/// `bias` `[out]`.
 pub fn conv2d(
     vb: VarBuilder,
     in_channels: usize,

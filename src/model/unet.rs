@@ -1279,7 +1279,7 @@ fn timestep_embedding(
 /// diffusers' `UNet2DConditionModel` (Stable Diffusion 1.x/2.x, InstructPix2Pix).
 #[derive(Debug, Clone)]
 pub struct UNet2DConditionModel {
-    /// `conv_in`: in_channels → block_out_channels[0].
+    /// `conv_in`: in_channels → `block_out_channels[0]`.
     pub conv_in: Conv2d,
     /// `time_embedding.linear_1`.
     pub time_linear_1: Linear,
@@ -1293,7 +1293,7 @@ pub struct UNet2DConditionModel {
     pub up_blocks: Vec<UpBlock>,
     /// `conv_norm_out`: group norm before the output convolution.
     pub conv_norm_out: GroupNorm,
-    /// `conv_out`: block_out_channels[0] → out_channels.
+    /// `conv_out`: `block_out_channels[0]` → out_channels.
     pub conv_out: Conv2d,
     config: UNetConfig,
     act: Activation,
@@ -1596,10 +1596,10 @@ impl UNet2DConditionModel {
         out
     }
 
-    /// Predicts the noise (or v) for `sample` [B, in_channels, h, w] at `timesteps` (f32 [B], or a
-    /// scalar / [1] shared by the batch; fractional values allowed), conditioned on
-    /// `encoder_hidden_states` [B, tokens, cross_attention_dim]. Returns [B, out_channels, h, w]
-    /// in the sample's dtype.
+    /// Predicts the noise (or v) for `sample` `[B, in_channels, h, w]` at `timesteps` (f32
+    /// `[B]`, or a scalar / `[1]` shared by the batch; fractional values allowed), conditioned on
+    /// `encoder_hidden_states` `[B, tokens, cross_attention_dim]`. Returns
+    /// `[B, out_channels, h, w]` in the sample's dtype.
     pub fn forward(
         &self,
         sample: &Tensor,

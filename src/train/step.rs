@@ -188,7 +188,7 @@ pub fn grow_conv_in_weight(weight: &Tensor) -> candle_core::Result<Tensor> {
     Tensor::cat(&[weight, &zeros], 1)
 }
 
-/// The grown conv_in's bias [out]: the script builds a fresh `nn.Conv2d(8, out, k)` and copies
+/// The grown conv_in's bias `[out]`: the script builds a fresh `nn.Conv2d(8, out, k)` and copies
 /// only the weight into it, so its bias keeps torch's default initialisation, uniform in
 /// ±1/√fan_in with fan_in = 8·k·k. Drawn here from `seed` (the run's `--seed`): the same
 /// distribution as torch, not torch's numbers.

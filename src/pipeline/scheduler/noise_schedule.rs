@@ -83,7 +83,7 @@ impl NoiseSchedule {
         Ok((as_tensor(sqrt_alpha)?, as_tensor(sqrt_one_minus_alpha)?))
     }
 
-    /// diffusers' `DDPMScheduler.add_noise` with per-sample integer timesteps [B]:
+    /// diffusers' `DDPMScheduler.add_noise` with per-sample integer timesteps `[B]`:
     /// `sqrt(ᾱ_t)·original + sqrt(1 − ᾱ_t)·noise`.
     pub fn add_noise(
         &self,
