@@ -560,12 +560,7 @@ fn dataset_name_downloads_a_hub_dataset_into_the_cache() {
     let sha = "4444444444444444444444444444444444444444";
     let hub = FakeHub::start(vec![hub_dataset(sha)]);
     let cache = tempfile::tempdir().unwrap();
-    let settings = HubSettings {
-        endpoint: hub.endpoint.clone(),
-        cache_dir: cache.path().to_path_buf(),
-        token: None,
-        offline: false,
-    };
+    let settings = hub.settings(cache.path());
     let mut files_seen = Vec::new();
     let dataset = Dataset::fetch_dataset_name(
         "owner/tiny-edits",
@@ -663,12 +658,7 @@ fn a_hub_dataset_without_training_data_is_refused_before_any_download() {
         .insert("README.md".into(), b"# notes\n".to_vec());
     let hub = FakeHub::start(vec![only_test, no_data]);
     let cache = tempfile::tempdir().unwrap();
-    let settings = HubSettings {
-        endpoint: hub.endpoint.clone(),
-        cache_dir: cache.path().to_path_buf(),
-        token: None,
-        offline: false,
-    };
+    let settings = hub.settings(cache.path());
     for (id, expected) in [
         ("owner/tiny-edits", "none is the train split"),
         (

@@ -427,7 +427,7 @@ fn settings_persist_across_restarts() {
 #[test]
 fn first_start_offers_the_default_model_and_downloads_it_with_progress() {
     use common::fake_hub::{FakeHub, FakeRepo};
-    use instruct_pix2pix::model::hub::{DEFAULT_REPO, HubSettings};
+    use instruct_pix2pix::model::hub::DEFAULT_REPO;
 
     // A fresh install: no settings, an empty Hugging Face cache, and a Hub that serves the
     // default repo (the tiny fixture pipeline under its name).
@@ -444,12 +444,7 @@ fn first_start_offers_the_default_model_and_downloads_it_with_progress() {
     let store = SettingsStore::at(config.path().join("settings.json"));
     let mut harness = harness(StartOptions {
         settings_store: Some(store.clone()),
-        hub: Some(HubSettings {
-            endpoint: hub.endpoint.clone(),
-            cache_dir: cache.path().to_path_buf(),
-            token: None,
-            offline: false,
-        }),
+        hub: Some(hub.settings(cache.path())),
         ..StartOptions::default()
     });
     harness.run_steps(10);
@@ -497,7 +492,6 @@ fn first_start_offers_the_default_model_and_downloads_it_with_progress() {
 #[test]
 fn the_model_manager_downloads_with_progress_cancels_and_switches_models() {
     use common::fake_hub::{FakeHub, FakeRepo};
-    use instruct_pix2pix::model::hub::HubSettings;
 
     const REPO: &str = "someone/tiny-ip2p";
     let repo = FakeRepo::from_folder(
@@ -510,12 +504,7 @@ fn the_model_manager_downloads_with_progress_cancels_and_switches_models() {
     hub.set_cdn_delay(Duration::from_millis(20));
     let cache = tempfile::tempdir().unwrap();
     let mut harness = harness(StartOptions {
-        hub: Some(HubSettings {
-            endpoint: hub.endpoint.clone(),
-            cache_dir: cache.path().to_path_buf(),
-            token: None,
-            offline: false,
-        }),
+        hub: Some(hub.settings(cache.path())),
         ..options("sd1-tiny")
     });
     wait_for(&mut harness, "the first model", model_ready);

@@ -719,7 +719,48 @@ fn fetch_from_hub(
         planned: Vec::new(),
     };
     collect_pipeline_files(&mut plan_source, variant)?;
-    let plan = DownloadPlan::new(plan_source.planned, &listing.sizes);
+    let planned = plan_source.planned;
+    let target = ListedTarget {
+        repo_id,
+        revision,
+        repo_type: RepoType::Model,
+        repo_dir: &repo_dir,
+        endpoint,
+    };
+    download_listed(target, &api, listing, planned, progress, cancel, |source| {
+        collect_pipeline_files(source, variant)
+    })
+}
+
+/// Where [`download_listed`] downloads: the repo, the revision asked for, and its cache folder.
+struct ListedTarget<'a> {
+    repo_id: &'a str,
+    revision: &'a str,
+    repo_type: RepoType,
+    repo_dir: &'a Path,
+    endpoint: String,
+}
+
+/// Runs `download` on a [`HubSource`] for the listed commit's snapshot (with `planned` as the
+/// files it expects to download, for progress), then leaves the refs as huggingface_hub does, and
+/// returns the snapshot folder.
+fn download_listed(
+    target: ListedTarget,
+    api: &hf_hub::api::sync::Api,
+    listing: Listing,
+    planned: Vec<String>,
+    progress: &mut dyn FnMut(&DownloadProgress),
+    cancel: &AtomicBool,
+    download: impl FnOnce(&mut HubSource) -> Result<(), HubError>,
+) -> Result<PathBuf, HubError> {
+    let ListedTarget {
+        repo_id,
+        revision,
+        repo_type,
+        repo_dir,
+        endpoint,
+    } = target;
+    let snapshot = repo_dir.join("snapshots").join(&listing.sha);
     // Downloads name the listed commit, so every file comes from the same snapshot. hf-hub then
     // writes `refs/<commit>`, which huggingface_hub never does; it is removed afterwards.
     let stray_ref = repo_dir.join("refs").join(&listing.sha);
@@ -729,26 +770,26 @@ fn fetch_from_hub(
         revision: revision.to_string(),
         endpoint,
         sha: listing.sha.clone(),
+        plan: DownloadPlan::new(planned, &listing.sizes),
         files: listing.files,
         sizes: listing.sizes,
-        plan,
         cancel,
         snapshot: snapshot.clone(),
         api_repo: api.repo(Repo::with_revision(
             repo_id.to_string(),
-            RepoType::Model,
+            repo_type,
             listing.sha.clone(),
         )),
         progress,
     };
-    let outcome = collect_pipeline_files(&mut source, variant);
+    let outcome = download(&mut source);
     if !stray_ref_existed && revision != listing.sha {
         // Best effort: a leftover ref only clutters `huggingface-cli scan-cache`.
         let _ = std::fs::remove_file(&stray_ref);
     }
     outcome?;
     if revision != listing.sha {
-        write_ref(&repo_dir, revision, &listing.sha)?;
+        write_ref(repo_dir, revision, &listing.sha)?;
     }
     Ok(snapshot)
 }
@@ -835,56 +876,29 @@ pub fn fetch_dataset(
         reason,
     })?;
     let snapshot = repo_dir.join("snapshots").join(&listing.sha);
-    let stray_ref = repo_dir.join("refs").join(&listing.sha);
-    let stray_ref_existed = stray_ref.exists();
     let missing: Vec<String> = chosen
         .iter()
         .filter(|file| !snapshot.join(file).is_file())
         .cloned()
         .collect();
-    let mut source = HubSource {
-        repo_id: repo_id.to_string(),
-        revision: revision.to_string(),
+    let target = ListedTarget {
+        repo_id,
+        revision,
+        repo_type: RepoType::Dataset,
+        repo_dir: &repo_dir,
         endpoint,
-        sha: listing.sha.clone(),
-        plan: DownloadPlan::new(missing, &listing.sizes),
-        files: listing.files,
-        sizes: listing.sizes,
-        cancel,
-        snapshot: snapshot.clone(),
-        api_repo: api.repo(Repo::with_revision(
-            repo_id.to_string(),
-            RepoType::Dataset,
-            listing.sha.clone(),
-        )),
-        progress,
     };
-    let mut outcome = Ok(());
-    for file in &chosen {
-        match source.fetch(file) {
-            Ok(true) => {}
-            Ok(false) => {
-                outcome = Err(HubError::MissingFile {
+    download_listed(target, &api, listing, missing, progress, cancel, |source| {
+        chosen
+            .iter()
+            .try_for_each(|file| match source.fetch(file)? {
+                true => Ok(()),
+                false => Err(HubError::MissingFile {
                     location: source.location(),
                     file: file.clone(),
-                });
-                break;
-            }
-            Err(err) => {
-                outcome = Err(err);
-                break;
-            }
-        }
-    }
-    // As for models: hf-hub's `refs/<commit>` is not huggingface_hub's layout.
-    if !stray_ref_existed && revision != listing.sha {
-        let _ = std::fs::remove_file(&stray_ref);
-    }
-    outcome?;
-    if revision != listing.sha {
-        write_ref(&repo_dir, revision, &listing.sha)?;
-    }
-    Ok(snapshot)
+                }),
+            })
+    })
 }
 
 /// Records `refs/<revision>` → commit, as huggingface_hub does after a download.

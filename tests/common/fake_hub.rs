@@ -183,6 +183,19 @@ fn error(status: u16, code: &str, message: &str) -> Response<std::io::Cursor<Vec
 }
 
 impl FakeHub {
+    /// Hub settings that download from this fake Hub into `cache_dir`, online, without a token.
+    pub fn settings(
+        &self,
+        cache_dir: &std::path::Path,
+    ) -> instruct_pix2pix::model::hub::HubSettings {
+        instruct_pix2pix::model::hub::HubSettings {
+            endpoint: self.endpoint.clone(),
+            cache_dir: cache_dir.to_path_buf(),
+            token: None,
+            offline: false,
+        }
+    }
+
     /// Starts serving `repos` on a free port (and the CDN on another).
     pub fn start(repos: Vec<FakeRepo>) -> FakeHub {
         Self::start_with(repos, true)
