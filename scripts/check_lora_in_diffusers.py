@@ -4,7 +4,7 @@
 #
 # Pinned: torch 2.15.0 (CPU), diffusers 0.42.1, peft 0.21.2, safetensors, numpy.
 # Make the input (from the repository root), then run:
-#   INSTRUCT_PIX2PIX_EXPORT_DIR=/tmp/t3-export cargo test --test train_persist
+#   INSTRUCT_PIX2PIX_EXPORT_DIR=/tmp/t3-export cargo test --test integration train_persist::
 #   python scripts/check_lora_in_diffusers.py /tmp/t3-export/lora
 # DIR holds pytorch_lora_weights.safetensors and cases.safetensors (sample, timesteps,
 # encoder_hidden_states, and `output`: this crate's UNet output with the adapter), made for the

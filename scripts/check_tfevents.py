@@ -5,7 +5,7 @@
 #
 # Pinned: tensorboard 2.21.0 (optional), Python 3.11.
 # Make the input (from the repository root), then run:
-#   INSTRUCT_PIX2PIX_EXPORT_DIR=/tmp/t3-export cargo test --test train_persist
+#   INSTRUCT_PIX2PIX_EXPORT_DIR=/tmp/t3-export cargo test --test integration train_persist::
 #   python scripts/check_tfevents.py /tmp/t3-export/tensorboard
 # Any run's log folder works too (OUTPUT_DIR/logs/...).
 import argparse

@@ -5,7 +5,7 @@
 #
 # Pinned: torch 2.15.0 (CPU), diffusers 0.42.1, transformers 5.24.0, safetensors, numpy, pillow.
 # Make the input (from the repository root), then run:
-#   INSTRUCT_PIX2PIX_EXPORT_DIR=/tmp/t3-export cargo test --test train_persist
+#   INSTRUCT_PIX2PIX_EXPORT_DIR=/tmp/t3-export cargo test --test integration train_persist::
 #   python scripts/check_trained_model.py /tmp/t3-export/final_model
 # Any trained output folder works too: python scripts/check_trained_model.py OUTPUT_DIR
 import argparse

@@ -1,7 +1,7 @@
 //! Bad input to `edit`: each case gives one clear line naming the file or value, a non-zero exit,
 //! no panic, and no output file.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

@@ -6,7 +6,7 @@
 //! Weight values are compared exactly: the loaded bytes must be the bytes written (f32), or
 //! their f16 rounding for the fp16 variant, so any tolerance would hide a wrong file.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -8,7 +8,7 @@
 //! input and this crate's output), `DIR/final_model` (a written model folder) and `DIR/tensorboard`
 //! (an event file).
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::fs;

@@ -3,7 +3,7 @@
 //! check on broken rows and files, Pillow-exact bicubic resizing, the script's preprocessing, and
 //! the resumable epoch sampler.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

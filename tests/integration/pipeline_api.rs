@@ -2,7 +2,7 @@
 //! step with a cheap preview, cancellation, and reuse of the encodings when only the denoising
 //! settings change.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -56,7 +56,7 @@ fn only_denoising_reruns_when_the_prompt_and_image_stay() {
     assert!(pixel_difference(&first.image, &second.image).0 > 0);
 
     // Reuse must not change results: a fresh pipeline gives the same image for the same settings.
-    let fresh = crate::pipeline()
+    let fresh = self::pipeline()
         .edit(&image, &changed, &mut |_| {}, &cancel)
         .unwrap();
     assert_eq!(pixel_difference(&fresh.image, &second.image).0, 0);

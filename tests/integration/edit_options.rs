@@ -1,7 +1,7 @@
 //! The `edit` command's options beyond the parity cases: scheduler override, random seeds that are
 //! printed and reproduce, numbered variations, output formats, the resolution cap.
 
-mod common;
+use crate::common;
 
 use common::{files_in, fixture_pipeline, fixtures, pixel_difference, run, stderr};
 

@@ -2,7 +2,7 @@
 //! image, type, slide, generate, cancel, re-run, chain, save, explore, recover from a bad file.
 //! The model thread is the real one; frames are stepped until what the user would see appears.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -3,7 +3,7 @@
 //! AdamW with clipping and accumulation, the LR schedules and the EMA. The references are made by
 //! tests/fixtures/scripts/train_step_refs.py with the same weights, inputs and random draws.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

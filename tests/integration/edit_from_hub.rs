@@ -1,7 +1,7 @@
 //! `edit --model OWNER/NAME`: the model comes through hf-hub from a server on 127.0.0.1 that answers
 //! like the Hub, into a Hugging Face cache in the real layout; then again offline from that cache.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -2,7 +2,7 @@
 //! (tests/fixtures/edits/CASE, made by tests/fixtures/make_fixtures.py): within 3 levels of 255 at
 //! every pixel and 0.3 on average.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -5,7 +5,7 @@
 //! Expected values are derived from the trees the tests build (sizes from the bytes written),
 //! never typed in.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};

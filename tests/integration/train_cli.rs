@@ -8,8 +8,8 @@
 //! `DIR/train_lora` and `DIR/train_full` for scripts/check_lora_in_diffusers.py and
 //! scripts/check_trained_model.py.
 
-mod common;
-mod train_dataset;
+use crate::common;
+use crate::train_dataset;
 
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};

@@ -2,7 +2,7 @@
 //! "latest wins", failures, a full queue, a slow window, the waker, shutdown. Results are compared
 //! with `EditPipeline` run directly on this thread, so the worker must add nothing to the numbers.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -3,8 +3,8 @@
 //! weights as an uninterrupted one, and every trainable parameter gets a gradient in the loop's
 //! first step.
 
-mod common;
-mod train_dataset;
+use crate::common;
+use crate::train_dataset;
 
 use std::path::{Path, PathBuf};
 

@@ -1,0 +1,29 @@
+//! The integration tests, one binary (ripgrep's layout): each module is what used to be a test
+//! binary of its own. Linking one binary instead of nineteen saves CI most of its link time and
+//! disk. `tests/real_window.rs` stays apart: it starts a real X server and a window.
+//!
+//! Run one group with its module name as filter, e.g. `cargo test --test integration train_step::`.
+
+#[path = "../common/mod.rs"]
+mod common;
+mod train_dataset;
+
+mod catalog;
+mod cli_errors;
+mod edit_from_hub;
+mod edit_options;
+mod edit_parity;
+mod hub;
+mod image;
+mod pipeline_api;
+mod rng;
+mod schedulers;
+mod tokenizer;
+mod train_cli;
+mod train_data;
+mod train_persist;
+mod train_run;
+mod train_step;
+mod unet;
+mod window;
+mod worker;
