@@ -55,8 +55,8 @@ fn hub_api(settings: &HubSettings) -> Result<hf_hub::api::sync::Api, HubError> {
 pub(super) enum Online {
     /// The Hub answered with the repo's listing.
     Listed {
-        /// The client that listed it, to download with.
-        api: Api,
+        /// The client that listed it, to download with (boxed: it is large next to the reason).
+        api: Box<Api>,
         /// The listing.
         listing: Listing,
     },
@@ -89,7 +89,10 @@ pub(super) fn list_online(
         revision.to_string(),
     ));
     match list_repo(&listing_repo, repo_id, revision, settings) {
-        Ok(listing) => Ok(Online::Listed { api, listing }),
+        Ok(listing) => Ok(Online::Listed {
+            api: Box::new(api),
+            listing,
+        }),
         Err(ListError::Unreachable(reason)) => Ok(Online::CacheOnly(format!(
             "{} could not be reached: {reason}",
             settings.endpoint
