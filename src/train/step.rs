@@ -50,7 +50,7 @@ pub const PLAIN_SD_IN_CHANNELS: usize = 4;
 pub enum TrainError {
     /// The pipeline folder could not be loaded, or its UNet cannot be trained.
     #[error(transparent)]
-    Load(#[from] LoadError),
+    Load(Box<LoadError>),
     /// The scheduler config is unusable.
     #[error(transparent)]
     Scheduler(#[from] SchedulerError),
@@ -87,6 +87,12 @@ pub enum TrainError {
     /// The EMA failed.
     #[error(transparent)]
     Ema(#[from] EmaError),
+}
+
+impl From<LoadError> for TrainError {
+    fn from(error: LoadError) -> Self {
+        TrainError::Load(Box::new(error))
+    }
 }
 
 /// Attaches the stage name to candle errors.
