@@ -8,7 +8,7 @@ use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use clap::Args;
+use clap::{Arg, Args};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::progress::Progress;
@@ -27,17 +27,19 @@ use crate::train::schedule::LrScheduleKind;
 
 /// The script's flags (same names and defaults), plus `--lora-rank`, `--skip_bad_examples`,
 /// `--decode_check` and `--quiet`. A flag given twice takes its last value, as with argparse.
+/// Long flags are the fields' snake_case names; each also answers to its kebab-case spelling
+/// ([`alias_other_spelling`]).
 #[derive(Debug, Args)]
 // As argparse: a flag given twice takes its last value.
-#[command(args_override_self = true)]
+#[command(
+    args_override_self = true,
+    rename_all = "snake_case",
+    mut_args = alias_other_spelling
+)]
 pub struct TrainArgs {
     /// The base model: a folder in diffusers' layout or a Hub repo id (InstructPix2Pix, or plain
     /// Stable Diffusion whose conv_in grows to 8 channels).
-    #[arg(
-        long = "pretrained_model_name_or_path",
-        alias = "pretrained-model-name-or-path",
-        value_name = "DIR|REPO_ID"
-    )]
+    #[arg(long, value_name = "DIR|REPO_ID")]
     pub pretrained_model_name_or_path: String,
     /// Hub revision of the model.
     #[arg(long, value_name = "REV")]
@@ -47,35 +49,26 @@ pub struct TrainArgs {
     pub variant: Option<String>,
     /// A dataset: a local folder (Parquet files, imagefolder or pairs) or a Hub dataset id
     /// (downloaded into the Hugging Face cache, e.g. fusing/instructpix2pix-1000-samples).
-    #[arg(long = "dataset_name", alias = "dataset-name", value_name = "DIR|ID")]
+    #[arg(long, value_name = "DIR|ID")]
     pub dataset_name: Option<String>,
     /// A folder of training data: imagefolder (metadata.jsonl) or pairs (NAME.png,
     /// NAME_edited.png, NAME.txt).
-    #[arg(long = "train_data_dir", alias = "train-data-dir", value_name = "DIR")]
+    #[arg(long, value_name = "DIR")]
     pub train_data_dir: Option<PathBuf>,
     /// Column of the input images.
-    #[arg(long = "original_image_column", alias = "original-image-column", default_value = DEFAULT_ORIGINAL_IMAGE_COLUMN)]
+    #[arg(long, default_value = DEFAULT_ORIGINAL_IMAGE_COLUMN)]
     pub original_image_column: String,
     /// Column of the edit instructions.
-    #[arg(long = "edit_prompt_column", alias = "edit-prompt-column", default_value = DEFAULT_EDIT_PROMPT_COLUMN)]
+    #[arg(long, default_value = DEFAULT_EDIT_PROMPT_COLUMN)]
     pub edit_prompt_column: String,
     /// Column of the edited images.
-    #[arg(long = "edited_image_column", alias = "edited-image-column", default_value = DEFAULT_EDITED_IMAGE_COLUMN)]
+    #[arg(long, default_value = DEFAULT_EDITED_IMAGE_COLUMN)]
     pub edited_image_column: String,
     /// Train on the first N examples of a seeded shuffle.
-    #[arg(
-        long = "max_train_samples",
-        alias = "max-train-samples",
-        value_name = "N"
-    )]
+    #[arg(long, value_name = "N")]
     pub max_train_samples: Option<usize>,
     /// Checkpoints, logs, validation images and the final model go here.
-    #[arg(
-        long = "output_dir",
-        alias = "output-dir",
-        value_name = "DIR",
-        default_value = "instruct-pix2pix-model"
-    )]
+    #[arg(long, value_name = "DIR", default_value = "instruct-pix2pix-model")]
     pub output_dir: PathBuf,
     /// Seed of every random draw (random and printed when absent; a resumed run takes its
     /// checkpoint's).
@@ -85,105 +78,64 @@ pub struct TrainArgs {
     #[arg(long, value_name = "PX", default_value_t = 256)]
     pub resolution: u32,
     /// Center crop (a no-op after the square resize, as in the script).
-    #[arg(long = "center_crop", alias = "center-crop")]
+    #[arg(long)]
     pub center_crop: bool,
     /// Flip input and edited image together at random.
-    #[arg(long = "random_flip", alias = "random-flip")]
+    #[arg(long)]
     pub random_flip: bool,
     /// Examples per micro-batch.
-    #[arg(
-        long = "train_batch_size",
-        alias = "train-batch-size",
-        value_name = "N",
-        default_value_t = 16
-    )]
+    #[arg(long, value_name = "N", default_value_t = 16)]
     pub train_batch_size: usize,
     /// Epochs (ignored when --max_train_steps is given).
-    #[arg(
-        long = "num_train_epochs",
-        alias = "num-train-epochs",
-        value_name = "N",
-        default_value_t = 100
-    )]
+    #[arg(long, value_name = "N", default_value_t = 100)]
     pub num_train_epochs: u64,
     /// Optimizer steps to train (overrides the epochs).
-    #[arg(long = "max_train_steps", alias = "max-train-steps", value_name = "N")]
+    #[arg(long, value_name = "N")]
     pub max_train_steps: Option<u64>,
     /// Micro-batches per optimizer step.
-    #[arg(
-        long = "gradient_accumulation_steps",
-        alias = "gradient-accumulation-steps",
-        value_name = "N",
-        default_value_t = 1
-    )]
+    #[arg(long, value_name = "N", default_value_t = 1)]
     pub gradient_accumulation_steps: usize,
     /// Not implemented: activations are kept (see docs/benchmarks.md for memory).
-    #[arg(long = "gradient_checkpointing", alias = "gradient-checkpointing")]
+    #[arg(long)]
     pub gradient_checkpointing: bool,
     /// The learning rate (after warm-up).
     #[arg(
-        long = "learning_rate",
-        alias = "learning-rate",
+        long,
         value_name = "F",
         default_value_t = 1e-4,
         allow_negative_numbers = true
     )]
     pub learning_rate: f64,
     /// Multiply the learning rate by accumulation steps × batch size.
-    #[arg(long = "scale_lr", alias = "scale-lr")]
+    #[arg(long)]
     pub scale_lr: bool,
     /// constant, constant_with_warmup, linear, cosine, cosine_with_restarts or polynomial.
-    #[arg(
-        long = "lr_scheduler",
-        alias = "lr-scheduler",
-        value_name = "NAME",
-        default_value = "constant"
-    )]
+    #[arg(long, value_name = "NAME", default_value = "constant")]
     pub lr_scheduler: String,
     /// Warm-up steps of the learning rate.
-    #[arg(
-        long = "lr_warmup_steps",
-        alias = "lr-warmup-steps",
-        value_name = "N",
-        default_value_t = 500
-    )]
+    #[arg(long, value_name = "N", default_value_t = 500)]
     pub lr_warmup_steps: u64,
     /// Probability of dropping the text, the image or both conditionings (InstructPix2Pix used 0.05).
-    #[arg(
-        long = "conditioning_dropout_prob",
-        alias = "conditioning-dropout-prob",
-        value_name = "P",
-        allow_negative_numbers = true
-    )]
+    #[arg(long, value_name = "P", allow_negative_numbers = true)]
     pub conditioning_dropout_prob: Option<f64>,
     /// Keep an exponential moving average of the weights and save it as the model.
-    #[arg(long = "use_ema", alias = "use-ema")]
+    #[arg(long)]
     pub use_ema: bool,
     /// Not used: the EMA starts from the same weights as training.
-    #[arg(
-        long = "non_ema_revision",
-        alias = "non-ema-revision",
-        value_name = "REV"
-    )]
+    #[arg(long, value_name = "REV")]
     pub non_ema_revision: Option<String>,
     /// Not available: AdamW runs in float32.
-    #[arg(long = "use_8bit_adam", alias = "use-8bit-adam")]
+    #[arg(long)]
     pub use_8bit_adam: bool,
     /// Not used (an NVIDIA Ampere setting).
-    #[arg(long = "allow_tf32", alias = "allow-tf32")]
+    #[arg(long)]
     pub allow_tf32: bool,
     /// Not used: examples are read on the training thread.
-    #[arg(
-        long = "dataloader_num_workers",
-        alias = "dataloader-num-workers",
-        value_name = "N",
-        default_value_t = 0
-    )]
+    #[arg(long, value_name = "N", default_value_t = 0)]
     pub dataloader_num_workers: usize,
     /// AdamW β1.
     #[arg(
-        long = "adam_beta1",
-        alias = "adam-beta1",
+        long,
         value_name = "F",
         default_value_t = 0.9,
         allow_negative_numbers = true
@@ -191,8 +143,7 @@ pub struct TrainArgs {
     pub adam_beta1: f64,
     /// AdamW β2.
     #[arg(
-        long = "adam_beta2",
-        alias = "adam-beta2",
+        long,
         value_name = "F",
         default_value_t = 0.999,
         allow_negative_numbers = true
@@ -200,8 +151,7 @@ pub struct TrainArgs {
     pub adam_beta2: f64,
     /// AdamW decoupled weight decay.
     #[arg(
-        long = "adam_weight_decay",
-        alias = "adam-weight-decay",
+        long,
         value_name = "F",
         default_value_t = 1e-2,
         allow_negative_numbers = true
@@ -209,8 +159,7 @@ pub struct TrainArgs {
     pub adam_weight_decay: f64,
     /// AdamW ε.
     #[arg(
-        long = "adam_epsilon",
-        alias = "adam-epsilon",
+        long,
         value_name = "F",
         default_value_t = 1e-8,
         allow_negative_numbers = true
@@ -218,115 +167,85 @@ pub struct TrainArgs {
     pub adam_epsilon: f64,
     /// Gradients are clipped to this total norm.
     #[arg(
-        long = "max_grad_norm",
-        alias = "max-grad-norm",
+        long,
         value_name = "F",
         default_value_t = 1.0,
         allow_negative_numbers = true
     )]
     pub max_grad_norm: f64,
     /// Not available: the result stays in --output_dir.
-    #[arg(long = "push_to_hub", alias = "push-to-hub")]
+    #[arg(long)]
     pub push_to_hub: bool,
     /// Not used (no upload).
-    #[arg(long = "hub_token", alias = "hub-token", value_name = "TOKEN")]
+    #[arg(long, value_name = "TOKEN")]
     pub hub_token: Option<String>,
     /// Not used (no upload).
-    #[arg(long = "hub_model_id", alias = "hub-model-id", value_name = "ID")]
+    #[arg(long, value_name = "ID")]
     pub hub_model_id: Option<String>,
     /// Not used: TensorBoard files go to OUTPUT_DIR/logs/instruct-pix2pix.
-    #[arg(long = "logging_dir", alias = "logging-dir", value_name = "DIR")]
+    #[arg(long, value_name = "DIR")]
     pub logging_dir: Option<PathBuf>,
     /// no, fp16 or bf16; training runs in float32 here (fp16/bf16 get a notice).
-    #[arg(
-        long = "mixed_precision",
-        alias = "mixed-precision",
-        value_name = "MODE"
-    )]
+    #[arg(long, value_name = "MODE")]
     pub mixed_precision: Option<String>,
     /// tensorboard (the default; also metrics.jsonl, always written), all, wandb, comet_ml or none.
-    #[arg(
-        long = "report_to",
-        alias = "report-to",
-        value_name = "WHERE",
-        default_value = "tensorboard"
-    )]
+    #[arg(long, value_name = "WHERE", default_value = "tensorboard")]
     pub report_to: String,
     /// Not used (one process).
-    #[arg(long = "local_rank", alias = "local-rank", value_name = "N", default_value_t = -1, allow_negative_numbers = true)]
+    #[arg(long, value_name = "N", default_value_t = -1, allow_negative_numbers = true)]
     pub local_rank: i64,
     /// Save a checkpoint every N optimizer steps.
-    #[arg(
-        long = "checkpointing_steps",
-        alias = "checkpointing-steps",
-        value_name = "N",
-        default_value_t = 500
-    )]
+    #[arg(long, value_name = "N", default_value_t = 500)]
     pub checkpointing_steps: u64,
     /// Keep at most this many checkpoints (the oldest are removed).
-    #[arg(
-        long = "checkpoints_total_limit",
-        alias = "checkpoints-total-limit",
-        value_name = "N"
-    )]
+    #[arg(long, value_name = "N")]
     pub checkpoints_total_limit: Option<usize>,
     /// `latest` or a checkpoint folder (name under --output_dir, or a path) to continue from.
-    #[arg(
-        long = "resume_from_checkpoint",
-        alias = "resume-from-checkpoint",
-        value_name = "latest|DIR"
-    )]
+    #[arg(long, value_name = "latest|DIR")]
     pub resume_from_checkpoint: Option<String>,
     /// Not available (xformers is a CUDA library): attention runs in blocks on the CPU anyway.
-    #[arg(
-        long = "enable_xformers_memory_efficient_attention",
-        alias = "enable-xformers-memory-efficient-attention"
-    )]
+    #[arg(long)]
     pub enable_xformers_memory_efficient_attention: bool,
     /// Instruction of the validation edits.
-    #[arg(
-        long = "validation_prompt",
-        alias = "validation-prompt",
-        value_name = "TEXT"
-    )]
+    #[arg(long, value_name = "TEXT")]
     pub validation_prompt: Option<String>,
     /// Image of the validation edits: an http(s) URL or a local file.
-    #[arg(
-        long = "val_image_url",
-        alias = "val-image-url",
-        value_name = "URL|PATH"
-    )]
+    #[arg(long, value_name = "URL|PATH")]
     pub val_image_url: Option<String>,
     /// Validation edits each time.
-    #[arg(
-        long = "num_validation_images",
-        alias = "num-validation-images",
-        value_name = "N",
-        default_value_t = 4
-    )]
+    #[arg(long, value_name = "N", default_value_t = 4)]
     pub num_validation_images: usize,
     /// Validate after every N epochs.
-    #[arg(
-        long = "validation_epochs",
-        alias = "validation-epochs",
-        value_name = "N",
-        default_value_t = 1
-    )]
+    #[arg(long, value_name = "N", default_value_t = 1)]
     pub validation_epochs: u64,
     /// Train LoRA adapters of this rank on the attention projections instead of the whole UNet
     /// (saved as OUTPUT_DIR/pytorch_lora_weights.safetensors).
-    #[arg(long = "lora-rank", alias = "lora_rank", value_name = "N")]
+    #[arg(long = "lora-rank", value_name = "N")]
     pub lora_rank: Option<usize>,
     /// Train on the good examples when the dataset check finds bad ones (else refuse, or ask on
     /// a terminal).
-    #[arg(long = "skip_bad_examples", alias = "skip-bad-examples")]
+    #[arg(long)]
     pub skip_bad_examples: bool,
     /// Decode every image in the dataset check (slower; by default headers are checked).
-    #[arg(long = "decode_check", alias = "decode-check")]
+    #[arg(long)]
     pub decode_check: bool,
     /// No progress bar.
     #[arg(long, short)]
     pub quiet: bool,
+}
+
+/// Adds a long flag's other spelling as a hidden alias: `--learning-rate` for the script's
+/// `--learning_rate`, `--lora_rank` for `--lora-rank`. `--help` shows the flag's own name.
+fn alias_other_spelling(arg: Arg) -> Arg {
+    let Some(long) = arg.get_long() else {
+        return arg;
+    };
+    let other = if long.contains('_') {
+        long.replace('_', "-")
+    } else {
+        long.replace('-', "_")
+    };
+    if other == long { arg } else { arg.alias(other) }
 }
 
 /// Prints a one-line notice.
@@ -790,5 +709,67 @@ mod sigint {
             libc::sigaction(libc::SIGINT, &action, std::ptr::null_mut());
         }
         &INTERRUPTED
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::super::{Cli, Command};
+
+    #[test]
+    fn every_long_flag_answers_to_its_other_spelling() {
+        let cli = Cli::command();
+        let train = cli.find_subcommand("train").unwrap();
+        let mut both_spellings = 0;
+        for arg in train.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            let aliases: Vec<&str> = arg.get_all_aliases().unwrap_or_default();
+            if long.contains('_') {
+                assert_eq!(aliases, [long.replace('_', "-")], "--{long}");
+                both_spellings += 1;
+            } else if long.contains('-') {
+                assert_eq!(aliases, [long.replace('-', "_")], "--{long}");
+                both_spellings += 1;
+            } else {
+                assert!(aliases.is_empty(), "--{long}: {aliases:?}");
+            }
+        }
+        // The script's 47 snake_case flags with a second word, and --lora-rank.
+        assert_eq!(both_spellings, 48);
+        assert!(
+            train
+                .get_arguments()
+                .any(|arg| arg.get_long() == Some("enable_xformers_memory_efficient_attention"))
+        );
+    }
+
+    #[test]
+    fn kebab_and_snake_spellings_parse_alike() {
+        let parse = |args: &[&str]| {
+            let cli = Cli::try_parse_from(
+                [
+                    "instruct-pix2pix",
+                    "train",
+                    "--pretrained_model_name_or_path",
+                    "m",
+                ]
+                .iter()
+                .chain(args),
+            )
+            .unwrap();
+            match cli.command {
+                Some(Command::Train(args)) => args,
+                other => panic!("not train: {other:?}"),
+            }
+        };
+        let snake = parse(&["--learning_rate", "0.5", "--lora_rank", "4", "--use_ema"]);
+        let kebab = parse(&["--learning-rate", "0.5", "--lora-rank", "4", "--use-ema"]);
+        for args in [snake, kebab] {
+            assert_eq!(args.learning_rate, 0.5);
+            assert_eq!(args.lora_rank, Some(4));
+            assert!(args.use_ema);
+        }
     }
 }

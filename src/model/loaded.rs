@@ -1,9 +1,13 @@
-//! A whole InstructPix2Pix model loaded for editing: tokenizer, text encoder, VAE and UNet read
-//! from one pipeline folder in diffusers' layout, on one device in one dtype.
+//! The one loader of a pipeline folder in diffusers' layout, for editing and for training:
+//! [`PipelineFolder`] checks the component folders and reads the configs (checked against each
+//! other before any weight is read), then builds the tokenizer, text encoder, VAE and UNet on one
+//! device in one dtype, or hands training the UNet's weights as named tensors to make trainable.
+//! [`InstructPix2PixModel`] is the whole model loaded for editing.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 
 use super::clip::{ClipTextConfig, ClipTextModel};
 use super::config::{ConfigError, ModelIndex, read_json};
@@ -11,7 +15,16 @@ use super::hub::{DownloadProgress, HubError, HubSettings, ModelSpec, Variant, fe
 use super::tokenizer::{ClipTokenizer, TokenizerError};
 use super::unet::{PerBlock, UNet2DConditionModel, UNetConfig};
 use super::vae::{AutoencoderKL, VaeConfig};
-use super::weights::{WeightsError, component_weights, var_builder};
+use super::weights::{
+    DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS, WeightFormat, WeightsError, component_weights,
+    component_weights_detailed, safetensors_shapes, var_builder,
+};
+
+/// The UNet's input channels in InstructPix2Pix: 4 noisy latents and 4 latents of the input image.
+pub const INSTRUCT_PIX2PIX_IN_CHANNELS: usize = 8;
+
+/// The component folders every pipeline folder needs.
+const COMPONENTS: [&str; 5] = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"];
 
 /// Why a model could not be loaded; every message names the folder or file at fault.
 #[derive(Debug, thiserror::Error)]
@@ -33,12 +46,16 @@ pub enum LoadError {
     },
     #[error("{path}: {reason}")]
     BadConfig { path: PathBuf, reason: String },
+    /// `folder` is the component's folder.
     #[error("{folder}: building the {component} from its weights failed: {source}")]
     Build {
         folder: PathBuf,
         component: &'static str,
         source: candle_core::Error,
     },
+    /// The UNet's weight files lack weights its config needs (`names` comma-separated).
+    #[error("{dir}: the weights lack {names} that the UNet config needs")]
+    MissingWeights { dir: PathBuf, names: String },
     #[error(
         "{folder}: not an InstructPix2Pix model: its UNet takes {in_channels} input channels, it needs {expected}"
     )]
@@ -60,6 +77,161 @@ pub enum LoadError {
 impl From<HubError> for LoadError {
     fn from(error: HubError) -> Self {
         Self::Hub(Box::new(error))
+    }
+}
+
+/// A pipeline folder whose component folders are all there and whose network configs fit an
+/// InstructPix2Pix model; no weight is read until a component is asked for.
+#[derive(Debug, Clone)]
+pub struct PipelineFolder {
+    /// The folder (a local folder or a Hub cache snapshot).
+    pub path: PathBuf,
+    /// Which weight files the components are read from.
+    pub variant: Variant,
+    /// `unet/config.json`. Its `in_channels` is left to the caller: editing needs 8, training
+    /// also grows a plain Stable Diffusion UNet's 4.
+    pub unet_config: UNetConfig,
+    /// `vae/config.json`.
+    pub vae_config: VaeConfig,
+    /// `text_encoder/config.json`.
+    pub text_encoder_config: ClipTextConfig,
+}
+
+impl PipelineFolder {
+    /// Checks that `path` has every component folder, reads the three network configs and checks
+    /// that they fit together: 4 latent channels (half the InstructPix2Pix UNet's input) and a
+    /// text encoder as wide as the UNet's cross-attention.
+    pub fn open(path: &Path, variant: Variant) -> Result<Self, LoadError> {
+        let path = path.to_path_buf();
+        if let Some(component) = COMPONENTS.into_iter().find(|c| !path.join(c).is_dir()) {
+            return Err(LoadError::MissingComponent {
+                folder: path,
+                component,
+            });
+        }
+        let unet_config: UNetConfig = read_json(&path.join("unet").join("config.json"))?;
+        let vae_config_path = path.join("vae").join("config.json");
+        let vae_config: VaeConfig = read_json(&vae_config_path)?;
+        if vae_config.latent_channels * 2 != INSTRUCT_PIX2PIX_IN_CHANNELS {
+            return Err(LoadError::BadConfig {
+                path: vae_config_path,
+                reason: format!(
+                    "latent_channels {}: InstructPix2Pix needs {} (half the UNet's {INSTRUCT_PIX2PIX_IN_CHANNELS} input channels)",
+                    vae_config.latent_channels,
+                    INSTRUCT_PIX2PIX_IN_CHANNELS / 2
+                ),
+            });
+        }
+        let text_encoder_config: ClipTextConfig =
+            read_json(&path.join("text_encoder").join("config.json"))?;
+        let cross_attention_dims = match &unet_config.cross_attention_dim {
+            PerBlock::Same(dim) => vec![*dim],
+            PerBlock::Each(dims) => dims.clone(),
+        };
+        let text_width = text_encoder_config.hidden_size;
+        if let Some(&cross_attention_dim) = cross_attention_dims.iter().find(|&&d| d != text_width)
+        {
+            return Err(LoadError::TextWidthMismatch {
+                folder: path,
+                text_width,
+                cross_attention_dim,
+            });
+        }
+        Ok(Self {
+            path,
+            variant,
+            unet_config,
+            vae_config,
+            text_encoder_config,
+        })
+    }
+
+    /// The prompts' tokenizer (`tokenizer/`).
+    pub fn tokenizer(&self) -> Result<ClipTokenizer, LoadError> {
+        Ok(ClipTokenizer::from_dir(&self.path.join("tokenizer"))?)
+    }
+
+    /// The CLIP text encoder (`text_encoder/`) in `dtype` on `device`.
+    pub fn text_encoder(&self, dtype: DType, device: &Device) -> Result<ClipTextModel, LoadError> {
+        let folder = self.path.join("text_encoder");
+        let files = component_weights(&folder, TRANSFORMERS_WEIGHTS, self.variant)?;
+        ClipTextModel::load(
+            var_builder(&files, dtype, device)?,
+            &self.text_encoder_config,
+        )
+        .map_err(build_error(folder, "text encoder"))
+    }
+
+    /// The VAE (`vae/`) in `dtype` on `device`.
+    pub fn vae(&self, dtype: DType, device: &Device) -> Result<AutoencoderKL, LoadError> {
+        let folder = self.path.join("vae");
+        let files = component_weights(&folder, DIFFUSERS_WEIGHTS, self.variant)?;
+        AutoencoderKL::load(var_builder(&files, dtype, device)?, &self.vae_config)
+            .map_err(build_error(folder, "VAE"))
+    }
+
+    /// The UNet (`unet/`) in `dtype` on `device`, for inference.
+    pub fn unet(&self, dtype: DType, device: &Device) -> Result<UNet2DConditionModel, LoadError> {
+        let folder = self.path.join("unet");
+        let files = component_weights(&folder, DIFFUSERS_WEIGHTS, self.variant)?;
+        UNet2DConditionModel::load(var_builder(&files, dtype, device)?, &self.unet_config)
+            .map_err(build_error(folder, "UNet"))
+    }
+
+    /// Every tensor of the UNet's weight files (safetensors or .bin, sharded or not) by its
+    /// diffusers name, in `dtype` on `device`: what training makes its variables of.
+    pub fn unet_weights(
+        &self,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<BTreeMap<String, Tensor>, LoadError> {
+        let unet_dir = self.path.join("unet");
+        let weights = component_weights_detailed(&unet_dir, DIFFUSERS_WEIGHTS, self.variant)?;
+        let load_err = |source| WeightsError::Load {
+            files: weights
+                .files
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            source,
+        };
+        let mut tensors = BTreeMap::new();
+        match weights.format {
+            WeightFormat::SafeTensors => {
+                let shapes = safetensors_shapes(&weights.files)?;
+                let vb = var_builder(&weights.files, dtype, device)?;
+                for (name, shape) in shapes {
+                    let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+                    let tensor = vb.get(shape, &name).map_err(load_err)?;
+                    tensors.insert(name, tensor);
+                }
+            }
+            WeightFormat::PyTorch => {
+                for file in &weights.files {
+                    for (name, tensor) in candle_core::pickle::read_all(file).map_err(load_err)? {
+                        let tensor = tensor
+                            .to_dtype(dtype)
+                            .and_then(|t| t.to_device(device))
+                            .map_err(load_err)?;
+                        tensors.insert(name, tensor);
+                    }
+                }
+            }
+        }
+        Ok(tensors)
+    }
+}
+
+/// Names the component folder and network in candle's error from building a network.
+pub fn build_error(
+    folder: PathBuf,
+    component: &'static str,
+) -> impl FnOnce(candle_core::Error) -> LoadError {
+    move |source| LoadError::Build {
+        folder,
+        component,
+        source,
     }
 }
 
@@ -95,91 +267,26 @@ impl InstructPix2PixModel {
         Self::load(&folder, options)
     }
 
-    /// Loads the pipeline in `folder` (diffusers' layout). Configs are checked before any weight is
-    /// read, so a model of the wrong kind is refused at once.
+    /// Loads the pipeline in `folder` (diffusers' layout, with `model_index.json`). Configs are
+    /// checked before any weight is read, so a model of the wrong kind is refused at once.
     pub fn load(folder: &Path, options: &LoadOptions) -> Result<Self, LoadError> {
-        let folder = folder.to_path_buf();
-        let _index: ModelIndex = read_json(&folder.join("model_index.json"))?;
-        for component in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
-            if !folder.join(component).is_dir() {
-                return Err(LoadError::MissingComponent { folder, component });
-            }
-        }
-        let unet_config_path = folder.join("unet").join("config.json");
-        let unet_config: UNetConfig = read_json(&unet_config_path)?;
-        let latent_channels_expected = 8;
-        if unet_config.in_channels != latent_channels_expected {
+        ModelIndex::read(folder)?;
+        let pipeline = PipelineFolder::open(folder, options.variant)?;
+        let in_channels = pipeline.unet_config.in_channels;
+        if in_channels != INSTRUCT_PIX2PIX_IN_CHANNELS {
             return Err(LoadError::NotInstructPix2Pix {
-                folder,
-                in_channels: unet_config.in_channels,
-                expected: latent_channels_expected,
+                folder: pipeline.path,
+                in_channels,
+                expected: INSTRUCT_PIX2PIX_IN_CHANNELS,
             });
         }
-        let vae_config: VaeConfig = read_json(&folder.join("vae").join("config.json"))?;
-        if vae_config.latent_channels * 2 != unet_config.in_channels {
-            return Err(LoadError::BadConfig {
-                path: folder.join("vae").join("config.json"),
-                reason: format!(
-                    "latent_channels {} does not fit the UNet's {} input channels",
-                    vae_config.latent_channels, unet_config.in_channels
-                ),
-            });
-        }
-        let clip_config: ClipTextConfig =
-            read_json(&folder.join("text_encoder").join("config.json"))?;
-        let cross_attention_dims = match &unet_config.cross_attention_dim {
-            PerBlock::Same(dim) => vec![*dim],
-            PerBlock::Each(dims) => dims.clone(),
-        };
-        if let Some(&cross_attention_dim) = cross_attention_dims
-            .iter()
-            .find(|&&d| d != clip_config.hidden_size)
-        {
-            return Err(LoadError::TextWidthMismatch {
-                folder,
-                text_width: clip_config.hidden_size,
-                cross_attention_dim,
-            });
-        }
-        let tokenizer = ClipTokenizer::from_dir(&folder.join("tokenizer"))?;
-
-        let build_err = |component: &'static str| {
-            let folder = folder.clone();
-            move |source| LoadError::Build {
-                folder,
-                component,
-                source,
-            }
-        };
         let (dtype, device) = (options.dtype, &options.device);
-
-        let files = component_weights(&folder.join("text_encoder"), "model", options.variant)?;
-        let vb = var_builder(&files, dtype, device)?;
-        let text_encoder =
-            ClipTextModel::load(vb, &clip_config).map_err(build_err("text encoder"))?;
-
-        let files = component_weights(
-            &folder.join("vae"),
-            "diffusion_pytorch_model",
-            options.variant,
-        )?;
-        let vb = var_builder(&files, dtype, device)?;
-        let vae = AutoencoderKL::load(vb, &vae_config).map_err(build_err("VAE"))?;
-
-        let files = component_weights(
-            &folder.join("unet"),
-            "diffusion_pytorch_model",
-            options.variant,
-        )?;
-        let vb = var_builder(&files, dtype, device)?;
-        let unet = UNet2DConditionModel::load(vb, &unet_config).map_err(build_err("UNet"))?;
-
         Ok(Self {
-            folder,
-            tokenizer,
-            text_encoder,
-            vae,
-            unet,
+            tokenizer: pipeline.tokenizer()?,
+            text_encoder: pipeline.text_encoder(dtype, device)?,
+            vae: pipeline.vae(dtype, device)?,
+            unet: pipeline.unet(dtype, device)?,
+            folder: pipeline.path,
             dtype,
             device: device.clone(),
         })

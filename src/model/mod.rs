@@ -14,4 +14,7 @@ pub mod unet;
 pub mod vae;
 pub mod weights;
 
-pub use loaded::{InstructPix2PixModel, LoadError, LoadOptions};
+pub use loaded::{
+    INSTRUCT_PIX2PIX_IN_CHANNELS, InstructPix2PixModel, LoadError, LoadOptions, PipelineFolder,
+    build_error,
+};

@@ -33,74 +33,27 @@ use super::data::TrainBatch;
 use super::ema::{EmaConfig, EmaError, EmaModel};
 use super::optim::{AdamW, AdamWConfig, OptimError, clip_grad_norm};
 use super::schedule::LrSchedule;
-use crate::model::clip::{ClipTextConfig, ClipTextModel};
-use crate::model::config::{ConfigError, read_json};
-use crate::model::tokenizer::{ClipTokenizer, TokenizerError};
+use crate::model::clip::ClipTextModel;
+use crate::model::tokenizer::ClipTokenizer;
 use crate::model::unet::{UNet2DConditionModel, UNetConfig};
-use crate::model::vae::{AutoencoderKL, VaeConfig};
-use crate::model::weights::{
-    DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS, Variant, WeightFormat, WeightsError,
-    component_weights, component_weights_detailed, safetensors_shapes, var_builder,
-};
+use crate::model::vae::AutoencoderKL;
+use crate::model::weights::Variant;
+use crate::model::{INSTRUCT_PIX2PIX_IN_CHANNELS, LoadError, PipelineFolder, build_error};
 use crate::pipeline::rng::TorchGenerator;
-use crate::pipeline::scheduler::{NoiseSchedule, SchedulerConfig, SchedulerError};
+use crate::pipeline::scheduler::{NoiseSchedule, PredictionType, SchedulerConfig, SchedulerError};
 
-/// The UNet's input channels for InstructPix2Pix: 4 noisy latents + 4 image latents.
-pub const INSTRUCT_PIX2PIX_IN_CHANNELS: usize = 8;
 /// The input channels of a plain Stable Diffusion UNet, which conv_in grows from.
 pub const PLAIN_SD_IN_CHANNELS: usize = 4;
 
 /// Why training could not be set up or a step could not run; messages name the file or value.
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
-    /// A config file is missing or malformed.
+    /// The pipeline folder could not be loaded, or its UNet cannot be trained.
     #[error(transparent)]
-    Config(#[from] ConfigError),
-    /// Weight files are missing or unreadable.
-    #[error(transparent)]
-    Weights(#[from] WeightsError),
-    /// The tokenizer folder is unusable.
-    #[error(transparent)]
-    Tokenizer(#[from] TokenizerError),
+    Load(Box<LoadError>),
     /// The scheduler config is unusable.
     #[error(transparent)]
     Scheduler(#[from] SchedulerError),
-    /// A component folder of the pipeline is missing.
-    #[error(
-        "{folder}: missing the `{component}` component folder (a diffusers pipeline needs {component}/)"
-    )]
-    MissingComponent {
-        /// The pipeline folder.
-        folder: PathBuf,
-        /// The missing component.
-        component: &'static str,
-    },
-    /// A config value this training cannot use.
-    #[error("{path}: {reason}")]
-    BadConfig {
-        /// The config file.
-        path: PathBuf,
-        /// What is wrong.
-        reason: String,
-    },
-    /// Building a network from its weights failed.
-    #[error("{folder}: building the {component} from its weights failed: {source}")]
-    Build {
-        /// The component folder.
-        folder: PathBuf,
-        /// Which network.
-        component: &'static str,
-        /// candle's error.
-        source: candle_core::Error,
-    },
-    /// The UNet's weight files lack weights its config needs.
-    #[error("{dir}: the weights lack {names} that the UNet config needs")]
-    MissingWeights {
-        /// The UNet folder.
-        dir: PathBuf,
-        /// The missing names, comma-separated.
-        names: String,
-    },
     /// A batch or its random draws do not fit the model or each other.
     #[error("training batch: {reason}")]
     Batch {
@@ -136,6 +89,12 @@ pub enum TrainError {
     Ema(#[from] EmaError),
 }
 
+impl From<LoadError> for TrainError {
+    fn from(error: LoadError) -> Self {
+        TrainError::Load(Box::new(error))
+    }
+}
+
 /// Attaches the stage name to candle errors.
 trait Stage<T> {
     fn stage(self, stage: &'static str) -> Result<T, TrainError>;
@@ -145,15 +104,6 @@ impl<T> Stage<T> for candle_core::Result<T> {
     fn stage(self, stage: &'static str) -> Result<T, TrainError> {
         self.map_err(|source| TrainError::Compute { stage, source })
     }
-}
-
-/// What the UNet learns to predict (the scheduler config's `prediction_type`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PredictionType {
-    /// The noise ε.
-    Epsilon,
-    /// The velocity `sqrt(ᾱ)·ε − sqrt(1 − ᾱ)·x₀`.
-    VPrediction,
 }
 
 /// The UNet with every weight a trainable [`Var`] (f32), its conv_in grown to 8 input channels
@@ -211,55 +161,9 @@ pub fn grown_conv_in_bias(
 const CONV_IN_BIAS_STREAM: u64 = u64::MAX;
 
 impl TrainableUNet {
-    /// Reads `unet_dir` (diffusers' `config.json` and weights, safetensors or .bin, sharded or
-    /// not) into f32 variables on `device`, growing conv_in from 4 to 8 input channels if needed
-    /// (its new bias drawn from `seed`, see [`grown_conv_in_bias`]).
-    pub fn load(
-        unet_dir: &Path,
-        variant: Variant,
-        device: &Device,
-        seed: u64,
-    ) -> Result<Self, TrainError> {
-        let config_path = unet_dir.join("config.json");
-        let config: UNetConfig = read_json(&config_path)?;
-        let weights = component_weights_detailed(unet_dir, DIFFUSERS_WEIGHTS, variant)?;
-        let load_err = |source| WeightsError::Load {
-            files: weights
-                .files
-                .iter()
-                .map(|f| f.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", "),
-            source,
-        };
-        let mut tensors: BTreeMap<String, Tensor> = BTreeMap::new();
-        match weights.format {
-            WeightFormat::SafeTensors => {
-                let shapes = safetensors_shapes(&weights.files)?;
-                let vb = var_builder(&weights.files, DType::F32, device)?;
-                for (name, shape) in shapes {
-                    let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
-                    let tensor = vb.get(shape, &name).map_err(load_err)?;
-                    tensors.insert(name, tensor);
-                }
-            }
-            WeightFormat::PyTorch => {
-                for file in &weights.files {
-                    for (name, tensor) in candle_core::pickle::read_all(file).map_err(load_err)? {
-                        let tensor = tensor
-                            .to_dtype(DType::F32)
-                            .and_then(|t| t.to_device(device))
-                            .map_err(load_err)?;
-                        tensors.insert(name, tensor);
-                    }
-                }
-            }
-        }
-        Self::from_tensors(tensors, config, unet_dir, seed)
-    }
-
     /// Builds the trainable UNet from named f32 tensors and their config (`source` names them in
-    /// errors), growing conv_in as [`TrainableUNet::load`] does.
+    /// errors), growing conv_in from 4 to 8 input channels if needed (its new bias drawn from
+    /// `seed`, see [`grown_conv_in_bias`]).
     pub fn from_tensors(
         mut tensors: BTreeMap<String, Tensor>,
         mut config: UNetConfig,
@@ -267,23 +171,25 @@ impl TrainableUNet {
         seed: u64,
     ) -> Result<Self, TrainError> {
         let config_path = source.join("config.json");
-        let bad = |reason: String| TrainError::BadConfig {
+        let bad = |reason: String| LoadError::BadConfig {
             path: config_path.clone(),
             reason,
         };
         let conv_in_name = "conv_in.weight";
         let Some(conv_in) = tensors.get(conv_in_name) else {
-            return Err(TrainError::MissingWeights {
+            return Err(LoadError::MissingWeights {
                 dir: source.to_path_buf(),
                 names: conv_in_name.to_string(),
-            });
+            }
+            .into());
         };
         let weight_in = conv_in.dims().get(1).copied().unwrap_or(0);
         if weight_in != config.in_channels {
             return Err(bad(format!(
                 "in_channels is {} but conv_in.weight takes {weight_in} channels",
                 config.in_channels
-            )));
+            ))
+            .into());
         }
         let grew_conv_in = match config.in_channels {
             INSTRUCT_PIX2PIX_IN_CHANNELS => false,
@@ -300,7 +206,8 @@ impl TrainableUNet {
             other => {
                 return Err(bad(format!(
                     "in_channels {other}: training starts from a 4-channel Stable Diffusion UNet or an 8-channel InstructPix2Pix one"
-                )));
+                ))
+                .into());
             }
         };
         config.validate().map_err(|e| bad(e.to_string()))?;
@@ -324,11 +231,8 @@ impl TrainableUNet {
             .map(|(_, v)| v.device().clone())
             .unwrap_or(Device::Cpu);
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
-        let unet = UNet2DConditionModel::load(vb, &config).map_err(|error| TrainError::Build {
-            folder: source.to_path_buf(),
-            component: "UNet",
-            source: error,
-        })?;
+        let unet = UNet2DConditionModel::load(vb, &config)
+            .map_err(build_error(source.to_path_buf(), "UNet"))?;
         // A VarMap creates any variable it is asked for and lacks: such names were missing.
         let known: std::collections::HashSet<&str> =
             params.iter().map(|(name, _)| name.as_str()).collect();
@@ -342,10 +246,11 @@ impl TrainableUNet {
             .collect();
         if !created.is_empty() {
             created.sort();
-            return Err(TrainError::MissingWeights {
+            return Err(LoadError::MissingWeights {
                 dir: source.to_path_buf(),
                 names: created.join(", "),
-            });
+            }
+            .into());
         }
         Ok(Self {
             unet,
@@ -402,11 +307,9 @@ impl TrainableUNet {
             .map(|(_, t)| t.device().clone())
             .unwrap_or(Device::Cpu);
         let vb = VarBuilder::from_tensors(map, DType::F32, &device);
-        UNet2DConditionModel::load(vb, &self.config).map_err(|source| TrainError::Build {
-            folder: PathBuf::from("(trained weights)"),
-            component: "UNet",
-            source,
-        })
+        let unet = UNet2DConditionModel::load(vb, &self.config)
+            .map_err(build_error(PathBuf::from("(trained weights)"), "UNet"))?;
+        Ok(unet)
     }
 
     /// Makes the base weights frozen (for LoRA training): the network is rebuilt over plain
@@ -417,6 +320,12 @@ impl TrainableUNet {
         Ok(())
     }
 }
+
+/// The class whose noise schedule training uses (`DDPMScheduler.from_pretrained`).
+const NOISE_SCHEDULER_CLASS: &str = "DDPMScheduler";
+/// What training accepts as `prediction_type`.
+const TRAINABLE_PREDICTION_TYPES: &str =
+    "training supports \"epsilon\" and \"v_prediction\" (as train_instruct_pix2pix.py)";
 
 /// How to load the models for training.
 #[derive(Debug, Clone)]
@@ -458,7 +367,7 @@ pub struct TrainingModels {
     pub unet: TrainableUNet,
     /// `DDPMScheduler.from_pretrained(folder, subfolder="scheduler")`'s ᾱ.
     pub noise_schedule: NoiseSchedule,
-    /// The loss target.
+    /// The loss target: ε or v (loading refuses a model that predicts the sample).
     pub prediction_type: PredictionType,
     /// The text embedding of `""` [1, 77, width], for conditioning dropout (f32).
     pub null_text_embedding: Tensor,
@@ -470,64 +379,36 @@ impl TrainingModels {
     /// Loads a pipeline folder in diffusers' layout (an InstructPix2Pix model, or a plain Stable
     /// Diffusion one whose conv_in grows to 8 channels).
     pub fn load(folder: &Path, options: &TrainLoadOptions) -> Result<Self, TrainError> {
-        for component in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
-            if !folder.join(component).is_dir() {
-                return Err(TrainError::MissingComponent {
-                    folder: folder.to_path_buf(),
-                    component,
-                });
-            }
-        }
+        let pipeline = PipelineFolder::open(folder, options.variant)?;
         let device = &options.device;
         let scheduler_path = folder.join("scheduler").join("scheduler_config.json");
         let scheduler_config = SchedulerConfig::from_file(&scheduler_path)?;
         let noise_schedule = NoiseSchedule::from_config(&scheduler_config)?;
-        let prediction_type = match scheduler_config.prediction_type.as_str() {
-            "epsilon" => PredictionType::Epsilon,
-            "v_prediction" => PredictionType::VPrediction,
-            other => {
-                return Err(TrainError::BadConfig {
-                    path: scheduler_path,
-                    reason: format!(
-                        "prediction_type {other:?}: training supports \"epsilon\" and \"v_prediction\" (as train_instruct_pix2pix.py)"
-                    ),
-                });
-            }
-        };
-        let tokenizer = ClipTokenizer::from_dir(&folder.join("tokenizer"))?;
-
-        let text_dir = folder.join("text_encoder");
-        let clip_config: ClipTextConfig = read_json(&text_dir.join("config.json"))?;
-        let files = component_weights(&text_dir, TRANSFORMERS_WEIGHTS, options.variant)?;
-        let vb = var_builder(&files, options.frozen_dtype, device)?;
-        let text_encoder =
-            ClipTextModel::load(vb, &clip_config).map_err(|source| TrainError::Build {
-                folder: text_dir.clone(),
-                component: "text encoder",
-                source,
-            })?;
-
-        let vae_dir = folder.join("vae");
-        let vae_config: VaeConfig = read_json(&vae_dir.join("config.json"))?;
-        let files = component_weights(&vae_dir, DIFFUSERS_WEIGHTS, options.variant)?;
-        let vb = var_builder(&files, options.frozen_dtype, device)?;
-        let vae = AutoencoderKL::load(vb, &vae_config).map_err(|source| TrainError::Build {
-            folder: vae_dir.clone(),
-            component: "VAE",
-            source,
-        })?;
-        if vae_config.latent_channels * 2 != INSTRUCT_PIX2PIX_IN_CHANNELS {
-            return Err(TrainError::BadConfig {
-                path: vae_dir.join("config.json"),
-                reason: format!(
-                    "latent_channels {}: InstructPix2Pix training needs 4",
-                    vae_config.latent_channels
-                ),
-            });
-        }
-
-        let unet =
-            TrainableUNet::load(&folder.join("unet"), options.variant, device, options.seed)?;
+        let prediction_type =
+            match PredictionType::parse(&scheduler_config.prediction_type, NOISE_SCHEDULER_CLASS) {
+                Ok(trainable @ (PredictionType::Epsilon | PredictionType::VPrediction)) => {
+                    trainable
+                }
+                Ok(PredictionType::Sample) | Err(_) => {
+                    return Err(LoadError::BadConfig {
+                        path: scheduler_path,
+                        reason: format!(
+                            "prediction_type {:?}: {TRAINABLE_PREDICTION_TYPES}",
+                            scheduler_config.prediction_type
+                        ),
+                    }
+                    .into());
+                }
+            };
+        let tokenizer = pipeline.tokenizer()?;
+        let text_encoder = pipeline.text_encoder(options.frozen_dtype, device)?;
+        let vae = pipeline.vae(options.frozen_dtype, device)?;
+        let unet = TrainableUNet::from_tensors(
+            pipeline.unet_weights(DType::F32, device)?,
+            pipeline.unet_config.clone(),
+            &pipeline.path.join("unet"),
+            options.seed,
+        )?;
         let null_ids = Tensor::new(tokenizer.encode_for_model("").as_slice(), device)
             .and_then(|t| t.unsqueeze(0))
             .stage("tokenizing the empty prompt")?;
@@ -710,6 +591,13 @@ impl TrainingModels {
                 .noise_schedule
                 .velocity(&latents, &noise, &draws.timesteps)
                 .stage("v-prediction target")?,
+            PredictionType::Sample => {
+                return Err(TrainError::BadSetting {
+                    setting: "prediction_type",
+                    value: "sample".into(),
+                    reason: TRAINABLE_PREDICTION_TYPES,
+                });
+            }
         };
         let timesteps: Vec<f32> = draws.timesteps.iter().map(|&t| t as f32).collect();
         let timesteps = Tensor::from_vec(timesteps, bsz, &self.device).stage("timesteps")?;

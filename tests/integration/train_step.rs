@@ -652,3 +652,37 @@ fn ema_decay_equals_diffusers() {
         }
     }
 }
+
+/// Training loads a folder with the editor's loader (same folder checks) and refuses what
+/// train_instruct_pix2pix.py cannot train, naming the file.
+#[test]
+fn loading_refuses_a_sample_predicting_model_and_a_missing_component() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    common::copy_dir(&common::fixture_pipeline("sd1-tiny"), &model);
+    let load_error = |model: &std::path::Path| {
+        TrainingModels::load(model, &TrainLoadOptions::default())
+            .err()
+            .expect("the model must be refused")
+            .to_string()
+    };
+
+    let scheduler_config = model.join("scheduler").join("scheduler_config.json");
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(&scheduler_config).unwrap()).unwrap();
+    config["prediction_type"] = "sample".into();
+    std::fs::write(&scheduler_config, config.to_string()).unwrap();
+    let error = load_error(&model);
+    assert!(
+        error.contains("scheduler_config.json")
+            && error.contains("prediction_type \"sample\": training supports"),
+        "{error}"
+    );
+
+    std::fs::remove_dir_all(model.join("tokenizer")).unwrap();
+    let error = load_error(&model);
+    assert!(
+        error.contains("missing the `tokenizer` component folder"),
+        "{error}"
+    );
+}

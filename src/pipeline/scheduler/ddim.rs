@@ -3,22 +3,22 @@
 
 use candle_core::Tensor;
 
+use super::common::{Schedule, SchedulerCore, StepInput, StepOutput, schedule_field_access};
 use super::schedule::{
-    Spacing, alphas_cumprod, check_num_steps, check_step_index, div_scalar, leading, mul_scalar,
-    numpy_linspace, round_half_even, to_f32, trailing,
+    Spacing, alphas_cumprod, check_num_steps, div_scalar, leading, mul_scalar, numpy_linspace,
+    predicted_original, round_half_even, trailing,
 };
-use super::{
-    NoiseSource, PredictionType, Scheduler, SchedulerConfig, SchedulerError, reject_if_true,
-};
+use super::{PredictionType, SchedulerConfig, SchedulerError, reject_if_true};
 
 const CLASS: &str = "DDIMScheduler";
 
-/// The integer timesteps of DDIM's and DDPM's `set_timesteps` (they share the code).
+/// The integer timesteps of DDIM's and DDPM's `set_timesteps` (they share the code), as the
+/// floats [`super::Scheduler::timesteps`] gives.
 pub(crate) fn integer_timesteps(
     config: &SchedulerConfig,
     class: &'static str,
     num_inference_steps: usize,
-) -> Result<Vec<i64>, SchedulerError> {
+) -> Result<Vec<f64>, SchedulerError> {
     let train = config.num_train_timesteps;
     if num_inference_steps > train {
         return Err(SchedulerError::InvalidValue {
@@ -28,7 +28,7 @@ pub(crate) fn integer_timesteps(
         });
     }
     let spacing = Spacing::resolve(config, class, Spacing::Leading)?;
-    Ok(match spacing {
+    let timesteps: Vec<i64> = match spacing {
         Spacing::Linspace => numpy_linspace(0.0, (train - 1) as f64, num_inference_steps)
             .into_iter()
             .rev()
@@ -42,7 +42,16 @@ pub(crate) fn integer_timesteps(
             .into_iter()
             .map(|t| t as i64)
             .collect(),
-    })
+    };
+    Ok(timesteps.into_iter().map(|t| t as f64).collect())
+}
+
+/// DDIM's and DDPM's `clip_sample`: the range predicted x0 is clamped to, None for no clamping.
+pub(crate) fn clip_sample_range(config: &SchedulerConfig) -> Option<f32> {
+    config
+        .clip_sample
+        .unwrap_or(true)
+        .then(|| config.clip_sample_range.unwrap_or(1.0) as f32)
 }
 
 /// `alphas_cumprod[t]`, rejecting timesteps outside the table (a `steps_offset` too large).
@@ -65,52 +74,32 @@ fn predict(
     sample: &Tensor,
     alpha_prod_t: f32,
 ) -> candle_core::Result<(Tensor, Tensor)> {
-    let beta_prod_t = 1.0 - alpha_prod_t;
-    Ok(match prediction_type {
-        PredictionType::Epsilon => {
-            let x0 = div_scalar(
-                &(sample - mul_scalar(output, beta_prod_t.sqrt())?)?,
-                alpha_prod_t.sqrt(),
-            )?;
-            (x0, output.clone())
-        }
-        PredictionType::Sample => {
-            let eps = div_scalar(
-                &(sample - mul_scalar(output, alpha_prod_t.sqrt())?)?,
-                beta_prod_t.sqrt(),
-            )?;
-            (output.clone(), eps)
-        }
+    let (alpha_t, sigma_t) = (alpha_prod_t.sqrt(), (1.0 - alpha_prod_t).sqrt());
+    let x0 = predicted_original(prediction_type, output, sample, alpha_t, sigma_t)?;
+    let eps = match prediction_type {
+        PredictionType::Epsilon => output.clone(),
+        PredictionType::Sample => div_scalar(&(sample - mul_scalar(output, alpha_t)?)?, sigma_t)?,
         PredictionType::VPrediction => {
-            let x0 = (mul_scalar(sample, alpha_prod_t.sqrt())?
-                - mul_scalar(output, beta_prod_t.sqrt())?)?;
-            let eps = (mul_scalar(output, alpha_prod_t.sqrt())?
-                + mul_scalar(sample, beta_prod_t.sqrt())?)?;
-            (x0, eps)
+            (mul_scalar(output, alpha_t)? + mul_scalar(sample, sigma_t)?)?
         }
-    })
+    };
+    Ok((x0, eps))
 }
 
 /// DDIM sampling (eta = 0), after `set_timesteps(num_inference_steps)`.
 #[derive(Debug, Clone)]
 pub struct DdimScheduler {
-    timesteps_i64: Vec<i64>,
-    timesteps: Vec<f64>,
+    schedule: Schedule,
     alphas_cumprod: Vec<f32>,
     final_alpha_cumprod: f32,
     step_ratio: i64,
     clip_sample: Option<f32>,
-    prediction_type: PredictionType,
-    pred_original_sample: Option<Tensor>,
 }
 
 impl DdimScheduler {
-    /// Builds the schedule for `num_inference_steps` steps from a (possibly other class's) config.
-    pub fn new(
-        config: &SchedulerConfig,
-        num_inference_steps: usize,
-    ) -> Result<Self, SchedulerError> {
-        check_num_steps(num_inference_steps)?;
+    /// Builds the schedule of `num_steps` inference steps from a (possibly other class's) config.
+    pub fn new(config: &SchedulerConfig, num_steps: usize) -> Result<Self, SchedulerError> {
+        check_num_steps(num_steps)?;
         let prediction_type = PredictionType::parse(&config.prediction_type, CLASS)?;
         reject_if_true(config.thresholding, CLASS, "thresholding")?;
         let alphas_cumprod = alphas_cumprod(config, CLASS, false)?;
@@ -119,47 +108,23 @@ impl DdimScheduler {
         } else {
             alphas_cumprod[0]
         };
-        let timesteps_i64 = integer_timesteps(config, CLASS, num_inference_steps)?;
-        let clip_sample = config
-            .clip_sample
-            .unwrap_or(true)
-            .then(|| config.clip_sample_range.unwrap_or(1.0) as f32);
+        let timesteps = integer_timesteps(config, CLASS, num_steps)?;
         Ok(Self {
-            timesteps: timesteps_i64.iter().map(|&t| t as f64).collect(),
-            timesteps_i64,
+            schedule: Schedule::new(timesteps, prediction_type),
             alphas_cumprod,
             final_alpha_cumprod,
-            step_ratio: (config.num_train_timesteps / num_inference_steps) as i64,
-            clip_sample,
-            prediction_type,
-            pred_original_sample: None,
+            step_ratio: (config.num_train_timesteps / num_steps) as i64,
+            clip_sample: clip_sample_range(config),
         })
     }
 }
 
-impl Scheduler for DdimScheduler {
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
+impl SchedulerCore for DdimScheduler {
+    schedule_field_access!();
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> candle_core::Result<Tensor> {
-        check_step_index(step_index, self.timesteps.len())?;
-        Ok(sample.clone())
-    }
-
-    fn step(
-        &mut self,
-        model_output: &Tensor,
-        step_index: usize,
-        sample: &Tensor,
-        _noise: &mut dyn NoiseSource,
-    ) -> candle_core::Result<Tensor> {
-        check_step_index(step_index, self.timesteps.len())?;
-        let timestep = self.timesteps_i64[step_index];
+    fn step_f32(&mut self, input: StepInput<'_>) -> candle_core::Result<StepOutput> {
+        let (step_index, output, sample) = (input.step_index, &input.output, &input.sample);
+        let timestep = self.schedule.timesteps[step_index] as i64;
         // diffusers uses num_train_timesteps // num_inference_steps whatever the spacing.
         let prev_timestep = timestep - self.step_ratio;
         let alpha_prod_t = alpha_at(&self.alphas_cumprod, timestep)?;
@@ -168,10 +133,8 @@ impl Scheduler for DdimScheduler {
         } else {
             self.final_alpha_cumprod
         };
-        let sample = to_f32(sample)?;
-        let output = to_f32(model_output)?;
         let (mut pred_original_sample, pred_epsilon) =
-            predict(self.prediction_type, &output, &sample, alpha_prod_t)?;
+            predict(self.schedule.prediction_type, output, sample, alpha_prod_t)?;
         if let Some(range) = self.clip_sample {
             pred_original_sample = pred_original_sample.clamp(-range, range)?;
         }
@@ -184,15 +147,9 @@ impl Scheduler for DdimScheduler {
         let pred_sample_direction = mul_scalar(&pred_epsilon, direction_coeff)?;
         let prev_sample =
             (mul_scalar(&pred_original_sample, alpha_prod_t_prev.sqrt())? + pred_sample_direction)?;
-        self.pred_original_sample = Some(pred_original_sample);
-        prev_sample.to_dtype(model_output.dtype())
-    }
-
-    fn pred_original_sample(&self) -> Option<&Tensor> {
-        self.pred_original_sample.as_ref()
-    }
-
-    fn prediction_type(&self) -> PredictionType {
-        self.prediction_type
+        Ok(StepOutput {
+            prev_sample,
+            pred_original_sample,
+        })
     }
 }

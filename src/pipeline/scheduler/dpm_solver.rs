@@ -4,14 +4,15 @@
 
 use candle_core::Tensor;
 
+use super::common::{Schedule, SchedulerCore, StepInput, StepOutput, schedule_field_access};
 use super::euler::final_sigma;
 use super::schedule::{
-    Spacing, alphas_cumprod, check_num_steps, check_step_index, div_scalar, karras_sigmas, leading,
-    mul_scalar, numpy_interp_on_index_grid, numpy_linspace, round_half_even, sigma_to_t, to_f32,
+    Spacing, alphas_cumprod, check_num_steps, karras_sigmas, leading, mul_scalar,
+    numpy_interp_on_index_grid, numpy_linspace, predicted_original, round_half_even, sigma_to_t,
     trailing, train_sigmas,
 };
 use super::{
-    NoiseSource, PredictionType, Scheduler, SchedulerConfig, SchedulerError, reject_if_true,
+    PredictionType, SchedulerConfig, SchedulerError, reject_if_true, reject_unimplemented_sigmas,
 };
 
 const CLASS: &str = "DPMSolverMultistepScheduler";
@@ -36,10 +37,7 @@ fn lambda(alpha_t: f32, sigma_t: f32) -> f32 {
 /// DPM-Solver++ multistep sampling, after `set_timesteps(num_inference_steps)`.
 #[derive(Debug, Clone)]
 pub struct DpmSolverMultistepScheduler {
-    timesteps: Vec<f64>,
-    /// One per timestep plus the final sigma (float32, as diffusers stores them).
-    sigmas: Vec<f32>,
-    prediction_type: PredictionType,
+    schedule: Schedule,
     solver_order: usize,
     solver_type: SolverType,
     lower_order_final: bool,
@@ -53,22 +51,15 @@ pub struct DpmSolverMultistepScheduler {
 }
 
 impl DpmSolverMultistepScheduler {
-    /// Builds the schedule for `num_inference_steps` steps from a (possibly other class's) config.
-    pub fn new(
-        config: &SchedulerConfig,
-        num_inference_steps: usize,
-    ) -> Result<Self, SchedulerError> {
-        check_num_steps(num_inference_steps)?;
+    /// Builds the schedule of `num_steps` inference steps from a (possibly other class's) config.
+    pub fn new(config: &SchedulerConfig, num_steps: usize) -> Result<Self, SchedulerError> {
+        check_num_steps(num_steps)?;
         let prediction_type = PredictionType::parse(&config.prediction_type, CLASS)?;
         match config.algorithm_type.as_deref() {
             // diffusers maps "deis" to dpmsolver++.
             None | Some("dpmsolver++") | Some("deis") => {}
             Some(other) => {
-                return Err(SchedulerError::Unsupported {
-                    class: CLASS,
-                    option: "algorithm_type",
-                    value: other.to_owned(),
-                });
+                return Err(SchedulerError::unsupported(CLASS, "algorithm_type", other));
             }
         }
         let solver_type = match config.solver_type.as_deref() {
@@ -78,37 +69,28 @@ impl DpmSolverMultistepScheduler {
             }
             Some("heun") => SolverType::Heun,
             Some(other) => {
-                return Err(SchedulerError::Unsupported {
-                    class: CLASS,
-                    option: "solver_type",
-                    value: other.to_owned(),
-                });
+                return Err(SchedulerError::unsupported(CLASS, "solver_type", other));
             }
         };
         let solver_order = config.solver_order.unwrap_or(2);
         if !(1..=2).contains(&solver_order) {
-            return Err(SchedulerError::Unsupported {
-                class: CLASS,
-                option: "solver_order",
-                value: solver_order.to_string(),
-            });
+            return Err(SchedulerError::unsupported(
+                CLASS,
+                "solver_order",
+                solver_order,
+            ));
         }
         reject_if_true(config.thresholding, CLASS, "thresholding")?;
-        reject_if_true(
-            config.use_exponential_sigmas,
-            CLASS,
-            "use_exponential_sigmas",
-        )?;
-        reject_if_true(config.use_beta_sigmas, CLASS, "use_beta_sigmas")?;
+        reject_unimplemented_sigmas(config, CLASS)?;
         reject_if_true(config.use_lu_lambdas, CLASS, "use_lu_lambdas")?;
         reject_if_true(config.use_flow_sigmas, CLASS, "use_flow_sigmas")?;
         reject_if_true(config.use_dynamic_shifting, CLASS, "use_dynamic_shifting")?;
         if let Some(variance_type) = &config.variance_type {
-            return Err(SchedulerError::Unsupported {
-                class: CLASS,
-                option: "variance_type",
-                value: variance_type.clone(),
-            });
+            return Err(SchedulerError::unsupported(
+                CLASS,
+                "variance_type",
+                variance_type,
+            ));
         }
 
         let train = config.num_train_timesteps;
@@ -123,7 +105,7 @@ impl DpmSolverMultistepScheduler {
             .count();
         let last_timestep = train - clipped_idx;
         let spacing = Spacing::resolve(config, CLASS, Spacing::Linspace)?;
-        let n = num_inference_steps;
+        let n = num_steps;
         let mut timesteps: Vec<i64> = match spacing {
             Spacing::Linspace => {
                 let mut t: Vec<i64> = numpy_linspace(0.0, last_timestep as f64 - 1.0, n + 1)
@@ -183,9 +165,13 @@ impl DpmSolverMultistepScheduler {
         let last_sigma = final_sigma(config, CLASS, &alphas_cumprod)?;
         sigmas.push(last_sigma);
         Ok(Self {
-            timesteps: timesteps.iter().map(|&t| t as f64).collect(),
-            sigmas,
-            prediction_type,
+            schedule: Schedule {
+                sigmas,
+                ..Schedule::new(
+                    timesteps.iter().map(|&t| t as f64).collect(),
+                    prediction_type,
+                )
+            },
             solver_order,
             solver_type,
             lower_order_final: config.lower_order_final.unwrap_or(true),
@@ -204,16 +190,14 @@ impl DpmSolverMultistepScheduler {
         sample: &Tensor,
         step_index: usize,
     ) -> candle_core::Result<Tensor> {
-        let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[step_index]);
-        match self.prediction_type {
-            PredictionType::Epsilon => {
-                div_scalar(&(sample - mul_scalar(output, sigma_t)?)?, alpha_t)
-            }
-            PredictionType::Sample => Ok(output.clone()),
-            PredictionType::VPrediction => {
-                mul_scalar(sample, alpha_t)? - mul_scalar(output, sigma_t)?
-            }
-        }
+        let (alpha_t, sigma_t) = alpha_sigma(self.schedule.sigmas[step_index]);
+        predicted_original(
+            self.schedule.prediction_type,
+            output,
+            sample,
+            alpha_t,
+            sigma_t,
+        )
     }
 
     fn first_order_update(
@@ -222,8 +206,8 @@ impl DpmSolverMultistepScheduler {
         sample: &Tensor,
         step_index: usize,
     ) -> candle_core::Result<Tensor> {
-        let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[step_index + 1]);
-        let (alpha_s, sigma_s) = alpha_sigma(self.sigmas[step_index]);
+        let (alpha_t, sigma_t) = alpha_sigma(self.schedule.sigmas[step_index + 1]);
+        let (alpha_s, sigma_s) = alpha_sigma(self.schedule.sigmas[step_index]);
         let h = lambda(alpha_t, sigma_t) - lambda(alpha_s, sigma_s);
         let sample_coeff = sigma_t / sigma_s;
         let x0_coeff = alpha_t * ((-h).exp() - 1.0);
@@ -237,9 +221,9 @@ impl DpmSolverMultistepScheduler {
         sample: &Tensor,
         step_index: usize,
     ) -> candle_core::Result<Tensor> {
-        let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[step_index + 1]);
-        let (alpha_s0, sigma_s0) = alpha_sigma(self.sigmas[step_index]);
-        let (alpha_s1, sigma_s1) = alpha_sigma(self.sigmas[step_index - 1]);
+        let (alpha_t, sigma_t) = alpha_sigma(self.schedule.sigmas[step_index + 1]);
+        let (alpha_s0, sigma_s0) = alpha_sigma(self.schedule.sigmas[step_index]);
+        let (alpha_s1, sigma_s1) = alpha_sigma(self.schedule.sigmas[step_index - 1]);
         let lambda_t = lambda(alpha_t, sigma_t);
         let lambda_s0 = lambda(alpha_s0, sigma_s0);
         let lambda_s1 = lambda(alpha_s1, sigma_s1);
@@ -256,29 +240,12 @@ impl DpmSolverMultistepScheduler {
     }
 }
 
-impl Scheduler for DpmSolverMultistepScheduler {
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
+impl SchedulerCore for DpmSolverMultistepScheduler {
+    schedule_field_access!();
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> candle_core::Result<Tensor> {
-        check_step_index(step_index, self.timesteps.len())?;
-        Ok(sample.clone())
-    }
-
-    fn step(
-        &mut self,
-        model_output: &Tensor,
-        step_index: usize,
-        sample: &Tensor,
-        _noise: &mut dyn NoiseSource,
-    ) -> candle_core::Result<Tensor> {
-        let len = self.timesteps.len();
-        check_step_index(step_index, len)?;
+    fn step_f32(&mut self, input: StepInput<'_>) -> candle_core::Result<StepOutput> {
+        let (step_index, output, sample) = (input.step_index, &input.output, &input.sample);
+        let len = self.schedule.timesteps.len();
         if step_index != self.next_step_index {
             candle_core::bail!(
                 "{CLASS} is multistep: expected step {} next, got {step_index}",
@@ -289,9 +256,7 @@ impl Scheduler for DpmSolverMultistepScheduler {
             && (self.euler_at_final
                 || (self.lower_order_final && len < 15)
                 || self.final_sigma_is_zero);
-        let sample = to_f32(sample)?;
-        let output = to_f32(model_output)?;
-        let x0 = self.convert_model_output(&output, &sample, step_index)?;
+        let x0 = self.convert_model_output(output, sample, step_index)?;
         if self.model_outputs.len() == self.solver_order {
             self.model_outputs.remove(0);
         }
@@ -299,29 +264,20 @@ impl Scheduler for DpmSolverMultistepScheduler {
 
         let prev_sample =
             if self.solver_order == 1 || self.lower_order_nums < 1 || lower_order_final {
-                self.first_order_update(&x0, &sample, step_index)?
+                self.first_order_update(&x0, sample, step_index)?
             } else {
                 // solver_order == 2 (higher orders are rejected in `new`), so diffusers'
                 // `lower_order_second` (a third-order fallback) never changes the branch.
                 let m1 = &self.model_outputs[self.model_outputs.len() - 2];
-                self.second_order_update(&x0, m1, &sample, step_index)?
+                self.second_order_update(&x0, m1, sample, step_index)?
             };
         if self.lower_order_nums < self.solver_order {
             self.lower_order_nums += 1;
         }
         self.next_step_index = step_index + 1;
-        prev_sample.to_dtype(model_output.dtype())
-    }
-
-    fn pred_original_sample(&self) -> Option<&Tensor> {
-        self.model_outputs.last()
-    }
-
-    fn prediction_type(&self) -> PredictionType {
-        self.prediction_type
-    }
-
-    fn sigmas(&self) -> Option<&[f32]> {
-        Some(&self.sigmas)
+        Ok(StepOutput {
+            prev_sample,
+            pred_original_sample: x0,
+        })
     }
 }

@@ -9,6 +9,7 @@
 //! but this module does not implement are rejected with [`SchedulerError::Unsupported`] instead of
 //! being ignored.
 
+mod common;
 mod config;
 mod ddim;
 mod ddpm;
@@ -23,6 +24,9 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use candle_core::Tensor;
+
+use common::{SchedulerCore, StepInput, StepOutput};
+use schedule::{check_step_index, euler_scale_model_input};
 
 pub use config::SchedulerConfig;
 pub use ddim::DdimScheduler;
@@ -68,6 +72,21 @@ pub enum SchedulerError {
     },
 }
 
+impl SchedulerError {
+    /// `class` does not implement `option` = `value`.
+    pub(crate) fn unsupported(
+        class: &'static str,
+        option: &'static str,
+        value: impl ToString,
+    ) -> Self {
+        Self::Unsupported {
+            class,
+            option,
+            value: value.to_string(),
+        }
+    }
+}
+
 /// What the model predicts, from `prediction_type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PredictionType {
@@ -85,11 +104,7 @@ impl PredictionType {
             "epsilon" => Ok(Self::Epsilon),
             "v_prediction" => Ok(Self::VPrediction),
             "sample" => Ok(Self::Sample),
-            other => Err(SchedulerError::Unsupported {
-                class,
-                option: "prediction_type",
-                value: other.to_owned(),
-            }),
+            other => Err(SchedulerError::unsupported(class, "prediction_type", other)),
         }
     }
 }
@@ -186,14 +201,31 @@ pub trait NoiseSource {
     fn standard_normal(&mut self, shape: &[usize]) -> Vec<f32>;
 }
 
-/// One configured inference schedule (diffusers' scheduler after `set_timesteps`).
-pub trait Scheduler: Send {
+/// One configured inference schedule (diffusers' scheduler after `set_timesteps`). The five
+/// schedulers of this module implement it by their step alone; the other methods read the
+/// schedule they share.
+pub trait Scheduler: Send + SchedulerCore {
     /// As diffusers' `scheduler.timesteps` (floats for the Euler schedulers, integers otherwise).
-    fn timesteps(&self) -> &[f64];
+    fn timesteps(&self) -> &[f64] {
+        &self.schedule().timesteps
+    }
+
     /// The factor the initial N(0, 1) latents are multiplied by.
-    fn init_noise_sigma(&self) -> f64;
+    fn init_noise_sigma(&self) -> f64 {
+        self.schedule().init_noise_sigma
+    }
+
     /// `scale_model_input` for step `step_index` (0-based position in `timesteps()`).
-    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> candle_core::Result<Tensor>;
+    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> candle_core::Result<Tensor> {
+        let schedule = self.schedule();
+        check_step_index(step_index, schedule.timesteps.len())?;
+        if schedule.scales_model_input {
+            euler_scale_model_input(sample, schedule.sigmas[step_index])
+        } else {
+            Ok(sample.clone())
+        }
+    }
+
     /// One step; `noise` is used only by stochastic schedulers, drawing exactly what diffusers
     /// draws (same shape, same order) so a torch-compatible [`NoiseSource`] reproduces diffusers.
     /// The result has `model_output`'s dtype; the arithmetic is float32.
@@ -203,17 +235,35 @@ pub trait Scheduler: Send {
         step_index: usize,
         sample: &Tensor,
         noise: &mut dyn NoiseSource,
-    ) -> candle_core::Result<Tensor>;
+    ) -> candle_core::Result<Tensor> {
+        check_step_index(step_index, self.timesteps().len())?;
+        let StepOutput {
+            prev_sample,
+            pred_original_sample,
+        } = self.step_f32(StepInput::new(model_output, step_index, sample, noise)?)?;
+        self.schedule_mut().pred_original_sample = Some(pred_original_sample);
+        prev_sample.to_dtype(model_output.dtype())
+    }
+
     /// The predicted x0 of the last step, for previews (None before the first step).
-    fn pred_original_sample(&self) -> Option<&Tensor>;
+    fn pred_original_sample(&self) -> Option<&Tensor> {
+        self.schedule().pred_original_sample.as_ref()
+    }
+
     /// What the model is expected to predict.
-    fn prediction_type(&self) -> PredictionType;
+    fn prediction_type(&self) -> PredictionType {
+        self.schedule().prediction_type
+    }
+
     /// The sigmas (one per timestep plus the final one) of the sigma-based schedulers (Euler,
     /// Euler ancestral, DPM-Solver), float32 as diffusers stores them; None for DDIM and DDPM.
     fn sigmas(&self) -> Option<&[f32]> {
-        None
+        let sigmas = &self.schedule().sigmas;
+        (!sigmas.is_empty()).then_some(sigmas.as_slice())
     }
 }
+
+impl<T: SchedulerCore + Send> Scheduler for T {}
 
 /// Builds the scheduler for an edit: `kind` None = the config's own class; Some = convert as
 /// diffusers' `XScheduler.from_config(pipe.scheduler.config)` does (keeps betas,
@@ -228,10 +278,12 @@ pub fn build_scheduler(
         None => SchedulerKind::ALL
             .into_iter()
             .find(|k| k.class_name() == config.class_name)
-            .ok_or_else(|| SchedulerError::Unsupported {
-                class: "scheduler_config.json",
-                option: "_class_name",
-                value: config.class_name.clone(),
+            .ok_or_else(|| {
+                SchedulerError::unsupported(
+                    "scheduler_config.json",
+                    "_class_name",
+                    &config.class_name,
+                )
             })?,
     };
     Ok(match kind {
@@ -256,13 +308,23 @@ pub(crate) fn reject_if_true(
     option: &'static str,
 ) -> Result<(), SchedulerError> {
     if value == Some(true) {
-        return Err(SchedulerError::Unsupported {
-            class,
-            option,
-            value: "true".to_owned(),
-        });
+        return Err(SchedulerError::unsupported(class, option, "true"));
     }
     Ok(())
+}
+
+/// Rejects the sigma options that the Euler and DPM-Solver schedulers take and this module does
+/// not implement.
+pub(crate) fn reject_unimplemented_sigmas(
+    config: &SchedulerConfig,
+    class: &'static str,
+) -> Result<(), SchedulerError> {
+    reject_if_true(
+        config.use_exponential_sigmas,
+        class,
+        "use_exponential_sigmas",
+    )?;
+    reject_if_true(config.use_beta_sigmas, class, "use_beta_sigmas")
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! The numbers every scheduler starts from (betas, cumulative alpha products, timestep spacings,
 //! sigma interpolation, Karras sigmas), computed with the same dtypes and the same rounding as
-//! diffusers' torch/numpy code, plus the few tensor operations the steps are written with.
+//! diffusers' torch/numpy code, plus the few tensor operations the steps are written with and the predicted-x0 and
+//! Euler-update formulas more than one scheduler steps with.
 //!
 //! diffusers builds betas in float32 torch, then works in float64 numpy for the inference
 //! timesteps/sigmas and stores them as float32; each helper here notes which one it mirrors.
@@ -9,8 +10,8 @@ use candle_core::{DType, Tensor};
 
 type Result<T, E = candle_core::Error> = std::result::Result<T, E>;
 
-use super::SchedulerError;
 use super::config::SchedulerConfig;
+use super::{PredictionType, SchedulerError};
 
 /// `torch.linspace(start, end, steps, dtype=torch.float32)` on CPU: the ends are rounded to f32,
 /// the step is an f32 division, and the elements are `start + step*i` for the first half and
@@ -132,11 +133,7 @@ pub(crate) fn betas(
             }
             "squaredcos_cap_v2" => betas_for_cosine_alpha_bar(n),
             other => {
-                return Err(SchedulerError::Unsupported {
-                    class,
-                    option: "beta_schedule",
-                    value: other.to_owned(),
-                });
+                return Err(SchedulerError::unsupported(class, "beta_schedule", other));
             }
         }
     };
@@ -246,11 +243,11 @@ impl Spacing {
             Some("linspace") => Ok(Spacing::Linspace),
             Some("leading") => Ok(Spacing::Leading),
             Some("trailing") => Ok(Spacing::Trailing),
-            Some(other) => Err(SchedulerError::Unsupported {
+            Some(other) => Err(SchedulerError::unsupported(
                 class,
-                option: "timestep_spacing",
-                value: other.to_owned(),
-            }),
+                "timestep_spacing",
+                other,
+            )),
         }
     }
 }
@@ -343,6 +340,53 @@ pub(crate) fn euler_init_noise_sigma(sigmas: &[f32], spacing: Spacing) -> f32 {
 pub(crate) fn euler_scale_model_input(sample: &Tensor, sigma: f32) -> Result<Tensor> {
     let scaled = div_scalar(&to_f32(sample)?, (sigma * sigma + 1.0).sqrt())?;
     scaled.to_dtype(sample.dtype())
+}
+
+/// The predicted x0 (float32) from the model output at a timestep with `alpha_t = sqrt(ᾱ)` and
+/// `sigma_t = sqrt(1 − ᾱ)`, as DDIM, DDPM and DPM-Solver++ compute it.
+pub(crate) fn predicted_original(
+    prediction_type: PredictionType,
+    output: &Tensor,
+    sample: &Tensor,
+    alpha_t: f32,
+    sigma_t: f32,
+) -> Result<Tensor> {
+    match prediction_type {
+        PredictionType::Epsilon => div_scalar(&(sample - mul_scalar(output, sigma_t)?)?, alpha_t),
+        PredictionType::Sample => Ok(output.clone()),
+        PredictionType::VPrediction => mul_scalar(sample, alpha_t)? - mul_scalar(output, sigma_t)?,
+    }
+}
+
+/// The predicted x0 (float32) from the model output at noise level `sigma`, as the Euler
+/// schedulers compute it (their samples are x0 + σ·ε).
+pub(crate) fn euler_predicted_original(
+    prediction_type: PredictionType,
+    output: &Tensor,
+    sample: &Tensor,
+    sigma: f32,
+) -> Result<Tensor> {
+    match prediction_type {
+        PredictionType::Sample => Ok(output.clone()),
+        PredictionType::Epsilon => sample - mul_scalar(output, sigma)?,
+        PredictionType::VPrediction => {
+            let sigma_sq_plus_one = sigma * sigma + 1.0;
+            let output_coeff = -sigma / sigma_sq_plus_one.sqrt();
+            mul_scalar(output, output_coeff)? + div_scalar(sample, sigma_sq_plus_one)?
+        }
+    }
+}
+
+/// The Euler schedulers' move from noise level `sigma` to `sigma_to` along the derivative
+/// `(sample − x0) / sigma` (float32).
+pub(crate) fn euler_update(
+    sample: &Tensor,
+    pred_original_sample: &Tensor,
+    sigma: f32,
+    sigma_to: f32,
+) -> Result<Tensor> {
+    let derivative = div_scalar(&(sample - pred_original_sample)?, sigma)?;
+    sample + mul_scalar(&derivative, sigma_to - sigma)?
 }
 
 /// `tensor * s` with `s` an f32 (one rounding per element, as torch's scalar multiply).
