@@ -16,8 +16,8 @@ use crate::pipeline::image::{edit_size, load_image, resize_lanczos, save_image, 
 use crate::pipeline::metadata::EditRecord;
 use crate::pipeline::scheduler::SchedulerKind;
 use crate::pipeline::settings::{
-    DEFAULT_GUIDANCE_SCALE, DEFAULT_IMAGE_GUIDANCE_SCALE, DEFAULT_STEPS, EditSettings,
-    InitialLatents, MAX_STEPS, check_guidance,
+    DEFAULT_GUIDANCE_SCALE, DEFAULT_IMAGE_GUIDANCE_SCALE, DEFAULT_MAX_SIDE, DEFAULT_STEPS,
+    EditSettings, InitialLatents, MAX_STEPS, check_guidance,
 };
 
 #[derive(Debug, Args)]
@@ -56,7 +56,7 @@ pub struct EditArgs {
     #[arg(long, value_name = "NAME")]
     pub scheduler: Option<SchedulerKind>,
     /// The long side is scaled down to at most this many pixels (never up).
-    #[arg(long, value_name = "PX", default_value_t = 512, value_parser = clap::value_parser!(u32).range(8..=8192))]
+    #[arg(long, value_name = "PX", default_value_t = DEFAULT_MAX_SIDE, value_parser = clap::value_parser!(u32).range(8..=8192))]
     pub resolution: u32,
     /// How many variations to make, from consecutive seeds.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
@@ -66,10 +66,10 @@ pub struct EditArgs {
     #[arg(long, value_name = "FILE.npy")]
     pub latents: Option<PathBuf>,
     /// auto, cpu, cuda, cuda:N or metal.
-    #[arg(long, value_name = "DEVICE", default_value = "auto")]
+    #[arg(long, value_name = "DEVICE", default_value_t = DeviceChoice::default())]
     pub device: DeviceChoice,
     /// f32, f16 (picks the model's fp16 weights when it has them) or bf16.
-    #[arg(long, value_name = "DTYPE", default_value = "f32")]
+    #[arg(long, value_name = "DTYPE", default_value_t = DTypeChoice::default())]
     pub dtype: DTypeChoice,
     /// No progress bars.
     #[arg(long, short)]

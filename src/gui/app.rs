@@ -17,8 +17,8 @@ use image::RgbImage;
 
 use crate::worker::catalog::{CatalogEntry, model_at_hand};
 use crate::worker::{
-    self, EditJob, EditRecord, EditResult, EditSettings, Event, HubSettings, Job, JobId,
-    ModelInfo, ModelRequest, StepProgress, Worker, WorkerHandle, edit_size,
+    self, EditJob, EditRecord, EditResult, EditSettings, Event, HubSettings, Job, JobId, ModelInfo,
+    ModelRequest, StepProgress, Worker, WorkerHandle, edit_size,
 };
 
 use super::autopilot::{Autopilot, AutopilotStep, EditorReadiness};

@@ -188,7 +188,12 @@ mod tests {
             let got = running.push(value);
             let mut sorted = all.clone();
             sorted.sort_by(f64::total_cmp);
-            assert_eq!(got, sorted[(sorted.len() - 1) * 99 / 100], "after {} values", i + 1);
+            assert_eq!(
+                got,
+                sorted[(sorted.len() - 1) * 99 / 100],
+                "after {} values",
+                i + 1
+            );
         }
     }
 

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::worker::{
-    DEFAULT_GUIDANCE_SCALE, DEFAULT_IMAGE_GUIDANCE_SCALE, DEFAULT_REPO, DEFAULT_STEPS,
-    DTypeChoice, DeviceChoice, SchedulerKind,
+    DEFAULT_GUIDANCE_SCALE, DEFAULT_IMAGE_GUIDANCE_SCALE, DEFAULT_MAX_SIDE, DEFAULT_REPO,
+    DEFAULT_STEPS, DTypeChoice, DeviceChoice, SchedulerKind,
 };
 
 /// The file name inside the configuration folder.
@@ -61,15 +61,15 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             model: DEFAULT_REPO.to_string(),
-            device: "auto".into(),
-            dtype: "f32".into(),
+            device: DeviceChoice::default().to_string(),
+            dtype: DTypeChoice::default().to_string(),
             guidance_scale: DEFAULT_GUIDANCE_SCALE,
             image_guidance_scale: DEFAULT_IMAGE_GUIDANCE_SCALE,
             steps: DEFAULT_STEPS,
             seed: 42,
             randomize_seed: true,
             scheduler: None,
-            max_side: 512,
+            max_side: DEFAULT_MAX_SIDE,
             negative_prompt: String::new(),
             window_size: None,
             recent_images: Vec::new(),

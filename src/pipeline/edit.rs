@@ -49,7 +49,13 @@ pub enum EditError {
 }
 
 impl From<InvalidSetting> for EditError {
-    fn from(InvalidSetting { name, value, reason }: InvalidSetting) -> Self {
+    fn from(
+        InvalidSetting {
+            name,
+            value,
+            reason,
+        }: InvalidSetting,
+    ) -> Self {
         EditError::InvalidSetting {
             name,
             value,

@@ -10,6 +10,9 @@ pub const DEFAULT_STEPS: usize = 20;
 pub const DEFAULT_GUIDANCE_SCALE: f64 = 7.5;
 /// Image guidance when none is given (diffusers' InstructPix2Pix default).
 pub const DEFAULT_IMAGE_GUIDANCE_SCALE: f64 = 1.5;
+/// The long side an input is scaled down to, at most, when none is given (`--resolution`, the
+/// window's resolution slider): the size Stable Diffusion 1.5 was trained at.
+pub const DEFAULT_MAX_SIDE: u32 = 512;
 
 /// The most steps an edit may take (diffusers' schedulers need at most num_train_timesteps).
 pub const MAX_STEPS: usize = 1000;
@@ -135,7 +138,10 @@ mod tests {
         assert!(check_steps(0).is_err());
         assert!(check_steps(MAX_STEPS + 1).is_err());
         assert_eq!(check_guidance("guidance scale", 0.0), Ok(0.0));
-        assert_eq!(check_guidance("guidance scale", MAX_GUIDANCE), Ok(MAX_GUIDANCE));
+        assert_eq!(
+            check_guidance("guidance scale", MAX_GUIDANCE),
+            Ok(MAX_GUIDANCE)
+        );
         let error = check_guidance("image guidance scale", f64::NAN).unwrap_err();
         assert_eq!(
             error.to_string(),

@@ -56,7 +56,8 @@ pub use crate::pipeline::image::{
 pub use crate::pipeline::metadata::EditRecord;
 pub use crate::pipeline::scheduler::SchedulerKind;
 pub use crate::pipeline::settings::{
-    DEFAULT_GUIDANCE_SCALE, DEFAULT_IMAGE_GUIDANCE_SCALE, DEFAULT_STEPS, EditSettings,
+    DEFAULT_GUIDANCE_SCALE, DEFAULT_IMAGE_GUIDANCE_SCALE, DEFAULT_MAX_SIDE, DEFAULT_STEPS,
+    EditSettings,
 };
 
 use crate::model::device::select_device;
