@@ -17,7 +17,7 @@ use crate::pipeline::{EditPipeline, EditSettings};
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     /// A folder in diffusers' layout or a Hub repo id.
-    #[arg(long, value_name = "DIR|REPO_ID", default_value = super::edit::DEFAULT_MODEL)]
+    #[arg(long, value_name = "DIR|REPO_ID", default_value = crate::model::hub::DEFAULT_REPO)]
     pub model: String,
     /// Side of the square test image, in pixels.
     #[arg(long, value_name = "PX", default_value_t = 256)]

@@ -10,13 +10,15 @@ use clap::Args;
 use super::load::{ModelFlags, load_model};
 use super::progress::Progress;
 use crate::model::device::{DTypeChoice, DeviceChoice};
-use crate::pipeline::image::{edit_size, load_image, resize_lanczos, save_image};
+use crate::model::hub::DEFAULT_REPO;
+use crate::pipeline::EditPipeline;
+use crate::pipeline::image::{edit_size, load_image, resize_lanczos, save_image, writes_format};
 use crate::pipeline::metadata::EditRecord;
 use crate::pipeline::scheduler::SchedulerKind;
-use crate::pipeline::{EditPipeline, EditSettings, InitialLatents};
-
-/// The model used when `--model` is not given.
-pub const DEFAULT_MODEL: &str = "timbrooks/instruct-pix2pix";
+use crate::pipeline::settings::{
+    DEFAULT_GUIDANCE_SCALE, DEFAULT_IMAGE_GUIDANCE_SCALE, DEFAULT_MAX_SIDE, DEFAULT_STEPS,
+    EditSettings, InitialLatents, MAX_STEPS, check_guidance,
+};
 
 #[derive(Debug, Args)]
 pub struct EditArgs {
@@ -33,19 +35,19 @@ pub struct EditArgs {
     #[arg(long, short, value_name = "PATH")]
     pub output: PathBuf,
     /// A folder in diffusers' layout or a Hugging Face Hub repo id.
-    #[arg(long, value_name = "DIR|REPO_ID", default_value = DEFAULT_MODEL)]
+    #[arg(long, value_name = "DIR|REPO_ID", default_value = DEFAULT_REPO)]
     pub model: String,
     /// Hub revision (branch, tag or commit) of the model.
     #[arg(long, value_name = "REV")]
     pub revision: Option<String>,
     /// Denoising steps.
-    #[arg(long, value_name = "N", default_value_t = 20, value_parser = parse_steps, allow_negative_numbers = true)]
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_STEPS, value_parser = parse_steps, allow_negative_numbers = true)]
     pub steps: usize,
     /// How strongly to follow the instruction (text guidance).
-    #[arg(long, value_name = "F", default_value_t = 7.5, value_parser = parse_scale, allow_negative_numbers = true)]
+    #[arg(long, value_name = "F", default_value_t = DEFAULT_GUIDANCE_SCALE, value_parser = parse_scale, allow_negative_numbers = true)]
     pub guidance_scale: f64,
     /// How closely to stay with the input image (image guidance).
-    #[arg(long, value_name = "F", default_value_t = 1.5, value_parser = parse_scale, allow_negative_numbers = true)]
+    #[arg(long, value_name = "F", default_value_t = DEFAULT_IMAGE_GUIDANCE_SCALE, value_parser = parse_scale, allow_negative_numbers = true)]
     pub image_guidance_scale: f64,
     /// Random seed (torch-compatible: the same seed gives diffusers' result); random when absent.
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
@@ -54,7 +56,7 @@ pub struct EditArgs {
     #[arg(long, value_name = "NAME")]
     pub scheduler: Option<SchedulerKind>,
     /// The long side is scaled down to at most this many pixels (never up).
-    #[arg(long, value_name = "PX", default_value_t = 512, value_parser = clap::value_parser!(u32).range(8..=8192))]
+    #[arg(long, value_name = "PX", default_value_t = DEFAULT_MAX_SIDE, value_parser = clap::value_parser!(u32).range(8..=8192))]
     pub resolution: u32,
     /// How many variations to make, from consecutive seeds.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
@@ -64,10 +66,10 @@ pub struct EditArgs {
     #[arg(long, value_name = "FILE.npy")]
     pub latents: Option<PathBuf>,
     /// auto, cpu, cuda, cuda:N or metal.
-    #[arg(long, value_name = "DEVICE", default_value = "auto")]
+    #[arg(long, value_name = "DEVICE", default_value_t = DeviceChoice::default())]
     pub device: DeviceChoice,
     /// f32, f16 (picks the model's fp16 weights when it has them) or bf16.
-    #[arg(long, value_name = "DTYPE", default_value = "f32")]
+    #[arg(long, value_name = "DTYPE", default_value_t = DTypeChoice::default())]
     pub dtype: DTypeChoice,
     /// No progress bars.
     #[arg(long, short)]
@@ -79,7 +81,8 @@ fn parse_steps(text: &str) -> Result<usize, String> {
         .trim()
         .parse()
         .map_err(|_| format!("`{text}` is not a whole number"))?;
-    let max = crate::pipeline::edit::MAX_STEPS as i64;
+    // Parsed as a signed number so `-5` is called out of range rather than not a number.
+    let max = MAX_STEPS as i64;
     if !(1..=max).contains(&steps) {
         return Err(format!("must be between 1 and {max}, got {steps}"));
     }
@@ -91,11 +94,8 @@ fn parse_scale(text: &str) -> Result<f64, String> {
         .trim()
         .parse()
         .map_err(|_| format!("`{text}` is not a number"))?;
-    let max = crate::pipeline::edit::MAX_GUIDANCE;
-    if !value.is_finite() || !(0.0..=max).contains(&value) {
-        return Err(format!("must be a number between 0 and {max}, got {text}"));
-    }
-    Ok(value)
+    // The flag names itself in clap's message; the limits are the pipeline's own.
+    check_guidance("guidance scale", value).map_err(|e| format!("{}, got {text}", e.reason))
 }
 
 pub fn run(args: EditArgs) -> Result<()> {
@@ -189,7 +189,7 @@ fn output_paths(output: &Path, count: u32) -> Result<Vec<PathBuf>> {
         .and_then(|e| e.to_str())
         .map(str::to_ascii_lowercase)
         .unwrap_or_default();
-    if !matches!(extension.as_str(), "png" | "jpg" | "jpeg" | "webp") {
+    if !writes_format(output) {
         bail!(
             "{}: unsupported output format: use a .png, .jpg, .jpeg or .webp file name",
             output.display()

@@ -102,7 +102,7 @@ pub struct TrainArgs {
     #[arg(
         long,
         value_name = "F",
-        default_value_t = 1e-4,
+        default_value_t = crate::train::run::DEFAULT_LEARNING_RATE,
         allow_negative_numbers = true
     )]
     pub learning_rate: f64,

@@ -1,6 +1,8 @@
 //! The editor's state and what happens to it: opening images, sending edits to the model thread,
 //! taking in its events, history, the guidance explorer, saving. Drawing lives in
-//! [`super::panels`] and [`super::dialogs`]; this file never draws beyond the frame's outline.
+//! [`super::panels`] and [`super::dialogs`], which read this state; [`super::frame`] runs one
+//! frame. The state's own types are in [`super::state`], the frame-time recorder in
+//! [`super::frame_stats`] and the unattended start in [`super::autopilot`].
 //!
 //! State is split the way egui's demo app does it: [`Settings`] is what persists, everything else
 //! is this run's (loaded textures, history, the running edit).
@@ -10,31 +12,27 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
-use egui::{TextureHandle, TextureOptions};
+use egui::TextureHandle;
 use image::RgbImage;
 
-use crate::model::hub::{HubSettings, ModelSpec};
-use crate::pipeline::EditSettings;
-use crate::pipeline::image::edit_size;
-use crate::pipeline::metadata::EditRecord;
+use crate::worker::catalog::{CatalogEntry, model_at_hand};
 use crate::worker::{
-    self, EditJob, EditResult, Event, Job, JobId, ModelInfo, ModelRequest, StepProgress, Worker,
-    WorkerHandle,
+    self, EditJob, EditRecord, EditResult, EditSettings, Event, HubSettings, Job, JobId, ModelInfo,
+    ModelRequest, StepProgress, Worker, WorkerHandle, edit_size,
 };
 
+use super::autopilot::{Autopilot, AutopilotStep, EditorReadiness};
 use super::explorer::Explorer;
 use super::finetune::{FineTune, FineTuneAction};
+use super::frame_stats::FrameRecorder;
 use super::settings::{Settings, SettingsStore};
-use super::tasks::{
-    CatalogEntry, FolderPurpose, OpenedImage, TaskEvent, Tasks, display_image, to_color_image,
+use super::state::{
+    DialogState, DownloadStatus, HistoryEntry, InputImage, LoadFailure, Loading, Notice, Purpose,
+    RunningEdit,
 };
+use super::tasks::{FolderPurpose, OpenedImage, TaskEvent, Tasks};
+use super::textures::{IMAGE_TEXTURE, display_image, to_color_image};
 use super::viewer::ViewerState;
-
-/// Smooth when scaled down, crisp pixels when zoomed in.
-const IMAGE_TEXTURE: TextureOptions = TextureOptions {
-    magnification: egui::TextureFilter::Nearest,
-    ..TextureOptions::LINEAR
-};
 
 /// How many earlier inputs "Undo input" can bring back.
 const MAX_UNDO_INPUTS: usize = 20;
@@ -68,189 +66,6 @@ pub struct StartOptions {
     pub hub: Option<HubSettings>,
 }
 
-/// A model load in progress.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Loading {
-    pub spec: String,
-    pub download: Option<DownloadStatus>,
-}
-
-/// A model load that failed, for the status bar and the model manager.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LoadFailure {
-    pub spec: String,
-    pub message: String,
-}
-
-/// The file being downloaded and how far along it is.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DownloadStatus {
-    pub file: String,
-    pub done: u64,
-    pub total: u64,
-    /// 1-based, of `file_count` files this load downloads.
-    pub file_index: usize,
-    pub file_count: usize,
-    /// Bytes over all files, when the Hub said their sizes.
-    pub overall: Option<(u64, u64)>,
-}
-
-impl DownloadStatus {
-    /// Fraction done, over all files when known, else of this file.
-    pub fn fraction(&self) -> f32 {
-        let (done, total) = self.overall.unwrap_or((self.done, self.total));
-        if total == 0 {
-            0.0
-        } else {
-            (done as f64 / total as f64) as f32
-        }
-    }
-
-    /// "unet/diffusion_pytorch_model.safetensors (3 of 9): 120 of 3400 MB".
-    pub fn describe(&self) -> String {
-        let (done, total) = self.overall.unwrap_or((self.done, self.total));
-        format!(
-            "{} ({} of {}): {:.0} of {:.0} MB",
-            self.file,
-            self.file_index,
-            self.file_count,
-            done as f64 / 1e6,
-            total as f64 / 1e6
-        )
-    }
-}
-
-/// What a running edit is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Purpose {
-    /// The main edit: its result joins the history and shows.
-    Main,
-    /// A cell of the guidance explorer's grid.
-    Explorer { cell: usize },
-}
-
-/// The edit the model thread is working on for us.
-#[derive(Debug, Clone)]
-pub struct RunningEdit {
-    pub id: JobId,
-    pub purpose: Purpose,
-    pub started: Instant,
-    /// The size it runs at, once the thread said.
-    pub size: Option<(u32, u32)>,
-    /// The latest step event.
-    pub progress: Option<StepProgress>,
-    /// The input it edits, at its own size.
-    pub source: Arc<RgbImage>,
-}
-
-/// The input image and its texture.
-#[derive(Clone)]
-pub struct InputImage {
-    pub opened: OpenedImage,
-    pub texture: TextureHandle,
-    /// File name, or where it came from ("clipboard", "result #3").
-    pub name: String,
-}
-
-/// One finished edit of this session.
-#[derive(Clone)]
-pub struct HistoryEntry {
-    /// 1-based, in the order results arrived.
-    pub number: usize,
-    pub result: Arc<EditResult>,
-    /// The input it edited, at its own size (to tell whether a slider change can re-run it).
-    pub source: Arc<RgbImage>,
-    /// The model that made it (for the saved file's record).
-    pub model: String,
-    pub dtype: String,
-    pub texture: TextureHandle,
-    /// The input as edited, for before/after.
-    pub before: TextureHandle,
-}
-
-impl HistoryEntry {
-    /// The settings as a saved PNG carries them.
-    pub fn record(&self) -> EditRecord {
-        let (width, height) = self.result.image.dimensions();
-        EditRecord::new(
-            &self.model,
-            &self.result.settings,
-            width,
-            height,
-            &self.dtype,
-        )
-    }
-}
-
-/// A message shown at the top of the image view until dismissed.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Notice {
-    pub text: String,
-    pub is_error: bool,
-}
-
-/// Frame times, for the "never blocks" benchmark.
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct FrameStats {
-    pub frames: u64,
-    /// Frames drawn while an edit ran.
-    pub frames_during_edit: u64,
-    /// Longest time spent in one frame's logic and drawing, any time / during an edit (ms).
-    pub worst_frame_ms: f64,
-    pub worst_frame_during_edit_ms: f64,
-    /// Mean frame time during an edit (ms).
-    pub mean_frame_during_edit_ms: f64,
-    /// Longest gap between the starts of two frames during an edit (ms): includes rendering and
-    /// any wait for the CPU, which the model thread keeps busy.
-    pub worst_gap_during_edit_ms: f64,
-    /// 99th percentile of those gaps (ms), and how many exceeded 50 ms.
-    pub p99_gap_during_edit_ms: f64,
-    pub gaps_over_50ms_during_edit: u64,
-    #[serde(skip)]
-    gaps_during_edit_ms: Vec<f64>,
-    #[serde(skip)]
-    sum_during_edit_ms: f64,
-    #[serde(skip)]
-    last_frame_start: Option<Instant>,
-}
-
-impl FrameStats {
-    fn record(&mut self, started: Instant, took: Duration, during_edit: bool) {
-        let ms = took.as_secs_f64() * 1000.0;
-        self.frames += 1;
-        self.worst_frame_ms = self.worst_frame_ms.max(ms);
-        if during_edit {
-            if let Some(last) = self.last_frame_start {
-                let gap = started.duration_since(last).as_secs_f64() * 1000.0;
-                self.worst_gap_during_edit_ms = self.worst_gap_during_edit_ms.max(gap);
-                self.gaps_over_50ms_during_edit += u64::from(gap > 50.0);
-                self.gaps_during_edit_ms.push(gap);
-                let mut sorted = self.gaps_during_edit_ms.clone();
-                sorted.sort_by(f64::total_cmp);
-                self.p99_gap_during_edit_ms = sorted[(sorted.len() - 1) * 99 / 100];
-            }
-            self.frames_during_edit += 1;
-            self.sum_during_edit_ms += ms;
-            self.worst_frame_during_edit_ms = self.worst_frame_during_edit_ms.max(ms);
-            self.mean_frame_during_edit_ms =
-                self.sum_during_edit_ms / self.frames_during_edit as f64;
-        }
-        self.last_frame_start = during_edit.then_some(started);
-    }
-}
-
-/// Unattended start: what is left to do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Autopilot {
-    /// Waiting for the model and the image, then generate.
-    Generate,
-    /// Waiting for a result (or the image) before the screenshot.
-    AwaitShot,
-    /// Screenshot requested, waiting for it to be written.
-    ShotRequested,
-    Done,
-}
-
 /// The editor window.
 pub struct EditorApp {
     pub settings: Settings,
@@ -277,8 +92,9 @@ pub struct EditorApp {
     pub explorer: Explorer,
     /// Re-run the edit when a slider or the seed changes after a result.
     pub rerun_on_change: bool,
-    pub frame_stats: FrameStats,
-    pub ui_state: super::dialogs::DialogState,
+    /// Frame times, written at exit when `--frame-stats` asks.
+    pub frames: FrameRecorder,
+    pub ui_state: DialogState,
     /// The "Fine-tune on folder" dialog and its run.
     pub finetune: FineTune,
 
@@ -290,7 +106,6 @@ pub struct EditorApp {
     next_job: JobId,
     options: StartOptions,
     autopilot: Autopilot,
-    frame_started: Option<Instant>,
 }
 
 impl EditorApp {
@@ -331,13 +146,12 @@ impl EditorApp {
                 (None, crossbeam_channel::never())
             }
         };
-        let autopilot = if options.generate {
-            Autopilot::Generate
-        } else if options.screenshot.is_some() {
-            Autopilot::AwaitShot
-        } else {
-            Autopilot::Done
-        };
+        let autopilot = Autopilot::new(
+            options.generate,
+            options.screenshot.clone(),
+            options.exit_after_screenshot,
+        );
+        let frames = FrameRecorder::new(options.frame_stats.clone(), options.redraw_fps);
         let mut app = Self {
             prompt: options.prompt.clone().unwrap_or_default(),
             settings,
@@ -356,7 +170,7 @@ impl EditorApp {
             notices,
             explorer: Explorer::default(),
             rerun_on_change: true,
-            frame_stats: FrameStats::default(),
+            frames,
             ui_state: Default::default(),
             finetune: FineTune::default(),
             ctx,
@@ -367,7 +181,6 @@ impl EditorApp {
             next_job: 1,
             options,
             autopilot,
-            frame_started: None,
         };
         if let Some(path) = app.options.image.clone() {
             app.tasks.open_file(path);
@@ -381,15 +194,7 @@ impl EditorApp {
     /// so a first start never begins a multi-gigabyte download unasked.
     fn load_model_at_start(&mut self) {
         let spec = self.settings.model.clone();
-        let at_hand = match ModelSpec::parse(&spec, None) {
-            Ok(ModelSpec::LocalDir(dir)) => dir.is_dir(),
-            Ok(ModelSpec::Hub { repo_id, revision }) => {
-                crate::model::hub::cached_snapshot(&self.hub_settings(), &repo_id, &revision)
-                    .is_some()
-            }
-            Err(_) => false,
-        };
-        if at_hand || self.options.model.is_some() {
+        if model_at_hand(&spec, &self.hub_settings()) || self.options.model.is_some() {
             self.load_model(spec);
         } else {
             self.ui_state.model_manager_open = true;
@@ -537,6 +342,11 @@ impl EditorApp {
         let Some(input) = self.input.clone() else {
             return false;
         };
+        // The pipeline's own limits: the worker would refuse the edit anyway, after a round trip.
+        if let Err(e) = settings.validate() {
+            self.notify_error(e.to_string());
+            return false;
+        }
         let id = self.next_job;
         self.next_job += 1;
         let job = EditJob {
@@ -870,10 +680,7 @@ impl EditorApp {
                     .map_or_else(|| self.settings.model.clone(), |l| l.spec);
                 self.notify_error(format!("cannot load the model: {message}"));
                 self.load_failure = Some(LoadFailure { spec, message });
-                self.autopilot = match self.autopilot {
-                    Autopilot::Generate => Autopilot::AwaitShot,
-                    other => other,
-                };
+                self.autopilot.stop_waiting_to_generate();
             }
         }
     }
@@ -974,15 +781,12 @@ impl EditorApp {
             TaskEvent::CopiedToClipboard => self.notify("result copied to the clipboard".into()),
             TaskEvent::ScreenshotWritten(path) => {
                 println!("screenshot written to {}", path.display());
-                if self.options.exit_after_screenshot {
+                if self.autopilot.screenshot_written() {
                     self.ctx.send_viewport_cmd(egui::ViewportCommand::Close);
                 }
-                self.autopilot = Autopilot::Done;
             }
             TaskEvent::Failed(message) => {
-                if self.autopilot == Autopilot::Generate {
-                    self.autopilot = Autopilot::AwaitShot;
-                }
+                self.autopilot.stop_waiting_to_generate();
                 self.notify_error(message);
             }
         }
@@ -990,28 +794,20 @@ impl EditorApp {
 
     /// Unattended start: generate when ready, then the screenshot.
     fn drive_autopilot(&mut self) {
-        match self.autopilot {
-            Autopilot::Generate => {
-                if self.input.is_some() && self.model.is_some() && self.loading.is_none() {
-                    self.autopilot = Autopilot::AwaitShot;
-                    self.generate();
-                }
+        let readiness = EditorReadiness {
+            has_input: self.input.is_some(),
+            model_loaded: self.model.is_some(),
+            model_loading: self.loading.is_some(),
+            editing: self.running.is_some(),
+            has_notices: !self.notices.is_empty(),
+        };
+        match self.autopilot.next(readiness) {
+            Some(AutopilotStep::Generate) => self.generate(),
+            Some(AutopilotStep::Screenshot(path)) => {
+                self.ctx
+                    .request_screenshot(self.tasks.screenshot_writer(path));
             }
-            Autopilot::AwaitShot => {
-                let waiting_for_edit = self.running.is_some();
-                let has_something = self.input.is_some() || !self.notices.is_empty();
-                let model_settled = self.loading.is_none();
-                if !waiting_for_edit && has_something && model_settled {
-                    if let Some(path) = self.options.screenshot.clone() {
-                        self.autopilot = Autopilot::ShotRequested;
-                        self.ctx
-                            .request_screenshot(self.tasks.screenshot_writer(path));
-                    } else {
-                        self.autopilot = Autopilot::Done;
-                    }
-                }
-            }
-            Autopilot::ShotRequested | Autopilot::Done => {}
+            None => {}
         }
     }
 
@@ -1052,7 +848,7 @@ impl EditorApp {
 
     /// Work that is not drawing: events in, autopilot, window size.
     pub fn logic(&mut self, ctx: &egui::Context) {
-        self.frame_started = Some(Instant::now());
+        self.frames.frame_started();
         self.take_events();
         self.finetune.take_events(ctx);
         self.take_dropped_files(ctx);
@@ -1062,45 +858,16 @@ impl EditorApp {
         }
     }
 
-    fn end_frame(&mut self) {
-        if let Some(started) = self.frame_started.take() {
-            let during_edit = self.running.is_some();
-            self.frame_stats
-                .record(started, started.elapsed(), during_edit);
-            // Measuring: draw steadily during an edit, as while a user drags a slider, so the
-            // gaps between frames show any wait on the model thread or the CPU.
-            if during_edit && self.options.frame_stats.is_some() && self.options.redraw_fps > 0 {
-                let interval = Duration::from_secs_f64(1.0 / f64::from(self.options.redraw_fps));
-                self.ctx.request_repaint_after(interval);
-            }
+    /// After drawing: the frame's time, and the next redraw while measuring.
+    pub fn end_frame(&mut self) {
+        if let Some(interval) = self.frames.frame_ended(self.running.is_some()) {
+            self.ctx.request_repaint_after(interval);
         }
     }
 
-    fn write_frame_stats(&self) {
-        if let Some(path) = &self.options.frame_stats {
-            let json = serde_json::to_string_pretty(&self.frame_stats).unwrap_or_default();
-            if let Err(e) = std::fs::write(path, json) {
-                eprintln!(
-                    "error: {}: cannot write frame statistics: {e}",
-                    path.display()
-                );
-            }
-        }
-    }
-}
-
-impl eframe::App for EditorApp {
-    fn logic(&mut self, ctx: &egui::Context, _frame: &mut eframe::Frame) {
-        EditorApp::logic(self, ctx);
-    }
-
-    fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
-        super::panels::show(self, ui);
-        super::dialogs::show(self, ui.ctx());
-        self.end_frame();
-    }
-
-    fn on_exit(&mut self) {
+    /// The window is closing: stop the edit, save the settings and frame times, join the model
+    /// thread (a running edit stops within a step).
+    pub fn exit(&mut self) {
         if let Some(worker) = &self.worker
             && let Some(running) = &self.running
         {
@@ -1111,8 +878,7 @@ impl eframe::App for EditorApp {
         {
             eprintln!("error: {e}");
         }
-        self.write_frame_stats();
-        // Joins the model thread (a running edit stops within a step).
+        self.frames.write();
         self.worker.take();
     }
 }

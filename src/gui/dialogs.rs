@@ -8,19 +8,7 @@ use egui::{Context, RichText, vec2};
 use super::app::EditorApp;
 use super::explorer::{CellState, GRID_SIDE};
 use super::tasks::FolderPurpose;
-use crate::model::hub::DEFAULT_REPO;
-
-/// Which windows are open and what is typed in them.
-#[derive(Debug, Clone, Default)]
-pub struct DialogState {
-    pub model_manager_open: bool,
-    /// The model folder or repo id typed in the model manager.
-    pub model_field: String,
-    pub save_open: bool,
-    /// The file typed (or chosen with Browse…) in the Save window.
-    pub save_path: String,
-    pub about_open: bool,
-}
+use crate::worker::DEFAULT_REPO;
 
 /// Draws whichever windows are open.
 pub fn show(app: &mut EditorApp, ctx: &Context) {

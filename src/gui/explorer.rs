@@ -8,12 +8,11 @@ use std::sync::Arc;
 use egui::{TextureHandle, TextureOptions};
 use image::RgbImage;
 
-use crate::pipeline::EditSettings;
-use crate::worker::{EditResult, JobId};
+use crate::worker::{EditResult, EditSettings, JobId};
 
-use super::app::{Purpose, RunningEdit};
 use super::settings::{GUIDANCE_RANGE, IMAGE_GUIDANCE_RANGE};
-use super::tasks::display_image;
+use super::state::{Purpose, RunningEdit};
+use super::textures::display_image;
 
 /// Distance between neighbouring columns (text guidance) and rows (image guidance).
 pub const GUIDANCE_STEP: f64 = 2.5;

@@ -12,18 +12,11 @@ use egui::{Context, RichText, TextureHandle, TextureOptions, Ui, vec2};
 use egui_plot::{Line, Plot, PlotPoints};
 
 use crate::worker::Waker;
-use crate::worker::training::{TrainRequest, TrainingEvent, TrainingHandle, TrainingProgress};
+use crate::worker::training::{
+    DatasetSummary, TrainRequest, TrainingEvent, TrainingHandle, TrainingProgress,
+};
 
-/// The dataset check as the dialog shows it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DatasetSummary {
-    pub folder: PathBuf,
-    /// "imagefolder", "Parquet", "pairs".
-    pub kind: String,
-    pub total: usize,
-    /// Bad examples, each "name: reason".
-    pub problems: Vec<String>,
-}
+use super::textures::to_color_image;
 
 /// The dialog's state.
 #[derive(Default)]
@@ -127,7 +120,7 @@ impl FineTune {
                         .map(|(i, image)| {
                             ctx.load_texture(
                                 format!("validation-{i}"),
-                                super::tasks::to_color_image(image),
+                                to_color_image(image),
                                 TextureOptions::LINEAR,
                             )
                         })

@@ -3,18 +3,28 @@
 //! waits: model work goes to the [`crate::worker`] thread as jobs and comes back as events; slow
 //! chores (decoding, dialogs, clipboard, saving) run on [`tasks`] threads.
 //!
-//! - [`app`]: the state and what happens to it.
-//! - [`panels`], [`dialogs`], [`viewer`]: drawing.
+//! - [`app`]: the state and what happens to it; [`state`]: the types of that state the drawing
+//!   reads too; `frame`: one frame for eframe (logic, then drawing).
+//! - [`panels`], [`dialogs`], [`viewer`]: drawing. [`textures`]: images as textures.
 //! - [`explorer`]: the guidance grid. [`finetune`]: the fine-tuning dialog.
-//! - [`settings`]: what persists.
+//! - [`settings`]: what persists. [`tasks`]: the slow chores.
+//! - [`frame_stats`]: frame times for the benchmark; [`autopilot`]: the unattended start.
+//!
+//! Everything below the window comes through [`crate::worker`]: no module here names candle,
+//! the model, the pipeline or training directly.
 
 pub mod app;
+pub mod autopilot;
 pub mod dialogs;
 pub mod explorer;
 pub mod finetune;
+mod frame;
+pub mod frame_stats;
 pub mod panels;
 pub mod settings;
+pub mod state;
 pub mod tasks;
+pub mod textures;
 pub mod viewer;
 
 pub use app::{EditorApp, StartOptions};

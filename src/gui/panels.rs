@@ -5,10 +5,11 @@
 
 use egui::{Key, KeyboardShortcut, Modifiers, RichText, Ui, vec2};
 
-use super::app::{EditorApp, Purpose};
+use super::app::EditorApp;
 use super::settings::{GUIDANCE_RANGE, IMAGE_GUIDANCE_RANGE, RESOLUTION_RANGE, STEPS_RANGE};
+use super::state::Purpose;
 use super::viewer::{self, CompareMode, Shown};
-use crate::pipeline::scheduler::SchedulerKind;
+use crate::worker::SchedulerKind;
 
 const OPEN: KeyboardShortcut = KeyboardShortcut::new(Modifiers::COMMAND, Key::O);
 const SAVE: KeyboardShortcut = KeyboardShortcut::new(Modifiers::COMMAND, Key::S);

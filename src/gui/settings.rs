@@ -7,15 +7,18 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::device::{DTypeChoice, DeviceChoice};
-use crate::pipeline::scheduler::SchedulerKind;
+use crate::worker::{
+    DEFAULT_GUIDANCE_SCALE, DEFAULT_IMAGE_GUIDANCE_SCALE, DEFAULT_MAX_SIDE, DEFAULT_REPO,
+    DEFAULT_STEPS, DTypeChoice, DeviceChoice, SchedulerKind,
+};
 
 /// The file name inside the configuration folder.
 pub const SETTINGS_FILE: &str = "settings.json";
 /// How many recent images are remembered.
 pub const MAX_RECENT: usize = 10;
 
-/// Slider ranges, shared by the sliders and by [`Settings::sanitized`].
+/// Slider ranges, shared by the sliders and by [`Settings::sanitized`]; inside the pipeline's
+/// limits ([`crate::worker::EditSettings::validate`]), which every edit is checked against.
 pub const GUIDANCE_RANGE: (f64, f64) = (1.0, 20.0);
 pub const IMAGE_GUIDANCE_RANGE: (f64, f64) = (0.0, 5.0);
 pub const STEPS_RANGE: (usize, usize) = (1, 100);
@@ -57,16 +60,16 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Self {
-            model: crate::model::hub::DEFAULT_REPO.to_string(),
-            device: "auto".into(),
-            dtype: "f32".into(),
-            guidance_scale: 7.5,
-            image_guidance_scale: 1.5,
-            steps: 20,
+            model: DEFAULT_REPO.to_string(),
+            device: DeviceChoice::default().to_string(),
+            dtype: DTypeChoice::default().to_string(),
+            guidance_scale: DEFAULT_GUIDANCE_SCALE,
+            image_guidance_scale: DEFAULT_IMAGE_GUIDANCE_SCALE,
+            steps: DEFAULT_STEPS,
             seed: 42,
             randomize_seed: true,
             scheduler: None,
-            max_side: 512,
+            max_side: DEFAULT_MAX_SIDE,
             negative_prompt: String::new(),
             window_size: None,
             recent_images: Vec::new(),

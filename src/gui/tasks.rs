@@ -10,27 +10,22 @@ use std::sync::Arc;
 use crossbeam_channel::{Receiver, Sender};
 use image::RgbImage;
 
-use super::finetune::DatasetSummary;
-use crate::model::catalog::{inspect_folder, list_cached_models};
-use crate::model::hub::HubSettings;
-use crate::pipeline::image::{load_image, read_png_text, save_image};
-use crate::pipeline::metadata::EditRecord;
-use crate::train::data::{CheckLevel, Dataset, DatasetKind, DatasetOptions};
-use crate::worker::Waker;
-use crate::worker::training::{holds_parquet, problem_lines};
+use crate::worker::catalog::{CatalogEntry, list_catalog};
+use crate::worker::training::{DatasetSummary, check_dataset};
+use crate::worker::{
+    EditRecord, HubSettings, INPUT_EXTENSIONS, Waker, load_image, read_png_text, save_image,
+};
 
 use super::settings::{Settings, SettingsStore};
-
-/// The most pixels a side of a shown texture may have; larger images are shown scaled down (the
-/// edit still gets the full image).
-pub const MAX_TEXTURE_SIDE: u32 = 4096;
+use super::textures::display_image;
 
 /// An image ready to show and edit.
 #[derive(Clone)]
 pub struct OpenedImage {
     /// Full size, as decoded (alpha dropped, EXIF orientation applied).
     pub image: Arc<RgbImage>,
-    /// What to show: the image, or a scaled-down copy when a side exceeds [`MAX_TEXTURE_SIDE`].
+    /// What to show: the image, or a scaled-down copy when a side exceeds
+    /// [`super::textures::MAX_TEXTURE_SIDE`].
     pub display: Arc<egui::ColorImage>,
     /// Where it came from: a file path, or None for the clipboard.
     pub path: Option<PathBuf>,
@@ -47,102 +42,11 @@ impl std::fmt::Debug for OpenedImage {
     }
 }
 
-/// One model the model manager lists.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CatalogEntry {
-    /// What to load: a Hub repo id or a folder path.
-    pub spec: String,
-    /// "Hugging Face cache" or "folder".
-    pub source: &'static str,
-    pub bytes_on_disk: u64,
-    /// Why it cannot be loaded as it is; None when it can.
-    pub problem: Option<String>,
-}
-
-/// The cache's models, then the folders', each checked for what an edit needs.
-pub fn list_catalog(hub: &HubSettings, folders: &[PathBuf]) -> Vec<CatalogEntry> {
-    let mut entries: Vec<CatalogEntry> = list_cached_models(hub)
-        .into_iter()
-        .map(|model| {
-            let problem = match model.preferred_snapshot() {
-                Some(snapshot) if snapshot.check.is_loadable() => None,
-                Some(snapshot) => Some(
-                    snapshot
-                        .check
-                        .problem
-                        .clone()
-                        .unwrap_or_else(|| "incomplete".into()),
-                ),
-                None if model.partial_downloads > 0 => Some("download not finished".into()),
-                None => Some(
-                    model
-                        .problems
-                        .first()
-                        .cloned()
-                        .unwrap_or_else(|| "nothing downloaded".into()),
-                ),
-            };
-            CatalogEntry {
-                spec: model.repo_id,
-                source: "Hugging Face cache",
-                bytes_on_disk: model.bytes_on_disk,
-                problem,
-            }
-        })
-        .collect();
-    for folder in folders {
-        let entry = match inspect_folder(folder) {
-            Ok(local) => CatalogEntry {
-                spec: folder.display().to_string(),
-                source: "folder",
-                bytes_on_disk: local.bytes_on_disk,
-                problem: (!local.check.is_loadable()).then(|| {
-                    local
-                        .check
-                        .problem
-                        .clone()
-                        .unwrap_or_else(|| "incomplete".into())
-                }),
-            },
-            Err(e) => CatalogEntry {
-                spec: folder.display().to_string(),
-                source: "folder",
-                bytes_on_disk: 0,
-                problem: Some(e.to_string()),
-            },
-        };
-        entries.push(entry);
-    }
-    entries
-}
-
 /// What a chosen folder is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FolderPurpose {
     Model,
     Dataset,
-}
-
-fn check_dataset(folder: &std::path::Path) -> Result<DatasetSummary, String> {
-    let options = DatasetOptions::default();
-    let dataset = if holds_parquet(folder) {
-        Dataset::open_parquet_folder(folder, &options)
-    } else {
-        Dataset::open_train_data_dir(folder, &options)
-    }
-    .map_err(|e| e.to_string())?;
-    let report = dataset.check(CheckLevel::Headers);
-    Ok(DatasetSummary {
-        folder: folder.to_path_buf(),
-        kind: match dataset.kind() {
-            DatasetKind::ImageFolder(_) => "imagefolder",
-            DatasetKind::Parquet(_) => "Parquet",
-            DatasetKind::Pairs(_) => "pairs",
-        }
-        .into(),
-        total: report.total,
-        problems: problem_lines(&report),
-    })
 }
 
 /// What a chore produced.
@@ -224,10 +128,7 @@ impl Tasks {
         self.spawn(move || {
             let mut dialog = rfd::FileDialog::new()
                 .set_title("Open an image")
-                .add_filter(
-                    "Images",
-                    &["png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff"],
-                );
+                .add_filter("Images", &INPUT_EXTENSIONS);
             if let Some(folder) = folder {
                 dialog = dialog.set_directory(folder);
             }
@@ -448,30 +349,4 @@ fn opened(image: RgbImage, path: Option<PathBuf>, record: Option<EditRecord>) ->
         path,
         record,
     }
-}
-
-/// The image as a texture source, scaled down (triangle filter) when a side is too large for a
-/// GPU texture.
-pub fn display_image(image: &RgbImage) -> egui::ColorImage {
-    let (width, height) = image.dimensions();
-    let long = width.max(height);
-    if long <= MAX_TEXTURE_SIDE {
-        return to_color_image(image);
-    }
-    let scale = MAX_TEXTURE_SIDE as f64 / long as f64;
-    let new_width = ((width as f64 * scale).round() as u32).max(1);
-    let new_height = ((height as f64 * scale).round() as u32).max(1);
-    let small = image::imageops::resize(
-        image,
-        new_width,
-        new_height,
-        image::imageops::FilterType::Triangle,
-    );
-    to_color_image(&small)
-}
-
-/// An RGB image as egui's image type.
-pub fn to_color_image(image: &RgbImage) -> egui::ColorImage {
-    let size = [image.width() as usize, image.height() as usize];
-    egui::ColorImage::from_rgb(size, image.as_raw())
 }

@@ -11,12 +11,11 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Tensor};
 use image::RgbImage;
 
-use super::image::{to_images, to_tensor};
+use super::image_tensor::{to_images, to_tensor};
 use super::preview::latents_to_preview;
 use super::rng::TorchGenerator;
-use super::scheduler::{
-    NoiseSource, SchedulerConfig, SchedulerError, SchedulerKind, build_scheduler,
-};
+use super::scheduler::{NoiseSource, SchedulerConfig, SchedulerError, build_scheduler};
+use super::settings::{EditSettings, InvalidSetting};
 use crate::model::InstructPix2PixModel;
 
 /// What went wrong in an edit.
@@ -49,98 +48,19 @@ pub enum EditError {
     Model(#[from] candle_core::Error),
 }
 
-/// Everything that decides an edit's result apart from the model and the input image.
-#[derive(Debug, Clone, PartialEq)]
-pub struct EditSettings {
-    pub prompt: String,
-    pub negative_prompt: String,
-    pub steps: usize,
-    pub guidance_scale: f64,
-    pub image_guidance_scale: f64,
-    /// Seed of torch's CPU generator: the same seed gives diffusers' result for
-    /// `generator=torch.Generator("cpu").manual_seed(seed)`.
-    pub seed: u64,
-    /// None uses the model's own `scheduler_config.json`.
-    pub scheduler: Option<SchedulerKind>,
-    /// Replaces the N(0,1) draw of the initial latents (diffusers' `latents=`): [1, C, h, w].
-    pub initial_latents: Option<InitialLatents>,
-}
-
-impl Default for EditSettings {
-    fn default() -> Self {
-        Self {
-            prompt: String::new(),
-            negative_prompt: String::new(),
-            steps: 20,
-            guidance_scale: 7.5,
-            image_guidance_scale: 1.5,
-            seed: 0,
-            scheduler: None,
-            initial_latents: None,
+impl From<InvalidSetting> for EditError {
+    fn from(
+        InvalidSetting {
+            name,
+            value,
+            reason,
+        }: InvalidSetting,
+    ) -> Self {
+        EditError::InvalidSetting {
+            name,
+            value,
+            reason,
         }
-    }
-}
-
-/// Latents given by the caller, row-major float32.
-#[derive(Debug, Clone, PartialEq)]
-pub struct InitialLatents {
-    pub shape: Vec<usize>,
-    pub values: Vec<f32>,
-}
-
-/// The most steps an edit may take (diffusers' schedulers need at most num_train_timesteps).
-pub const MAX_STEPS: usize = 1000;
-/// Guidance scales beyond this only blow the image up; refuse them as typos.
-pub const MAX_GUIDANCE: f64 = 100.0;
-
-impl EditSettings {
-    /// Checks every number before any work starts.
-    pub fn validate(&self) -> Result<(), EditError> {
-        if self.steps == 0 || self.steps > MAX_STEPS {
-            return Err(EditError::InvalidSetting {
-                name: "steps",
-                value: self.steps.to_string(),
-                reason: format!("must be between 1 and {MAX_STEPS}"),
-            });
-        }
-        for (name, value) in [
-            ("guidance scale", self.guidance_scale),
-            ("image guidance scale", self.image_guidance_scale),
-        ] {
-            if !value.is_finite() || !(0.0..=MAX_GUIDANCE).contains(&value) {
-                return Err(EditError::InvalidSetting {
-                    name,
-                    value: value.to_string(),
-                    reason: format!("must be a number between 0 and {MAX_GUIDANCE}"),
-                });
-            }
-        }
-        if let Some(latents) = &self.initial_latents {
-            let count: usize = latents.shape.iter().product();
-            if count != latents.values.len() {
-                return Err(EditError::InvalidSetting {
-                    name: "latents",
-                    value: format!("{:?}", latents.shape),
-                    reason: format!(
-                        "holds {} values, the shape needs {count}",
-                        latents.values.len()
-                    ),
-                });
-            }
-            if latents.values.iter().any(|v| !v.is_finite()) {
-                return Err(EditError::InvalidSetting {
-                    name: "latents",
-                    value: format!("{:?}", latents.shape),
-                    reason: "contain NaN or infinite values".into(),
-                });
-            }
-        }
-        Ok(())
-    }
-
-    /// diffusers runs the three-way guided batch only when both scales are in use.
-    pub fn uses_guidance(&self) -> bool {
-        self.guidance_scale > 1.0 && self.image_guidance_scale >= 1.0
     }
 }
 

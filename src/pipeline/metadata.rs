@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::edit::EditSettings;
+use super::settings::EditSettings;
 
 /// PNG text key holding the JSON form of [`EditRecord`].
 pub const SETTINGS_KEY: &str = "instruct-pix2pix";

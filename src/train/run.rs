@@ -72,7 +72,8 @@ use crate::model::hub::HubSettings;
 use crate::model::nn::LowRankAdapter;
 use crate::model::unet::UNet2DConditionModel;
 use crate::model::weights::Variant;
-use crate::pipeline::edit::{EditError, EditPipeline, EditSettings};
+use crate::pipeline::EditSettings;
+use crate::pipeline::edit::{EditError, EditPipeline};
 use crate::pipeline::image::{ImageError, edit_size, resize_lanczos, save_image};
 
 /// The validation folder inside the output folder.
@@ -88,6 +89,14 @@ pub const VALIDATION_GUIDANCE_SCALE: f64 = 7.0;
 pub const VALIDATION_IMAGE_GUIDANCE_SCALE: f64 = 1.5;
 /// The largest resolution accepted (a typo guard; 1024² is already far beyond a CPU).
 pub const MAX_RESOLUTION: u32 = 4096;
+/// The script's own `--learning_rate` default: what the command line and [`TrainConfig`] start
+/// from, so a run without the flag matches the script's.
+pub const DEFAULT_LEARNING_RATE: f64 = 1e-4;
+/// The learning rate of the script's documented example run (diffusers' InstructPix2Pix README:
+/// `--learning_rate=5e-05`, with the 15000 steps, batch 4 and 4 accumulation steps that go with
+/// it). The window's fine-tuning dialog presets that whole example recipe, so it takes this value
+/// rather than [`DEFAULT_LEARNING_RATE`].
+pub const RECOMMENDED_LEARNING_RATE: f64 = 5e-5;
 
 /// Where the training examples come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -205,7 +214,7 @@ impl TrainConfig {
             num_train_epochs: 100,
             max_train_steps: None,
             gradient_accumulation_steps: 1,
-            learning_rate: 1e-4,
+            learning_rate: DEFAULT_LEARNING_RATE,
             scale_lr: false,
             lr_scheduler: LrScheduleKind::Constant,
             lr_warmup_steps: 500,

@@ -24,7 +24,12 @@
 //!   `ModelReleased`) cannot be interrupted.
 //! - Dropping the [`WorkerHandle`] cancels the running edit and download and joins the thread; a
 //!   drop while weights are being read waits for that to end.
+//!
+//! The worker is also the window's only way down: it re-exports the plain settings, defaults and
+//! image-file functions the window needs (none of them names a tensor type), [`catalog`] lists
+//! the models at hand, and [`training`] runs fine-tuning and checks its datasets.
 
+pub mod catalog;
 pub mod protocol;
 pub mod training;
 
@@ -41,11 +46,25 @@ use image::RgbImage;
 
 pub use protocol::{EditJob, EditResult, Event, Job, JobId, ModelInfo, ModelRequest, StepProgress};
 
+// The window's only way down: plain data, defaults and file work, none of it naming a tensor
+// type, so `gui/` uses `crate::worker` and nothing else of the crate.
+pub use crate::model::device::{DTypeChoice, DeviceChoice};
+pub use crate::model::hub::{DEFAULT_REPO, HubSettings};
+pub use crate::pipeline::image::{
+    INPUT_EXTENSIONS, edit_size, load_image, read_png_text, save_image,
+};
+pub use crate::pipeline::metadata::EditRecord;
+pub use crate::pipeline::scheduler::SchedulerKind;
+pub use crate::pipeline::settings::{
+    DEFAULT_GUIDANCE_SCALE, DEFAULT_IMAGE_GUIDANCE_SCALE, DEFAULT_MAX_SIDE, DEFAULT_STEPS,
+    EditSettings,
+};
+
 use crate::model::device::select_device;
-use crate::model::hub::{HubError, HubSettings, ModelSpec, Variant, fetch_model_with_cancel};
+use crate::model::hub::{HubError, ModelSpec, Variant, fetch_model_with_cancel};
 use crate::model::{InstructPix2PixModel, LoadOptions};
 use crate::pipeline::edit::{EditError, EditPipeline, StepInfo};
-use crate::pipeline::image::{edit_size, resize_lanczos};
+use crate::pipeline::image::resize_lanczos;
 
 /// Called by the model thread after each event it sends (e.g. egui's `Context::request_repaint`).
 /// It runs on the model thread, so it should return quickly.

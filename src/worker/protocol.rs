@@ -9,9 +9,7 @@ use std::time::Duration;
 
 use image::RgbImage;
 
-use crate::model::device::{DTypeChoice, DeviceChoice};
-use crate::model::hub::HubSettings;
-use crate::pipeline::EditSettings;
+use super::{DTypeChoice, DeviceChoice, EditSettings, HubSettings};
 
 /// Names one edit; chosen by the caller, echoed in every event about that edit.
 pub type JobId = u64;

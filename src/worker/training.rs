@@ -1,7 +1,8 @@
 //! The fine-tuning thread (`ip2p-train`) behind the window's "Fine-tune on folder" dialog: takes a
 //! [`TrainRequest`], runs [`crate::train::run`] and reports [`TrainingEvent`]s over a bounded
 //! channel, waking the window after each. Pause and stop are flags the loop checks between steps;
-//! stop saves a checkpoint and the model so far. Plain data only, like the edit protocol.
+//! stop saves a checkpoint and the model so far. Plain data only, like the edit protocol. Also the
+//! dialog's dataset check ([`check_dataset`]), so the window never opens a dataset itself.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use image::RgbImage;
 use super::Waker;
 use crate::model::hub::{HubSettings, ModelSpec, Variant, fetch_model};
 use crate::pipeline::image::load_image;
+use crate::train::data::{CheckLevel, Dataset, DatasetKind, DatasetOptions};
 use crate::train::run::{
     DataSource, TrainConfig, TrainControl, TrainEvent, ValidationConfig, train,
 };
@@ -59,7 +61,7 @@ impl Default for TrainRequest {
             base_model: crate::model::hub::DEFAULT_REPO.into(),
             output_dir: PathBuf::new(),
             max_train_steps: 15000,
-            learning_rate: 5e-5,
+            learning_rate: crate::train::run::RECOMMENDED_LEARNING_RATE,
             train_batch_size: 4,
             gradient_accumulation_steps: 4,
             resolution: 256,
@@ -262,8 +264,44 @@ fn config_for(request: &TrainRequest) -> Result<TrainConfig, String> {
     Ok(config)
 }
 
+/// A folder of examples as the dialog shows it after checking.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DatasetSummary {
+    pub folder: PathBuf,
+    /// "imagefolder", "Parquet", "pairs".
+    pub kind: String,
+    pub total: usize,
+    /// Bad examples, each "name: reason".
+    pub problems: Vec<String>,
+}
+
+/// Opens a folder of examples as a training run would (Parquet files, else an imagefolder or
+/// pairs) and checks every file's header. Blocks on the disk: call it off the UI thread. The
+/// error is one line for the user.
+pub fn check_dataset(folder: &std::path::Path) -> Result<DatasetSummary, String> {
+    let options = DatasetOptions::default();
+    let dataset = if holds_parquet(folder) {
+        Dataset::open_parquet_folder(folder, &options)
+    } else {
+        Dataset::open_train_data_dir(folder, &options)
+    }
+    .map_err(|e| e.to_string())?;
+    let report = dataset.check(CheckLevel::Headers);
+    Ok(DatasetSummary {
+        folder: folder.to_path_buf(),
+        kind: match dataset.kind() {
+            DatasetKind::ImageFolder(_) => "imagefolder",
+            DatasetKind::Parquet(_) => "Parquet",
+            DatasetKind::Pairs(_) => "pairs",
+        }
+        .into(),
+        total: report.total,
+        problems: problem_lines(&report),
+    })
+}
+
 /// A dataset check's bad examples as "name: reason" lines.
-pub fn problem_lines(report: &crate::train::data::CheckReport) -> Vec<String> {
+fn problem_lines(report: &crate::train::data::CheckReport) -> Vec<String> {
     report
         .problems
         .iter()
@@ -272,7 +310,7 @@ pub fn problem_lines(report: &crate::train::data::CheckReport) -> Vec<String> {
 }
 
 /// Whether a dataset folder holds Parquet files (at its top or in `data/`, as Hub datasets do).
-pub fn holds_parquet(folder: &std::path::Path) -> bool {
+fn holds_parquet(folder: &std::path::Path) -> bool {
     let in_folder = |dir: std::path::PathBuf| {
         std::fs::read_dir(dir).is_ok_and(|entries| {
             entries

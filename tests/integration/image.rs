@@ -9,8 +9,9 @@ use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 use instruct_pix2pix::pipeline::image::{
     ImageError, MAX_IMAGE_PIXELS, decode_image, edit_size, load_image, read_png_text,
-    resize_lanczos, save_image, to_images, to_tensor,
+    resize_lanczos, save_image,
 };
+use instruct_pix2pix::pipeline::image_tensor::{to_images, to_tensor};
 use instruct_pix2pix::pipeline::preview::latents_to_preview;
 
 fn fixtures() -> PathBuf {

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 use instruct_pix2pix::model::{InstructPix2PixModel, LoadOptions};
-use instruct_pix2pix::pipeline::image::to_tensor;
+use instruct_pix2pix::pipeline::image_tensor::to_tensor;
 use instruct_pix2pix::pipeline::rng::TorchGenerator;
 use instruct_pix2pix::pipeline::scheduler::{
     NoiseSource, SchedulerConfig, SchedulerKind, build_scheduler,
