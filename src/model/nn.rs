@@ -5,9 +5,11 @@
 //! `softmax_last_dim` and `layer_norm` have no backward pass, so they are used only when the input
 //! is not part of a tracked graph, and the slower composed ops otherwise.
 //!
-//! The same rule brings in the fused CPU kernels of `nn/cpu.rs` (convolution as im2col + GEMM,
-//! group norm, blocked attention): inference on the CPU runs them, while anything tracked for a
-//! backward pass, or on another device, runs candle's differentiable ops.
+//! On the CPU in float32, fused kernels replace candle's ops (see [`set_fast_cpu_kernels`]):
+//! inference runs those of `nn/cpu.rs` (convolution as im2col + GEMM, group norm, blocked
+//! attention), and anything tracked for a backward pass runs their differentiable versions,
+//! candle custom ops with fused backward passes (`nn/grad_conv.rs`, `nn/grad_norm.rs` with the
+//! layer norm too, `nn/grad_attention.rs`). Other devices and dtypes run candle's ops.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -15,6 +17,10 @@ use candle_core::{D, DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 mod cpu;
+mod grad_attention;
+mod grad_conv;
+mod grad_norm;
+mod product;
 
 /// A fully connected layer, `y = x Wᵀ + b`, for inputs of any rank (the last dim is the feature),
 /// with an optional low-rank adapter added to its output (LoRA, see [`LowRankAdapter`]).
@@ -123,7 +129,20 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if needs_backward(x) || needs_backward(&self.weight) {
+        if kernel_choice(&[x, &self.weight, &self.bias]) == KernelChoice::Differentiable
+            && let Some(y) = grad_norm::layer_norm(x, &self.weight, &self.bias, self.eps)?
+        {
+            return Ok(y);
+        }
+        self.forward_candle(x)
+    }
+}
+
+impl LayerNorm {
+    /// candle's layer norm: the composed (differentiable) ops when anything is tracked, else
+    /// candle-nn's fused kernel. The reference the fused kernels are tested against.
+    pub fn forward_candle(&self, x: &Tensor) -> Result<Tensor> {
+        if needs_backward(x) || needs_backward(&self.weight) || needs_backward(&self.bias) {
             candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, self.eps)
         } else {
             candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps)
@@ -181,22 +200,26 @@ impl GroupNorm {
     /// `silu(self.forward(x))`, fused into the group norm's single output pass when the CPU
     /// kernel applies (no separate single-threaded SiLU pass nor intermediate tensor).
     pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
-        if fast_path_allowed(&[x, &self.weight, &self.bias])
-            && let Some(y) =
-                cpu::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, true)?
-        {
+        if let Some(y) = self.forward_fused(x, true)? {
             return Ok(y);
         }
         self.composed.forward(x)?.silu()
+    }
+
+    /// The fused kernel's group norm (+ SiLU), when one applies.
+    fn forward_fused(&self, x: &Tensor, silu: bool) -> Result<Option<Tensor>> {
+        let (w, b, groups, eps) = (&self.weight, &self.bias, self.groups, self.eps);
+        match kernel_choice(&[x, w, b]) {
+            KernelChoice::Candle => Ok(None),
+            KernelChoice::Inference => cpu::group_norm(x, w, b, groups, eps, silu),
+            KernelChoice::Differentiable => grad_norm::group_norm(x, w, b, groups, eps, silu),
+        }
     }
 }
 
 impl Module for GroupNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if fast_path_allowed(&[x, &self.weight, &self.bias])
-            && let Some(y) =
-                cpu::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, false)?
-        {
+        if let Some(y) = self.forward_fused(x, false)? {
             return Ok(y);
         }
         self.composed.forward(x)
@@ -213,10 +236,10 @@ pub fn group_norm(vb: VarBuilder, groups: usize, channels: usize, eps: f64) -> R
 
 /// A 2-D convolution with bias (diffusers' `nn.Conv2d`), weight [out, in, k, k].
 ///
-/// When no gradient is needed on the CPU, the forward pass is an im2col into contiguous column
-/// blocks, each followed by one large multi-threaded GEMM (bias fused in), instead of candle's
-/// tiled convolution, which runs many small GEMMs. Elsewhere it is candle's (differentiable)
-/// `conv2d`.
+/// On the CPU, the forward pass is an im2col into contiguous column blocks, each followed by
+/// one large multi-threaded GEMM (bias fused in), instead of candle's tiled convolution, which
+/// runs many small GEMMs; when tracked (float32), its backward pass is built of the same blocks.
+/// Elsewhere it is candle's (differentiable) `conv2d`.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     inner: candle_nn::Conv2d,
@@ -255,15 +278,20 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let weight = self.weight();
-        let allowed = match self.bias() {
-            Some(bias) => fast_path_allowed(&[x, weight, bias]),
-            None => fast_path_allowed(&[x, weight]),
+        let (weight, bias, config) = (self.weight(), self.bias(), self.config());
+        let choice = match bias {
+            Some(bias) => kernel_choice(&[x, weight, bias]),
+            None => kernel_choice(&[x, weight]),
         };
-        if allowed && let Some(y) = cpu::conv2d(x, weight, self.bias(), self.config())? {
-            return Ok(y);
+        let fused = match choice {
+            KernelChoice::Candle => None,
+            KernelChoice::Inference => cpu::conv2d(x, weight, bias, config)?,
+            KernelChoice::Differentiable => grad_conv::conv2d(x, weight, bias, config)?,
+        };
+        match fused {
+            Some(y) => Ok(y),
+            None => self.inner.forward(x),
         }
-        self.inner.forward(x)
     }
 }
 
@@ -301,9 +329,36 @@ pub fn fast_cpu_kernels() -> bool {
     FAST_CPU_KERNELS.load(Ordering::Relaxed)
 }
 
-/// The fused kernels have no backward pass: they may run only when no input is tracked.
-fn fast_path_allowed(tensors: &[&Tensor]) -> bool {
-    fast_cpu_kernels() && tensors.iter().all(|t| !needs_backward(t))
+/// The differentiable fused CPU kernels themselves, each `Ok(None)` where it does not apply
+/// (another device, dtype or shape): what the modules above run when an input is tracked,
+/// callable directly for tests and benchmarks against candle's ops.
+pub mod differentiable {
+    pub use super::grad_attention::attention;
+    pub use super::grad_conv::conv2d;
+    pub use super::grad_norm::{group_norm, layer_norm};
+}
+
+/// Which kernels compute an op.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KernelChoice {
+    /// candle's ops (the fused kernels are off).
+    Candle,
+    /// The inference kernels of `nn/cpu.rs`: no input is tracked.
+    Inference,
+    /// The differentiable fused kernels: some input is tracked for a backward pass.
+    Differentiable,
+}
+
+/// The kernels for an op on `tensors`; each kernel still declines (and candle's op runs) on
+/// another device or an unsupported dtype or shape.
+fn kernel_choice(tensors: &[&Tensor]) -> KernelChoice {
+    if !fast_cpu_kernels() {
+        KernelChoice::Candle
+    } else if tensors.iter().any(|t| needs_backward(t)) {
+        KernelChoice::Differentiable
+    } else {
+        KernelChoice::Inference
+    }
 }
 
 /// Softmax over the last dimension, fused when no gradient is needed.
@@ -326,15 +381,19 @@ pub fn needs_backward(x: &Tensor) -> bool {
 /// returns [batch, q_len, heads·head_dim]. Scores are computed in f32 for half-precision inputs,
 /// as torch's SDPA math path does.
 ///
-/// On the CPU without gradient, a fused kernel computes it in blocks of query rows, never
-/// building the whole score tensor; otherwise it is [`attention_composed`].
+/// On the CPU (float32), a fused kernel computes it in blocks of query rows, never building the
+/// whole score tensor, with a backward pass in the same blocks when tracked; otherwise it is
+/// [`attention_composed`].
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
-    if fast_path_allowed(&[q, k, v])
-        && let Some(out) = cpu::attention(q, k, v, heads)?
-    {
-        return Ok(out);
+    let fused = match kernel_choice(&[q, k, v]) {
+        KernelChoice::Candle => None,
+        KernelChoice::Inference => cpu::attention(q, k, v, heads)?,
+        KernelChoice::Differentiable => grad_attention::attention(q, k, v, heads)?,
+    };
+    match fused {
+        Some(out) => Ok(out),
+        None => attention_composed(q, k, v, heads),
     }
-    attention_composed(q, k, v, heads)
 }
 
 /// [`attention`] composed of candle ops (differentiable): the heads split out, the full score

@@ -1,8 +1,11 @@
-//! Fused CPU kernels for inference (no backward pass): convolution as im2col + GEMM, and group
-//! normalisation. Each returns `Ok(None)` when it does not apply (another device, dtype or
-//! configuration), and the caller falls back to candle's differentiable ops.
+//! Fused CPU kernels for inference (no backward pass): convolution as im2col + GEMM, group
+//! normalisation and blocked attention. Each returns `Ok(None)` when it does not apply (another
+//! device, dtype or configuration), and the caller falls back to candle's differentiable ops.
+//!
+//! The slice-level pieces (im2col, the normalisation loop, the attention blocks) are shared with
+//! the differentiable kernels of `grad_conv.rs`, `grad_norm.rs` and `grad_attention.rs`.
 
-use candle_core::{DType, Device, Layout, Result, Storage, Tensor, WithDType};
+use candle_core::{CpuStorage, DType, Device, Layout, Result, Storage, Tensor, WithDType};
 use candle_nn::Conv2dConfig;
 use gemm::Parallelism;
 use half::f16;
@@ -11,36 +14,115 @@ use rayon::prelude::*;
 /// Largest im2col block, in elements (32 MiB of f32). A block holds whole output rows, so this
 /// bounds memory on large images (the VAE at 512² would otherwise need a 1.2 GB column matrix)
 /// while keeping every GEMM wide enough to run near the machine's peak.
-const COL_BLOCK_ELEMENTS: usize = 8 << 20;
+pub(super) const COL_BLOCK_ELEMENTS: usize = 8 << 20;
 
 /// The geometry of one convolution.
 #[derive(Debug, Clone, Copy)]
-struct ConvShape {
-    batch: usize,
-    in_channels: usize,
-    in_h: usize,
-    in_w: usize,
-    out_channels: usize,
-    k_h: usize,
-    k_w: usize,
-    stride: usize,
-    padding: usize,
-    out_h: usize,
-    out_w: usize,
+pub(super) struct ConvShape {
+    pub(super) batch: usize,
+    pub(super) in_channels: usize,
+    pub(super) in_h: usize,
+    pub(super) in_w: usize,
+    pub(super) out_channels: usize,
+    pub(super) k_h: usize,
+    pub(super) k_w: usize,
+    pub(super) stride: usize,
+    pub(super) padding: usize,
+    pub(super) out_h: usize,
+    pub(super) out_w: usize,
 }
 
 impl ConvShape {
+    /// The geometry of `x` [B, C_in, H, W] convolved with `weight` [C_out, C_in, k_h, k_w]
+    /// (+ `bias` [C_out]) when the fused kernels handle it (CPU, one dtype, no groups or
+    /// dilation); `None` for anything else, including mismatched shapes and a kernel larger
+    /// than the padded input, which candle's convolution then reports.
+    pub(super) fn of(
+        x: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        cfg: &Conv2dConfig,
+    ) -> Result<Option<Self>> {
+        let dtype = x.dtype();
+        let same_dtype = weight.dtype() == dtype && bias.is_none_or(|b| b.dtype() == dtype);
+        let on_cpu = x.device().is_cpu()
+            && weight.device().is_cpu()
+            && bias.is_none_or(|b| b.device().is_cpu());
+        if !on_cpu
+            || !same_dtype
+            || cfg.groups != 1
+            || cfg.dilation != 1
+            || x.rank() != 4
+            || weight.rank() != 4
+        {
+            return Ok(None);
+        }
+        let (batch, in_channels, in_h, in_w) = x.dims4()?;
+        let (out_channels, weight_in, k_h, k_w) = weight.dims4()?;
+        let bias_ok = match bias {
+            Some(b) => b.dims() == [out_channels],
+            None => true,
+        };
+        let (padded_h, padded_w) = (in_h + 2 * cfg.padding, in_w + 2 * cfg.padding);
+        if weight_in != in_channels
+            || !bias_ok
+            || cfg.stride == 0
+            || padded_h < k_h
+            || padded_w < k_w
+            || batch == 0
+        {
+            return Ok(None);
+        }
+        Ok(Some(Self {
+            batch,
+            in_channels,
+            in_h,
+            in_w,
+            out_channels,
+            k_h,
+            k_w,
+            stride: cfg.stride,
+            padding: cfg.padding,
+            out_h: (padded_h - k_h) / cfg.stride + 1,
+            out_w: (padded_w - k_w) / cfg.stride + 1,
+        }))
+    }
+
     /// Rows of the column matrix (and columns of the flattened kernel): C_in·k_h·k_w.
-    fn patch_len(&self) -> usize {
+    pub(super) fn patch_len(&self) -> usize {
         self.in_channels * self.k_h * self.k_w
     }
 
-    fn out_pixels(&self) -> usize {
+    pub(super) fn out_pixels(&self) -> usize {
         self.out_h * self.out_w
     }
 
-    fn is_pointwise(&self) -> bool {
+    pub(super) fn is_pointwise(&self) -> bool {
         self.k_h == 1 && self.k_w == 1 && self.stride == 1 && self.padding == 0
+    }
+
+    /// Output rows per im2col block: whole rows (numbered across images) whose columns fit in
+    /// `col_block_elements`, at least one.
+    pub(super) fn rows_per_block(&self, col_block_elements: usize) -> usize {
+        (col_block_elements / (self.patch_len() * self.out_w)).clamp(1, self.batch * self.out_h)
+    }
+
+    /// The output columns `first..end` whose input column `ox·stride + kx − padding` lies
+    /// inside the image, for kernel column `kx`.
+    pub(super) fn inside_columns(&self, kx: usize) -> (usize, usize) {
+        let first = self
+            .padding
+            .saturating_sub(kx)
+            .div_ceil(self.stride)
+            .min(self.out_w);
+        let end = if self.in_w + self.padding > kx {
+            (self.in_w + self.padding - kx)
+                .div_ceil(self.stride)
+                .clamp(first, self.out_w)
+        } else {
+            first
+        };
+        (first, end)
     }
 }
 
@@ -52,44 +134,10 @@ pub(super) fn conv2d(
     bias: Option<&Tensor>,
     cfg: &Conv2dConfig,
 ) -> Result<Option<Tensor>> {
-    let dtype = x.dtype();
-    let same_dtype = weight.dtype() == dtype && bias.is_none_or(|b| b.dtype() == dtype);
-    let on_cpu = x.device().is_cpu() && weight.device().is_cpu();
-    if !on_cpu || !same_dtype || cfg.groups != 1 || cfg.dilation != 1 || x.rank() != 4 {
+    let Some(shape) = ConvShape::of(x, weight, bias, cfg)? else {
         return Ok(None);
-    }
-    let (batch, in_channels, in_h, in_w) = x.dims4()?;
-    let (out_channels, weight_in, k_h, k_w) = weight.dims4()?;
-    let bias_ok = match bias {
-        Some(b) => b.dims() == [out_channels],
-        None => true,
     };
-    let (padded_h, padded_w) = (in_h + 2 * cfg.padding, in_w + 2 * cfg.padding);
-    // Anything unusual (mismatched shapes, a kernel larger than the padded input) goes to
-    // candle, which reports it.
-    if weight_in != in_channels
-        || !bias_ok
-        || cfg.stride == 0
-        || padded_h < k_h
-        || padded_w < k_w
-        || batch == 0
-    {
-        return Ok(None);
-    }
-    let shape = ConvShape {
-        batch,
-        in_channels,
-        in_h,
-        in_w,
-        out_channels,
-        k_h,
-        k_w,
-        stride: cfg.stride,
-        padding: cfg.padding,
-        out_h: (padded_h - k_h) / cfg.stride + 1,
-        out_w: (padded_w - k_w) / cfg.stride + 1,
-    };
-    match dtype {
+    match x.dtype() {
         DType::F32 => conv2d_typed::<f32>(x, weight, bias, &shape).map(Some),
         DType::F64 => conv2d_typed::<f64>(x, weight, bias, &shape).map(Some),
         DType::F16 => conv2d_typed::<f16>(x, weight, bias, &shape).map(Some),
@@ -129,7 +177,7 @@ fn conv2d_typed<T: WithDType>(
 
 /// A 1×1 convolution with stride 1 is a matrix product per image:
 /// out[b] [C_out, H·W] = weight [C_out, C_in] · x[b] [C_in, H·W].
-fn pointwise_conv<T: WithDType>(
+pub(super) fn pointwise_conv<T: WithDType>(
     x: &[T],
     weight: &[T],
     bias: Option<&[T]>,
@@ -161,7 +209,7 @@ fn pointwise_conv<T: WithDType>(
 /// [C_out, B·H_out·W_out] = weight [C_out, C_in·k_h·k_w] · columns [C_in·k_h·k_w, B·H_out·W_out],
 /// the columns built (im2col) for a block of output rows at a time; then the [C_out, B] axes
 /// are swapped to give [B, C_out, H_out, W_out].
-fn im2col_conv<T: WithDType>(
+pub(super) fn im2col_conv<T: WithDType>(
     x: &[T],
     weight: &[T],
     bias: Option<&[T]>,
@@ -176,7 +224,7 @@ fn im2col_conv<T: WithDType>(
     }
     // Output rows of all images, numbered image by image.
     let total_rows = s.batch * s.out_h;
-    let rows_per_block = (col_block_elements / (patch_len * s.out_w)).clamp(1, total_rows);
+    let rows_per_block = s.rows_per_block(col_block_elements);
     let mut columns = vec![T::zero(); patch_len * rows_per_block * s.out_w];
     let mut first_row = 0;
     while first_row < total_rows {
@@ -224,7 +272,7 @@ fn im2col_conv<T: WithDType>(
 /// One row of the column matrix: input channel and kernel offset `patch_index` (in the weight's
 /// [C_in, k_h, k_w] order) for the output rows `first_row..` (numbered across images), zero
 /// where the kernel reads padding.
-fn fill_column_row<T: WithDType>(
+pub(super) fn fill_column_row<T: WithDType>(
     x: &[T],
     s: &ConvShape,
     patch_index: usize,
@@ -234,15 +282,7 @@ fn fill_column_row<T: WithDType>(
     let channel = patch_index / (s.k_h * s.k_w);
     let ky = (patch_index / s.k_w) % s.k_h;
     let kx = patch_index % s.k_w;
-    // Output columns whose input column `ox·stride + kx − padding` lies inside the image.
-    let first_inside = s.padding.saturating_sub(kx).div_ceil(s.stride).min(s.out_w);
-    let end_inside = if s.in_w + s.padding > kx {
-        (s.in_w + s.padding - kx)
-            .div_ceil(s.stride)
-            .clamp(first_inside, s.out_w)
-    } else {
-        first_inside
-    };
+    let (first_inside, end_inside) = s.inside_columns(kx);
     for (i, dst) in column_row.chunks_exact_mut(s.out_w).enumerate() {
         let row = first_row + i;
         let (image, oy) = (row / s.out_h, row % s.out_h);
@@ -366,8 +406,6 @@ pub(super) fn group_norm(
         return Ok(None);
     }
     let spatial: usize = dims[2..].iter().product();
-    let channels_per_group = channels / groups;
-    let group_len = channels_per_group * spatial;
 
     let x = x.contiguous()?;
     let (x_storage, x_layout) = x.storage_and_layout();
@@ -376,34 +414,77 @@ pub(super) fn group_norm(
     let x_data = contiguous_slice::<f32>(&x_storage, x_layout)?;
     let w_data = strided_vector::<f32>(&w_storage, w_layout)?;
     let b_data = strided_vector::<f32>(&b_storage, b_layout)?;
+    let norm = GroupNormShape {
+        groups,
+        channels,
+        spatial,
+        eps,
+    };
+    let out = group_norm_forward(x_data, &w_data, &b_data, &norm, silu);
+    drop(x_storage);
+    Tensor::from_vec(out, dims, &Device::Cpu).map(Some)
+}
 
-    let mut out = vec![0f32; x_data.len()];
-    out.par_chunks_mut(group_len)
-        .zip(x_data.par_chunks(group_len))
+/// The layout of a group norm's input: [images, `channels`, `spatial`] in `groups` groups of
+/// consecutive channels.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct GroupNormShape {
+    pub(super) groups: usize,
+    pub(super) channels: usize,
+    pub(super) spatial: usize,
+    pub(super) eps: f64,
+}
+
+impl GroupNormShape {
+    pub(super) fn channels_per_group(&self) -> usize {
+        self.channels / self.groups
+    }
+
+    /// Values in one group of one image.
+    pub(super) fn group_len(&self) -> usize {
+        self.channels_per_group() * self.spatial
+    }
+}
+
+/// The mean (rounded to f32, as the normalisation subtracts it) and 1/sqrt(variance + eps) of
+/// one group's values, in two passes (no cancellation from E[x²] − E[x]²).
+pub(super) fn mean_and_inv_std(values: &[f32], eps: f64) -> (f32, f64) {
+    let n = values.len() as f64;
+    let mean = (sum_f64(values, |v| v) / n) as f32;
+    let variance = sum_f64(values, |v| {
+        let d = v - mean;
+        d * d
+    }) / n;
+    (mean, 1.0 / (variance + eps).sqrt())
+}
+
+/// The group norm (+ SiLU) of contiguous `x`, with per-channel `weight` and `bias`.
+pub(super) fn group_norm_forward(
+    x: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    s: &GroupNormShape,
+    silu: bool,
+) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    let channels_per_group = s.channels_per_group();
+    out.par_chunks_mut(s.group_len())
+        .zip(x.par_chunks(s.group_len()))
         .enumerate()
         .for_each(|(index, (dst, src))| {
-            let group = index % groups;
-            let n = src.len() as f64;
-            let mean = sum_f64(src, |v| v) / n;
-            let mean_f32 = mean as f32;
-            let variance = sum_f64(src, |v| {
-                let d = v - mean_f32;
-                d * d
-            }) / n;
-            let inv_std = 1.0 / (variance + eps).sqrt();
+            let group = index % s.groups;
+            let (mean, inv_std) = mean_and_inv_std(src, s.eps);
             for (offset, (dst, src)) in dst
-                .chunks_exact_mut(spatial)
-                .zip(src.chunks_exact(spatial))
+                .chunks_exact_mut(s.spatial)
+                .zip(src.chunks_exact(s.spatial))
                 .enumerate()
             {
                 let channel = group * channels_per_group + offset;
-                let scale = (inv_std * f64::from(w_data[channel])) as f32;
-                let shift = b_data[channel];
-                normalize_row(dst, src, mean_f32, scale, shift, silu);
+                let scale = (inv_std * f64::from(weight[channel])) as f32;
+                normalize_row(dst, src, mean, scale, bias[channel], silu);
             }
         });
-    drop(x_storage);
-    Tensor::from_vec(out, dims, &Device::Cpu).map(Some)
+    out
 }
 
 /// `dst = (src − mean) · scale + shift`, then SiLU if `silu`: in 16-wide AVX-512 vectors where
@@ -455,7 +536,7 @@ fn normalize_row_avx512(
 /// SiLU, `y · sigmoid(y)`, with the sigmoid from e^−|y| (never overflows): 1 / (1 + t) for
 /// y ≥ 0, t / (1 + t) below. NaN stays NaN.
 #[inline(always)]
-fn silu_f32(y: f32) -> f32 {
+pub(super) fn silu_f32(y: f32) -> f32 {
     let t = exp_non_positive(-y.abs());
     let sigmoid = if y >= 0.0 { 1.0 } else { t } / (1.0 + t);
     y * sigmoid
@@ -463,7 +544,7 @@ fn silu_f32(y: f32) -> f32 {
 
 /// Σ f(v) over `values`: f32 partial sums over short runs in 16 independent lanes (so they
 /// vectorise), gathered in f64, which keeps the error far below float32 rounding of the result.
-fn sum_f64(values: &[f32], f: impl Fn(f32) -> f32) -> f64 {
+pub(super) fn sum_f64(values: &[f32], f: impl Fn(f32) -> f32) -> f64 {
     const LANES: usize = 16;
     let mut total = 0f64;
     for run in values.chunks(LANES * 64) {
@@ -485,7 +566,10 @@ fn sum_f64(values: &[f32], f: impl Fn(f32) -> f32) -> f64 {
 }
 
 /// The values of a contiguous CPU tensor.
-fn contiguous_slice<'a, T: WithDType>(storage: &'a Storage, layout: &Layout) -> Result<&'a [T]> {
+pub(super) fn contiguous_slice<'a, T: WithDType>(
+    storage: &'a Storage,
+    layout: &Layout,
+) -> Result<&'a [T]> {
     let Storage::Cpu(cpu) = storage else {
         candle_core::bail!("fused CPU kernel given a tensor on {:?}", storage.device());
     };
@@ -495,8 +579,16 @@ fn contiguous_slice<'a, T: WithDType>(storage: &'a Storage, layout: &Layout) -> 
     Ok(&cpu.as_slice::<T>()?[start..end])
 }
 
+/// The f32 values of a contiguous storage, as a custom op's `cpu_fwd` receives it.
+pub(super) fn cpu_storage_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("fused CPU kernel given a non-contiguous tensor");
+    };
+    Ok(&storage.as_slice::<f32>()?[start..end])
+}
+
 /// The values of a rank-1 CPU tensor, whatever its stride.
-fn strided_vector<T: WithDType>(storage: &Storage, layout: &Layout) -> Result<Vec<T>> {
+pub(super) fn strided_vector<T: WithDType>(storage: &Storage, layout: &Layout) -> Result<Vec<T>> {
     let Storage::Cpu(cpu) = storage else {
         candle_core::bail!("fused CPU kernel given a tensor on {:?}", storage.device());
     };
@@ -517,7 +609,7 @@ fn strided_vector<T: WithDType>(storage: &Storage, layout: &Layout) -> Result<Ve
 /// rows that packing k and v (done anew for each block) costs little next to the products.
 /// Measured at 4096 keys on the 2-core AVX-512 machine: 48 rows 480 ms, 96 410 ms, 192 356 ms
 /// for the UNet's 8×40 self-attention (batch 3); the 512-wide VAE attention needs ≥ 144 rows.
-const QUERY_BLOCK_ROWS: usize = 192;
+pub(super) const QUERY_BLOCK_ROWS: usize = 192;
 
 /// Multi-head scaled dot-product attention, `q` [B, N_q, H·D], `k` and `v` [B, N_kv, H·D] →
 /// [B, N_q, H·D], when the fused kernel applies (CPU, f32).
@@ -532,25 +624,10 @@ pub(super) fn attention(
     v: &Tensor,
     heads: usize,
 ) -> Result<Option<Tensor>> {
-    let all_f32 = [q, k, v].iter().all(|t| t.dtype() == DType::F32);
-    let on_cpu = [q, k, v].iter().all(|t| t.device().is_cpu());
-    if !all_f32 || !on_cpu || [q, k, v].iter().any(|t| t.rank() != 3) || heads == 0 {
+    let Some(dims) = AttentionShape::of(q, k, v, heads)? else {
         return Ok(None);
-    }
-    let (batch, q_len, inner) = q.dims3()?;
-    let (kv_batch, kv_len, kv_inner) = k.dims3()?;
-    if v.dims() != k.dims()
-        || kv_batch != batch
-        || kv_inner != inner
-        || !inner.is_multiple_of(heads)
-        || q_len == 0
-        || kv_len == 0
-        || batch == 0
-    {
-        return Ok(None);
-    }
-    let head_dim = inner / heads;
-    let scale = 1.0 / (head_dim as f32).sqrt();
+    };
+    let (batch, q_len, inner) = (dims.batch, dims.q_len, dims.inner());
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let (q_storage, q_layout) = q.storage_and_layout();
     let (k_storage, k_layout) = k.storage_and_layout();
@@ -558,25 +635,116 @@ pub(super) fn attention(
     let q_data = contiguous_slice::<f32>(&q_storage, q_layout)?;
     let k_data = contiguous_slice::<f32>(&k_storage, k_layout)?;
     let v_data = contiguous_slice::<f32>(&v_storage, v_layout)?;
+    let mut log_sum_exp = vec![0f32; batch * q_len * heads];
+    let out = attention_forward(q_data, k_data, v_data, &dims, &mut log_sum_exp)?;
+    drop((q_storage, k_storage, v_storage));
+    Tensor::from_vec(out, (batch, q_len, inner), &Device::Cpu).map(Some)
+}
 
+/// The sizes of one attention: q [batch, q_len, heads·head_dim], k and v
+/// [batch, kv_len, heads·head_dim].
+#[derive(Debug, Clone, Copy)]
+pub(super) struct AttentionShape {
+    pub(super) batch: usize,
+    pub(super) q_len: usize,
+    pub(super) kv_len: usize,
+    pub(super) heads: usize,
+    pub(super) head_dim: usize,
+}
+
+impl AttentionShape {
+    /// The sizes of `q`, `k`, `v` split in `heads` when the fused kernels handle them (CPU,
+    /// f32, rank 3, matching non-empty shapes); `None` otherwise.
+    pub(super) fn of(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Option<Self>> {
+        let all_f32 = [q, k, v].iter().all(|t| t.dtype() == DType::F32);
+        let on_cpu = [q, k, v].iter().all(|t| t.device().is_cpu());
+        if !all_f32 || !on_cpu || [q, k, v].iter().any(|t| t.rank() != 3) || heads == 0 {
+            return Ok(None);
+        }
+        let (batch, q_len, inner) = q.dims3()?;
+        let (kv_batch, kv_len, kv_inner) = k.dims3()?;
+        if v.dims() != k.dims()
+            || kv_batch != batch
+            || kv_inner != inner
+            || !inner.is_multiple_of(heads)
+            || q_len == 0
+            || kv_len == 0
+            || batch == 0
+        {
+            return Ok(None);
+        }
+        Ok(Some(Self {
+            batch,
+            q_len,
+            kv_len,
+            heads,
+            head_dim: inner / heads,
+        }))
+    }
+
+    /// heads·head_dim: the row length of q, k, v and the output.
+    pub(super) fn inner(&self) -> usize {
+        self.heads * self.head_dim
+    }
+
+    /// The softmax scale 1/sqrt(head_dim).
+    pub(super) fn scale(&self) -> f32 {
+        1.0 / (self.head_dim as f32).sqrt()
+    }
+
+    /// Distance between score rows in a block buffer: a multiple of 16 values but not of 256,
+    /// as a power-of-two stride (4096 keys at 64² latents) maps every row of a block to the
+    /// same cache sets.
+    pub(super) fn score_stride(&self) -> usize {
+        match self.kv_len.next_multiple_of(16) {
+            stride if stride % 256 == 0 => stride + 16,
+            stride => stride,
+        }
+    }
+}
+
+/// The attention of contiguous `q`, `k`, `v` ([`AttentionShape`]'s layouts), merged heads
+/// [batch, q_len, heads·head_dim]; writes each score row's log-sum-exp (of the scaled scores)
+/// to `log_sum_exp` [batch, q_len, heads], which a backward pass needs to rebuild the softmax.
+///
+/// Each task takes a block of query rows of one image and, head after head, computes the block
+/// of scores (one GEMM reading q and k in place, no head split or transpose), its softmax in
+/// place, and the product with v written straight into the merged-heads output. The full
+/// [B, H, N_q, N_kv] score tensor (100 MB for a 32×32 latent) is never built.
+pub(super) fn attention_forward(
+    q_data: &[f32],
+    k_data: &[f32],
+    v_data: &[f32],
+    dims: &AttentionShape,
+    log_sum_exp: &mut [f32],
+) -> Result<Vec<f32>> {
+    let AttentionShape {
+        batch,
+        q_len,
+        kv_len,
+        heads,
+        head_dim,
+    } = *dims;
+    let inner = dims.inner();
+    let scale = dims.scale();
     let block_rows = QUERY_BLOCK_ROWS.min(q_len);
-    // Score rows a multiple of 16 values apart but not of 256: a power-of-two stride (4096
-    // keys at 64² latents) maps every row of a block to the same cache sets.
-    let score_stride = match kv_len.next_multiple_of(16) {
-        stride if stride % 256 == 0 => stride + 16,
-        stride => stride,
-    };
+    let score_stride = dims.score_stride();
+    if log_sum_exp.len() != batch * q_len * heads {
+        candle_core::bail!("attention kernel: log-sum-exp buffer of the wrong size");
+    }
     let mut out = vec![0f32; batch * q_len * inner];
     out.par_chunks_mut(q_len * inner)
+        .zip(log_sum_exp.par_chunks_mut(q_len * heads))
         .enumerate()
-        .try_for_each(|(image, out_image)| {
+        .try_for_each(|(image, (out_image, lse_image))| {
             let q_image = &q_data[image * q_len * inner..][..q_len * inner];
             let k_image = &k_data[image * kv_len * inner..][..kv_len * inner];
             let v_image = &v_data[image * kv_len * inner..][..kv_len * inner];
             out_image
                 .par_chunks_mut(block_rows * inner)
+                .zip(lse_image.par_chunks_mut(block_rows * heads))
                 .enumerate()
-                .try_for_each_init(Vec::new, |scores, (block, out_block)| {
+                .try_for_each_init(Vec::new, |scores, (block, (out_block, lse_block))| {
                     let rows = out_block.len() / inner;
                     let q_block = &q_image[block * block_rows * inner..][..rows * inner];
                     // One buffer per worker, reused block after block (a fresh one is a
@@ -596,8 +764,13 @@ pub(super) fn attention(
                         };
                         qk.run(scores, &q_block[column..], &k_image[column..])?;
                         let mut sums = Vec::with_capacity(rows);
-                        for row in scores.chunks_exact_mut(score_stride) {
-                            sums.push(exp_minus_max_in_place(&mut row[..kv_len]));
+                        for (row, lse) in scores
+                            .chunks_exact_mut(score_stride)
+                            .zip(lse_block[head..].iter_mut().step_by(heads))
+                        {
+                            let (max, sum) = exp_minus_max_in_place(&mut row[..kv_len]);
+                            *lse = max + sum.ln();
+                            sums.push(sum);
                         }
                         // out_h = exp(scores) · v_h, then each row divided by its sum.
                         let pv = StridedProduct {
@@ -619,8 +792,7 @@ pub(super) fn attention(
                     Ok::<(), candle_core::Error>(())
                 })
         })?;
-    drop((q_storage, k_storage, v_storage));
-    Tensor::from_vec(out, (batch, q_len, inner), &Device::Cpu).map(Some)
+    Ok(out)
 }
 
 /// `dst = scale · lhs · rhs` on one thread (the caller runs many at once), f32 matrices given by
@@ -678,9 +850,9 @@ impl StridedProduct {
     }
 }
 
-/// Replaces `row` by `exp(row − max(row))` and returns the sum of the new values: softmax
-/// before its division.
-fn exp_minus_max_in_place(row: &mut [f32]) -> f32 {
+/// Replaces `row` by `exp(row − max(row))` and returns the max and the sum of the new values:
+/// softmax before its division.
+fn exp_minus_max_in_place(row: &mut [f32]) -> (f32, f32) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU was just checked to have AVX-512F, the function's only requirement.
@@ -690,7 +862,7 @@ fn exp_minus_max_in_place(row: &mut [f32]) -> f32 {
 }
 
 /// [`exp_minus_max_in_place`] in plain Rust (three passes: max, exp, sum).
-fn exp_minus_max_in_place_portable(row: &mut [f32]) -> f32 {
+fn exp_minus_max_in_place_portable(row: &mut [f32]) -> (f32, f32) {
     const LANES: usize = 16;
     let mut lanes = [f32::NEG_INFINITY; LANES];
     let mut chunks = row.chunks_exact(LANES);
@@ -707,7 +879,7 @@ fn exp_minus_max_in_place_portable(row: &mut [f32]) -> f32 {
     for value in row.iter_mut() {
         *value = exp_non_positive(*value - max);
     }
-    sum_f64(row, |v| v) as f32
+    (max, sum_f64(row, |v| v) as f32)
 }
 
 /// The softmax numerator in AVX-512 intrinsics: LLVM does not vectorise the float → int
@@ -727,10 +899,10 @@ mod avx512 {
     }
 
     /// Same contract as the portable version: `row[i] = exp(row[i] − max(row))`, returns the
-    /// sum (f32 partial sums over 256 values, gathered in f64). Two passes: max, then exp and
-    /// sum together.
+    /// max and the sum (f32 partial sums over 256 values, gathered in f64). Two passes: max,
+    /// then exp and sum together.
     #[target_feature(enable = "avx512f")]
-    pub(super) fn exp_minus_max_in_place(row: &mut [f32]) -> f32 {
+    pub(super) fn exp_minus_max_in_place(row: &mut [f32]) -> (f32, f32) {
         let len = row.len();
         let ptr = row.as_mut_ptr();
         let mut max_lanes = _mm512_set1_ps(f32::NEG_INFINITY);
@@ -742,7 +914,8 @@ mod avx512 {
             max_lanes = _mm512_max_ps(max_lanes, v);
             i += LANES;
         }
-        let max = _mm512_set1_ps(_mm512_reduce_max_ps(max_lanes));
+        let row_max = _mm512_reduce_max_ps(max_lanes);
+        let max = _mm512_set1_ps(row_max);
         let mut total = 0f64;
         let mut i = 0;
         while i < len {
@@ -764,7 +937,7 @@ mod avx512 {
             let wide = _mm512_add_pd(_mm512_cvtps_pd(low), _mm512_cvtps_pd(high));
             total += _mm512_reduce_add_pd(wide);
         }
-        total as f32
+        (row_max, total as f32)
     }
 
     /// e^x for x ≤ 0, 16 lanes: the scalar `exp_non_positive`'s method (Cephes' polynomial),
@@ -814,8 +987,11 @@ mod avx512 {
                 let mut vector = values.clone();
                 let mut portable = values.clone();
                 // SAFETY: AVX-512F checked above.
-                let vector_sum = unsafe { super::exp_minus_max_in_place(&mut vector) };
-                let portable_sum = super::super::exp_minus_max_in_place_portable(&mut portable);
+                let (vector_max, vector_sum) =
+                    unsafe { super::exp_minus_max_in_place(&mut vector) };
+                let (portable_max, portable_sum) =
+                    super::super::exp_minus_max_in_place_portable(&mut portable);
+                assert_eq!(vector_max, portable_max);
                 for (v, p) in vector.iter().zip(&portable) {
                     assert!(
                         (v - p).abs() <= 2.5e-7 * p.abs().max(f32::MIN_POSITIVE),
@@ -826,7 +1002,7 @@ mod avx512 {
             }
             let mut row = [0.0, -200.0, f32::NEG_INFINITY, -1.0, f32::NAN];
             // SAFETY: AVX-512F checked above.
-            let sum = unsafe { super::exp_minus_max_in_place(&mut row) };
+            let (_, sum) = unsafe { super::exp_minus_max_in_place(&mut row) };
             assert!(sum.is_nan() && row[4].is_nan(), "NaN propagates");
             assert_eq!(row[..3], [1.0, 0.0, 0.0]);
             assert!((row[3] - (-1f32).exp()).abs() <= 1e-7);
@@ -838,7 +1014,7 @@ mod avx512 {
 /// |r| ≤ ln 2 / 2, a degree-6 polynomial for e^r, then 2^n through the exponent bits), written
 /// without branches so that loops over it vectorise, unlike libm's `expf`.
 #[inline(always)]
-fn exp_non_positive(x: f32) -> f32 {
+pub(super) fn exp_non_positive(x: f32) -> f32 {
     const LOG2_E: f32 = std::f32::consts::LOG2_E;
     // ln 2 split in two so that n·LN2_HI is exact.
     const LN2_HI: f32 = 0.693_359_4;
@@ -1061,13 +1237,13 @@ mod tests {
     }
 
     #[test]
-    fn conv_with_tracked_input_keeps_candle_differentiable_op() {
+    fn conv_with_tracked_input_stays_differentiable() {
         let conv = conv(2, 3, 3, 1, 1, true);
         let x = Var::from_tensor(&values(&[1, 2, 4, 4], 1, 0.0)).expect("var");
         let y = conv.forward(x.as_tensor()).expect("forward");
         assert!(
             nn::needs_backward(&y),
-            "the fused kernel has no backward pass"
+            "a tracked input runs a differentiable op"
         );
         let grads = y.sum_all().and_then(|s| s.backward()).expect("backward");
         assert!(grads.get(x.as_tensor()).is_some());
