@@ -92,12 +92,12 @@ where
     }
     let saved: Vec<Tensor> = inputs.iter().map(|t| t.detach()).collect();
     let output = segment(&saved)?;
-    if !output.track_op() {
-        return Ok(output);
-    }
     let tracked: Vec<usize> = (0..inputs.len())
         .filter(|&i| inputs[i].track_op())
         .collect();
+    if tracked.is_empty() && !output.track_op() {
+        return Ok(output);
+    }
     // No input carries a gradient, but the segment's own variables do: one of them becomes the
     // op's argument so that the op is part of the graph and its backward runs.
     let anchor = if tracked.is_empty() {
@@ -407,8 +407,8 @@ mod tests {
         let store = SegmentGradients::new();
         let out = checkpoint(&[x.as_tensor(), c.as_tensor()], &store, segment).unwrap();
         let checkpointed = loss(out);
-        let diff = (checkpointed.to_scalar::<f32>().unwrap() - plain.to_scalar::<f32>().unwrap())
-            .abs();
+        let diff =
+            (checkpointed.to_scalar::<f32>().unwrap() - plain.to_scalar::<f32>().unwrap()).abs();
         assert!(diff < 1e-5, "{diff}");
         let outer = checkpointed.backward().unwrap();
         let mut inner = store.take();
@@ -468,6 +468,30 @@ mod tests {
             let d = (a - got).unwrap().abs().unwrap().max_all().unwrap();
             assert!(d.to_scalar::<f32>().unwrap() < 1e-5);
         }
+    }
+
+    /// Frozen weights, an input that needs a gradient: the forward on the detached input builds
+    /// no graph, yet the gradient must still reach the input.
+    #[test]
+    fn gradient_reaches_the_input_through_frozen_weights() {
+        let device = Device::Cpu;
+        let w = Tensor::randn(0f32, 0.5, (3, 4), &device).unwrap();
+        let x = Var::randn(0f32, 1., (5, 4), &device).unwrap();
+        let segment = move |i: &[Tensor]| i[0].matmul(&w.t()?)?.tanh();
+        let plain = segment(&[x.as_tensor().clone()])
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let expected = plain.backward().unwrap();
+        let store = SegmentGradients::new();
+        let out = checkpoint(&[x.as_tensor()], &store, segment).unwrap();
+        assert!(out.track_op());
+        let grads = out.sum_all().unwrap().backward().unwrap();
+        let a = expected.get(x.as_tensor()).unwrap();
+        let b = grads.get(x.as_tensor()).unwrap();
+        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(d.to_scalar::<f32>().unwrap() < 1e-6);
+        assert!(store.is_empty());
     }
 
     #[test]
