@@ -929,11 +929,23 @@ impl Trainer {
         ema: Option<EmaConfig>,
         config: StepConfig,
     ) -> Result<Self, TrainError> {
+        let optimizer = AdamW::new(params, optimizer)?;
+        Self::with_optimizer(models, optimizer, schedule, ema, config)
+    }
+
+    /// A fresh run with a fresh `optimizer` (e.g. one with 8-bit moments), training its
+    /// parameters, with an EMA of them starting at their current values when `ema` is given.
+    pub fn with_optimizer(
+        models: TrainingModels,
+        optimizer: AdamW,
+        schedule: LrSchedule,
+        ema: Option<EmaConfig>,
+        config: StepConfig,
+    ) -> Result<Self, TrainError> {
         let ema = match ema {
-            Some(cfg) => Some(EmaModel::new(&params, cfg)?),
+            Some(cfg) => Some(EmaModel::new(optimizer.params(), cfg)?),
             None => None,
         };
-        let optimizer = AdamW::new(params, optimizer)?;
         Self::resume(models, optimizer, schedule, ema, config)
     }
 
