@@ -1015,4 +1015,191 @@ mod tests {
         let err = AdamW::from_state(params, optim.state(), tensors).unwrap_err();
         assert!(err.to_string().contains("exp_avg_sq.w"), "{err}");
     }
+
+    #[test]
+    fn dynamic_maps_are_bitsandbytes_shapes() {
+        let signed = dynamic_map(true);
+        let unsigned = dynamic_map(false);
+        for map in [&signed, &unsigned] {
+            assert!(map.windows(2).all(|w| w[0] < w[1]), "sorted, no repeats");
+            assert_eq!(map[255], 1.0);
+        }
+        // Signed: 127 negatives, 0, 127 positives below 1, then 1.
+        assert_eq!(signed[127], 0.0);
+        assert_eq!(signed.iter().filter(|v| **v < 0.0).count(), 127);
+        assert!((signed[0] + 0.99297).abs() < 1e-4, "{}", signed[0]);
+        // The smallest magnitudes: 10⁻⁶ · 0.55 (signed), 10⁻⁶ · 0.325 (unsigned).
+        assert!((signed[128] - 5.5e-7).abs() < 1e-12, "{}", signed[128]);
+        assert_eq!(unsigned[0], 0.0);
+        assert!((unsigned[1] - 3.25e-7).abs() < 1e-12, "{}", unsigned[1]);
+        // Dense near zero: half the codes for [0, 0.1), the other half for [0.1, 1].
+        assert_eq!(unsigned.iter().filter(|v| **v < 0.1).count(), 127);
+        assert_eq!(signed.iter().filter(|v| v.abs() < 0.1).count(), 127);
+    }
+
+    /// Quantise-dequantise round trips: every element within the spacing of the two map values
+    /// around it (half of it for plain rounding; a whole one where the sign rule moved it), the
+    /// block maxima exact, zeros exact.
+    #[test]
+    fn quantisation_round_trip_error_is_bounded_by_the_map_spacing() {
+        let device = Device::Cpu;
+        let n = 3 * 2048 + 123;
+        let normal = Tensor::randn(0f32, 1., n, &device).unwrap();
+        let mut values = normal.to_vec1::<f32>().unwrap();
+        // Blocks of very different scales, and exact zeros.
+        for (i, v) in values.iter_mut().enumerate() {
+            *v *= [1e-3f32, 1.0, 50.0, 1e-6][i / 2048];
+        }
+        values[5] = 0.0;
+        for signed in [true, false] {
+            let input: Vec<f32> = if signed {
+                values.clone()
+            } else {
+                values.iter().map(|v| v * v).collect()
+            };
+            let q = BlockwiseQuantized::quantize(&input, signed, 2048);
+            assert_eq!(q.absmax.len(), 4);
+            let map = q.map();
+            let back = q.dequantize();
+            for (i, (&x, &y)) in input.iter().zip(&back).enumerate() {
+                let absmax = q.absmax[i / 2048];
+                let normalised = x / absmax;
+                let upper = map.partition_point(|&v| v < normalised).clamp(1, 255);
+                let spacing = (map[upper] - map[upper - 1]) * absmax;
+                assert!(
+                    (x - y).abs() <= spacing * 1.0001,
+                    "{signed} {i}: {x} came back as {y} (spacing {spacing})"
+                );
+                if signed && x != 0.0 {
+                    assert!(y == 0.0 && x > 0.0 || y.signum() == x.signum(), "{x} {y}");
+                }
+            }
+            assert_eq!(back[5], 0.0);
+            // The largest positive element of a block is 1.0 on the map: exact.
+            for (block, &absmax) in input.chunks(2048).zip(&q.absmax) {
+                let max = block.iter().fold(f32::MIN, |m, &v| m.max(v));
+                if max == absmax {
+                    let i = block.iter().position(|&v| v == max).unwrap();
+                    let start = (block.as_ptr() as usize - input.as_ptr() as usize) / 4;
+                    assert_eq!(back[start + i], max);
+                }
+            }
+        }
+    }
+
+    /// One 8-bit step against a float reference: from zero moments, the moments the update uses
+    /// are exact, so the parameter moves exactly as bitsandbytes' formula (decay after the
+    /// update) computed in f64 says; the stored moments are the float ones within the map's
+    /// spacing. A small parameter keeps f32 moments.
+    #[test]
+    fn one_8bit_step_equals_the_float_formula() {
+        let device = Device::Cpu;
+        let n = 5000;
+        let start = Tensor::randn(0f32, 1., n, &device).unwrap();
+        let grad = Tensor::randn(0f32, 1e-2, n, &device).unwrap();
+        let small = Var::zeros(100, DType::F32, &device).unwrap();
+        let var = Var::from_tensor(&start).unwrap();
+        let config = AdamWConfig {
+            weight_decay: 0.1,
+            ..Default::default()
+        };
+        let mut optim = AdamW::with_storage(
+            vec![("big".into(), var.clone()), ("small".into(), small)],
+            config.clone(),
+            MomentStorage::Blockwise8Bit,
+        )
+        .unwrap();
+        assert!(optim.moments(0).is_none());
+        assert!(optim.moments(1).is_some());
+        let lr = 1e-3;
+        let small_grad = Tensor::ones(100, DType::F32, &device).unwrap();
+        optim
+            .step(&[Some(grad.clone()), Some(small_grad)], lr)
+            .unwrap();
+
+        let p0 = start.to_vec1::<f32>().unwrap();
+        let g = grad.to_vec1::<f32>().unwrap();
+        let p1 = var.as_tensor().to_vec1::<f32>().unwrap();
+        let (b1, b2, eps, wd) = (config.beta1, config.beta2, config.eps, config.weight_decay);
+        let mut worst = 0f64;
+        for i in 0..n {
+            let (p, g) = (f64::from(p0[i]), f64::from(g[i]));
+            let m = (1.0 - b1) * g;
+            let v = (1.0 - b2) * g * g;
+            let c2 = (1.0 - b2).sqrt();
+            let expected = (p - lr * c2 / (1.0 - b1) * m / (v.sqrt() + c2 * eps)) * (1.0 - lr * wd);
+            worst = worst.max((f64::from(p1[i]) - expected).abs());
+        }
+        // f32 arithmetic on values of order 1: a few ulps.
+        assert!(worst < 1e-6, "{worst}");
+
+        let (m, v) = optim.dequantized_moments(0).unwrap().unwrap();
+        let (m, v) = (m.to_vec1::<f32>().unwrap(), v.to_vec1::<f32>().unwrap());
+        // The kernel's f32 arithmetic from zero moments: (1 − β1)·g and (1 − β2)·g·g.
+        let (w1, w2) = (1.0 - b1 as f32, 1.0 - b2 as f32);
+        let m_ref: Vec<f32> = g.iter().map(|g| w1 * g).collect();
+        let v_ref: Vec<f32> = g.iter().map(|g| w2 * g * g).collect();
+        for (got, want, signed) in [(&m, &m_ref, true), (&v, &v_ref, false)] {
+            let q = BlockwiseQuantized::quantize(want, signed, BLOCK_SIZE_8BIT);
+            assert_eq!(&q.dequantize(), got);
+        }
+        // The small parameter took torch's f32 step: p = −lr · sign-ish update of 1.
+        let (_, small) = &optim.params()[1];
+        let value = small.as_tensor().to_vec1::<f32>().unwrap()[0];
+        assert!((value + 1e-3).abs() < 1e-6, "{value}");
+    }
+
+    /// The 8-bit state survives a checkpoint: a restored optimizer takes the same next step.
+    #[test]
+    fn eight_bit_state_round_trips_through_state_tensors() {
+        let device = Device::Cpu;
+        let make =
+            || Var::from_tensor(&Tensor::randn(0f32, 1., (80, 64), &device).unwrap()).unwrap();
+        let (a, b) = (make(), make());
+        b.set(a.as_tensor()).unwrap();
+        let grads: Vec<Tensor> = (0..3)
+            .map(|_| Tensor::randn(0f32, 1e-2, (80, 64), &device).unwrap())
+            .collect();
+        let mut first = AdamW::with_storage(
+            vec![("w".into(), a.clone())],
+            AdamWConfig::default(),
+            MomentStorage::Blockwise8Bit,
+        )
+        .unwrap();
+        first.step(&[Some(grads[0].clone())], 1e-3).unwrap();
+        first.step(&[Some(grads[1].clone())], 1e-3).unwrap();
+        let tensors = first.state_tensors().unwrap();
+        let mut names: Vec<&str> = tensors.iter().map(|(n, _)| n.as_str()).collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "exp_avg_absmax.w",
+                "exp_avg_q8.w",
+                "exp_avg_sq_absmax.w",
+                "exp_avg_sq_q8.w"
+            ]
+        );
+        b.set(a.as_tensor()).unwrap();
+        let mut restored = AdamW::from_state(
+            vec![("w".into(), b.clone())],
+            first.state(),
+            tensors.clone(),
+        )
+        .unwrap();
+        first.step(&[Some(grads[2].clone())], 1e-3).unwrap();
+        restored.step(&[Some(grads[2].clone())], 1e-3).unwrap();
+        let diff = (a.as_tensor() - b.as_tensor())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+        // A 32-bit state cannot read 8-bit tensors, and says which optimizer it expected.
+        let mut state = first.state();
+        state.moments = MomentStorage::Float32;
+        let err = AdamW::from_state(vec![("w".into(), b)], state, tensors).unwrap_err();
+        assert!(err.to_string().contains("exp_avg.w"), "{err}");
+    }
 }
