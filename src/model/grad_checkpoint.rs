@@ -177,7 +177,7 @@ impl Segment {
             .take()
             .ok_or_else(|| candle_core::Error::Msg("checkpoint segment ran twice".into()))?;
         let (storage, layout) = value.storage_and_layout();
-        let Some(storage) = pick(&*storage) else {
+        let Some(storage) = pick(&storage) else {
             candle_core::bail!("checkpoint segment: the output is on another device")
         };
         Ok((copy_of(storage, layout)?, layout.shape().clone()))

@@ -644,7 +644,8 @@ impl Adam8BitScalars {
             eps: config.eps as f32,
             correction2: correction2 as f32,
             step_size: (-lr * correction2 / correction1) as f32,
-            decay_mul: (config.weight_decay > 0.0).then(|| (1.0 - lr * config.weight_decay) as f32),
+            decay_mul: (config.weight_decay > 0.0)
+                .then_some((1.0 - lr * config.weight_decay) as f32),
         }
     }
 
