@@ -95,7 +95,8 @@ pub struct TrainArgs {
     /// Micro-batches per optimizer step.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub gradient_accumulation_steps: usize,
-    /// Not implemented: activations are kept (see docs/benchmarks.md for memory).
+    /// Recompute the UNet's resnets and transformers in the backward pass instead of keeping
+    /// their activations (less memory, one more forward pass of compute).
     #[arg(long)]
     pub gradient_checkpointing: bool,
     /// The learning rate (after warm-up).
@@ -124,7 +125,8 @@ pub struct TrainArgs {
     /// Not used: the EMA starts from the same weights as training.
     #[arg(long, value_name = "REV")]
     pub non_ema_revision: Option<String>,
-    /// Not available: AdamW runs in float32.
+    /// AdamW with block-wise 8-bit moments (bitsandbytes' AdamW8bit): 2 bytes of optimizer
+    /// state per parameter instead of 8.
     #[arg(long)]
     pub use_8bit_adam: bool,
     /// Not used (an NVIDIA Ampere setting).
@@ -255,16 +257,10 @@ fn notice(text: &str) {
 
 /// The notices for flags without meaning here; returns whether TensorBoard is wanted.
 fn meaningless_flags(args: &TrainArgs) -> Result<bool> {
-    if args.gradient_checkpointing {
-        notice("--gradient_checkpointing is not implemented: all activations are kept");
-    }
     if args.enable_xformers_memory_efficient_attention {
         notice(
             "--enable_xformers_memory_efficient_attention: xformers is a CUDA library; the CPU attention already runs without the full score matrix where no gradient is needed",
         );
-    }
-    if args.use_8bit_adam {
-        notice("--use_8bit_adam: bitsandbytes is not available; AdamW keeps float32 moments");
     }
     if args.allow_tf32 {
         notice("--allow_tf32 has no effect here (an NVIDIA Ampere setting)");
@@ -433,6 +429,8 @@ fn config_from_args(
         weight_decay: args.adam_weight_decay,
     };
     config.max_grad_norm = args.max_grad_norm;
+    config.use_8bit_adam = args.use_8bit_adam;
+    config.gradient_checkpointing = args.gradient_checkpointing;
     config.checkpointing_steps = args.checkpointing_steps;
     config.checkpoints_total_limit = args.checkpoints_total_limit;
     config.resume_from_checkpoint = args.resume_from_checkpoint.clone();

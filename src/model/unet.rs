@@ -9,6 +9,11 @@
 //! Every operation is differentiable (built on [`super::nn`]), so the same module trains. Attention
 //! projections are public [`Linear`]s under the same path as diffusers' weight names
 //! (`down_blocks[i].attentions[j].transformer_blocks[k].attn1.to_q`), so adapters can wrap them.
+//!
+//! With gradient checkpointing on ([`UNet2DConditionModel::enable_gradient_checkpointing`]),
+//! every resnet and transformer of the blocks (as diffusers checkpoints them), every up- and
+//! downsampler and the output head run as [`super::grad_checkpoint`] segments: a backward pass
+//! recomputes them one at a time instead of keeping their activations from the forward pass.
 
 #![warn(missing_docs)]
 
@@ -19,6 +24,7 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
+use super::grad_checkpoint::{SegmentGradients, checkpoint};
 use super::nn::{self, Conv2d, GroupNorm, LayerNorm, Linear};
 
 // ---------------------------------------------------------------------------------------------
@@ -1157,17 +1163,27 @@ impl DownBlock {
         temb_activated: &Tensor,
         context: &Tensor,
     ) -> Result<(Tensor, Vec<Tensor>)> {
+        self.forward_segments(Segments::Direct, x, temb_activated, context)
+    }
+
+    fn forward_segments(
+        &self,
+        segments: Segments,
+        x: &Tensor,
+        temb_activated: &Tensor,
+        context: &Tensor,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
         let mut states = Vec::with_capacity(self.resnets.len() + 1);
         let mut h = x.clone();
         for (i, resnet) in self.resnets.iter().enumerate() {
-            h = resnet.forward(&h, temb_activated)?;
+            h = segments.resnet(resnet, &h, None, temb_activated)?;
             if let Some(attention) = self.attentions.get(i) {
-                h = attention.forward(&h, context)?;
+                h = segments.transformer(attention, &h, context)?;
             }
             states.push(h.clone());
         }
         if let Some(downsampler) = &self.downsampler {
-            h = downsampler.forward(&h)?;
+            h = segments.downsample(downsampler, &h)?;
             states.push(h.clone());
         }
         Ok((h, states))
@@ -1186,13 +1202,23 @@ pub struct MidBlock {
 impl MidBlock {
     /// `x` [B, C, h, w] at the deepest level; returns the same shape.
     pub fn forward(&self, x: &Tensor, temb_activated: &Tensor, context: &Tensor) -> Result<Tensor> {
+        self.forward_segments(Segments::Direct, x, temb_activated, context)
+    }
+
+    fn forward_segments(
+        &self,
+        segments: Segments,
+        x: &Tensor,
+        temb_activated: &Tensor,
+        context: &Tensor,
+    ) -> Result<Tensor> {
         let Some((first, rest)) = self.resnets.split_first() else {
             return Ok(x.clone());
         };
-        let mut h = first.forward(x, temb_activated)?;
+        let mut h = segments.resnet(first, x, None, temb_activated)?;
         for (attention, resnet) in self.attentions.iter().zip(rest) {
-            h = attention.forward(&h, context)?;
-            h = resnet.forward(&h, temb_activated)?;
+            h = segments.transformer(attention, &h, context)?;
+            h = segments.resnet(resnet, &h, None, temb_activated)?;
         }
         Ok(h)
     }
@@ -1220,6 +1246,25 @@ impl UpBlock {
         context: &Tensor,
         upsample_size: Option<(usize, usize)>,
     ) -> Result<Tensor> {
+        self.forward_segments(
+            Segments::Direct,
+            x,
+            skips,
+            temb_activated,
+            context,
+            upsample_size,
+        )
+    }
+
+    fn forward_segments(
+        &self,
+        segments: Segments,
+        x: &Tensor,
+        skips: &[Tensor],
+        temb_activated: &Tensor,
+        context: &Tensor,
+        upsample_size: Option<(usize, usize)>,
+    ) -> Result<Tensor> {
         if skips.len() != self.resnets.len() {
             candle_core::bail!(
                 "UNet up block needs {} skip states, got {}",
@@ -1229,14 +1274,13 @@ impl UpBlock {
         }
         let mut h = x.clone();
         for (i, (resnet, skip)) in self.resnets.iter().zip(skips.iter().rev()).enumerate() {
-            h = Tensor::cat(&[&h, skip], 1)?;
-            h = resnet.forward(&h, temb_activated)?;
+            h = segments.resnet(resnet, &h, Some(skip), temb_activated)?;
             if let Some(attention) = self.attentions.get(i) {
-                h = attention.forward(&h, context)?;
+                h = segments.transformer(attention, &h, context)?;
             }
         }
         match &self.upsampler {
-            Some(upsampler) => upsampler.forward(&h, upsample_size),
+            Some(upsampler) => segments.upsample(upsampler, &h, upsample_size),
             None => Ok(h),
         }
     }
@@ -1273,6 +1317,105 @@ fn timestep_embedding(
 }
 
 // ---------------------------------------------------------------------------------------------
+// Checkpoint segments
+// ---------------------------------------------------------------------------------------------
+
+/// How the blocks run their parts: directly, or each resnet, transformer and sampler as a
+/// gradient-checkpoint segment whose weight gradients go to the given store.
+#[derive(Clone, Copy)]
+enum Segments<'a> {
+    Direct,
+    Checkpointed(&'a SegmentGradients),
+}
+
+impl Segments<'_> {
+    /// `resnet(cat[x, skip])` (the skip concatenated on the channels, as up blocks do); the
+    /// concatenation is inside the segment, so the outer graph keeps only `x` and `skip`.
+    fn resnet(
+        self,
+        resnet: &ResnetBlock2D,
+        x: &Tensor,
+        skip: Option<&Tensor>,
+        temb_activated: &Tensor,
+    ) -> Result<Tensor> {
+        match (self, skip) {
+            (Self::Direct, None) => resnet.forward(x, temb_activated),
+            (Self::Direct, Some(skip)) => {
+                resnet.forward(&Tensor::cat(&[x, skip], 1)?, temb_activated)
+            }
+            (Self::Checkpointed(grads), None) => {
+                let resnet = resnet.clone();
+                checkpoint(&[x, temb_activated], grads, move |i| {
+                    resnet.forward(&i[0], &i[1])
+                })
+            }
+            (Self::Checkpointed(grads), Some(skip)) => {
+                let resnet = resnet.clone();
+                checkpoint(&[x, skip, temb_activated], grads, move |i| {
+                    resnet.forward(&Tensor::cat(&[&i[0], &i[1]], 1)?, &i[2])
+                })
+            }
+        }
+    }
+
+    fn transformer(
+        self,
+        transformer: &Transformer2DModel,
+        x: &Tensor,
+        context: &Tensor,
+    ) -> Result<Tensor> {
+        match self {
+            Self::Direct => transformer.forward(x, context),
+            Self::Checkpointed(grads) => {
+                let transformer = transformer.clone();
+                checkpoint(&[x, context], grads, move |i| {
+                    transformer.forward(&i[0], &i[1])
+                })
+            }
+        }
+    }
+
+    fn downsample(self, downsampler: &Downsample2D, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Direct => downsampler.forward(x),
+            Self::Checkpointed(grads) => {
+                let downsampler = downsampler.clone();
+                checkpoint(&[x], grads, move |i| downsampler.forward(&i[0]))
+            }
+        }
+    }
+
+    fn upsample(
+        self,
+        upsampler: &Upsample2D,
+        x: &Tensor,
+        size: Option<(usize, usize)>,
+    ) -> Result<Tensor> {
+        match self {
+            Self::Direct => upsampler.forward(x, size),
+            Self::Checkpointed(grads) => {
+                let upsampler = upsampler.clone();
+                checkpoint(&[x], grads, move |i| upsampler.forward(&i[0], size))
+            }
+        }
+    }
+}
+
+/// The UNet's output head as one segment: group norm, activation, `conv_out`.
+struct OutputHead {
+    norm: GroupNorm,
+    conv: Conv2d,
+    act: Activation,
+}
+
+impl OutputHead {
+    fn forward(&self, h: &Tensor) -> Result<Tensor> {
+        self.conv
+            .forward(&self.act.apply_after_norm(&self.norm, h)?)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // The UNet
 // ---------------------------------------------------------------------------------------------
 
@@ -1297,6 +1440,8 @@ pub struct UNet2DConditionModel {
     pub conv_out: Conv2d,
     config: UNetConfig,
     act: Activation,
+    /// Where checkpointed segments put their weights' gradients; `None`: no checkpointing.
+    checkpointing: Option<SegmentGradients>,
 }
 
 impl UNet2DConditionModel {
@@ -1518,12 +1663,35 @@ impl UNet2DConditionModel {
             conv_out,
             config: config.clone(),
             act: resolved.act,
+            checkpointing: None,
         })
     }
 
     /// The config this network was built from.
     pub fn config(&self) -> &UNetConfig {
         &self.config
+    }
+
+    /// Turns gradient checkpointing on (diffusers' `enable_gradient_checkpointing`): forward
+    /// passes that build a graph keep only the inputs of each resnet, transformer, sampler and
+    /// the output head, and backward recomputes them. The gradients of the weights inside those
+    /// segments do not appear in the outer `backward()`'s store but in the returned
+    /// [`SegmentGradients`] (also [`UNet2DConditionModel::segment_gradients`]): add them to the
+    /// outer ones. Forward passes without a graph (inference) are unaffected.
+    pub fn enable_gradient_checkpointing(&mut self) -> SegmentGradients {
+        self.checkpointing
+            .get_or_insert_with(SegmentGradients::new)
+            .clone()
+    }
+
+    /// Turns gradient checkpointing off.
+    pub fn disable_gradient_checkpointing(&mut self) {
+        self.checkpointing = None;
+    }
+
+    /// The store of the checkpointed segments' weight gradients, when checkpointing is on.
+    pub fn segment_gradients(&self) -> Option<&SegmentGradients> {
+        self.checkpointing.as_ref()
     }
 
     /// Every attention of the transformers with its diffusers module path
@@ -1648,17 +1816,22 @@ impl UNet2DConditionModel {
         } else {
             sample.clone()
         };
+        let segments = match &self.checkpointing {
+            Some(grads) => Segments::Checkpointed(grads),
+            None => Segments::Direct,
+        };
         let mut h = self.conv_in.forward(&sample)?;
         let mut skips = vec![h.clone()];
         for block in &self.down_blocks {
-            let (out, states) = block.forward(&h, &temb_activated, encoder_hidden_states)?;
+            let (out, states) =
+                block.forward_segments(segments, &h, &temb_activated, encoder_hidden_states)?;
             h = out;
             skips.extend(states);
         }
 
         // 3. Mid.
         if let Some(mid) = &self.mid_block {
-            h = mid.forward(&h, &temb_activated, encoder_hidden_states)?;
+            h = mid.forward_segments(segments, &h, &temb_activated, encoder_hidden_states)?;
         }
 
         // 4. Up. When the input size is not a multiple of the total downscale factor, each
@@ -1679,7 +1852,8 @@ impl UNet2DConditionModel {
                 }
                 _ => None,
             };
-            h = block.forward(
+            h = block.forward_segments(
+                segments,
                 &h,
                 &block_skips,
                 &temb_activated,
@@ -1689,7 +1863,22 @@ impl UNet2DConditionModel {
         }
 
         // 5. Out.
-        let h = self.act.apply_after_norm(&self.conv_norm_out, &h)?;
+        match segments {
+            Segments::Direct => self.forward_head(&h),
+            Segments::Checkpointed(grads) => {
+                let head = OutputHead {
+                    norm: self.conv_norm_out.clone(),
+                    conv: self.conv_out.clone(),
+                    act: self.act,
+                };
+                checkpoint(&[&h], grads, move |i| head.forward(&i[0]))
+            }
+        }
+    }
+
+    /// The output head: norm, activation, `conv_out`.
+    fn forward_head(&self, h: &Tensor) -> Result<Tensor> {
+        let h = self.act.apply_after_norm(&self.conv_norm_out, h)?;
         self.conv_out.forward(&h)
     }
 }

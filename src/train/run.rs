@@ -63,7 +63,7 @@ use super::data::{
 use super::ema::{EmaConfig, EmaModel, EmaState};
 use super::lora::{LoraConfig, LoraError, UNetLora, lora_key};
 use super::metrics::{MetricsError, MetricsLog, StepMetrics, TensorBoardWriter};
-use super::optim::{AdamW, AdamWConfig, AdamWState};
+use super::optim::{AdamW, AdamWConfig, AdamWState, MomentStorage};
 use super::output::{OutputError, write_final_model};
 use super::schedule::{LrSchedule, LrScheduleKind, ScheduleError};
 use super::step::{StepConfig, StepDraws, TrainError, TrainLoadOptions, Trainer, TrainingModels};
@@ -176,6 +176,11 @@ pub struct TrainConfig {
     pub adam: AdamWConfig,
     /// `--max_grad_norm` (1).
     pub max_grad_norm: f64,
+    /// `--use_8bit_adam`: AdamW keeps block-wise 8-bit moments (bitsandbytes' `AdamW8bit`).
+    pub use_8bit_adam: bool,
+    /// `--gradient_checkpointing`: the UNet recomputes its blocks in backward instead of keeping
+    /// their activations.
+    pub gradient_checkpointing: bool,
     /// `--checkpointing_steps` (500).
     pub checkpointing_steps: u64,
     /// `--checkpoints_total_limit`.
@@ -222,6 +227,8 @@ impl TrainConfig {
             use_ema: false,
             adam: AdamWConfig::default(),
             max_grad_norm: 1.0,
+            use_8bit_adam: false,
+            gradient_checkpointing: false,
             checkpointing_steps: 500,
             checkpoints_total_limit: None,
             resume_from_checkpoint: None,
@@ -752,6 +759,15 @@ pub fn train(
         Some(lora) => lora.named_vars(),
         None => models.unet.params().to_vec(),
     };
+    if config.gradient_checkpointing {
+        // After the LoRA setup: freezing the base rebuilds the UNet.
+        models.unet.unet.enable_gradient_checkpointing();
+    }
+    let moment_storage = if config.use_8bit_adam {
+        MomentStorage::Blockwise8Bit
+    } else {
+        MomentStorage::Float32
+    };
     let trainable_parameters = params.iter().map(|(_, v)| v.elem_count()).sum();
 
     // The script's arithmetic.
@@ -832,14 +848,10 @@ pub fn train(
             (trainer, sampler, state.micro_batch_index)
         }
         None => {
-            let trainer = Trainer::with_trainable(
-                models,
-                params,
-                config.adam.clone(),
-                schedule,
-                ema_config,
-                step_config,
-            )?;
+            let optimizer = AdamW::with_storage(params, config.adam.clone(), moment_storage)
+                .map_err(TrainError::from)?;
+            let trainer =
+                Trainer::with_optimizer(models, optimizer, schedule, ema_config, step_config)?;
             let sampler =
                 EpochSampler::new(dataset.len(), config.train_batch_size, config.seed, flip)?;
             (trainer, sampler, 0)
@@ -932,6 +944,19 @@ fn check_resume_state(
             } else {
                 "without"
             }
+        )));
+    }
+    let moments = if config.use_8bit_adam {
+        MomentStorage::Blockwise8Bit
+    } else {
+        MomentStorage::Float32
+    };
+    if state.optimizer.moments != moments {
+        return Err(mismatch(format!(
+            "its optimizer is {}, this run asks for {} ({} --use_8bit_adam to resume it)",
+            state.optimizer.moments,
+            moments,
+            if config.use_8bit_adam { "drop" } else { "add" }
         )));
     }
     if state.examples != examples || state.train_batch_size != config.train_batch_size {

@@ -817,11 +817,23 @@ impl Trainer {
         ema: Option<EmaConfig>,
         config: StepConfig,
     ) -> Result<Self, TrainError> {
+        let optimizer = AdamW::new(params, optimizer)?;
+        Self::with_optimizer(models, optimizer, schedule, ema, config)
+    }
+
+    /// A fresh run with a fresh `optimizer` (e.g. one with 8-bit moments), training its
+    /// parameters, with an EMA of them starting at their current values when `ema` is given.
+    pub fn with_optimizer(
+        models: TrainingModels,
+        optimizer: AdamW,
+        schedule: LrSchedule,
+        ema: Option<EmaConfig>,
+        config: StepConfig,
+    ) -> Result<Self, TrainError> {
         let ema = match ema {
-            Some(cfg) => Some(EmaModel::new(&params, cfg)?),
+            Some(cfg) => Some(EmaModel::new(optimizer.params(), cfg)?),
             None => None,
         };
-        let optimizer = AdamW::new(params, optimizer)?;
         Self::resume(models, optimizer, schedule, ema, config)
     }
 
@@ -928,6 +940,12 @@ impl Trainer {
         batch: &TrainBatch,
         draws: &StepDraws,
     ) -> Result<MicroBatchReport, TrainError> {
+        // With gradient checkpointing, the weights inside the UNet's segments get their
+        // gradients from the segments' recomputation, into this store, not from `backward()`.
+        let segment_grads = self.models.unet.unet.segment_gradients().cloned();
+        if let Some(store) = &segment_grads {
+            store.clear();
+        }
         let out =
             self.models
                 .micro_batch_loss(batch, draws, self.config.conditioning_dropout_prob)?;
@@ -936,9 +954,15 @@ impl Trainer {
         // accelerator.backward divides by the accumulation steps.
         let scaled = (&out.loss / k as f64).stage("scaling the loss")?;
         let grads = scaled.backward().stage("backward")?;
+        let dropped = out.dropped;
+        let mut inner = segment_grads.map(|s| s.take()).unwrap_or_default();
         for (slot, (_, var)) in self.grads.iter_mut().zip(self.optimizer.params()) {
-            if let Some(grad) = grads.get(var.as_tensor()) {
-                let grad = grad.detach();
+            let outer = grads.get(var.as_tensor()).map(Tensor::detach);
+            let grad = match (outer, inner.remove(&var.as_tensor().id())) {
+                (Some(a), Some(b)) => Some((a + b).stage("merging segment gradients")?),
+                (a, b) => a.or(b),
+            };
+            if let Some(grad) = grad {
                 *slot = Some(match slot.take() {
                     Some(sum) => (sum + grad).stage("accumulating gradients")?,
                     None => grad,
@@ -949,7 +973,7 @@ impl Trainer {
         self.train_loss += f64::from(loss_value) / k as f64;
         Ok(MicroBatchReport {
             loss: loss_value,
-            dropped: out.dropped,
+            dropped,
         })
     }
 

@@ -108,11 +108,12 @@ fn script_flags_aliases_and_notices() {
             "1",
             "--checkpoints-total-limit",
             "1",
+            // memory savers that take effect
+            "--use_8bit_adam",
+            "--gradient_checkpointing",
             // flags without meaning here
             "--enable_xformers_memory_efficient_attention",
-            "--use_8bit_adam",
             "--allow_tf32",
-            "--gradient_checkpointing",
             "--push_to_hub",
             "--hub_model_id",
             "me/model",
@@ -134,9 +135,7 @@ fn script_flags_aliases_and_notices() {
     assert!(output.status.success(), "{stderr}");
     for flag in [
         "--enable_xformers_memory_efficient_attention",
-        "--use_8bit_adam",
         "--allow_tf32",
-        "--gradient_checkpointing",
         "--push_to_hub",
         "--mixed_precision fp16",
         "--report_to wandb",
