@@ -23,6 +23,10 @@
 //! Parameters of fewer than [`MIN_8BIT_SIZE`] elements keep f32 moments and the update above
 //! (bitsandbytes' `min_8bit_size`). The 8-bit state lives in host memory whatever the device:
 //! 2 bytes per parameter instead of 8.
+//!
+//! This file owns [`AdamW`] (state, checkpoint tensors, the step), the fused f32 CPU passes and
+//! gradient clipping; the 8-bit maps, block-wise quantisation and the 8-bit update live in
+//! `adam8bit`, re-exported here.
 
 use std::sync::Mutex;
 

@@ -43,6 +43,10 @@
 //! bad ones are left out, otherwise the run stops with [`RunError::BadExamples`] listing them.
 //! An example that passes the check but fails to decode later is skipped with a
 //! [`TrainEvent::Notice`], never a crash.
+//!
+//! This file owns the loop itself ([`train`], checkpoint saving and resuming, validation);
+//! the settings live in `config` ([`TrainConfig`]) and what the run reports in `events`
+//! ([`RunError`], [`TrainControl`], [`TrainEvent`]), both re-exported here.
 
 mod config;
 mod events;
