@@ -56,7 +56,8 @@ pub struct ValidationConfig {
 }
 
 /// Every setting of a training run, the script's flags by their meaning. Build it with
-/// [`TrainConfig::new`] (the script's defaults) and set fields; [`train`](super::train) validates it first.
+/// [`TrainConfig::new`] (the script's defaults) and set fields; [`train`](super::train)
+/// validates it first.
 #[derive(Debug, Clone)]
 pub struct TrainConfig {
     /// `--pretrained_model_name_or_path`, resolved to a local pipeline folder (diffusers'

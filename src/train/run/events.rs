@@ -209,7 +209,7 @@ pub struct ValidationEvent {
     pub paths: Vec<PathBuf>,
 }
 
-/// What [`train`] reports while it runs.
+/// What [`train`](super::train) reports while it runs.
 #[derive(Debug, Clone)]
 pub enum TrainEvent {
     /// Something the user should know that is not an error (one line).
@@ -235,7 +235,7 @@ pub enum TrainEvent {
     Resumed,
     /// Validation edits are ready.
     Validation(ValidationEvent),
-    /// The run ended (also returned by [`train`]).
+    /// The run ended (also returned by [`train`](super::train)).
     Finished(TrainOutcome),
 }
 
