@@ -223,173 +223,120 @@ impl Segment {
 
 const NAME: &str = "checkpoint-segment";
 
-impl CustomOp1 for Segment {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.output(|s| match s {
-            Storage::Cpu(s) => Some(s),
-            _ => None,
-        })
-    }
-
-    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
-        self.output(|s| match s {
-            Storage::Cuda(s) => Some(s),
-            _ => None,
-        })
-    }
-
-    fn metal_fwd(&self, _: &MetalStorage, _: &Layout) -> Result<(MetalStorage, Shape)> {
-        self.output(|s| match s {
-            Storage::Metal(s) => Some(s),
-            _ => None,
-        })
-    }
-
-    fn bwd(&self, _: &Tensor, _: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let mut grads = self.backward(grad_res)?.into_iter();
-        Ok(grads.next().flatten())
+fn cpu_storage(storage: &Storage) -> Option<&CpuStorage> {
+    match storage {
+        Storage::Cpu(s) => Some(s),
+        _ => None,
     }
 }
 
-impl CustomOp2 for Segment {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.output(|s| match s {
-            Storage::Cpu(s) => Some(s),
-            _ => None,
-        })
-    }
-
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        self.output(|s| match s {
-            Storage::Cuda(s) => Some(s),
-            _ => None,
-        })
-    }
-
-    fn metal_fwd(
-        &self,
-        _: &MetalStorage,
-        _: &Layout,
-        _: &MetalStorage,
-        _: &Layout,
-    ) -> Result<(MetalStorage, Shape)> {
-        self.output(|s| match s {
-            Storage::Metal(s) => Some(s),
-            _ => None,
-        })
-    }
-
-    fn bwd(
-        &self,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        grad_res: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let mut grads = self.backward(grad_res)?.into_iter();
-        Ok((grads.next().flatten(), grads.next().flatten()))
+fn cuda_storage(storage: &Storage) -> Option<&CudaStorage> {
+    match storage {
+        Storage::Cuda(s) => Some(s),
+        _ => None,
     }
 }
 
-impl CustomOp3 for Segment {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.output(|s| match s {
-            Storage::Cpu(s) => Some(s),
-            _ => None,
-        })
-    }
-
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        self.output(|s| match s {
-            Storage::Cuda(s) => Some(s),
-            _ => None,
-        })
-    }
-
-    fn metal_fwd(
-        &self,
-        _: &MetalStorage,
-        _: &Layout,
-        _: &MetalStorage,
-        _: &Layout,
-        _: &MetalStorage,
-        _: &Layout,
-    ) -> Result<(MetalStorage, Shape)> {
-        self.output(|s| match s {
-            Storage::Metal(s) => Some(s),
-            _ => None,
-        })
-    }
-
-    fn bwd(
-        &self,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        grad_res: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let mut grads = self.backward(grad_res)?.into_iter();
-        Ok((
-            grads.next().flatten(),
-            grads.next().flatten(),
-            grads.next().flatten(),
-        ))
+fn metal_storage(storage: &Storage) -> Option<&MetalStorage> {
+    match storage {
+        Storage::Metal(s) => Some(s),
+        _ => None,
     }
 }
+
+/// The op of each arity (one to three arguments) does the same: its forward hands out the stored
+/// output whatever the arguments, its backward the gradients from [`Segment::backward`] in
+/// argument order. Only the argument lists differ, so one macro writes the three impls; `$take`
+/// builds the `bwd` result from the gradient iterator `$grads`.
+macro_rules! impl_segment_op {
+    (
+        $op:ident,
+        [$(($storage:ident, $layout:ident, $arg:ident)),+],
+        $result:ty,
+        |$grads:ident| $take:expr
+    ) => {
+        impl $op for Segment {
+            fn name(&self) -> &'static str {
+                NAME
+            }
+
+            fn cpu_fwd(
+                &self,
+                $($storage: &CpuStorage, $layout: &Layout),+
+            ) -> Result<(CpuStorage, Shape)> {
+                self.output(cpu_storage)
+            }
+
+            fn cuda_fwd(
+                &self,
+                $($storage: &CudaStorage, $layout: &Layout),+
+            ) -> Result<(CudaStorage, Shape)> {
+                self.output(cuda_storage)
+            }
+
+            fn metal_fwd(
+                &self,
+                $($storage: &MetalStorage, $layout: &Layout),+
+            ) -> Result<(MetalStorage, Shape)> {
+                self.output(metal_storage)
+            }
+
+            fn bwd(
+                &self,
+                $($arg: &Tensor,)+
+                _res: &Tensor,
+                grad_res: &Tensor,
+            ) -> Result<$result> {
+                let mut $grads = self.backward(grad_res)?.into_iter();
+                Ok($take)
+            }
+        }
+    };
+}
+
+impl_segment_op!(CustomOp1, [(_s1, _l1, _a1)], Option<Tensor>, |grads| grads
+    .next()
+    .flatten());
+impl_segment_op!(
+    CustomOp2,
+    [(_s1, _l1, _a1), (_s2, _l2, _a2)],
+    (Option<Tensor>, Option<Tensor>),
+    |grads| (grads.next().flatten(), grads.next().flatten())
+);
+impl_segment_op!(
+    CustomOp3,
+    [(_s1, _l1, _a1), (_s2, _l2, _a2), (_s3, _l3, _a3)],
+    (Option<Tensor>, Option<Tensor>, Option<Tensor>),
+    |grads| (
+        grads.next().flatten(),
+        grads.next().flatten(),
+        grads.next().flatten()
+    )
+);
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::{Device, Module};
 
+    /// The weights of a two-layer segment 4 → 6 → 3, as variables.
+    fn two_layer_weights(device: &Device) -> (Var, Var) {
+        let w1 = Var::randn(0f32, 0.5, (6, 4), device).unwrap();
+        let w2 = Var::randn(0f32, 0.5, (3, 6), device).unwrap();
+        (w1, w2)
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        d.to_scalar::<f32>().unwrap()
+    }
+
     /// A two-layer segment `tanh(x W1ᵀ) W2ᵀ + c` with weights as variables: its gradients with
     /// and without checkpointing agree, for the input, the side input and both weights.
     #[test]
     fn checkpointed_segment_has_the_same_gradients() {
         let device = Device::Cpu;
-        let w1 = Var::randn(0f32, 0.5, (6, 4), &device).unwrap();
-        let w2 = Var::randn(0f32, 0.5, (3, 6), &device).unwrap();
+        let (w1, w2) = two_layer_weights(&device);
         let x = Var::randn(0f32, 1., (5, 4), &device).unwrap();
         let c = Var::randn(0f32, 1., (5, 3), &device).unwrap();
         let weights = (w1.as_tensor().clone(), w2.as_tensor().clone());
@@ -416,15 +363,13 @@ mod tests {
         for var in [&x, &c] {
             let a = plain_grads.get(var.as_tensor()).unwrap();
             let b = outer.get(var.as_tensor()).unwrap();
-            let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-            assert!(d.to_scalar::<f32>().unwrap() < 1e-5);
+            assert!(max_abs_diff(a, b) < 1e-5);
         }
         for var in [&w1, &w2] {
             assert!(outer.get(var.as_tensor()).is_none());
             let a = plain_grads.get(var.as_tensor()).unwrap();
             let b = inner.remove(&var.as_tensor().id()).unwrap();
-            let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-            assert!(d.to_scalar::<f32>().unwrap() < 1e-5);
+            assert!(max_abs_diff(a, &b) < 1e-5);
         }
         assert!(inner.is_empty());
     }
@@ -434,8 +379,7 @@ mod tests {
     #[test]
     fn segment_with_frozen_inputs_still_trains_its_weights() {
         let device = Device::Cpu;
-        let w1 = Var::randn(0f32, 0.5, (6, 4), &device).unwrap();
-        let w2 = Var::randn(0f32, 0.5, (3, 6), &device).unwrap();
+        let (w1, w2) = two_layer_weights(&device);
         let x = Tensor::randn(0f32, 1., (5, 4), &device).unwrap();
         let weights = (w1.as_tensor().clone(), w2.as_tensor().clone());
         let segment = move |i: &[Tensor]| -> Result<Tensor> {
@@ -465,8 +409,7 @@ mod tests {
                 None => inner.remove(&var.as_tensor().id()).unwrap(),
             };
             let a = plain_grads.get(var.as_tensor()).unwrap();
-            let d = (a - got).unwrap().abs().unwrap().max_all().unwrap();
-            assert!(d.to_scalar::<f32>().unwrap() < 1e-5);
+            assert!(max_abs_diff(a, &got) < 1e-5);
         }
     }
 
@@ -489,8 +432,7 @@ mod tests {
         let grads = out.sum_all().unwrap().backward().unwrap();
         let a = expected.get(x.as_tensor()).unwrap();
         let b = grads.get(x.as_tensor()).unwrap();
-        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-        assert!(d.to_scalar::<f32>().unwrap() < 1e-6);
+        assert!(max_abs_diff(a, b) < 1e-6);
         assert!(store.is_empty());
     }
 
