@@ -223,27 +223,6 @@ impl Segment {
 
 const NAME: &str = "checkpoint-segment";
 
-fn cpu_storage(storage: &Storage) -> Option<&CpuStorage> {
-    match storage {
-        Storage::Cpu(s) => Some(s),
-        _ => None,
-    }
-}
-
-fn cuda_storage(storage: &Storage) -> Option<&CudaStorage> {
-    match storage {
-        Storage::Cuda(s) => Some(s),
-        _ => None,
-    }
-}
-
-fn metal_storage(storage: &Storage) -> Option<&MetalStorage> {
-    match storage {
-        Storage::Metal(s) => Some(s),
-        _ => None,
-    }
-}
-
 /// The op of each arity (one to three arguments) does the same: its forward hands out the stored
 /// output whatever the arguments, its backward the gradients from [`Segment::backward`] in
 /// argument order. Only the argument lists differ, so one macro writes the three impls; `$take`
@@ -260,26 +239,9 @@ macro_rules! impl_segment_op {
                 NAME
             }
 
-            fn cpu_fwd(
-                &self,
-                $($storage: &CpuStorage, $layout: &Layout),+
-            ) -> Result<(CpuStorage, Shape)> {
-                self.output(cpu_storage)
-            }
-
-            fn cuda_fwd(
-                &self,
-                $($storage: &CudaStorage, $layout: &Layout),+
-            ) -> Result<(CudaStorage, Shape)> {
-                self.output(cuda_storage)
-            }
-
-            fn metal_fwd(
-                &self,
-                $($storage: &MetalStorage, $layout: &Layout),+
-            ) -> Result<(MetalStorage, Shape)> {
-                self.output(metal_storage)
-            }
+            impl_segment_op!(@fwd cpu_fwd, Cpu, CpuStorage, [$($storage, $layout),+]);
+            impl_segment_op!(@fwd cuda_fwd, Cuda, CudaStorage, [$($storage, $layout),+]);
+            impl_segment_op!(@fwd metal_fwd, Metal, MetalStorage, [$($storage, $layout),+]);
 
             fn bwd(
                 &self,
@@ -290,6 +252,18 @@ macro_rules! impl_segment_op {
                 let mut $grads = self.backward(grad_res)?.into_iter();
                 Ok($take)
             }
+        }
+    };
+    // A device's forward: the stored output, taken from that device's storage.
+    (@fwd $fwd:ident, $device:ident, $storage_type:ident, [$($storage:ident, $layout:ident),+]) => {
+        fn $fwd(
+            &self,
+            $($storage: &$storage_type, $layout: &Layout),+
+        ) -> Result<($storage_type, Shape)> {
+            self.output(|s| match s {
+                Storage::$device(s) => Some(s),
+                _ => None,
+            })
         }
     };
 }
