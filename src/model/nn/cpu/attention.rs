@@ -4,9 +4,9 @@
 //! exponential are shared with the differentiable kernel of `grad_attention.rs`.
 
 use candle_core::{DType, Device, Result, Tensor};
-use gemm::Parallelism;
 use rayon::prelude::*;
 
+use super::super::product::{Product, Threads};
 use super::{contiguous_slice, sum_f64};
 
 /// Query rows per attention task: a multiple of the f32 GEMM micro-kernel's 48 rows, and enough
@@ -162,16 +162,23 @@ pub(in crate::model::nn) fn attention_forward(
                     for head in 0..heads {
                         let column = head * head_dim;
                         // scores = scale · q_h · k_hᵀ.
-                        let qk = StridedProduct {
+                        let qk = Product {
                             m: rows,
                             n: kv_len,
                             k: head_dim,
                             dst: (score_stride, 1),
                             lhs: (inner, 1),
                             rhs: (1, inner),
-                            scale,
                         };
-                        qk.run(scores, &q_block[column..], &k_image[column..])?;
+                        // One thread per product: the blocks run in parallel.
+                        qk.run(
+                            scores,
+                            &q_block[column..],
+                            &k_image[column..],
+                            scale,
+                            false,
+                            Threads::One,
+                        )?;
                         let mut sums = Vec::with_capacity(rows);
                         for (row, lse) in scores
                             .chunks_exact_mut(score_stride)
@@ -182,16 +189,22 @@ pub(in crate::model::nn) fn attention_forward(
                             sums.push(sum);
                         }
                         // out_h = exp(scores) · v_h, then each row divided by its sum.
-                        let pv = StridedProduct {
+                        let pv = Product {
                             m: rows,
                             n: head_dim,
                             k: kv_len,
                             dst: (inner, 1),
                             lhs: (score_stride, 1),
                             rhs: (inner, 1),
-                            scale: 1.0,
                         };
-                        pv.run(&mut out_block[column..], scores, &v_image[column..])?;
+                        pv.run(
+                            &mut out_block[column..],
+                            scores,
+                            &v_image[column..],
+                            1.0,
+                            false,
+                            Threads::One,
+                        )?;
                         for (row, sum) in out_block.chunks_exact_mut(inner).zip(&sums) {
                             for value in &mut row[column..column + head_dim] {
                                 *value /= sum;
@@ -202,61 +215,6 @@ pub(in crate::model::nn) fn attention_forward(
                 })
         })?;
     Ok(out)
-}
-
-/// `dst = scale · lhs · rhs` on one thread (the caller runs many at once), f32 matrices given by
-/// (row stride, column stride) in elements.
-#[derive(Debug, Clone, Copy)]
-struct StridedProduct {
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: (usize, usize),
-    lhs: (usize, usize),
-    rhs: (usize, usize),
-    scale: f32,
-}
-
-impl StridedProduct {
-    fn run(&self, dst: &mut [f32], lhs: &[f32], rhs: &[f32]) -> Result<()> {
-        let last = |rows: usize, cols: usize, (rs, cs): (usize, usize)| match (rows, cols) {
-            (0, _) | (_, 0) => 0,
-            (rows, cols) => (rows - 1) * rs + (cols - 1) * cs + 1,
-        };
-        if dst.len() < last(self.m, self.n, self.dst)
-            || lhs.len() < last(self.m, self.k, self.lhs)
-            || rhs.len() < last(self.k, self.n, self.rhs)
-        {
-            candle_core::bail!("attention kernel: matrix product {self:?} out of its buffers");
-        }
-        // SAFETY: the checks above keep every element read or written inside `lhs`, `rhs` and
-        // `dst` (the furthest one being (rows − 1)·row stride + (cols − 1)·column stride);
-        // `dst` is borrowed mutably, so it aliases neither input.
-        unsafe {
-            gemm::gemm(
-                self.m,
-                self.n,
-                self.k,
-                dst.as_mut_ptr(),
-                self.dst.1 as isize,
-                self.dst.0 as isize,
-                false,
-                lhs.as_ptr(),
-                self.lhs.1 as isize,
-                self.lhs.0 as isize,
-                rhs.as_ptr(),
-                self.rhs.1 as isize,
-                self.rhs.0 as isize,
-                0.0,
-                self.scale,
-                false,
-                false,
-                false,
-                Parallelism::None,
-            );
-        }
-        Ok(())
-    }
 }
 
 /// Replaces `row` by `exp(row − max(row))` and returns the max and the sum of the new values:
