@@ -400,22 +400,10 @@ pub(super) fn group_norm(
     eps: f64,
     silu: bool,
 ) -> Result<Option<Tensor>> {
-    let all_f32 = [x, weight, bias].iter().all(|t| t.dtype() == DType::F32);
-    let on_cpu = [x, weight, bias].iter().all(|t| t.device().is_cpu());
-    if !all_f32 || !on_cpu || x.rank() < 3 || groups == 0 {
+    let Some(norm) = GroupNormShape::of(x, weight, bias, groups, eps) else {
         return Ok(None);
-    }
+    };
     let dims = x.dims();
-    let channels = dims[1];
-    if !channels.is_multiple_of(groups)
-        || weight.dims() != [channels]
-        || bias.dims() != [channels]
-        || x.elem_count() == 0
-    {
-        return Ok(None);
-    }
-    let spatial: usize = dims[2..].iter().product();
-
     let x = x.contiguous()?;
     let (x_storage, x_layout) = x.storage_and_layout();
     let (w_storage, w_layout) = weight.storage_and_layout();
@@ -423,12 +411,6 @@ pub(super) fn group_norm(
     let x_data = contiguous_slice::<f32>(&x_storage, x_layout)?;
     let w_data = strided_vector::<f32>(&w_storage, w_layout)?;
     let b_data = strided_vector::<f32>(&b_storage, b_layout)?;
-    let norm = GroupNormShape {
-        groups,
-        channels,
-        spatial,
-        eps,
-    };
     let out = group_norm_forward(x_data, &w_data, &b_data, &norm, silu);
     drop(x_storage);
     Tensor::from_vec(out, dims, &Device::Cpu).map(Some)
@@ -445,6 +427,38 @@ pub(super) struct GroupNormShape {
 }
 
 impl GroupNormShape {
+    /// The shape of a group norm of `x` [B, C, ...] by per-channel `weight` and `bias` in
+    /// `groups` groups, when the fused kernels apply to it: all f32 on the CPU, C a multiple of
+    /// `groups`, nothing empty. `None` sends the caller to candle's ops.
+    pub(super) fn of(
+        x: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        groups: usize,
+        eps: f64,
+    ) -> Option<Self> {
+        let all_f32 = [x, weight, bias].iter().all(|t| t.dtype() == DType::F32);
+        let on_cpu = [x, weight, bias].iter().all(|t| t.device().is_cpu());
+        if !all_f32 || !on_cpu || x.rank() < 3 || groups == 0 {
+            return None;
+        }
+        let dims = x.dims();
+        let channels = dims[1];
+        if !channels.is_multiple_of(groups)
+            || weight.dims() != [channels]
+            || bias.dims() != [channels]
+            || x.elem_count() == 0
+        {
+            return None;
+        }
+        Some(Self {
+            groups,
+            channels,
+            spatial: dims[2..].iter().product(),
+            eps,
+        })
+    }
+
     pub(super) fn channels_per_group(&self) -> usize {
         self.channels / self.groups
     }

@@ -23,25 +23,11 @@ pub fn group_norm(
     eps: f64,
     silu: bool,
 ) -> Result<Option<Tensor>> {
-    if !applies(&[x, weight, bias]) || x.rank() < 3 || groups == 0 {
+    let Some(shape) = GroupNormShape::of(x, weight, bias, groups, eps) else {
         return Ok(None);
-    }
-    let dims = x.dims();
-    let channels = dims[1];
-    if !channels.is_multiple_of(groups)
-        || weight.dims() != [channels]
-        || bias.dims() != [channels]
-        || x.elem_count() == 0
-    {
-        return Ok(None);
-    }
+    };
     let op = GroupNormOp {
-        shape: GroupNormShape {
-            groups,
-            channels,
-            spatial: dims[2..].iter().product(),
-            eps,
-        },
+        shape,
         silu,
         tracked: Tracked::of(x, weight, bias),
     };
