@@ -427,6 +427,15 @@ pub(super) struct GroupNormShape {
 }
 
 impl GroupNormShape {
+    pub(super) fn channels_per_group(&self) -> usize {
+        self.channels / self.groups
+    }
+
+    /// Values in one group of one image.
+    pub(super) fn group_len(&self) -> usize {
+        self.channels_per_group() * self.spatial
+    }
+
     /// The shape of a group norm of `x` [B, C, ...] by per-channel `weight` and `bias` in
     /// `groups` groups, when the fused kernels apply to it: all f32 on the CPU, C a multiple of
     /// `groups`, nothing empty. `None` sends the caller to candle's ops.
@@ -457,15 +466,6 @@ impl GroupNormShape {
             spatial: dims[2..].iter().product(),
             eps,
         })
-    }
-
-    pub(super) fn channels_per_group(&self) -> usize {
-        self.channels / self.groups
-    }
-
-    /// Values in one group of one image.
-    pub(super) fn group_len(&self) -> usize {
-        self.channels_per_group() * self.spatial
     }
 }
 
