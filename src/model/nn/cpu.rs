@@ -725,6 +725,17 @@ mod tests {
             .expect("kernel applies")
     }
 
+    /// How far the fused result is from candle's convolution.
+    fn diff_from_candle(conv: &Conv2d, x: &Tensor) -> f32 {
+        relative_diff(&cpu_conv(conv, x), &conv.forward_candle(x).expect("candle"))
+    }
+
+    /// `conv` with its weight and bias cast to `dtype`.
+    fn conv_in(conv: &Conv2d, dtype: DType) -> Conv2d {
+        let cast = |t: &Tensor| t.to_dtype(dtype).expect("cast");
+        Conv2d::new(cast(conv.weight()), conv.bias().map(cast), *conv.config())
+    }
+
     #[test]
     fn conv_reads_non_contiguous_inputs_and_f64() {
         let conv = conv(4, 3, 3, 1, 1, true);
@@ -733,43 +744,26 @@ mod tests {
             .permute((0, 2, 3, 1))
             .expect("permute");
         assert!(!x.is_contiguous());
-        let diff = relative_diff(
-            &cpu_conv(&conv, &x),
-            &conv.forward_candle(&x).expect("candle"),
-        );
+        let diff = diff_from_candle(&conv, &x);
         assert!(
             diff <= TOLERANCE,
             "strided input: relative difference {diff}"
         );
 
-        let to_f64 = |t: &Tensor| t.to_dtype(DType::F64).expect("cast");
-        let conv64 = Conv2d::new(
-            to_f64(conv.weight()),
-            conv.bias().map(to_f64),
-            *conv.config(),
-        );
-        let x64 = to_f64(&x);
-        let diff = relative_diff(
-            &cpu_conv(&conv64, &x64),
-            &conv64.forward_candle(&x64).expect("candle"),
-        );
+        let conv64 = conv_in(&conv, DType::F64);
+        let x64 = x.to_dtype(DType::F64).expect("cast");
+        let diff = diff_from_candle(&conv64, &x64);
         assert!(diff <= 1e-12, "f64: relative difference {diff}");
     }
 
     #[test]
     fn conv_in_f16_matches_candle() {
         let conv = conv(6, 5, 3, 1, 1, true);
-        let to_f16 = |t: &Tensor| t.to_dtype(DType::F16).expect("cast");
-        let conv16 = Conv2d::new(
-            to_f16(conv.weight()),
-            conv.bias().map(to_f16),
-            *conv.config(),
-        );
-        let x = to_f16(&values(&[2, 6, 5, 4], 9, 0.0));
-        let diff = relative_diff(
-            &cpu_conv(&conv16, &x),
-            &conv16.forward_candle(&x).expect("candle"),
-        );
+        let conv16 = conv_in(&conv, DType::F16);
+        let x = values(&[2, 6, 5, 4], 9, 0.0)
+            .to_dtype(DType::F16)
+            .expect("cast");
+        let diff = diff_from_candle(&conv16, &x);
         // Half precision: both sides round products and sums to 11-bit mantissas.
         assert!(diff <= 5e-3, "f16: relative difference {diff}");
     }
