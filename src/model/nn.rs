@@ -17,6 +17,7 @@ use candle_core::{D, DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 mod cpu;
+mod fused_op;
 mod grad_attention;
 mod grad_conv;
 mod grad_norm;

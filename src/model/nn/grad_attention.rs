@@ -14,10 +14,11 @@
 
 use std::sync::Mutex;
 
-use candle_core::{CpuStorage, CustomOp3, Device, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, Device, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::cpu::{self, AttentionShape, QUERY_BLOCK_ROWS};
+use super::fused_op::{Fused, FusedKernel, Grads3};
 use super::product::{Product, Threads};
 
 /// Multi-head attention of `q` [B, N_q, H·D] over `k`, `v` [B, N_kv, H·D] as a differentiable
@@ -35,7 +36,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Opt
     };
     let out = q
         .contiguous()?
-        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?;
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, Fused(op))?;
     Ok(Some(out))
 }
 
@@ -55,24 +56,15 @@ struct HeadGrads {
     v: Vec<f32>,
 }
 
-impl CustomOp3 for AttentionOp {
+impl FusedKernel<3> for AttentionOp {
+    type Grads = Grads3;
+
     fn name(&self) -> &'static str {
         "fused-attention"
     }
 
-    fn cpu_fwd(
-        &self,
-        q: &CpuStorage,
-        q_layout: &Layout,
-        k: &CpuStorage,
-        k_layout: &Layout,
-        v: &CpuStorage,
-        v_layout: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn forward(&self, [q, k, v]: [&[f32]; 3], _: &Shape) -> Result<(CpuStorage, Shape)> {
         let d = &self.dims;
-        let q = cpu::cpu_storage_slice(q, q_layout)?;
-        let k = cpu::cpu_storage_slice(k, k_layout)?;
-        let v = cpu::cpu_storage_slice(v, v_layout)?;
         let mut log_sum_exp = vec![0f32; d.batch * d.q_len * d.heads];
         let out = cpu::attention_forward(q, k, v, d, &mut log_sum_exp)?;
         *self
@@ -85,14 +77,7 @@ impl CustomOp3 for AttentionOp {
         ))
     }
 
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn backward(&self, [q, k, v]: [&Tensor; 3], res: &Tensor, grad: &Tensor) -> Result<Grads3> {
         let d = self.dims;
         let log_sum_exp = self
             .log_sum_exp

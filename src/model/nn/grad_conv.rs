@@ -10,11 +10,12 @@
 
 use std::borrow::Cow;
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, DType, Device, Result, Shape, Tensor};
 use candle_nn::Conv2dConfig;
 use rayon::prelude::*;
 
 use super::cpu::{self, COL_BLOCK_ELEMENTS, ConvShape};
+use super::fused_op::{Fused, FusedKernel, Grads2, Grads3};
 use super::product::{Product, Threads};
 
 /// `x` [B, C_in, H, W] convolved with `weight` [C_out, C_in, k_h, k_w] (+ `bias` [C_out]) as a
@@ -40,8 +41,8 @@ pub fn conv2d(
     };
     let (x, weight) = (x.contiguous()?, weight.contiguous()?);
     let y = match bias {
-        Some(bias) => x.apply_op3(&weight, &bias.contiguous()?, op)?,
-        None => x.apply_op2(&weight, op)?,
+        Some(bias) => x.apply_op3(&weight, &bias.contiguous()?, Fused(op))?,
+        None => x.apply_op2(&weight, Fused(op))?,
     };
     Ok(Some(y))
 }
@@ -57,10 +58,8 @@ struct ConvOp {
 }
 
 /// The gradients of the input, the weight and the bias, each `None` when not needed.
-type ConvGrads = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
-
 impl ConvOp {
-    fn forward(
+    fn convolve(
         &self,
         x: &[f32],
         weight: &[f32],
@@ -76,13 +75,13 @@ impl ConvOp {
         Ok((CpuStorage::F32(out), shape))
     }
 
-    fn backward(
+    fn gradients(
         &self,
         x: &Tensor,
         weight: &Tensor,
         grad: &Tensor,
         has_bias: bool,
-    ) -> Result<ConvGrads> {
+    ) -> Result<Grads3> {
         let s = &self.shape;
         let grad = grad.contiguous()?;
         let (g_storage, g_layout) = grad.storage_and_layout();
@@ -321,64 +320,36 @@ fn output_channel_sums(dy: &[f32], s: &ConvShape) -> Vec<f32> {
         .collect()
 }
 
-impl CustomOp2 for ConvOp {
+impl FusedKernel<2> for ConvOp {
+    type Grads = Grads2;
+
     fn name(&self) -> &'static str {
         "fused-conv2d"
     }
 
-    fn cpu_fwd(
-        &self,
-        x: &CpuStorage,
-        x_layout: &Layout,
-        weight: &CpuStorage,
-        w_layout: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = cpu::cpu_storage_slice(x, x_layout)?;
-        let weight = cpu::cpu_storage_slice(weight, w_layout)?;
-        self.forward(x, weight, None)
+    fn forward(&self, [x, weight]: [&[f32]; 2], _: &Shape) -> Result<(CpuStorage, Shape)> {
+        self.convolve(x, weight, None)
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        weight: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (input_grad, weight_grad, _) = self.backward(x, weight, grad, false)?;
+    fn backward(&self, [x, weight]: [&Tensor; 2], _: &Tensor, grad: &Tensor) -> Result<Grads2> {
+        let (input_grad, weight_grad, _) = self.gradients(x, weight, grad, false)?;
         Ok((input_grad, weight_grad))
     }
 }
 
-impl CustomOp3 for ConvOp {
+impl FusedKernel<3> for ConvOp {
+    type Grads = Grads3;
+
     fn name(&self) -> &'static str {
         "fused-conv2d-bias"
     }
 
-    fn cpu_fwd(
-        &self,
-        x: &CpuStorage,
-        x_layout: &Layout,
-        weight: &CpuStorage,
-        w_layout: &Layout,
-        bias: &CpuStorage,
-        b_layout: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = cpu::cpu_storage_slice(x, x_layout)?;
-        let weight = cpu::cpu_storage_slice(weight, w_layout)?;
-        let bias = cpu::cpu_storage_slice(bias, b_layout)?;
-        self.forward(x, weight, Some(bias))
+    fn forward(&self, [x, weight, bias]: [&[f32]; 3], _: &Shape) -> Result<(CpuStorage, Shape)> {
+        self.convolve(x, weight, Some(bias))
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        weight: &Tensor,
-        _bias: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<ConvGrads> {
-        self.backward(x, weight, grad, true)
+    fn backward(&self, [x, weight, _]: [&Tensor; 3], _: &Tensor, grad: &Tensor) -> Result<Grads3> {
+        self.gradients(x, weight, grad, true)
     }
 }
 
@@ -447,7 +418,7 @@ mod tests {
                     weight_tracked: true,
                     bias_tracked: true,
                 };
-                x.apply_op3(w, b, op).expect("forward")
+                x.apply_op3(w, b, Fused(op)).expect("forward")
             })
         };
         // Three output rows (of 4 columns) per block: blocks of 3, 3 and 2 of the 8 rows, the

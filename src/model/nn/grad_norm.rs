@@ -8,10 +8,11 @@
 //! dL/dx = inv_std · (g·w − mean(g·w) − x̂ · mean(g·w·x̂)), the means over the group or row.
 //! Gradients are computed only for the tensors tracked when the forward pass ran.
 
-use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, DType, Device, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::cpu::{self, GroupNormShape};
+use super::fused_op::{Fused, FusedKernel, Grads3};
 
 /// Group normalisation of `x` [B, C, ...] (+ SiLU when `silu`) as a differentiable op, when the
 /// kernel applies (CPU, f32).
@@ -33,7 +34,7 @@ pub fn group_norm(
     };
     let y = x
         .contiguous()?
-        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)?;
+        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, Fused(op))?;
     Ok(Some(y))
 }
 
@@ -54,7 +55,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Resul
     };
     let y = x
         .contiguous()?
-        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)?;
+        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, Fused(op))?;
     Ok(Some(y))
 }
 
@@ -88,7 +89,7 @@ impl Tracked {
         weight_grad: Vec<f32>,
         bias_grad: Vec<f32>,
         input_shape: &Shape,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    ) -> Result<Grads3> {
         let vector = |data: Vec<f32>| {
             let len = data.len();
             Tensor::from_vec(data, len, &Device::Cpu)
@@ -140,7 +141,9 @@ struct GroupNormOp {
     tracked: Tracked,
 }
 
-impl CustomOp3 for GroupNormOp {
+impl FusedKernel<3> for GroupNormOp {
+    type Grads = Grads3;
+
     fn name(&self) -> &'static str {
         if self.silu {
             "fused-group-norm-silu"
@@ -149,30 +152,21 @@ impl CustomOp3 for GroupNormOp {
         }
     }
 
-    fn cpu_fwd(
+    fn forward(
         &self,
-        x: &CpuStorage,
-        x_layout: &Layout,
-        weight: &CpuStorage,
-        w_layout: &Layout,
-        bias: &CpuStorage,
-        b_layout: &Layout,
+        [x, weight, bias]: [&[f32]; 3],
+        x_shape: &Shape,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = cpu::cpu_storage_slice(x, x_layout)?;
-        let weight = cpu::cpu_storage_slice(weight, w_layout)?;
-        let bias = cpu::cpu_storage_slice(bias, b_layout)?;
         let out = cpu::group_norm_forward(x, weight, bias, &self.shape, self.silu);
-        Ok((CpuStorage::F32(out), x_layout.shape().clone()))
+        Ok((CpuStorage::F32(out), x_shape.clone()))
     }
 
-    fn bwd(
+    fn backward(
         &self,
-        x: &Tensor,
-        weight: &Tensor,
-        bias: &Tensor,
-        _res: &Tensor,
+        [x, weight, bias]: [&Tensor; 3],
+        _: &Tensor,
         grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    ) -> Result<Grads3> {
         let s = self.shape;
         let (cpg, group_len) = (s.channels_per_group(), s.group_len());
         let images = x.elem_count() / (s.channels * s.spatial);
@@ -279,23 +273,18 @@ impl LayerNormOp {
     }
 }
 
-impl CustomOp3 for LayerNormOp {
+impl FusedKernel<3> for LayerNormOp {
+    type Grads = Grads3;
+
     fn name(&self) -> &'static str {
         "fused-layer-norm"
     }
 
-    fn cpu_fwd(
+    fn forward(
         &self,
-        x: &CpuStorage,
-        x_layout: &Layout,
-        weight: &CpuStorage,
-        w_layout: &Layout,
-        bias: &CpuStorage,
-        b_layout: &Layout,
+        [x, weight, bias]: [&[f32]; 3],
+        x_shape: &Shape,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = cpu::cpu_storage_slice(x, x_layout)?;
-        let weight = cpu::cpu_storage_slice(weight, w_layout)?;
-        let bias = cpu::cpu_storage_slice(bias, b_layout)?;
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(self.features)
             .zip(x.par_chunks(self.features))
@@ -305,17 +294,15 @@ impl CustomOp3 for LayerNormOp {
                     *d = (v - mean) * inv_std * w + b;
                 }
             });
-        Ok((CpuStorage::F32(out), x_layout.shape().clone()))
+        Ok((CpuStorage::F32(out), x_shape.clone()))
     }
 
-    fn bwd(
+    fn backward(
         &self,
-        x: &Tensor,
-        weight: &Tensor,
-        bias: &Tensor,
-        _res: &Tensor,
+        [x, weight, bias]: [&Tensor; 3],
+        _: &Tensor,
         grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    ) -> Result<Grads3> {
         let d = self.features;
         let task_len = LAYER_NORM_TASK_ROWS * d;
         let (input_grad, (weight_grad, bias_grad)) =
