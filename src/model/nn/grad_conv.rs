@@ -58,6 +58,9 @@ struct ConvOp {
 }
 
 /// The gradients of the input, the weight and the bias, each `None` when not needed.
+/// The input's and the weight's gradient values, each where it was tracked.
+type GradValues = (Option<Vec<f32>>, Option<Vec<f32>>);
+
 impl ConvOp {
     fn convolve(
         &self,
@@ -119,13 +122,7 @@ impl ConvOp {
 
     /// 1×1, stride 1: per image, dW += dy[b] [C_out, P] · x[b]ᵀ [P, C_in] and
     /// dx[b] = Wᵀ [C_in, C_out] · dy[b] [C_out, P].
-    #[allow(clippy::type_complexity)]
-    fn pointwise_backward(
-        &self,
-        x: &[f32],
-        weight: &[f32],
-        dy: &[f32],
-    ) -> Result<(Option<Vec<f32>>, Option<Vec<f32>>)> {
+    fn pointwise_backward(&self, x: &[f32], weight: &[f32], dy: &[f32]) -> Result<GradValues> {
         let s = &self.shape;
         let pixels = s.out_pixels();
         let (in_c, out_c) = (s.in_channels, s.out_channels);
@@ -167,13 +164,7 @@ impl ConvOp {
     /// dy is first laid out as [C_out, B·P] (the forward pass's merged output), then for each
     /// block dW += dy_block · columnsᵀ and column gradients = Wᵀ · dy_block, added onto the
     /// input (col2im).
-    #[allow(clippy::type_complexity)]
-    fn im2col_backward(
-        &self,
-        x: &[f32],
-        weight: &[f32],
-        dy: &[f32],
-    ) -> Result<(Option<Vec<f32>>, Option<Vec<f32>>)> {
+    fn im2col_backward(&self, x: &[f32], weight: &[f32], dy: &[f32]) -> Result<GradValues> {
         let s = &self.shape;
         let patch_len = s.patch_len();
         let pixels = s.out_pixels();

@@ -32,10 +32,7 @@ pub fn group_norm(
         silu,
         tracked: Tracked::of(x, weight, bias),
     };
-    let y = x
-        .contiguous()?
-        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, Fused(op))?;
-    Ok(Some(y))
+    apply_norm(op, x, weight, bias).map(Some)
 }
 
 /// Layer normalisation of `x` over its last dimension, `· weight + bias` ([features] each), as
@@ -53,10 +50,16 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Resul
         eps,
         tracked: Tracked::of(x, weight, bias),
     };
-    let y = x
-        .contiguous()?
-        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, Fused(op))?;
-    Ok(Some(y))
+    apply_norm(op, x, weight, bias).map(Some)
+}
+
+/// Runs a normalisation kernel on contiguous copies of its arguments.
+fn apply_norm<K>(op: K, x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor>
+where
+    K: FusedKernel<3, Grads = Grads3> + Send + Sync + 'static,
+{
+    x.contiguous()?
+        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, Fused(op))
 }
 
 fn applies(tensors: &[&Tensor]) -> bool {
