@@ -155,21 +155,14 @@ impl FusedKernel<3> for GroupNormOp {
         }
     }
 
-    fn forward(
-        &self,
-        [x, weight, bias]: [&[f32]; 3],
-        x_shape: &Shape,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn forward(&self, args: [&[f32]; 3], x_shape: &Shape) -> Result<(CpuStorage, Shape)> {
+        let [x, weight, bias] = args;
         let out = cpu::group_norm_forward(x, weight, bias, &self.shape, self.silu);
         Ok((CpuStorage::F32(out), x_shape.clone()))
     }
 
-    fn backward(
-        &self,
-        [x, weight, bias]: [&Tensor; 3],
-        _: &Tensor,
-        grad: &Tensor,
-    ) -> Result<Grads3> {
+    fn backward(&self, args: [&Tensor; 3], _: &Tensor, grad: &Tensor) -> Result<Grads3> {
+        let [x, weight, bias] = args;
         let s = self.shape;
         let (cpg, group_len) = (s.channels_per_group(), s.group_len());
         let images = x.elem_count() / (s.channels * s.spatial);
@@ -283,11 +276,8 @@ impl FusedKernel<3> for LayerNormOp {
         "fused-layer-norm"
     }
 
-    fn forward(
-        &self,
-        [x, weight, bias]: [&[f32]; 3],
-        x_shape: &Shape,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn forward(&self, args: [&[f32]; 3], x_shape: &Shape) -> Result<(CpuStorage, Shape)> {
+        let [x, weight, bias] = args;
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(self.features)
             .zip(x.par_chunks(self.features))
@@ -300,12 +290,8 @@ impl FusedKernel<3> for LayerNormOp {
         Ok((CpuStorage::F32(out), x_shape.clone()))
     }
 
-    fn backward(
-        &self,
-        [x, weight, bias]: [&Tensor; 3],
-        _: &Tensor,
-        grad: &Tensor,
-    ) -> Result<Grads3> {
+    fn backward(&self, args: [&Tensor; 3], _: &Tensor, grad: &Tensor) -> Result<Grads3> {
+        let [x, weight, bias] = args;
         let d = self.features;
         let task_len = LAYER_NORM_TASK_ROWS * d;
         let (input_grad, (weight_grad, bias_grad)) =
