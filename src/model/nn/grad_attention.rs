@@ -210,14 +210,7 @@ impl AttentionOp {
             let dout_block = &dout_image[first * inner + column..];
             probs.resize(rows * stride, 0f32);
             // The scores as the forward pass computed them (same product), then P.
-            let scores = Product {
-                m: rows,
-                n: kv_len,
-                k: head_dim,
-                dst: (stride, 1),
-                lhs: (inner, 1),
-                rhs: (1, inner),
-            };
+            let scores = d.scores_product(rows);
             scores.run(probs, q_block, &k_image[column..], scale, false, threads)?;
             for (r, row) in probs.chunks_exact_mut(stride).enumerate() {
                 let l = lse(first + r);
@@ -242,14 +235,7 @@ impl AttentionOp {
                 continue;
             }
             prob_grads.resize(rows * stride, 0f32);
-            let dout_v = Product {
-                m: rows,
-                n: kv_len,
-                k: head_dim,
-                dst: (stride, 1),
-                lhs: (inner, 1),
-                rhs: (1, inner),
-            };
+            let dout_v = d.scores_product(rows);
             dout_v.run(
                 prob_grads,
                 dout_block,

@@ -110,6 +110,21 @@ impl AttentionShape {
             stride => stride,
         }
     }
+
+    /// `rows` rows of one head's queries (or output gradients) times the head's keys (or
+    /// values) transposed, [rows, head_dim] · [kv_len, head_dim]ᵀ, into rows of a score
+    /// buffer ([`Self::score_stride`]); both operands are read in place in the merged-heads
+    /// layout.
+    pub(in crate::model::nn) fn scores_product(&self, rows: usize) -> Product {
+        Product {
+            m: rows,
+            n: self.kv_len,
+            k: self.head_dim,
+            dst: (self.score_stride(), 1),
+            lhs: (self.inner(), 1),
+            rhs: (1, self.inner()),
+        }
+    }
 }
 
 /// The attention of contiguous `q`, `k`, `v` ([`AttentionShape`]'s layouts), merged heads
@@ -162,14 +177,7 @@ pub(in crate::model::nn) fn attention_forward(
                     for head in 0..heads {
                         let column = head * head_dim;
                         // scores = scale · q_h · k_hᵀ.
-                        let qk = Product {
-                            m: rows,
-                            n: kv_len,
-                            k: head_dim,
-                            dst: (score_stride, 1),
-                            lhs: (inner, 1),
-                            rhs: (1, inner),
-                        };
+                        let qk = dims.scores_product(rows);
                         // One thread per product: the blocks run in parallel.
                         qk.run(
                             scores,
