@@ -31,60 +31,49 @@ pub(super) trait FusedKernel<const N: usize> {
 /// A [`FusedKernel`] as a candle custom op (apply it with `apply_op2`/`apply_op3`).
 pub(super) struct Fused<K>(pub(super) K);
 
-impl<K: FusedKernel<2, Grads = Grads2>> CustomOp2 for Fused<K> {
-    fn name(&self) -> &'static str {
-        self.0.name()
-    }
+/// `CustomOp2` and `CustomOp3` differ only in their argument lists: one macro writes both.
+macro_rules! impl_custom_op {
+    (
+        $op:ident,
+        $n:literal,
+        $grads:ident,
+        [$first:ident, $first_layout:ident $(, $arg:ident, $layout:ident)*]
+    ) => {
+        impl<K: FusedKernel<$n, Grads = $grads>> $op for Fused<K> {
+            fn name(&self) -> &'static str {
+                self.0.name()
+            }
 
-    fn cpu_fwd(
-        &self,
-        a: &CpuStorage,
-        a_layout: &Layout,
-        b: &CpuStorage,
-        b_layout: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let args = [
-            cpu::cpu_storage_slice(a, a_layout)?,
-            cpu::cpu_storage_slice(b, b_layout)?,
-        ];
-        self.0.forward(args, a_layout.shape())
-    }
+            fn cpu_fwd(
+                &self,
+                $first: &CpuStorage,
+                $first_layout: &Layout,
+                $($arg: &CpuStorage, $layout: &Layout),*
+            ) -> Result<(CpuStorage, Shape)> {
+                let args = [
+                    cpu::cpu_storage_slice($first, $first_layout)?,
+                    $(cpu::cpu_storage_slice($arg, $layout)?),*
+                ];
+                self.0.forward(args, $first_layout.shape())
+            }
 
-    fn bwd(&self, a: &Tensor, b: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Grads2> {
-        self.0.backward([a, b], res, grad)
-    }
+            fn bwd(
+                &self,
+                $first: &Tensor,
+                $($arg: &Tensor,)*
+                res: &Tensor,
+                grad: &Tensor,
+            ) -> Result<$grads> {
+                self.0.backward([$first, $($arg),*], res, grad)
+            }
+        }
+    };
 }
 
-impl<K: FusedKernel<3, Grads = Grads3>> CustomOp3 for Fused<K> {
-    fn name(&self) -> &'static str {
-        self.0.name()
-    }
-
-    fn cpu_fwd(
-        &self,
-        a: &CpuStorage,
-        a_layout: &Layout,
-        b: &CpuStorage,
-        b_layout: &Layout,
-        c: &CpuStorage,
-        c_layout: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let args = [
-            cpu::cpu_storage_slice(a, a_layout)?,
-            cpu::cpu_storage_slice(b, b_layout)?,
-            cpu::cpu_storage_slice(c, c_layout)?,
-        ];
-        self.0.forward(args, a_layout.shape())
-    }
-
-    fn bwd(
-        &self,
-        a: &Tensor,
-        b: &Tensor,
-        c: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<Grads3> {
-        self.0.backward([a, b, c], res, grad)
-    }
-}
+impl_custom_op!(CustomOp2, 2, Grads2, [a, a_layout, b, b_layout]);
+impl_custom_op!(
+    CustomOp3,
+    3,
+    Grads3,
+    [a, a_layout, b, b_layout, c, c_layout]
+);
