@@ -269,6 +269,7 @@ mod tests {
     use candle_core::{DType, Device, Tensor, Var};
 
     use super::*;
+    use crate::model::max_abs_diff;
     use crate::train::optim::{AdamW, MomentStorage};
 
     #[test]
@@ -444,13 +445,7 @@ mod tests {
         .unwrap();
         first.step(&[Some(grads[2].clone())], 1e-3).unwrap();
         restored.step(&[Some(grads[2].clone())], 1e-3).unwrap();
-        let diff = (a.as_tensor() - b.as_tensor())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap();
-        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+        assert_eq!(max_abs_diff(a.as_tensor(), b.as_tensor()), 0.0);
         // A 32-bit state cannot read 8-bit tensors, and says which optimizer it expected.
         let mut state = first.state();
         state.moments = MomentStorage::Float32;

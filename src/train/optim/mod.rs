@@ -691,6 +691,7 @@ pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> candle_cor
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::max_abs_diff;
 
     /// Two steps through the fused CPU passes and through the composed tensor ops (the path
     /// other devices take) from the same start.
@@ -735,14 +736,7 @@ mod tests {
             };
             (m, v, p) = scalars.composed(&p, &grad, &m, &v).unwrap();
         }
-        let diff = (var.as_tensor() - &p)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs_diff(var.as_tensor(), &p);
         // Same formula; only the lerp's fused multiply-add rounds differently (an f32 ulp of
         // the moment, far below the 1e-2 step).
         assert!(diff < 1e-6, "{diff}");
