@@ -707,19 +707,15 @@ mod tests {
         Ok(AutoencoderKL::load(vb, &config)?)
     }
 
+    /// The largest absolute element.
+    fn largest_abs(t: &Tensor) -> anyhow::Result<f32> {
+        Ok(t.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+    }
+
     fn check_close(what: &str, got: &Tensor, want: &Tensor) -> anyhow::Result<()> {
         assert_eq!(got.dims(), want.dims(), "{what}: shape");
-        let diff = (got - want)?
-            .abs()?
-            .flatten_all()?
-            .max(0)?
-            .to_scalar::<f32>()?;
-        let scale = want
-            .abs()?
-            .flatten_all()?
-            .max(0)?
-            .to_scalar::<f32>()?
-            .max(1.0);
+        let diff = largest_abs(&(got - want)?)?;
+        let scale = largest_abs(want)?.max(1.0);
         eprintln!(
             "{what} {:?}: max abs diff {diff:e} (largest |ref| {scale})",
             got.dims()
@@ -850,17 +846,8 @@ mod tests {
                 ("decode", decoded, &refs["decoded_64x48"]),
             ] {
                 let got = got.to_dtype(DType::F32)?;
-                let diff = (got - want)?
-                    .abs()?
-                    .flatten_all()?
-                    .max(0)?
-                    .to_scalar::<f32>()?;
-                let scale = want
-                    .abs()?
-                    .flatten_all()?
-                    .max(0)?
-                    .to_scalar::<f32>()?
-                    .max(1.0);
+                let diff = largest_abs(&(got - want)?)?;
+                let scale = largest_abs(want)?.max(1.0);
                 eprintln!("{dtype:?} {what}: max abs diff {diff:e} (largest |ref| {scale})");
                 // float16 keeps ~3 significant digits per op; measured 0.1–0.4 % of the range.
                 assert!(diff <= HALF_TOLERANCE * scale, "{dtype:?} {what}: {diff}");
