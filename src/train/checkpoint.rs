@@ -107,38 +107,23 @@ fn safetensors_dtype(dtype: DType) -> Option<&'static str> {
 /// The little-endian bytes of `tensor` (any device, any layout).
 fn tensor_bytes(tensor: &Tensor) -> candle_core::Result<Vec<u8>> {
     let flat = tensor.to_device(&Device::Cpu)?.flatten_all()?;
+    // Every element type has its own `to_le_bytes` (no trait to be generic over).
+    macro_rules! le_bytes {
+        ($element:ty) => {
+            flat.to_vec1::<$element>()?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect()
+        };
+    }
     Ok(match flat.dtype() {
-        DType::F32 => flat
-            .to_vec1::<f32>()?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        DType::F16 => flat
-            .to_vec1::<half::f16>()?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        DType::BF16 => flat
-            .to_vec1::<half::bf16>()?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        DType::F64 => flat
-            .to_vec1::<f64>()?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
+        DType::F32 => le_bytes!(f32),
+        DType::F16 => le_bytes!(half::f16),
+        DType::BF16 => le_bytes!(half::bf16),
+        DType::F64 => le_bytes!(f64),
         DType::U8 => flat.to_vec1::<u8>()?,
-        DType::U32 => flat
-            .to_vec1::<u32>()?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        DType::I64 => flat
-            .to_vec1::<i64>()?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
+        DType::U32 => le_bytes!(u32),
+        DType::I64 => le_bytes!(i64),
         other => candle_core::bail!("no byte conversion for {other:?}"),
     })
 }
