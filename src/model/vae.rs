@@ -374,45 +374,51 @@ struct ResampleBlock {
 }
 
 impl ResampleBlock {
-    /// `resnet_count` resnets, the first from `in_channels`; `resample` says whether the block
-    /// ends with its resampling convolution (every block but the last).
-    fn load(
-        block_vb: VarBuilder,
+    /// The blocks under `vb` (`down_blocks` or `up_blocks`), block `i` with `resnet_count`
+    /// resnets to `channels[i]` channels, the first block taking `channels[0]`; every block but
+    /// the last ends with its resampling convolution.
+    fn load_chain(
+        vb: VarBuilder,
         resampling: Resampling,
         resnet_count: usize,
-        in_channels: usize,
-        out_channels: usize,
+        channels: &[usize],
         groups: usize,
-        resample: bool,
-    ) -> Result<Self> {
-        let resnets = (0..resnet_count)
-            .map(|j| {
-                let from = if j == 0 { in_channels } else { out_channels };
-                ResnetBlock::load(block_vb.pp("resnets").pp(j), from, out_channels, groups)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let resample_conv = if resample {
-            let (folder, stride, padding) = match resampling {
-                Resampling::Down => ("downsamplers", 2, 0),
-                Resampling::Up => ("upsamplers", 1, 1),
+    ) -> Result<Vec<Self>> {
+        let mut blocks = Vec::with_capacity(channels.len());
+        let mut in_channels = channels[0];
+        for (i, &out_channels) in channels.iter().enumerate() {
+            let block_vb = vb.pp(i);
+            let resnets = (0..resnet_count)
+                .map(|j| {
+                    let from = if j == 0 { in_channels } else { out_channels };
+                    ResnetBlock::load(block_vb.pp("resnets").pp(j), from, out_channels, groups)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let resample_conv = if i + 1 < channels.len() {
+                let (folder, stride, padding) = match resampling {
+                    Resampling::Down => ("downsamplers", 2, 0),
+                    Resampling::Up => ("upsamplers", 1, 1),
+                };
+                let conv_vb = block_vb.pp(folder).pp(0).pp("conv");
+                Some(conv2d(
+                    conv_vb,
+                    out_channels,
+                    out_channels,
+                    3,
+                    stride,
+                    padding,
+                )?)
+            } else {
+                None
             };
-            let conv_vb = block_vb.pp(folder).pp(0).pp("conv");
-            Some(conv2d(
-                conv_vb,
-                out_channels,
-                out_channels,
-                3,
-                stride,
-                padding,
-            )?)
-        } else {
-            None
-        };
-        Ok(Self {
-            resnets,
-            resampling,
-            resample_conv,
-        })
+            blocks.push(Self {
+                resnets,
+                resampling,
+                resample_conv,
+            });
+            in_channels = out_channels;
+        }
+        Ok(blocks)
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -453,21 +459,14 @@ impl Encoder {
         let channels = &config.block_out_channels;
         let groups = config.norm_num_groups;
         let conv_in = conv2d(vb.pp("conv_in"), config.in_channels, channels[0], 3, 1, 1)?;
-        let mut down_blocks = Vec::with_capacity(channels.len());
-        let mut in_channels = channels[0];
-        for (i, &out_channels) in channels.iter().enumerate() {
-            down_blocks.push(ResampleBlock::load(
-                vb.pp("down_blocks").pp(i),
-                Resampling::Down,
-                config.layers_per_block,
-                in_channels,
-                out_channels,
-                groups,
-                i + 1 < channels.len(),
-            )?);
-            in_channels = out_channels;
-        }
-        let last = in_channels;
+        let down_blocks = ResampleBlock::load_chain(
+            vb.pp("down_blocks"),
+            Resampling::Down,
+            config.layers_per_block,
+            channels,
+            groups,
+        )?;
+        let last = channels[channels.len() - 1];
         Ok(Self {
             conv_in,
             down_blocks,
@@ -514,20 +513,13 @@ impl Decoder {
             groups,
             config.mid_block_add_attention,
         )?;
-        let mut up_blocks = Vec::with_capacity(reversed.len());
-        let mut in_channels = deepest;
-        for (i, &out_channels) in reversed.iter().enumerate() {
-            up_blocks.push(ResampleBlock::load(
-                vb.pp("up_blocks").pp(i),
-                Resampling::Up,
-                config.layers_per_block + 1,
-                in_channels,
-                out_channels,
-                groups,
-                i + 1 < reversed.len(),
-            )?);
-            in_channels = out_channels;
-        }
+        let up_blocks = ResampleBlock::load_chain(
+            vb.pp("up_blocks"),
+            Resampling::Up,
+            config.layers_per_block + 1,
+            &reversed,
+            groups,
+        )?;
         let first = config.block_out_channels[0];
         Ok(Self {
             conv_in,
