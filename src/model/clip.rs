@@ -381,18 +381,23 @@ mod tests {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/clip_vae")
     }
 
-    fn load_fixture(name: &str) -> anyhow::Result<(ClipTextModel, HashMap<String, Tensor>)> {
+    /// The fixture model `name` with its weights in `dtype`.
+    fn load_model(name: &str, dtype: DType) -> anyhow::Result<ClipTextModel> {
         let dir = fixtures().join(name);
         let config = ClipTextConfig::from_file(&dir.join("config.json"))?;
         // SAFETY: the fixture files are not modified while the test runs.
         let vb = unsafe {
             VarBuilder::from_mmaped_safetensors(
                 &[dir.join("model.safetensors")],
-                DType::F32,
+                dtype,
                 &Device::Cpu,
             )?
         };
-        let model = ClipTextModel::load(vb, &config)?;
+        Ok(ClipTextModel::load(vb, &config)?)
+    }
+
+    fn load_fixture(name: &str) -> anyhow::Result<(ClipTextModel, HashMap<String, Tensor>)> {
+        let model = load_model(name, DType::F32)?;
         let refs_path = fixtures().join(format!("{name}_refs.safetensors"));
         let refs = candle_core::safetensors::load(refs_path, &Device::Cpu)?;
         Ok((model, refs))
@@ -430,17 +435,7 @@ mod tests {
 
     #[test]
     fn runs_in_half_precision() -> anyhow::Result<()> {
-        let dir = fixtures().join("clip_gelu");
-        let config = ClipTextConfig::from_file(&dir.join("config.json"))?;
-        // SAFETY: the fixture files are not modified while the test runs.
-        let vb = unsafe {
-            VarBuilder::from_mmaped_safetensors(
-                &[dir.join("model.safetensors")],
-                DType::F16,
-                &Device::Cpu,
-            )?
-        };
-        let model = ClipTextModel::load(vb, &config)?;
+        let model = load_model("clip_gelu", DType::F16)?;
         let (_, refs) = load_fixture("clip_gelu")?;
         let got = model.forward(&refs["input_ids_77"].to_dtype(DType::U32)?)?;
         assert_eq!(got.dtype(), DType::F16);

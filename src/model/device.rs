@@ -112,27 +112,36 @@ pub fn select_device(choice: DeviceChoice) -> Result<Device, DeviceError> {
 }
 
 fn open_cuda(ordinal: usize) -> Result<Device, DeviceError> {
-    if !cfg!(feature = "cuda") {
-        return Err(DeviceError::NotBuilt {
-            backend: "CUDA",
-            feature: "cuda",
-        });
-    }
-    Device::new_cuda(ordinal).map_err(|source| DeviceError::Open {
-        device: DeviceChoice::Cuda(ordinal).to_string(),
-        source,
-    })
+    open_gpu(
+        DeviceChoice::Cuda(ordinal),
+        cfg!(feature = "cuda"),
+        ("CUDA", "cuda"),
+        || Device::new_cuda(ordinal),
+    )
 }
 
 fn open_metal(ordinal: usize) -> Result<Device, DeviceError> {
-    if !cfg!(feature = "metal") {
-        return Err(DeviceError::NotBuilt {
-            backend: "Metal",
-            feature: "metal",
-        });
+    open_gpu(
+        DeviceChoice::Metal(ordinal),
+        cfg!(feature = "metal"),
+        ("Metal", "metal"),
+        || Device::new_metal(ordinal),
+    )
+}
+
+/// Opens `choice` with `open` when its backend is `built` in, else says which Cargo feature
+/// would add it (`backend` names it in the message).
+fn open_gpu(
+    choice: DeviceChoice,
+    built: bool,
+    (backend, feature): (&'static str, &'static str),
+    open: impl FnOnce() -> candle_core::Result<Device>,
+) -> Result<Device, DeviceError> {
+    if !built {
+        return Err(DeviceError::NotBuilt { backend, feature });
     }
-    Device::new_metal(ordinal).map_err(|source| DeviceError::Open {
-        device: DeviceChoice::Metal(ordinal).to_string(),
+    open().map_err(|source| DeviceError::Open {
+        device: choice.to_string(),
         source,
     })
 }

@@ -19,3 +19,13 @@ pub use loaded::{
     INSTRUCT_PIX2PIX_IN_CHANNELS, InstructPix2PixModel, LoadError, LoadOptions, PipelineFolder,
     build_error,
 };
+
+/// Largest absolute element difference of two f32 tensors of one shape, for unit tests.
+#[cfg(test)]
+pub(crate) fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.max_all())
+        .and_then(|d| d.to_scalar::<f32>())
+        .expect("largest absolute difference")
+}

@@ -102,6 +102,21 @@ struct AddedToken {
     normalized: bool,
 }
 
+impl AddedToken {
+    /// An added-token entry of `tokenizer.json` or `tokenizer_config.json`, whose content and
+    /// id the caller has read; `normalized` is false when the entry lacks it.
+    fn from_entry(content: &str, id: u32, entry: &Value) -> Self {
+        Self {
+            content: content.to_string(),
+            id,
+            normalized: entry
+                .get("normalized")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+        }
+    }
+}
+
 /// How a special token is given in the config files.
 #[derive(Debug, Clone)]
 struct SpecialTokenSpec {
@@ -598,14 +613,7 @@ fn load_fast(path: &Path) -> Result<BpeFiles, TokenizerError> {
                     "added token {entry} lacks a content or an id"
                 )));
             };
-            added.push(AddedToken {
-                content: content.to_string(),
-                id,
-                normalized: entry
-                    .get("normalized")
-                    .and_then(Value::as_bool)
-                    .unwrap_or(false),
-            });
+            added.push(AddedToken::from_entry(content, id, entry));
         }
     }
     Ok(BpeFiles {
@@ -639,14 +647,7 @@ fn config_added_tokens(
                 message: format!("added_tokens_decoder entry {id:?} is not an id with a content"),
             });
         };
-        added.push(AddedToken {
-            content: content.to_string(),
-            id,
-            normalized: entry
-                .get("normalized")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
-        });
+        added.push(AddedToken::from_entry(content, id, entry));
     }
     added.sort_by_key(|t| t.id);
     Ok(added)

@@ -245,18 +245,9 @@ impl ResnetBlock {
         out_channels: usize,
         groups: usize,
     ) -> Result<Self> {
-        let conv_shortcut = if in_channels != out_channels {
-            Some(conv2d(
-                vb.pp("conv_shortcut"),
-                in_channels,
-                out_channels,
-                1,
-                1,
-                0,
-            )?)
-        } else {
-            None
-        };
+        let conv_shortcut = (in_channels != out_channels)
+            .then(|| conv2d(vb.pp("conv_shortcut"), in_channels, out_channels, 1, 1, 0))
+            .transpose()?;
         Ok(Self {
             norm1: group_norm(vb.pp("norm1"), groups, in_channels, NORM_EPS)?,
             conv1: conv2d(vb.pp("conv1"), in_channels, out_channels, 3, 1, 1)?,
@@ -363,52 +354,92 @@ impl MidBlock {
     }
 }
 
-/// `DownEncoderBlock2D`: resnets, then (except in the last block) a stride-2 convolution after
-/// padding one zero row/column at the bottom/right.
-#[derive(Debug, Clone)]
-struct DownBlock {
-    resnets: Vec<ResnetBlock>,
-    downsample: Option<Conv2d>,
+/// Which way a VAE block resamples after its resnets.
+#[derive(Debug, Clone, Copy)]
+enum Resampling {
+    /// `DownEncoderBlock2D`: a stride-2 convolution after padding one zero row/column at the
+    /// bottom/right.
+    Down,
+    /// `UpDecoderBlock2D`: nearest ×2 upsampling and a 3×3 convolution.
+    Up,
 }
 
-impl DownBlock {
+/// `DownEncoderBlock2D` or `UpDecoderBlock2D`: resnets, then (except in the last block) the
+/// resampling convolution.
+#[derive(Debug, Clone)]
+struct ResampleBlock {
+    resnets: Vec<ResnetBlock>,
+    resampling: Resampling,
+    resample_conv: Option<Conv2d>,
+}
+
+impl ResampleBlock {
+    /// The blocks under `vb` (`down_blocks` or `up_blocks`), block `i` with `resnet_count`
+    /// resnets to `channels[i]` channels, the first block taking `channels[0]`; every block but
+    /// the last ends with its resampling convolution.
+    fn load_chain(
+        vb: VarBuilder,
+        resampling: Resampling,
+        resnet_count: usize,
+        channels: &[usize],
+        groups: usize,
+    ) -> Result<Vec<Self>> {
+        let mut blocks = Vec::with_capacity(channels.len());
+        let mut in_channels = channels[0];
+        for (i, &out_channels) in channels.iter().enumerate() {
+            let block_vb = vb.pp(i);
+            let resnets = (0..resnet_count)
+                .map(|j| {
+                    let from = if j == 0 { in_channels } else { out_channels };
+                    ResnetBlock::load(block_vb.pp("resnets").pp(j), from, out_channels, groups)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let resample_conv = if i + 1 < channels.len() {
+                let (folder, stride, padding) = match resampling {
+                    Resampling::Down => ("downsamplers", 2, 0),
+                    Resampling::Up => ("upsamplers", 1, 1),
+                };
+                let conv_vb = block_vb.pp(folder).pp(0).pp("conv");
+                Some(conv2d(
+                    conv_vb,
+                    out_channels,
+                    out_channels,
+                    3,
+                    stride,
+                    padding,
+                )?)
+            } else {
+                None
+            };
+            blocks.push(Self {
+                resnets,
+                resampling,
+                resample_conv,
+            });
+            in_channels = out_channels;
+        }
+        Ok(blocks)
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut h = x.clone();
         for resnet in &self.resnets {
             h = resnet.forward(&h)?;
         }
-        match &self.downsample {
-            Some(conv) => {
+        let Some(conv) = &self.resample_conv else {
+            return Ok(h);
+        };
+        match self.resampling {
+            Resampling::Down => {
                 let padded = h
                     .pad_with_zeros(D::Minus1, 0, 1)?
                     .pad_with_zeros(D::Minus2, 0, 1)?;
                 conv.forward(&padded)
             }
-            None => Ok(h),
-        }
-    }
-}
-
-/// `UpDecoderBlock2D`: resnets, then (except in the last block) nearest ×2 upsampling and a
-/// 3×3 convolution.
-#[derive(Debug, Clone)]
-struct UpBlock {
-    resnets: Vec<ResnetBlock>,
-    upsample: Option<Conv2d>,
-}
-
-impl UpBlock {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut h = x.clone();
-        for resnet in &self.resnets {
-            h = resnet.forward(&h)?;
-        }
-        match &self.upsample {
-            Some(conv) => {
+            Resampling::Up => {
                 let (_, _, height, width) = h.dims4()?;
                 conv.forward(&h.upsample_nearest2d(height * 2, width * 2)?)
             }
-            None => Ok(h),
         }
     }
 }
@@ -417,7 +448,7 @@ impl UpBlock {
 #[derive(Debug, Clone)]
 struct Encoder {
     conv_in: Conv2d,
-    down_blocks: Vec<DownBlock>,
+    down_blocks: Vec<ResampleBlock>,
     mid_block: MidBlock,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
@@ -428,29 +459,14 @@ impl Encoder {
         let channels = &config.block_out_channels;
         let groups = config.norm_num_groups;
         let conv_in = conv2d(vb.pp("conv_in"), config.in_channels, channels[0], 3, 1, 1)?;
-        let mut down_blocks = Vec::with_capacity(channels.len());
-        let mut in_channels = channels[0];
-        for (i, &out_channels) in channels.iter().enumerate() {
-            let block_vb = vb.pp("down_blocks").pp(i);
-            let resnets = (0..config.layers_per_block)
-                .map(|j| {
-                    let from = if j == 0 { in_channels } else { out_channels };
-                    ResnetBlock::load(block_vb.pp("resnets").pp(j), from, out_channels, groups)
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let downsample = if i + 1 < channels.len() {
-                let conv_vb = block_vb.pp("downsamplers").pp(0).pp("conv");
-                Some(conv2d(conv_vb, out_channels, out_channels, 3, 2, 0)?)
-            } else {
-                None
-            };
-            down_blocks.push(DownBlock {
-                resnets,
-                downsample,
-            });
-            in_channels = out_channels;
-        }
-        let last = in_channels;
+        let down_blocks = ResampleBlock::load_chain(
+            vb.pp("down_blocks"),
+            Resampling::Down,
+            config.layers_per_block,
+            channels,
+            groups,
+        )?;
+        let last = channels[channels.len() - 1];
         Ok(Self {
             conv_in,
             down_blocks,
@@ -480,7 +496,7 @@ impl Encoder {
 struct Decoder {
     conv_in: Conv2d,
     mid_block: MidBlock,
-    up_blocks: Vec<UpBlock>,
+    up_blocks: Vec<ResampleBlock>,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
 }
@@ -497,25 +513,13 @@ impl Decoder {
             groups,
             config.mid_block_add_attention,
         )?;
-        let mut up_blocks = Vec::with_capacity(reversed.len());
-        let mut in_channels = deepest;
-        for (i, &out_channels) in reversed.iter().enumerate() {
-            let block_vb = vb.pp("up_blocks").pp(i);
-            let resnets = (0..=config.layers_per_block)
-                .map(|j| {
-                    let from = if j == 0 { in_channels } else { out_channels };
-                    ResnetBlock::load(block_vb.pp("resnets").pp(j), from, out_channels, groups)
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let upsample = if i + 1 < reversed.len() {
-                let conv_vb = block_vb.pp("upsamplers").pp(0).pp("conv");
-                Some(conv2d(conv_vb, out_channels, out_channels, 3, 1, 1)?)
-            } else {
-                None
-            };
-            up_blocks.push(UpBlock { resnets, upsample });
-            in_channels = out_channels;
-        }
+        let up_blocks = ResampleBlock::load_chain(
+            vb.pp("up_blocks"),
+            Resampling::Up,
+            config.layers_per_block + 1,
+            &reversed,
+            groups,
+        )?;
         let first = config.block_out_channels[0];
         Ok(Self {
             conv_in,
@@ -695,19 +699,15 @@ mod tests {
         Ok(AutoencoderKL::load(vb, &config)?)
     }
 
+    /// The largest absolute element.
+    fn largest_abs(t: &Tensor) -> anyhow::Result<f32> {
+        Ok(t.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+    }
+
     fn check_close(what: &str, got: &Tensor, want: &Tensor) -> anyhow::Result<()> {
         assert_eq!(got.dims(), want.dims(), "{what}: shape");
-        let diff = (got - want)?
-            .abs()?
-            .flatten_all()?
-            .max(0)?
-            .to_scalar::<f32>()?;
-        let scale = want
-            .abs()?
-            .flatten_all()?
-            .max(0)?
-            .to_scalar::<f32>()?
-            .max(1.0);
+        let diff = largest_abs(&(got - want)?)?;
+        let scale = largest_abs(want)?.max(1.0);
         eprintln!(
             "{what} {:?}: max abs diff {diff:e} (largest |ref| {scale})",
             got.dims()
@@ -838,17 +838,8 @@ mod tests {
                 ("decode", decoded, &refs["decoded_64x48"]),
             ] {
                 let got = got.to_dtype(DType::F32)?;
-                let diff = (got - want)?
-                    .abs()?
-                    .flatten_all()?
-                    .max(0)?
-                    .to_scalar::<f32>()?;
-                let scale = want
-                    .abs()?
-                    .flatten_all()?
-                    .max(0)?
-                    .to_scalar::<f32>()?
-                    .max(1.0);
+                let diff = largest_abs(&(got - want)?)?;
+                let scale = largest_abs(want)?.max(1.0);
                 eprintln!("{dtype:?} {what}: max abs diff {diff:e} (largest |ref| {scale})");
                 // float16 keeps ~3 significant digits per op; measured 0.1–0.4 % of the range.
                 assert!(diff <= HALF_TOLERANCE * scale, "{dtype:?} {what}: {diff}");

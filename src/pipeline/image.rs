@@ -131,19 +131,10 @@ fn decode_at(bytes: &[u8], path: &Path) -> Result<RgbImage, ImageError> {
     let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| unreadable(e.to_string()))?;
-    match reader.format() {
-        Some(
-            image::ImageFormat::Png
-            | image::ImageFormat::Jpeg
-            | image::ImageFormat::WebP
-            | image::ImageFormat::Bmp
-            | image::ImageFormat::Tiff,
-        ) => {}
-        _ => {
-            return Err(ImageError::UnsupportedFormat {
-                path: path.to_path_buf(),
-            });
-        }
+    if !is_supported_format(reader.format()) {
+        return Err(ImageError::UnsupportedFormat {
+            path: path.to_path_buf(),
+        });
     }
     // Headers only so far: the size check below happens before any pixel allocation.
     reader.no_limits();
@@ -179,6 +170,20 @@ fn decode_at(bytes: &[u8], path: &Path) -> Result<RgbImage, ImageError> {
     let mut rgb = DynamicImage::ImageRgb8(to_rgb8_like_pil(decoded));
     rgb.apply_orientation(orientation);
     Ok(rgb.into_rgb8())
+}
+
+/// Whether the guessed format is one the program reads: PNG, JPEG, WebP, BMP or TIFF.
+pub fn is_supported_format(format: Option<image::ImageFormat>) -> bool {
+    matches!(
+        format,
+        Some(
+            image::ImageFormat::Png
+                | image::ImageFormat::Jpeg
+                | image::ImageFormat::WebP
+                | image::ImageFormat::Bmp
+                | image::ImageFormat::Tiff,
+        )
+    )
 }
 
 /// Width and height from a PNG's IHDR, if `bytes` start like a PNG.

@@ -35,35 +35,10 @@ pub fn to_images(decoded: &Tensor) -> candle_core::Result<Vec<RgbImage>> {
     let cpu = decoded.to_device(&Device::Cpu)?;
     // Denormalised values in [0, 1] as float32, in [B, C, H, W] order.
     let unit: Vec<f32> = match cpu.dtype() {
-        DType::F16 => {
-            let half = half::f16::from_f32(0.5);
-            cpu.flatten_all()?
-                .to_vec1::<half::f16>()?
-                .into_iter()
-                .map(|x| clamp_unit(x * half + half).to_f32())
-                .collect()
-        }
-        DType::BF16 => {
-            let half = half::bf16::from_f32(0.5);
-            cpu.flatten_all()?
-                .to_vec1::<half::bf16>()?
-                .into_iter()
-                .map(|x| clamp_unit(x * half + half).to_f32())
-                .collect()
-        }
-        DType::F64 => cpu
-            .flatten_all()?
-            .to_vec1::<f64>()?
-            .into_iter()
-            .map(|x| clamp_unit(x * 0.5 + 0.5) as f32)
-            .collect(),
-        _ => cpu
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?
-            .into_iter()
-            .map(|x| clamp_unit(x * 0.5 + 0.5))
-            .collect(),
+        DType::F16 => denormalise(&cpu, half::f16::from_f32(0.5), half::f16::to_f32)?,
+        DType::BF16 => denormalise(&cpu, half::bf16::from_f32(0.5), half::bf16::to_f32)?,
+        DType::F64 => denormalise(&cpu, 0.5f64, |x| x as f32)?,
+        _ => denormalise(&cpu.to_dtype(DType::F32)?, 0.5f32, |x| x)?,
     };
     let plane = h * w;
     let mut images = Vec::with_capacity(b);
@@ -80,6 +55,20 @@ pub fn to_images(decoded: &Tensor) -> candle_core::Result<Vec<RgbImage>> {
         images.push(img);
     }
     Ok(images)
+}
+
+/// `(x * 0.5 + 0.5).clamp(0, 1)` over every element, computed in `T` (the tensor's dtype; `half`
+/// is 0.5 in it), then widened to f32.
+fn denormalise<T>(cpu: &Tensor, half: T, to_f32: impl Fn(T) -> f32) -> candle_core::Result<Vec<f32>>
+where
+    T: candle_core::WithDType + std::ops::Mul<Output = T> + std::ops::Add<Output = T> + From<u8>,
+{
+    Ok(cpu
+        .flatten_all()?
+        .to_vec1::<T>()?
+        .into_iter()
+        .map(|x| to_f32(clamp_unit(x * half + half)))
+        .collect())
 }
 
 /// torch's `clamp(0, 1)`: NaN stays NaN.

@@ -107,38 +107,23 @@ fn safetensors_dtype(dtype: DType) -> Option<&'static str> {
 /// The little-endian bytes of `tensor` (any device, any layout).
 fn tensor_bytes(tensor: &Tensor) -> candle_core::Result<Vec<u8>> {
     let flat = tensor.to_device(&Device::Cpu)?.flatten_all()?;
+    // Every element type has its own `to_le_bytes` (no trait to be generic over).
+    macro_rules! le_bytes {
+        ($element:ty) => {
+            flat.to_vec1::<$element>()?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect()
+        };
+    }
     Ok(match flat.dtype() {
-        DType::F32 => flat
-            .to_vec1::<f32>()?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        DType::F16 => flat
-            .to_vec1::<half::f16>()?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        DType::BF16 => flat
-            .to_vec1::<half::bf16>()?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        DType::F64 => flat
-            .to_vec1::<f64>()?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
+        DType::F32 => le_bytes!(f32),
+        DType::F16 => le_bytes!(half::f16),
+        DType::BF16 => le_bytes!(half::bf16),
+        DType::F64 => le_bytes!(f64),
         DType::U8 => flat.to_vec1::<u8>()?,
-        DType::U32 => flat
-            .to_vec1::<u32>()?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        DType::I64 => flat
-            .to_vec1::<i64>()?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
+        DType::U32 => le_bytes!(u32),
+        DType::I64 => le_bytes!(i64),
         other => candle_core::bail!("no byte conversion for {other:?}"),
     })
 }
@@ -334,17 +319,27 @@ pub fn checkpoint_step(folder_name: &str) -> Option<u64> {
     folder_name.strip_prefix(CHECKPOINT_PREFIX)?.parse().ok()
 }
 
+/// The entries of `output_dir`, read as the caller goes; none when it does not exist.
+fn output_dir_entries(
+    output_dir: &Path,
+) -> Result<impl Iterator<Item = Result<fs::DirEntry, CheckpointError>> + '_, CheckpointError> {
+    let entries = match fs::read_dir(output_dir) {
+        Ok(entries) => Some(entries),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io_err("listing", output_dir)(e)),
+    };
+    Ok(entries
+        .into_iter()
+        .flatten()
+        .map(move |entry| entry.map_err(io_err("listing", output_dir))))
+}
+
 /// The `checkpoint-STEP` folders under `output_dir` (complete or not), oldest step first. A
 /// missing `output_dir` has none.
 pub fn list_checkpoints(output_dir: &Path) -> Result<Vec<(u64, PathBuf)>, CheckpointError> {
-    let entries = match fs::read_dir(output_dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(io_err("listing", output_dir)(e)),
-    };
     let mut out = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(io_err("listing", output_dir))?;
+    for entry in output_dir_entries(output_dir)? {
+        let entry = entry?;
         let name = entry.file_name();
         if let Some(step) = name.to_str().and_then(checkpoint_step)
             && entry.path().is_dir()
@@ -411,14 +406,9 @@ fn remove_dir_if_exists(dir: &Path) -> Result<(), CheckpointError> {
 /// Removes what interrupted checkpoint writes left under `output_dir` (hidden temporary and
 /// moved-aside folders). Returns the folders removed.
 pub fn clean_leftovers(output_dir: &Path) -> Result<Vec<PathBuf>, CheckpointError> {
-    let entries = match fs::read_dir(output_dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(io_err("listing", output_dir)(e)),
-    };
     let mut removed = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(io_err("listing", output_dir))?;
+    for entry in output_dir_entries(output_dir)? {
+        let entry = entry?;
         let name = entry.file_name();
         let name = name.to_string_lossy();
         if name.starts_with(TEMP_PREFIX) || name.starts_with(REPLACED_PREFIX) {

@@ -304,14 +304,7 @@ mod tests {
         // 2·4·23 scores per query row: a budget of 5 rows gives 8 chunks, the last one short.
         let chunked = attention_in_query_chunks(&q, &k, &v, 4, 5 * 2 * 4 * 23).unwrap();
         assert_eq!(chunked.dims(), whole.dims());
-        let diff = (chunked - &whole)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = crate::model::max_abs_diff(&chunked, &whole);
         // Row-independent maths; only the matrix products' blocking may differ (f32 ulps).
         assert!(diff < 1e-6, "{diff}");
     }

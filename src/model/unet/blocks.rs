@@ -46,18 +46,9 @@ impl ResnetBlock2D {
         settings: ResnetSettings,
         output_scale_factor: f64,
     ) -> Result<Self> {
-        let conv_shortcut = if in_channels != out_channels {
-            Some(nn::conv2d(
-                vb.pp("conv_shortcut"),
-                in_channels,
-                out_channels,
-                1,
-                1,
-                0,
-            )?)
-        } else {
-            None
-        };
+        let conv_shortcut = (in_channels != out_channels)
+            .then(|| nn::conv2d(vb.pp("conv_shortcut"), in_channels, out_channels, 1, 1, 0))
+            .transpose()?;
         Ok(Self {
             norm1: nn::group_norm(vb.pp("norm1"), settings.groups, in_channels, settings.eps)?,
             conv1: nn::conv2d(vb.pp("conv1"), in_channels, out_channels, 3, 1, 1)?,

@@ -151,20 +151,15 @@ impl UNet2DConditionModel {
                 } else {
                     output_channels
                 };
-                resnets.push(ResnetBlock2D::load(
-                    vb_block.pp("resnets").pp(j),
-                    resnet_in,
-                    output_channels,
+                let (resnet, attention) = load_block_layer(
+                    &vb_block,
+                    j,
+                    (resnet_in, output_channels),
                     settings,
-                    1.0,
-                )?);
-                if resolved.down_has_attention[i] {
-                    attentions.push(Transformer2DModel::load(
-                        vb_block.pp("attentions").pp(j),
-                        output_channels,
-                        &spec,
-                    )?);
-                }
+                    resolved.down_has_attention[i].then_some(&spec),
+                )?;
+                resnets.push(resnet);
+                attentions.extend(attention);
             }
             let downsampler = if is_final {
                 None
@@ -245,20 +240,15 @@ impl UNet2DConditionModel {
                 } else {
                     output_channels
                 };
-                resnets.push(ResnetBlock2D::load(
-                    vb_block.pp("resnets").pp(j),
-                    resnet_in + skip_channels,
-                    output_channels,
+                let (resnet, attention) = load_block_layer(
+                    &vb_block,
+                    j,
+                    (resnet_in + skip_channels, output_channels),
                     settings,
-                    1.0,
-                )?);
-                if resolved.up_has_attention[i] {
-                    attentions.push(Transformer2DModel::load(
-                        vb_block.pp("attentions").pp(j),
-                        output_channels,
-                        &spec,
-                    )?);
-                }
+                    resolved.up_has_attention[i].then_some(&spec),
+                )?;
+                resnets.push(resnet);
+                attentions.extend(attention);
             }
             let upsampler = if is_final {
                 None
@@ -518,4 +508,26 @@ impl UNet2DConditionModel {
         let h = self.act.apply_after_norm(&self.conv_norm_out, h)?;
         self.conv_out.forward(&h)
     }
+}
+
+/// Layer `j` of a down or up block: its resnet (`channels`: in, out) and, in a block with
+/// attention (`attention` given), the transformer after it.
+fn load_block_layer(
+    vb_block: &VarBuilder,
+    j: usize,
+    (in_channels, out_channels): (usize, usize),
+    settings: ResnetSettings,
+    attention: Option<&TransformerSpec>,
+) -> Result<(ResnetBlock2D, Option<Transformer2DModel>)> {
+    let resnet = ResnetBlock2D::load(
+        vb_block.pp("resnets").pp(j),
+        in_channels,
+        out_channels,
+        settings,
+        1.0,
+    )?;
+    let attention = attention
+        .map(|spec| Transformer2DModel::load(vb_block.pp("attentions").pp(j), out_channels, spec))
+        .transpose()?;
+    Ok((resnet, attention))
 }

@@ -9,7 +9,9 @@ use std::path::Path;
 use super::formats::read_prompt;
 use super::parquet::{GroupKey, GroupRows, RawRow};
 use super::{Dataset, FileRef, PromptRef, Record};
-use crate::pipeline::image::{ImageError, MAX_IMAGE_PIXELS, decode_image, load_image};
+use crate::pipeline::image::{
+    ImageError, MAX_IMAGE_PIXELS, decode_image, is_supported_format, load_image,
+};
 
 /// How thoroughly [`Dataset::check`] looks at the images.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -170,19 +172,10 @@ fn probe_image<R: BufRead + std::io::Seek>(input: R, name: &str) -> Result<(), S
     let reader = image::ImageReader::new(input)
         .with_guessed_format()
         .map_err(|e| format!("cannot read image {name}: {e}"))?;
-    match reader.format() {
-        Some(
-            image::ImageFormat::Png
-            | image::ImageFormat::Jpeg
-            | image::ImageFormat::WebP
-            | image::ImageFormat::Bmp
-            | image::ImageFormat::Tiff,
-        ) => {}
-        _ => {
-            return Err(format!(
-                "{name} is not a supported image (PNG, JPEG, WebP, BMP or TIFF expected)"
-            ));
-        }
+    if !is_supported_format(reader.format()) {
+        return Err(format!(
+            "{name} is not a supported image (PNG, JPEG, WebP, BMP or TIFF expected)"
+        ));
     }
     let (w, h) = reader
         .into_dimensions()

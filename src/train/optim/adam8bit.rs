@@ -6,12 +6,11 @@
 
 use std::sync::Mutex;
 
-use candle_core::{CpuStorage, InplaceOp2, Layout};
 use rayon::prelude::*;
 
 #[cfg(doc)]
 use super::MomentStorage;
-use super::{AdamWConfig, QuantizedMoments, f32_slice, f32_slice_mut};
+use super::{AdamWConfig, F32GradUpdate, QuantizedMoments};
 
 /// Elements per quantisation block of the 8-bit moments (bitsandbytes' `AdamW8bit` of the
 /// Dettmers et al. paper and up to bitsandbytes 0.44; later releases use 256).
@@ -248,20 +247,10 @@ pub(super) struct Adam8BitUpdate<'a> {
     pub(super) moments: Mutex<&'a mut QuantizedMoments>,
 }
 
-impl InplaceOp2 for Adam8BitUpdate<'_> {
-    fn name(&self) -> &'static str {
-        "adamw-8bit"
-    }
+impl F32GradUpdate for Adam8BitUpdate<'_> {
+    const NAME: &'static str = "adamw-8bit";
 
-    fn cpu_fwd(
-        &self,
-        dst: &mut CpuStorage,
-        dst_l: &Layout,
-        grad: &CpuStorage,
-        grad_l: &Layout,
-    ) -> candle_core::Result<()> {
-        let p = f32_slice_mut(dst, dst_l)?;
-        let g = f32_slice(grad, grad_l)?;
+    fn apply(&self, p: &mut [f32], g: &[f32]) -> candle_core::Result<()> {
         let mut moments = self.moments.lock().unwrap_or_else(|e| e.into_inner());
         if moments.exp_avg.codes.len() != p.len() {
             candle_core::bail!(
@@ -280,6 +269,7 @@ mod tests {
     use candle_core::{DType, Device, Tensor, Var};
 
     use super::*;
+    use crate::model::max_abs_diff;
     use crate::train::optim::{AdamW, MomentStorage};
 
     #[test]
@@ -455,13 +445,7 @@ mod tests {
         .unwrap();
         first.step(&[Some(grads[2].clone())], 1e-3).unwrap();
         restored.step(&[Some(grads[2].clone())], 1e-3).unwrap();
-        let diff = (a.as_tensor() - b.as_tensor())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap();
-        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+        assert_eq!(max_abs_diff(a.as_tensor(), b.as_tensor()), 0.0);
         // A 32-bit state cannot read 8-bit tensors, and says which optimizer it expected.
         let mut state = first.state();
         state.moments = MomentStorage::Float32;

@@ -432,8 +432,8 @@ impl AdamW {
                     exp_avg_sq: v,
                 } => {
                     if fused_cpu_allowed(&[param, &grad, m, v]) {
-                        m.inplace_op2(&grad, &LerpFirstMoment(scalars))?;
-                        v.inplace_op2(&grad, &UpdateSecondMoment(scalars))?;
+                        m.inplace_op2(&grad, &OnCpuF32(LerpFirstMoment(scalars)))?;
+                        v.inplace_op2(&grad, &OnCpuF32(UpdateSecondMoment(scalars)))?;
                         param.inplace_op3(m, v, &AdamUpdate(scalars))?;
                     } else {
                         let (new_m, new_v, new_p) = scalars.composed(param, &grad, m, v)?;
@@ -448,7 +448,7 @@ impl AdamW {
                             scalars: scalars_8bit,
                             moments: Mutex::new(q),
                         };
-                        param.inplace_op2(&grad, &op)?;
+                        param.inplace_op2(&grad, &OnCpuF32(op))?;
                     } else {
                         // Other devices and dtypes: the same update on a host copy.
                         let mut p = param
@@ -543,13 +543,21 @@ fn f32_slice_mut<'a>(
     }
 }
 
-/// `exp_avg.lerp_(grad, 1 − β1)` as torch's vectorised CPU lerp computes it (one fused
-/// multiply-add from the nearer end).
-struct LerpFirstMoment(AdamScalars);
+/// An update of a contiguous f32 CPU tensor in place from another of the same length (the
+/// gradient); [`OnCpuF32`] makes it a candle in-place op.
+pub(super) trait F32GradUpdate {
+    /// The op's name in candle's errors.
+    const NAME: &'static str;
 
-impl InplaceOp2 for LerpFirstMoment {
+    fn apply(&self, dst: &mut [f32], grad: &[f32]) -> candle_core::Result<()>;
+}
+
+/// Runs an [`F32GradUpdate`] as candle's `InplaceOp2` on the CPU storages.
+pub(super) struct OnCpuF32<U>(pub(super) U);
+
+impl<U: F32GradUpdate> InplaceOp2 for OnCpuF32<U> {
     fn name(&self) -> &'static str {
-        "adamw-exp-avg"
+        U::NAME
     }
 
     fn cpu_fwd(
@@ -559,8 +567,19 @@ impl InplaceOp2 for LerpFirstMoment {
         grad: &CpuStorage,
         grad_l: &Layout,
     ) -> candle_core::Result<()> {
-        let m = f32_slice_mut(dst, dst_l)?;
-        let g = f32_slice(grad, grad_l)?;
+        self.0
+            .apply(f32_slice_mut(dst, dst_l)?, f32_slice(grad, grad_l)?)
+    }
+}
+
+/// `exp_avg.lerp_(grad, 1 − β1)` as torch's vectorised CPU lerp computes it (one fused
+/// multiply-add from the nearer end).
+struct LerpFirstMoment(AdamScalars);
+
+impl F32GradUpdate for LerpFirstMoment {
+    const NAME: &'static str = "adamw-exp-avg";
+
+    fn apply(&self, m: &mut [f32], g: &[f32]) -> candle_core::Result<()> {
         let w = self.0.beta1_weight as f32;
         let small = w < 0.5;
         m.par_chunks_mut(CHUNK)
@@ -582,20 +601,10 @@ impl InplaceOp2 for LerpFirstMoment {
 /// `exp_avg_sq.mul_(β2).addcmul_(grad, grad, value=1 − β2)`.
 struct UpdateSecondMoment(AdamScalars);
 
-impl InplaceOp2 for UpdateSecondMoment {
-    fn name(&self) -> &'static str {
-        "adamw-exp-avg-sq"
-    }
+impl F32GradUpdate for UpdateSecondMoment {
+    const NAME: &'static str = "adamw-exp-avg-sq";
 
-    fn cpu_fwd(
-        &self,
-        dst: &mut CpuStorage,
-        dst_l: &Layout,
-        grad: &CpuStorage,
-        grad_l: &Layout,
-    ) -> candle_core::Result<()> {
-        let v = f32_slice_mut(dst, dst_l)?;
-        let g = f32_slice(grad, grad_l)?;
+    fn apply(&self, v: &mut [f32], g: &[f32]) -> candle_core::Result<()> {
         let beta2 = self.0.beta2 as f32;
         let value = self.0.one_minus_beta2 as f32;
         v.par_chunks_mut(CHUNK)
@@ -682,6 +691,7 @@ pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> candle_cor
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::max_abs_diff;
 
     /// Two steps through the fused CPU passes and through the composed tensor ops (the path
     /// other devices take) from the same start.
@@ -726,14 +736,7 @@ mod tests {
             };
             (m, v, p) = scalars.composed(&p, &grad, &m, &v).unwrap();
         }
-        let diff = (var.as_tensor() - &p)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs_diff(var.as_tensor(), &p);
         // Same formula; only the lerp's fused multiply-add rounds differently (an f32 ulp of
         // the moment, far below the 1e-2 step).
         assert!(diff < 1e-6, "{diff}");
