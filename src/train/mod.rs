@@ -4,6 +4,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod ema;
 pub mod lora;
+pub mod memory;
 pub mod metrics;
 pub mod optim;
 pub mod output;
