@@ -352,7 +352,6 @@ impl ModelSizes {
                 push(&mut segments, SegmentKind::Sampler, c, level - 1);
             }
         }
-        drop(transformer);
         Ok(Self {
             unet_params: 0,
             unet_small_params: 0,
@@ -675,7 +674,7 @@ pub fn savings(sizes: &ModelSizes, settings: &MemorySettings) -> Vec<Saving> {
             })
         })
         .collect();
-    list.sort_by(|a, b| b.bytes.cmp(&a.bytes));
+    list.sort_by_key(|s| std::cmp::Reverse(s.bytes));
     list
 }
 
@@ -696,13 +695,15 @@ pub fn fit(sizes: &ModelSizes, settings: &MemorySettings, available: u64) -> Mem
     settings
 }
 
-/// Bytes as the messages show them: "14.2 GB", "850 MB".
+/// Bytes as the messages show them: "14.2 GB", "850 MB", "12 kB".
 pub fn format_bytes(bytes: u64) -> String {
     let b = bytes as f64;
     if b >= 1e9 {
         format!("{:.1} GB", b / 1e9)
-    } else {
+    } else if b >= 1e6 {
         format!("{:.0} MB", b / 1e6)
+    } else {
+        format!("{:.0} kB", b / 1e3)
     }
 }
 
@@ -724,7 +725,7 @@ pub fn parse_bytes(text: &str) -> Option<u64> {
         "gib" => 1024.0 * 1024.0 * 1024.0,
         _ => return None,
     };
-    (number.is_finite() && number >= 0.0).then(|| (number * scale) as u64)
+    (number.is_finite() && number >= 0.0).then_some((number * scale) as u64)
 }
 
 /// Memory the training device has free, and where the figure comes from.
@@ -1145,6 +1146,7 @@ mod tests {
         assert_eq!(parse_bytes("3 parsecs"), None);
         assert_eq!(format_bytes(14_200_000_000), "14.2 GB");
         assert_eq!(format_bytes(850_000_000), "850 MB");
+        assert_eq!(format_bytes(12_300), "12 kB");
     }
 
     #[test]

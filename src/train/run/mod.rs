@@ -52,8 +52,8 @@ mod config;
 mod events;
 
 pub use config::{
-    DEFAULT_LEARNING_RATE, DataSource, MAX_RESOLUTION, RECOMMENDED_LEARNING_RATE, TrainConfig,
-    ValidationConfig,
+    DEFAULT_LEARNING_RATE, DataSource, MAX_RESOLUTION, MemoryCheck, MixedPrecision,
+    RECOMMENDED_LEARNING_RATE, TrainConfig, ValidationConfig,
 };
 pub use events::{
     RunError, RunPlan, StepEvent, TrainControl, TrainEvent, TrainOutcome, ValidationEvent,
@@ -74,6 +74,10 @@ use super::data::{
 };
 use super::ema::{EmaConfig, EmaModel, EmaState};
 use super::lora::{LoraConfig, UNetLora, lora_key};
+use super::memory::{
+    DeviceKind, MemorySettings, ModelSizes, OutOfMemory, available_memory, estimate,
+    is_out_of_memory, savings,
+};
 use super::metrics::{MetricsLog, StepMetrics, TensorBoardWriter};
 use super::optim::{AdamW, AdamWState, MomentStorage};
 use super::output::write_final_model;
@@ -196,13 +200,23 @@ pub fn train(
         return Err(RunError::BadExamples { report });
     };
 
+    // Memory: refused here, before the model loads and anything is written, when it cannot fit.
+    let memory = MemoryPlan::check(config, dataset.len())?;
+    if config.mixed_precision != MixedPrecision::No && config.device.is_cpu() {
+        on_event(TrainEvent::Notice(format!(
+            "--mixed_precision {}: training on the CPU runs in float32 (candle's CPU has no fast {} matrix product)",
+            config.mixed_precision.name(),
+            config.mixed_precision.name()
+        )));
+    }
+
     let mut models = TrainingModels::load(
         &config.pretrained_model,
         &TrainLoadOptions {
             variant: config.variant,
+            frozen_dtype: config.mixed_precision.frozen_dtype(&config.device),
             device: config.device.clone(),
             seed: config.seed,
-            ..TrainLoadOptions::default()
         },
     )?;
     let factor = models.vae.config().downscale_factor() as u32;
@@ -363,6 +377,8 @@ pub fn train(
         trainable_parameters,
         grew_conv_in,
         resumed_from: resume_dir.clone(),
+        estimated_peak_bytes: memory.estimate,
+        available_bytes: memory.available,
     }));
 
     let mut run = Run {
@@ -377,17 +393,110 @@ pub fn train(
         started: Instant::now(),
         examples: dataset.len(),
     };
-    let outcome = run.train_loop(
-        &dataset,
-        sampler,
-        micro_batch_index,
-        total_steps,
-        batches_per_epoch,
-        control,
-        on_event,
-    )?;
+    let outcome = run
+        .train_loop(
+            &dataset,
+            sampler,
+            micro_batch_index,
+            total_steps,
+            batches_per_epoch,
+            control,
+            on_event,
+        )
+        .map_err(|error| memory.out_of_memory_in_step(error, &run))?;
     on_event(TrainEvent::Finished(outcome.clone()));
     Ok(outcome)
+}
+
+/// The run's memory estimate, and what the device had free before the model loaded.
+struct MemoryPlan {
+    sizes: ModelSizes,
+    settings: MemorySettings,
+    /// The estimated peak, in bytes.
+    estimate: u64,
+    available: Option<u64>,
+    device: String,
+}
+
+impl MemoryPlan {
+    /// Estimates the run's peak from the model's configs and weight headers and, unless
+    /// `--skip_memory_check`, refuses it when the device has less free.
+    fn check(config: &TrainConfig, examples: usize) -> Result<Self, RunError> {
+        let sizes = ModelSizes::from_folder(&config.pretrained_model, config.variant)
+            .map_err(TrainError::from)?;
+        let settings = MemorySettings {
+            resolution: config.resolution,
+            train_batch_size: config.train_batch_size,
+            gradient_accumulation_steps: config.gradient_accumulation_steps,
+            lora_rank: config.lora_rank,
+            gradient_checkpointing: config.gradient_checkpointing,
+            use_8bit_adam: config.use_8bit_adam,
+            use_ema: config.use_ema,
+            cache_latents: config.cache_latents,
+            random_flip: config.random_flip,
+            half_precision_frozen: config.mixed_precision.frozen_dtype(&config.device)
+                != candle_core::DType::F32,
+            examples,
+            device: DeviceKind::of(&config.device),
+        };
+        let needed = estimate(&sizes, &settings).total();
+        let available = match config.memory_check {
+            MemoryCheck::Available(bytes) => Some(bytes),
+            MemoryCheck::Device | MemoryCheck::Skip => {
+                available_memory(&config.device).map(|a| a.bytes)
+            }
+        };
+        let device = match config.device.location() {
+            candle_core::DeviceLocation::Cpu => "cpu".to_string(),
+            candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+            candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+        };
+        let plan = Self {
+            sizes,
+            settings,
+            estimate: needed,
+            available,
+            device,
+        };
+        if config.memory_check != MemoryCheck::Skip
+            && let Some(available) = available
+            && needed > available
+        {
+            return Err(plan.out_of_memory(None));
+        }
+        Ok(plan)
+    }
+
+    fn out_of_memory(&self, during_step: Option<(u64, Option<PathBuf>)>) -> RunError {
+        RunError::OutOfMemory(Box::new(OutOfMemory {
+            needed: self.estimate,
+            available: self.available,
+            device: self.device.clone(),
+            savings: savings(&self.sizes, &self.settings),
+            during_step,
+        }))
+    }
+
+    /// A step's out-of-memory error from the device as the same message as the preflight's,
+    /// naming the step and the last checkpoint on disk (checkpoints are renamed into place
+    /// whole, so it is intact); any other error as it is.
+    fn out_of_memory_in_step(&self, error: RunError, run: &Run<'_>) -> RunError {
+        let RunError::Train(train_error) = &error else {
+            return error;
+        };
+        let TrainError::Compute { source, .. } = train_error.as_ref() else {
+            return error;
+        };
+        if !is_out_of_memory(source) {
+            return error;
+        }
+        let checkpoint = run.last_checkpoint.clone().or_else(|| {
+            checkpoint::list_checkpoints(&run.config.output_dir)
+                .ok()
+                .and_then(|list| list.last().map(|(_, path)| path.clone()))
+        });
+        self.out_of_memory(Some((run.trainer.global_step() + 1, checkpoint)))
+    }
 }
 
 /// Reads a checkpoint's `state.json` and checks that it belongs to a run with these settings.
