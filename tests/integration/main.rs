@@ -24,6 +24,7 @@ mod train_adam8bit;
 mod train_checkpointing;
 mod train_cli;
 mod train_data;
+mod train_guards;
 mod train_persist;
 mod train_run;
 mod train_step;
