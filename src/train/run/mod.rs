@@ -424,7 +424,8 @@ pub fn train(
         Ok(outcome) => outcome,
         Err(error) => {
             run.save_after_failure(&error, on_event);
-            return Err(memory.out_of_memory_in_step(error, &run));
+            let step = run.trainer.global_step() + 1;
+            return Err(memory.out_of_memory_in_step(error, step, || run.newest_checkpoint()));
         }
     };
     on_event(TrainEvent::Finished(outcome.clone()));
@@ -503,20 +504,19 @@ impl MemoryPlan {
     /// A step's out-of-memory error from the device as the same message as the preflight's,
     /// naming the step and the newest checkpoint on disk (checkpoints are renamed into place
     /// whole, so it is intact); any other error as it is.
-    fn out_of_memory_in_step(&self, error: RunError, run: &Run<'_>) -> RunError {
-        let RunError::Train(train_error) = &error else {
-            return error;
-        };
-        let TrainError::Compute { source, .. } = train_error.as_ref() else {
-            return error;
-        };
-        if !is_out_of_memory(source) {
-            return error;
+    /// The driver's error may come through a step's computation or the optimizer, so the
+    /// whole message is read.
+    fn out_of_memory_in_step(
+        &self,
+        error: RunError,
+        step: u64,
+        checkpoint: impl FnOnce() -> Option<PathBuf>,
+    ) -> RunError {
+        if matches!(error, RunError::Train(_)) && is_out_of_memory(&error.to_string()) {
+            self.out_of_memory(Some((step, checkpoint())))
+        } else {
+            error
         }
-        self.out_of_memory(Some((
-            run.trainer.global_step() + 1,
-            run.newest_checkpoint(),
-        )))
     }
 }
 
@@ -1109,4 +1109,83 @@ fn check_finite(what: &str, tensors: &[(String, Tensor)]) -> Result<(), RunError
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::memory::DeviceKind;
+
+    fn plan() -> MemoryPlan {
+        let folder = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/pipelines/sd1-tiny");
+        let sizes = ModelSizes::from_folder(&folder, crate::model::weights::Variant::Default)
+            .expect("the fixture's sizes");
+        let settings = MemorySettings {
+            resolution: 512,
+            train_batch_size: 4,
+            gradient_accumulation_steps: 1,
+            lora_rank: None,
+            gradient_checkpointing: false,
+            use_8bit_adam: false,
+            use_ema: false,
+            cache_latents: false,
+            random_flip: false,
+            half_precision_frozen: false,
+            examples: 10,
+            device: DeviceKind::Gpu,
+        };
+        MemoryPlan {
+            estimate: estimate(&sizes, &settings).total(),
+            sizes,
+            settings,
+            available: Some(300_000_000),
+            device: "cuda:0".into(),
+        }
+    }
+
+    fn compute_error(text: &str) -> RunError {
+        TrainError::Compute {
+            stage: "backward",
+            source: candle_core::Error::Msg(text.into()),
+        }
+        .into()
+    }
+
+    #[test]
+    fn a_device_out_of_memory_error_in_a_step_names_what_to_change_and_the_checkpoint() {
+        let plan = plan();
+        let error = compute_error("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")");
+        let message = plan
+            .out_of_memory_in_step(error, 7, || Some(PathBuf::from("out/checkpoint-5")))
+            .to_string();
+        assert!(
+            message.starts_with("out of memory on cuda:0 in step 7 (estimated peak ~"),
+            "{message}"
+        );
+        assert!(
+            message.contains("300 MB available at the start): try --"),
+            "{message}"
+        );
+        for flag in [
+            "--gradient_checkpointing (−",
+            "--mixed_precision bf16 (−",
+            "--train_batch_size 2 (−",
+        ] {
+            assert!(message.contains(flag), "{flag}: {message}");
+        }
+        assert!(
+            message.ends_with("the last checkpoint, out/checkpoint-5, is intact"),
+            "{message}"
+        );
+        let first = plan
+            .out_of_memory_in_step(compute_error("CUDA_ERROR_OUT_OF_MEMORY"), 1, || None)
+            .to_string();
+        assert!(first.ends_with("no checkpoint was saved yet"), "{first}");
+        // Any other failure stays what it was.
+        let other = plan
+            .out_of_memory_in_step(compute_error("shape mismatch"), 7, || None)
+            .to_string();
+        assert_eq!(other, "backward: shape mismatch");
+    }
 }
