@@ -295,7 +295,12 @@ impl FineTune {
             ui.separator();
             let base_focused = text_row(ui, "Base model", &mut self.base_model);
             let base = self.base_model.trim();
-            if !base_focused && !base.is_empty() && self.memory_asked.as_deref() != Some(base) {
+            // One action a frame: a folder check asked for in this frame goes first.
+            if action.is_none()
+                && !base_focused
+                && !base.is_empty()
+                && self.memory_asked.as_deref() != Some(base)
+            {
                 self.memory_asked = Some(base.to_string());
                 self.memory = None;
                 action = Some(FineTuneAction::EstimateMemory(base.to_string()));
