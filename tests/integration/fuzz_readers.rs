@@ -124,7 +124,7 @@ fn mutate(bytes: &[u8], rng: &mut StdRng) -> Vec<u8> {
 
 /// Runs `read` on mutations of `seed_bytes` written to `target` for the time budget; panics
 /// (with the seed and the case) on the first reader panic.
-fn fuzz(name: &str, seed_bytes: &[u8], target: &Path, read: &Reader) {
+fn fuzz(name: &str, seed_bytes: &[u8], target: &Path, read: &Reader<'_>) {
     let seed = base_seed()
         ^ name
             .bytes()
@@ -168,7 +168,7 @@ fn fuzz(name: &str, seed_bytes: &[u8], target: &Path, read: &Reader) {
 }
 
 /// A reader under test, given the damaged file's path.
-type Reader = dyn Fn(&Path);
+type Reader<'a> = dyn Fn(&Path) + 'a;
 
 fn sd1_tiny() -> PathBuf {
     common::fixture_pipeline("sd1-tiny")
@@ -190,7 +190,7 @@ fn fuzz_config_json() {
     let work = tempfile::tempdir().unwrap();
     let model = work.path().join("model");
     common::copy_dir(&sd1_tiny(), &model);
-    let cases: [(&str, &Reader); 5] = [
+    let cases: [(&str, &Reader<'_>); 5] = [
         ("model_index.json", &|_: &Path| {
             let _ = ModelIndex::read(&model);
         }),
