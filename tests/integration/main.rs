@@ -21,6 +21,7 @@ mod rng;
 mod schedulers;
 mod tokenizer;
 mod train_adam8bit;
+mod train_cache;
 mod train_checkpointing;
 mod train_cli;
 mod train_data;
