@@ -146,6 +146,9 @@ pub fn run(args: EditArgs) -> Result<()> {
         initial_latents,
     };
     let cancel = AtomicBool::new(false);
+    // All or nothing: every image is made first, then written; a failed write removes the ones
+    // this run wrote before it.
+    let mut finished = Vec::with_capacity(outputs.len());
     for (index, output) in outputs.iter().enumerate() {
         settings.seed = first_seed.wrapping_add(index as u64);
         let label = if outputs.len() > 1 {
@@ -169,7 +172,24 @@ pub fn run(args: EditArgs) -> Result<()> {
             height,
             &format!("{dtype:?}").to_lowercase(),
         );
-        save_image(output, &result.image, &record.to_text_chunks())?;
+        finished.push((output, result, record));
+    }
+    let mut written: Vec<&Path> = Vec::with_capacity(finished.len());
+    for (output, result, record) in &finished {
+        if let Err(error) = save_image(output, &result.image, &record.to_text_chunks()) {
+            for path in &written {
+                let _ = std::fs::remove_file(path);
+            }
+            let kept = if written.is_empty() {
+                String::new()
+            } else {
+                format!(" (the {} written before it removed)", written.len())
+            };
+            return Err(anyhow::Error::new(error).context(format!("no image kept{kept}")));
+        }
+        written.push(output);
+    }
+    for (output, result, _) in &finished {
         println!(
             "wrote {} ({}×{}, seed {}, {:.1} s)",
             output.display(),
@@ -202,9 +222,17 @@ fn output_paths(output: &Path, count: u32) -> Result<Vec<PathBuf>> {
         .file_stem()
         .and_then(|s| s.to_str())
         .unwrap_or("edit");
-    Ok((1..=count)
+    let paths: Vec<PathBuf> = (1..=count)
         .map(|i| output.with_file_name(format!("{stem}-{i}.{extension}")))
-        .collect())
+        .collect();
+    if let Some(folder) = paths.iter().find(|p| p.is_dir()) {
+        bail!(
+            "{}: is a folder, so image {} of {count} could not be written; nothing was edited",
+            folder.display(),
+            paths.iter().position(|p| p == folder).unwrap_or(0) + 1
+        );
+    }
+    Ok(paths)
 }
 
 /// Fails before any model work if the output folder is missing or not writable.

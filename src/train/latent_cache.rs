@@ -162,6 +162,13 @@ impl LatentCache {
         self.examples.iter().filter(|e| e.is_err()).count()
     }
 
+    /// The reader's message for the first example that could not be read.
+    pub fn first_unreadable(&self) -> Option<&str> {
+        self.examples
+            .iter()
+            .find_map(|e| e.as_ref().err().map(String::as_str))
+    }
+
     /// Bytes of tensors held (each distinct text embedding once).
     pub fn bytes(&self) -> usize {
         self.bytes

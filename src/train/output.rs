@@ -123,6 +123,51 @@ fn remove_path(path: &Path) -> Result<(), OutputError> {
     }
 }
 
+/// The hidden folder a final model is written into before it is moved into place:
+/// `.tmp-model-LEAF-PID` beside `model_dir`.
+pub const TEMP_MODEL_PREFIX: &str = ".tmp-model-";
+
+/// Removes `prefix`PID folders in `parent` left by processes that no longer run (a run killed
+/// while writing its model; another live run's folder is left alone).
+fn remove_stale_temporaries(parent: &Path, prefix: &str) -> Result<(), OutputError> {
+    let Ok(entries) = fs::read_dir(parent) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(prefix))
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !process_is_running(pid) {
+            remove_path(&entry.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether a process with this id exists (on Linux, `kill(pid, 0)`; elsewhere assumed to run,
+/// so nothing of another process is removed).
+fn process_is_running(pid: u32) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        let Ok(pid) = libc::pid_t::try_from(pid) else {
+            return false;
+        };
+        // SAFETY: signal 0 only checks that the process exists; nothing is sent.
+        let result = unsafe { libc::kill(pid, 0) };
+        result == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = pid;
+        true
+    }
+}
+
 /// Writes the complete pipeline folder `model_dir` from the base model folder `base_model` and
 /// the trained UNet weights `unet_tensors` (diffusers' names, such as `conv_in.weight`), see the
 /// module doc. Returns `model_dir`.
@@ -176,7 +221,9 @@ pub fn write_final_model(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "model".into());
-    let temp = parent.join(format!(".tmp-model-{leaf}-{}", std::process::id()));
+    let temp_prefix = format!("{TEMP_MODEL_PREFIX}{leaf}-");
+    remove_stale_temporaries(&parent, &temp_prefix)?;
+    let temp = parent.join(format!("{temp_prefix}{}", std::process::id()));
     remove_path(&temp)?;
     fs::create_dir(&temp).map_err(io_err("creating", &temp))?;
     let result = fill_model_folder(

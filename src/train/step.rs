@@ -88,6 +88,17 @@ pub enum TrainError {
     /// `optimizer_step` with no micro-batch accumulated.
     #[error("an optimizer step needs at least one accumulated micro-batch")]
     NothingAccumulated,
+    /// The loss or the gradients of a step are NaN or infinite: the step was not applied (the
+    /// weights, the optimizer state and the schedule are as before it; its gradients dropped).
+    #[error(
+        "the loss or the gradients are not finite (loss {loss}, gradient norm {grad_norm}); the step was skipped"
+    )]
+    NonFiniteStep {
+        /// The step's loss (the script's `train_loss`).
+        loss: f64,
+        /// The gradients' total 2-norm.
+        grad_norm: f32,
+    },
     /// A tensor operation of the step failed.
     #[error("{stage}: {source}")]
     Compute {
@@ -1187,6 +1198,12 @@ impl Trainer {
         let lr = self.schedule.lr(self.optimizer.step_count());
         let grad_norm =
             clip_grad_norm(&mut self.grads, self.config.max_grad_norm).stage("clipping")?;
+        if !(grad_norm.is_finite() && self.train_loss.is_finite()) {
+            // As fp16 loss scaling does: a step whose numbers overflowed changes nothing.
+            let loss = self.train_loss;
+            self.clear_accumulated();
+            return Err(TrainError::NonFiniteStep { loss, grad_norm });
+        }
         self.optimizer.step(&self.grads, lr)?;
         let ema_decay = match &mut self.ema {
             Some(ema) => Some(ema.step(self.optimizer.params())?),
@@ -1200,10 +1217,15 @@ impl Trainer {
             micro_batches: self.micro_batches,
             ema_decay,
         };
+        self.clear_accumulated();
+        Ok(report)
+    }
+
+    /// Drops the accumulated gradients and loss (after a step, or instead of one).
+    fn clear_accumulated(&mut self) {
         self.grads.iter_mut().for_each(|g| *g = None);
         self.micro_batches = 0;
         self.train_loss = 0.0;
-        Ok(report)
     }
 
     /// Runs `f` with the EMA weights in the UNet (`store`, `copy_to`, then `restore`), as the

@@ -25,6 +25,7 @@ mod train_cache;
 mod train_checkpointing;
 mod train_cli;
 mod train_data;
+mod train_guards;
 mod train_hygiene;
 mod train_persist;
 mod train_run;

@@ -10,10 +10,10 @@ use crate::train_dataset;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use instruct_pix2pix::train::data::{CropMode, Dataset, DatasetOptions};
+use instruct_pix2pix::train::data::{CheckLevel, CropMode, Dataset, DatasetOptions};
 use instruct_pix2pix::train::latent_cache::{CacheMiss, CacheOptions, LatentCache};
 use instruct_pix2pix::train::run::{
-    DataSource, TrainConfig, TrainControl, TrainEvent, ValidationConfig, train,
+    DataSource, RunError, TrainConfig, TrainControl, TrainEvent, ValidationConfig, train,
 };
 use instruct_pix2pix::train::step::{TrainError, TrainLoadOptions, TrainingModels};
 
@@ -312,4 +312,44 @@ fn the_cache_holds_both_flips_and_one_text_embedding_per_instruction() {
         models.vae(),
         Err(TrainError::EncoderReleased { component: "VAE" })
     ));
+}
+
+/// Cuts the body of `ex{i}_edited.png`: its header still passes the quick check, decoding fails.
+fn truncate_edited(data: &Path, i: usize) {
+    let path = data.join(format!("ex{i:03}_edited.png"));
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() / 3]).unwrap();
+}
+
+#[test]
+fn unreadable_examples_are_skipped_once_and_a_cache_of_none_ends_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path(), 3);
+    truncate_edited(&data, 1);
+    let mut config = config(&data, &dir.path().join("out"), 1);
+    config.cache_latents = true;
+    config.check_level = CheckLevel::Headers;
+    config.max_train_steps = Some(3);
+    let events = run(&config, None);
+    let lines = notices(&events);
+    assert!(
+        lines
+            .iter()
+            .any(|n| n.starts_with("cached the latents of 2 examples")),
+        "{lines:?}"
+    );
+    let skipped: Vec<&String> = lines.iter().filter(|n| n.starts_with("skipped")).collect();
+    assert_eq!(skipped.len(), 1, "{lines:?}");
+    assert!(skipped[0].contains("ex001"), "{skipped:?}");
+    assert_eq!(losses(&events).len(), 3);
+
+    truncate_edited(&data, 0);
+    truncate_edited(&data, 2);
+    config.output_dir = dir.path().join("none");
+    let result = train(&config, &TrainControl::new(), &mut |_| {});
+    match result {
+        Err(RunError::NoUsableExamples { examples, .. }) => assert_eq!(examples, 3),
+        other => panic!("expected NoUsableExamples, got {other:?}"),
+    }
+    assert!(!config.output_dir.exists(), "nothing is written");
 }

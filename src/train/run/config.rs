@@ -274,6 +274,17 @@ impl TrainConfig {
                 "is a file, not a folder",
             ));
         }
+        if let (Ok(output), Ok(model)) = (
+            self.output_dir.canonicalize(),
+            self.pretrained_model.canonicalize(),
+        ) && output == model
+        {
+            return Err(bad(
+                "--output_dir",
+                self.output_dir.display(),
+                "is the base model's own folder: the trained model would overwrite it; choose another folder",
+            ));
+        }
         if let Some(v) = &self.validation {
             if v.num_images == 0 {
                 return Err(bad("--num_validation_images", 0, "must be at least 1"));

@@ -88,6 +88,45 @@ pub enum RunError {
         /// The error.
         source: std::io::Error,
     },
+    /// Every example passed the quick check but none could be decoded for training.
+    #[error(
+        "none of the {examples} examples could be read for training (the first: {first_error})"
+    )]
+    NoUsableExamples {
+        /// The examples in the dataset.
+        examples: usize,
+        /// Why the first one failed.
+        first_error: String,
+    },
+    /// The loss or gradients were NaN or infinite in several steps in a row: the run stopped
+    /// without applying them or saving anything from them.
+    #[error(
+        "training diverged: the loss or the gradients were not finite in {steps} steps in a row after step {last_step} (loss {loss}, gradient norm {grad_norm}); nothing was saved from them{}. Lower --learning_rate, check the base model's weights, or resume from an earlier checkpoint",
+        match last_checkpoint {
+            Some(path) => format!(" and the last good checkpoint, {}, is kept", path.display()),
+            None => String::new(),
+        }
+    )]
+    Diverged {
+        /// How many steps in a row were skipped.
+        steps: u32,
+        /// The last step that was applied.
+        last_step: u64,
+        /// The last skipped step's loss.
+        loss: f64,
+        /// The last skipped step's gradient norm.
+        grad_norm: f32,
+        /// The newest checkpoint on disk, if any.
+        last_checkpoint: Option<PathBuf>,
+    },
+    /// Weights about to be saved (or just resumed) hold NaN or infinite values.
+    #[error("{what} holds NaN or infinite values ({name}); nothing was written from it")]
+    NonFiniteWeights {
+        /// Which weights (the trained UNet, a checkpoint's file, ...).
+        what: String,
+        /// The first tensor with a non-finite value.
+        name: String,
+    },
 }
 
 impl From<TrainError> for RunError {

@@ -66,7 +66,7 @@ pub use events::{
     memory_in_use,
 };
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
@@ -128,6 +128,9 @@ const GROUP_UNET: &str = "unet";
 const GROUP_LORA: &str = "lora";
 const GROUP_OPTIMIZER: &str = "optimizer";
 const GROUP_EMA: &str = "ema";
+
+/// Steps in a row whose loss or gradients are not finite before the run stops as diverged.
+pub const MAX_NON_FINITE_STEPS_IN_A_ROW: u32 = 3;
 
 /// The running state [`train`] threads through its helpers.
 struct Run<'a> {
@@ -233,6 +236,16 @@ pub fn train(
             reason: format!("must be a multiple of {factor} (the VAE's downscale factor)"),
         });
     }
+    // The validation image is edited at the end of epochs: one that cannot be edited is refused
+    // now, not after an epoch of work.
+    if let Some(validation) = &config.validation {
+        let (w, h) = validation.image.dimensions();
+        edit_size(w, h, config.resolution, factor).map_err(|error| RunError::Setting {
+            flag: "--val_image_url",
+            value: format!("{w}×{h} image"),
+            reason: error.to_string(),
+        })?;
+    }
     let grew_conv_in = models.unet.grew_conv_in();
     if grew_conv_in {
         on_event(TrainEvent::Notice(
@@ -315,6 +328,12 @@ pub fn train(
     let (mut trainer, sampler, micro_batch_index) = match &resume_dir {
         Some(dir) => {
             let loaded = checkpoint::load_checkpoint(dir, &config.device)?;
+            for (group, tensors) in &loaded.groups {
+                check_finite(
+                    &format!("the checkpoint {} ({group})", loaded.path.display()),
+                    tensors,
+                )?;
+            }
             let state = check_resume_state(&loaded, config, dataset.len())?;
             restore_weights(&loaded, &models, lora.as_ref())?;
             let optimizer = AdamW::from_state(
@@ -403,7 +422,7 @@ pub fn train(
         examples: dataset.len(),
         cache,
     };
-    let outcome = run.train_loop(
+    let outcome = match run.train_loop(
         &dataset,
         sampler,
         micro_batch_index,
@@ -411,7 +430,13 @@ pub fn train(
         batches_per_epoch,
         control,
         on_event,
-    )?;
+    ) {
+        Ok(outcome) => outcome,
+        Err(error) => {
+            run.save_after_failure(&error, on_event);
+            return Err(error);
+        }
+    };
     on_event(TrainEvent::Finished(outcome.clone()));
     Ok(outcome)
 }
@@ -446,6 +471,12 @@ fn cache_latents(
     else {
         return Ok(None);
     };
+    if cache.unreadable() == cache.len() {
+        return Err(RunError::NoUsableExamples {
+            examples: cache.len(),
+            first_error: cache.first_unreadable().unwrap_or_default().to_string(),
+        });
+    }
     let size = cache.bytes() as f64;
     let size = if size >= 1e9 {
         format!("{:.1} GB", size / 1e9)
@@ -601,6 +632,9 @@ impl Run<'_> {
         let mut first_step_of_run = true;
         let mut last_validation_step = None;
         let mut stopped = false;
+        let mut unreadable = HashSet::new();
+        let mut first_unreadable: Option<String> = None;
+        let mut non_finite_in_a_row = 0u32;
 
         while self.trainer.global_step() < total_steps {
             if control.stop_requested() {
@@ -623,14 +657,16 @@ impl Run<'_> {
             let draws_index = micro_batch_index;
             micro_batch_index += 1;
 
-            // Bad files found only now are skipped, never a crash.
+            // Bad files found only now are skipped, never a crash: one notice per example, and
+            // the run ends once every example has failed (it would spin forever otherwise).
+            let mut failed: Vec<(usize, String)> = Vec::new();
             let encoded = match &self.cache {
                 Some(cache) => {
                     let mut parts = Vec::with_capacity(batch.indices.len());
                     for (&index, &flip) in batch.indices.iter().zip(&batch.flips) {
                         match cache.get(index, flip) {
                             Ok(encoded) => parts.push(encoded),
-                            Err(miss) => on_event(TrainEvent::Notice(format!("skipped: {miss}"))),
+                            Err(miss) => failed.push((index, miss.to_string())),
                         }
                     }
                     if parts.is_empty() {
@@ -648,7 +684,7 @@ impl Run<'_> {
                                 examples.push(example);
                                 flips.push(flip);
                             }
-                            Err(error) => on_event(TrainEvent::Notice(format!("skipped: {error}"))),
+                            Err(error) => failed.push((index, error.to_string())),
                         }
                     }
                     if examples.is_empty() {
@@ -665,6 +701,20 @@ impl Run<'_> {
                     }
                 }
             };
+            for (index, message) in failed {
+                if unreadable.insert(index) {
+                    on_event(TrainEvent::Notice(format!(
+                        "skipped (this example will be left out from now on): {message}"
+                    )));
+                }
+                first_unreadable.get_or_insert(message);
+                if unreadable.len() == dataset.len() {
+                    return Err(RunError::NoUsableExamples {
+                        examples: dataset.len(),
+                        first_error: first_unreadable.unwrap_or_default(),
+                    });
+                }
+            }
             if let Some(encoded) = encoded {
                 let latent_shape = self
                     .trainer
@@ -687,49 +737,73 @@ impl Run<'_> {
                     .then(|| self.params_without_gradient())
                     .transpose()?;
                 first_step_of_run = false;
-                let report = self.trainer.optimizer_step()?;
-                self.step_state = (sampler.position(), micro_batch_index);
-                let seconds = step_started.elapsed().as_secs_f64();
-                recent_step_seconds.push(seconds);
-                if recent_step_seconds.len() > 20 {
-                    recent_step_seconds.remove(0);
-                }
-                let mean =
-                    recent_step_seconds.iter().sum::<f64>() / recent_step_seconds.len() as f64;
-                let (rss_bytes, peak_rss_bytes) = memory_in_use();
-                self.metrics.log_step(&StepMetrics {
-                    step: report.step,
-                    epoch,
-                    loss: report.loss,
-                    lr: report.lr,
-                    grad_norm: Some(f64::from(report.grad_norm)),
-                    seconds: self.started.elapsed().as_secs_f64(),
-                })?;
-                if let Some(tb) = &mut self.tensorboard {
-                    tb.add_scalars(
-                        report.step as i64,
-                        &[
-                            ("train_loss", report.loss as f32),
-                            ("lr", report.lr as f32),
-                            ("grad_norm", report.grad_norm),
-                        ],
-                    )?;
-                }
-                on_event(TrainEvent::Step(StepEvent {
-                    step: report.step,
-                    total_steps,
-                    epoch,
-                    loss: report.loss,
-                    lr: report.lr,
-                    grad_norm: report.grad_norm,
-                    seconds_per_step: seconds,
-                    eta_seconds: mean * total_steps.saturating_sub(report.step) as f64,
-                    rss_bytes,
-                    peak_rss_bytes,
-                    params_without_gradient,
-                }));
-                if report.step.is_multiple_of(config.checkpointing_steps) {
-                    self.checkpoint(on_event)?;
+                let report = match self.trainer.optimizer_step() {
+                    Err(TrainError::NonFiniteStep { loss, grad_norm }) => {
+                        // Skipped (nothing changed); a few in a row mean the run diverged.
+                        non_finite_in_a_row += 1;
+                        let last_step = self.trainer.global_step();
+                        on_event(TrainEvent::Notice(format!(
+                            "step {} skipped: the loss or the gradients are not finite (loss {loss}, gradient norm {grad_norm})",
+                            last_step + 1
+                        )));
+                        if non_finite_in_a_row >= MAX_NON_FINITE_STEPS_IN_A_ROW {
+                            return Err(RunError::Diverged {
+                                steps: non_finite_in_a_row,
+                                last_step,
+                                loss,
+                                grad_norm,
+                                last_checkpoint: self.newest_checkpoint(),
+                            });
+                        }
+                        None
+                    }
+                    other => Some(other?),
+                };
+                if let Some(report) = report {
+                    non_finite_in_a_row = 0;
+                    self.step_state = (sampler.position(), micro_batch_index);
+                    let seconds = step_started.elapsed().as_secs_f64();
+                    recent_step_seconds.push(seconds);
+                    if recent_step_seconds.len() > 20 {
+                        recent_step_seconds.remove(0);
+                    }
+                    let mean =
+                        recent_step_seconds.iter().sum::<f64>() / recent_step_seconds.len() as f64;
+                    let (rss_bytes, peak_rss_bytes) = memory_in_use();
+                    self.metrics.log_step(&StepMetrics {
+                        step: report.step,
+                        epoch,
+                        loss: report.loss,
+                        lr: report.lr,
+                        grad_norm: Some(f64::from(report.grad_norm)),
+                        seconds: self.started.elapsed().as_secs_f64(),
+                    })?;
+                    if let Some(tb) = &mut self.tensorboard {
+                        tb.add_scalars(
+                            report.step as i64,
+                            &[
+                                ("train_loss", report.loss as f32),
+                                ("lr", report.lr as f32),
+                                ("grad_norm", report.grad_norm),
+                            ],
+                        )?;
+                    }
+                    on_event(TrainEvent::Step(StepEvent {
+                        step: report.step,
+                        total_steps,
+                        epoch,
+                        loss: report.loss,
+                        lr: report.lr,
+                        grad_norm: report.grad_norm,
+                        seconds_per_step: seconds,
+                        eta_seconds: mean * total_steps.saturating_sub(report.step) as f64,
+                        rss_bytes,
+                        peak_rss_bytes,
+                        params_without_gradient,
+                    }));
+                    if report.step.is_multiple_of(config.checkpointing_steps) {
+                        self.checkpoint(on_event)?;
+                    }
                 }
                 step_started = Instant::now();
             }
@@ -768,6 +842,35 @@ impl Run<'_> {
             stopped,
             model,
             checkpoint: self.last_checkpoint.clone(),
+        })
+    }
+
+    /// A run that fails after its first step keeps that work: a checkpoint of the last applied
+    /// step is saved (when it has none yet), unless the failure was in the weights themselves
+    /// or in writing checkpoints. A second failure here is only reported.
+    fn save_after_failure(&mut self, error: &RunError, on_event: &mut dyn FnMut(TrainEvent)) {
+        let step = self.trainer.global_step();
+        let weights_suspect = matches!(
+            error,
+            RunError::Diverged { .. } | RunError::NonFiniteWeights { .. } | RunError::Checkpoint(_)
+        );
+        if step == 0 || weights_suspect || self.last_checkpoint_step == Some(step) {
+            return;
+        }
+        if let Err(second) = self.checkpoint(on_event) {
+            on_event(TrainEvent::Notice(format!(
+                "could not save a checkpoint of step {step} after the failure: {second}"
+            )));
+        }
+    }
+
+    /// The newest checkpoint on disk (this run's or an earlier one's).
+    fn newest_checkpoint(&self) -> Option<PathBuf> {
+        self.last_checkpoint.clone().or_else(|| {
+            checkpoint::list_checkpoints(&self.config.output_dir)
+                .ok()
+                .and_then(|list| list.into_iter().max_by_key(|(step, _)| *step))
+                .map(|(_, path)| path)
         })
     }
 
@@ -819,6 +922,12 @@ impl Run<'_> {
         if let Some(ema) = self.trainer.ema() {
             groups.push(TensorGroup::new(GROUP_EMA, ema.shadow_tensors()));
         }
+        for group in &groups {
+            check_finite(
+                &format!("the {} of step {step}", group.name),
+                &group.tensors,
+            )?;
+        }
         let (sampler, micro_batch_index) = self.step_state;
         let state = LoopState {
             global_step: step,
@@ -857,6 +966,13 @@ impl Run<'_> {
             ema.copy_to(self.trainer.params())
                 .map_err(TrainError::from)?;
         }
+        let named: Vec<(String, Tensor)> = self
+            .trainer
+            .params()
+            .iter()
+            .map(|(name, var)| (name.clone(), var.as_tensor().clone()))
+            .collect();
+        check_finite("the trained weights", &named)?;
         match &self.lora {
             Some(lora) => Ok(lora.save(&config.output_dir)?),
             None => Ok(write_final_model(
@@ -980,4 +1096,33 @@ impl Run<'_> {
         }));
         Ok(())
     }
+}
+
+/// Refuses weights holding a NaN or an infinity (`what` names them in the message). Float
+/// tensors only; a quantised optimizer state's bytes cannot be non-finite.
+fn check_finite(what: &str, tensors: &[(String, Tensor)]) -> Result<(), RunError> {
+    for (name, tensor) in tensors {
+        if !tensor.dtype().is_float() {
+            continue;
+        }
+        // x·0 is 0 for every finite x and NaN for NaN and ±∞, so the sum is 0 exactly when
+        // every value is finite (a plain sum could overflow on large finite values).
+        let finite = tensor
+            .affine(0.0, 0.0)
+            .and_then(|zeros| zeros.to_dtype(candle_core::DType::F32))
+            .and_then(|zeros| zeros.sum_all())
+            .and_then(|sum| sum.to_scalar::<f32>())
+            .map_err(|source| TrainError::Compute {
+                stage: "checking the weights for NaN",
+                source,
+            })?
+            == 0.0;
+        if !finite {
+            return Err(RunError::NonFiniteWeights {
+                what: what.to_string(),
+                name: name.clone(),
+            });
+        }
+    }
+    Ok(())
 }
