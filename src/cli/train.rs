@@ -99,6 +99,12 @@ pub struct TrainArgs {
     /// their activations (less memory, one more forward pass of compute).
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// Encode every example (both flips with --random_flip) and instruction once before the
+    /// first step and keep the result in memory: each step then skips the VAE and the text
+    /// encoder, which are freed unless validation edits need them. Exact: the same losses and
+    /// weights as without it.
+    #[arg(long)]
+    pub cache_latents: bool,
     /// The learning rate (after warm-up).
     #[arg(
         long,
@@ -431,6 +437,7 @@ fn config_from_args(
     config.max_grad_norm = args.max_grad_norm;
     config.use_8bit_adam = args.use_8bit_adam;
     config.gradient_checkpointing = args.gradient_checkpointing;
+    config.cache_latents = args.cache_latents;
     config.checkpointing_steps = args.checkpointing_steps;
     config.checkpoints_total_limit = args.checkpoints_total_limit;
     config.resume_from_checkpoint = args.resume_from_checkpoint.clone();
@@ -573,6 +580,30 @@ fn handle_event(event: TrainEvent, bar: &mut Option<ProgressBar>, quiet: bool) {
             eprintln!("dataset: {}", report.summary());
             for problem in &report.problems {
                 eprintln!("  bad: {}: {}", problem.name, problem.reason);
+            }
+        }
+        TrainEvent::CachingLatents { done, total } => {
+            if done == 0 {
+                let target = if quiet {
+                    ProgressDrawTarget::hidden()
+                } else {
+                    ProgressDrawTarget::stderr()
+                };
+                let new_bar = ProgressBar::with_draw_target(Some(total as u64), target);
+                new_bar.set_style(
+                    ProgressStyle::with_template(
+                        "[{bar:30}] {pos}/{len} examples: caching latents",
+                    )
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+                );
+                *bar = Some(new_bar);
+            } else if let Some(caching) = bar {
+                caching.set_position(done as u64);
+                if done == total {
+                    caching.finish_and_clear();
+                    *bar = None;
+                }
             }
         }
         TrainEvent::Started(plan) => {

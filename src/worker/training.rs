@@ -50,6 +50,8 @@ pub struct TrainRequest {
     pub seed: u64,
     /// Train on the good examples when the check finds bad ones (else refuse to start).
     pub skip_bad_examples: bool,
+    /// Encode every example once before the first step (`--cache_latents`).
+    pub cache_latents: bool,
     /// The Hub and cache for a repo id; None reads the environment.
     pub hub: Option<HubSettings>,
 }
@@ -75,6 +77,7 @@ impl Default for TrainRequest {
             num_validation_images: 2,
             seed: 42,
             skip_bad_examples: true,
+            cache_latents: false,
             hub: None,
         }
     }
@@ -249,6 +252,7 @@ fn config_for(request: &TrainRequest) -> Result<TrainConfig, String> {
     config.checkpoints_total_limit = Some(1);
     config.lora_rank = request.lora_rank;
     config.skip_bad_examples = request.skip_bad_examples;
+    config.cache_latents = request.cache_latents;
     config.report_to_tensorboard = false;
     // A run stopped earlier in the same folder goes on from its checkpoint.
     config.resume_from_checkpoint = Some("latest".into());
@@ -356,7 +360,13 @@ impl TrainingEvent {
                 lora,
                 stopped_at: outcome.stopped.then_some(outcome.step),
             },
-            TrainEvent::Paused | TrainEvent::Resumed => return None,
+            // The window hears of the cache at its start and end only.
+            TrainEvent::CachingLatents { done: 0, total } => {
+                TrainingEvent::Notice(format!("caching the latents of {total} examples"))
+            }
+            TrainEvent::CachingLatents { .. } | TrainEvent::Paused | TrainEvent::Resumed => {
+                return None;
+            }
         })
     }
 }

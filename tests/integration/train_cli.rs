@@ -111,6 +111,7 @@ fn script_flags_aliases_and_notices() {
             // memory savers that take effect
             "--use_8bit_adam",
             "--gradient_checkpointing",
+            "--cache-latents",
             // flags without meaning here
             "--enable_xformers_memory_efficient_attention",
             "--allow_tf32",
@@ -150,6 +151,10 @@ fn script_flags_aliases_and_notices() {
             .collect();
         assert_eq!(notices.len(), 1, "{flag}: {stderr}");
     }
+    assert!(
+        stderr.contains("note: cached the latents of 4 examples (both flips)"),
+        "{stderr}"
+    );
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("trained after 2 steps"), "{stdout}");
     // The model folder, one checkpoint (the limit), metrics, and no TensorBoard (wandb asked).

@@ -110,6 +110,9 @@ pub struct TrainConfig {
     /// `--gradient_checkpointing`: the UNet recomputes its blocks in backward instead of keeping
     /// their activations.
     pub gradient_checkpointing: bool,
+    /// `--cache_latents`: encode every example once before the first step and train from
+    /// those encodings (see [`crate::train::latent_cache`]).
+    pub cache_latents: bool,
     /// `--checkpointing_steps` (500).
     pub checkpointing_steps: u64,
     /// `--checkpoints_total_limit`.
@@ -158,6 +161,7 @@ impl TrainConfig {
             max_grad_norm: 1.0,
             use_8bit_adam: false,
             gradient_checkpointing: false,
+            cache_latents: false,
             checkpointing_steps: 500,
             checkpoints_total_limit: None,
             resume_from_checkpoint: None,
