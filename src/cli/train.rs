@@ -795,9 +795,9 @@ mod tests {
                 assert!(aliases.is_empty(), "--{long}: {aliases:?}");
             }
         }
-        // The script's 47 snake_case flags with a second word, --lora-rank and
-        // --skip_memory_check.
-        assert_eq!(both_spellings, 49);
+        // The script's 47 snake_case flags with a second word, --lora-rank, and this program's
+        // --skip_memory_check and --cache_latents.
+        assert_eq!(both_spellings, 50);
         assert!(
             train
                 .get_arguments()
