@@ -348,8 +348,9 @@ impl PipelineSource for FolderSource {
         }
         for entry in std::fs::read_dir(&dir).map_err(read_err)? {
             let entry = entry.map_err(read_err)?;
-            // `is_file` follows symlinks: cache snapshots link into blobs/.
-            if entry.path().is_file()
+            // Symlinks followed (cache snapshots link into blobs/). Special files (a FIFO, a link
+            // to a device) count as present, so that reading them fails naming them.
+            if is_present(&entry.path())
                 && let Some(name) = entry.file_name().to_str()
             {
                 names.insert(name.to_string());
@@ -359,8 +360,13 @@ impl PipelineSource for FolderSource {
     }
 
     fn fetch(&mut self, file: &str) -> Result<bool, HubError> {
-        Ok(self.root.join(file).is_file())
+        Ok(is_present(&self.root.join(file)))
     }
+}
+
+/// Whether a local model folder has `path`: anything but a folder (symlinks followed).
+fn is_present(path: &Path) -> bool {
+    path.exists() && !path.is_dir()
 }
 
 /// A Hub listing walked without downloading: records which needed files the snapshot lacks.

@@ -74,7 +74,9 @@ use std::time::{Duration, Instant};
 use candle_core::{Tensor, Var};
 use serde_json::{Value, json};
 
-use super::checkpoint::{self, LoadedCheckpoint, TensorGroup, resolve_resume, save_checkpoint};
+use super::checkpoint::{
+    self, LoadedCheckpoint, TensorGroup, resolve_resume_choice, save_checkpoint,
+};
 use super::data::{
     CropMode, Dataset, DatasetOptions, EpochSampler, FlipMode, SamplerPosition, prepare_batch,
 };
@@ -328,7 +330,11 @@ pub fn train(
     // Resume, or start fresh.
     let resume_dir = match &config.resume_from_checkpoint {
         Some(value) => {
-            let dir = resolve_resume(&config.output_dir, value)?;
+            let choice = resolve_resume_choice(&config.output_dir, value)?;
+            for notice in choice.notices() {
+                on_event(TrainEvent::Notice(notice));
+            }
+            let dir = choice.dir;
             if dir.is_none() {
                 on_event(TrainEvent::Notice(format!(
                     "checkpoint '{value}' does not exist; starting a new training run"
