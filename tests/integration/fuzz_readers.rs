@@ -1,6 +1,6 @@
 //! Mutation fuzzing of every file reader for a fixed time (issue 16): the safetensors header,
 //! the config JSONs (model index, UNet, VAE, text encoder, scheduler), the tokenizer files,
-//! images, and a checkpoint's manifest and state. Each starts from a valid fixture file and
+//! images, `.npy` latents, and a checkpoint's manifest and state. Each starts from a valid fixture file and
 //! feeds the reader seeded random damage (bit flips, overwritten and inserted bytes, truncation,
 //! numbers swapped for huge or negative ones, duplicated spans). A reader must answer Ok or Err:
 //! a panic, an abort on a huge allocation or a hang is a finding.
@@ -22,6 +22,7 @@ use instruct_pix2pix::model::unet::UNetConfig;
 use instruct_pix2pix::model::vae::VaeConfig;
 use instruct_pix2pix::model::weights::{check_safetensors, safetensors_shapes};
 use instruct_pix2pix::pipeline::image::load_image;
+use instruct_pix2pix::pipeline::npy::read_f32_npy;
 use instruct_pix2pix::pipeline::scheduler::SchedulerConfig;
 use instruct_pix2pix::train::checkpoint::{TensorGroup, load_checkpoint, save_checkpoint};
 use rand::rngs::StdRng;
@@ -278,4 +279,13 @@ fn fuzz_checkpoint_manifest_and_state() {
             let _ = load_checkpoint(&saved.path, &Device::Cpu);
         });
     }
+}
+
+#[test]
+fn fuzz_npy_latents() {
+    let work = tempfile::tempdir().unwrap();
+    let seed = std::fs::read(common::fixtures().join("edits/sd1-plain/latents.npy")).unwrap();
+    fuzz("npy", &seed, &work.path().join("latents.npy"), &|path| {
+        let _ = read_f32_npy(path);
+    });
 }
