@@ -19,16 +19,22 @@ use crate::train::data::{
     CheckLevel, Columns, DEFAULT_EDIT_PROMPT_COLUMN, DEFAULT_EDITED_IMAGE_COLUMN,
     DEFAULT_ORIGINAL_IMAGE_COLUMN,
 };
+use crate::train::memory::{format_bytes, parse_bytes};
 use crate::train::optim::AdamWConfig;
 use crate::train::run::{
-    DataSource, RunError, TrainConfig, TrainControl, TrainEvent, ValidationConfig, train,
+    DataSource, MemoryCheck, MixedPrecision, RunError, TrainConfig, TrainControl, TrainEvent,
+    ValidationConfig, train,
 };
 use crate::train::schedule::LrScheduleKind;
 
+/// The environment variable that sets the memory the check assumes free (a share of a machine
+/// others use too), instead of what the device reports.
+pub const MEMORY_AVAILABLE_VAR: &str = "INSTRUCT_PIX2PIX_MEMORY_AVAILABLE";
+
 /// The script's flags (same names and defaults), plus `--lora-rank`, `--skip_bad_examples`,
-/// `--decode_check` and `--quiet`. A flag given twice takes its last value, as with argparse.
-/// Long flags are the fields' snake_case names; each also answers to its kebab-case spelling
-/// ([`alias_other_spelling`]).
+/// `--decode_check`, `--skip_memory_check` and `--quiet`. A flag given twice takes its last
+/// value, as with argparse. Long flags are the fields' snake_case names; each also answers to its
+/// kebab-case spelling ([`alias_other_spelling`]).
 #[derive(Debug, Args)]
 // As argparse: a flag given twice takes its last value.
 #[command(
@@ -193,9 +199,15 @@ pub struct TrainArgs {
     /// Not used: TensorBoard files go to OUTPUT_DIR/logs/instruct-pix2pix.
     #[arg(long, value_name = "DIR")]
     pub logging_dir: Option<PathBuf>,
-    /// no, fp16 or bf16; training runs in float32 here (fp16/bf16 get a notice).
+    /// no, fp16 or bf16: the frozen VAE and text encoder in 16 bits on a GPU (the UNet trains
+    /// in float32); on the CPU training runs in float32 (fp16/bf16 get a notice).
     #[arg(long, value_name = "MODE")]
     pub mixed_precision: Option<String>,
+    /// Start even when the estimated peak memory is more than the device has free (the check
+    /// uses MemAvailable or the cgroup's limit on the CPU, the driver's free memory on a GPU, or
+    /// INSTRUCT_PIX2PIX_MEMORY_AVAILABLE, e.g. 8GB, when set).
+    #[arg(long)]
+    pub skip_memory_check: bool,
     /// tensorboard (the default; also metrics.jsonl, always written), all, wandb, comet_ml or none.
     #[arg(long, value_name = "WHERE", default_value = "tensorboard")]
     pub report_to: String,
@@ -293,13 +305,6 @@ fn meaningless_flags(args: &TrainArgs) -> Result<bool> {
     }
     if args.local_rank != -1 {
         notice("--local_rank is not used: training runs in one process");
-    }
-    match args.mixed_precision.as_deref() {
-        None | Some("no") => {}
-        Some(mode @ ("fp16" | "bf16")) => notice(&format!(
-            "--mixed_precision {mode}: training runs in float32 (candle's CPU has no fast {mode} matrix product)"
-        )),
-        Some(other) => bail!("--mixed_precision {other}: must be no, fp16 or bf16"),
     }
     Ok(match args.report_to.as_str() {
         "tensorboard" => true,
@@ -406,8 +411,26 @@ fn config_from_args(
         Some("fp16") => Variant::Fp16,
         Some(other) => bail!("--variant {other}: the weight variants read are fp16 (or none)"),
     };
+    let mixed_precision = match args.mixed_precision.as_deref() {
+        None | Some("no") => MixedPrecision::No,
+        Some("fp16") => MixedPrecision::Fp16,
+        Some("bf16") => MixedPrecision::Bf16,
+        Some(other) => bail!("--mixed_precision {other}: must be no, fp16 or bf16"),
+    };
+    let memory_check = if args.skip_memory_check {
+        MemoryCheck::Skip
+    } else {
+        match std::env::var(MEMORY_AVAILABLE_VAR) {
+            Ok(text) => MemoryCheck::Available(parse_bytes(&text).with_context(|| {
+                format!("{MEMORY_AVAILABLE_VAR}={text}: give a size such as 8GB or 6000MB")
+            })?),
+            Err(_) => MemoryCheck::Device,
+        }
+    };
     let mut config = TrainConfig::new(model_dir, data, args.output_dir.clone());
     config.variant = variant;
+    config.mixed_precision = mixed_precision;
+    config.memory_check = memory_check;
     config.columns = Columns {
         original_image: args.original_image_column.clone(),
         edit_prompt: args.edit_prompt_column.clone(),
@@ -629,6 +652,13 @@ fn handle_event(event: TrainEvent, bar: &mut Option<ProgressBar>, quiet: bool) {
                     None => String::new(),
                 }
             );
+            eprintln!(
+                "memory: estimated peak ~{}{}",
+                format_bytes(plan.estimated_peak_bytes),
+                plan.available_bytes
+                    .map(|a| format!(", {} available", format_bytes(a)))
+                    .unwrap_or_default()
+            );
             let target = if quiet {
                 ProgressDrawTarget::hidden()
             } else {
@@ -765,8 +795,9 @@ mod tests {
                 assert!(aliases.is_empty(), "--{long}: {aliases:?}");
             }
         }
-        // The script's 47 snake_case flags with a second word, and --lora-rank.
-        assert_eq!(both_spellings, 48);
+        // The script's 47 snake_case flags with a second word, --lora-rank, and this program's
+        // --skip_memory_check and --cache_latents.
+        assert_eq!(both_spellings, 50);
         assert!(
             train
                 .get_arguments()

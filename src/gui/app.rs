@@ -773,6 +773,7 @@ impl EditorApp {
                 self.finetune_action(action);
             }
             TaskEvent::DatasetChecked(check) => self.finetune.check = Some(check),
+            TaskEvent::MemoryProfile(profile) => self.finetune.set_memory(*profile),
             TaskEvent::Saved(path) => {
                 self.ui_state.save_open = false;
                 self.notify(format!("saved {}", path.display()));
@@ -831,6 +832,7 @@ impl EditorApp {
     pub fn finetune_action(&mut self, action: FineTuneAction) {
         match action {
             FineTuneAction::Check(folder) => self.tasks.check_dataset(folder),
+            FineTuneAction::EstimateMemory(model) => self.tasks.memory_profile(model),
             FineTuneAction::BrowseFolder => self
                 .tasks
                 .folder_dialog("Choose a folder of examples", FolderPurpose::Dataset),

@@ -1,8 +1,11 @@
 //! The "Fine-tune on folder…" dialog: pick a folder of examples, see the dataset check, choose
-//! the base model, output folder and main settings (the reference recipe as the preset), then
-//! Start / Pause / Stop, with progress, a live loss curve, the latest validation edits and memory
-//! in use; when done, "Open in editor" loads the new model. Training runs on the
-//! [`crate::worker::training`] thread; this file only sends requests and draws its events.
+//! the base model, output folder and main settings (the reference recipe as the preset), the
+//! memory savers (gradient checkpointing, 8-bit AdamW, precision, cached latents, preset to what
+//! fits the device's memory) with the estimated peak memory before Start, then Start / Pause /
+//! Stop, with progress, a live loss curve, the latest validation edits and memory in use; when
+//! done, "Open in editor" loads the new model. Training runs on the [`crate::worker::training`]
+//! thread, which also reads the model's sizes ([`MemoryProfile`]); this file only sends requests,
+//! draws their answers and computes the estimate's figures through the worker's profile.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -12,8 +15,10 @@ use egui::{Context, RichText, TextureHandle, TextureOptions, Ui, vec2};
 use egui_plot::{Line, Plot, PlotPoints};
 
 use crate::worker::Waker;
+use crate::worker::training::DeviceKind;
 use crate::worker::training::{
-    DatasetSummary, TrainRequest, TrainingEvent, TrainingHandle, TrainingProgress,
+    DatasetSummary, MemoryFigures, MemoryProfile, MixedPrecision, TrainRequest, TrainingEvent,
+    TrainingHandle, TrainingProgress,
 };
 
 use super::textures::to_color_image;
@@ -30,11 +35,19 @@ pub struct FineTune {
     pub lora: bool,
     pub request: TrainRequest,
     pub check: Option<Result<DatasetSummary, String>>,
+    /// The base model's memory profile (or why there is none), from the worker.
+    pub memory: Option<Result<MemoryProfile, String>>,
+    /// The base model whose profile was last asked for.
+    memory_asked: Option<String>,
     pub run: Option<Run>,
 }
 
 /// A run started from the dialog and what it has reported.
 pub struct Run {
+    /// What was asked for.
+    pub request: TrainRequest,
+    /// The run's own estimate and the memory free when it started.
+    pub memory: Option<MemoryFigures>,
     pub handle: TrainingHandle,
     events: Receiver<TrainingEvent>,
     pub started: Instant,
@@ -64,6 +77,8 @@ pub enum FineTuneAction {
     Check(PathBuf),
     /// Pick a folder with the native dialog.
     BrowseFolder,
+    /// Read this base model's memory profile (on a chore thread).
+    EstimateMemory(String),
     /// Load the finished model in the editor: a model, with LoRA weights on top when set.
     OpenInEditor {
         model: String,
@@ -107,7 +122,7 @@ impl FineTune {
                         check.problems = problems;
                     }
                 }
-                TrainingEvent::Started { .. } => {}
+                TrainingEvent::Started { memory, .. } => run.memory = Some(memory),
                 TrainingEvent::Notice(line) => run.notices.push(line),
                 TrainingEvent::Step(progress) => {
                     run.losses.push([progress.step as f64, progress.loss]);
@@ -131,6 +146,36 @@ impl FineTune {
                 TrainingEvent::Finished { model, lora, .. } => run.finished = Some((model, lora)),
                 TrainingEvent::Failed(message) => run.failed = Some(message),
             }
+        }
+    }
+
+    /// Takes the worker's memory profile of a base model: kept when it is the current one, and
+    /// the memory savers preset to what fits (before any run).
+    pub fn set_memory(&mut self, profile: Result<MemoryProfile, String>) {
+        if let Ok(p) = &profile {
+            if p.base_model != self.base_model.trim() {
+                return;
+            }
+            if self.run.is_none() {
+                p.preset(&mut self.request);
+            }
+        }
+        self.memory = Some(profile);
+    }
+
+    /// The request as Start would send it, for the estimate (LoRA from its checkbox).
+    fn planned_request(&self) -> TrainRequest {
+        TrainRequest {
+            lora_rank: self.lora.then_some(self.request.lora_rank.unwrap_or(4)),
+            ..self.request.clone()
+        }
+    }
+
+    /// The estimate for the current settings, when the profile is known.
+    pub fn memory_figures(&self) -> Option<MemoryFigures> {
+        match &self.memory {
+            Some(Ok(profile)) => Some(profile.figures(&self.planned_request())),
+            _ => None,
         }
     }
 
@@ -165,9 +210,11 @@ impl FineTune {
             validation_prompt,
             ..self.request.clone()
         };
-        let (handle, events) = TrainingHandle::spawn(request, waker)
+        let (handle, events) = TrainingHandle::spawn(request.clone(), waker)
             .map_err(|e| format!("cannot start the training thread: {e}"))?;
         self.run = Some(Run {
+            request,
+            memory: None,
             handle,
             events,
             started: Instant::now(),
@@ -246,7 +293,13 @@ impl FineTune {
                 None => {}
             }
             ui.separator();
-            text_row(ui, "Base model", &mut self.base_model);
+            let base_focused = text_row(ui, "Base model", &mut self.base_model);
+            let base = self.base_model.trim();
+            if !base_focused && !base.is_empty() && self.memory_asked.as_deref() != Some(base) {
+                self.memory_asked = Some(base.to_string());
+                self.memory = None;
+                action = Some(FineTuneAction::EstimateMemory(base.to_string()));
+            }
             text_row(ui, "Output folder", &mut self.output);
             let request = &mut self.request;
             ui.add(
@@ -280,9 +333,73 @@ impl FineTune {
                     );
                 ui.checkbox(&mut request.use_ema, "EMA weights");
             });
+            ui.horizontal(|ui| {
+                ui.checkbox(
+                    &mut request.gradient_checkpointing,
+                    "Gradient checkpointing",
+                )
+                .on_hover_text(
+                    "Recomputes the UNet's blocks in the backward pass instead of keeping their \
+                     activations: far less memory, one more forward pass of time",
+                );
+                ui.checkbox(&mut request.use_8bit_adam, "8-bit AdamW")
+                    .on_hover_text(
+                        "Keeps the optimizer's moments in 8 bits: 2 bytes per weight instead of 8",
+                    );
+                ui.checkbox(&mut request.cache_latents, "Cache latents")
+                    .on_hover_text(
+                        "Encodes each example once and skips the VAE and text encoder afterwards",
+                    );
+            });
+            let gpu = matches!(&self.memory, Some(Ok(p)) if p.device == DeviceKind::Gpu);
+            ui.horizontal(|ui| {
+                egui::ComboBox::from_label("Precision")
+                    .selected_text(precision_name(request.mixed_precision))
+                    .show_ui(ui, |ui| {
+                        let choices: &[MixedPrecision] = if gpu {
+                            &[
+                                MixedPrecision::No,
+                                MixedPrecision::Bf16,
+                                MixedPrecision::Fp16,
+                            ]
+                        } else {
+                            &[MixedPrecision::No]
+                        };
+                        for &choice in choices {
+                            ui.selectable_value(
+                                &mut request.mixed_precision,
+                                choice,
+                                precision_name(choice),
+                            );
+                        }
+                    });
+                if !gpu {
+                    ui.weak("On the CPU training runs in float32");
+                }
+            });
             text_row(ui, "Validation image", &mut self.validation_image);
             text_row(ui, "Validation prompt", &mut self.validation_prompt);
         });
+        match (&self.memory, self.memory_figures()) {
+            (_, Some(figures)) if figures.fits() => {
+                ui.label(figures.summary());
+            }
+            (_, Some(figures)) => {
+                ui.colored_label(
+                    ui.visuals().error_fg_color,
+                    format!(
+                        "{}: too much; turn on the savers above, LoRA, or lower the batch size or resolution",
+                        figures.summary()
+                    ),
+                );
+            }
+            (Some(Err(message)), None) => {
+                ui.weak(format!("Estimated peak memory: unknown ({message})"));
+            }
+            (_, None) => {
+                ui.weak("Estimated peak memory: reading the model's sizes…");
+            }
+        }
 
         ui.separator();
         ui.horizontal(|ui| {
@@ -377,10 +494,22 @@ impl FineTune {
     }
 }
 
-fn text_row(ui: &mut Ui, label: &str, value: &mut String) {
+/// A labelled one-line text field; returns whether it has the keyboard focus.
+fn text_row(ui: &mut Ui, label: &str, value: &mut String) -> bool {
     ui.horizontal(|ui| {
         let label = ui.label(label);
         ui.add(egui::TextEdit::singleline(value).desired_width(360.0))
-            .labelled_by(label.id);
-    });
+            .labelled_by(label.id)
+            .has_focus()
+    })
+    .inner
+}
+
+/// The precision as the dialog names it.
+fn precision_name(precision: MixedPrecision) -> &'static str {
+    match precision {
+        MixedPrecision::No => "fp32",
+        MixedPrecision::Bf16 => "bf16",
+        MixedPrecision::Fp16 => "fp16",
+    }
 }

@@ -11,7 +11,7 @@ use crossbeam_channel::{Receiver, Sender};
 use image::RgbImage;
 
 use crate::worker::catalog::{CatalogEntry, list_catalog};
-use crate::worker::training::{DatasetSummary, check_dataset};
+use crate::worker::training::{DatasetSummary, MemoryProfile, check_dataset, memory_profile};
 use crate::worker::{
     EditRecord, HubSettings, INPUT_EXTENSIONS, Waker, load_image, read_png_text, save_image,
 };
@@ -61,6 +61,8 @@ pub enum TaskEvent {
     FolderChosen(PathBuf, FolderPurpose),
     /// A fine-tuning dataset was checked.
     DatasetChecked(Result<DatasetSummary, String>),
+    /// A base model's memory profile for the fine-tuning dialog's estimate.
+    MemoryProfile(Box<Result<MemoryProfile, String>>),
     Saved(PathBuf),
     CopiedToClipboard,
     ScreenshotWritten(PathBuf),
@@ -173,6 +175,11 @@ impl Tasks {
     /// Opens a folder of training examples and checks every file's header.
     pub fn check_dataset(&self, folder: PathBuf) {
         self.spawn(move || TaskEvent::DatasetChecked(check_dataset(&folder)));
+    }
+
+    /// Reads a base model's sizes and the free memory for the fine-tuning dialog's estimate.
+    pub fn memory_profile(&self, base_model: String) {
+        self.spawn(move || TaskEvent::MemoryProfile(Box::new(memory_profile(&base_model, None))));
     }
 
     /// Writes a result atomically; PNG files carry `record` as the `edit` command writes it.

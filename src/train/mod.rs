@@ -5,6 +5,7 @@ pub mod data;
 pub mod ema;
 pub mod latent_cache;
 pub mod lora;
+pub mod memory;
 pub mod metrics;
 pub mod optim;
 pub mod output;

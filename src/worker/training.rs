@@ -13,11 +13,16 @@ use crossbeam_channel::{Receiver, Sender};
 use image::RgbImage;
 
 use super::Waker;
-use crate::model::hub::{HubSettings, ModelSpec, Variant, fetch_model};
+use crate::model::hub::{HubSettings, ModelSpec, Variant, cached_snapshot, fetch_model};
 use crate::pipeline::image::load_image;
 use crate::train::data::{CheckLevel, Dataset, DatasetKind, DatasetOptions};
+pub use crate::train::memory::DeviceKind;
+use crate::train::memory::{
+    MemorySettings, ModelSizes, available_memory, estimate, fit, format_bytes,
+};
+pub use crate::train::run::MixedPrecision;
 use crate::train::run::{
-    DataSource, TrainConfig, TrainControl, TrainEvent, ValidationConfig, train,
+    DataSource, RunError, TrainConfig, TrainControl, TrainEvent, ValidationConfig, train,
 };
 
 /// Name of the fine-tuning thread.
@@ -40,6 +45,14 @@ pub struct TrainRequest {
     /// Some(rank): train LoRA adapters only; None: the whole UNet.
     pub lora_rank: Option<usize>,
     pub use_ema: bool,
+    /// Recompute the UNet's blocks in the backward pass instead of keeping their activations.
+    pub gradient_checkpointing: bool,
+    /// AdamW with 8-bit moments.
+    pub use_8bit_adam: bool,
+    /// The frozen networks' precision (16 bits only on a GPU; the CPU trains in float32).
+    pub mixed_precision: MixedPrecision,
+    /// Encode each example once and train from the cached latents.
+    pub cache_latents: bool,
     pub conditioning_dropout_prob: f64,
     pub checkpointing_steps: u64,
     /// Edit this image with `validation_prompt` after every `validation_epochs` epochs.
@@ -50,8 +63,6 @@ pub struct TrainRequest {
     pub seed: u64,
     /// Train on the good examples when the check finds bad ones (else refuse to start).
     pub skip_bad_examples: bool,
-    /// Encode every example once before the first step (`--cache_latents`).
-    pub cache_latents: bool,
     /// The Hub and cache for a repo id; None reads the environment.
     pub hub: Option<HubSettings>,
 }
@@ -69,6 +80,10 @@ impl Default for TrainRequest {
             resolution: 256,
             lora_rank: None,
             use_ema: true,
+            gradient_checkpointing: false,
+            use_8bit_adam: false,
+            mixed_precision: MixedPrecision::No,
+            cache_latents: false,
             conditioning_dropout_prob: 0.05,
             checkpointing_steps: 5000,
             validation_image: None,
@@ -77,7 +92,6 @@ impl Default for TrainRequest {
             num_validation_images: 2,
             seed: 42,
             skip_bad_examples: true,
-            cache_latents: false,
             hub: None,
         }
     }
@@ -93,10 +107,11 @@ pub enum TrainingEvent {
         total: usize,
         problems: Vec<String>,
     },
-    /// Training began (or resumed) at `step` of `total_steps`.
+    /// Training began (or resumed) at `step` of `total_steps`, with its estimated peak memory.
     Started {
         step: u64,
         total_steps: u64,
+        memory: MemoryFigures,
     },
     /// One optimizer step done.
     Step(TrainingProgress),
@@ -211,7 +226,11 @@ fn run(
                 send(event);
             }
         })
-        .map_err(|e| e.to_string())
+        .map_err(|e| match e {
+            // The window's names for the settings to change, not the command line's flags.
+            RunError::OutOfMemory(oom) => oom.message_with_labels(),
+            other => other.to_string(),
+        })
     }));
     match outcome {
         Ok(Ok(_)) => {}
@@ -248,11 +267,14 @@ fn config_for(request: &TrainRequest) -> Result<TrainConfig, String> {
     config.lr_warmup_steps = 0;
     config.conditioning_dropout_prob = Some(request.conditioning_dropout_prob);
     config.use_ema = request.use_ema;
+    config.gradient_checkpointing = request.gradient_checkpointing;
+    config.use_8bit_adam = request.use_8bit_adam;
+    config.mixed_precision = request.mixed_precision;
+    config.cache_latents = request.cache_latents;
     config.checkpointing_steps = request.checkpointing_steps;
     config.checkpoints_total_limit = Some(1);
     config.lora_rank = request.lora_rank;
     config.skip_bad_examples = request.skip_bad_examples;
-    config.cache_latents = request.cache_latents;
     config.report_to_tensorboard = false;
     // A run stopped earlier in the same folder goes on from its checkpoint.
     config.resume_from_checkpoint = Some("latest".into());
@@ -266,6 +288,115 @@ fn config_for(request: &TrainRequest) -> Result<TrainConfig, String> {
         });
     }
     Ok(config)
+}
+
+/// Where the dialog's fine-tuning runs: the training thread uses the CPU.
+pub const TRAINING_DEVICE: DeviceKind = DeviceKind::Cpu;
+
+/// What the dialog needs to show a run's estimated peak memory for any of its settings, without
+/// asking the worker again: the base model's sizes (from its configs and weight headers) and
+/// the memory the training device has free. Plain numbers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemoryProfile {
+    /// The base model as the dialog named it.
+    pub base_model: String,
+    pub sizes: ModelSizes,
+    /// Bytes free on the training device (None where the platform does not say).
+    pub available: Option<u64>,
+    pub device: DeviceKind,
+}
+
+/// A request's estimated peak memory and what the device has free, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryFigures {
+    pub needed: u64,
+    pub available: Option<u64>,
+}
+
+impl MemoryFigures {
+    /// "Estimated peak memory: 1.7 GB of 20.3 GB available".
+    pub fn summary(&self) -> String {
+        match self.available {
+            Some(available) => format!(
+                "Estimated peak memory: {} of {} available",
+                format_bytes(self.needed),
+                format_bytes(available)
+            ),
+            None => format!("Estimated peak memory: {}", format_bytes(self.needed)),
+        }
+    }
+
+    /// Whether the run fits (unknown counts as fitting).
+    pub fn fits(&self) -> bool {
+        self.available.is_none_or(|a| self.needed <= a)
+    }
+}
+
+impl MemoryProfile {
+    fn settings(&self, request: &TrainRequest) -> MemorySettings {
+        MemorySettings {
+            resolution: request.resolution,
+            train_batch_size: request.train_batch_size,
+            gradient_accumulation_steps: request.gradient_accumulation_steps,
+            lora_rank: request.lora_rank,
+            gradient_checkpointing: request.gradient_checkpointing,
+            use_8bit_adam: request.use_8bit_adam,
+            use_ema: request.use_ema,
+            cache_latents: request.cache_latents,
+            // The dialog's runs flip at random.
+            random_flip: true,
+            half_precision_frozen: self.device == DeviceKind::Gpu
+                && request.mixed_precision != MixedPrecision::No,
+            // The cache of a typical folder; the estimate is shown before the count is known.
+            examples: 1000,
+            device: self.device,
+        }
+    }
+
+    /// The estimate for a request's settings.
+    pub fn figures(&self, request: &TrainRequest) -> MemoryFigures {
+        MemoryFigures {
+            needed: estimate(&self.sizes, &self.settings(request)).total(),
+            available: self.available,
+        }
+    }
+
+    /// Turns on, in `request`, what makes the run fit without changing what it learns
+    /// (checkpointing, 8-bit AdamW, cached latents, half precision on a GPU), largest saving
+    /// first, as far as needed.
+    pub fn preset(&self, request: &mut TrainRequest) {
+        let Some(available) = self.available else {
+            return;
+        };
+        let fitted = fit(&self.sizes, &self.settings(request), available);
+        request.gradient_checkpointing = fitted.gradient_checkpointing;
+        request.use_8bit_adam = fitted.use_8bit_adam;
+        request.cache_latents = fitted.cache_latents;
+        if fitted.half_precision_frozen && request.mixed_precision == MixedPrecision::No {
+            request.mixed_precision = MixedPrecision::Bf16;
+        }
+    }
+}
+
+/// Reads a base model's sizes (a local folder, or a Hub repo already in the cache: nothing is
+/// downloaded) and the training device's free memory. Reads a few small files: call it off the
+/// UI thread. The error is one line for the user.
+pub fn memory_profile(base_model: &str, hub: Option<HubSettings>) -> Result<MemoryProfile, String> {
+    let hub = hub.unwrap_or_else(HubSettings::from_env);
+    let folder = match ModelSpec::parse(base_model, None).map_err(|e| e.to_string())? {
+        ModelSpec::LocalDir(dir) => dir,
+        ModelSpec::Hub { repo_id, revision } => cached_snapshot(&hub, &repo_id, &revision)
+            .ok_or_else(|| {
+                format!("{repo_id} is not downloaded yet: the memory estimate comes once it is")
+            })?,
+    };
+    let sizes = ModelSizes::from_folder(&folder, Variant::Default).map_err(|e| e.to_string())?;
+    Ok(MemoryProfile {
+        base_model: base_model.to_string(),
+        sizes,
+        available: available_memory(&candle_core::Device::Cpu).map(|a| a.bytes),
+        device: TRAINING_DEVICE,
+    })
 }
 
 /// A folder of examples as the dialog shows it after checking.
@@ -336,6 +467,10 @@ impl TrainingEvent {
             TrainEvent::Started(plan) => TrainingEvent::Started {
                 step: plan.first_step,
                 total_steps: plan.total_steps,
+                memory: MemoryFigures {
+                    needed: plan.estimated_peak_bytes,
+                    available: plan.available_bytes,
+                },
             },
             TrainEvent::Step(step) => TrainingEvent::Step(TrainingProgress {
                 step: step.step,

@@ -13,6 +13,7 @@ mod cli_errors;
 mod edit_from_hub;
 mod edit_options;
 mod edit_parity;
+mod fuzz_readers;
 mod hub;
 mod image;
 mod nn_grad;

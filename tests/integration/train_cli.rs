@@ -16,9 +16,13 @@ use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
+use instruct_pix2pix::model::weights::Variant;
 use instruct_pix2pix::model::{InstructPix2PixModel, LoadOptions};
 use instruct_pix2pix::train::checkpoint::{list_checkpoints, load_checkpoint, write_safetensors};
 use instruct_pix2pix::train::lora::apply_lora_file;
+use instruct_pix2pix::train::memory::{
+    DeviceKind, ESTIMATE_MARGIN, MemorySettings, ModelSizes, estimate, format_bytes,
+};
 use instruct_pix2pix::train::metrics::read_metrics;
 
 fn model(name: &str) -> String {
@@ -70,7 +74,9 @@ fn one_error_line(output: &Output) -> String {
     let stderr = common::stderr(output);
     let errors: Vec<&str> = stderr
         .lines()
-        .filter(|l| !l.starts_with("note:") && !l.starts_with("dataset:"))
+        .filter(|l| {
+            !l.starts_with("note:") && !l.starts_with("dataset:") && !l.starts_with("memory:")
+        })
         .collect();
     assert_eq!(errors.len(), 1, "stderr: {stderr}");
     assert!(errors[0].starts_with("error"), "stderr: {stderr}");
@@ -549,3 +555,198 @@ fn killed_mid_run_resumes_from_the_latest_checkpoint() {
         common::copy_dir(&out, &export);
     }
 }
+
+/// A run whose estimated peak is more than the memory available stops before step 1, in one
+/// line naming what it needs, what there is and the settings that would bring it down (largest
+/// saving first), exits 1 and writes nothing; `--skip_memory_check` trains anyway.
+#[test]
+fn a_run_that_does_not_fit_stops_before_step_one_naming_what_to_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path(), 2);
+    let out = dir.path().join("out");
+    let home = tempfile::tempdir().unwrap();
+    // At 512² the UNet's activations, not the encoder's work, set this model's peak.
+    let args = train_args(
+        &data,
+        &out,
+        &[
+            "--resolution",
+            "512",
+            "--train_batch_size",
+            "2",
+            "--use_ema",
+        ],
+    );
+    let output = common::program(home.path())
+        .args(&args)
+        .env(MEMORY_AVAILABLE_VAR, "20MB")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let line = one_error_line(&output);
+    assert!(line.contains("training needs ~"), "{line}");
+    assert!(line.contains("20 MB available on cpu: try "), "{line}");
+    for flag in [
+        "--gradient_checkpointing (−",
+        "--use_8bit_adam (−",
+        "--train_batch_size 1 (−",
+        "--resolution 384 (−",
+        "no --use_ema (−",
+    ] {
+        assert!(line.contains(flag), "{flag}: {line}");
+    }
+    // The savings are listed largest first.
+    let savings: Vec<f64> = line
+        .split("(−")
+        .skip(1)
+        .map(|part| {
+            let (number, rest) = part.split_once(' ').unwrap();
+            let scale = match &rest[..2] {
+                "GB" => 1e9,
+                "MB" => 1e6,
+                _ => 1e3,
+            };
+            number.parse::<f64>().unwrap() * scale
+        })
+        .collect();
+    assert!(savings.len() >= 5, "{line}");
+    assert!(savings.windows(2).all(|w| w[0] >= w[1]), "{line}");
+    assert!(
+        line.ends_with("(or --skip_memory_check to try anyway)"),
+        "{line}"
+    );
+    assert!(!out.exists(), "the output folder was created");
+
+    // At 32² (quick) the run still needs more than 20 MB; the flag starts it anyway.
+    let skip = train_args(&data, &out, &["--skip_memory_check"]);
+    let output = common::program(home.path())
+        .args(&skip)
+        .env(MEMORY_AVAILABLE_VAR, "20MB")
+        .output()
+        .unwrap();
+    let stderr = common::stderr(&output);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("memory: estimated peak ~"), "{stderr}");
+    assert!(out.join("model_index.json").is_file());
+
+    // A nonsense figure is refused by name.
+    let output = common::program(home.path())
+        .args(&args)
+        .env(MEMORY_AVAILABLE_VAR, "plenty")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(common::stderr(&output).contains(MEMORY_AVAILABLE_VAR));
+}
+
+/// Runs `command` to its end and returns its stderr and its peak resident memory in bytes (the
+/// kernel's account for this child alone, from wait4).
+#[cfg(target_os = "linux")]
+// The child is reaped by wait4 (which also gives its rusage), not by Child::wait.
+#[allow(clippy::zombie_processes)]
+fn peak_memory_of(mut command: std::process::Command) -> (std::process::ExitStatus, String, u64) {
+    use std::io::Read;
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut pipe = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        pipe.read_to_string(&mut text).unwrap();
+        text
+    });
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: rusage is plain data; wait4 fills it and the status for this child only.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(waited, pid, "wait4 failed");
+    let stderr = reader.join().unwrap();
+    // ru_maxrss is in kilobytes on Linux.
+    (
+        std::process::ExitStatus::from_raw(status),
+        stderr,
+        usage.ru_maxrss as u64 * 1024,
+    )
+}
+
+/// The estimate the run prints is the library's, and it is within the stated margin of the
+/// peak resident memory the kernel measured for the run (a setting not used to calibrate it).
+#[cfg(target_os = "linux")]
+#[test]
+fn the_memory_estimate_is_near_the_measured_peak() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path(), 4);
+    let out = dir.path().join("out");
+    let home = tempfile::tempdir().unwrap();
+    let (resolution, batch) = (MEASURED_RESOLUTION, MEASURED_BATCH);
+    let mut args = train_args(
+        &data,
+        &out,
+        &[
+            "--resolution",
+            &resolution.to_string(),
+            "--train_batch_size",
+            &batch.to_string(),
+            "--max_train_steps",
+            "1",
+            "--report_to",
+            "none",
+        ],
+    );
+    // The later flags win (argparse's rule); drop the helper's 2 steps for clarity.
+    let steps = args.iter().position(|a| a == "--max_train_steps").unwrap();
+    args.drain(steps..steps + 2);
+    let mut command = common::program(home.path());
+    command.args(&args);
+    let (status, stderr, measured) = peak_memory_of(command);
+    assert!(status.success(), "{stderr}");
+
+    let sizes =
+        ModelSizes::from_folder(&common::fixture_pipeline("sd1-tiny"), Variant::Default).unwrap();
+    let settings = MemorySettings {
+        resolution,
+        train_batch_size: batch,
+        gradient_accumulation_steps: 1,
+        lora_rank: None,
+        gradient_checkpointing: false,
+        use_8bit_adam: false,
+        use_ema: false,
+        cache_latents: false,
+        random_flip: false,
+        half_precision_frozen: false,
+        examples: 4,
+        device: DeviceKind::Cpu,
+    };
+    let estimated = estimate(&sizes, &settings).total();
+    assert!(
+        stderr.contains(&format!(
+            "memory: estimated peak ~{}",
+            format_bytes(estimated)
+        )),
+        "{stderr}"
+    );
+    // The step's own memory (activations or the encoder's work) must be most of the peak, or
+    // the check would not test it.
+    let parts = estimate(&sizes, &settings);
+    assert!(
+        parts.activations.max(parts.frozen_work) > estimated / 3,
+        "{parts:?}"
+    );
+    let error = (estimated as f64 - measured as f64).abs() / measured as f64;
+    assert!(
+        error <= ESTIMATE_MARGIN,
+        "estimated {estimated} bytes, measured {measured} bytes: {:.0}% off",
+        error * 100.0
+    );
+}
+
+/// The variable that sets the memory the check assumes free.
+const MEMORY_AVAILABLE_VAR: &str = "INSTRUCT_PIX2PIX_MEMORY_AVAILABLE";
+
+/// The setting of the measured check (not one of the calibration runs).
+const MEASURED_RESOLUTION: u32 = 256;
+const MEASURED_BATCH: usize = 2;

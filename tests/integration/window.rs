@@ -731,3 +731,111 @@ fn the_fine_tune_dialog_checks_a_folder_trains_validates_stops_and_opens_the_mod
                 .is_some_and(|m| m.name == model_dir.display().to_string())
     });
 }
+
+/// The fine-tuning dialog's memory savers: the worker reads the base model's sizes, the dialog
+/// shows "Estimated peak memory: X of Y available" before Start, toggling the savers by their
+/// labels moves it, a small device presets them on, and the run started carries them.
+#[test]
+fn the_fine_tune_dialog_estimates_memory_and_its_savers_reach_the_run() {
+    let mut harness = harness(options("sd1-tiny"));
+    wait_for(&mut harness, "the model to load", model_ready);
+    click(&mut harness, "Fine-tune on folder…");
+    wait_for(&mut harness, "the memory estimate", |app| {
+        matches!(&app.finetune.memory, Some(Ok(_)))
+    });
+    let figures = |h: &Harness<'static, EditorApp>| h.state().finetune.memory_figures().unwrap();
+    let before = figures(&harness);
+    assert!(before.available.is_some_and(|a| a > 0), "{before:?}");
+    assert!(sees(&harness, &before.summary()), "{}", before.summary());
+    assert!(sees(&harness, "On the CPU training runs in float32"));
+
+    // Checkpointing lowers the activations: the line shows the new figure.
+    click(&mut harness, "Gradient checkpointing");
+    let checkpointed = figures(&harness);
+    assert!(
+        checkpointed.needed < before.needed,
+        "{checkpointed:?} {before:?}"
+    );
+    assert!(sees(&harness, &checkpointed.summary()));
+    assert!(!sees(&harness, &before.summary()));
+    // 8-bit AdamW lowers the optimizer's part (a few MB on this tiny model).
+    click(&mut harness, "8-bit AdamW");
+    let eight_bit = figures(&harness);
+    assert!(eight_bit.needed < checkpointed.needed);
+    // A larger batch raises the activations.
+    set_slider(&mut harness, "Batch size", 8.0);
+    assert!(figures(&harness).needed > eight_bit.needed);
+    set_slider(&mut harness, "Batch size", 1.0);
+    click(&mut harness, "Cache latents");
+    assert!(harness.state().finetune.request.cache_latents);
+
+    // A device with little memory: the savers come on by themselves. (At 512², batch 2 the
+    // UNet's activations set this model's peak; at 256², batch 1 the VAE encoder's work does.)
+    click(&mut harness, "Gradient checkpointing");
+    click(&mut harness, "8-bit AdamW");
+    click(&mut harness, "Cache latents");
+    set_slider(&mut harness, "Resolution", 512.0);
+    set_slider(&mut harness, "Batch size", 2.0);
+    let mut small = match &harness.state().finetune.memory {
+        Some(Ok(profile)) => profile.clone(),
+        other => panic!("{other:?}"),
+    };
+    let without = figures(&harness);
+    small.available = Some(without.needed - 1);
+    harness.state_mut().finetune.set_memory(Ok(small));
+    harness.run_steps(2);
+    let request = &harness.state().finetune.request;
+    // Checkpointing saves the most here; it alone makes the run fit.
+    assert!(request.gradient_checkpointing, "{request:?}");
+    assert!(!request.use_8bit_adam, "{request:?}");
+    let preset = figures(&harness);
+    assert!(preset.fits(), "{preset:?}");
+    assert!(sees(&harness, &preset.summary()));
+
+    // Start: the run carries the options.
+    let output = tempfile::tempdir().unwrap();
+    replace_text(
+        &mut harness,
+        "Examples folder",
+        &common::fixtures()
+            .join("train_data")
+            .join("pairs")
+            .display()
+            .to_string(),
+    );
+    click(&mut harness, "Check");
+    wait_for(
+        &mut harness,
+        "the clean check",
+        |app| matches!(&app.finetune.check, Some(Ok(c)) if c.problems.is_empty()),
+    );
+    replace_text(
+        &mut harness,
+        "Output folder",
+        &output.path().join("tuned").display().to_string(),
+    );
+    set_slider(&mut harness, "Resolution", 64.0);
+    click(&mut harness, "8-bit AdamW");
+    click(&mut harness, "Start");
+    let run = harness
+        .state()
+        .finetune
+        .run
+        .as_ref()
+        .expect("a run started");
+    assert!(run.request.gradient_checkpointing);
+    assert!(run.request.use_8bit_adam);
+    assert_eq!(run.request.resolution, 64);
+    wait_for(&mut harness, "a first step", |app| {
+        app.finetune
+            .run
+            .as_ref()
+            .is_some_and(|run| !run.losses.is_empty() && run.memory.is_some())
+    });
+    click(&mut harness, "Stop");
+    wait_for(&mut harness, "the run to end", |app| {
+        app.finetune.run.as_ref().is_some_and(|run| !run.active())
+    });
+    let run = harness.state().finetune.run.as_ref().unwrap();
+    assert!(run.failed.is_none(), "{:?}", run.failed);
+}

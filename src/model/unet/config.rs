@@ -237,6 +237,10 @@ fn default_mid_block_type() -> Option<String> {
 fn default_false_per_block() -> PerBlock<bool> {
     PerBlock::Same(false)
 }
+/// The most channels a block may declare (Stable Diffusion's widest is 1,280): larger numbers
+/// are damage, and would overflow the size arithmetic.
+pub const MAX_CHANNELS: usize = 1 << 16;
+
 fn default_block_out_channels() -> Vec<usize> {
     vec![320, 640, 1280, 1280]
 }
@@ -426,6 +430,16 @@ impl UNetConfig {
             return Err(UNetConfigError::Invalid {
                 field: "block_out_channels",
                 message: "is empty".to_string(),
+            });
+        }
+        if let Some(bad) = self
+            .block_out_channels
+            .iter()
+            .find(|&&c| c == 0 || c > MAX_CHANNELS)
+        {
+            return Err(UNetConfigError::Invalid {
+                field: "block_out_channels",
+                message: format!("has {bad} channels: each must be 1 to {MAX_CHANNELS}"),
             });
         }
         if self.down_block_types.len() != blocks || self.up_block_types.len() != blocks {

@@ -41,6 +41,53 @@ pub enum DataSource {
     },
 }
 
+/// `--mixed_precision`: the frozen VAE and text encoder stored and run in 16 bits on a GPU (the
+/// UNet trains in float32 either way); on the CPU everything stays float32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MixedPrecision {
+    /// float32 throughout (`no`).
+    #[default]
+    No,
+    /// float16 frozen networks.
+    Fp16,
+    /// bfloat16 frozen networks.
+    Bf16,
+}
+
+impl MixedPrecision {
+    /// The flag's value: `no`, `fp16`, `bf16`.
+    pub fn name(self) -> &'static str {
+        match self {
+            MixedPrecision::No => "no",
+            MixedPrecision::Fp16 => "fp16",
+            MixedPrecision::Bf16 => "bf16",
+        }
+    }
+
+    /// The dtype the frozen networks get on `device` (float32 on the CPU).
+    pub fn frozen_dtype(self, device: &Device) -> candle_core::DType {
+        match self {
+            _ if device.is_cpu() => candle_core::DType::F32,
+            MixedPrecision::No => candle_core::DType::F32,
+            MixedPrecision::Fp16 => candle_core::DType::F16,
+            MixedPrecision::Bf16 => candle_core::DType::BF16,
+        }
+    }
+}
+
+/// How the run checks, before its first step, that its estimated peak memory fits
+/// ([`crate::train::memory`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MemoryCheck {
+    /// Against what the training device has free.
+    #[default]
+    Device,
+    /// Against this many bytes (a share of a machine others use too).
+    Available(u64),
+    /// Not at all (`--skip_memory_check`).
+    Skip,
+}
+
 /// The validation edits (`--validation_prompt`, `--val_image_url`, `--num_validation_images`,
 /// `--validation_epochs`).
 #[derive(Debug, Clone)]
@@ -110,9 +157,12 @@ pub struct TrainConfig {
     /// `--gradient_checkpointing`: the UNet recomputes its blocks in backward instead of keeping
     /// their activations.
     pub gradient_checkpointing: bool,
-    /// `--cache_latents`: encode every example once before the first step and train from
-    /// those encodings (see [`crate::train::latent_cache`]).
+    /// `--mixed_precision` (no).
+    pub mixed_precision: MixedPrecision,
+    /// `--cache_latents`: encode every example's images and prompt once and train from the cache.
     pub cache_latents: bool,
+    /// Whether and against what the estimated peak memory is checked before step 1.
+    pub memory_check: MemoryCheck,
     /// `--checkpointing_steps` (500).
     pub checkpointing_steps: u64,
     /// `--checkpoints_total_limit`.
@@ -161,7 +211,9 @@ impl TrainConfig {
             max_grad_norm: 1.0,
             use_8bit_adam: false,
             gradient_checkpointing: false,
+            mixed_precision: MixedPrecision::No,
             cache_latents: false,
+            memory_check: MemoryCheck::Device,
             checkpointing_steps: 500,
             checkpoints_total_limit: None,
             resume_from_checkpoint: None,

@@ -14,6 +14,7 @@ use crate::train::checkpoint::CheckpointError;
 use crate::train::data::{CheckReport, DataError};
 use crate::train::latent_cache::CacheError;
 use crate::train::lora::LoraError;
+use crate::train::memory::OutOfMemory;
 use crate::train::metrics::MetricsError;
 use crate::train::output::OutputError;
 use crate::train::schedule::ScheduleError;
@@ -80,6 +81,10 @@ pub enum RunError {
     /// Saving a validation image failed.
     #[error(transparent)]
     Image(#[from] ImageError),
+    /// The run does not fit in the device's memory (found before step 1, or a step ran out):
+    /// what it needs, what there is, and the settings to change.
+    #[error("{0}")]
+    OutOfMemory(Box<OutOfMemory>),
     /// Creating the output folder failed.
     #[error("creating {}: {source}", path.display())]
     Io {
@@ -207,6 +212,11 @@ pub struct RunPlan {
     pub grew_conv_in: bool,
     /// The checkpoint resumed from.
     pub resumed_from: Option<PathBuf>,
+    /// The estimated peak memory of the run, in bytes ([`crate::train::memory`]).
+    pub estimated_peak_bytes: u64,
+    /// What the training device had free before the model loaded (None where the platform does
+    /// not say).
+    pub available_bytes: Option<u64>,
 }
 
 /// One optimizer step's metrics.
