@@ -5,9 +5,10 @@
 //!
 //! candle's `add`, `broadcast_add` and `cat` differentiate every operand: the untracked one gets
 //! a gradient buffer (output-sized for a broadcast) that nothing reads and that lives until
-//! `backward()` returns. Here the untracked operand is captured by the op, released once the
-//! forward pass has read it, and the backward pass only hands the gradient through (or narrows
-//! it) to the tracked side. The values are candle's: the same f32 additions, the same copies.
+//! `backward()` returns. Here candle computes the value from the tracked side's detached values
+//! (the same f32 operations), and a one-argument custom op grafts that value onto the tracked
+//! side: its backward hands the gradient through (or the tracked side's slice of it), and the
+//! graph keeps no reference to the untracked operand.
 
 use std::sync::Mutex;
 
@@ -16,46 +17,32 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, 
 /// `tracked + other` with `other` untracked and broadcastable to `tracked`'s shape (the result
 /// has `tracked`'s shape), when the op applies (CPU, f32).
 pub fn add(tracked: &Tensor, other: &Tensor) -> Result<Option<Tensor>> {
-    if !applies(tracked, other) {
+    if !applies(tracked, other) || other.broadcast_as(tracked.shape()).is_err() {
         return Ok(None);
     }
-    // The broadcast view (stride 0 on the broadcast dims) is read in place.
-    let Ok(other) = other.broadcast_as(tracked.shape()) else {
-        return Ok(None);
-    };
-    let op = AddUntracked {
-        other: Mutex::new(Some(other)),
-    };
-    tracked.apply_op1(op).map(Some)
+    let value = tracked.detach().broadcast_add(other)?;
+    graft(tracked, value, Backward::Whole).map(Some)
 }
 
 /// `cat([tracked, other], dim)` (or `[other, tracked]` when `other_first`) with `other`
-/// untracked, when the op applies (CPU, f32, the same dims but `dim`).
+/// untracked, when the op applies (CPU, f32).
 pub fn cat(
     tracked: &Tensor,
     other: &Tensor,
     other_first: bool,
     dim: usize,
 ) -> Result<Option<Tensor>> {
-    if !applies(tracked, other) || tracked.rank() != other.rank() || dim >= tracked.rank() {
+    if !applies(tracked, other) || dim >= tracked.rank() {
         return Ok(None);
     }
-    let same_elsewhere = tracked
-        .dims()
-        .iter()
-        .zip(other.dims())
-        .enumerate()
-        .all(|(d, (a, b))| d == dim || a == b);
-    if !same_elsewhere {
-        return Ok(None);
-    }
-    let op = CatUntracked {
-        other: Mutex::new(Some(other.clone())),
-        other_dims: other.dims().to_vec(),
-        other_first,
-        dim,
+    let detached = tracked.detach();
+    let (value, start) = if other_first {
+        (Tensor::cat(&[other, &detached], dim)?, other.dim(dim)?)
+    } else {
+        (Tensor::cat(&[&detached, other], dim)?, 0)
     };
-    tracked.apply_op1(op).map(Some)
+    let len = tracked.dim(dim)?;
+    graft(tracked, value, Backward::Slice { dim, start, len }).map(Some)
 }
 
 fn applies(tracked: &Tensor, other: &Tensor) -> bool {
@@ -64,148 +51,61 @@ fn applies(tracked: &Tensor, other: &Tensor) -> bool {
         .all(|t| t.dtype() == DType::F32 && t.device().is_cpu())
 }
 
-/// The untracked operand, taken out of the op by its (single) forward pass.
-fn take_other(slot: &Mutex<Option<Tensor>>) -> Result<Tensor> {
-    slot.lock()
-        .map_err(|_| candle_core::Error::Msg("join op: poisoned lock".into()))?
-        .take()
-        .ok_or_else(|| candle_core::Error::Msg("join op: forward pass run twice".into()))
+/// What the tracked side's gradient is, given the result's.
+#[derive(Debug, Clone, Copy)]
+enum Backward {
+    /// All of it (a sum).
+    Whole,
+    /// Its slice along `dim` (a concatenation).
+    Slice {
+        dim: usize,
+        start: usize,
+        len: usize,
+    },
 }
 
-/// The f32 values of `storage` under `layout` in row-major order.
-fn values(storage: &Storage, layout: &Layout) -> Result<Vec<f32>> {
-    let Storage::Cpu(cpu) = storage else {
-        candle_core::bail!("join op given a tensor on {:?}", storage.device());
+/// `value` (computed from `tracked`'s values) as the result of an op on `tracked`.
+fn graft(tracked: &Tensor, value: Tensor, backward: Backward) -> Result<Tensor> {
+    let op = Graft {
+        value: Mutex::new(Some(value)),
+        backward,
     };
-    cpu_values(cpu, layout)
+    tracked.apply_op1(op)
 }
 
-fn cpu_values(storage: &CpuStorage, layout: &Layout) -> Result<Vec<f32>> {
-    let data = storage.as_slice::<f32>()?;
-    if let Some((start, end)) = layout.contiguous_offsets() {
-        return Ok(data[start..end].to_vec());
-    }
-    let mut out = Vec::with_capacity(layout.shape().elem_count());
-    for_each_offset(layout, |offset| out.push(data[offset]));
-    Ok(out)
+struct Graft {
+    /// Taken by the (single) forward pass, so the graph does not keep it.
+    value: Mutex<Option<Tensor>>,
+    backward: Backward,
 }
 
-/// Calls `f` with the storage offset of each element of `layout`, in row-major order.
-fn for_each_offset(layout: &Layout, mut f: impl FnMut(usize)) {
-    let dims = layout.dims();
-    let stride = layout.stride();
-    if dims.contains(&0) {
-        return;
-    }
-    let mut index = vec![0usize; dims.len()];
-    let mut offset = layout.start_offset();
-    loop {
-        f(offset);
-        // Odometer step over the dims, last fastest.
-        let mut d = dims.len();
-        loop {
-            if d == 0 {
-                return;
-            }
-            d -= 1;
-            index[d] += 1;
-            offset += stride[d];
-            if index[d] < dims[d] {
-                break;
-            }
-            offset -= stride[d] * dims[d];
-            index[d] = 0;
-        }
-    }
-}
-
-struct AddUntracked {
-    other: Mutex<Option<Tensor>>,
-}
-
-impl CustomOp1 for AddUntracked {
+impl CustomOp1 for Graft {
     fn name(&self) -> &'static str {
-        "add-untracked"
+        "graft-untracked"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let mut out = cpu_values(storage, layout)?;
-        let other = take_other(&self.other)?;
-        let (other_storage, other_layout) = other.storage_and_layout();
-        let Storage::Cpu(cpu) = &*other_storage else {
-            candle_core::bail!("join op given a tensor on {:?}", other.device());
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        let value = self
+            .value
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("graft: poisoned lock".into()))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("graft: forward pass run twice".into()))?;
+        let value = value.contiguous()?;
+        let (storage, layout) = value.storage_and_layout();
+        let (Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets())
+        else {
+            candle_core::bail!("graft: the value is not a contiguous CPU tensor");
         };
-        let data = cpu.as_slice::<f32>()?;
-        match other_layout.contiguous_offsets() {
-            Some((start, end)) => {
-                for (v, o) in out.iter_mut().zip(&data[start..end]) {
-                    *v += o;
-                }
-            }
-            None => {
-                let mut values = out.iter_mut();
-                for_each_offset(other_layout, |offset| {
-                    if let Some(v) = values.next() {
-                        *v += data[offset];
-                    }
-                });
-            }
-        }
-        Ok((CpuStorage::F32(out), layout.shape().clone()))
+        let values = cpu.as_slice::<f32>()?[start..end].to_vec();
+        Ok((CpuStorage::F32(values), layout.shape().clone()))
     }
 
     fn bwd(&self, _: &Tensor, _: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad.clone()))
-    }
-}
-
-struct CatUntracked {
-    other: Mutex<Option<Tensor>>,
-    other_dims: Vec<usize>,
-    other_first: bool,
-    dim: usize,
-}
-
-impl CustomOp1 for CatUntracked {
-    fn name(&self) -> &'static str {
-        "cat-untracked"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let tracked = cpu_values(storage, layout)?;
-        let other = take_other(&self.other)?;
-        let (other_storage, other_layout) = other.storage_and_layout();
-        let other_values = values(&other_storage, other_layout)?;
-        let dims = layout.dims();
-        let outer: usize = dims[..self.dim].iter().product();
-        let inner: usize = dims[self.dim + 1..].iter().product();
-        let tracked_run = dims[self.dim] * inner;
-        let other_run = self.other_dims[self.dim] * inner;
-        let mut out = Vec::with_capacity(tracked.len() + other_values.len());
-        for i in 0..outer {
-            let a = &tracked[i * tracked_run..][..tracked_run];
-            let b = &other_values[i * other_run..][..other_run];
-            if self.other_first {
-                out.extend_from_slice(b);
-                out.extend_from_slice(a);
-            } else {
-                out.extend_from_slice(a);
-                out.extend_from_slice(b);
-            }
-        }
-        let mut out_dims = dims.to_vec();
-        out_dims[self.dim] += self.other_dims[self.dim];
-        Ok((CpuStorage::F32(out), Shape::from(out_dims)))
-    }
-
-    fn bwd(&self, arg: &Tensor, _: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let len = arg.dim(self.dim)?;
-        let start = if self.other_first {
-            self.other_dims[self.dim]
-        } else {
-            0
-        };
-        Ok(Some(grad.narrow(self.dim, start, len)?))
+        Ok(Some(match self.backward {
+            Backward::Whole => grad.clone(),
+            Backward::Slice { dim, start, len } => grad.narrow(dim, start, len)?,
+        }))
     }
 }
 

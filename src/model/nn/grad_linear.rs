@@ -62,8 +62,13 @@ impl LinearOp {
         bias: Option<&[f32]>,
     ) -> Result<(CpuStorage, Shape)> {
         let (rows, n_in, n_out) = (self.rows, self.in_features, self.out_features);
-        let mut y = vec![0f32; rows * n_out];
-        // y [rows, out] = x [rows, in] · Wᵀ [in, out] (W read with its strides swapped).
+        // Each row starts as the bias and the product is added onto it (in the GEMM: no
+        // element loop of this crate, which a debug build leaves unoptimised).
+        let mut y = match bias {
+            Some(bias) => bias.repeat(rows),
+            None => vec![0f32; rows * n_out],
+        };
+        // y [rows, out] (+)= x [rows, in] · Wᵀ [in, out] (W read with its strides swapped).
         Product {
             m: rows,
             n: n_out,
@@ -72,14 +77,7 @@ impl LinearOp {
             lhs: (n_in, 1),
             rhs: (1, n_in),
         }
-        .run(&mut y, x, weight, 1.0, false, Threads::All)?;
-        if let Some(bias) = bias {
-            for row in y.chunks_exact_mut(n_out) {
-                for (v, b) in row.iter_mut().zip(bias) {
-                    *v += b;
-                }
-            }
-        }
+        .run(&mut y, x, weight, 1.0, bias.is_some(), Threads::All)?;
         Ok((CpuStorage::F32(y), Shape::from((rows, n_out))))
     }
 
@@ -131,14 +129,19 @@ impl LinearOp {
             None
         };
         let bias_grad = if has_bias && self.bias_tracked {
-            let mut sums = vec![0f64; n_out];
-            for row in dy.chunks_exact(n_out) {
-                for (s, &g) in sums.iter_mut().zip(row) {
-                    *s += f64::from(g);
-                }
+            // db [1, out] = 1 [1, rows] · dy [rows, out].
+            let ones = vec![1f32; rows];
+            let mut db = vec![0f32; n_out];
+            Product {
+                m: 1,
+                n: n_out,
+                k: rows,
+                dst: (n_out, 1),
+                lhs: (rows, 1),
+                rhs: (n_out, 1),
             }
-            let sums: Vec<f32> = sums.into_iter().map(|s| s as f32).collect();
-            Some(Tensor::from_vec(sums, n_out, &Device::Cpu)?)
+            .run(&mut db, &ones, dy, 1.0, false, Threads::All)?;
+            Some(Tensor::from_vec(db, n_out, &Device::Cpu)?)
         } else {
             None
         };
