@@ -536,4 +536,58 @@ mod tests {
         }
         assert!(TrainingEvent::from_train_event(event(2), false).is_none());
     }
+
+    fn fixture() -> String {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/pipelines/sd1-tiny")
+            .display()
+            .to_string()
+    }
+
+    #[test]
+    fn the_memory_profile_gives_figures_for_any_request_and_presets_what_fits() {
+        let profile = memory_profile(&fixture(), None).unwrap();
+        assert_eq!(profile.device, DeviceKind::Cpu);
+        let request = TrainRequest {
+            resolution: 512,
+            train_batch_size: 2,
+            ..TrainRequest::default()
+        };
+        let figures = profile.figures(&request);
+        assert!(figures.needed > 0);
+        assert!(figures.summary().starts_with("Estimated peak memory: "));
+        // Plenty of memory: the recipe is left as it is.
+        let mut roomy = request.clone();
+        MemoryProfile {
+            available: Some(u64::MAX),
+            ..profile.clone()
+        }
+        .preset(&mut roomy);
+        assert_eq!(roomy, request);
+        // Just too little: the savers that keep results come on until it fits.
+        let tight = MemoryProfile {
+            available: Some(figures.needed - 1),
+            ..profile.clone()
+        };
+        let mut preset = request.clone();
+        tight.preset(&mut preset);
+        assert!(preset.gradient_checkpointing, "{preset:?}");
+        assert!(tight.figures(&preset).fits());
+        assert_eq!(preset.lora_rank, None);
+        assert_eq!(preset.train_batch_size, 2);
+    }
+
+    #[test]
+    fn a_hub_model_not_downloaded_has_no_profile_yet() {
+        let cache = tempfile::tempdir().unwrap();
+        let hub = HubSettings {
+            cache_dir: cache.path().to_path_buf(),
+            ..HubSettings::from_env()
+        };
+        let error = memory_profile("owner/model", Some(hub)).unwrap_err();
+        assert!(
+            error.contains("owner/model is not downloaded yet"),
+            "{error}"
+        );
+    }
 }
