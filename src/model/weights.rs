@@ -1035,6 +1035,61 @@ mod tests {
         assert!(err.to_string().contains("bytes 8 to 12"), "{err}");
     }
 
+    /// Damaged copies of a valid file (a byte changed, cut, or a digit of the header changed)
+    /// are accepted only when the header still describes the file exactly, and never panic: a
+    /// small deterministic fuzz of the header check.
+    #[test]
+    fn damaged_headers_never_panic() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("fuzz.safetensors");
+        let header = r#"{"a":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]},"b":{"dtype":"F16","shape":[3],"data_offsets":[16,22]}}"#;
+        let mut valid = (header.len() as u64).to_le_bytes().to_vec();
+        valid.extend_from_slice(header.as_bytes());
+        valid.extend(std::iter::repeat_n(7u8, 22));
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = move |below: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % below as u64) as usize
+        };
+        let mut refused = 0;
+        for _ in 0..500 {
+            let mut bytes = valid.clone();
+            match next(3) {
+                0 => {
+                    let at = next(bytes.len());
+                    bytes[at] = next(256) as u8;
+                }
+                1 => bytes.truncate(next(bytes.len())),
+                _ => {
+                    let at = 8 + next(header.len());
+                    if bytes[at].is_ascii_digit() {
+                        bytes[at] = b'0' + next(10) as u8;
+                    }
+                }
+            }
+            std::fs::write(&path, &bytes).expect("write");
+            match read_checked_header(&path) {
+                Ok(checked) => {
+                    // Whatever passed describes byte ranges inside the file.
+                    for info in checked.entries.values() {
+                        if let Some([_, end]) = u64_list(info.get("data_offsets"))
+                            .and_then(|o| <[u64; 2]>::try_from(o).ok())
+                        {
+                            assert!(checked.data_start + end <= bytes.len() as u64);
+                        }
+                    }
+                }
+                Err(err) => {
+                    assert!(err.to_string().contains("fuzz.safetensors"), "{err}");
+                    refused += 1;
+                }
+            }
+        }
+        assert!(refused > 150, "only {refused} of 500 damaged files refused");
+    }
+
     /// Issue 16 item 5: a FIFO or a device in place of a weight file is refused when chosen,
     /// naming it, without blocking or reading endlessly.
     #[cfg(unix)]

@@ -667,6 +667,42 @@ mod tests {
         }
     }
 
+    /// Damaged JPEGs and PNGs (a byte changed, or cut) decode or are refused, never panic: a
+    /// small deterministic fuzz of the decoder path and the truncation check.
+    #[test]
+    fn damaged_images_never_panic() {
+        let jpeg = sample_jpeg();
+        let mut png = Vec::new();
+        write_png(
+            &mut png,
+            &RgbImage::from_fn(24, 16, |x, y| image::Rgb([x as u8 * 9, y as u8 * 13, 7])),
+            &[],
+        )
+        .expect("png");
+        let mut state = 0x1234_5678_9ABC_DEF1u64;
+        let mut next = move |below: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % below as u64) as usize
+        };
+        for valid in [&jpeg, &png] {
+            for _ in 0..150 {
+                let mut bytes = valid.clone();
+                if next(2) == 0 {
+                    let at = next(bytes.len());
+                    bytes[at] = next(256) as u8;
+                } else {
+                    bytes.truncate(next(bytes.len()));
+                }
+                if let Ok(img) = decode_image(&bytes, "fuzz") {
+                    assert!(img.width() > 0 && img.height() > 0);
+                }
+                let _ = jpeg_is_truncated(&bytes);
+            }
+        }
+    }
+
     /// Issue 16 item 5: only regular files are read; a device would never end.
     #[cfg(unix)]
     #[test]

@@ -4,6 +4,7 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::LazyLock;
 
 use regex::Regex;
 
@@ -125,18 +126,27 @@ fn split_header(bytes: &[u8]) -> Result<(&str, &[u8]), String> {
     Ok((header, &bytes[end..]))
 }
 
+/// The header's three fields, as the Python dict literal numpy writes them.
+static DESCR: LazyLock<Result<Regex, regex::Error>> =
+    LazyLock::new(|| Regex::new(r"'descr'\s*:\s*'([^']*)'"));
+static FORTRAN_ORDER: LazyLock<Result<Regex, regex::Error>> =
+    LazyLock::new(|| Regex::new(r"'fortran_order'\s*:\s*(True|False)"));
+static SHAPE: LazyLock<Result<Regex, regex::Error>> =
+    LazyLock::new(|| Regex::new(r"'shape'\s*:\s*\(([^)]*)\)"));
+
 /// `descr`, `fortran_order` and `shape` from the header's Python dict literal.
 fn parse_header(header: &str) -> Result<(String, bool, Vec<usize>), String> {
-    let field = |pattern: &str, name: &str| -> Result<String, String> {
-        let re = Regex::new(pattern).map_err(|e| e.to_string())?;
-        re.captures(header)
-            .and_then(|c| c.get(1))
-            .map(|m| m.as_str().to_string())
-            .ok_or_else(|| format!("its header has no {name}"))
-    };
-    let descr = field(r"'descr'\s*:\s*'([^']*)'", "'descr'")?;
-    let fortran_order = field(r"'fortran_order'\s*:\s*(True|False)", "'fortran_order'")? == "True";
-    let dims = field(r"'shape'\s*:\s*\(([^)]*)\)", "'shape'")?;
+    let field =
+        |re: &LazyLock<Result<Regex, regex::Error>>, name: &str| -> Result<String, String> {
+            let re = re.as_ref().map_err(|e| e.to_string())?;
+            re.captures(header)
+                .and_then(|c| c.get(1))
+                .map(|m| m.as_str().to_string())
+                .ok_or_else(|| format!("its header has no {name}"))
+        };
+    let descr = field(&DESCR, "'descr'")?;
+    let fortran_order = field(&FORTRAN_ORDER, "'fortran_order'")? == "True";
+    let dims = field(&SHAPE, "'shape'")?;
     let shape = dims
         .split(',')
         .map(str::trim)
@@ -273,6 +283,55 @@ mod tests {
                 "{name}: {message}"
             );
         }
+    }
+
+    /// Damaged copies of a valid file (bytes changed, cut, or grown) are read or refused, never
+    /// a panic or an allocation beyond the file: a small deterministic fuzz of the reader.
+    #[test]
+    fn damaged_files_never_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..6u32).flat_map(|i| (i as f32).to_le_bytes()).collect();
+        let valid = npy(
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (1, 2, 3), }",
+            &data,
+        );
+        let path = dir.path().join("fuzz.npy");
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move |below: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % below as u64) as usize
+        };
+        let mut refused = 0;
+        for _ in 0..500 {
+            let mut bytes = valid.clone();
+            match next(3) {
+                0 => {
+                    for _ in 0..1 + next(4) {
+                        let at = next(bytes.len());
+                        bytes[at] = next(256) as u8;
+                    }
+                }
+                1 => bytes.truncate(next(bytes.len())),
+                _ => {
+                    // A digit of the header (the shape, the length) changed to another digit.
+                    let at = 10 + next(118);
+                    if bytes[at].is_ascii_digit() {
+                        bytes[at] = b'0' + next(10) as u8;
+                    }
+                }
+            }
+            std::fs::write(&path, &bytes).unwrap();
+            match read_f32_npy(&path) {
+                Ok(array) => assert!(array.values.len() * 4 <= bytes.len()),
+                Err(err) => {
+                    assert!(err.to_string().contains("fuzz.npy"), "{err}");
+                    refused += 1;
+                }
+            }
+        }
+        assert!(refused > 120, "only {refused} of 500 damaged files refused");
     }
 
     /// Issue 16 item 5: a device given as --latents is refused at once.

@@ -212,13 +212,17 @@ pub fn read_safetensors_metadata(path: &Path) -> Result<BTreeMap<String, String>
         what: "safetensors file",
         reason,
     };
-    let mut file = File::open(path).map_err(io_err("opening", path))?;
+    let (mut file, file_len) =
+        crate::model::files::open_regular(path).map_err(io_err("opening", path))?;
     let mut len = [0u8; 8];
     file.read_exact(&mut len)
         .map_err(|e| malformed(format!("no header length ({e})")))?;
     let len = u64::from_le_bytes(len);
-    if len > 100_000_000 {
-        return Err(malformed(format!("header of {len} bytes")));
+    // Checked against the file before the header buffer is allocated.
+    if len > 100_000_000 || len > file_len.saturating_sub(8) {
+        return Err(malformed(format!(
+            "a header of {len} bytes in a file of {file_len}"
+        )));
     }
     let mut header = vec![0u8; len as usize];
     file.read_exact(&mut header)
@@ -690,4 +694,30 @@ pub fn load_checkpoint(dir: &Path, device: &Device) -> Result<LoadedCheckpoint, 
         groups,
         state,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 16 item 4: a header length beyond the file is refused before the buffer is made.
+    #[test]
+    fn a_header_longer_than_the_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("adapter.safetensors");
+        let mut bytes = 90_000_000u64.to_le_bytes().to_vec();
+        bytes.extend_from_slice(b"{}");
+        fs::write(&path, &bytes).unwrap();
+        let err = read_safetensors_metadata(&path).unwrap_err();
+        let message = err.to_string();
+        assert!(
+            message.contains("adapter.safetensors") && message.contains("in a file of 10"),
+            "{message}"
+        );
+        // A well-formed file still reads.
+        let mut bytes = 2u64.to_le_bytes().to_vec();
+        bytes.extend_from_slice(b"{}");
+        fs::write(&path, &bytes).unwrap();
+        assert!(read_safetensors_metadata(&path).unwrap().is_empty());
+    }
 }

@@ -243,6 +243,72 @@ fn bad_input_is_one_line_and_writes_nothing() {
     assert!(!out.exists());
 }
 
+/// Cuts every safetensors file of a checkpoint folder to half its length.
+fn damage_checkpoint(dir: &Path) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "safetensors") {
+            let len = std::fs::metadata(&path).unwrap().len();
+            let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+            file.set_len(len / 2).unwrap();
+        }
+    }
+}
+
+/// Issue 16 item 9: `--resume_from_checkpoint latest` says which damaged checkpoint it passes
+/// over and which one it resumes from; when every checkpoint is damaged it refuses, leaving
+/// them as they are, instead of starting over on top of them.
+#[test]
+fn resuming_latest_names_damaged_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path(), 4);
+    let out = dir.path().join("out");
+    let output = run(&train_args(&data, &out, &["--checkpointing_steps", "1"]));
+    assert!(output.status.success(), "{}", common::stderr(&output));
+    damage_checkpoint(&out.join("checkpoint-2"));
+
+    let resume = [
+        "--resume_from_checkpoint",
+        "latest",
+        "--checkpointing_steps",
+        "1",
+    ];
+    let mut args = train_args(&data, &out, &resume);
+    let steps_at = args.iter().position(|a| a == "--max_train_steps").unwrap();
+    args[steps_at + 1] = "3".to_string();
+    let output = run(&args);
+    let stderr = common::stderr(&output);
+    assert!(output.status.success(), "{stderr}");
+    let notice = stderr
+        .lines()
+        .find(|l| l.contains("is damaged"))
+        .unwrap_or_else(|| panic!("no notice: {stderr}"));
+    assert!(
+        notice.starts_with("note: checkpoint")
+            && notice.contains("checkpoint-2 is damaged")
+            && notice.contains("resuming from the older")
+            && notice.contains("checkpoint-1"),
+        "{notice}"
+    );
+
+    for (_, path) in list_checkpoints(&out).unwrap() {
+        damage_checkpoint(&path);
+    }
+    let before = list_checkpoints(&out).unwrap();
+    let output = run(&train_args(&data, &out, &resume));
+    assert_eq!(output.status.code(), Some(1));
+    let line = one_error_line(&output);
+    assert!(
+        line.contains("every checkpoint there is damaged") && line.contains("checkpoint-3"),
+        "{line}"
+    );
+    assert_eq!(
+        list_checkpoints(&out).unwrap(),
+        before,
+        "checkpoints changed"
+    );
+}
+
 #[test]
 fn half_a_dataset_is_listed_and_skipped_on_request() {
     let dir = tempfile::tempdir().unwrap();
