@@ -14,6 +14,7 @@ mod edit_from_hub;
 mod edit_options;
 mod edit_parity;
 mod hub;
+mod hub_downloads;
 mod image;
 mod nn_grad;
 mod pipeline_api;

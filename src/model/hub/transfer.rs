@@ -640,8 +640,11 @@ impl PartFile {
         let mut len = 0u64;
         let mut buffer = vec![0u8; 1 << 20];
         file.seek(SeekFrom::Start(0)).map_err(write_err)?;
+        // Only the length the file has now: a special file (a link to a device) may read forever.
+        let on_disk = file.metadata().map_err(write_err)?.len();
+        let mut existing = (&mut file).take(on_disk);
         loop {
-            let n = match file.read(&mut buffer) {
+            let n = match existing.read(&mut buffer) {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
