@@ -8,12 +8,14 @@
 use crate::common;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::fake_hub::{FakeHub, FakeRepo, Fault, SilentServer, content_etag, git_blob_etag};
 use common::{fixture_pipeline, fixtures, program, stderr};
 use instruct_pix2pix::model::hub::{
-    DownloadProgress, HubError, ModelSpec, STALL_TIMEOUT_VAR, Variant, fetch_model,
+    DEFAULT_STALL_TIMEOUT, DownloadProgress, HubError, ModelSpec, STALL_TIMEOUT_VAR, Variant,
+    fetch_model, fetch_model_with_cancel,
 };
 
 const REPO: &str = "tiny-org/instruct-pix2pix-tiny";
@@ -251,6 +253,90 @@ fn a_full_disk_leaves_no_partial_file_and_names_the_folder() {
         "the partial file is gone: {:?}",
         blob_names(tmp.path())
     );
+}
+
+#[test]
+fn a_cancel_stops_a_silent_download_at_once() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let hub = FakeHub::start(vec![tiny_repo()]);
+    hub.set_fault(Fault::StallAt(100_000));
+    let settings = hub.settings(tmp.path());
+    let blobs = tmp.path().join(REPO_FOLDER).join("blobs");
+    let cancel = AtomicBool::new(false);
+    let (err, after_cancel) = std::thread::scope(|scope| {
+        let cancelled_at = scope.spawn(|| {
+            // Once the first large file has gone silent, cancel.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                let silent = std::fs::read_dir(&blobs).into_iter().flatten().any(|e| {
+                    e.is_ok_and(|e| {
+                        e.file_name().to_string_lossy().ends_with(".part")
+                            && e.metadata().is_ok_and(|m| m.len() == 100_000)
+                    })
+                });
+                if silent {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            std::thread::sleep(Duration::from_millis(300));
+            cancel.store(true, Ordering::SeqCst);
+            Instant::now()
+        });
+        let err = fetch_model_with_cancel(
+            &spec(),
+            Variant::Default,
+            &settings,
+            &mut |_: &DownloadProgress| {},
+            &cancel,
+        )
+        .expect_err("cancelled");
+        let cancelled_at = cancelled_at.join().expect("cancelling thread");
+        (err, cancelled_at.elapsed())
+    });
+    assert!(matches!(err, HubError::Cancelled { .. }), "{err:?}");
+    // Well within the stall time, which is a minute here.
+    assert_eq!(DEFAULT_STALL_TIMEOUT, Duration::from_secs(60));
+    assert!(after_cancel < Duration::from_secs(5), "{after_cancel:?}");
+}
+
+#[test]
+fn two_downloads_of_one_model_into_one_cache_fetch_each_file_once() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let repo = tiny_repo();
+    let hub = FakeHub::start(vec![repo.clone()]);
+    // Slow enough that both are downloading at the same time.
+    hub.set_fault(Fault::Pace {
+        bytes: 256 * 1024,
+        every: Duration::from_millis(50),
+    });
+    let settings = hub.settings(tmp.path());
+    let snapshots: Vec<PathBuf> = std::thread::scope(|scope| {
+        let fetches: Vec<_> = (0..2)
+            .map(|_| {
+                scope.spawn(|| {
+                    fetch_model(
+                        &spec(),
+                        Variant::Default,
+                        &settings,
+                        &mut |_: &DownloadProgress| {},
+                    )
+                })
+            })
+            .collect();
+        fetches
+            .into_iter()
+            .map(|f| f.join().expect("fetch thread").expect("fetch"))
+            .collect()
+    });
+    assert_eq!(snapshots[0], snapshots[1]);
+    assert_snapshot_matches(&snapshots[0], &repo);
+    // One holds the lock on each blob while the other waits, then links the finished blob.
+    for (path, content) in &repo.files {
+        let ranges = cdn_ranges(&hub, &content_etag(content));
+        assert!(ranges.len() <= 1, "{path}: {ranges:?}");
+    }
+    assert!(!blob_names(tmp.path()).iter().any(|n| n.ends_with(".part")));
 }
 
 // ---- Through the program, with a short stall time ----

@@ -811,23 +811,47 @@ fn link_into_snapshot(blob: &Path, pointer: &Path) -> Result<(), HubError> {
     let parent = pointer.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(cache_err)?;
     // A dangling link (its blob was deleted) is replaced.
-    if std::fs::symlink_metadata(pointer).is_ok() {
-        std::fs::remove_file(pointer).map_err(cache_err)?;
+    if std::fs::symlink_metadata(pointer).is_ok()
+        && let Err(err) = std::fs::remove_file(pointer)
+        && err.kind() != std::io::ErrorKind::NotFound
+    {
+        return Err(cache_err(err));
     }
     let relative = relative_path(blob, parent);
+    // Another download of the same file (another program, or a thread) may link it first.
+    let linked_by_another =
+        |err: &std::io::Error| err.kind() == std::io::ErrorKind::AlreadyExists && pointer.is_file();
     #[cfg(unix)]
     let linked = std::os::unix::fs::symlink(&relative, pointer);
     #[cfg(windows)]
     let linked = std::os::windows::fs::symlink_file(&relative, pointer);
     #[cfg(not(any(unix, windows)))]
     let linked: std::io::Result<()> = Err(std::io::Error::other("no symlinks"));
-    if linked.is_ok() {
-        return Ok(());
+    match linked {
+        Ok(()) => return Ok(()),
+        Err(err) if linked_by_another(&err) => return Ok(()),
+        Err(_) => {}
     }
-    if std::fs::hard_link(blob, pointer).is_ok() {
-        return Ok(());
+    match std::fs::hard_link(blob, pointer) {
+        Ok(()) => return Ok(()),
+        Err(err) if linked_by_another(&err) => return Ok(()),
+        Err(_) => {}
     }
-    std::fs::copy(blob, pointer).map(|_| ()).map_err(cache_err)
+    // A copy, written aside and renamed so that the pointer is never a half-written file.
+    let aside = parent.join(format!(
+        ".{}.{}.tmp",
+        pointer
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        std::process::id()
+    ));
+    std::fs::copy(blob, &aside)
+        .and_then(|_| std::fs::rename(&aside, pointer))
+        .map_err(|err| {
+            let _ = std::fs::remove_file(&aside);
+            cache_err(err)
+        })
 }
 
 /// `target` relative to the folder `from` (both under the same repo folder).
