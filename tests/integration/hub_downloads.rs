@@ -321,6 +321,7 @@ fn two_downloads_of_one_model_into_one_cache_fetch_each_file_once() {
                         &settings,
                         &mut |_: &DownloadProgress| {},
                     )
+                    .map_err(|err| err.to_string())
                 })
             })
             .collect();
