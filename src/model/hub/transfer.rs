@@ -174,8 +174,11 @@ struct Tries {
     made: u32,
     /// Tries in a row that wrote no byte.
     fruitless: u32,
-    /// Whether the current try wrote bytes.
+    /// Whether the current try left the `.part` longer than it found it (a try that starts
+    /// over and gets as far as the last one does not count, so no server loops it forever).
     progressed: bool,
+    /// The `.part`'s length when the current try opened it.
+    start_len: u64,
     /// Bytes of the file in its `.part` after the last write.
     kept: u64,
 }
@@ -322,6 +325,7 @@ fn try_once(
     )
     .map_err(&fatal)?;
     tries.kept = part.len;
+    tries.start_len = part.len;
     if part.len > meta.size {
         // Longer than the file: not a prefix of it.
         part.restart().map_err(&fatal)?;
@@ -384,10 +388,16 @@ fn receive_body(
         }
         // The server ignored the range: the body is the whole file.
         200 => part.restart().map_err(&fatal)?,
-        // Asked from the end of the file: nothing more to come.
+        // The range starts past the server's end of the file: the file is shorter than the Hub
+        // said; tries that bring nothing end in an error naming this.
         416 => {
-            progress.started(part.len, meta.size);
-            return Ok(());
+            return Err(Failure::Retry {
+                host,
+                error: NetError::Failed(format!(
+                    "HTTP 416 for bytes {}- of a file the Hub says has {} bytes",
+                    part.len, meta.size
+                )),
+            });
         }
         // A CDN address may have expired (they are signed for a while): the next try asks the
         // Hub for a fresh one.
@@ -429,7 +439,7 @@ fn receive_body(
             }));
         }
         part.append(&bytes).map_err(&fatal)?;
-        tries.progressed = true;
+        tries.progressed = part.len > tries.start_len;
         tries.kept = part.len;
         progress.advanced(bytes.len() as u64);
     }
