@@ -88,6 +88,8 @@ pub enum Fault {
     /// The first large-file body to reach this byte of the file closes the connection there;
     /// later requests get their whole range.
     DropOnceAt(usize),
+    /// Large-file requests get the whole file (200, the range ignored), always cut at this byte.
+    IgnoreRangeDropAt(usize),
     /// Large-file bodies carry one wrong byte (in the middle of the file).
     CorruptLarge,
     /// Small files served by the Hub carry one wrong byte (their first).
@@ -605,8 +607,11 @@ impl RawCdn {
             return;
         };
         let total = content.len();
+        let fault = self.fault.lock().expect("fault lock").clone();
+        let ignore_range = matches!(fault, Fault::IgnoreRangeDropAt(_));
         let start = range
             .as_deref()
+            .filter(|_| !ignore_range)
             .and_then(|r| r.strip_prefix("bytes="))
             .and_then(|r| r.split_once('-'))
             .and_then(|(start, _)| start.parse::<usize>().ok())
@@ -619,7 +624,7 @@ impl RawCdn {
             );
             return;
         }
-        let status = if range.is_some() {
+        let status = if range.is_some() && !ignore_range {
             "206 Partial Content"
         } else {
             "200 OK"
@@ -632,7 +637,6 @@ impl RawCdn {
             total - 1
         );
         let mut body = content[start..].to_vec();
-        let fault = self.fault.lock().expect("fault lock").clone();
         match fault {
             Fault::StallAt(at) => {
                 let cut = at.saturating_sub(start).min(body.len());
@@ -648,6 +652,11 @@ impl RawCdn {
                 if at > start && at < total && !self.dropped.swap(true, Ordering::SeqCst) =>
             {
                 let _ = stream.write_all(&body[..at - start]);
+                let _ = stream.flush();
+                let _ = stream.shutdown(Shutdown::Both);
+            }
+            Fault::IgnoreRangeDropAt(at) => {
+                let _ = stream.write_all(&body[..at.min(body.len())]);
                 let _ = stream.flush();
                 let _ = stream.shutdown(Shutdown::Both);
             }

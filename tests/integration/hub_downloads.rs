@@ -127,6 +127,37 @@ fn a_connection_dropped_mid_file_continues_from_where_it_stopped() {
 }
 
 #[test]
+fn a_server_that_ignores_ranges_and_keeps_dropping_is_given_up_on() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let hub = FakeHub::start(vec![tiny_repo()]);
+    // Every try starts over from byte 0 and is cut at the same byte: no try gets further than
+    // the first, so the download must end rather than loop.
+    hub.set_fault(Fault::IgnoreRangeDropAt(50_000));
+    let started = Instant::now();
+    let err = fetch_model(
+        &spec(),
+        Variant::Default,
+        &hub.settings(tmp.path()),
+        &mut |_: &DownloadProgress| {},
+    )
+    .expect_err("the file never completes");
+    let message = err.to_string();
+    assert!(matches!(err, HubError::Download { .. }), "{err:?}");
+    assert!(
+        message.contains(&format!(
+            "{} could not be reached or dropped the connection (4 tries)",
+            hub.faulty_cdn_host
+        )),
+        "{message}"
+    );
+    assert!(
+        message.contains("the 50000 bytes received are kept"),
+        "{message}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(30));
+}
+
+#[test]
 fn a_large_file_whose_sha256_differs_is_refused_and_never_cached() {
     let tmp = tempfile::tempdir().expect("temp dir");
     let repo = tiny_repo();
