@@ -15,6 +15,7 @@ mod edit_options;
 mod edit_parity;
 mod fuzz_readers;
 mod hub;
+mod hub_downloads;
 mod image;
 mod nn_grad;
 mod pipeline_api;
