@@ -4,7 +4,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
 use anyhow::{Context, Result, bail};
-use candle_core::DType;
 use clap::Args;
 
 use super::load::{ModelFlags, load_model};
@@ -14,6 +13,7 @@ use crate::model::hub::DEFAULT_REPO;
 use crate::pipeline::EditPipeline;
 use crate::pipeline::image::{edit_size, load_image, resize_lanczos, save_image, writes_format};
 use crate::pipeline::metadata::EditRecord;
+use crate::pipeline::npy::{NpyArray, read_f32_npy};
 use crate::pipeline::scheduler::SchedulerKind;
 use crate::pipeline::settings::{
     DEFAULT_GUIDANCE_SCALE, DEFAULT_IMAGE_GUIDANCE_SCALE, DEFAULT_MAX_SIDE, DEFAULT_STEPS,
@@ -40,25 +40,26 @@ pub struct EditArgs {
     /// Hub revision (branch, tag or commit) of the model.
     #[arg(long, value_name = "REV")]
     pub revision: Option<String>,
-    /// Denoising steps.
+    /// Denoising steps. Range: 1 to 1000.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_STEPS, value_parser = parse_steps, allow_negative_numbers = true)]
     pub steps: usize,
-    /// How strongly to follow the instruction (text guidance).
+    /// How strongly to follow the instruction (text guidance). Range: 0 to 100.
     #[arg(long, value_name = "F", default_value_t = DEFAULT_GUIDANCE_SCALE, value_parser = parse_scale, allow_negative_numbers = true)]
     pub guidance_scale: f64,
-    /// How closely to stay with the input image (image guidance).
+    /// How closely to stay with the input image (image guidance). Range: 0 to 100.
     #[arg(long, value_name = "F", default_value_t = DEFAULT_IMAGE_GUIDANCE_SCALE, value_parser = parse_scale, allow_negative_numbers = true)]
     pub image_guidance_scale: f64,
     /// Random seed (torch-compatible: the same seed gives diffusers' result); random when absent.
+    /// Range: 0 to 18446744073709551615.
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pub seed: Option<u64>,
     /// Scheduler to use instead of the model's own.
     #[arg(long, value_name = "NAME")]
     pub scheduler: Option<SchedulerKind>,
-    /// The long side is scaled down to at most this many pixels (never up).
+    /// The long side is scaled down to at most this many pixels (never up). Range: 8 to 8192.
     #[arg(long, value_name = "PX", default_value_t = DEFAULT_MAX_SIDE, value_parser = clap::value_parser!(u32).range(8..=8192))]
     pub resolution: u32,
-    /// How many variations to make, from consecutive seeds.
+    /// How many variations to make, from consecutive seeds. Range: 1 to 1000.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub num_images: u32,
     /// A float32 .npy array [1, 4, H/f, W/f] used instead of the random initial latents
@@ -261,30 +262,14 @@ fn check_output_folder(output: &Path) -> Result<()> {
         })
 }
 
-/// Reads a float32 .npy latents file.
+/// Reads a float32 .npy latents file (sizes checked against the file before allocating).
 fn read_latents(path: &Path) -> Result<InitialLatents> {
-    if !path.is_file() {
-        bail!("{}: latents file not found", path.display());
-    }
-    let tensor = candle_core::Tensor::read_npy(path)
-        .map_err(|e| anyhow::anyhow!("{}: not a readable .npy array: {e}", path.display()))?;
-    if tensor.dtype() != DType::F32 {
-        bail!(
-            "{}: latents must be float32, this array is {:?}",
-            path.display(),
-            tensor.dtype()
-        );
-    }
-    let shape = tensor.dims().to_vec();
+    let NpyArray { shape, values } = read_f32_npy(path).context("--latents")?;
     if shape.len() != 4 || shape[0] != 1 {
         bail!(
-            "{}: latents must have shape [1, C, h, w], this array has {shape:?}",
+            "--latents {}: latents must have shape [1, C, h, w], this array has {shape:?}",
             path.display()
         );
     }
-    let values = tensor
-        .flatten_all()
-        .and_then(|t| t.to_vec1::<f32>())
-        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     Ok(InitialLatents { shape, values })
 }

@@ -5,6 +5,7 @@ mod bench;
 mod edit;
 mod load;
 mod progress;
+mod ranges;
 mod train;
 mod window;
 

@@ -12,6 +12,10 @@ use clap::{Arg, Args};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::progress::Progress;
+use super::ranges::{
+    MAX_ACCUMULATION, MAX_BATCH_SIZE, MAX_LORA_RANK, MAX_STEP_COUNT, MAX_VALIDATION_IMAGES,
+    count_in, float_in,
+};
 use crate::model::hub::{HubSettings, ModelSpec, Variant, fetch_model};
 use crate::pipeline::image::{decode_image, load_image};
 use crate::train::checkpoint::{STATE_FILE, resolve_resume};
@@ -22,8 +26,8 @@ use crate::train::data::{
 use crate::train::memory::{format_bytes, parse_bytes};
 use crate::train::optim::AdamWConfig;
 use crate::train::run::{
-    DataSource, MemoryCheck, MixedPrecision, RunError, TrainConfig, TrainControl, TrainEvent,
-    ValidationConfig, train,
+    DataSource, MAX_RESOLUTION, MemoryCheck, MixedPrecision, RunError, TrainConfig, TrainControl,
+    TrainEvent, ValidationConfig, train,
 };
 use crate::train::schedule::LrScheduleKind;
 
@@ -70,18 +74,18 @@ pub struct TrainArgs {
     /// Column of the edited images.
     #[arg(long, default_value = DEFAULT_EDITED_IMAGE_COLUMN)]
     pub edited_image_column: String,
-    /// Train on the first N examples of a seeded shuffle.
-    #[arg(long, value_name = "N")]
+    /// Train on the first N examples of a seeded shuffle. Range: 1 to 1000000000.
+    #[arg(long, value_name = "N", value_parser = count_in(1, MAX_STEP_COUNT))]
     pub max_train_samples: Option<usize>,
     /// Checkpoints, logs, validation images and the final model go here.
     #[arg(long, value_name = "DIR", default_value = "instruct-pix2pix-model")]
     pub output_dir: PathBuf,
     /// Seed of every random draw (random and printed when absent; a resumed run takes its
-    /// checkpoint's).
+    /// checkpoint's). Range: 0 to 18446744073709551615.
     #[arg(long, value_name = "N")]
     pub seed: Option<u64>,
-    /// Training images are resized to this square size.
-    #[arg(long, value_name = "PX", default_value_t = 256)]
+    /// Training images are resized to this square size. Range: 8 to 4096.
+    #[arg(long, value_name = "PX", default_value_t = 256, value_parser = clap::value_parser!(u32).range(8..=i64::from(MAX_RESOLUTION)))]
     pub resolution: u32,
     /// Center crop (a no-op after the square resize, as in the script).
     #[arg(long)]
@@ -89,28 +93,35 @@ pub struct TrainArgs {
     /// Flip input and edited image together at random.
     #[arg(long)]
     pub random_flip: bool,
-    /// Examples per micro-batch.
-    #[arg(long, value_name = "N", default_value_t = 16)]
+    /// Examples per micro-batch. Range: 1 to 1024.
+    #[arg(long, value_name = "N", default_value_t = 16, value_parser = count_in(1, MAX_BATCH_SIZE))]
     pub train_batch_size: usize,
-    /// Epochs (ignored when --max_train_steps is given).
-    #[arg(long, value_name = "N", default_value_t = 100)]
+    /// Epochs (ignored when --max_train_steps is given). Range: 1 to 1000000000.
+    #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=MAX_STEP_COUNT))]
     pub num_train_epochs: u64,
-    /// Optimizer steps to train (overrides the epochs).
-    #[arg(long, value_name = "N")]
+    /// Optimizer steps to train (overrides the epochs). Range: 1 to 1000000000.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=MAX_STEP_COUNT))]
     pub max_train_steps: Option<u64>,
-    /// Micro-batches per optimizer step.
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    /// Micro-batches per optimizer step. Range: 1 to 10000.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = count_in(1, MAX_ACCUMULATION))]
     pub gradient_accumulation_steps: usize,
     /// Recompute the UNet's resnets and transformers in the backward pass instead of keeping
     /// their activations (less memory, one more forward pass of compute).
     #[arg(long)]
     pub gradient_checkpointing: bool,
-    /// The learning rate (after warm-up).
+    /// Encode every example (both flips with --random_flip) and instruction once before the
+    /// first step and keep the result in memory: each step then skips the VAE and the text
+    /// encoder, which are freed unless validation edits need them. Exact: the same losses and
+    /// weights as without it.
+    #[arg(long)]
+    pub cache_latents: bool,
+    /// The learning rate (after warm-up). Range: above 0, at most 1.
     #[arg(
         long,
         value_name = "F",
         default_value_t = crate::train::run::DEFAULT_LEARNING_RATE,
-        allow_negative_numbers = true
+        allow_negative_numbers = true,
+        value_parser = float_in(0.0, false, 1.0, true)
     )]
     pub learning_rate: f64,
     /// Multiply the learning rate by accumulation steps × batch size.
@@ -119,11 +130,12 @@ pub struct TrainArgs {
     /// constant, constant_with_warmup, linear, cosine, cosine_with_restarts or polynomial.
     #[arg(long, value_name = "NAME", default_value = "constant")]
     pub lr_scheduler: String,
-    /// Warm-up steps of the learning rate.
-    #[arg(long, value_name = "N", default_value_t = 500)]
+    /// Warm-up steps of the learning rate. Range: 0 to 1000000000.
+    #[arg(long, value_name = "N", default_value_t = 500, value_parser = clap::value_parser!(u64).range(0..=MAX_STEP_COUNT))]
     pub lr_warmup_steps: u64,
-    /// Probability of dropping the text, the image or both conditionings (InstructPix2Pix used 0.05).
-    #[arg(long, value_name = "P", allow_negative_numbers = true)]
+    /// Probability of dropping the text, the image or both conditionings (InstructPix2Pix used
+    /// 0.05). Range: 0 to 1.
+    #[arg(long, value_name = "P", allow_negative_numbers = true, value_parser = float_in(0.0, true, 1.0, true))]
     pub conditioning_dropout_prob: Option<f64>,
     /// Keep an exponential moving average of the weights and save it as the model.
     #[arg(long)]
@@ -138,47 +150,52 @@ pub struct TrainArgs {
     /// Not used (an NVIDIA Ampere setting).
     #[arg(long)]
     pub allow_tf32: bool,
-    /// Not used: examples are read on the training thread.
-    #[arg(long, value_name = "N", default_value_t = 0)]
+    /// Not used: examples are read on the training thread. Range: 0 to 1024.
+    #[arg(long, value_name = "N", default_value_t = 0, value_parser = count_in(0, 1024))]
     pub dataloader_num_workers: usize,
-    /// AdamW β1.
+    /// AdamW β1. Range: at least 0, below 1.
     #[arg(
         long,
         value_name = "F",
         default_value_t = 0.9,
-        allow_negative_numbers = true
+        allow_negative_numbers = true,
+        value_parser = float_in(0.0, true, 1.0, false)
     )]
     pub adam_beta1: f64,
-    /// AdamW β2.
+    /// AdamW β2. Range: at least 0, below 1.
     #[arg(
         long,
         value_name = "F",
         default_value_t = 0.999,
-        allow_negative_numbers = true
+        allow_negative_numbers = true,
+        value_parser = float_in(0.0, true, 1.0, false)
     )]
     pub adam_beta2: f64,
-    /// AdamW decoupled weight decay.
+    /// AdamW decoupled weight decay. Range: 0 to 1.
     #[arg(
         long,
         value_name = "F",
         default_value_t = 1e-2,
-        allow_negative_numbers = true
+        allow_negative_numbers = true,
+        value_parser = float_in(0.0, true, 1.0, true)
     )]
     pub adam_weight_decay: f64,
-    /// AdamW ε.
+    /// AdamW ε. Range: above 0, at most 1.
     #[arg(
         long,
         value_name = "F",
         default_value_t = 1e-8,
-        allow_negative_numbers = true
+        allow_negative_numbers = true,
+        value_parser = float_in(0.0, false, 1.0, true)
     )]
     pub adam_epsilon: f64,
-    /// Gradients are clipped to this total norm.
+    /// Gradients are clipped to this total norm. Range: above 0, at most 1000000.
     #[arg(
         long,
         value_name = "F",
         default_value_t = 1.0,
-        allow_negative_numbers = true
+        allow_negative_numbers = true,
+        value_parser = float_in(0.0, false, 1e6, true)
     )]
     pub max_grad_norm: f64,
     /// Not available: the result stays in --output_dir.
@@ -205,14 +222,14 @@ pub struct TrainArgs {
     /// tensorboard (the default; also metrics.jsonl, always written), all, wandb, comet_ml or none.
     #[arg(long, value_name = "WHERE", default_value = "tensorboard")]
     pub report_to: String,
-    /// Not used (one process).
-    #[arg(long, value_name = "N", default_value_t = -1, allow_negative_numbers = true)]
+    /// Not used (one process). Range: -1 to 65535.
+    #[arg(long, value_name = "N", default_value_t = -1, allow_negative_numbers = true, value_parser = clap::value_parser!(i64).range(-1..=65535))]
     pub local_rank: i64,
-    /// Save a checkpoint every N optimizer steps.
-    #[arg(long, value_name = "N", default_value_t = 500)]
+    /// Save a checkpoint every N optimizer steps. Range: 1 to 1000000000.
+    #[arg(long, value_name = "N", default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..=MAX_STEP_COUNT))]
     pub checkpointing_steps: u64,
-    /// Keep at most this many checkpoints (the oldest are removed).
-    #[arg(long, value_name = "N")]
+    /// Keep at most this many checkpoints (the oldest are removed). Range: 1 to 1000000000.
+    #[arg(long, value_name = "N", value_parser = count_in(1, MAX_STEP_COUNT))]
     pub checkpoints_total_limit: Option<usize>,
     /// `latest` or a checkpoint folder (name under --output_dir, or a path) to continue from.
     #[arg(long, value_name = "latest|DIR")]
@@ -226,15 +243,15 @@ pub struct TrainArgs {
     /// Image of the validation edits: an http(s) URL or a local file.
     #[arg(long, value_name = "URL|PATH")]
     pub val_image_url: Option<String>,
-    /// Validation edits each time.
-    #[arg(long, value_name = "N", default_value_t = 4)]
+    /// Validation edits each time. Range: 1 to 100.
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = count_in(1, MAX_VALIDATION_IMAGES))]
     pub num_validation_images: usize,
-    /// Validate after every N epochs.
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    /// Validate after every N epochs. Range: 1 to 1000000000.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=MAX_STEP_COUNT))]
     pub validation_epochs: u64,
     /// Train LoRA adapters of this rank on the attention projections instead of the whole UNet
-    /// (saved as OUTPUT_DIR/pytorch_lora_weights.safetensors).
-    #[arg(long = "lora-rank", value_name = "N")]
+    /// (saved as OUTPUT_DIR/pytorch_lora_weights.safetensors). Range: 1 to 1024.
+    #[arg(long = "lora-rank", value_name = "N", value_parser = count_in(1, MAX_LORA_RANK))]
     pub lora_rank: Option<usize>,
     /// Train on the good examples when the dataset check finds bad ones (else refuse, or ask on
     /// a terminal).
@@ -454,6 +471,7 @@ fn config_from_args(
     config.max_grad_norm = args.max_grad_norm;
     config.use_8bit_adam = args.use_8bit_adam;
     config.gradient_checkpointing = args.gradient_checkpointing;
+    config.cache_latents = args.cache_latents;
     config.checkpointing_steps = args.checkpointing_steps;
     config.checkpoints_total_limit = args.checkpoints_total_limit;
     config.resume_from_checkpoint = args.resume_from_checkpoint.clone();
@@ -550,8 +568,9 @@ fn run_with_prompt(
 ) -> Result<crate::train::run::TrainOutcome> {
     loop {
         let mut bar: Option<ProgressBar> = None;
+        let mut resumed = false;
         let result = train(config, control, &mut |event| {
-            handle_event(event, &mut bar, quiet);
+            handle_event(event, &mut bar, &mut resumed, quiet);
         });
         if let Some(bar) = bar.take() {
             bar.finish_and_clear();
@@ -585,7 +604,35 @@ fn run_with_prompt(
     }
 }
 
-fn handle_event(event: TrainEvent, bar: &mut Option<ProgressBar>, quiet: bool) {
+/// The warning for trained parameters that got no gradient in a run's first step, on one line
+/// with a count and a few names; `None` when there is nothing unexpected. In a LoRA run that
+/// starts from scratch every `lora_B` is zero, so every `lora_A` gets exactly zero gradient in
+/// the first step (dL/dA = Bᵀ·…): expected, and not reported. A resumed run has trained `lora_B`s,
+/// so there a `lora_A` without gradient is reported like any other parameter.
+fn gradient_warning(missing: &[String], resumed: bool) -> Option<String> {
+    const SHOWN: usize = 3;
+    let unexpected: Vec<&str> = missing
+        .iter()
+        .map(String::as_str)
+        .filter(|name| resumed || !name.ends_with("lora_A.weight"))
+        .collect();
+    if unexpected.is_empty() {
+        return None;
+    }
+    let more = unexpected.len().saturating_sub(SHOWN);
+    Some(format!(
+        "warning: {} trained parameters got no gradient in the first step: {}{}",
+        unexpected.len(),
+        unexpected[..unexpected.len().min(SHOWN)].join(", "),
+        if more > 0 {
+            format!(" and {more} more")
+        } else {
+            String::new()
+        }
+    ))
+}
+
+fn handle_event(event: TrainEvent, bar: &mut Option<ProgressBar>, resumed: &mut bool, quiet: bool) {
     let say = |bar: &Option<ProgressBar>, text: String| match bar {
         Some(bar) if !bar.is_hidden() => bar.println(text),
         _ => eprintln!("{text}"),
@@ -598,7 +645,32 @@ fn handle_event(event: TrainEvent, bar: &mut Option<ProgressBar>, quiet: bool) {
                 eprintln!("  bad: {}: {}", problem.name, problem.reason);
             }
         }
+        TrainEvent::CachingLatents { done, total } => {
+            if done == 0 {
+                let target = if quiet {
+                    ProgressDrawTarget::hidden()
+                } else {
+                    ProgressDrawTarget::stderr()
+                };
+                let new_bar = ProgressBar::with_draw_target(Some(total as u64), target);
+                new_bar.set_style(
+                    ProgressStyle::with_template(
+                        "[{bar:30}] {pos}/{len} examples: caching latents",
+                    )
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+                );
+                *bar = Some(new_bar);
+            } else if let Some(caching) = bar {
+                caching.set_position(done as u64);
+                if done == total {
+                    caching.finish_and_clear();
+                    *bar = None;
+                }
+            }
+        }
         TrainEvent::Started(plan) => {
+            *resumed = plan.resumed_from.is_some();
             eprintln!(
                 "training {} {} parameters on {} examples: {} steps ({} per epoch, {} epochs), learning rate {:e}{}",
                 if plan.trainable_parameters > 0 {
@@ -643,17 +715,12 @@ fn handle_event(event: TrainEvent, bar: &mut Option<ProgressBar>, quiet: bool) {
             *bar = Some(new_bar);
         }
         TrainEvent::Step(step) => {
-            if let Some(missing) = &step.params_without_gradient
-                && !missing.is_empty()
+            if let Some(warning) = step
+                .params_without_gradient
+                .as_deref()
+                .and_then(|missing| gradient_warning(missing, *resumed))
             {
-                say(
-                    bar,
-                    format!(
-                        "warning: {} trained parameters got no gradient in the first step: {}",
-                        missing.len(),
-                        missing.join(", ")
-                    ),
-                );
+                say(bar, warning);
             }
             if let Some(bar) = bar {
                 let memory = step
@@ -764,13 +831,38 @@ mod tests {
                 assert!(aliases.is_empty(), "--{long}: {aliases:?}");
             }
         }
-        // The script's 47 snake_case flags with a second word, --lora-rank and
-        // --skip_memory_check.
-        assert_eq!(both_spellings, 49);
+        // The script's 47 snake_case flags with a second word, --lora-rank, and this program's
+        // --skip_memory_check and --cache_latents.
+        assert_eq!(both_spellings, 50);
         assert!(
             train
                 .get_arguments()
                 .any(|arg| arg.get_long() == Some("enable_xformers_memory_efficient_attention"))
+        );
+    }
+
+    /// Issue 16 item 10: a fresh LoRA run's zero `lora_A` gradients are expected and not
+    /// reported; anything else is one line with a count, however many parameters.
+    #[test]
+    fn the_no_gradient_warning_is_quiet_when_expected_and_one_line_otherwise() {
+        let lora_a: Vec<String> = (0..128)
+            .map(|i| format!("down_blocks.{i}.attn1.to_q.lora_A.weight"))
+            .collect();
+        assert_eq!(super::gradient_warning(&lora_a, false), None);
+        assert_eq!(super::gradient_warning(&[], true), None);
+        let resumed = super::gradient_warning(&lora_a, true).unwrap();
+        assert!(
+            resumed.starts_with("warning: 128 trained parameters"),
+            "{resumed}"
+        );
+        assert!(resumed.ends_with("and 125 more"), "{resumed}");
+        assert!(!resumed.contains('\n') && resumed.len() < 300, "{resumed}");
+        let mut full: Vec<String> = lora_a.clone();
+        full.push("mid_block.attentions.0.norm.weight".to_string());
+        let warning = super::gradient_warning(&full, false).unwrap();
+        assert_eq!(
+            warning,
+            "warning: 1 trained parameters got no gradient in the first step: mid_block.attentions.0.norm.weight"
         );
     }
 

@@ -155,7 +155,8 @@ fn short_reason(error: &HubError) -> String {
 }
 
 fn read_json_value(path: &Path) -> Result<Value, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    let text = super::files::read_to_string_limited(path, super::files::MAX_CONFIG_BYTES)
+        .map_err(|e| e.to_string())?;
     serde_json::from_str(&text).map_err(|e| e.to_string())
 }
 
@@ -433,7 +434,8 @@ fn read_refs(dir: &Path, prefix: &str, out: &mut Vec<CachedRevision>, problems: 
             read_refs(&path, &format!("{full_name}/"), out, problems);
             continue;
         }
-        match std::fs::read_to_string(&path) {
+        // A ref holds a 40-character hash; a FIFO or a huge file is not one.
+        match super::files::read_to_string_limited(&path, 4096) {
             Ok(text) => {
                 let commit = text.trim();
                 if commit.is_empty() || commit.contains(['/', '\\']) || commit.contains("..") {

@@ -140,7 +140,11 @@ pub struct ClipTextConfig {
 impl ClipTextConfig {
     /// Reads and checks `text_encoder/config.json`.
     pub fn from_file(path: &Path) -> std::result::Result<Self, ClipConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ClipConfigError::Read {
+        let text = crate::model::files::read_to_string_limited(
+            path,
+            crate::model::files::MAX_CONFIG_BYTES,
+        )
+        .map_err(|source| ClipConfigError::Read {
             path: path.to_path_buf(),
             source,
         })?;

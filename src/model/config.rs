@@ -41,7 +41,7 @@ pub enum ConfigError {
 
 /// Reads and parses a JSON config file with errors naming the file (and line/column for bad JSON).
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
-    let text = match std::fs::read_to_string(path) {
+    let text = match super::files::read_to_string_limited(path, super::files::MAX_CONFIG_BYTES) {
         Ok(text) => text,
         Err(source) if source.kind() == std::io::ErrorKind::NotFound => {
             return Err(ConfigError::Missing {

@@ -9,12 +9,12 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
-use super::clip::{ClipTextConfig, ClipTextModel};
-use super::config::{ConfigError, ModelIndex, read_json};
+use super::clip::{ClipConfigError, ClipTextConfig, ClipTextModel};
+use super::config::{ConfigError, ModelIndex};
 use super::hub::{DownloadProgress, HubError, HubSettings, ModelSpec, Variant, fetch_model};
 use super::tokenizer::{ClipTokenizer, TokenizerError};
-use super::unet::{PerBlock, UNet2DConditionModel, UNetConfig};
-use super::vae::{AutoencoderKL, VaeConfig};
+use super::unet::{PerBlock, UNet2DConditionModel, UNetConfig, UNetConfigError};
+use super::vae::{AutoencoderKL, VaeConfig, VaeConfigError};
 use super::weights::{
     DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS, WeightFormat, WeightsError, component_weights,
     component_weights_detailed, safetensors_shapes, var_builder,
@@ -37,6 +37,12 @@ pub enum LoadError {
     Weights(#[from] WeightsError),
     #[error(transparent)]
     Tokenizer(#[from] TokenizerError),
+    #[error(transparent)]
+    UNetConfig(#[from] UNetConfigError),
+    #[error(transparent)]
+    VaeConfig(#[from] VaeConfigError),
+    #[error(transparent)]
+    TextEncoderConfig(#[from] ClipConfigError),
     #[error(
         "{folder}: missing the `{component}` component folder (a diffusers pipeline needs {component}/)"
     )]
@@ -56,16 +62,27 @@ pub enum LoadError {
     /// The UNet's weight files lack weights its config needs (`names` comma-separated).
     #[error("{dir}: the weights lack {names} that the UNet config needs")]
     MissingWeights { dir: PathBuf, names: String },
+    /// `config` is `unet/config.json`; `stated` is false when it lacks `in_channels` (diffusers'
+    /// default, 4, applies).
     #[error(
-        "{folder}: not an InstructPix2Pix model: its UNet takes {in_channels} input channels, it needs {expected}"
+        "{folder}: not an InstructPix2Pix model: its UNet takes {in_channels} input channels, it needs {expected} ({})",
+        if *stated {
+            format!("`in_channels` in {}", config.display())
+        } else {
+            format!("{} has no `in_channels`; diffusers' default is 4", config.display())
+        }
     )]
     NotInstructPix2Pix {
         folder: PathBuf,
         in_channels: usize,
         expected: usize,
+        config: PathBuf,
+        stated: bool,
     },
     #[error(
-        "{folder}: the text encoder's width ({text_width}) does not match the UNet's cross_attention_dim ({cross_attention_dim})"
+        "{folder}: the text encoder's width (`hidden_size` {text_width} in {}) does not match the UNet's `cross_attention_dim` ({cross_attention_dim} in {})",
+        folder.join("text_encoder").join("config.json").display(),
+        folder.join("unet").join("config.json").display()
     )]
     TextWidthMismatch {
         folder: PathBuf,
@@ -109,9 +126,11 @@ impl PipelineFolder {
                 component,
             });
         }
-        let unet_config: UNetConfig = read_json(&path.join("unet").join("config.json"))?;
+        // Read through each network's own reader, which checks the numbers (ranges named with
+        // the file and the key) before anything is built from them.
+        let unet_config = UNetConfig::from_file(&path.join("unet").join("config.json"))?;
         let vae_config_path = path.join("vae").join("config.json");
-        let vae_config: VaeConfig = read_json(&vae_config_path)?;
+        let vae_config = VaeConfig::from_file(&vae_config_path)?;
         if vae_config.latent_channels * 2 != INSTRUCT_PIX2PIX_IN_CHANNELS {
             return Err(LoadError::BadConfig {
                 path: vae_config_path,
@@ -122,8 +141,8 @@ impl PipelineFolder {
                 ),
             });
         }
-        let text_encoder_config: ClipTextConfig =
-            read_json(&path.join("text_encoder").join("config.json"))?;
+        let text_encoder_config =
+            ClipTextConfig::from_file(&path.join("text_encoder").join("config.json"))?;
         let cross_attention_dims = match &unet_config.cross_attention_dim {
             PerBlock::Same(dim) => vec![*dim],
             PerBlock::Each(dims) => dims.clone(),
@@ -146,9 +165,36 @@ impl PipelineFolder {
         })
     }
 
-    /// The prompts' tokenizer (`tokenizer/`).
+    /// The prompts' tokenizer (`tokenizer/`), checked against the text encoder: no id beyond its
+    /// vocabulary, no sequence longer than its positions.
     pub fn tokenizer(&self) -> Result<ClipTokenizer, LoadError> {
-        Ok(ClipTokenizer::from_dir(&self.path.join("tokenizer"))?)
+        let dir = self.path.join("tokenizer");
+        let tokenizer = ClipTokenizer::from_dir(&dir)?;
+        let encoder_config = self.path.join("text_encoder").join("config.json");
+        let positions = self.text_encoder_config.max_position_embeddings;
+        if tokenizer.model_max_length() > positions {
+            return Err(LoadError::BadConfig {
+                path: dir.join("tokenizer_config.json"),
+                reason: format!(
+                    "`model_max_length` is {}, more than the text encoder's {positions} positions (`max_position_embeddings` in {})",
+                    tokenizer.model_max_length(),
+                    encoder_config.display()
+                ),
+            });
+        }
+        let vocab_size = self.text_encoder_config.vocab_size;
+        if let Some((token, id)) = tokenizer.largest_id()
+            && id as usize >= vocab_size
+        {
+            return Err(LoadError::BadConfig {
+                path: dir,
+                reason: format!(
+                    "token {token:?} has id {id}, beyond the text encoder's vocabulary (`vocab_size` {vocab_size} in {})",
+                    encoder_config.display()
+                ),
+            });
+        }
+        Ok(tokenizer)
     }
 
     /// The CLIP text encoder (`text_encoder/`) in `dtype` on `device`.
@@ -274,10 +320,15 @@ impl InstructPix2PixModel {
         let pipeline = PipelineFolder::open(folder, options.variant)?;
         let in_channels = pipeline.unet_config.in_channels;
         if in_channels != INSTRUCT_PIX2PIX_IN_CHANNELS {
+            let config = pipeline.path.join("unet").join("config.json");
+            let stated = super::config::read_json::<serde_json::Value>(&config)
+                .is_ok_and(|c| c.get("in_channels").is_some());
             return Err(LoadError::NotInstructPix2Pix {
                 folder: pipeline.path,
                 in_channels,
                 expected: INSTRUCT_PIX2PIX_IN_CHANNELS,
+                config,
+                stated,
             });
         }
         let (dtype, device) = (options.dtype, &options.device);

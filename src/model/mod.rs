@@ -6,6 +6,7 @@ pub mod catalog;
 pub mod clip;
 pub mod config;
 pub mod device;
+pub mod files;
 pub mod grad_checkpoint;
 pub mod hub;
 mod loaded;

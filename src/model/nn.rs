@@ -9,7 +9,11 @@
 //! inference runs those of `nn/cpu.rs` (convolution as im2col + GEMM, group norm, blocked
 //! attention), and anything tracked for a backward pass runs their differentiable versions,
 //! candle custom ops with fused backward passes (`nn/grad_conv.rs`, `nn/grad_norm.rs` with the
-//! layer norm too, `nn/grad_attention.rs`). Other devices and dtypes run candle's ops.
+//! layer norm too, `nn/grad_attention.rs`, and the linear layer, `nn/grad_linear.rs`, whose
+//! backward skips the frozen weights' gradients that candle's matmul would compute). Sums and
+//! concatenations where a tracked tensor meets an untracked one ([`add`], [`cat_pair`]) give the
+//! untracked side no gradient buffer (`nn/grad_join.rs`). Other devices and dtypes run candle's
+//! ops.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -20,6 +24,8 @@ mod cpu;
 mod fused_op;
 mod grad_attention;
 mod grad_conv;
+mod grad_join;
+mod grad_linear;
 mod grad_norm;
 mod product;
 
@@ -52,8 +58,8 @@ pub struct LowRankAdapter {
 impl LowRankAdapter {
     /// The adapter's contribution `scale · B (A x)` for `x` [rows, in_features].
     fn forward_flat(&self, x: &Tensor) -> Result<Tensor> {
-        let low = x.matmul(&self.down.t()?)?;
-        let out = low.matmul(&self.up.t()?)?;
+        let low = linear_product(x, &self.down, None)?;
+        let out = linear_product(&low, &self.up, None)?;
         // peft multiplies after B; a scale of exactly 1 skips the pass (x·1 is x anyway).
         if self.scale == 1.0 {
             Ok(out)
@@ -97,17 +103,66 @@ impl Module for Linear {
         let out_features = self.weight.dim(0)?;
         *out_dims.last_mut().expect("rank >= 1") = out_features;
         let flat = x.reshape(((), in_features))?;
-        let y = flat.matmul(&self.weight.t()?)?;
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
+        let y = linear_product(&flat, &self.weight, self.bias.as_ref())?;
         let y = match &self.adapter {
-            Some(adapter) => (y + adapter.forward_flat(&flat)?)?,
+            Some(adapter) => add(&y, &adapter.forward_flat(&flat)?)?,
             None => y,
         };
         y.reshape(out_dims)
     }
+}
+
+/// `x` [rows, in] · `weight` [out, in]ᵀ (+ `bias` [out]): when something is tracked, the
+/// differentiable kernel whose backward computes only the gradients that are needed (see
+/// `nn/grad_linear.rs`); otherwise candle's matrix product.
+fn linear_product(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let mut tensors = vec![x, weight];
+    tensors.extend(bias);
+    if kernel_choice(&tensors) == KernelChoice::Differentiable
+        && let Some(y) = grad_linear::linear(x, weight, bias)?
+    {
+        return Ok(y);
+    }
+    let y = x.matmul(&weight.t()?)?;
+    match bias {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
+/// `a + b`, with `b` broadcast to `a`'s shape when needed (candle's `broadcast_add`). Where a
+/// tracked tensor meets an untracked one, the untracked side gets no gradient buffer in the
+/// backward pass (see `nn/grad_join.rs`): residual connections and timestep embeddings at the
+/// edge of a LoRA graph.
+pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if fast_cpu_kernels() {
+        let joined = match (needs_backward(a), needs_backward(b)) {
+            (true, false) => grad_join::add(a, b)?,
+            // f32 addition commutes exactly: b + a is a + b.
+            (false, true) => grad_join::add(b, a)?,
+            _ => None,
+        };
+        if let Some(y) = joined {
+            return Ok(y);
+        }
+    }
+    a.broadcast_add(b)
+}
+
+/// `cat([a, b], dim)`; where one side is tracked and the other not, the untracked side gets no
+/// gradient buffer in the backward pass (skip connections from before a LoRA graph's start).
+pub fn cat_pair(a: &Tensor, b: &Tensor, dim: usize) -> Result<Tensor> {
+    if fast_cpu_kernels() {
+        let joined = match (needs_backward(a), needs_backward(b)) {
+            (true, false) => grad_join::cat(a, b, false, dim)?,
+            (false, true) => grad_join::cat(b, a, true, dim)?,
+            _ => None,
+        };
+        if let Some(y) = joined {
+            return Ok(y);
+        }
+    }
+    Tensor::cat(&[a, b], dim)
 }
 
 /// Layer normalisation over the last dimension.
@@ -336,6 +391,7 @@ pub fn fast_cpu_kernels() -> bool {
 pub mod differentiable {
     pub use super::grad_attention::attention;
     pub use super::grad_conv::conv2d;
+    pub use super::grad_linear::linear;
     pub use super::grad_norm::{group_norm, layer_norm};
 }
 

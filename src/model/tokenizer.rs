@@ -21,7 +21,8 @@
 //! vocabulary, merges and added tokens of the file and builds CLIP's own pipeline around them; so
 //! does this file.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::path::{Path, PathBuf};
 
 use regex::Regex;
@@ -153,9 +154,11 @@ impl ClipTokenizer {
         let config = read_optional_json(&dir.join("tokenizer_config.json"))?;
         let special_map = read_optional_json(&dir.join("special_tokens_map.json"))?;
 
-        let files = if fast_path.is_file() {
+        // Present: anything but a folder, so that a FIFO or a device is refused by name when read.
+        let present = |path: &Path| path.exists() && !path.is_dir();
+        let files = if present(&fast_path) {
             load_fast(&fast_path)?
-        } else if vocab_path.is_file() && merges_path.is_file() {
+        } else if present(&vocab_path) && present(&merges_path) {
             BpeFiles {
                 vocab: load_vocab_json(&vocab_path)?,
                 merges: load_merges_txt(&merges_path)?,
@@ -171,7 +174,7 @@ impl ClipTokenizer {
                 ("merges.txt", &merges_path),
             ]
             .into_iter()
-            .filter(|(_, p)| !p.is_file())
+            .filter(|(_, p)| !present(p))
             .map(|(name, _)| name)
             .collect();
             return Err(TokenizerError::MissingFiles {
@@ -255,13 +258,24 @@ impl ClipTokenizer {
             None => lookup(&unk, "unk_token")?,
         };
 
-        let model_max_length = config
-            .as_ref()
-            .and_then(|c| c.get("model_max_length"))
-            .and_then(Value::as_f64)
+        let model_max_length = match config.as_ref().and_then(|c| c.get("model_max_length")) {
+            None | Some(Value::Null) => DEFAULT_MODEL_MAX_LENGTH,
             // transformers writes 1e30 for "no limit": the text encoder still has 77 positions.
-            .filter(|v| v.is_finite() && *v >= 2.0 && *v <= 1e6)
-            .map_or(DEFAULT_MODEL_MAX_LENGTH, |v| v as usize);
+            Some(Value::Number(n)) if n.as_f64().is_some_and(|v| v > 1e6) => {
+                DEFAULT_MODEL_MAX_LENGTH
+            }
+            Some(Value::Number(n)) if n.as_u64().is_some_and(|v| v >= 2) => {
+                n.as_u64().unwrap_or_default() as usize
+            }
+            Some(other) => {
+                return Err(TokenizerError::Format {
+                    path: config_path,
+                    message: format!(
+                        "`model_max_length` is {other}: it must be a whole number of at least 2"
+                    ),
+                });
+            }
+        };
 
         Ok(Self {
             vocab,
@@ -282,21 +296,7 @@ impl ClipTokenizer {
 
     /// Ids with <|startoftext|> … <|endoftext|>, no padding/truncation.
     pub fn encode(&self, text: &str) -> Vec<u32> {
-        let mut ids = vec![self.bos_id];
-        for segment in self.split_raw(text) {
-            match segment {
-                Segment::Added(id) => ids.push(id),
-                Segment::Text(raw) => {
-                    let normalized = self.normalize(raw);
-                    for segment in self.split_normalized(&normalized) {
-                        match segment {
-                            Segment::Added(id) => ids.push(id),
-                            Segment::Text(piece) => self.encode_normalized(piece, &mut ids),
-                        }
-                    }
-                }
-            }
-        }
+        let mut ids = self.encode_prefix(text, usize::MAX);
         ids.push(self.eos_id);
         ids
     }
@@ -304,14 +304,65 @@ impl ClipTokenizer {
     /// As diffusers calls it: padding="max_length", max_length=model_max_length, truncation=True
     /// (truncated sequences keep the final <|endoftext|>).
     pub fn encode_for_model(&self, text: &str) -> Vec<u32> {
-        let mut ids = self.encode(text);
         let max = self.model_max_length;
+        // Only the first `max - 1` ids survive truncation, so the text is cut before BPE once
+        // `max` ids exist (see `encode_prefix`): one id more than kept tells `encode` that the
+        // sequence is truncated, exactly as the full encoding would be.
+        let mut ids = self.encode_prefix(text, max);
+        ids.push(self.eos_id);
         if ids.len() > max {
             ids.truncate(max - 1);
             ids.push(self.eos_id);
         }
         ids.resize(max, self.pad_id);
         ids
+    }
+
+    /// `<|startoftext|>` and the text's ids, without the final `<|endoftext|>`, stopping before
+    /// the first piece that would start once `limit` ids exist.
+    ///
+    /// Why the cut cannot change the first `limit` ids: pre-tokenisation splits the text into
+    /// pieces (added tokens, then CLIP's and the byte-level regex pieces) and BPE runs on each
+    /// piece alone, appending its ids after those of the pieces before it; every piece gives at
+    /// least one id. So the ids of the pieces already encoded are final, and once there are
+    /// `limit` of them nothing later in the text can reach the first `limit` positions. The cut
+    /// is on piece boundaries, never inside a word: BPE of a word depends on all of it (the last
+    /// symbol carries `</w>`, and a merge near the end can block or free a merge next to it, and
+    /// so on leftwards through a chain of merges of falling rank), so no prefix length of a word
+    /// is safe in general. A long word instead costs O(n log n) in `bpe`, not O(n²).
+    fn encode_prefix(&self, text: &str, limit: usize) -> Vec<u32> {
+        let mut ids = vec![self.bos_id];
+        for segment in self.split_raw(text) {
+            if ids.len() >= limit {
+                break;
+            }
+            match segment {
+                Segment::Added(id) => ids.push(id),
+                Segment::Text(raw) => {
+                    let normalized = self.normalize(raw);
+                    for segment in self.split_normalized(&normalized) {
+                        if ids.len() >= limit {
+                            break;
+                        }
+                        match segment {
+                            Segment::Added(id) => ids.push(id),
+                            Segment::Text(piece) => self.encode_normalized(piece, &mut ids, limit),
+                        }
+                    }
+                }
+            }
+        }
+        ids
+    }
+
+    /// The token with the largest id (vocabulary and added tokens): what the text encoder's
+    /// embedding must have a row for.
+    pub fn largest_id(&self) -> Option<(&str, u32)> {
+        self.vocab
+            .iter()
+            .map(|(token, &id)| (token.as_str(), id))
+            .chain(self.added.iter().map(|t| (t.content.as_str(), t.id)))
+            .max_by_key(|&(_, id)| id)
     }
 
     /// The sequence length the text encoder takes (77 for CLIP).
@@ -361,10 +412,14 @@ impl ClipTokenizer {
         split_on_added(text, tokens.iter().map(|(c, id)| (c.as_str(), *id)))
     }
 
-    /// Pre-tokenises normalised text and appends the BPE ids of every piece.
-    fn encode_normalized(&self, text: &str, ids: &mut Vec<u32>) {
+    /// Pre-tokenises normalised text and appends the BPE ids of every piece, stopping before a
+    /// piece once `ids` holds `limit` ids (see `encode_prefix`).
+    fn encode_normalized(&self, text: &str, ids: &mut Vec<u32>, limit: usize) {
         for clip_piece in self.clip_split.find_iter(text) {
             for piece in self.byte_level_split.find_iter(clip_piece.as_str()) {
+                if ids.len() >= limit {
+                    return;
+                }
                 let mapped: String = piece
                     .as_str()
                     .bytes()
@@ -377,6 +432,14 @@ impl ClipTokenizer {
 
     /// BPE of one byte-level word: start from its characters (the last with `</w>`), then merge
     /// the lowest-ranked adjacent pair, leftmost first, until no pair has a merge.
+    ///
+    /// The candidate pairs wait in a min-heap ordered by (rank, position of the left symbol), the
+    /// symbols in a linked list, so a word of n characters costs O(n log n) (rescanning every pair
+    /// after each merge costs O(n²): 57 s for a 50 KB word). A popped pair is stale when its left
+    /// symbol has been merged away or either side has changed since it was pushed; ranks are
+    /// unique per pair, so "the pair there now has this rank" is the whole check. Positions keep
+    /// their order as symbols merge, so the smallest position is the leftmost pair, and the
+    /// result is the one the rescanning loop gives.
     fn bpe(&self, word: &str, ids: &mut Vec<u32>) {
         let chars: Vec<char> = word.chars().collect();
         let mut symbols: Vec<u32> = Vec::with_capacity(chars.len());
@@ -389,21 +452,51 @@ impl ClipTokenizer {
             }
             symbols.push(self.vocab.get(&buf).copied().unwrap_or(self.unk_id));
         }
-        loop {
-            let best = symbols
-                .windows(2)
-                .enumerate()
-                .filter_map(|(pos, pair)| {
-                    self.merges
-                        .get(&(pair[0], pair[1]))
-                        .map(|&(rank, merged)| (rank, pos, merged))
-                })
-                .min_by_key(|&(rank, pos, _)| (rank, pos));
-            let Some((_, pos, merged)) = best else { break };
-            symbols[pos] = merged;
-            symbols.remove(pos + 1);
+        let n = symbols.len();
+        // next[i] / prev[i]: the neighbours of symbol i in the list (n / usize::MAX for none);
+        // alive[i]: false once i has been merged into its left neighbour.
+        let mut next: Vec<usize> = (1..=n).collect();
+        let mut prev: Vec<usize> = (0..n).map(|i| i.wrapping_sub(1)).collect();
+        let mut alive = vec![true; n];
+        let rank_at = |symbols: &[u32], next: &[usize], pos: usize| -> Option<(u32, u32)> {
+            let right = *next.get(pos)?;
+            let pair = (symbols[pos], *symbols.get(right)?);
+            self.merges.get(&pair).copied()
+        };
+        let mut heap = BinaryHeap::new();
+        for pos in 0..n.saturating_sub(1) {
+            if let Some((rank, _)) = rank_at(&symbols, &next, pos) {
+                heap.push(Reverse((rank, pos)));
+            }
         }
-        ids.extend_from_slice(&symbols);
+        while let Some(Reverse((rank, pos))) = heap.pop() {
+            if !alive[pos] {
+                continue;
+            }
+            let Some((current, merged)) = rank_at(&symbols, &next, pos) else {
+                continue;
+            };
+            if current != rank {
+                continue;
+            }
+            let right = next[pos];
+            symbols[pos] = merged;
+            alive[right] = false;
+            next[pos] = next[right];
+            if next[pos] < n {
+                prev[next[pos]] = pos;
+            }
+            if let Some((rank, _)) = rank_at(&symbols, &next, pos) {
+                heap.push(Reverse((rank, pos)));
+            }
+            let left = prev[pos];
+            if left < n
+                && let Some((rank, _)) = rank_at(&symbols, &next, left)
+            {
+                heap.push(Reverse((rank, left)));
+            }
+        }
+        ids.extend((0..n).filter(|&i| alive[i]).map(|i| symbols[i]));
     }
 }
 
@@ -462,10 +555,12 @@ fn bytes_to_unicode() -> [char; 256] {
 }
 
 fn read_text(path: &Path) -> Result<String, TokenizerError> {
-    std::fs::read_to_string(path).map_err(|source| TokenizerError::Io {
-        path: path.to_path_buf(),
-        source,
-    })
+    super::files::read_to_string_limited(path, super::files::MAX_TOKENIZER_BYTES).map_err(
+        |source| TokenizerError::Io {
+            path: path.to_path_buf(),
+            source,
+        },
+    )
 }
 
 fn read_json(path: &Path) -> Result<Value, TokenizerError> {
@@ -476,7 +571,8 @@ fn read_json(path: &Path) -> Result<Value, TokenizerError> {
 }
 
 fn read_optional_json(path: &Path) -> Result<Option<Value>, TokenizerError> {
-    if path.is_file() {
+    // A path that exists but is no regular file (a FIFO, a folder) is read, to be refused by name.
+    if path.exists() {
         read_json(path).map(Some)
     } else {
         Ok(None)
@@ -527,7 +623,21 @@ fn load_merges_txt(path: &Path) -> Result<Vec<(String, String)>, TokenizerError>
             }
         }
     }
+    no_merges_is_an_error(&merges, path)?;
     Ok(merges)
+}
+
+/// A CLIP tokenizer without merges would split every word into single letters, which the text
+/// encoder never saw: an empty or cut file is refused instead.
+fn no_merges_is_an_error(merges: &[(String, String)], path: &Path) -> Result<(), TokenizerError> {
+    if merges.is_empty() {
+        return Err(TokenizerError::Format {
+            path: path.to_path_buf(),
+            message: "it has no merges (an empty or cut file would split every word into letters)"
+                .to_string(),
+        });
+    }
+    Ok(())
 }
 
 /// What the vocabulary files give, in either folder form.
@@ -591,6 +701,7 @@ fn load_fast(path: &Path) -> Result<BpeFiles, TokenizerError> {
             text: merge.to_string(),
         })?);
     }
+    no_merges_is_an_error(&merges, path)?;
     let unk = model
         .get("unk_token")
         .and_then(Value::as_str)
@@ -698,4 +809,121 @@ fn index_merges(
         merges.insert(key, value);
     }
     Ok(merges)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn clip_vit_l() -> ClipTokenizer {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer/clip-vit-l");
+        ClipTokenizer::from_dir(&dir).expect("the committed CLIP tokenizer loads")
+    }
+
+    /// The textbook loop `bpe` replaces: rescan every pair, merge the lowest-ranked, leftmost.
+    fn bpe_by_rescanning(tokenizer: &ClipTokenizer, word: &str) -> Vec<u32> {
+        let chars: Vec<char> = word.chars().collect();
+        let mut symbols: Vec<u32> = chars
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let mut s = c.to_string();
+                if i + 1 == chars.len() {
+                    s.push_str(&tokenizer.end_of_word_suffix);
+                }
+                tokenizer.vocab.get(&s).copied().unwrap_or(tokenizer.unk_id)
+            })
+            .collect();
+        loop {
+            let best = symbols
+                .windows(2)
+                .enumerate()
+                .filter_map(|(pos, pair)| {
+                    tokenizer
+                        .merges
+                        .get(&(pair[0], pair[1]))
+                        .map(|&(rank, merged)| (rank, pos, merged))
+                })
+                .min_by_key(|&(rank, pos, _)| (rank, pos));
+            let Some((_, pos, merged)) = best else { break };
+            symbols[pos] = merged;
+            symbols.remove(pos + 1);
+        }
+        symbols
+    }
+
+    /// A few hundred pseudo-random letters drawn from `alphabet` (a fixed LCG, so reproducible).
+    fn word_from(alphabet: &[char], len: usize, seed: u64) -> String {
+        let mut state = seed;
+        (0..len)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                alphabet[(state >> 33) as usize % alphabet.len()]
+            })
+            .collect()
+    }
+
+    #[test]
+    fn heap_bpe_gives_the_ids_of_the_rescanning_loop_on_long_words() {
+        let tokenizer = clip_vit_l();
+        let letters: Vec<char> = "abcdefghijklmnopqrstuvwxyz".chars().collect();
+        let vowels_heavy: Vec<char> = "aeiouaeiourstln".chars().collect();
+        let mut words = vec![
+            "a".repeat(700),
+            "ab".repeat(350),
+            "snowy".repeat(120),
+            "mountainsnowylakeforest".repeat(30),
+            "x".to_string(),
+            "the".to_string(),
+        ];
+        for seed in 0..6 {
+            words.push(word_from(&letters, 600, seed));
+            words.push(word_from(&vowels_heavy, 600, seed + 100));
+        }
+        for word in &words {
+            let mut got = Vec::new();
+            tokenizer.bpe(word, &mut got);
+            let expected = bpe_by_rescanning(&tokenizer, word);
+            assert!(
+                expected.len() > 1 || word.len() < 4,
+                "{word:.30}: merged to one token?"
+            );
+            assert_eq!(got, expected, "word {word:.40}… ({} chars)", word.len());
+        }
+    }
+
+    #[test]
+    fn the_cut_before_bpe_keeps_the_ids_the_whole_text_gives() {
+        let tokenizer = clip_vit_l();
+        let max = tokenizer.model_max_length();
+        let prompts = [
+            // Many pieces: the cut stops after the first 77 ids' worth.
+            "make the mountains snowy and the sky a deep evening blue ".repeat(40),
+            // Pieces that give several ids each, straddling the cut.
+            "unbelievably-overcomplicated, antidisestablishmentarianism! ".repeat(30),
+            // Added tokens among the words.
+            "a <|endoftext|> b <|startoftext|> ".repeat(60),
+            // One word far past the cut, after a few short ones.
+            format!("turn it into {}", "snow".repeat(500)),
+            // Exactly at the limit and one past it.
+            "a ".repeat(max - 2),
+            "a ".repeat(max - 1),
+        ];
+        for prompt in &prompts {
+            let full = tokenizer.encode(prompt);
+            let mut expected = full.clone();
+            if expected.len() > max {
+                expected.truncate(max - 1);
+                expected.push(tokenizer.eos_id);
+            }
+            expected.resize(max, tokenizer.pad_id);
+            assert_eq!(tokenizer.encode_for_model(prompt), expected, "{prompt:.50}");
+        }
+        // The cut really stops early: far fewer pieces are encoded than the text has.
+        let long = "snowy ".repeat(10_000);
+        assert_eq!(tokenizer.encode_prefix(&long, max).len(), max);
+        assert_eq!(tokenizer.encode(&long).len(), 10_002);
+    }
 }

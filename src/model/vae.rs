@@ -135,7 +135,11 @@ pub struct VaeConfig {
 impl VaeConfig {
     /// Reads and checks `vae/config.json`.
     pub fn from_file(path: &Path) -> std::result::Result<Self, VaeConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| VaeConfigError::Read {
+        let text = crate::model::files::read_to_string_limited(
+            path,
+            crate::model::files::MAX_CONFIG_BYTES,
+        )
+        .map_err(|source| VaeConfigError::Read {
             path: path.to_path_buf(),
             source,
         })?;

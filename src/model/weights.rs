@@ -305,10 +305,11 @@ pub fn shard_names(index_path: &Path) -> Result<Vec<String>, WeightsError> {
         path: index_path.to_path_buf(),
         reason,
     };
-    let text = std::fs::read_to_string(index_path).map_err(|source| WeightsError::Read {
-        path: index_path.to_path_buf(),
-        source,
-    })?;
+    let text = super::files::read_to_string_limited(index_path, super::files::MAX_CONFIG_BYTES)
+        .map_err(|source| WeightsError::Read {
+            path: index_path.to_path_buf(),
+            source,
+        })?;
     let index: Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
     let Some(Value::Object(map)) = index.get("weight_map") else {
         return Err(bad("no `weight_map` object".to_string()));
@@ -341,7 +342,9 @@ pub(crate) fn is_plain_file_name(name: &str) -> bool {
         && !name.contains('\0')
 }
 
-/// The names of the regular files (symlinks followed, as in the Hugging Face cache) in a folder.
+/// The names of the entries of a folder that are not folders (symlinks followed, as in the
+/// Hugging Face cache). Special files (a FIFO, a link to `/dev/zero`) are listed too, so that
+/// choosing one fails when it is opened, naming it, instead of "no weights".
 fn file_names(dir: &Path) -> Result<BTreeSet<String>, WeightsError> {
     if !dir.is_dir() {
         return Err(WeightsError::MissingFolder {
@@ -355,7 +358,9 @@ fn file_names(dir: &Path) -> Result<BTreeSet<String>, WeightsError> {
     let mut names = BTreeSet::new();
     for entry in std::fs::read_dir(dir).map_err(read_err)? {
         let entry = entry.map_err(read_err)?;
-        if entry.path().is_file()
+        let path = entry.path();
+        if path.exists()
+            && !path.is_dir()
             && let Some(name) = entry.file_name().to_str()
         {
             names.insert(name.to_string());
@@ -463,8 +468,7 @@ fn read_checked_header(path: &Path) -> Result<CheckedHeader, WeightsError> {
         path: path.to_path_buf(),
         reason,
     };
-    let mut file = std::fs::File::open(path).map_err(read_err)?;
-    let file_len = file.metadata().map_err(read_err)?.len();
+    let (mut file, file_len) = super::files::open_regular(path).map_err(read_err)?;
     if file_len < 8 {
         return Err(truncated(format!(
             "it has {file_len} bytes, fewer than the 8-byte header length"
@@ -490,8 +494,8 @@ fn read_checked_header(path: &Path) -> Result<CheckedHeader, WeightsError> {
         serde_json::from_slice(&header).map_err(|e| invalid(format!("header JSON: {e}")))?;
 
     let data_len = file_len - 8 - header_len;
-    let mut data_end = 0u64;
-    let mut last_tensor = "";
+    // (begin, end, name) of every tensor, to check that they tile the data without overlap.
+    let mut ranges: Vec<(u64, u64, &str)> = Vec::with_capacity(header.len());
     for (name, info) in &header {
         if name == "__metadata__" {
             continue;
@@ -524,10 +528,27 @@ fn read_checked_header(path: &Path) -> Result<CheckedHeader, WeightsError> {
                 )));
             }
         }
-        if end > data_end {
-            data_end = end;
-            last_tensor = name;
+        ranges.push((begin, end, name));
+    }
+    // As the safetensors format requires: the tensors' byte ranges follow each other from 0 with
+    // no overlap (two tensors sharing bytes) and no hole (bytes that belong to no tensor).
+    ranges.sort_unstable();
+    let mut data_end = 0u64;
+    let mut last_tensor = "";
+    for &(begin, end, name) in &ranges {
+        if begin < data_end {
+            return Err(invalid(format!(
+                "tensor {name} has data_offsets [{begin}, {end}] overlapping tensor {last_tensor}, \
+                 which ends at {data_end}"
+            )));
         }
+        if begin > data_end {
+            return Err(invalid(format!(
+                "bytes {data_end} to {begin} of the data belong to no tensor (before tensor {name})"
+            )));
+        }
+        data_end = end;
+        last_tensor = name;
     }
     if data_end > data_len {
         return Err(truncated(format!(
@@ -612,12 +633,10 @@ pub fn var_builder(
         }
         WeightFormat::PyTorch => {
             for file in files {
-                if !file.is_file() {
-                    return Err(WeightsError::Read {
-                        path: file.clone(),
-                        source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
-                    });
-                }
+                super::files::open_regular(file).map_err(|source| WeightsError::Read {
+                    path: file.clone(),
+                    source,
+                })?;
             }
             if let [single] = files {
                 return VarBuilder::from_pth(single, dtype, device).map_err(load_err);
@@ -664,10 +683,11 @@ impl StreamedSafetensors {
                 entries,
                 data_start,
             } = read_checked_header(path)?;
-            let file = std::fs::File::open(path).map_err(|source| WeightsError::Read {
-                path: path.clone(),
-                source,
-            })?;
+            let (file, _) =
+                super::files::open_regular(path).map_err(|source| WeightsError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
             let file = std::sync::Arc::new(std::sync::Mutex::new(file));
             for (name, info) in &entries {
                 if name == "__metadata__" {
@@ -722,11 +742,32 @@ impl StreamedSafetensors {
         }
         let shape = entry.shape.as_slice();
         let cpu = &Device::Cpu;
+        // A weight of NaN or infinity turns every edit black (or every loss to NaN): refuse the
+        // file naming the tensor, at the cost of one pass over values already in memory.
+        let finite = |non_finite: usize, total: usize| -> candle_core::Result<()> {
+            if non_finite == 0 {
+                return Ok(());
+            }
+            Err(candle_core::Error::Msg(format!(
+                "{}: tensor {name} has {non_finite} NaN or infinite values (of {total}): the weight file is damaged",
+                entry.path.display()
+            )))
+        };
+        macro_rules! float_tensor {
+            ($t:ty) => {{
+                let values = le_values(&bytes, <$t>::from_le_bytes);
+                finite(
+                    values.iter().filter(|v| !v.is_finite()).count(),
+                    values.len(),
+                )?;
+                Tensor::from_vec(values, shape, cpu)?
+            }};
+        }
         let tensor = match entry.dtype.as_str() {
-            "F32" => Tensor::from_vec(le_values(&bytes, f32::from_le_bytes), shape, cpu)?,
-            "F16" => Tensor::from_vec(le_values(&bytes, half::f16::from_le_bytes), shape, cpu)?,
-            "BF16" => Tensor::from_vec(le_values(&bytes, half::bf16::from_le_bytes), shape, cpu)?,
-            "F64" => Tensor::from_vec(le_values(&bytes, f64::from_le_bytes), shape, cpu)?,
+            "F32" => float_tensor!(f32),
+            "F16" => float_tensor!(half::f16),
+            "BF16" => float_tensor!(half::bf16),
+            "F64" => float_tensor!(f64),
             "I64" => Tensor::from_vec(le_values(&bytes, i64::from_le_bytes), shape, cpu)?,
             "U32" => Tensor::from_vec(le_values(&bytes, u32::from_le_bytes), shape, cpu)?,
             "U8" => Tensor::from_vec(bytes, shape, cpu)?,
@@ -949,5 +990,123 @@ mod tests {
         let err = check_safetensors(&path).expect_err("short");
         assert!(matches!(err, WeightsError::Truncated { .. }), "{err:?}");
         assert!(err.to_string().contains("(4 missing)"), "{err}");
+    }
+
+    /// Issue 16 item 9: two tensors sharing bytes, or bytes of no tensor, are not a valid file
+    /// (the safetensors format requires the ranges to tile the data).
+    #[test]
+    fn overlapping_or_gapped_data_offsets_are_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("w.safetensors");
+        let write = |header: &str, data_len: usize| {
+            let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+            bytes.extend_from_slice(header.as_bytes());
+            bytes.extend(std::iter::repeat_n(0u8, data_len));
+            std::fs::write(&path, bytes).expect("write");
+        };
+        write(
+            r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},"b":{"dtype":"F32","shape":[2],"data_offsets":[16,24]}}"#,
+            24,
+        );
+        check_safetensors(&path).expect("tiled ranges are valid");
+        write(
+            r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},"b":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}"#,
+            16,
+        );
+        let err = check_safetensors(&path).expect_err("overlap");
+        assert!(
+            matches!(err, WeightsError::InvalidSafetensors { .. }),
+            "{err:?}"
+        );
+        let message = err.to_string();
+        assert!(
+            message.contains("w.safetensors") && message.contains("overlapping"),
+            "{message}"
+        );
+        assert!(
+            message.contains("tensor b") && message.contains("tensor a"),
+            "{message}"
+        );
+        write(
+            r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[12,20]}}"#,
+            20,
+        );
+        let err = check_safetensors(&path).expect_err("hole");
+        assert!(err.to_string().contains("bytes 8 to 12"), "{err}");
+    }
+
+    /// Damaged copies of a valid file (a byte changed, cut, or a digit of the header changed)
+    /// are accepted only when the header still describes the file exactly, and never panic: a
+    /// small deterministic fuzz of the header check.
+    #[test]
+    fn damaged_headers_never_panic() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("fuzz.safetensors");
+        let header = r#"{"a":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]},"b":{"dtype":"F16","shape":[3],"data_offsets":[16,22]}}"#;
+        let mut valid = (header.len() as u64).to_le_bytes().to_vec();
+        valid.extend_from_slice(header.as_bytes());
+        valid.extend(std::iter::repeat_n(7u8, 22));
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = move |below: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % below as u64) as usize
+        };
+        let mut refused = 0;
+        for _ in 0..500 {
+            let mut bytes = valid.clone();
+            match next(3) {
+                0 => {
+                    let at = next(bytes.len());
+                    bytes[at] = next(256) as u8;
+                }
+                1 => bytes.truncate(next(bytes.len())),
+                _ => {
+                    let at = 8 + next(header.len());
+                    if bytes[at].is_ascii_digit() {
+                        bytes[at] = b'0' + next(10) as u8;
+                    }
+                }
+            }
+            std::fs::write(&path, &bytes).expect("write");
+            match read_checked_header(&path) {
+                Ok(checked) => {
+                    // Whatever passed describes byte ranges inside the file.
+                    for info in checked.entries.values() {
+                        if let Some([_, end]) = u64_list(info.get("data_offsets"))
+                            .and_then(|o| <[u64; 2]>::try_from(o).ok())
+                        {
+                            assert!(checked.data_start + end <= bytes.len() as u64);
+                        }
+                    }
+                }
+                Err(err) => {
+                    assert!(err.to_string().contains("fuzz.safetensors"), "{err}");
+                    refused += 1;
+                }
+            }
+        }
+        assert!(refused > 150, "only {refused} of 500 damaged files refused");
+    }
+
+    /// Issue 16 item 5: a FIFO or a device in place of a weight file is refused when chosen,
+    /// naming it, without blocking or reading endlessly.
+    #[cfg(unix)]
+    #[test]
+    fn special_files_as_weights_are_refused_by_name() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let link = dir.path().join("diffusion_pytorch_model.safetensors");
+        std::os::unix::fs::symlink("/dev/zero", &link).expect("symlink");
+        let files = component_weights(dir.path(), DIFFUSERS_WEIGHTS, Variant::Default)
+            .expect("the link is chosen");
+        assert_eq!(files, std::slice::from_ref(&link));
+        let err = check_safetensors(&link).expect_err("a device");
+        let message = err.to_string();
+        assert!(
+            message.contains("diffusion_pytorch_model.safetensors")
+                && message.contains("character device"),
+            "{message}"
+        );
     }
 }

@@ -42,6 +42,16 @@ pub enum EditError {
         given: Vec<usize>,
         expected: Vec<usize>,
     },
+    /// The numbers became NaN or infinite: broken weights, a config value out of range, or
+    /// latents too large. An error instead of a black picture.
+    #[error(
+        "the edit turned to NaN or infinity in {stage} ({count} of {total} values); the model's weights, its config or the given latents are out of range, so no image was made"
+    )]
+    NonFinite {
+        stage: &'static str,
+        count: usize,
+        total: usize,
+    },
     #[error(transparent)]
     Scheduler(#[from] SchedulerError),
     #[error("the model failed during the edit: {0}")]
@@ -222,6 +232,10 @@ impl EditPipeline {
             None => generator.randn(&latent_shape, dtype, device)?,
         };
         let mut latents = (noise * scheduler.init_noise_sigma())?;
+        check_finite(
+            &latents,
+            "the initial latents (noise × the scheduler's sigma)",
+        )?;
 
         let denoise_started = Instant::now();
         let timesteps = scheduler.timesteps().to_vec();
@@ -264,9 +278,15 @@ impl EditPipeline {
         if cancel.load(Ordering::Relaxed) {
             return Err(EditError::Cancelled);
         }
+        check_finite(
+            &latents,
+            "denoising (the UNet's latents after the last step)",
+        )?;
         let scaling_factor = self.model.vae.config().scaling_factor;
         let decoded = self.model.vae.decode(&(latents / scaling_factor)?)?;
-        let mut images = to_images(&decoded.to_dtype(DType::F32)?)?;
+        let decoded = decoded.to_dtype(DType::F32)?;
+        check_finite(&decoded, "the decoded image (VAE decoder)")?;
+        let mut images = to_images(&decoded)?;
         let image = images
             .pop()
             .ok_or_else(|| candle_core::Error::Msg("the VAE decoded no image".into()))?;
@@ -289,7 +309,12 @@ impl EditPipeline {
             return Ok(true);
         }
         let text = self.encode_text(&settings.prompt)?;
+        check_finite(&text, "the prompt's text embeddings (text encoder)")?;
         let negative = self.encode_text(&settings.negative_prompt)?;
+        check_finite(
+            &negative,
+            "the negative prompt's text embeddings (text encoder)",
+        )?;
         self.cached_prompt = Some(CachedPrompt {
             prompt: settings.prompt.clone(),
             negative_prompt: settings.negative_prompt.clone(),
@@ -323,6 +348,7 @@ impl EditPipeline {
             return Ok(true);
         }
         let latents = self.encode_image(image)?;
+        check_finite(&latents, "the input image's latents (VAE encoder)")?;
         self.cached_image = Some(CachedImage {
             width,
             height,
@@ -337,6 +363,23 @@ impl EditPipeline {
         let pixels = to_tensor(image, &self.model.device)?.to_dtype(self.model.dtype)?;
         Ok(self.model.vae.encode(&pixels)?.mode())
     }
+}
+
+/// Refuses a tensor holding NaN or infinity, naming the stage that produced it.
+fn check_finite(tensor: &Tensor, stage: &'static str) -> Result<(), EditError> {
+    let values = tensor
+        .flatten_all()?
+        .to_dtype(DType::F32)?
+        .to_vec1::<f32>()?;
+    let count = values.iter().filter(|v| !v.is_finite()).count();
+    if count == 0 {
+        return Ok(());
+    }
+    Err(EditError::NonFinite {
+        stage,
+        count,
+        total: values.len(),
+    })
 }
 
 fn hash_pixels(image: &RgbImage) -> u64 {

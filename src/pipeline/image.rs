@@ -24,6 +24,11 @@ pub const MAX_IMAGE_PIXELS: u64 = 2 * 89_478_485;
 /// Largest allocation a decoder may make (the biggest accepted image as 16-bit RGBA).
 const MAX_DECODER_ALLOC: u64 = MAX_IMAGE_PIXELS * 8;
 
+/// Largest image file read: the biggest accepted image, uncompressed as 16-bit RGBA (a BMP or
+/// TIFF can store it so). Files are read whole, and only regular files are read: a FIFO would
+/// block and `/dev/zero` never ends.
+pub const MAX_IMAGE_FILE_BYTES: u64 = MAX_DECODER_ALLOC;
+
 /// Extensions of the formats [`load_image`] decodes (it goes by content; file pickers filter by
 /// these).
 pub const INPUT_EXTENSIONS: [&str; 7] = ["png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff"];
@@ -94,7 +99,12 @@ pub enum ImageError {
 /// 16-bit *grayscale* PIL differs: its `I;16 → RGB` conversion clips every value above 255 to
 /// white, which ruins such images; this loader keeps the high byte there too (deliberately).
 pub fn load_image(path: &Path) -> Result<RgbImage, ImageError> {
-    let bytes = std::fs::read(path).map_err(|e| match e.kind() {
+    decode_at(&read_image_file(path)?, path)
+}
+
+/// The bytes of an image file: a regular file of at most [`MAX_IMAGE_FILE_BYTES`].
+fn read_image_file(path: &Path) -> Result<Vec<u8>, ImageError> {
+    crate::model::files::read_limited(path, MAX_IMAGE_FILE_BYTES).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => ImageError::NotFound {
             path: path.to_path_buf(),
         },
@@ -102,8 +112,7 @@ pub fn load_image(path: &Path) -> Result<RgbImage, ImageError> {
             path: path.to_path_buf(),
             reason: e.to_string(),
         },
-    })?;
-    decode_at(&bytes, path)
+    })
 }
 
 /// Decodes an image from bytes (clipboard, drag and drop) with the same rules as [`load_image`];
@@ -135,6 +144,13 @@ fn decode_at(bytes: &[u8], path: &Path) -> Result<RgbImage, ImageError> {
         return Err(ImageError::UnsupportedFormat {
             path: path.to_path_buf(),
         });
+    }
+    // The JPEG decoder fills what is missing with grey and says nothing; PIL refuses such a
+    // file ("image file is truncated"), and so does this loader.
+    if reader.format() == Some(image::ImageFormat::Jpeg) && jpeg_is_truncated(bytes) {
+        return Err(unreadable(
+            "the JPEG data is truncated: it ends before its end-of-image marker".to_string(),
+        ));
     }
     // Headers only so far: the size check below happens before any pixel allocation.
     reader.no_limits();
@@ -184,6 +200,51 @@ pub fn is_supported_format(format: Option<image::ImageFormat>) -> bool {
                 | image::ImageFormat::Tiff,
         )
     )
+}
+
+/// Whether a JPEG ends before its end-of-image marker (FF D9). The marker segments before the
+/// first scan are walked by their lengths (so an EXIF thumbnail's own end marker is skipped);
+/// after the first start-of-scan, FF D9 cannot occur inside entropy-coded data (an FF byte there
+/// is followed by 00 or a restart marker), so any FF D9 later in the file is the end. Bytes that
+/// do not look like JPEG markers are left to the decoder to judge.
+fn jpeg_is_truncated(bytes: &[u8]) -> bool {
+    if !bytes.starts_with(&[0xFF, 0xD8]) {
+        return false;
+    }
+    let mut pos = 2;
+    loop {
+        if pos >= bytes.len() {
+            return true;
+        }
+        if bytes[pos] != 0xFF {
+            return false;
+        }
+        // Fill bytes: any number of FF before the marker code.
+        while pos < bytes.len() && bytes[pos] == 0xFF {
+            pos += 1;
+        }
+        let Some(&marker) = bytes.get(pos) else {
+            return true;
+        };
+        pos += 1;
+        match marker {
+            // End of image before any scan: no picture, which the decoder reports itself.
+            0xD9 => return false,
+            // Markers without a length.
+            0x01 | 0xD0..=0xD7 => {}
+            _ => {
+                let Some(len) = bytes.get(pos..pos + 2) else {
+                    return true;
+                };
+                let len = usize::from(u16::from_be_bytes([len[0], len[1]]));
+                if marker == 0xDA {
+                    let scan = bytes.get(pos + len..).unwrap_or_default();
+                    return !scan.windows(2).any(|w| w == [0xFF, 0xD9]);
+                }
+                pos += len;
+            }
+        }
+    }
 }
 
 /// Width and height from a PNG's IHDR, if `bytes` start like a PNG.
@@ -465,12 +526,7 @@ pub fn read_png_text(path: &Path) -> Result<Vec<(String, String)>, ImageError> {
         path: path.to_path_buf(),
         reason,
     };
-    let bytes = std::fs::read(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => ImageError::NotFound {
-            path: path.to_path_buf(),
-        },
-        _ => unreadable(e.to_string()),
-    })?;
+    let bytes = read_image_file(path)?;
     if declared_png_size(&bytes).is_none() {
         return Err(ImageError::UnsupportedFormat {
             path: path.to_path_buf(),
@@ -574,6 +630,89 @@ mod tests {
         assert!(edit_size(1000, 20, 64, 8).is_err());
         assert!(edit_size(64, 64, 64, 0).is_err());
         assert!(edit_size(0, 64, 64, 8).is_err());
+    }
+
+    /// A 64×48 gradient as a JPEG (with an EXIF-like APP1 segment holding an FF D9 of its own,
+    /// as an embedded thumbnail has).
+    fn sample_jpeg() -> Vec<u8> {
+        let img = RgbImage::from_fn(64, 48, |x, y| {
+            image::Rgb([(x * 4) as u8, (y * 5) as u8, 90])
+        });
+        let mut bytes = Vec::new();
+        JpegEncoder::new_with_quality(&mut bytes, 90)
+            .encode_image(&img)
+            .expect("encode");
+        let app1 = [0xFF, 0xE1, 0x00, 0x06, 0xFF, 0xD9, 0xFF, 0xD9];
+        bytes.splice(2..2, app1);
+        bytes
+    }
+
+    /// Issue 16 item 9: a JPEG cut short is refused as PIL refuses it, not filled with grey.
+    #[test]
+    fn a_truncated_jpeg_is_refused() {
+        let bytes = sample_jpeg();
+        decode_image(&bytes, "whole.jpg").expect("the whole file decodes");
+        assert!(!jpeg_is_truncated(&bytes));
+        // Trailing bytes after the end marker are accepted (PIL ignores them too).
+        let mut trailing = bytes.clone();
+        trailing.extend_from_slice(b"trailing junk");
+        decode_image(&trailing, "trailing.jpg").expect("trailing bytes are ignored");
+        for cut in [bytes.len() - 2, bytes.len() * 2 / 3, 40] {
+            let err = decode_image(&bytes[..cut], "cut.jpg").expect_err("truncated");
+            let message = err.to_string();
+            assert!(
+                message.contains("cut.jpg") && message.contains("truncated"),
+                "cut at {cut}: {message}"
+            );
+        }
+    }
+
+    /// Damaged JPEGs and PNGs (a byte changed, or cut) decode or are refused, never panic: a
+    /// small deterministic fuzz of the decoder path and the truncation check.
+    #[test]
+    fn damaged_images_never_panic() {
+        let jpeg = sample_jpeg();
+        let mut png = Vec::new();
+        write_png(
+            &mut png,
+            &RgbImage::from_fn(24, 16, |x, y| image::Rgb([x as u8 * 9, y as u8 * 13, 7])),
+            &[],
+        )
+        .expect("png");
+        let mut state = 0x1234_5678_9ABC_DEF1u64;
+        let mut next = move |below: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % below as u64) as usize
+        };
+        for valid in [&jpeg, &png] {
+            for _ in 0..150 {
+                let mut bytes = valid.clone();
+                if next(2) == 0 {
+                    let at = next(bytes.len());
+                    bytes[at] = next(256) as u8;
+                } else {
+                    bytes.truncate(next(bytes.len()));
+                }
+                if let Ok(img) = decode_image(&bytes, "fuzz") {
+                    assert!(img.width() > 0 && img.height() > 0);
+                }
+                let _ = jpeg_is_truncated(&bytes);
+            }
+        }
+    }
+
+    /// Issue 16 item 5: only regular files are read; a device would never end.
+    #[cfg(unix)]
+    #[test]
+    fn a_device_as_image_is_refused_by_name() {
+        let err = load_image(Path::new("/dev/zero")).expect_err("a device");
+        let message = err.to_string();
+        assert!(
+            message.contains("/dev/zero") && message.contains("not a regular file"),
+            "{message}"
+        );
     }
 
     #[test]

@@ -76,6 +76,16 @@ pub enum CheckpointError {
     /// `--resume_from_checkpoint` names a checkpoint that does not exist or is incomplete.
     #[error("checkpoint {path} {reason}")]
     NotFound { path: PathBuf, reason: String },
+    /// `--resume_from_checkpoint latest` found checkpoints, none of them complete: starting over
+    /// would overwrite them, so the run is refused.
+    #[error(
+        "cannot resume from the latest checkpoint in {output_dir}: every checkpoint there is damaged ({damaged}); \
+         starting over would overwrite them, so nothing was done (remove them, or leave out --resume_from_checkpoint)"
+    )]
+    AllDamaged {
+        output_dir: PathBuf,
+        damaged: String,
+    },
 }
 
 fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError {
@@ -202,13 +212,17 @@ pub fn read_safetensors_metadata(path: &Path) -> Result<BTreeMap<String, String>
         what: "safetensors file",
         reason,
     };
-    let mut file = File::open(path).map_err(io_err("opening", path))?;
+    let (mut file, file_len) =
+        crate::model::files::open_regular(path).map_err(io_err("opening", path))?;
     let mut len = [0u8; 8];
     file.read_exact(&mut len)
         .map_err(|e| malformed(format!("no header length ({e})")))?;
     let len = u64::from_le_bytes(len);
-    if len > 100_000_000 {
-        return Err(malformed(format!("header of {len} bytes")));
+    // Checked against the file before the header buffer is allocated.
+    if len > 100_000_000 || len > file_len.saturating_sub(8) {
+        return Err(malformed(format!(
+            "a header of {len} bytes in a file of {file_len}"
+        )));
     }
     let mut header = vec![0u8; len as usize];
     file.read_exact(&mut header)
@@ -355,7 +369,10 @@ pub fn list_checkpoints(output_dir: &Path) -> Result<Vec<(u64, PathBuf)>, Checkp
 /// every file it lists is there with the listed size.
 pub fn checkpoint_problem(dir: &Path) -> Option<String> {
     let manifest_path = dir.join(MANIFEST_FILE);
-    let text = match fs::read_to_string(&manifest_path) {
+    let text = match crate::model::files::read_to_string_limited(
+        &manifest_path,
+        crate::model::files::MAX_CONFIG_BYTES,
+    ) {
         Ok(text) => text,
         Err(e) => return Some(format!("has no readable {MANIFEST_FILE} ({e})")),
     };
@@ -367,12 +384,16 @@ pub fn checkpoint_problem(dir: &Path) -> Option<String> {
         return Some(format!("{MANIFEST_FILE} lists no files"));
     };
     for (file, size) in files {
-        let expected = size.as_u64();
+        let Some(expected) = size.as_u64() else {
+            return Some(format!(
+                "{MANIFEST_FILE} gives {file} the size {size}, not a byte count"
+            ));
+        };
         match fs::metadata(dir.join(file)) {
-            Ok(meta) if Some(meta.len()) == expected => {}
+            Ok(meta) if meta.len() == expected => {}
             Ok(meta) => {
                 return Some(format!(
-                    "has {file} of {} bytes where {expected:?} were written",
+                    "has {file} of {} bytes where {expected} were written",
                     meta.len()
                 ));
             }
@@ -527,14 +548,86 @@ pub fn latest_checkpoint(output_dir: &Path) -> Result<Option<PathBuf>, Checkpoin
         .find(|dir| checkpoint_problem(dir).is_none()))
 }
 
-/// The checkpoint folder `--resume_from_checkpoint VALUE` means: `latest` is the newest complete
-/// checkpoint under `output_dir` (`None` when there is none: a new run, as diffusers' script
-/// starts one); otherwise an existing folder path, or a folder name under `output_dir`
-/// (`checkpoint-500`). A named checkpoint that is missing or incomplete is an error.
-pub fn resolve_resume(output_dir: &Path, value: &str) -> Result<Option<PathBuf>, CheckpointError> {
-    if value == "latest" {
-        return latest_checkpoint(output_dir);
+/// Where `--resume_from_checkpoint` leads: the checkpoint to load (`None`: a new run) and the
+/// newer checkpoints `latest` passed over because they are damaged, with why, newest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResumeChoice {
+    pub dir: Option<PathBuf>,
+    pub skipped: Vec<(PathBuf, String)>,
+}
+
+impl ResumeChoice {
+    /// One line per skipped checkpoint for the run's log: which one is damaged, why, and which
+    /// one is used instead.
+    pub fn notices(&self) -> Vec<String> {
+        let Some(dir) = &self.dir else {
+            return Vec::new();
+        };
+        self.skipped
+            .iter()
+            .map(|(skipped, reason)| {
+                format!(
+                    "checkpoint {} is damaged ({reason}); resuming from the older {} instead",
+                    skipped.display(),
+                    dir.display()
+                )
+            })
+            .collect()
     }
+}
+
+/// The checkpoint folder `--resume_from_checkpoint VALUE` means: `latest` is the newest complete
+/// checkpoint under `output_dir` (`None` when there is none at all: a new run, as diffusers'
+/// script starts one; an error when there are checkpoints but every one is damaged); otherwise an
+/// existing folder path, or a folder name under `output_dir` (`checkpoint-500`). A named
+/// checkpoint that is missing or incomplete is an error. See [`resolve_resume_choice`] for the
+/// damaged checkpoints `latest` passed over.
+pub fn resolve_resume(output_dir: &Path, value: &str) -> Result<Option<PathBuf>, CheckpointError> {
+    resolve_resume_choice(output_dir, value).map(|choice| choice.dir)
+}
+
+/// [`resolve_resume`], with the newer damaged checkpoints that `latest` passed over.
+pub fn resolve_resume_choice(
+    output_dir: &Path,
+    value: &str,
+) -> Result<ResumeChoice, CheckpointError> {
+    if value == "latest" {
+        let mut skipped = Vec::new();
+        for (_, dir) in list_checkpoints(output_dir)?.into_iter().rev() {
+            match checkpoint_problem(&dir) {
+                None => {
+                    return Ok(ResumeChoice {
+                        dir: Some(dir),
+                        skipped,
+                    });
+                }
+                Some(reason) => skipped.push((dir, reason)),
+            }
+        }
+        if !skipped.is_empty() {
+            let damaged = skipped
+                .iter()
+                .map(|(dir, reason)| {
+                    let name = dir.file_name().unwrap_or_default().to_string_lossy();
+                    format!("{name} {reason}")
+                })
+                .collect::<Vec<_>>()
+                .join("; ");
+            return Err(CheckpointError::AllDamaged {
+                output_dir: output_dir.to_path_buf(),
+                damaged,
+            });
+        }
+        return Ok(ResumeChoice { dir: None, skipped });
+    }
+    resolve_named(output_dir, value).map(|dir| ResumeChoice {
+        dir: Some(dir),
+        skipped: Vec::new(),
+    })
+}
+
+/// A checkpoint given by path or by name under `output_dir`, which must be complete.
+fn resolve_named(output_dir: &Path, value: &str) -> Result<PathBuf, CheckpointError> {
     let given = Path::new(value);
     let dir = if given.is_dir() {
         given.to_path_buf()
@@ -550,7 +643,7 @@ pub fn resolve_resume(output_dir: &Path, value: &str) -> Result<Option<PathBuf>,
     if let Some(reason) = checkpoint_problem(&dir) {
         return Err(CheckpointError::NotFound { path: dir, reason });
     }
-    Ok(Some(dir))
+    Ok(dir)
 }
 
 /// Reads the complete checkpoint `dir`: every group listed in its manifest onto `device`, and
@@ -601,4 +694,30 @@ pub fn load_checkpoint(dir: &Path, device: &Device) -> Result<LoadedCheckpoint, 
         groups,
         state,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 16 item 4: a header length beyond the file is refused before the buffer is made.
+    #[test]
+    fn a_header_longer_than_the_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("adapter.safetensors");
+        let mut bytes = 90_000_000u64.to_le_bytes().to_vec();
+        bytes.extend_from_slice(b"{}");
+        fs::write(&path, &bytes).unwrap();
+        let err = read_safetensors_metadata(&path).unwrap_err();
+        let message = err.to_string();
+        assert!(
+            message.contains("adapter.safetensors") && message.contains("in a file of 10"),
+            "{message}"
+        );
+        // A well-formed file still reads.
+        let mut bytes = 2u64.to_le_bytes().to_vec();
+        bytes.extend_from_slice(b"{}");
+        fs::write(&path, &bytes).unwrap();
+        assert!(read_safetensors_metadata(&path).unwrap().is_empty());
+    }
 }

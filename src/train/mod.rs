@@ -3,6 +3,7 @@
 pub mod checkpoint;
 pub mod data;
 pub mod ema;
+pub mod latent_cache;
 pub mod lora;
 pub mod memory;
 pub mod metrics;

@@ -16,6 +16,13 @@
 //! The random draws of a micro-batch (the VAE's sampling noise, ε, t, r) are a [`StepDraws`]
 //! value, so a test can pin them; [`StepDraws::seeded`] draws them from a seed.
 //!
+//! The frozen encoders' part (the posterior of step 1, steps 3 and 4), which draws nothing, is
+//! [`TrainingModels::encode_batch`] giving an [`EncodedBatch`]; the rest is
+//! [`TrainingModels::loss_of_encoded`]. `--cache_latents` keeps the encoded examples
+//! ([`crate::train::latent_cache`]) and runs only the second part; the VAE and text encoder can
+//! then be freed ([`TrainingModels::release_frozen_encoders`]). The encoders run on plain
+//! tensors: no graph is built and their buffers are gone before the UNet's forward pass.
+//!
 //! [`Trainer`] runs micro-batches and optimizer steps as accelerate does with
 //! `gradient_accumulation_steps = k`: each micro-batch back-propagates `loss / k` into the
 //! accumulated gradients; after k of them (or earlier, at the end of an epoch, through
@@ -36,7 +43,7 @@ use super::schedule::LrSchedule;
 use crate::model::clip::ClipTextModel;
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::unet::{UNet2DConditionModel, UNetConfig};
-use crate::model::vae::AutoencoderKL;
+use crate::model::vae::{AutoencoderKL, DiagonalGaussian, VaeConfig};
 use crate::model::weights::Variant;
 use crate::model::{INSTRUCT_PIX2PIX_IN_CHANNELS, LoadError, PipelineFolder, build_error};
 use crate::pipeline::rng::TorchGenerator;
@@ -69,6 +76,14 @@ pub enum TrainError {
         value: String,
         /// The allowed range.
         reason: &'static str,
+    },
+    /// The VAE or text encoder was asked for after being released (`--cache_latents`).
+    #[error(
+        "the {component} was released after the latents were cached; encode before releasing it"
+    )]
+    EncoderReleased {
+        /// "VAE" or "text encoder".
+        component: &'static str,
     },
     /// `optimizer_step` with no micro-batch accumulated.
     #[error("an optimizer step needs at least one accumulated micro-batch")]
@@ -370,10 +385,12 @@ pub struct TrainingModels {
     pub folder: PathBuf,
     /// The prompts' tokenizer.
     pub tokenizer: ClipTokenizer,
-    /// Frozen.
-    pub text_encoder: ClipTextModel,
-    /// Frozen.
-    pub vae: AutoencoderKL,
+    /// Frozen; `None` once released ([`TrainingModels::release_frozen_encoders`]).
+    text_encoder: Option<ClipTextModel>,
+    /// Frozen; `None` once released.
+    vae: Option<AutoencoderKL>,
+    /// The VAE's config (kept when the VAE is released: latent shapes, scaling factor).
+    vae_config: VaeConfig,
     /// The UNet being trained.
     pub unet: TrainableUNet,
     /// `DDPMScheduler.from_pretrained(folder, subfolder="scheduler")`'s ᾱ.
@@ -430,8 +447,9 @@ impl TrainingModels {
         Ok(Self {
             folder: folder.to_path_buf(),
             tokenizer,
-            text_encoder,
-            vae,
+            text_encoder: Some(text_encoder),
+            vae_config: vae.config().clone(),
+            vae: Some(vae),
             unet,
             noise_schedule,
             prediction_type,
@@ -452,21 +470,64 @@ impl TrainingModels {
         Tensor::from_vec(flat, (prompts.len(), len), &self.device).stage("tokenizing prompts")
     }
 
-    /// The latent shape [B, 4, R/f, R/f] of a batch of `batch` images of `resolution`².
-    pub fn latent_shape(&self, batch: usize, resolution: usize) -> [usize; 4] {
-        let factor = self.vae.config().downscale_factor();
-        let size = resolution / factor;
-        [batch, self.vae.config().latent_channels, size, size]
+    /// The frozen text encoder, unless released.
+    pub fn text_encoder(&self) -> Result<&ClipTextModel, TrainError> {
+        self.text_encoder
+            .as_ref()
+            .ok_or(TrainError::EncoderReleased {
+                component: "text encoder",
+            })
     }
 
-    /// The loss of one micro-batch (see the module doc), with what went into the UNet. The loss
-    /// depends on the UNet's variables only (the frozen networks run without a graph).
+    /// The frozen VAE, unless released.
+    pub fn vae(&self) -> Result<&AutoencoderKL, TrainError> {
+        self.vae
+            .as_ref()
+            .ok_or(TrainError::EncoderReleased { component: "VAE" })
+    }
+
+    /// The VAE's config (also after the VAE is released).
+    pub fn vae_config(&self) -> &VaeConfig {
+        &self.vae_config
+    }
+
+    /// Whether the VAE and text encoder are still loaded.
+    pub fn holds_frozen_encoders(&self) -> bool {
+        self.vae.is_some() && self.text_encoder.is_some()
+    }
+
+    /// Frees the VAE and the text encoder (their weights go with them): after the latents are
+    /// cached, training steps need neither ([`TrainingModels::loss_of_encoded`]).
+    pub fn release_frozen_encoders(&mut self) {
+        self.vae = None;
+        self.text_encoder = None;
+    }
+
+    /// The latent shape [B, 4, R/f, R/f] of a batch of `batch` images of `resolution`².
+    pub fn latent_shape(&self, batch: usize, resolution: usize) -> [usize; 4] {
+        let factor = self.vae_config.downscale_factor();
+        let size = resolution / factor;
+        [batch, self.vae_config.latent_channels, size, size]
+    }
+
+    /// The loss of one micro-batch (see the module doc), with what went into the UNet: the
+    /// frozen encoders' part ([`TrainingModels::encode_batch`]), then the UNet's
+    /// ([`TrainingModels::loss_of_encoded`]). The loss depends on the UNet's variables only.
     pub fn micro_batch_loss(
         &self,
         batch: &TrainBatch,
         draws: &StepDraws,
         conditioning_dropout_prob: Option<f64>,
     ) -> Result<MicroBatchLoss, TrainError> {
+        let encoded = self.encode_batch(batch)?;
+        self.loss_of_encoded(&encoded, draws, conditioning_dropout_prob)
+    }
+
+    /// Steps 1, 3 and 4 of the module doc without their random draws: the edited images'
+    /// posterior, the prompts' text embeddings and the original images' latent mode. The frozen
+    /// networks run without a graph (their weights are plain tensors, nothing is tracked), so
+    /// their intermediate buffers are freed when this returns, before the UNet's forward pass.
+    pub fn encode_batch(&self, batch: &TrainBatch) -> Result<EncodedBatch, TrainError> {
         let (bsz, channels, height, width) =
             batch
                 .edited_pixel_values
@@ -495,7 +556,54 @@ impl TrainingModels {
             });
         }
         let prompts: Vec<&str> = batch.prompts.iter().map(String::as_str).collect();
-        let input_ids = self.tokenize(&prompts)?;
+        let (edited_posterior, image_latents) = self.encode_images(batch)?;
+        let encoder_hidden_states = self.encode_prompts(&prompts)?;
+        Ok(EncodedBatch {
+            edited_posterior,
+            image_latents,
+            encoder_hidden_states,
+        })
+    }
+
+    /// The VAE's part of [`TrainingModels::encode_batch`]: the edited images' posterior and the
+    /// original images' latent mode (f32).
+    pub fn encode_images(
+        &self,
+        batch: &TrainBatch,
+    ) -> Result<(DiagonalGaussian, Tensor), TrainError> {
+        let vae = self.vae()?;
+        let edited_posterior = vae
+            .encode(&batch.edited_pixel_values)
+            .stage("encoding the edited images")?;
+        let image_latents = vae
+            .encode(&batch.original_pixel_values)
+            .stage("encoding the original images")?
+            .mode()
+            .to_dtype(DType::F32)
+            .stage("image latents")?;
+        Ok((edited_posterior, image_latents))
+    }
+
+    /// The text encoder's part of [`TrainingModels::encode_batch`]: the prompts' embeddings,
+    /// f32 [B, 77, width].
+    pub fn encode_prompts(&self, prompts: &[&str]) -> Result<Tensor, TrainError> {
+        let input_ids = self.tokenize(prompts)?;
+        self.text_encoder()?
+            .forward(&input_ids)
+            .and_then(|t| t.to_dtype(DType::F32))
+            .stage("encoding the prompts")
+    }
+
+    /// The loss of one micro-batch from its encoded form (steps 1, 2, 5 and 6 of the module
+    /// doc: the latent sample, the forward diffusion, conditioning dropout, the UNet and the
+    /// loss). Needs neither the VAE nor the text encoder.
+    pub fn loss_of_encoded(
+        &self,
+        encoded: &EncodedBatch,
+        draws: &StepDraws,
+        conditioning_dropout_prob: Option<f64>,
+    ) -> Result<MicroBatchLoss, TrainError> {
+        let bsz = encoded.batch_size()?;
         if draws.timesteps.len() != bsz {
             return Err(TrainError::Batch {
                 reason: format!("{} timesteps for a batch of {bsz}", draws.timesteps.len()),
@@ -514,10 +622,7 @@ impl TrainingModels {
         }
 
         // 1. Target latents: a sample of the edited image's posterior, scaled.
-        let posterior = self
-            .vae
-            .encode(&batch.edited_pixel_values)
-            .stage("encoding the edited images")?;
+        let posterior = &encoded.edited_posterior;
         if posterior.mean.dims() != draws.latent_sample_noise.dims()
             || posterior.mean.dims() != draws.noise.dims()
         {
@@ -530,7 +635,7 @@ impl TrainingModels {
                 ),
             });
         }
-        let scaling_factor = self.vae.config().scaling_factor;
+        let scaling_factor = self.vae_config.scaling_factor;
         let latents = (posterior
             .sample_with(&draws.latent_sample_noise)
             .and_then(|t| t.to_dtype(DType::F32))
@@ -546,18 +651,8 @@ impl TrainingModels {
             .stage("adding noise")?;
 
         // 3.–4. Conditioning: text embeddings and the original image's latent mode.
-        let mut encoder_hidden_states = self
-            .text_encoder
-            .forward(&input_ids)
-            .and_then(|t| t.to_dtype(DType::F32))
-            .stage("encoding the prompts")?;
-        let mut image_latents = self
-            .vae
-            .encode(&batch.original_pixel_values)
-            .stage("encoding the original images")?
-            .mode()
-            .to_dtype(DType::F32)
-            .stage("image latents")?;
+        let mut encoder_hidden_states = encoded.encoder_hidden_states.clone();
+        let mut image_latents = encoded.image_latents.clone();
 
         // 5. Conditioning dropout.
         let dropped: Vec<DroppedConditioning> = match conditioning_dropout_prob {
@@ -610,6 +705,8 @@ impl TrainingModels {
                 });
             }
         };
+        // Only what the UNet reads stays alive through its forward and backward passes.
+        drop((latents, noisy_latents, image_latents));
         let timesteps: Vec<f32> = draws.timesteps.iter().map(|&t| t as f32).collect();
         let timesteps = Tensor::from_vec(timesteps, bsz, &self.device).stage("timesteps")?;
         let prediction = self
@@ -630,6 +727,75 @@ impl TrainingModels {
             target,
             dropped,
         })
+    }
+}
+
+/// A micro-batch after the frozen encoders (steps 1, 3 and 4 of the module doc before any
+/// random draw): what [`TrainingModels::loss_of_encoded`] takes, encoded for this step
+/// ([`TrainingModels::encode_batch`]) or read from the latent cache
+/// ([`crate::train::latent_cache`]). Plain tensors, no graph.
+#[derive(Debug, Clone)]
+pub struct EncodedBatch {
+    /// The edited images' posterior (in the VAE's dtype) [B, 4, h, w]: the target latents are
+    /// `sample_with(noise)` of it, so each step still draws its own sample.
+    pub edited_posterior: DiagonalGaussian,
+    /// The original images' latent mode, f32 [B, 4, h, w].
+    pub image_latents: Tensor,
+    /// The prompts' text embeddings, f32 [B, 77, width].
+    pub encoder_hidden_states: Tensor,
+}
+
+impl EncodedBatch {
+    /// The batch size, checked to agree across the parts.
+    pub fn batch_size(&self) -> Result<usize, TrainError> {
+        let sizes = [
+            self.edited_posterior.mean.dims().first().copied(),
+            self.edited_posterior.logvar.dims().first().copied(),
+            self.image_latents.dims().first().copied(),
+            self.encoder_hidden_states.dims().first().copied(),
+        ];
+        match sizes {
+            [Some(n), rest @ ..] if n > 0 && rest.iter().all(|&s| s == Some(n)) => Ok(n),
+            _ => Err(TrainError::Batch {
+                reason: format!(
+                    "encoded batch parts disagree: posterior {:?}, image latents {:?}, text {:?}",
+                    self.edited_posterior.mean.dims(),
+                    self.image_latents.dims(),
+                    self.encoder_hidden_states.dims()
+                ),
+            }),
+        }
+    }
+
+    /// The batches one after another (dim 0), e.g. cached single examples into a micro-batch.
+    pub fn cat(parts: &[&EncodedBatch]) -> Result<EncodedBatch, TrainError> {
+        let stack = |pick: fn(&EncodedBatch) -> &Tensor| {
+            let tensors: Vec<&Tensor> = parts.iter().map(|p| pick(p)).collect();
+            Tensor::cat(&tensors, 0).stage("stacking cached latents")
+        };
+        let out = EncodedBatch {
+            edited_posterior: DiagonalGaussian {
+                mean: stack(|p| &p.edited_posterior.mean)?,
+                logvar: stack(|p| &p.edited_posterior.logvar)?,
+            },
+            image_latents: stack(|p| &p.image_latents)?,
+            encoder_hidden_states: stack(|p| &p.encoder_hidden_states)?,
+        };
+        out.batch_size()?;
+        Ok(out)
+    }
+
+    /// Bytes held by the tensors (the text embedding counted too, even when shared).
+    pub fn bytes(&self) -> usize {
+        [
+            &self.edited_posterior.mean,
+            &self.edited_posterior.logvar,
+            &self.image_latents,
+            &self.encoder_hidden_states,
+        ]
+        .iter()
+        .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+        .sum()
     }
 }
 
@@ -904,6 +1070,12 @@ impl Trainer {
         &self.models
     }
 
+    /// Frees the frozen VAE and text encoder ([`TrainingModels::release_frozen_encoders`]);
+    /// afterwards only [`Trainer::accumulate_encoded`] can run.
+    pub fn release_frozen_encoders(&mut self) {
+        self.models.release_frozen_encoders();
+    }
+
     /// The optimizer (for checkpoints).
     pub fn optimizer(&self) -> &AdamW {
         &self.optimizer
@@ -951,21 +1123,33 @@ impl Trainer {
         batch: &TrainBatch,
         draws: &StepDraws,
     ) -> Result<MicroBatchReport, TrainError> {
+        let encoded = self.models.encode_batch(batch)?;
+        self.accumulate_encoded(&encoded, draws)
+    }
+
+    /// [`Trainer::accumulate`] for a batch already through the frozen encoders (the latent
+    /// cache's, or [`TrainingModels::encode_batch`]'s).
+    pub fn accumulate_encoded(
+        &mut self,
+        encoded: &EncodedBatch,
+        draws: &StepDraws,
+    ) -> Result<MicroBatchReport, TrainError> {
         // With gradient checkpointing, the weights inside the UNet's segments get their
         // gradients from the segments' recomputation, into this store, not from `backward()`.
         let segment_grads = self.models.unet.unet.segment_gradients().cloned();
         if let Some(store) = &segment_grads {
             store.clear();
         }
-        let out =
+        let MicroBatchLoss { loss, dropped, .. } =
             self.models
-                .micro_batch_loss(batch, draws, self.config.conditioning_dropout_prob)?;
+                .loss_of_encoded(encoded, draws, self.config.conditioning_dropout_prob)?;
         let k = self.config.gradient_accumulation_steps;
-        let loss_value = out.loss.to_scalar::<f32>().stage("loss")?;
+        let loss_value = loss.to_scalar::<f32>().stage("loss")?;
         // accelerator.backward divides by the accumulation steps.
-        let scaled = (&out.loss / k as f64).stage("scaling the loss")?;
+        let scaled = (&loss / k as f64).stage("scaling the loss")?;
         let grads = scaled.backward().stage("backward")?;
-        let dropped = out.dropped;
+        // The graph holds every activation: gone before the gradients are summed.
+        drop((scaled, loss));
         let mut inner = segment_grads.map(|s| s.take()).unwrap_or_default();
         for (slot, (_, var)) in self.grads.iter_mut().zip(self.optimizer.params()) {
             let outer = grads.get(var.as_tensor()).map(Tensor::detach);

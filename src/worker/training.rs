@@ -495,7 +495,13 @@ impl TrainingEvent {
                 lora,
                 stopped_at: outcome.stopped.then_some(outcome.step),
             },
-            TrainEvent::Paused | TrainEvent::Resumed => return None,
+            // The window hears of the cache at its start and end only.
+            TrainEvent::CachingLatents { done: 0, total } => {
+                TrainingEvent::Notice(format!("caching the latents of {total} examples"))
+            }
+            TrainEvent::CachingLatents { .. } | TrainEvent::Paused | TrainEvent::Resumed => {
+                return None;
+            }
         })
     }
 }
@@ -503,6 +509,33 @@ impl TrainingEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_request_carries_cache_latents_into_the_run_and_caching_is_announced_once() {
+        let base = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/pipelines/sd1-tiny");
+        for cache_latents in [false, true] {
+            let request = TrainRequest {
+                dataset: PathBuf::from("data"),
+                base_model: base.display().to_string(),
+                output_dir: PathBuf::from("out"),
+                cache_latents,
+                ..TrainRequest::default()
+            };
+            let config = config_for(&request).unwrap();
+            assert_eq!(config.cache_latents, cache_latents);
+        }
+        assert!(!TrainRequest::default().cache_latents);
+
+        let event = |done| TrainEvent::CachingLatents { done, total: 3 };
+        match TrainingEvent::from_train_event(event(0), false) {
+            Some(TrainingEvent::Notice(line)) => {
+                assert_eq!(line, "caching the latents of 3 examples");
+            }
+            other => panic!("expected a notice, got {other:?}"),
+        }
+        assert!(TrainingEvent::from_train_event(event(2), false).is_none());
+    }
 
     fn fixture() -> String {
         std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -1,5 +1,5 @@
-//! A tiny stand-in for the Hugging Face Hub on 127.0.0.1, answering the requests hf-hub 0.5's
-//! sync API makes (read from its source):
+//! A tiny stand-in for the Hugging Face Hub on 127.0.0.1, answering the requests huggingface_hub
+//! (and this program) makes:
 //! - `GET /api/models/{owner}/{name}/revision/{rev}` → `{"sha", "siblings": [{"rfilename"}]}`;
 //!   with `?blobs=true` each sibling also has its `size`, as on the real Hub (unless the hub was
 //!   started without sizes, to test the fallback); 404 with `X-Error-Code: RepoNotFound` /
@@ -16,15 +16,20 @@
 //!   `/datasets/{owner}/{name}/resolve/...`: a dataset repo is a [`FakeRepo`] whose `repo_id` is
 //!   `datasets/owner/name`. Parquet files are large-file-storage files, as on the Hub.
 //!
+//! Downloads can be made to misbehave ([`FakeHub::set_fault`]): large files then come from a
+//! third server written on raw TCP (so a connection can stall or be cut exactly where a test
+//! says), which stalls, drops the connection once, corrupts a byte, or sends at a set pace.
+//! Small files can carry git blob ids as etags, as on the Hub ([`FakeHub::set_git_etags`]).
+//!
 //! Private repos answer 401 unless `Authorization: Bearer <token>` matches. Every request is
 //! logged so tests can check what was (not) downloaded. CDN bodies can be slowed down
 //! ([`FakeHub::set_cdn_delay`]) so a test can act in the middle of a download; every request is
 //! answered on its own thread, so a slow body never holds up the next request.
 
 use std::collections::BTreeMap;
-use std::hash::{Hash, Hasher};
-use std::io::Read;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -72,15 +77,47 @@ impl FakeRepo {
     }
 }
 
+/// How the fake Hub's downloads misbehave ([`FakeHub::set_fault`]).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum Fault {
+    /// Downloads behave.
+    #[default]
+    None,
+    /// Large-file bodies stop at this byte of the file and keep the connection open, silent.
+    StallAt(usize),
+    /// The first large-file body to reach this byte of the file closes the connection there;
+    /// later requests get their whole range.
+    DropOnceAt(usize),
+    /// Large-file requests get the whole file (200, the range ignored), always cut at this byte.
+    IgnoreRangeDropAt(usize),
+    /// Large-file bodies carry one wrong byte (in the middle of the file).
+    CorruptLarge,
+    /// Small files served by the Hub carry one wrong byte (their first).
+    CorruptSmall,
+    /// Large-file bodies come `bytes` at a time, `every` apart.
+    Pace {
+        /// Bytes per write.
+        bytes: usize,
+        /// The pause after each write.
+        every: Duration,
+    },
+}
+
 /// A running fake Hub; stops when dropped.
 pub struct FakeHub {
     servers: Vec<Arc<Server>>,
     threads: Vec<JoinHandle<()>>,
     /// `http://127.0.0.1:PORT`.
     pub endpoint: String,
+    /// `127.0.0.1:PORT` of the raw server that serves large files while a fault is set.
+    pub faulty_cdn_host: String,
     log: Arc<Mutex<Vec<String>>>,
     /// Microseconds slept before each `CDN_CHUNK` bytes of a CDN body; 0 is full speed.
     cdn_delay_us: Arc<AtomicU64>,
+    fault: Arc<Mutex<Fault>>,
+    git_etags: Arc<AtomicBool>,
+    /// Set on drop: the raw server and its stalled connections end.
+    stop: Arc<AtomicBool>,
 }
 
 /// Bytes a slowed CDN body sends per delay.
@@ -105,17 +142,23 @@ impl<R: Read> Read for Slowed<R> {
     }
 }
 
-/// A content hash standing in for the Hub's git/LFS hashes (SipHash with fixed keys is
-/// deterministic): unique enough to name blobs in a test cache.
+/// The etag the fake Hub gives a file: its SHA-256, as the Hub gives large (LFS) files, also for
+/// small files unless the hub serves git etags ([`FakeHub::start_with_git_etags`]).
 pub fn content_etag(content: &[u8]) -> String {
-    let mut parts = String::new();
-    for salt in 0u8..4 {
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        salt.hash(&mut hasher);
-        content.hash(&mut hasher);
-        parts.push_str(&format!("{:016x}", hasher.finish()));
-    }
-    parts
+    hex(ring::digest::digest(&ring::digest::SHA256, content).as_ref())
+}
+
+/// The Hub's etag of a small (non-LFS) file: its git blob id, SHA-1 of `blob <len>\0` and the
+/// bytes.
+pub fn git_blob_etag(content: &[u8]) -> String {
+    let mut context = ring::digest::Context::new(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY);
+    context.update(format!("blob {}\0", content.len()).as_bytes());
+    context.update(content);
+    hex(context.finish().as_ref())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn is_lfs(path: &str) -> bool {
@@ -214,12 +257,30 @@ impl FakeHub {
         let log = Arc::new(Mutex::new(Vec::new()));
         let repos = Arc::new(repos);
         let cdn_delay_us = Arc::new(AtomicU64::new(0));
+        let fault = Arc::new(Mutex::new(Fault::None));
+        let git_etags = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let raw = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
+        let faulty_cdn_host = raw.local_addr().expect("raw address").to_string();
+        let faulty_cdn = format!("http://{faulty_cdn_host}");
         let mut threads = Vec::new();
+        {
+            let raw_cdn = RawCdn {
+                repos: Arc::clone(&repos),
+                log: Arc::clone(&log),
+                fault: Arc::clone(&fault),
+                dropped: Arc::new(AtomicBool::new(false)),
+                stop: Arc::clone(&stop),
+            };
+            threads.push(std::thread::spawn(move || raw_cdn.serve(raw)));
+        }
         for (server, is_cdn) in [(Arc::clone(&hub), false), (Arc::clone(&cdn), true)] {
             let log = Arc::clone(&log);
             let repos = Arc::clone(&repos);
-            let cdn_endpoint = cdn_endpoint.clone();
             let cdn_delay_us = Arc::clone(&cdn_delay_us);
+            let fault = Arc::clone(&fault);
+            let git_etags = Arc::clone(&git_etags);
+            let (cdn_endpoint, faulty_cdn) = (cdn_endpoint.clone(), faulty_cdn.clone());
             threads.push(std::thread::spawn(move || {
                 // `recv` fails once `unblock` is called on drop.
                 while let Ok(request) = server.recv() {
@@ -234,7 +295,18 @@ impl FakeHub {
                     let response = if is_cdn {
                         answer_cdn(&repos, &request)
                     } else {
-                        answer(&repos, &cdn_endpoint, &request, listing_sizes)
+                        let fault = fault.lock().expect("fault lock").clone();
+                        let options = Options {
+                            cdn: if fault == Fault::None {
+                                &cdn_endpoint
+                            } else {
+                                &faulty_cdn
+                            },
+                            listing_sizes,
+                            git_etags: git_etags.load(Ordering::Relaxed),
+                            corrupt_small: fault == Fault::CorruptSmall,
+                        };
+                        answer(&repos, &request, &options)
                     };
                     let delay_us = Arc::clone(&cdn_delay_us);
                     std::thread::spawn(move || {
@@ -259,9 +331,24 @@ impl FakeHub {
             servers: vec![hub, cdn],
             threads,
             endpoint,
+            faulty_cdn_host,
             log,
             cdn_delay_us,
+            fault,
+            git_etags,
+            stop,
         }
+    }
+
+    /// Makes the downloads that start from now on misbehave as `fault` says.
+    pub fn set_fault(&self, fault: Fault) {
+        *self.fault.lock().expect("fault lock") = fault;
+    }
+
+    /// Small files get their git blob id ([`git_blob_etag`]) as etag, as on the Hub, instead of
+    /// their SHA-256.
+    pub fn set_git_etags(&self, on: bool) {
+        self.git_etags.store(on, Ordering::Relaxed);
     }
 
     /// Slows CDN bodies (the large weight files) to 16 KiB per `delay`; zero is full speed.
@@ -296,6 +383,7 @@ impl FakeHub {
 
 impl Drop for FakeHub {
     fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
         for server in &self.servers {
             server.unblock();
         }
@@ -323,13 +411,25 @@ fn answer_cdn(repos: &[FakeRepo], request: &Request) -> Response<std::io::Cursor
     }
 }
 
-/// The Hub: repo listings and `/resolve/`; large files redirect to `cdn`.
+/// How the Hub answers, beyond the repos.
+struct Options<'a> {
+    /// Where large files redirect to.
+    cdn: &'a str,
+    /// Whether `?blobs=true` listings carry sizes.
+    listing_sizes: bool,
+    /// Small files' etags are git blob ids (else SHA-256).
+    git_etags: bool,
+    /// Small files' first byte is flipped.
+    corrupt_small: bool,
+}
+
+/// The Hub: repo listings and `/resolve/`; large files redirect to `options.cdn`.
 fn answer(
     repos: &[FakeRepo],
-    cdn: &str,
     request: &Request,
-    listing_sizes: bool,
+    options: &Options,
 ) -> Response<std::io::Cursor<Vec<u8>>> {
+    let (cdn, listing_sizes) = (options.cdn, options.listing_sizes);
     if !matches!(request.method(), Method::Get | Method::Head) {
         return error(405, "", "method not allowed");
     }
@@ -416,13 +516,212 @@ fn answer(
             .with_header(header("X-Linked-Size", &content.len().to_string()))
             .with_header(header("ETag", "\"git-pointer-etag\""))
     } else {
+        let etag = if options.git_etags {
+            git_blob_etag(content)
+        } else {
+            etag
+        };
+        let mut body = content.clone();
+        if options.corrupt_small
+            && let Some(first) = body.first_mut()
+        {
+            *first ^= 0xff;
+        }
         ranged(
             request,
-            content,
+            &body,
             vec![
                 header("ETag", &format!("\"{etag}\"")),
                 header("X-Repo-Commit", &repo.sha),
             ],
         )
+    }
+}
+
+/// The CDN that misbehaves, on raw TCP: one request per connection, `Connection: close`.
+struct RawCdn {
+    repos: Arc<Vec<FakeRepo>>,
+    log: Arc<Mutex<Vec<String>>>,
+    fault: Arc<Mutex<Fault>>,
+    /// Whether [`Fault::DropOnceAt`] has dropped its connection.
+    dropped: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+}
+
+impl RawCdn {
+    fn serve(self, listener: TcpListener) {
+        listener
+            .set_nonblocking(true)
+            .expect("non-blocking listener");
+        let this = Arc::new(self);
+        while !this.stop.load(Ordering::Relaxed) {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    let this = Arc::clone(&this);
+                    std::thread::spawn(move || this.answer(stream));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    }
+
+    fn answer(&self, mut stream: TcpStream) {
+        let _ = stream.set_nonblocking(false);
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+        let mut head = Vec::new();
+        let mut buffer = [0u8; 4096];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut buffer) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&buffer[..n]),
+            }
+            if head.len() > 64 * 1024 {
+                return;
+            }
+        }
+        let head = String::from_utf8_lossy(&head).into_owned();
+        let mut lines = head.lines();
+        let mut request_line = lines.next().unwrap_or("").split(' ');
+        let method = request_line.next().unwrap_or("").to_string();
+        let path = request_line.next().unwrap_or("").to_string();
+        let range = lines.find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.trim()
+                .eq_ignore_ascii_case("range")
+                .then(|| value.trim().to_string())
+        });
+        self.log.lock().expect("log lock").push(format!(
+            "CDN {method} {path} {}",
+            range.as_deref().unwrap_or("-")
+        ));
+        let content = path.strip_prefix("/cdn/").and_then(|etag| {
+            self.repos
+                .iter()
+                .flat_map(|r| r.files.values())
+                .find(|content| content_etag(content) == etag)
+        });
+        let Some(content) = content else {
+            let _ = stream.write_all(
+                b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            );
+            return;
+        };
+        let total = content.len();
+        let fault = self.fault.lock().expect("fault lock").clone();
+        let ignore_range = matches!(fault, Fault::IgnoreRangeDropAt(_));
+        let start = range
+            .as_deref()
+            .filter(|_| !ignore_range)
+            .and_then(|r| r.strip_prefix("bytes="))
+            .and_then(|r| r.split_once('-'))
+            .and_then(|(start, _)| start.parse::<usize>().ok())
+            .unwrap_or(0);
+        if start >= total {
+            let _ = write!(
+                stream,
+                "HTTP/1.1 416 Range Not Satisfiable\r\nContent-Range: bytes */{total}\r\n\
+                 Content-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+            return;
+        }
+        let status = if range.is_some() && !ignore_range {
+            "206 Partial Content"
+        } else {
+            "200 OK"
+        };
+        let _ = write!(
+            stream,
+            "HTTP/1.1 {status}\r\nContent-Length: {}\r\nContent-Range: bytes {start}-{}/{total}\r\n\
+             Connection: close\r\n\r\n",
+            total - start,
+            total - 1
+        );
+        let mut body = content[start..].to_vec();
+        match fault {
+            Fault::StallAt(at) => {
+                let cut = at.saturating_sub(start).min(body.len());
+                let _ = stream.write_all(&body[..cut]);
+                let _ = stream.flush();
+                // Silent, with the connection open, until the client gives up (or 30 s).
+                let until = std::time::Instant::now() + Duration::from_secs(30);
+                while !self.stop.load(Ordering::Relaxed) && std::time::Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+            Fault::DropOnceAt(at)
+                if at > start && at < total && !self.dropped.swap(true, Ordering::SeqCst) =>
+            {
+                let _ = stream.write_all(&body[..at - start]);
+                let _ = stream.flush();
+                let _ = stream.shutdown(Shutdown::Both);
+            }
+            Fault::IgnoreRangeDropAt(at) => {
+                let _ = stream.write_all(&body[..at.min(body.len())]);
+                let _ = stream.flush();
+                let _ = stream.shutdown(Shutdown::Both);
+            }
+            Fault::Pace { bytes, every } => {
+                for piece in body.chunks(bytes.max(1)) {
+                    if stream
+                        .write_all(piece)
+                        .and_then(|()| stream.flush())
+                        .is_err()
+                    {
+                        return;
+                    }
+                    std::thread::sleep(every);
+                }
+            }
+            other => {
+                if other == Fault::CorruptLarge && total / 2 >= start {
+                    body[total / 2 - start] ^= 0xff;
+                }
+                let _ = stream.write_all(&body);
+            }
+        }
+    }
+}
+
+/// An address that accepts connections and never answers (until dropped).
+pub struct SilentServer {
+    /// `http://127.0.0.1:PORT`.
+    pub endpoint: String,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl SilentServer {
+    /// Starts listening on a free port.
+    pub fn start() -> SilentServer {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
+        listener
+            .set_nonblocking(true)
+            .expect("non-blocking listener");
+        let endpoint = format!("http://{}", listener.local_addr().expect("address"));
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while !stopping.load(Ordering::Relaxed) {
+                if let Ok((stream, _)) = listener.accept() {
+                    held.push(stream);
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        SilentServer {
+            endpoint,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for SilentServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }

@@ -267,6 +267,167 @@ fn nonsense_numbers() {
     }
 }
 
+/// Issue 16 item 4: every numeric flag of `train` has a range, refused by the parser (exit 2)
+/// naming the flag and the value, before any model or data is read.
+#[test]
+fn train_nonsense_numbers() {
+    let root = tempfile::tempdir().unwrap();
+    let out = root.path().join("out");
+    for (flag, value) in [
+        ("--lora-rank", "100000"),
+        ("--lora-rank", "0"),
+        ("--train_batch_size", "0"),
+        ("--train_batch_size", "1000000"),
+        ("--learning_rate", "1e30"),
+        ("--learning_rate", "-1"),
+        ("--learning_rate", "NaN"),
+        ("--adam_beta1", "1"),
+        ("--adam_beta2", "-0.1"),
+        ("--adam_epsilon", "0"),
+        ("--adam_weight_decay", "inf"),
+        ("--max_grad_norm", "nan"),
+        ("--conditioning_dropout_prob", "2"),
+        ("--resolution", "100000"),
+        ("--gradient_accumulation_steps", "0"),
+        ("--max_train_steps", "0"),
+        ("--checkpointing_steps", "0"),
+        ("--num_validation_images", "1000"),
+        ("--local_rank", "-7"),
+    ] {
+        let output = run(
+            &root.path().join("hf"),
+            &[
+                "train",
+                "--pretrained_model_name_or_path",
+                "/no/such/model",
+                "--train_data_dir",
+                "/no/such/data",
+                "--output_dir",
+                &out.display().to_string(),
+                flag,
+                value,
+            ],
+        );
+        let text = stderr(&output);
+        assert_eq!(output.status.code(), Some(2), "{flag} {value}: {text}");
+        assert_eq!(text.trim().lines().count(), 1, "{text}");
+        assert!(
+            text.contains(flag) && text.contains(value),
+            "{flag} {value}: {text}"
+        );
+        assert!(!out.exists());
+    }
+}
+
+/// Issue 16 item 4: a `.npy` header declaring 4×10¹⁰ floats in a 192-byte file is refused by its
+/// size, naming the file, not allocated.
+#[test]
+fn latents_declaring_a_huge_shape() {
+    let case = Case::new();
+    let mut header =
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (1, 4, 100000, 100000), }".to_string();
+    while !(10 + header.len() + 1).is_multiple_of(64) {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend(std::iter::repeat_n(0u8, 64));
+    assert_eq!(bytes.len(), 192);
+    let latents = write(&case.root.join("huge.npy"), &bytes);
+    let line = case.fails(&sd1(), &case.input(), &["--latents", &latents]);
+    assert!(line.contains("huge.npy"), "{line}");
+    assert!(line.contains("[1, 4, 100000, 100000]"), "{line}");
+}
+
+/// Makes a FIFO (named pipe) at `path`.
+fn mkfifo(path: &Path) {
+    let status = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .expect("mkfifo runs");
+    assert!(status.success());
+}
+
+/// Issue 16 item 5: special files as inputs are refused at once, naming them: a FIFO as
+/// `--image` or `--latents` (reading one blocks forever), `/dev/zero` (never ends).
+#[test]
+fn special_files_as_inputs() {
+    let case = Case::new();
+    let fifo = case.root.join("pipe.png");
+    mkfifo(&fifo);
+    let fifo = fifo.display().to_string();
+    let line = case.fails(&sd1(), &fifo, &[]);
+    assert!(line.contains("pipe.png") && line.contains("FIFO"), "{line}");
+    let line = case.fails(&sd1(), "/dev/zero", &[]);
+    assert!(
+        line.contains("/dev/zero") && line.contains("not a regular file"),
+        "{line}"
+    );
+    let line = case.fails(&sd1(), &case.input(), &["--latents", &fifo]);
+    assert!(line.contains("pipe.png") && line.contains("FIFO"), "{line}");
+}
+
+/// Issue 16 item 5: a model whose config or weight file is a FIFO or `/dev/zero` is refused
+/// naming the file, instead of hanging or reading gigabytes.
+#[test]
+fn special_files_in_the_model_folder() {
+    let case = Case::new();
+    let model = case.pipeline_copy("sd1-tiny");
+    let config = model.join("unet").join("config.json");
+    std::fs::remove_file(&config).unwrap();
+    mkfifo(&config);
+    let line = case.fails(&model.display().to_string(), &case.input(), &[]);
+    assert!(
+        line.contains("unet") && line.contains("config.json") && line.contains("FIFO"),
+        "{line}"
+    );
+
+    // A fresh case each time: copying the fixture again onto the FIFO would block on it.
+    let case = Case::new();
+    let model = case.pipeline_copy("sd1-tiny");
+    let weights = model
+        .join("vae")
+        .join("diffusion_pytorch_model.safetensors");
+    std::fs::remove_file(&weights).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &weights).unwrap();
+    let line = case.fails(&model.display().to_string(), &case.input(), &[]);
+    assert!(
+        line.contains("diffusion_pytorch_model.safetensors") && line.contains("character device"),
+        "{line}"
+    );
+
+    let case = Case::new();
+    let model = case.pipeline_copy("sd1-tiny");
+    let merges = model.join("tokenizer").join("merges.txt");
+    std::fs::remove_file(&merges).unwrap();
+    mkfifo(&merges);
+    let line = case.fails(&model.display().to_string(), &case.input(), &[]);
+    assert!(
+        line.contains("merges.txt") && line.contains("FIFO"),
+        "{line}"
+    );
+}
+
+/// Issue 16 item 9: a JPEG cut short is refused ("truncated", as PIL says), not edited.
+#[test]
+fn truncated_jpeg() {
+    let case = Case::new();
+    let input = image::open(case.input()).unwrap().to_rgb8();
+    let mut bytes = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, 90)
+        .encode_image(&input)
+        .unwrap();
+    let cut = bytes.len() * 3 / 4;
+    let jpeg = write(&case.root.join("cut.jpg"), &bytes[..cut]);
+    let line = case.fails(&sd1(), &jpeg, &[]);
+    assert!(
+        line.contains("cut.jpg") && line.contains("truncated"),
+        "{line}"
+    );
+}
+
 #[test]
 fn latents_of_the_wrong_shape() {
     let case = Case::new();
@@ -284,6 +445,178 @@ fn latents_of_the_wrong_shape() {
     let latents = write(&case.root.join("latents.npy"), &bytes);
     let line = case.fails(&sd1(), &case.input(), &["--latents", &latents]);
     assert!(line.contains("[1, 4, 3, 3]"), "{line}");
+}
+
+/// Sets `key` to `value` in the JSON file `path`.
+fn set_json(path: &Path, key: &str, value: serde_json::Value) {
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    json[key] = value;
+    std::fs::write(path, json.to_string()).unwrap();
+}
+
+/// Issue 16 items 3 and 10: config numbers that would make a black edit or an obscure failure
+/// are refused at load, the message naming the file and the key (and no Rust `Some(..)`).
+#[test]
+fn config_numbers_out_of_range() {
+    use serde_json::json;
+    let case = Case::new();
+    let cases = [
+        ("unet/config.json", "norm_eps", json!(-1.0)),
+        ("unet/config.json", "layers_per_block", json!(0)),
+        ("unet/config.json", "attention_head_dim", json!(1000)),
+        ("unet/config.json", "block_out_channels", json!([32, 0])),
+        ("vae/config.json", "scaling_factor", json!(0.0)),
+        ("text_encoder/config.json", "layer_norm_eps", json!(-1e-5)),
+        ("scheduler/scheduler_config.json", "beta_end", json!(1.5)),
+        ("scheduler/scheduler_config.json", "beta_start", json!(-0.1)),
+        (
+            "scheduler/scheduler_config.json",
+            "num_train_timesteps",
+            json!(1),
+        ),
+        (
+            "tokenizer/tokenizer_config.json",
+            "model_max_length",
+            json!(1000),
+        ),
+        (
+            "tokenizer/tokenizer_config.json",
+            "model_max_length",
+            json!(-5),
+        ),
+    ];
+    for (file, key, value) in cases {
+        let model = case.pipeline_copy("sd1-tiny");
+        set_json(&model.join(file), key, value.clone());
+        let line = case.fails(&model.display().to_string(), &case.input(), &[]);
+        let file_name = Path::new(file).file_name().unwrap().to_str().unwrap();
+        assert!(
+            line.contains(file_name) && line.contains(key),
+            "{file} {key}={value}: {line}"
+        );
+        assert!(!line.contains("Some("), "{line}");
+    }
+}
+
+/// Issue 16 item 10: an empty UNet config names the file and the missing key, not only "takes 4
+/// input channels"; token ids beyond the text encoder's vocabulary name `vocab_size`.
+#[test]
+fn empty_unet_config_and_ids_beyond_the_vocabulary() {
+    let case = Case::new();
+    // `{}`: every key takes diffusers' default, whose cross-attention width (1280) is not the
+    // text encoder's.
+    let model = case.pipeline_copy("sd1-tiny");
+    let unet_config = model.join("unet").join("config.json");
+    std::fs::write(&unet_config, "{}").unwrap();
+    let line = case.fails(&model.display().to_string(), &case.input(), &[]);
+    assert!(
+        line.contains(&unet_config.display().to_string())
+            && line.contains("`cross_attention_dim`")
+            && line.contains("`hidden_size`"),
+        "{line}"
+    );
+    std::fs::write(&unet_config, r#"{"cross_attention_dim": 32}"#).unwrap();
+    let line = case.fails(&model.display().to_string(), &case.input(), &[]);
+    assert!(
+        line.contains(&unet_config.display().to_string()) && line.contains("no `in_channels`"),
+        "{line}"
+    );
+
+    let model = case.pipeline_copy("sd1-tiny");
+    set_json(
+        &model.join("tokenizer").join("vocab.json"),
+        "zzzz</w>",
+        serde_json::json!(60000),
+    );
+    let line = case.fails(&model.display().to_string(), &case.input(), &[]);
+    assert!(
+        line.contains("tokenizer") && line.contains("60000") && line.contains("vocab_size"),
+        "{line}"
+    );
+}
+
+/// Issue 16 item 9: an empty merges.txt would tokenize letter by letter; it is refused.
+#[test]
+fn empty_merges_file() {
+    let case = Case::new();
+    let model = case.pipeline_copy("sd1-tiny");
+    std::fs::write(
+        model.join("tokenizer").join("merges.txt"),
+        "#version: 0.2\n",
+    )
+    .unwrap();
+    let line = case.fails(&model.display().to_string(), &case.input(), &[]);
+    assert!(
+        line.contains("merges.txt") && line.contains("no merges"),
+        "{line}"
+    );
+}
+
+/// Rewrites one tensor of a safetensors file through `change`.
+fn rewrite_tensor(path: &Path, name: &str, change: impl Fn(Vec<f32>) -> Vec<f32>) {
+    use candle_core::{Device, Tensor};
+    let mut tensors = candle_core::safetensors::load(path, &Device::Cpu).unwrap();
+    let tensor = &tensors[name];
+    let dtype = tensor.dtype();
+    let shape = tensor.dims().to_vec();
+    let values = tensor
+        .to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let changed = Tensor::from_vec(change(values), shape, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap();
+    tensors.insert(name.to_string(), changed);
+    candle_core::safetensors::save(&tensors, path).unwrap();
+}
+
+/// Issue 16 item 3: a weight file holding NaN is refused at load, naming the file and tensor.
+#[test]
+fn weights_with_nan() {
+    let case = Case::new();
+    let model = case.pipeline_copy("sd1-tiny");
+    let weights = model
+        .join("unet")
+        .join("diffusion_pytorch_model.safetensors");
+    rewrite_tensor(&weights, "conv_out.weight", |mut v| {
+        v[3] = f32::NAN;
+        v
+    });
+    let line = case.fails(&model.display().to_string(), &case.input(), &[]);
+    assert!(
+        line.contains("diffusion_pytorch_model.safetensors")
+            && line.contains("conv_out.weight")
+            && line.contains("NaN"),
+        "{line}"
+    );
+}
+
+/// Issue 16 item 3: weights so large that the edit overflows give an error naming the stage,
+/// not a black picture with exit code 0.
+#[test]
+fn an_edit_that_overflows_names_the_stage() {
+    let case = Case::new();
+    let model = case.pipeline_copy("sd1-tiny");
+    let weights = model
+        .join("unet")
+        .join("diffusion_pytorch_model.safetensors");
+    // Finite (3e38 < f32::MAX), so loading accepts them; their products overflow.
+    rewrite_tensor(&weights, "conv_out.weight", |v| vec![3e38; v.len()]);
+    let line = case.fails(
+        &model.display().to_string(),
+        &case.input(),
+        &["--steps", "2", "--seed", "1"],
+    );
+    assert!(line.contains("turned to NaN or infinity in"), "{line}");
+    assert!(
+        line.contains("denoising") || line.contains("decoded image"),
+        "{line}"
+    );
 }
 
 /// CRC-32 as PNG chunks use it.

@@ -89,6 +89,28 @@ fn long_prompt_is_truncated_keeping_the_final_end_token() {
     assert_eq!(tokenizer.truncated_tokens("make it snowy"), 0);
 }
 
+/// Issue 16 item 6: a 50 KB one-word prompt (57 s with the quadratic BPE) gives the model the
+/// same 77 ids as encoding the whole text and truncating; the ids themselves are checked against
+/// the textbook BPE loop on shorter words in the tokenizer's unit tests.
+#[test]
+fn a_fifty_kilobyte_word_gives_the_first_ids_of_the_whole_text() {
+    let tokenizer = ClipTokenizer::from_dir(&fixtures().join("clip-vit-l")).unwrap();
+    let word: String = "snowymountainlake".chars().cycle().take(50_000).collect();
+    let full = tokenizer.encode(&word);
+    assert!(
+        full.len() > 77,
+        "a 50 KB word is many tokens: {}",
+        full.len()
+    );
+    let model = tokenizer.encode_for_model(&word);
+    assert_eq!(model.len(), 77);
+    assert_eq!(model[..76], full[..76]);
+    assert_eq!(model[76], 49407);
+    assert_eq!(tokenizer.truncated_tokens(&word), full.len() - 77);
+    // BPE did merge the word into multi-letter tokens, not letters one by one.
+    assert!(full.len() < 50_000 / 3, "{} tokens", full.len());
+}
+
 #[test]
 fn missing_files_are_named() {
     let dir = tempfile::tempdir().unwrap();

@@ -328,6 +328,32 @@ fn pairs_check_lists_incomplete_and_ambiguous_pairs() {
     assert_is_fixture(&dataset.load(0).unwrap(), 0);
 }
 
+/// Issue 16 item 5: FIFOs among the examples (an image, a prompt file) are bad examples named
+/// by the check, which reads them not at all (a FIFO would block it forever).
+#[test]
+fn special_files_in_a_dataset_are_bad_examples() {
+    let dir = tempfile::tempdir().unwrap();
+    crate::train_dataset::write_invert_dataset(dir.path(), 3, 16, 1);
+    for name in ["ex001_edited.png", "ex002.txt"] {
+        let path = dir.path().join(name);
+        std::fs::remove_file(&path).unwrap();
+        let status = std::process::Command::new("mkfifo")
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    let dataset = Dataset::open_pairs(dir.path(), &options()).unwrap();
+    for level in [CheckLevel::Headers, CheckLevel::Decode] {
+        let report = dataset.check(level);
+        assert_eq!(report.good, vec![0], "{:?}", report.problems);
+        assert_eq!(report.problems.len(), 2, "{:?}", report.problems);
+        for problem in &report.problems {
+            assert!(problem.reason.contains("FIFO"), "{problem:?}");
+        }
+    }
+}
+
 #[test]
 fn empty_or_missing_folders_are_errors() {
     let dir = tempfile::tempdir().unwrap();

@@ -86,19 +86,19 @@ fn examples_that_all_fail_to_decode_end_the_run_instead_of_spinning() {
     assert!(!holds_a_model(&output));
 }
 
-/// A copy of sd1-tiny whose UNet has one NaN in `conv_in.weight`.
-fn nan_model(dir: &Path) -> PathBuf {
-    let model = dir.join("nan-model");
+/// A copy of sd1-tiny whose UNet's `name` is changed by `change`.
+fn changed_model(dir: &Path, folder: &str, name: &str, change: impl Fn(&mut Vec<f32>)) -> PathBuf {
+    let model = dir.join(folder);
     common::copy_dir(&sd1_tiny(), &model);
     let path = model.join("unet/diffusion_pytorch_model.safetensors");
     let mut tensors: Vec<(String, Tensor)> = candle_core::safetensors::load(&path, &Device::Cpu)
         .unwrap()
         .into_iter()
         .collect();
-    for (name, tensor) in &mut tensors {
-        if name == "conv_in.weight" {
+    for (tensor_name, tensor) in &mut tensors {
+        if tensor_name == name {
             let mut values = tensor.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            values[0] = f32::NAN;
+            change(&mut values);
             *tensor = Tensor::from_vec(values, tensor.dims(), &Device::Cpu).unwrap();
         }
     }
@@ -111,11 +111,30 @@ fn nan_weights_or_a_huge_learning_rate_stop_the_run_without_saving_a_model() {
     let work = tempfile::tempdir().unwrap();
     let data = dataset(work.path(), 4);
 
-    // A base model with a NaN weight: every step's loss is NaN, none is applied.
+    // A base model with a NaN weight is refused as it loads, naming the file and the tensor.
+    let nan_model = changed_model(work.path(), "nan-model", "conv_in.weight", |v| {
+        v[0] = f32::NAN
+    });
     let output = work.path().join("out-nan");
-    let mut nan_run = config(&nan_model(work.path()), &data, &output);
-    nan_run.max_train_steps = Some(10);
-    let (result, notices) = run_collecting_notices(&nan_run);
+    let (result, _) = run_collecting_notices(&config(&nan_model, &data, &output));
+    let error = result.expect_err("a NaN weight must not train");
+    let message = error.to_string();
+    assert!(message.contains("conv_in.weight"), "{message}");
+    assert!(
+        message.contains("diffusion_pytorch_model.safetensors"),
+        "{message}"
+    );
+    assert!(!holds_a_model(&output));
+
+    // Weights so large that every loss overflows: no step is applied, and after three in a row
+    // the run stops as diverged with nothing saved.
+    let huge_model = changed_model(work.path(), "huge-model", "conv_out.weight", |v| {
+        v.iter_mut().for_each(|x| *x *= 1e30)
+    });
+    let output = work.path().join("out-huge");
+    let mut huge_run = config(&huge_model, &data, &output);
+    huge_run.max_train_steps = Some(10);
+    let (result, notices) = run_collecting_notices(&huge_run);
     match result {
         Err(RunError::Diverged {
             steps, last_step, ..

@@ -23,7 +23,7 @@ use instruct_pix2pix::model::{InstructPix2PixModel, LoadOptions};
 use instruct_pix2pix::pipeline::rng::TorchGenerator;
 use instruct_pix2pix::train::checkpoint::{
     self, CheckpointError, TensorGroup, latest_checkpoint, load_checkpoint, resolve_resume,
-    save_checkpoint,
+    resolve_resume_choice, save_checkpoint,
 };
 use instruct_pix2pix::train::lora::{self, LoraConfig, UNetLora};
 use instruct_pix2pix::train::metrics::{self, MetricsLog, StepMetrics, TensorBoardWriter};
@@ -559,6 +559,52 @@ fn an_interrupted_write_never_breaks_latest() {
         latest_checkpoint(out.path()).unwrap().unwrap(),
         out.path().join("checkpoint-600")
     );
+}
+
+/// Issue 16 item 9: `latest` says which damaged checkpoint it passes over and which older one it
+/// takes; when every checkpoint is damaged it refuses instead of starting over on top of them.
+#[test]
+fn latest_names_damaged_checkpoints_and_refuses_when_all_are() {
+    let out = tempfile::tempdir().unwrap();
+    save_checkpoint(out.path(), 100, &groups(100), &state(100), None).unwrap();
+    save_checkpoint(out.path(), 200, &groups(200), &state(200), None).unwrap();
+    let truncate = |step: u64| {
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .open(
+                out.path()
+                    .join(format!("checkpoint-{step}/optimizer.safetensors")),
+            )
+            .unwrap();
+        file.set_len(20).unwrap();
+    };
+    truncate(200);
+    let choice = resolve_resume_choice(out.path(), "latest").unwrap();
+    assert_eq!(choice.dir, Some(out.path().join("checkpoint-100")));
+    let notices = choice.notices();
+    assert_eq!(notices.len(), 1, "{notices:?}");
+    assert!(
+        notices[0].contains("checkpoint-200")
+            && notices[0].contains("optimizer.safetensors")
+            && notices[0].contains("checkpoint-100"),
+        "{}",
+        notices[0]
+    );
+
+    truncate(100);
+    let err = resolve_resume(out.path(), "latest").unwrap_err();
+    assert!(matches!(err, CheckpointError::AllDamaged { .. }), "{err:?}");
+    let message = err.to_string();
+    assert!(
+        message.contains("checkpoint-100")
+            && message.contains("checkpoint-200")
+            && message.contains("damaged"),
+        "{message}"
+    );
+    assert!(!message.contains("Some("), "{message}");
+    // Nothing was removed or replaced.
+    assert!(out.path().join("checkpoint-100").is_dir());
+    assert!(out.path().join("checkpoint-200").is_dir());
 }
 
 #[test]

@@ -228,6 +228,11 @@ fn unsupported_features_are_refused_by_name() {
         sd1_config_with("attention_head_dim", json!([2, 2])),
         Err(UNetConfigError::InFile { .. })
     ));
+    // Sizes that would overflow the arithmetic (a fuzz finding) are refused by name.
+    match sd1_config_with("block_out_channels", json!([4611686018427387904_u64, 64])) {
+        Err(error) => assert!(error.to_string().contains("block_out_channels"), "{error}"),
+        Ok(_) => panic!("a block of 2^62 channels was accepted"),
+    }
     // The unchanged fixture is accepted, and load() refuses an invalid config too.
     let mut config = sd1_config_with("sample_size", json!(8)).unwrap();
     config.class_embed_type = Some("timestep".into());

@@ -34,21 +34,21 @@ pub fn fetch_dataset(
 ) -> Result<PathBuf, HubError> {
     check_repo_and_revision(repo_id, revision)?;
     let repo_dir = settings.dataset_cache_dir(repo_id);
-    let (api, listing) = match list_online(repo_id, revision, RepoType::Dataset, settings, cancel)?
-    {
-        Online::Listed { api, listing } => (api, listing),
-        Online::CacheOnly(why) => {
-            return resolve_cached_revision(&repo_dir, revision)
-                .map(|(_, snapshot)| snapshot)
-                .map_err(|detail| HubError::NotCached {
-                    repo: format!("dataset {repo_id}"),
-                    revision: revision.to_string(),
-                    cache_dir: settings.cache_dir.clone(),
-                    detail,
-                    why: format!(" ({why})"),
-                });
-        }
-    };
+    let (client, listing) =
+        match list_online(repo_id, revision, RepoType::Dataset, settings, cancel)? {
+            Online::Listed { client, listing } => (client, listing),
+            Online::CacheOnly(why) => {
+                return resolve_cached_revision(&repo_dir, revision)
+                    .map(|(_, snapshot)| snapshot)
+                    .map_err(|detail| HubError::NotCached {
+                        repo: format!("dataset {repo_id}"),
+                        revision: revision.to_string(),
+                        cache_dir: settings.cache_dir.clone(),
+                        detail,
+                        why: format!(" ({why})"),
+                    });
+            }
+        };
     let endpoint = settings.endpoint.clone();
     let chosen = choose(&listing.files).map_err(|reason| HubError::NoDataFiles {
         repo: repo_id.to_string(),
@@ -68,15 +68,23 @@ pub fn fetch_dataset(
         repo_dir: &repo_dir,
         endpoint,
     };
-    download_listed(target, &api, listing, missing, progress, cancel, |source| {
-        chosen
-            .iter()
-            .try_for_each(|file| match source.fetch(file)? {
-                true => Ok(()),
-                false => Err(HubError::MissingFile {
-                    location: source.location(),
-                    file: file.clone(),
-                }),
-            })
-    })
+    download_listed(
+        target,
+        &client,
+        listing,
+        missing,
+        progress,
+        cancel,
+        |source| {
+            chosen
+                .iter()
+                .try_for_each(|file| match source.fetch(file)? {
+                    true => Ok(()),
+                    false => Err(HubError::MissingFile {
+                        location: source.location(),
+                        file: file.clone(),
+                    }),
+                })
+        },
+    )
 }

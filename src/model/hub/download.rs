@@ -1,20 +1,22 @@
 //! Talking to the Hub: listing a repo at a revision (telling a missing repo from a private one,
 //! or an unreachable Hub, in which case the cache serves), and downloading listed files into the
-//! cache snapshot with hf-hub, reporting progress and stopping on cancel.
+//! cache snapshot (one file at a time through `transfer`), reporting progress and stopping on
+//! cancel.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
-use hf_hub::api::Progress;
-use hf_hub::api::sync::{Api, ApiBuilder, ApiRepo};
-use hf_hub::{Cache, Repo, RepoType};
+use hf_hub::RepoType;
 
 use super::HubError;
+use super::client::{BodyPart, CallError, HubClient, NetError, encode_path};
 use super::settings::{HubSettings, write_ref};
+use super::transfer::{FileProgress, FileTarget, download_file};
 use crate::model::weights::is_plain_file_name;
+
+/// The most bytes a repo listing may have (a dataset of many thousand files lists in a few MB).
+const MAX_LISTING_BYTES: usize = 256 << 20;
 
 /// Progress of one file download, reported as bytes arrive.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,24 +41,12 @@ pub struct DownloadProgress {
     pub overall_total: Option<u64>,
 }
 
-/// hf-hub's client for the Hub and cache of `settings`.
-fn hub_api(settings: &HubSettings) -> Result<hf_hub::api::sync::Api, HubError> {
-    ApiBuilder::from_cache(Cache::new(settings.cache_dir.clone()))
-        .with_endpoint(settings.endpoint.clone())
-        .with_token(settings.token.clone())
-        .with_progress(false)
-        .with_retries(2)
-        .with_user_agent(env!("CARGO_PKG_NAME"), env!("CARGO_PKG_VERSION"))
-        .build()
-        .map_err(|source| HubError::Client { source })
-}
-
 /// What [`list_online`] found: the listing to download from, or why only the cache can serve.
 pub(super) enum Online {
     /// The Hub answered with the repo's listing.
     Listed {
-        /// The client that listed it, to download with (boxed: it is large next to the reason).
-        api: Box<Api>,
+        /// The client that listed it, to download with.
+        client: HubClient,
         /// The listing.
         listing: Listing,
     },
@@ -82,22 +72,17 @@ pub(super) fn list_online(
             repo: repo_id.to_string(),
         });
     }
-    let api = hub_api(settings)?;
-    let listing_repo = api.repo(Repo::with_revision(
-        repo_id.to_string(),
-        repo_type,
-        revision.to_string(),
-    ));
-    match list_repo(&listing_repo, repo_id, revision, settings) {
-        Ok(listing) => Ok(Online::Listed {
-            api: Box::new(api),
-            listing,
-        }),
+    let client = HubClient::new(settings)?;
+    match list_repo(&client, repo_id, revision, repo_type, settings, cancel) {
+        Ok(listing) => Ok(Online::Listed { client, listing }),
         Err(ListError::Unreachable(reason)) => Ok(Online::CacheOnly(format!(
             "{} could not be reached: {reason}",
             settings.endpoint
         ))),
         Err(ListError::Hub(err)) => Err(*err),
+        Err(ListError::Cancelled) => Err(HubError::Cancelled {
+            repo: repo_id.to_string(),
+        }),
     }
 }
 
@@ -126,39 +111,49 @@ struct ListedFile {
 enum ListError {
     /// No HTTP answer at all: the cache may still serve.
     Unreachable(String),
+    /// The cancel flag was set.
+    Cancelled,
     /// The Hub answered, and the answer is an error.
     Hub(Box<HubError>),
 }
 
 /// `GET {endpoint}/api/models/{repo}/revision/{revision}?blobs=true` (the sizes feed the overall
-/// progress), reading statuses and the Hub's
-/// `X-Error-Code` header itself (hf-hub's `info()` turns them all into one opaque error).
+/// progress), reading statuses and the Hub's `X-Error-Code` header.
 fn list_repo(
-    api_repo: &ApiRepo,
+    client: &HubClient,
     repo_id: &str,
     revision: &str,
+    repo_type: RepoType,
     settings: &HubSettings,
+    cancel: &AtomicBool,
 ) -> Result<Listing, ListError> {
     let endpoint = settings.endpoint.clone();
-    let response = api_repo
-        .info_request()
-        .query("blobs", "true")
-        .config()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(60)))
-        .build()
-        .call();
-    let mut response = match response {
-        Ok(response) => response,
-        Err(err) => return Err(ListError::Unreachable(err.to_string())),
+    let kind = match repo_type {
+        RepoType::Dataset => "datasets",
+        RepoType::Space => "spaces",
+        _ => "models",
     };
-    let status = response.status().as_u16();
-    let error_code = response
-        .headers()
-        .get("x-error-code")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
+    let url = format!(
+        "{endpoint}/api/{kind}/{repo_id}/revision/{}?blobs=true",
+        encode_path(revision, false)
+    );
+    let unreachable = |err: NetError| {
+        ListError::Unreachable(match err {
+            NetError::Stalled => format!(
+                "no answer for {} s (set {} to wait longer)",
+                client.stall().as_secs_f64(),
+                super::client::STALL_TIMEOUT_VAR
+            ),
+            NetError::Failed(reason) => reason,
+        })
+    };
+    let call_err = |err| match err {
+        CallError::Cancelled => ListError::Cancelled,
+        CallError::Net(err) => unreachable(err),
+    };
+    let mut response = client.get(&url, None, true, cancel).map_err(call_err)?;
+    let status = response.status;
+    let error_code = response.header("x-error-code").unwrap_or("").to_string();
     let repo = repo_id.to_string();
     let token_given = settings.token.is_some();
     let hub_err = |err| Err(ListError::Hub(Box::new(err)));
@@ -223,10 +218,17 @@ fn list_repo(
             reason,
         }))
     };
-    let info: RepoListing = response
-        .body_mut()
-        .read_json()
-        .map_err(|e| bad(e.to_string()))?;
+    let mut body = Vec::new();
+    loop {
+        match response.next(cancel).map_err(call_err)? {
+            BodyPart::Bytes(bytes) => body.extend_from_slice(&bytes),
+            BodyPart::End => break,
+        }
+        if body.len() > MAX_LISTING_BYTES {
+            return Err(bad(format!("it is larger than {MAX_LISTING_BYTES} bytes")));
+        }
+    }
+    let info: RepoListing = serde_json::from_slice(&body).map_err(|e| bad(e.to_string()))?;
     if !is_plain_file_name(&info.sha) {
         return Err(bad(format!("commit {:?} is not a commit hash", info.sha)));
     }
@@ -267,7 +269,7 @@ pub(super) struct ListedTarget<'a> {
 /// returns the snapshot folder.
 pub(super) fn download_listed(
     target: ListedTarget,
-    api: &Api,
+    client: &HubClient,
     listing: Listing,
     planned: Vec<String>,
     progress: &mut dyn FnMut(&DownloadProgress),
@@ -281,14 +283,16 @@ pub(super) fn download_listed(
         repo_dir,
         endpoint,
     } = target;
+    // Downloads name the listed commit, so every file comes from the same snapshot.
     let snapshot = repo_dir.join("snapshots").join(&listing.sha);
-    // Downloads name the listed commit, so every file comes from the same snapshot. hf-hub then
-    // writes `refs/<commit>`, which huggingface_hub never does; it is removed afterwards.
-    let stray_ref = repo_dir.join("refs").join(&listing.sha);
-    let stray_ref_existed = stray_ref.exists();
     let mut source = HubSource {
         repo_id: repo_id.to_string(),
         revision: revision.to_string(),
+        url_prefix: match repo_type {
+            RepoType::Dataset => "datasets/",
+            RepoType::Space => "spaces/",
+            RepoType::Model => "",
+        },
         endpoint,
         sha: listing.sha.clone(),
         plan: DownloadPlan::new(planned, &listing.sizes),
@@ -296,19 +300,11 @@ pub(super) fn download_listed(
         sizes: listing.sizes,
         cancel,
         snapshot: snapshot.clone(),
-        api_repo: api.repo(Repo::with_revision(
-            repo_id.to_string(),
-            repo_type,
-            listing.sha.clone(),
-        )),
+        repo_dir: repo_dir.to_path_buf(),
+        client,
         progress,
     };
-    let outcome = download(&mut source);
-    if !stray_ref_existed && revision != listing.sha {
-        // Best effort: a leftover ref only clutters `huggingface-cli scan-cache`.
-        let _ = std::fs::remove_file(&stray_ref);
-    }
-    outcome?;
+    download(&mut source)?;
     if revision != listing.sha {
         write_ref(repo_dir, revision, &listing.sha)?;
     }
@@ -360,6 +356,8 @@ impl DownloadPlan {
 pub(super) struct HubSource<'p> {
     repo_id: String,
     revision: String,
+    /// `""`, or `datasets/` for a dataset repo (its URLs).
+    url_prefix: &'static str,
     endpoint: String,
     sha: String,
     pub(super) files: BTreeSet<String>,
@@ -368,7 +366,9 @@ pub(super) struct HubSource<'p> {
     plan: DownloadPlan,
     cancel: &'p AtomicBool,
     pub(super) snapshot: PathBuf,
-    api_repo: ApiRepo,
+    /// `<cache>/models--owner--name`.
+    repo_dir: PathBuf,
+    client: &'p HubClient,
     progress: &'p mut dyn FnMut(&DownloadProgress),
 }
 
@@ -391,14 +391,13 @@ impl HubSource<'_> {
         if local.is_file() {
             return Ok(true);
         }
-        let cancelled = || HubError::Cancelled {
-            repo: self.repo_id.clone(),
-        };
         if self.cancel.load(Ordering::Acquire) {
-            return Err(cancelled());
+            return Err(HubError::Cancelled {
+                repo: self.repo_id.clone(),
+            });
         }
         let file_index = self.plan.start(file, self.sizes.get(file).copied());
-        let reporter = ProgressReporter {
+        let mut reporter = ProgressReporter {
             file: file.to_string(),
             bytes_done: 0,
             bytes_total: 0,
@@ -407,26 +406,18 @@ impl HubSource<'_> {
             file_count: self.plan.count(),
             overall_base: self.plan.finished_bytes,
             overall_total: self.plan.total_bytes,
-            cancel: self.cancel,
             callback: &mut *self.progress,
         };
-        let api_repo = &self.api_repo;
-        // The reporter unwinds with `DownloadCancelled` to abort hf-hub's download mid-file.
-        let downloaded = catch_unwind(AssertUnwindSafe(|| {
-            api_repo.download_with_progress(file, reporter)
-        }));
-        let downloaded = match downloaded {
-            Ok(downloaded) => downloaded,
-            Err(payload) if payload.is::<DownloadCancelled>() => return Err(cancelled()),
-            // A panic of the caller's progress callback (or of hf-hub) is not ours to hide.
-            Err(payload) => resume_unwind(payload),
+        let cache_dir = self.repo_dir.parent().unwrap_or(&self.repo_dir);
+        let target = FileTarget {
+            repo_id: &self.repo_id,
+            url_prefix: self.url_prefix,
+            sha: &self.sha,
+            file,
+            repo_dir: &self.repo_dir,
+            cache_dir,
         };
-        let path = downloaded.map_err(|source| HubError::Download {
-            repo: self.repo_id.clone(),
-            file: file.to_string(),
-            endpoint: self.endpoint.clone(),
-            source,
-        })?;
+        let path = download_file(self.client, &target, &mut reporter, self.cancel)?;
         let size = self
             .sizes
             .get(file)
@@ -434,30 +425,12 @@ impl HubSource<'_> {
             .or_else(|| std::fs::metadata(&path).ok().map(|m| m.len()))
             .unwrap_or(0);
         self.plan.finished_bytes += size;
-        if path != local {
-            let got = path
-                .strip_prefix(self.snapshot.parent().unwrap_or(&self.snapshot))
-                .ok()
-                .and_then(|p| p.components().next())
-                .map(|c| c.as_os_str().to_string_lossy().into_owned())
-                .unwrap_or_else(|| path.display().to_string());
-            return Err(HubError::CommitChanged {
-                repo: self.repo_id.clone(),
-                file: file.to_string(),
-                expected: self.sha.clone(),
-                got,
-            });
-        }
         Ok(true)
     }
 }
 
-/// The unwind payload that aborts an hf-hub download when the cancel flag is set; private, so
-/// no other panic is mistaken for a cancel.
-struct DownloadCancelled;
-
-/// Forwards hf-hub's progress calls to the caller's callback, at most every 256 KiB (and at the
-/// start and end of each file) so a UI is not flooded; checks the cancel flag on every call.
+/// Forwards a file's progress to the caller's callback, at most every 256 KiB (and at the start
+/// of each try and the end of the file) so a UI is not flooded.
 struct ProgressReporter<'p> {
     file: String,
     bytes_done: u64,
@@ -468,7 +441,6 @@ struct ProgressReporter<'p> {
     /// Bytes of the files of this fetch finished before this one.
     overall_base: u64,
     overall_total: Option<u64>,
-    cancel: &'p AtomicBool,
     callback: &'p mut dyn FnMut(&DownloadProgress),
 }
 
@@ -499,26 +471,21 @@ impl ProgressReporter<'_> {
     }
 }
 
-impl Progress for ProgressReporter<'_> {
-    fn init(&mut self, size: usize, _filename: &str) {
-        // hf-hub calls init once per attempt and then `update(resume_offset)`.
-        self.bytes_total = size as u64;
-        self.bytes_done = 0;
+impl FileProgress for ProgressReporter<'_> {
+    fn started(&mut self, offset: u64, total: u64) {
+        // Each try starts from what its `.part` holds (a resumed download starts above zero).
+        self.bytes_total = total;
+        self.bytes_done = offset;
         self.last_reported = None;
+        self.report(true);
     }
 
-    fn update(&mut self, size: usize) {
-        if self.cancel.load(Ordering::Acquire) {
-            // hf-hub has no abort: unwind out of `download_with_progress` (caught in
-            // `HubSource::fetch`). The bytes of this block are not yet written, so the `.part`
-            // file holds exactly what was written before, and resumes from there.
-            resume_unwind(Box::new(DownloadCancelled));
-        }
-        self.bytes_done += size as u64;
+    fn advanced(&mut self, bytes: u64) {
+        self.bytes_done += bytes;
         self.report(false);
     }
 
-    fn finish(&mut self) {
+    fn finished(&mut self) {
         self.report(true);
     }
 }

@@ -2,40 +2,46 @@
 //! the standard Hugging Face cache (`models--owner--name/{blobs,refs,snapshots}`), shared with
 //! diffusers and huggingface_hub so nothing is downloaded twice.
 //!
-//! Downloads go through hf-hub 0.5's sync API (its blob/snapshot/ref layout, resumable `.part`
-//! files, locks). What hf-hub 0.5 lacks is done here: the `HF_HUB_CACHE`, `HF_HUB_OFFLINE` and
-//! `HF_TOKEN` variables, resolving `refs/<revision>` and snapshot files from the cache without any
-//! request (offline, or when the Hub cannot be reached), telling a missing repo (404) from a
+//! Downloads are our own (over ureq), in huggingface_hub's cache layout (`blobs/<etag>`, linked
+//! from `snapshots/<commit>/`, `refs/<revision>`; resumable `blobs/<etag>.part` files; locks in
+//! `.locks/`); hf-hub only names the cache folders. Here: the `HF_HUB_CACHE`, `HF_HUB_OFFLINE`
+//! and `HF_TOKEN` variables, resolving `refs/<revision>` and snapshot files from the cache without
+//! any request (offline, or when the Hub cannot be reached), telling a missing repo (404) from a
 //! private or gated one (401/403), choosing which files of the repo an edit needs from the
 //! repo listing so that only those are downloaded, progress as "file 3 of 9" with overall bytes
-//! (the listing's `?blobs=true` sizes), and cancelling a download mid-file
-//! ([`fetch_model_with_cancel`]; it unwinds out of hf-hub's download, so the crate must not be
-//! built with `panic = "abort"`).
+//! (the listing's `?blobs=true` sizes), cancelling a download mid-file
+//! ([`fetch_model_with_cancel`]), and downloads that neither hang nor give up too early: no bytes
+//! for [`DEFAULT_STALL_TIMEOUT`] (or [`STALL_TIMEOUT_VAR`]) fails, however long the whole file
+//! takes; a dropped connection continues where it stopped; every file is checked against its
+//! etag (SHA-256 for large files) before it enters the cache.
 //!
 //! Training datasets come the same way ([`fetch_dataset`]: `datasets--owner--name/...`, only the
 //! files the caller chooses from the listing); which files those are is `train::data`'s call.
 //!
 //! # Layout
 //! Here: naming a model ([`ModelSpec`]) and the errors. `settings` reads the environment and
-//! resolves revisions in the cache; `download` lists a repo on the Hub and downloads listed files
-//! into the cache with progress and cancel; `pipeline` decides which files of a diffusers
+//! resolves revisions in the cache; `client` is the HTTP client (its timeouts); `download` lists
+//! a repo on the Hub and downloads listed files into the cache with progress and cancel;
+//! `transfer` downloads one file (resume, retries, checksum, cache layout); `pipeline` decides which files of a diffusers
 //! pipeline an edit needs and fetches a model; `dataset` fetches a dataset repo.
 
+mod client;
 mod dataset;
 mod download;
 mod pipeline;
 mod settings;
+mod transfer;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use hf_hub::api::sync::ApiError;
-
+pub use self::client::{DEFAULT_STALL_TIMEOUT, STALL_TIMEOUT_VAR};
 pub use self::dataset::{DatasetFileChoice, fetch_dataset};
 pub use self::download::DownloadProgress;
 pub(crate) use self::pipeline::check_pipeline_folder;
 pub use self::pipeline::{fetch_model, fetch_model_with_cancel};
 pub use self::settings::{HubSettings, cached_snapshot, snapshot_in_cache_folder};
+pub use self::transfer::DownloadError;
 use super::config::ConfigError;
 pub use super::weights::Variant;
 use super::weights::WeightsError;
@@ -348,11 +354,15 @@ pub enum HubError {
         /// What was looked for.
         reason: String,
     },
-    /// hf-hub could not be set up.
-    #[error("cannot set up the Hugging Face client: {source}")]
-    Client {
-        /// hf-hub's error.
-        source: ApiError,
+    /// An environment variable has a value that cannot be used.
+    #[error("{var}={value:?} cannot be used: {reason}")]
+    BadEnv {
+        /// The variable.
+        var: &'static str,
+        /// Its value.
+        value: String,
+        /// Why.
+        reason: String,
     },
     /// A file download failed.
     #[error("downloading {file} of {repo} from {endpoint} failed: {source}")]
@@ -363,8 +373,8 @@ pub enum HubError {
         file: String,
         /// The Hub's address.
         endpoint: String,
-        /// hf-hub's error.
-        source: ApiError,
+        /// What went wrong (boxed: it is large next to the other errors).
+        source: Box<DownloadError>,
     },
     /// A file landed in a different snapshot than the listing's commit.
     #[error(

@@ -56,15 +56,12 @@ pub fn fetch_model(
 }
 
 /// [`fetch_model`] that stops with [`HubError::Cancelled`] once `cancel` is set: before the
-/// listing, before each file, and mid-file at the next block of bytes that arrives (hf-hub 0.5
-/// has no abort, so the progress callback unwinds out of its download with a private payload
-/// that is caught here; hf-hub's lock on the blob is released as the unwind drops it).
+/// listing, before each file, and mid-file within a tenth of a second, also while the network
+/// is silent.
 ///
 /// A file cut off mid-way stays as `blobs/<etag>.part`, which the next download of the same
 /// file resumes; the snapshot only ever links complete blobs, and `refs/<revision>` is written
-/// only once every file is present. A stalled connection (no bytes at all) is not interrupted:
-/// hf-hub 0.5 offers no timeout for its downloads, so the cancel takes effect when bytes flow
-/// again.
+/// only once every file is present.
 pub fn fetch_model_with_cancel(
     spec: &ModelSpec,
     variant: Variant,
@@ -88,7 +85,7 @@ pub fn fetch_model_with_cancel(
             // A spec built by hand skipped `parse`.
             check_repo_and_revision(repo_id, revision)?;
             match list_online(repo_id, revision, RepoType::Model, settings, cancel)? {
-                Online::Listed { api, listing } => {
+                Online::Listed { client, listing } => {
                     let target = ListedTarget {
                         repo_id,
                         revision,
@@ -96,7 +93,7 @@ pub fn fetch_model_with_cancel(
                         repo_dir: &settings.repo_cache_dir(repo_id),
                         endpoint: settings.endpoint.clone(),
                     };
-                    download_pipeline(target, &api, listing, variant, progress, cancel)
+                    download_pipeline(target, &client, listing, variant, progress, cancel)
                 }
                 Online::CacheOnly(why) => {
                     fetch_from_cache(repo_id, revision, variant, settings, why)
@@ -159,7 +156,7 @@ fn fetch_from_cache(
 /// Downloads what the listed pipeline's snapshot lacks of what an edit with `variant` needs.
 fn download_pipeline(
     target: ListedTarget,
-    api: &hf_hub::api::sync::Api,
+    client: &super::client::HubClient,
     listing: Listing,
     variant: Variant,
     progress: &mut dyn FnMut(&DownloadProgress),
@@ -184,9 +181,15 @@ fn download_pipeline(
     };
     collect_pipeline_files(&mut plan_source, variant)?;
     let planned = plan_source.planned;
-    download_listed(target, api, listing, planned, progress, cancel, |source| {
-        collect_pipeline_files(source, variant)
-    })
+    download_listed(
+        target,
+        client,
+        listing,
+        planned,
+        progress,
+        cancel,
+        |source| collect_pipeline_files(source, variant),
+    )
 }
 
 /// Where a pipeline's files are looked up: a folder (local or a cache snapshot) or the Hub.
@@ -348,8 +351,9 @@ impl PipelineSource for FolderSource {
         }
         for entry in std::fs::read_dir(&dir).map_err(read_err)? {
             let entry = entry.map_err(read_err)?;
-            // `is_file` follows symlinks: cache snapshots link into blobs/.
-            if entry.path().is_file()
+            // Symlinks followed (cache snapshots link into blobs/). Special files (a FIFO, a link
+            // to a device) count as present, so that reading them fails naming them.
+            if is_present(&entry.path())
                 && let Some(name) = entry.file_name().to_str()
             {
                 names.insert(name.to_string());
@@ -359,8 +363,13 @@ impl PipelineSource for FolderSource {
     }
 
     fn fetch(&mut self, file: &str) -> Result<bool, HubError> {
-        Ok(self.root.join(file).is_file())
+        Ok(is_present(&self.root.join(file)))
     }
+}
+
+/// Whether a local model folder has `path`: anything but a folder (symlinks followed).
+fn is_present(path: &Path) -> bool {
+    path.exists() && !path.is_dir()
 }
 
 /// A Hub listing walked without downloading: records which needed files the snapshot lacks.

@@ -197,12 +197,17 @@ impl BasicTransformerBlock {
     /// `x` [B, N, dim], `context` [B, M, cross_attention_dim].
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
         let self_context = self.only_cross_attention.then_some(context);
-        let x = (self.attn1.forward(&self.norm1.forward(x)?, self_context)? + x)?;
-        let x = (self
-            .attn2
-            .forward(&self.norm2.forward(&x)?, Some(context))?
-            + x)?;
-        self.ff.forward(&self.norm3.forward(&x)?)? + x
+        let x = nn::add(
+            &self.attn1.forward(&self.norm1.forward(x)?, self_context)?,
+            x,
+        )?;
+        let x = nn::add(
+            &self
+                .attn2
+                .forward(&self.norm2.forward(&x)?, Some(context))?,
+            &x,
+        )?;
+        nn::add(&self.ff.forward(&self.norm3.forward(&x)?)?, &x)
     }
 }
 
@@ -285,7 +290,7 @@ impl Transformer2DModel {
         let h = h
             .reshape((batch, height, width, channels))?
             .permute((0, 3, 1, 2))?;
-        h + x
+        nn::add(&h, x)
     }
 }
 

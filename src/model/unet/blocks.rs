@@ -76,14 +76,14 @@ impl ResnetBlock2D {
             .forward(temb_activated)?
             .unsqueeze(2)?
             .unsqueeze(3)?;
-        let h = h.broadcast_add(&temb)?;
+        let h = nn::add(&h, &temb)?;
         let h = self.act.apply_after_norm(&self.norm2, &h)?;
         let h = self.conv2.forward(&h)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(x)?,
             None => x.clone(),
         };
-        let out = (shortcut + h)?;
+        let out = nn::add(&shortcut, &h)?;
         if self.output_scale_factor == 1.0 {
             Ok(out)
         } else {
@@ -396,7 +396,7 @@ impl Segments<'_> {
         match (self, skip) {
             (Self::Direct, None) => resnet.forward(x, temb_activated),
             (Self::Direct, Some(skip)) => {
-                resnet.forward(&Tensor::cat(&[x, skip], 1)?, temb_activated)
+                resnet.forward(&nn::cat_pair(x, skip, 1)?, temb_activated)
             }
             (Self::Checkpointed(grads), None) => {
                 let resnet = resnet.clone();
@@ -407,7 +407,7 @@ impl Segments<'_> {
             (Self::Checkpointed(grads), Some(skip)) => {
                 let resnet = resnet.clone();
                 checkpoint(&[x, skip, temb_activated], grads, move |i| {
-                    resnet.forward(&Tensor::cat(&[&i[0], &i[1]], 1)?, &i[2])
+                    resnet.forward(&nn::cat_pair(&i[0], &i[1], 1)?, &i[2])
                 })
             }
         }

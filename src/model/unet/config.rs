@@ -237,6 +237,10 @@ fn default_mid_block_type() -> Option<String> {
 fn default_false_per_block() -> PerBlock<bool> {
     PerBlock::Same(false)
 }
+/// The most channels a block may declare (Stable Diffusion's widest is 1,280): larger numbers
+/// are damage, and would overflow the size arithmetic.
+pub const MAX_CHANNELS: usize = 1 << 16;
+
 fn default_block_out_channels() -> Vec<usize> {
     vec![320, 640, 1280, 1280]
 }
@@ -270,6 +274,11 @@ fn default_time_embedding_type() -> String {
 fn default_attention_type() -> String {
     "default".to_string()
 }
+
+/// Largest channel count or width accepted from a config (Stable Diffusion's largest is 1280).
+const MAX_WIDTH: usize = 65_536;
+/// Most resnets or transformer blocks per level accepted from a config (Stable Diffusion: 2, 1).
+const MAX_LAYERS: usize = 64;
 
 const CROSS_ATTN_DOWN: &str = "CrossAttnDownBlock2D";
 const PLAIN_DOWN: &str = "DownBlock2D";
@@ -392,7 +401,11 @@ fn unsupported(
 impl UNetConfig {
     /// Reads and checks diffusers' `unet/config.json`.
     pub fn from_file(path: &Path) -> std::result::Result<Self, UNetConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| UNetConfigError::Read {
+        let text = crate::model::files::read_to_string_limited(
+            path,
+            crate::model::files::MAX_CONFIG_BYTES,
+        )
+        .map_err(|source| UNetConfigError::Read {
             path: path.to_path_buf(),
             source,
         })?;
@@ -426,6 +439,16 @@ impl UNetConfig {
             return Err(UNetConfigError::Invalid {
                 field: "block_out_channels",
                 message: "is empty".to_string(),
+            });
+        }
+        if let Some(bad) = self
+            .block_out_channels
+            .iter()
+            .find(|&&c| c == 0 || c > MAX_CHANNELS)
+        {
+            return Err(UNetConfigError::Invalid {
+                field: "block_out_channels",
+                message: format!("has {bad} channels: each must be 1 to {MAX_CHANNELS}"),
             });
         }
         if self.down_block_types.len() != blocks || self.up_block_types.len() != blocks {
@@ -476,11 +499,16 @@ impl UNetConfig {
             }
         };
         if let Some(heads) = &self.num_attention_heads {
-            return Err(unsupported(
-                "num_attention_heads",
-                heads,
-                "diffusers refuses it too; the head count is read from `attention_head_dim`",
-            ));
+            // As written in the file: `8` or `[5, 10, 20, 20]`, not Rust's `Same(8)`.
+            let value = match heads {
+                PerBlock::Same(v) => v.to_string(),
+                PerBlock::Each(vs) => format!("{vs:?}"),
+            };
+            return Err(UNetConfigError::Unsupported {
+                field: "num_attention_heads",
+                value,
+                reason: "diffusers refuses it too; the head count is read from `attention_head_dim`",
+            });
         }
         let refusals: [(&'static str, Option<String>, &'static str); 11] = [
             (
@@ -572,13 +600,13 @@ impl UNetConfig {
                 "only \"default\" is implemented (no GLIGEN)",
             ));
         }
-        let groups = self.norm_num_groups.ok_or_else(|| {
-            unsupported(
-                "norm_num_groups",
-                None::<usize>,
-                "a UNet without group norms is not implemented",
-            )
-        })?;
+        let groups = self
+            .norm_num_groups
+            .ok_or_else(|| UNetConfigError::Unsupported {
+                field: "norm_num_groups",
+                value: "null".to_string(),
+                reason: "a UNet without group norms is not implemented",
+            })?;
         let act = Activation::parse(&self.act_fn).ok_or_else(|| {
             unsupported(
                 "act_fn",
@@ -616,7 +644,7 @@ impl UNetConfig {
             (None, PerBlock::Same(value)) => *value,
             (None, PerBlock::Each(_)) => false,
         };
-        Ok(ResolvedConfig {
+        let resolved = ResolvedConfig {
             down_has_attention,
             up_has_attention,
             has_mid_block,
@@ -635,6 +663,98 @@ impl UNetConfig {
             time_embed_dim: self
                 .time_embedding_dim
                 .unwrap_or(self.block_out_channels[0] * 4),
-        })
+        };
+        self.check_numbers(&resolved)?;
+        Ok(resolved)
+    }
+
+    /// The numbers a UNet can be built from and run with: sizes at least 1 and at most
+    /// [`MAX_WIDTH`] (no allocation sized by a typo), group norms that divide the channels,
+    /// attention heads that divide them, and an epsilon that keeps the norms finite.
+    fn check_numbers(&self, resolved: &ResolvedConfig) -> std::result::Result<(), UNetConfigError> {
+        let invalid =
+            |field: &'static str, message: String| UNetConfigError::Invalid { field, message };
+        let widths = [
+            ("in_channels", vec![self.in_channels]),
+            ("out_channels", vec![self.out_channels]),
+            ("block_out_channels", self.block_out_channels.clone()),
+            ("cross_attention_dim", resolved.cross_attention_dim.clone()),
+            ("time_embedding_dim", vec![resolved.time_embed_dim]),
+            ("norm_num_groups", vec![resolved.groups]),
+        ];
+        for (field, values) in widths {
+            if let Some(v) = values.iter().find(|&&v| v == 0 || v > MAX_WIDTH) {
+                return Err(invalid(
+                    field,
+                    format!("is {v}: it must be between 1 and {MAX_WIDTH}"),
+                ));
+            }
+        }
+        for (field, values) in [
+            ("layers_per_block", &resolved.layers_per_block),
+            ("transformer_layers_per_block", &resolved.transformer_layers),
+        ] {
+            if let Some(v) = values.iter().find(|&&v| v == 0 || v > MAX_LAYERS) {
+                return Err(invalid(
+                    field,
+                    format!("is {v}: it must be between 1 and {MAX_LAYERS}"),
+                ));
+            }
+        }
+        let groups = resolved.groups;
+        if let Some(c) = self
+            .block_out_channels
+            .iter()
+            .find(|&&c| !c.is_multiple_of(groups))
+        {
+            return Err(invalid(
+                "norm_num_groups",
+                format!("is {groups}, which does not divide block_out_channels entry {c}"),
+            ));
+        }
+        for (block, (&heads, &channels)) in resolved
+            .heads
+            .iter()
+            .zip(&self.block_out_channels)
+            .enumerate()
+        {
+            if !channels.is_multiple_of(heads) {
+                return Err(invalid(
+                    "attention_head_dim",
+                    format!(
+                        "is {heads} heads for block {block}, which has {channels} channels: \
+                         the heads must divide the channels"
+                    ),
+                ));
+            }
+        }
+        if !(self.norm_eps.is_finite() && self.norm_eps > 0.0 && self.norm_eps <= 1.0) {
+            return Err(invalid(
+                "norm_eps",
+                format!("is {}: it must be above 0 and at most 1", self.norm_eps),
+            ));
+        }
+        if !(self.mid_block_scale_factor.is_finite() && self.mid_block_scale_factor > 0.0) {
+            return Err(invalid(
+                "mid_block_scale_factor",
+                format!(
+                    "is {}: it must be a number above 0",
+                    self.mid_block_scale_factor
+                ),
+            ));
+        }
+        if !self.freq_shift.is_finite() {
+            return Err(invalid(
+                "freq_shift",
+                format!("is {}: it must be a number", self.freq_shift),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.dropout) {
+            return Err(invalid(
+                "dropout",
+                format!("is {}: it must be between 0 and 1", self.dropout),
+            ));
+        }
+        Ok(())
     }
 }

@@ -125,6 +125,10 @@ pub struct SchedulerConfig {
     pub lambda_min_clipped: Option<f64>,
 }
 
+/// Most training timesteps accepted from a config (Stable Diffusion: 1000); schedules are
+/// allocated at this length.
+pub const MAX_TRAIN_TIMESTEPS: usize = 100_000;
+
 fn default_num_train_timesteps() -> usize {
     1000
 }
@@ -236,14 +240,93 @@ fn quote_python_float_tokens(text: &str) -> String {
 impl SchedulerConfig {
     /// Reads and parses a `scheduler_config.json`.
     pub fn from_file(path: &Path) -> Result<Self, SchedulerError> {
-        let text = std::fs::read_to_string(path).map_err(|source| SchedulerError::Io {
+        let text = crate::model::files::read_to_string_limited(
+            path,
+            crate::model::files::MAX_CONFIG_BYTES,
+        )
+        .map_err(|source| SchedulerError::Io {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::from_json_str(&text).map_err(|source| SchedulerError::Json {
+        let config = Self::from_json_str(&text).map_err(|source| SchedulerError::Json {
             path: path.to_path_buf(),
             source,
-        })
+        })?;
+        config
+            .check_numbers()
+            .map_err(|(key, value, reason)| SchedulerError::OutOfRange {
+                path: path.to_path_buf(),
+                key,
+                value,
+                reason,
+            })?;
+        Ok(config)
+    }
+
+    /// The numbers a noise schedule can be made of: at least 2 training timesteps (and at most
+    /// [`MAX_TRAIN_TIMESTEPS`]), betas strictly between 0 and 1 (a beta of 1 or more makes
+    /// ᾱ zero or negative and every edit NaN), positive sigmas and clip range. On failure: the key,
+    /// its value and what it must be.
+    fn check_numbers(&self) -> Result<(), (&'static str, String, String)> {
+        let steps = self.num_train_timesteps;
+        if !(2..=MAX_TRAIN_TIMESTEPS).contains(&steps) {
+            return Err((
+                "num_train_timesteps",
+                steps.to_string(),
+                format!("it must be between 2 and {MAX_TRAIN_TIMESTEPS}"),
+            ));
+        }
+        let is_beta = |v: f64| v.is_finite() && v > 0.0 && v < 1.0;
+        if self.trained_betas.is_none() && self.beta_schedule != "squaredcos_cap_v2" {
+            for (key, value) in [("beta_start", self.beta_start), ("beta_end", self.beta_end)] {
+                if !is_beta(value) {
+                    return Err((
+                        key,
+                        value.to_string(),
+                        "a beta must be above 0 and below 1".to_string(),
+                    ));
+                }
+            }
+        }
+        if let Some(betas) = &self.trained_betas {
+            if betas.len() < 2 || betas.len() > MAX_TRAIN_TIMESTEPS {
+                return Err((
+                    "trained_betas",
+                    format!("a list of {}", betas.len()),
+                    format!("it must have between 2 and {MAX_TRAIN_TIMESTEPS} betas"),
+                ));
+            }
+            if let Some((index, value)) = betas.iter().enumerate().find(|(_, v)| !is_beta(**v)) {
+                return Err((
+                    "trained_betas",
+                    format!("{value} at index {index}"),
+                    "a beta must be above 0 and below 1".to_string(),
+                ));
+            }
+        }
+        if self.steps_offset >= steps {
+            return Err((
+                "steps_offset",
+                self.steps_offset.to_string(),
+                format!("it must be below num_train_timesteps ({steps})"),
+            ));
+        }
+        for (key, value) in [
+            ("clip_sample_range", self.clip_sample_range),
+            ("sigma_min", self.sigma_min),
+            ("sigma_max", self.sigma_max),
+        ] {
+            if let Some(v) = value
+                && !(v.is_finite() && v > 0.0)
+            {
+                return Err((
+                    key,
+                    v.to_string(),
+                    "it must be a number above 0".to_string(),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Parses the text of a `scheduler_config.json` (accepting Python's `-Infinity`/`NaN`).

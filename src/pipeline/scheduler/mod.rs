@@ -53,6 +53,14 @@ pub enum SchedulerError {
         #[source]
         source: serde_json::Error,
     },
+    /// A number of the config file outside what a noise schedule can be made of.
+    #[error("scheduler config {path}: `{key}` is {value}: {reason}")]
+    OutOfRange {
+        path: PathBuf,
+        key: &'static str,
+        value: String,
+        reason: String,
+    },
     /// A scheduler name that is neither a short name nor a supported diffusers class.
     #[error("unknown scheduler {0:?}; expected one of: {list}", list = SchedulerKind::help_list())]
     UnknownKind(String),

@@ -155,9 +155,11 @@ fn check_files(
     Ok(())
 }
 
-/// Opens an image file; a missing one says "not found" as the edit path does.
+/// Opens an image file (a regular file only: a FIFO would block); a missing one says "not
+/// found" as the edit path does.
 fn open_image_file(path: &Path) -> Result<File, String> {
-    File::open(path).map_err(|e| match e.kind() {
+    let opened = crate::model::files::open_regular(path).map(|(file, _)| file);
+    opened.map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => ImageError::NotFound {
             path: path.to_path_buf(),
         }

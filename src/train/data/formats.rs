@@ -5,7 +5,6 @@
 //! rules each form follows are in the `train::data` module doc.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -122,7 +121,8 @@ impl Dataset {
             reason: format!("it has no {METADATA_FILE} (nor train/{METADATA_FILE})"),
         })?;
         let base = metadata.parent().unwrap_or(dir).to_path_buf();
-        let file = File::open(&metadata).map_err(|e| io_error(&metadata, e))?;
+        let (file, _) =
+            crate::model::files::open_regular(&metadata).map_err(|e| io_error(&metadata, e))?;
         let columns = &options.columns;
         let mut records = Vec::new();
         let mut seen_columns = BTreeSet::new();
@@ -228,7 +228,9 @@ impl Dataset {
         for entry in entries {
             let entry = entry.map_err(|e| io_error(dir, e))?;
             let path = entry.path();
-            if !path.is_file() {
+            // Folders are skipped; special files (a FIFO) are kept, to be refused by name when
+            // read rather than reported as missing.
+            if !path.exists() || path.is_dir() {
                 continue;
             }
             let Some(file_name) = entry.file_name().to_str().map(str::to_string) else {
@@ -341,7 +343,8 @@ pub(super) fn read_prompt(prompt: &Result<PromptRef, String>) -> Result<String, 
     match prompt {
         Err(reason) => Err(reason.clone()),
         Ok(PromptRef::Text(text)) => Ok(text.clone()),
-        Ok(PromptRef::File(path)) => match std::fs::read(path) {
+        // A prompt is a line of text; a larger file (or a FIFO, a device) is not one.
+        Ok(PromptRef::File(path)) => match crate::model::files::read_limited(path, 1 << 20) {
             Ok(bytes) => String::from_utf8(bytes)
                 .map(|text| text.trim().to_string())
                 .map_err(|_| format!("{} is not UTF-8 text", path.display())),

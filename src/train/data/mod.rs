@@ -29,7 +29,7 @@
 //!   compressed page, so a row is read with its group; recently read groups stay in memory within
 //!   a budget ([`Dataset::set_row_group_cache_bytes`], 1 GiB by default), so an epoch over a
 //!   dataset that fits reads each group once (and [`Dataset::check`] leaves them ready).
-//! - **Hub dataset id** ([`Dataset::open_dataset_name`] with `owner/name`): downloaded with hf-hub
+//! - **Hub dataset id** ([`Dataset::open_dataset_name`] with `owner/name`): downloaded
 //!   into the Hugging Face cache (`datasets--owner--name/snapshots/<commit>/` and
 //!   `refs/<revision>`, as `huggingface-cli download --repo-type dataset owner/name` leaves it;
 //!   what is already there is not fetched again), only the files training reads: the Parquet

@@ -246,7 +246,7 @@ fn open_parquet_file(
         path: path.to_path_buf(),
         reason,
     };
-    let file = File::open(path).map_err(|e| io_error(path, e))?;
+    let (file, _) = crate::model::files::open_regular(path).map_err(|e| io_error(path, e))?;
     let reader = SerializedFileReader::new(file).map_err(|e| parquet_error(e.to_string()))?;
     let schema = reader.metadata().file_metadata().schema_descr_ptr();
     let leaves: Vec<(Vec<String>, PhysicalType)> = (0..schema.num_columns())

@@ -12,6 +12,7 @@ use crate::pipeline::edit::EditError;
 use crate::pipeline::image::ImageError;
 use crate::train::checkpoint::CheckpointError;
 use crate::train::data::{CheckReport, DataError};
+use crate::train::latent_cache::CacheError;
 use crate::train::lora::LoraError;
 use crate::train::memory::OutOfMemory;
 use crate::train::metrics::MetricsError;
@@ -65,6 +66,9 @@ pub enum RunError {
     /// LoRA adapters failed.
     #[error(transparent)]
     Lora(#[from] LoraError),
+    /// `--cache_latents`: encoding the examples failed.
+    #[error(transparent)]
+    Cache(#[from] CacheError),
     /// Writing the final model failed.
     #[error(transparent)]
     Output(#[from] OutputError),
@@ -265,6 +269,14 @@ pub enum TrainEvent {
     Notice(String),
     /// The dataset check's result (before any model is loaded).
     DatasetChecked(CheckReport),
+    /// `--cache_latents`: `done` of `total` examples encoded (first with `done` 0, before the
+    /// run's [`TrainEvent::Started`]).
+    CachingLatents {
+        /// Examples encoded so far.
+        done: usize,
+        /// Examples in the dataset.
+        total: usize,
+    },
     /// The run is set up and about to take its first step.
     Started(RunPlan),
     /// An optimizer step finished.

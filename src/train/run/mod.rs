@@ -39,6 +39,12 @@
 //! batches accumulated since the last optimizer step are dropped, a checkpoint of the last step
 //! is saved (resuming from it continues the run) and the model so far is written.
 //!
+//! - `--cache_latents`: before the first step (and again on resume: the cache is not saved),
+//!   every example is encoded once ([`super::latent_cache`], with [`TrainEvent::CachingLatents`]
+//!   as it goes) and the steps read those encodings; the VAE and text encoder are then freed
+//!   unless validation edits need them. The random draws are the same, so the run's losses and
+//!   weights are those of the uncached run.
+//!
 //! Bad examples: the dataset is checked first ([`Dataset::check`]); with `skip_bad_examples` the
 //! bad ones are left out, otherwise the run stops with [`RunError::BadExamples`] listing them.
 //! An example that passes the check but fails to decode later is skipped with a
@@ -68,11 +74,14 @@ use std::time::{Duration, Instant};
 use candle_core::{Tensor, Var};
 use serde_json::{Value, json};
 
-use super::checkpoint::{self, LoadedCheckpoint, TensorGroup, resolve_resume, save_checkpoint};
+use super::checkpoint::{
+    self, LoadedCheckpoint, TensorGroup, resolve_resume_choice, save_checkpoint,
+};
 use super::data::{
     CropMode, Dataset, DatasetOptions, EpochSampler, FlipMode, SamplerPosition, prepare_batch,
 };
 use super::ema::{EmaConfig, EmaModel, EmaState};
+use super::latent_cache::{CacheOptions, LatentCache};
 use super::lora::{LoraConfig, UNetLora, lora_key};
 use super::memory::{
     DeviceKind, MemorySettings, ModelSizes, OutOfMemory, available_memory, estimate,
@@ -82,7 +91,9 @@ use super::metrics::{MetricsLog, StepMetrics, TensorBoardWriter};
 use super::optim::{AdamW, AdamWState, MomentStorage};
 use super::output::write_final_model;
 use super::schedule::LrSchedule;
-use super::step::{StepConfig, StepDraws, TrainError, TrainLoadOptions, Trainer, TrainingModels};
+use super::step::{
+    EncodedBatch, StepConfig, StepDraws, TrainError, TrainLoadOptions, Trainer, TrainingModels,
+};
 use crate::model::InstructPix2PixModel;
 use crate::model::hub::HubSettings;
 use crate::model::nn::LowRankAdapter;
@@ -141,6 +152,17 @@ struct Run<'a> {
     started: Instant,
     /// Examples trained on (checked again on resume).
     examples: usize,
+    /// `--cache_latents`: every example's encodings, read instead of running the encoders.
+    cache: Option<LatentCache>,
+}
+
+/// The crop the settings ask for.
+fn crop_mode(config: &TrainConfig) -> CropMode {
+    if config.center_crop {
+        CropMode::Center
+    } else {
+        CropMode::Random
+    }
 }
 
 /// Runs a whole training (see the module doc): checks the data, loads the model, resumes when
@@ -222,7 +244,7 @@ pub fn train(
             seed: config.seed,
         },
     )?;
-    let factor = models.vae.config().downscale_factor() as u32;
+    let factor = models.vae_config().downscale_factor() as u32;
     if !config.resolution.is_multiple_of(factor) {
         return Err(RunError::Setting {
             flag: "--resolution",
@@ -308,7 +330,11 @@ pub fn train(
     // Resume, or start fresh.
     let resume_dir = match &config.resume_from_checkpoint {
         Some(value) => {
-            let dir = resolve_resume(&config.output_dir, value)?;
+            let choice = resolve_resume_choice(&config.output_dir, value)?;
+            for notice in choice.notices() {
+                on_event(TrainEvent::Notice(notice));
+            }
+            let dir = choice.dir;
             if dir.is_none() {
                 on_event(TrainEvent::Notice(format!(
                     "checkpoint '{value}' does not exist; starting a new training run"
@@ -319,7 +345,7 @@ pub fn train(
         None => None,
     };
     let ema_config = config.use_ema.then(EmaConfig::default);
-    let (trainer, sampler, micro_batch_index) = match &resume_dir {
+    let (mut trainer, sampler, micro_batch_index) = match &resume_dir {
         Some(dir) => {
             let loaded = checkpoint::load_checkpoint(dir, &config.device)?;
             for (group, tensors) in &loaded.groups {
@@ -367,6 +393,11 @@ pub fn train(
             (trainer, sampler, 0)
         }
     };
+    let cache = if config.cache_latents {
+        cache_latents(&dataset, &mut trainer, config, control, on_event)?
+    } else {
+        None
+    };
     // Nothing is written before everything above succeeded.
     std::fs::create_dir_all(&config.output_dir).map_err(|source| RunError::Io {
         path: config.output_dir.clone(),
@@ -411,6 +442,7 @@ pub fn train(
         step_state: (sampler.position(), micro_batch_index),
         started: Instant::now(),
         examples: dataset.len(),
+        cache,
     };
     let outcome = match run.train_loop(
         &dataset,
@@ -431,6 +463,76 @@ pub fn train(
     on_event(TrainEvent::Finished(outcome.clone()));
     Ok(outcome)
 }
+
+/// `--cache_latents`: encodes every example once ([`LatentCache::build`]), reporting
+/// [`TrainEvent::CachingLatents`] after each and the cache's size at the end, then frees the VAE
+/// and text encoder unless validation edits need them. `None` when a stop request came first.
+fn cache_latents(
+    dataset: &Dataset,
+    trainer: &mut Trainer,
+    config: &TrainConfig,
+    control: &TrainControl,
+    on_event: &mut dyn FnMut(TrainEvent),
+) -> Result<Option<LatentCache>, RunError> {
+    let options = CacheOptions {
+        resolution: config.resolution,
+        crop: crop_mode(config),
+        both_flips: config.random_flip,
+        device: config.device.clone(),
+    };
+    on_event(TrainEvent::CachingLatents {
+        done: 0,
+        total: dataset.len(),
+    });
+    let Some(cache) = LatentCache::build(
+        dataset,
+        trainer.models(),
+        &options,
+        &|| control.stop_requested(),
+        &mut |done, total| on_event(TrainEvent::CachingLatents { done, total }),
+    )?
+    else {
+        return Ok(None);
+    };
+    if cache.unreadable() == cache.len() {
+        return Err(RunError::NoUsableExamples {
+            examples: cache.len(),
+            first_error: cache.first_unreadable().unwrap_or_default().to_string(),
+        });
+    }
+    let size = cache.bytes() as f64;
+    let size = if size >= 1e9 {
+        format!("{:.1} GB", size / 1e9)
+    } else if size >= 1e6 {
+        format!("{:.1} MB", size / 1e6)
+    } else {
+        format!("{:.1} kB", size / 1e3)
+    };
+    let flips = if config.random_flip {
+        " (both flips)"
+    } else {
+        ""
+    };
+    let encoders = if config.validation.is_some() {
+        "the VAE and text encoder stay loaded for the validation edits"
+    } else {
+        trainer.release_frozen_encoders();
+        "the VAE and text encoder are freed"
+    };
+    on_event(TrainEvent::Notice(format!(
+        "cached the latents of {} examples{flips}: {size} in memory; {encoders}",
+        cache.len() - cache.unreadable()
+    )));
+    if cache.bytes() as f64 >= LARGE_CACHE_BYTES {
+        on_event(TrainEvent::Notice(format!(
+            "the latent cache is large ({size}); without --cache_latents the examples are encoded at each step instead"
+        )));
+    }
+    Ok(Some(cache))
+}
+
+/// A latent cache at least this large gets its own notice.
+const LARGE_CACHE_BYTES: f64 = 2e9;
 
 /// The run's memory estimate, and what the device had free before the model loaded.
 struct MemoryPlan {
@@ -634,11 +736,7 @@ impl Run<'_> {
         on_event: &mut dyn FnMut(TrainEvent),
     ) -> Result<TrainOutcome, RunError> {
         let config = self.config;
-        let crop = if config.center_crop {
-            CropMode::Center
-        } else {
-            CropMode::Random
-        };
+        let crop = crop_mode(config);
         let num_train_timesteps = self.trainer.models().noise_schedule.num_train_timesteps();
         let mut step_started = Instant::now();
         let mut recent_step_seconds: Vec<f64> = Vec::new();
@@ -672,38 +770,67 @@ impl Run<'_> {
 
             // Bad files found only now are skipped, never a crash: one notice per example, and
             // the run ends once every example has failed (it would spin forever otherwise).
-            let mut examples = Vec::with_capacity(batch.indices.len());
-            let mut flips = Vec::with_capacity(batch.indices.len());
-            for (&index, &flip) in batch.indices.iter().zip(&batch.flips) {
-                match dataset.load(index) {
-                    Ok(example) => {
-                        examples.push(example);
-                        flips.push(flip);
+            let mut failed: Vec<(usize, String)> = Vec::new();
+            let encoded = match &self.cache {
+                Some(cache) => {
+                    let mut parts = Vec::with_capacity(batch.indices.len());
+                    for (&index, &flip) in batch.indices.iter().zip(&batch.flips) {
+                        match cache.get(index, flip) {
+                            Ok(encoded) => parts.push(encoded),
+                            Err(miss) => failed.push((index, miss.to_string())),
+                        }
                     }
-                    Err(error) => {
-                        let message = error.to_string();
-                        if unreadable.insert(index) {
-                            on_event(TrainEvent::Notice(format!(
-                                "skipped (this example will be left out from now on): {message}"
-                            )));
-                        }
-                        first_unreadable.get_or_insert(message);
-                        if unreadable.len() == dataset.len() {
-                            return Err(RunError::NoUsableExamples {
-                                examples: dataset.len(),
-                                first_error: first_unreadable.unwrap_or_default(),
-                            });
-                        }
+                    if parts.is_empty() {
+                        None
+                    } else {
+                        Some(EncodedBatch::cat(&parts)?)
                     }
                 }
+                None => {
+                    let mut examples = Vec::with_capacity(batch.indices.len());
+                    let mut flips = Vec::with_capacity(batch.indices.len());
+                    for (&index, &flip) in batch.indices.iter().zip(&batch.flips) {
+                        match dataset.load(index) {
+                            Ok(example) => {
+                                examples.push(example);
+                                flips.push(flip);
+                            }
+                            Err(error) => failed.push((index, error.to_string())),
+                        }
+                    }
+                    if examples.is_empty() {
+                        None
+                    } else {
+                        let prepared = prepare_batch(
+                            &examples,
+                            &flips,
+                            config.resolution,
+                            crop,
+                            &config.device,
+                        )?;
+                        Some(self.trainer.models().encode_batch(&prepared)?)
+                    }
+                }
+            };
+            for (index, message) in failed {
+                if unreadable.insert(index) {
+                    on_event(TrainEvent::Notice(format!(
+                        "skipped (this example will be left out from now on): {message}"
+                    )));
+                }
+                first_unreadable.get_or_insert(message);
+                if unreadable.len() == dataset.len() {
+                    return Err(RunError::NoUsableExamples {
+                        examples: dataset.len(),
+                        first_error: first_unreadable.unwrap_or_default(),
+                    });
+                }
             }
-            if !examples.is_empty() {
-                let prepared =
-                    prepare_batch(&examples, &flips, config.resolution, crop, &config.device)?;
+            if let Some(encoded) = encoded {
                 let latent_shape = self
                     .trainer
                     .models()
-                    .latent_shape(examples.len(), config.resolution as usize);
+                    .latent_shape(encoded.batch_size()?, config.resolution as usize);
                 let draws = StepDraws::seeded(
                     config.seed,
                     draws_index,
@@ -711,7 +838,7 @@ impl Run<'_> {
                     num_train_timesteps,
                     &config.device,
                 )?;
-                self.trainer.accumulate(&prepared, &draws)?;
+                self.trainer.accumulate_encoded(&encoded, &draws)?;
             }
 
             let pending = self.trainer.pending_micro_batches();
@@ -1020,8 +1147,8 @@ impl Run<'_> {
         let model = InstructPix2PixModel {
             folder: config.pretrained_model.clone(),
             tokenizer: models.tokenizer.clone(),
-            text_encoder: models.text_encoder.clone(),
-            vae: models.vae.clone(),
+            text_encoder: models.text_encoder()?.clone(),
+            vae: models.vae()?.clone(),
             unet: self.validation_unet()?,
             dtype: candle_core::DType::F32,
             device: config.device.clone(),

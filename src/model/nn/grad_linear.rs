@@ -1,0 +1,278 @@
+//! The differentiable CPU linear layer `y = x Wᵀ (+ b)` as a candle custom op whose backward
+//! pass computes only the gradients of the tensors tracked when the forward pass ran:
+//! dx = dy · W, dW = dyᵀ · x, db = Σ_rows dy.
+//!
+//! Why not candle's `matmul` + `broadcast_add`: their backward computes a gradient for both
+//! operands whatever they are, and keeps it until `backward()` returns. A frozen layer (every
+//! base layer in LoRA training) then costs a weight-sized GEMM and buffer for its weight, and an
+//! output-sized buffer for its bias; an untracked input (the text conditioning entering to_k and
+//! to_v, the timestep embedding) an input-sized one.
+
+use candle_core::{CpuStorage, DType, Device, Result, Shape, Tensor};
+
+use super::cpu;
+use super::fused_op::{Fused, FusedKernel, Grads2, Grads3};
+use super::product::{Product, Threads};
+
+/// `x` [rows, in] times `weight` [out, in] transposed, plus `bias` [out], as a differentiable op,
+/// when the kernel applies (CPU, f32, those shapes).
+pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
+    let on_cpu_f32 = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
+    if !on_cpu_f32(x) || !on_cpu_f32(weight) || !bias.is_none_or(on_cpu_f32) {
+        return Ok(None);
+    }
+    let (Ok((rows, in_features)), Ok((out_features, weight_in))) = (x.dims2(), weight.dims2())
+    else {
+        return Ok(None);
+    };
+    if weight_in != in_features || bias.is_some_and(|b| b.dims() != [out_features]) {
+        return Ok(None);
+    }
+    let op = LinearOp {
+        rows,
+        in_features,
+        out_features,
+        input_tracked: x.track_op(),
+        weight_tracked: weight.track_op(),
+        bias_tracked: bias.is_some_and(Tensor::track_op),
+    };
+    let (x, weight) = (x.contiguous()?, weight.contiguous()?);
+    let y = match bias {
+        Some(bias) => x.apply_op3(&weight, &bias.contiguous()?, Fused(op))?,
+        None => x.apply_op2(&weight, Fused(op))?,
+    };
+    Ok(Some(y))
+}
+
+/// The layer's sizes and which inputs need a gradient.
+struct LinearOp {
+    rows: usize,
+    in_features: usize,
+    out_features: usize,
+    input_tracked: bool,
+    weight_tracked: bool,
+    bias_tracked: bool,
+}
+
+impl LinearOp {
+    fn forward_values(
+        &self,
+        x: &[f32],
+        weight: &[f32],
+        bias: Option<&[f32]>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows, n_in, n_out) = (self.rows, self.in_features, self.out_features);
+        // Each row starts as the bias and the product is added onto it (in the GEMM: no
+        // element loop of this crate, which a debug build leaves unoptimised).
+        let mut y = match bias {
+            Some(bias) => bias.repeat(rows),
+            None => vec![0f32; rows * n_out],
+        };
+        // y [rows, out] (+)= x [rows, in] · Wᵀ [in, out] (W read with its strides swapped).
+        Product {
+            m: rows,
+            n: n_out,
+            k: n_in,
+            dst: (n_out, 1),
+            lhs: (n_in, 1),
+            rhs: (1, n_in),
+        }
+        .run(&mut y, x, weight, 1.0, bias.is_some(), Threads::All)?;
+        Ok((CpuStorage::F32(y), Shape::from((rows, n_out))))
+    }
+
+    fn gradients(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        grad: &Tensor,
+        has_bias: bool,
+    ) -> Result<Grads3> {
+        let (rows, n_in, n_out) = (self.rows, self.in_features, self.out_features);
+        let grad = grad.contiguous()?;
+        let (g_storage, g_layout) = grad.storage_and_layout();
+        let dy = cpu::contiguous_slice::<f32>(&g_storage, g_layout)?;
+        let input_grad = if self.input_tracked {
+            let (w_storage, w_layout) = weight.storage_and_layout();
+            let w = cpu::contiguous_slice::<f32>(&w_storage, w_layout)?;
+            let mut dx = vec![0f32; rows * n_in];
+            // dx [rows, in] = dy [rows, out] · W [out, in].
+            Product {
+                m: rows,
+                n: n_in,
+                k: n_out,
+                dst: (n_in, 1),
+                lhs: (n_out, 1),
+                rhs: (n_in, 1),
+            }
+            .run(&mut dx, dy, w, 1.0, false, Threads::All)?;
+            Some(Tensor::from_vec(dx, (rows, n_in), &Device::Cpu)?)
+        } else {
+            None
+        };
+        let weight_grad = if self.weight_tracked {
+            let (x_storage, x_layout) = x.storage_and_layout();
+            let x = cpu::contiguous_slice::<f32>(&x_storage, x_layout)?;
+            let mut dw = vec![0f32; n_out * n_in];
+            // dW [out, in] = dyᵀ [out, rows] · x [rows, in].
+            Product {
+                m: n_out,
+                n: n_in,
+                k: rows,
+                dst: (n_in, 1),
+                lhs: (1, n_out),
+                rhs: (n_in, 1),
+            }
+            .run(&mut dw, dy, x, 1.0, false, Threads::All)?;
+            Some(Tensor::from_vec(dw, (n_out, n_in), &Device::Cpu)?)
+        } else {
+            None
+        };
+        let bias_grad = if has_bias && self.bias_tracked {
+            // db [1, out] = 1 [1, rows] · dy [rows, out].
+            let ones = vec![1f32; rows];
+            let mut db = vec![0f32; n_out];
+            Product {
+                m: 1,
+                n: n_out,
+                k: rows,
+                dst: (n_out, 1),
+                lhs: (rows, 1),
+                rhs: (n_out, 1),
+            }
+            .run(&mut db, &ones, dy, 1.0, false, Threads::All)?;
+            Some(Tensor::from_vec(db, n_out, &Device::Cpu)?)
+        } else {
+            None
+        };
+        Ok((input_grad, weight_grad, bias_grad))
+    }
+}
+
+impl FusedKernel<2> for LinearOp {
+    type Grads = Grads2;
+
+    fn name(&self) -> &'static str {
+        "fused-linear"
+    }
+
+    fn forward(&self, [x, weight]: [&[f32]; 2], _: &Shape) -> Result<(CpuStorage, Shape)> {
+        self.forward_values(x, weight, None)
+    }
+
+    fn backward(&self, [x, weight]: [&Tensor; 2], _: &Tensor, grad: &Tensor) -> Result<Grads2> {
+        let (input_grad, weight_grad, _) = self.gradients(x, weight, grad, false)?;
+        Ok((input_grad, weight_grad))
+    }
+}
+
+impl FusedKernel<3> for LinearOp {
+    type Grads = Grads3;
+
+    fn name(&self) -> &'static str {
+        "fused-linear-bias"
+    }
+
+    fn forward(&self, [x, weight, bias]: [&[f32]; 3], _: &Shape) -> Result<(CpuStorage, Shape)> {
+        self.forward_values(x, weight, Some(bias))
+    }
+
+    fn backward(&self, [x, weight, _]: [&Tensor; 3], _: &Tensor, grad: &Tensor) -> Result<Grads3> {
+        self.gradients(x, weight, grad, true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    fn values(shape: &[usize], seed: u64) -> Tensor {
+        let count: usize = shape.iter().product();
+        let mut state = seed;
+        let data: Vec<f32> = (0..count)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect();
+        Tensor::from_vec(data, shape, &Device::Cpu).expect("shape matches the data")
+    }
+
+    fn max_difference(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .and_then(|d| d.abs())
+            .and_then(|d| d.max_all())
+            .and_then(|d| d.to_scalar::<f32>())
+            .expect("difference")
+    }
+
+    /// candle's composed layer: what the op must compute.
+    fn composed(x: &Tensor, w: &Tensor, b: &Tensor) -> Tensor {
+        x.matmul(&w.t().expect("t"))
+            .and_then(|y| y.broadcast_add(b))
+            .expect("composed")
+    }
+
+    #[test]
+    fn values_and_gradients_match_candles_matmul() {
+        let x = Var::from_tensor(&values(&[5, 7], 1)).expect("x");
+        let w = Var::from_tensor(&values(&[3, 7], 2)).expect("w");
+        let b = Var::from_tensor(&values(&[3], 3)).expect("b");
+        let r = values(&[5, 3], 4);
+        let fused = linear(x.as_tensor(), w.as_tensor(), Some(b.as_tensor()))
+            .expect("forward")
+            .expect("applies");
+        let reference = composed(x.as_tensor(), w.as_tensor(), b.as_tensor());
+        assert!(max_difference(&fused, &reference) < 1e-6);
+        let grads = |y: &Tensor| {
+            (y * &r)
+                .and_then(|l| l.sum_all())
+                .and_then(|l| l.backward())
+        };
+        let (fused_grads, reference_grads) = (
+            grads(&fused).expect("backward"),
+            grads(&reference).expect("backward"),
+        );
+        for var in [&x, &w, &b] {
+            let a = fused_grads.get(var.as_tensor()).expect("fused gradient");
+            let e = reference_grads.get(var.as_tensor()).expect("gradient");
+            assert!(max_difference(a, e) < 1e-5);
+        }
+    }
+
+    #[test]
+    fn a_frozen_weight_and_bias_get_no_gradient_buffer() {
+        // x tracked, the layer frozen (LoRA's base layers): backward leaves gradients for x
+        // alone. candle's matmul + broadcast_add also leave one for Wᵀ and for the broadcast bias.
+        let x = Var::from_tensor(&values(&[5, 7], 1)).expect("x");
+        let (w, b) = (values(&[3, 7], 2), values(&[3], 3));
+        let loss = |y: Tensor| y.sum_all().and_then(|l| l.backward()).expect("backward");
+        let fused = loss(
+            linear(x.as_tensor(), &w, Some(&b))
+                .expect("forward")
+                .expect("applies"),
+        );
+        let ids: Vec<_> = fused.get_ids().copied().collect();
+        assert_eq!(ids, [x.as_tensor().id()]);
+        let reference = loss(composed(x.as_tensor(), &w, &b));
+        assert_eq!(reference.get_ids().count(), 3);
+        let dx = fused.get(x.as_tensor()).expect("dx");
+        let expected = reference.get(x.as_tensor()).expect("dx");
+        assert!(max_difference(dx, expected) < 1e-5);
+
+        // The reverse: an untracked input into a trained layer (the text conditioning into a
+        // cross-attention's to_k) gets no gradient buffer either.
+        let x = values(&[5, 7], 1);
+        let w = Var::from_tensor(&values(&[3, 7], 2)).expect("w");
+        let grads = loss(
+            linear(&x, w.as_tensor(), None)
+                .expect("forward")
+                .expect("applies"),
+        );
+        let ids: Vec<_> = grads.get_ids().copied().collect();
+        assert_eq!(ids, [w.as_tensor().id()]);
+    }
+}
