@@ -550,11 +550,13 @@ fn image_area(app: &mut EditorApp, ui: &mut Ui) {
             .inner_margin(6.0)
             .corner_radius(4.0)
             .show(ui, |ui| {
-                ui.horizontal(|ui| {
-                    ui.label(&notice.text);
+                // The button first, at the right edge, then the text wrapped in the width
+                // left: a long message (a path, a config key) never pushes Dismiss out of view.
+                ui.with_layout(egui::Layout::right_to_left(egui::Align::TOP), |ui| {
                     if ui.small_button("Dismiss").clicked() {
                         dismissed = Some(index);
                     }
+                    ui.add(egui::Label::new(&notice.text).wrap());
                 });
             });
     }

@@ -576,7 +576,8 @@ pub struct AutoencoderKL {
     encoder: Encoder,
     quant_conv: Option<Conv2d>,
     post_quant_conv: Option<Conv2d>,
-    decoder: Decoder,
+    /// `None` once freed ([`AutoencoderKL::without_decoder`]).
+    decoder: Option<Decoder>,
     config: VaeConfig,
     dtype: DType,
 }
@@ -608,7 +609,7 @@ impl AutoencoderKL {
             encoder: Encoder::load(vb.pp("encoder"), config)?,
             quant_conv,
             post_quant_conv,
-            decoder: Decoder::load(vb.pp("decoder"), config)?,
+            decoder: Some(Decoder::load(vb.pp("decoder"), config)?),
             config: config.clone(),
             dtype: vb.dtype(),
         })
@@ -647,11 +648,27 @@ impl AutoencoderKL {
                 self.config.latent_channels
             );
         }
+        let Some(decoder) = &self.decoder else {
+            candle_core::bail!("VAE decode: this VAE encodes only (its decoder was freed)");
+        };
         let mut z = latents.to_dtype(self.dtype)?;
         if let Some(conv) = &self.post_quant_conv {
             z = conv.forward(&z)?;
         }
-        self.decoder.forward(&z)
+        decoder.forward(&z)
+    }
+
+    /// The VAE without its decoder and `post_quant_conv` (their weights freed), for work that
+    /// only encodes (training without validation edits); [`AutoencoderKL::decode`] then fails.
+    pub fn without_decoder(mut self) -> Self {
+        self.decoder = None;
+        self.post_quant_conv = None;
+        self
+    }
+
+    /// Whether [`AutoencoderKL::decode`] can run.
+    pub fn has_decoder(&self) -> bool {
+        self.decoder.is_some()
     }
 
     /// The configuration the VAE was built from.

@@ -8,8 +8,9 @@
 //! renamed to `checkpoint-STEP` (one atomic rename; the parent folder is synced after it). A kill
 //! at any moment therefore leaves either the complete new checkpoint or none, and never touches
 //! the older ones. Leftover temporary folders are ignored by [`resolve_resume`] and removed by the
-//! next [`save_checkpoint`]. A checkpoint whose files do not match its manifest (damaged after the
-//! fact) is skipped by `latest`.
+//! next [`save_checkpoint`]. The manifest records each file's size and the CRC-32 of its bytes as
+//! read back from disk; a checkpoint whose files do not match (truncated or changed after the
+//! fact) is named as damaged, and `latest` passes over it to an older one, saying so.
 //!
 //! `checkpoints_total_limit` keeps at most that many checkpoints, as diffusers' training scripts
 //! do, but removes the oldest *after* the new one is complete, so there is never a moment with
@@ -30,7 +31,8 @@ use serde_json::{Value, json};
 pub const CHECKPOINT_PREFIX: &str = "checkpoint-";
 /// The loop's own state inside a checkpoint.
 pub const STATE_FILE: &str = "state.json";
-/// The manifest, written last: its presence and the file sizes it lists mark a complete checkpoint.
+/// The manifest, written last: its presence and the file sizes and checksums it lists mark a
+/// complete checkpoint.
 pub const MANIFEST_FILE: &str = "checkpoint.json";
 /// Prefix of the temporary folders checkpoints are written into (hidden, never `checkpoint-*`).
 const TEMP_PREFIX: &str = ".tmp-checkpoint-";
@@ -366,7 +368,8 @@ pub fn list_checkpoints(output_dir: &Path) -> Result<Vec<(u64, PathBuf)>, Checkp
 }
 
 /// Why the checkpoint folder `dir` is not complete, or `None` when it is: its manifest exists and
-/// every file it lists is there with the listed size.
+/// every file it lists is there with the listed size and CRC-32 (read in full: a checkpoint is
+/// checked this way once, before it is loaded).
 pub fn checkpoint_problem(dir: &Path) -> Option<String> {
     let manifest_path = dir.join(MANIFEST_FILE);
     let text = match crate::model::files::read_to_string_limited(
@@ -383,13 +386,23 @@ pub fn checkpoint_problem(dir: &Path) -> Option<String> {
     let Some(files) = manifest.get("files").and_then(Value::as_object) else {
         return Some(format!("{MANIFEST_FILE} lists no files"));
     };
-    for (file, size) in files {
-        let Some(expected) = size.as_u64() else {
+    for (file, record) in files {
+        // A record is `{"bytes": N, "crc32": "8 hex digits"}`; checkpoints of earlier versions
+        // give the size alone.
+        let (size, crc) = match record {
+            Value::Object(fields) => (
+                fields.get("bytes").and_then(Value::as_u64),
+                fields.get("crc32").and_then(Value::as_str),
+            ),
+            other => (other.as_u64(), None),
+        };
+        let Some(expected) = size else {
             return Some(format!(
-                "{MANIFEST_FILE} gives {file} the size {size}, not a byte count"
+                "{MANIFEST_FILE} gives {file} the record {record}, not a byte count"
             ));
         };
-        match fs::metadata(dir.join(file)) {
+        let path = dir.join(file);
+        match fs::metadata(&path) {
             Ok(meta) if meta.len() == expected => {}
             Ok(meta) => {
                 return Some(format!(
@@ -399,8 +412,42 @@ pub fn checkpoint_problem(dir: &Path) -> Option<String> {
             }
             Err(e) => return Some(format!("lacks {file} ({e})")),
         }
+        if let Some(crc) = crc {
+            match file_crc32(&path) {
+                Ok(actual) if format!("{actual:08x}") == crc => {}
+                Ok(actual) => {
+                    return Some(format!(
+                        "has {file} whose CRC-32 is {actual:08x} where {crc} was written: its bytes changed since"
+                    ));
+                }
+                Err(e) => return Some(format!("cannot read {file} ({e})")),
+            }
+        }
     }
     None
+}
+
+/// A written file's manifest record: its size and the CRC-32 of the bytes on disk (read back
+/// after the write, so damage between the write and a resume is found, not only truncation).
+fn file_record(path: &Path) -> Result<Value, CheckpointError> {
+    let bytes = fs::metadata(path).map_err(io_err("reading", path))?.len();
+    let crc = file_crc32(path).map_err(io_err("reading", path))?;
+    Ok(json!({ "bytes": bytes, "crc32": format!("{crc:08x}") }))
+}
+
+/// The CRC-32 (IEEE) of a file's contents, read in blocks.
+fn file_crc32(path: &Path) -> std::io::Result<u32> {
+    use std::io::Read;
+    let mut file = File::open(path)?;
+    let mut hasher = crc32fast::Hasher::new();
+    let mut block = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut block)?;
+        if n == 0 {
+            return Ok(hasher.finalize());
+        }
+        hasher.update(&block[..n]);
+    }
 }
 
 /// Syncs a folder's entry list (so a rename or a new file in it survives a power cut).
@@ -482,8 +529,7 @@ pub fn save_checkpoint(
         let file_name = format!("{}.safetensors", group.name);
         let path = temp_dir.join(&file_name);
         write_safetensors(&path, &group.tensors, None)?;
-        let size = fs::metadata(&path).map_err(io_err("reading", &path))?.len();
-        files.insert(file_name, json!(size));
+        files.insert(file_name, file_record(&path)?);
     }
     let state_path = temp_dir.join(STATE_FILE);
     let state_text = serde_json::to_vec_pretty(state).map_err(|e| CheckpointError::Malformed {
@@ -492,7 +538,7 @@ pub fn save_checkpoint(
         reason: e.to_string(),
     })?;
     write_synced(&state_path, &state_text)?;
-    files.insert(STATE_FILE.into(), json!(state_text.len()));
+    files.insert(STATE_FILE.into(), file_record(&state_path)?);
     let manifest = json!({ "step": step, "files": files });
     let manifest_text = serde_json::to_vec_pretty(&manifest).unwrap_or_default();
     write_synced(&temp_dir.join(MANIFEST_FILE), &manifest_text)?;
@@ -719,5 +765,48 @@ mod tests {
         bytes.extend_from_slice(b"{}");
         fs::write(&path, &bytes).unwrap();
         assert!(read_safetensors_metadata(&path).unwrap().is_empty());
+    }
+
+    /// Issue 16 item 2: a byte changed after the write (same size) is found by the checksum,
+    /// named, and `latest` falls back to the older checkpoint.
+    #[test]
+    fn a_changed_byte_is_found_by_the_checksum() {
+        let dir = tempfile::tempdir().unwrap();
+        let weights = |v: f32| {
+            let t = Tensor::full(v, (4, 4), &Device::Cpu).unwrap();
+            [TensorGroup::new("unet", vec![("w".to_string(), t)])]
+        };
+        let state = json!({ "global_step": 1 });
+        save_checkpoint(dir.path(), 1, &weights(1.0), &state, None).unwrap();
+        let newest = save_checkpoint(dir.path(), 2, &weights(2.0), &state, None)
+            .unwrap()
+            .path;
+        assert_eq!(checkpoint_problem(&newest), None);
+        let file = newest.join("unet.safetensors");
+        let mut bytes = fs::read(&file).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x40;
+        fs::write(&file, &bytes).unwrap();
+        let problem = checkpoint_problem(&newest).expect("the change is found");
+        assert!(
+            problem.contains("unet.safetensors") && problem.contains("CRC-32"),
+            "{problem}"
+        );
+        assert!(load_checkpoint(&newest, &Device::Cpu).is_err());
+        assert_eq!(
+            latest_checkpoint(dir.path()).unwrap(),
+            Some(dir.path().join("checkpoint-1"))
+        );
+        // A manifest of an earlier version (sizes only) is still read.
+        let older = dir.path().join("checkpoint-1");
+        let manifest_path = older.join(MANIFEST_FILE);
+        let mut manifest: Value =
+            serde_json::from_str(&fs::read_to_string(&manifest_path).unwrap()).unwrap();
+        for record in manifest["files"].as_object_mut().unwrap().values_mut() {
+            *record = record["bytes"].clone();
+        }
+        fs::write(&manifest_path, manifest.to_string()).unwrap();
+        assert_eq!(checkpoint_problem(&older), None);
+        load_checkpoint(&older, &Device::Cpu).unwrap();
     }
 }

@@ -365,6 +365,9 @@ pub struct TrainLoadOptions {
     pub device: Device,
     /// The run's seed (`--seed`): draws the grown conv_in's new bias.
     pub seed: u64,
+    /// Keep the VAE's decoder (validation edits decode); training itself only encodes, so
+    /// without validation its weights are freed right after loading.
+    pub keep_vae_decoder: bool,
 }
 
 impl Default for TrainLoadOptions {
@@ -374,6 +377,7 @@ impl Default for TrainLoadOptions {
             frozen_dtype: DType::F32,
             device: Device::Cpu,
             seed: 0,
+            keep_vae_decoder: true,
         }
     }
 }
@@ -431,6 +435,11 @@ impl TrainingModels {
         let tokenizer = pipeline.tokenizer()?;
         let text_encoder = pipeline.text_encoder(options.frozen_dtype, device)?;
         let vae = pipeline.vae(options.frozen_dtype, device)?;
+        let vae = if options.keep_vae_decoder {
+            vae
+        } else {
+            vae.without_decoder()
+        };
         let unet = TrainableUNet::from_tensors(
             pipeline.unet_weights(DType::F32, device)?,
             pipeline.unet_config.clone(),

@@ -4,7 +4,8 @@
 //!   also leaves one for every frozen weight and bias, and for the untracked text conditioning
 //!   and timestep embedding): in LoRA training no frozen layer costs a weight gradient;
 //! - no second copy of a frozen weight: the LoRA base network and the validation network read
-//!   the very buffers of the UNet's variables.
+//!   the very buffers of the UNet's variables;
+//! - no frozen weight kept for nothing: without validation edits the VAE's decoder is freed.
 
 use crate::common;
 use crate::train_dataset;
@@ -186,4 +187,28 @@ fn frozen_weights_are_the_variables_buffers_not_copies() {
         })
         .collect();
     assert_eq!(frozen, variables);
+}
+
+#[test]
+fn without_validation_the_vae_decoder_is_not_kept() {
+    let models = TrainingModels::load(
+        &common::fixture_pipeline("sd1-tiny"),
+        &TrainLoadOptions {
+            keep_vae_decoder: false,
+            ..TrainLoadOptions::default()
+        },
+    )
+    .unwrap();
+    let vae = models.vae().unwrap();
+    assert!(!vae.has_decoder());
+    let error = vae
+        .decode(&Tensor::zeros((1, 4, 4, 4), candle_core::DType::F32, &Device::Cpu).unwrap())
+        .unwrap_err();
+    assert!(error.to_string().contains("decoder was freed"), "{error}");
+    // Training only encodes: a step runs as before.
+    let (batch, draws) = batch_and_draws(&models);
+    let out = models.micro_batch_loss(&batch, &draws, None).unwrap();
+    assert!(out.loss.to_scalar::<f32>().unwrap().is_finite());
+    // The default (and a run with validation edits) keeps it.
+    assert!(load_models().vae().unwrap().has_decoder());
 }

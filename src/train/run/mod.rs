@@ -242,6 +242,7 @@ pub fn train(
             frozen_dtype: config.mixed_precision.frozen_dtype(&config.device),
             device: config.device.clone(),
             seed: config.seed,
+            keep_vae_decoder: config.validation.is_some(),
         },
     )?;
     let factor = models.vae_config().downscale_factor() as u32;
