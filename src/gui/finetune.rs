@@ -440,9 +440,13 @@ impl FineTune {
         if let Some(run) = &self.run {
             if let Some(progress) = &run.last {
                 let fraction = progress.step as f32 / progress.total_steps.max(1) as f32;
+                let estimate = run
+                    .memory
+                    .map(|m| format!(" (estimated peak {:.1} GB)", m.needed as f64 / 1e9))
+                    .unwrap_or_default();
                 let memory = progress
                     .memory_bytes
-                    .map(|b| format!(" · {:.1} GB in use", b as f64 / 1e9))
+                    .map(|b| format!(" · {:.1} GB in use{estimate}", b as f64 / 1e9))
                     .unwrap_or_default();
                 ui.add(egui::ProgressBar::new(fraction).text(format!(
                     "step {} of {} · loss {:.4} · {:.0} s left{memory}",

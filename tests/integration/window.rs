@@ -832,6 +832,10 @@ fn the_fine_tune_dialog_estimates_memory_and_its_savers_reach_the_run() {
             .as_ref()
             .is_some_and(|run| !run.losses.is_empty() && run.memory.is_some())
     });
+    assert!(
+        sees(&harness, "(estimated peak "),
+        "the progress line shows the run's own estimate"
+    );
     click(&mut harness, "Stop");
     wait_for(&mut harness, "the run to end", |app| {
         app.finetune.run.as_ref().is_some_and(|run| !run.active())
