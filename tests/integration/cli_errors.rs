@@ -466,6 +466,7 @@ fn config_numbers_out_of_range() {
         ("unet/config.json", "layers_per_block", json!(0)),
         ("unet/config.json", "attention_head_dim", json!(1000)),
         ("unet/config.json", "block_out_channels", json!([32, 0])),
+        ("unet/config.json", "downsample_padding", json!(1000)),
         ("vae/config.json", "scaling_factor", json!(0.0)),
         ("text_encoder/config.json", "layer_norm_eps", json!(-1e-5)),
         ("scheduler/scheduler_config.json", "beta_end", json!(1.5)),
@@ -616,6 +617,130 @@ fn an_edit_that_overflows_names_the_stage() {
     assert!(
         line.contains("denoising") || line.contains("decoded image"),
         "{line}"
+    );
+}
+
+/// A deterministic fuzz of the config readers and the model built from them: random numbers of
+/// each config file replaced by nasty values (0, negative, huge, fractional) or keys removed;
+/// loading and a one-step edit must end in an image or an error, never a panic.
+#[test]
+fn damaged_configs_never_panic() {
+    use instruct_pix2pix::model::{InstructPix2PixModel, LoadOptions};
+    use instruct_pix2pix::pipeline::image::load_image;
+    use instruct_pix2pix::pipeline::{EditPipeline, EditSettings};
+    use serde_json::Value;
+
+    const NASTY: [f64; 12] = [
+        0.0, 1.0, 2.0, 3.0, 7.0, 1000.0, 100000.0, -1.0, 0.5, 1e-30, 1e30, 2.5e38,
+    ];
+    let case = Case::new();
+    let model = case.pipeline_copy("sd1-tiny");
+    let files = [
+        "unet/config.json",
+        "vae/config.json",
+        "text_encoder/config.json",
+        "scheduler/scheduler_config.json",
+        "tokenizer/tokenizer_config.json",
+    ];
+    let originals: Vec<String> = files
+        .iter()
+        .map(|f| std::fs::read_to_string(model.join(f)).unwrap())
+        .collect();
+    let image = load_image(Path::new(&case.input())).unwrap();
+    let mut state = 0x5DEE_CE66_D1CE_4E5Bu64;
+    let mut next = move |below: usize| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % below as u64) as usize
+    };
+    // Every numeric leaf of a JSON value, as a path of keys and indices.
+    fn number_paths(value: &Value, path: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
+        match value {
+            Value::Number(_) => out.push(path.clone()),
+            Value::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    path.push(i.to_string());
+                    number_paths(item, path, out);
+                    path.pop();
+                }
+            }
+            Value::Object(map) => {
+                for (key, item) in map {
+                    path.push(key.clone());
+                    number_paths(item, path, out);
+                    path.pop();
+                }
+            }
+            _ => {}
+        }
+    }
+    let (mut loaded, mut refused) = (0, 0);
+    for _ in 0..40 {
+        let which = next(files.len());
+        let mut json: Value = serde_json::from_str(&originals[which]).unwrap();
+        let mut paths = Vec::new();
+        number_paths(&json, &mut Vec::new(), &mut paths);
+        if next(4) == 0 {
+            let keys: Vec<String> = json.as_object().unwrap().keys().cloned().collect();
+            json.as_object_mut()
+                .unwrap()
+                .remove(&keys[next(keys.len())]);
+        } else {
+            let path = &paths[next(paths.len())];
+            let mut target = &mut json;
+            for part in path {
+                target = match target {
+                    Value::Array(items) => &mut items[part.parse::<usize>().unwrap()],
+                    other => &mut other[part.as_str()],
+                };
+            }
+            let nasty = NASTY[next(NASTY.len())];
+            *target = serde_json::Number::from_f64(nasty)
+                .map(|n| {
+                    if nasty.fract() == 0.0 && nasty.abs() < 1e15 {
+                        Value::from(nasty as i64)
+                    } else {
+                        Value::Number(n)
+                    }
+                })
+                .unwrap();
+        }
+        for (file, original) in files.iter().zip(&originals) {
+            std::fs::write(model.join(file), original).unwrap();
+        }
+        std::fs::write(model.join(files[which]), json.to_string()).unwrap();
+        let options = LoadOptions {
+            variant: instruct_pix2pix::model::hub::Variant::Default,
+            dtype: candle_core::DType::F32,
+            device: candle_core::Device::Cpu,
+        };
+        let edited = InstructPix2PixModel::load(&model, &options)
+            .map_err(|e| e.to_string())
+            .and_then(|m| EditPipeline::new(m).map_err(|e| e.to_string()))
+            .and_then(|mut pipeline| {
+                let settings = EditSettings {
+                    prompt: "make it snowy".into(),
+                    steps: 1,
+                    seed: 1,
+                    ..EditSettings::default()
+                };
+                let cancel = std::sync::atomic::AtomicBool::new(false);
+                pipeline
+                    .edit(&image, &settings, &mut |_| {}, &cancel)
+                    .map_err(|e| e.to_string())
+            });
+        match edited {
+            Ok(_) => loaded += 1,
+            Err(message) => {
+                assert!(!message.contains("Some("), "{message}");
+                refused += 1;
+            }
+        }
+    }
+    assert!(
+        refused > 5 && loaded > 5,
+        "{loaded} loaded, {refused} refused"
     );
 }
 

@@ -728,6 +728,15 @@ impl UNetConfig {
                 ));
             }
         }
+        // A stride-2, 3×3 downsampling halves the size only with padding 0 (diffusers pads the
+        // bottom/right by one itself) or 1; more breaks the skip connections' shapes, and a
+        // typo such as 1000 made every convolution a thousand times wider (found by fuzzing).
+        if self.downsample_padding > 1 {
+            return Err(invalid(
+                "downsample_padding",
+                format!("is {}: it must be 0 or 1", self.downsample_padding),
+            ));
+        }
         if !(self.norm_eps.is_finite() && self.norm_eps > 0.0 && self.norm_eps <= 1.0) {
             return Err(invalid(
                 "norm_eps",
