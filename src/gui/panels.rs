@@ -550,11 +550,13 @@ fn image_area(app: &mut EditorApp, ui: &mut Ui) {
             .inner_margin(6.0)
             .corner_radius(4.0)
             .show(ui, |ui| {
+                // The button first and the text wrapped: a long message (a model error naming
+                // its folder and file) must not push the button out of the window.
                 ui.horizontal(|ui| {
-                    ui.label(&notice.text);
                     if ui.small_button("Dismiss").clicked() {
                         dismissed = Some(index);
                     }
+                    ui.add(egui::Label::new(&notice.text).wrap());
                 });
             });
     }
