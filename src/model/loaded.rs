@@ -62,27 +62,24 @@ pub enum LoadError {
     /// The UNet's weight files lack weights its config needs (`names` comma-separated).
     #[error("{dir}: the weights lack {names} that the UNet config needs")]
     MissingWeights { dir: PathBuf, names: String },
-    /// `config` is `unet/config.json`; `stated` is false when it lacks `in_channels` (diffusers'
-    /// default, 4, applies).
+    /// `stated` is false when `unet/config.json` lacks `in_channels` (diffusers' default, 4,
+    /// applies). Paths in the message are relative to `folder`, which it names first.
     #[error(
         "{folder}: not an InstructPix2Pix model: its UNet takes {in_channels} input channels, it needs {expected} ({})",
         if *stated {
-            format!("`in_channels` in {}", config.display())
+            "`in_channels` in unet/config.json"
         } else {
-            format!("{} has no `in_channels`; diffusers' default is 4", config.display())
+            "unet/config.json has no `in_channels`: diffusers' default is 4"
         }
     )]
     NotInstructPix2Pix {
         folder: PathBuf,
         in_channels: usize,
         expected: usize,
-        config: PathBuf,
         stated: bool,
     },
     #[error(
-        "{folder}: the text encoder's width (`hidden_size` {text_width} in {}) does not match the UNet's `cross_attention_dim` ({cross_attention_dim} in {})",
-        folder.join("text_encoder").join("config.json").display(),
-        folder.join("unet").join("config.json").display()
+        "{folder}: the text encoder's width (`hidden_size` {text_width} in text_encoder/config.json) does not match the UNet's `cross_attention_dim` ({cross_attention_dim} in unet/config.json)"
     )]
     TextWidthMismatch {
         folder: PathBuf,
@@ -327,7 +324,6 @@ impl InstructPix2PixModel {
                 folder: pipeline.path,
                 in_channels,
                 expected: INSTRUCT_PIX2PIX_IN_CHANNELS,
-                config,
                 stated,
             });
         }
