@@ -12,9 +12,9 @@ pub const MAX_BATCH_SIZE: u64 = 1024;
 /// Upper bound of `--gradient_accumulation_steps`.
 pub const MAX_ACCUMULATION: u64 = 10_000;
 
-/// Upper bound of `--lora-rank`: LoRA's point is a rank far below the layers' widths (320 to
-/// 1280 in Stable Diffusion), and the adapters are allocated at this size.
-pub const MAX_LORA_RANK: u64 = 1024;
+/// Upper bound of `--lora-rank`: the training library's own limit (the window's runs are held
+/// to it too).
+pub const MAX_LORA_RANK: u64 = crate::train::lora::MAX_LORA_RANK as u64;
 
 /// Upper bound of `--num_validation_images`: each is a full edit.
 pub const MAX_VALIDATION_IMAGES: u64 = 100;

@@ -30,6 +30,10 @@ use crate::model::InstructPix2PixModel;
 use crate::model::nn::LowRankAdapter;
 use crate::model::unet::UNet2DConditionModel;
 
+/// The largest LoRA rank a run accepts: LoRA's point is a rank far below the layers' widths
+/// (320 to 1,280 in Stable Diffusion), and the adapters are allocated at this size.
+pub const MAX_LORA_RANK: usize = 1024;
+
 /// The file name diffusers' `save_lora_weights` writes and `load_lora_weights(folder)` reads.
 pub const LORA_WEIGHTS_FILE: &str = "pytorch_lora_weights.safetensors";
 /// The attention projections that get adapters (peft's `target_modules`).

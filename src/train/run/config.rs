@@ -313,8 +313,14 @@ impl TrainConfig {
         if self.max_train_samples == Some(0) {
             return Err(bad("--max_train_samples", 0, "must be at least 1"));
         }
-        if self.lora_rank == Some(0) {
-            return Err(bad("--lora-rank", 0, "must be at least 1"));
+        if let Some(rank) = self.lora_rank
+            && !(1..=crate::train::lora::MAX_LORA_RANK).contains(&rank)
+        {
+            return Err(bad(
+                "--lora-rank",
+                rank,
+                &format!("must be 1 to {}", crate::train::lora::MAX_LORA_RANK),
+            ));
         }
         if self.output_dir.as_os_str().is_empty() {
             return Err(bad("--output_dir", "\"\"", "must name a folder"));
@@ -379,6 +385,7 @@ mod tests {
                 "--gradient_accumulation_steps",
                 Box::new(|c| c.gradient_accumulation_steps = 0),
             ),
+            ("--lora-rank", Box::new(|c| c.lora_rank = Some(100_000))),
             ("--learning_rate", Box::new(|c| c.learning_rate = f64::NAN)),
             ("--learning_rate", Box::new(|c| c.learning_rate = -1.0)),
             (
