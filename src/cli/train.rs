@@ -615,8 +615,9 @@ fn push_model(target: &PushTarget, model: &Path, quiet: bool) -> Result<()> {
     match result {
         Ok(outcome) => {
             println!(
-                "pushed {} files to {}{}",
+                "pushed {} file{} to {}{}",
                 outcome.files,
+                if outcome.files == 1 { "" } else { "s" },
                 outcome.url,
                 outcome
                     .commit

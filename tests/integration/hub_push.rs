@@ -254,3 +254,67 @@ fn no_token_is_refused_before_training() {
     assert!(!all.contains(TOKEN), "the token was printed:\n{all}");
     assert_eq!(hub.commits().len(), 1);
 }
+
+#[test]
+fn a_lora_run_pushes_only_its_weights_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    train_dataset::write_invert_dataset(&data, 4, 32, 11);
+    let hub = FakeHub::start(Vec::new());
+    hub.set_write_token(TOKEN, "me");
+    let out = dir.path().join("out");
+    let (output, all) = run(train_command(
+        &dir.path().join("hf"),
+        &hub,
+        &data,
+        &out,
+        &[
+            "--lora-rank",
+            "4",
+            "--push_to_hub",
+            "--hub_model_id",
+            "me/tiny-lora",
+            "--hub_token",
+            TOKEN,
+        ],
+    ));
+    assert!(output.status.success(), "{all}");
+    let commits = hub.commits();
+    assert_eq!(commits.len(), 1, "{all}");
+    assert_eq!(commits[0].repo_id, "me/tiny-lora");
+    let weights = std::fs::read(out.join("pytorch_lora_weights.safetensors")).unwrap();
+    assert_eq!(
+        commits[0].files,
+        BTreeMap::from([("pytorch_lora_weights.safetensors".to_string(), weights)])
+    );
+}
+
+#[test]
+fn an_unreachable_hub_fails_in_one_line_and_keeps_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    train_dataset::write_invert_dataset(&data, 4, 32, 11);
+    let hub = FakeHub::start(Vec::new());
+    let out = dir.path().join("out");
+    let mut command = train_command(
+        &dir.path().join("hf"),
+        &hub,
+        &data,
+        &out,
+        &["--push_to_hub", "--hub_model_id", "me/tiny-ip2p"],
+    );
+    // Nothing listens on port 9 (discard) on the test machines.
+    command
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .env("HF_TOKEN", TOKEN);
+    let (output, all) = run(command);
+    assert!(!output.status.success(), "{all}");
+    assert!(!all.contains(TOKEN), "the token was printed:\n{all}");
+    let stderr = common::stderr(&output);
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error")).collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(errors[0].contains("me/tiny-ip2p"), "{stderr}");
+    assert!(errors[0].contains("127.0.0.1:9"), "{stderr}");
+    assert!(errors[0].contains("creating the repo"), "{stderr}");
+    assert!(out.join("model_index.json").is_file());
+}

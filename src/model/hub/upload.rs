@@ -104,7 +104,7 @@ pub enum PushError {
     },
     /// The Hub refused the token (401/403).
     #[error(
-        "pushing to {repo} on {endpoint} was refused (HTTP {status}) while {stage}{message}: \
+        "pushing to {repo} on {endpoint} was refused while {stage} (HTTP {status}{message}): \
          the token is invalid or has no write access to this repo"
     )]
     Refused {
