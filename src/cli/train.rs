@@ -573,8 +573,14 @@ fn push_target(args: &TrainArgs) -> Result<Option<PushTarget>> {
     Ok(Some(PushTarget { settings, repo }))
 }
 
-/// Uploads the trained `model` as `--push_to_hub` asks, with a progress bar.
-fn push_model(target: &PushTarget, model: &Path, quiet: bool) -> Result<()> {
+/// Uploads the trained `model` as `--push_to_hub` asks, with a progress bar; Ctrl+C (`cancel`)
+/// stops it before the commit.
+fn push_model(
+    target: &PushTarget,
+    model: &Path,
+    quiet: bool,
+    cancel: &std::sync::atomic::AtomicBool,
+) -> Result<()> {
     let files: Vec<UploadFile> = model_files(model)?
         .into_iter()
         .map(|(path_in_repo, local)| UploadFile {
@@ -610,6 +616,7 @@ fn push_model(target: &PushTarget, model: &Path, quiet: bool) -> Result<()> {
             bar.set_length(update.total);
             bar.set_position(update.done);
         },
+        cancel,
     );
     bar.finish_and_clear();
     match result {
@@ -674,7 +681,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     if let Some(target) = &push {
         match &outcome.model {
-            Some(model) if !outcome.stopped => push_model(target, model, args.quiet)?,
+            Some(model) if !outcome.stopped => push_model(target, model, args.quiet, interrupted)?,
             _ => notice(&format!(
                 "--push_to_hub: the run was stopped before its end, so nothing was uploaded to {}",
                 target.repo

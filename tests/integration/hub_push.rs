@@ -318,3 +318,52 @@ fn an_unreachable_hub_fails_in_one_line_and_keeps_the_model() {
     assert!(errors[0].contains("creating the repo"), "{stderr}");
     assert!(out.join("model_index.json").is_file());
 }
+
+#[test]
+fn a_cancelled_push_commits_nothing() {
+    use instruct_pix2pix::model::hub::{PushError, PushStage, UploadFile, push_files};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let dir = tempfile::tempdir().unwrap();
+    let hub = FakeHub::start(Vec::new());
+    hub.set_write_token(TOKEN, "me");
+    let mut settings = hub.settings(&dir.path().join("cache"));
+    settings.token = Some(TOKEN.to_string());
+    let big = dir.path().join("big.safetensors");
+    std::fs::write(
+        &big,
+        (0..8u32 << 20).map(|i| (i % 251) as u8).collect::<Vec<_>>(),
+    )
+    .unwrap();
+    let small = dir.path().join("config.json");
+    std::fs::write(&small, "{}").unwrap();
+    let files = [
+        UploadFile {
+            path_in_repo: "config.json".to_string(),
+            local: small,
+        },
+        UploadFile {
+            path_in_repo: "big.safetensors".to_string(),
+            local: big,
+        },
+    ];
+    let cancel = AtomicBool::new(false);
+    let result = push_files(
+        &settings,
+        "me/cancelled",
+        &files,
+        "End of training",
+        // Cancelled once the large file's bytes start to go.
+        &mut |update| {
+            if update.stage == PushStage::Uploading && update.done > 0 {
+                cancel.store(true, Ordering::Release);
+            }
+        },
+        &cancel,
+    );
+    let err = result.expect_err("the push was cancelled");
+    assert!(matches!(err, PushError::Cancelled { .. }), "{err}");
+    assert!(err.to_string().contains("me/cancelled"), "{err}");
+    assert!(hub.commits().is_empty());
+    assert!(hub.lfs_uploads().is_empty());
+}

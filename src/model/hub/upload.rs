@@ -21,11 +21,12 @@
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use ring::digest;
 use serde_json::{Value, json};
 
-use super::client::{Answer, HubClient, NetError, Payload, encode_path};
+use super::client::{Answer, BodyPart, CallError, HubClient, NetError, Payload, encode_path};
 use super::settings::HubSettings;
 use super::{HubError, check_repo_id};
 
@@ -167,6 +168,12 @@ pub enum PushError {
         /// The error.
         source: std::io::Error,
     },
+    /// The cancel flag was set. The commit is the last request, so nothing is in the repo.
+    #[error("the push to {repo} was cancelled; nothing was committed")]
+    Cancelled {
+        /// The repo as given.
+        repo: String,
+    },
     /// The HTTP client could not be set up (a bad environment variable).
     #[error("pushing to {repo}: {source}")]
     Setup {
@@ -186,13 +193,16 @@ struct Hashed<'a> {
 }
 
 /// Uploads `files` to the model repo `repo` (`owner/name`, or `name` for the token's user) in
-/// one commit titled `summary`, creating the repo when it does not exist.
+/// one commit titled `summary`, creating the repo when it does not exist. Setting `cancel` stops
+/// it within a read of a file or a request (a large file's upload is cut off mid-way); the
+/// commit comes last, so a cancelled push leaves the repo as it was (apart from its creation).
 pub fn push_files(
     settings: &HubSettings,
     repo: &str,
     files: &[UploadFile],
     summary: &str,
     progress: &mut dyn FnMut(PushProgress),
+    cancel: &AtomicBool,
 ) -> Result<PushOutcome, PushError> {
     if settings.token.is_none() {
         return Err(PushError::NoToken {
@@ -207,6 +217,7 @@ pub fn push_files(
     let mut push = Push {
         client: &client,
         repo_id: repo.to_string(),
+        cancel,
     };
     if !repo.contains('/') {
         let user = push.whoami()?;
@@ -215,7 +226,9 @@ pub fn push_files(
     }
     push.create_repo()?;
 
-    let hashed = hash_files(&push.repo_id, files, progress)?;
+    push.check_cancel()?;
+    let hashed = hash_files(&push.repo_id, files, progress, cancel)?;
+    push.check_cancel()?;
     let modes = push.preupload(&hashed)?;
     let kept: Vec<(&Hashed, bool)> = hashed
         .iter()
@@ -235,6 +248,7 @@ pub fn push_files(
         .map(|(f, _)| *f)
         .collect();
     let lfs_sent = push.upload_lfs(&lfs, &mut done, total, progress)?;
+    push.check_cancel()?;
     let commit = push.commit(&kept, summary)?;
     progress(PushProgress {
         stage: PushStage::Uploading,
@@ -269,6 +283,7 @@ fn hash_files<'a>(
     repo: &str,
     files: &'a [UploadFile],
     progress: &mut dyn FnMut(PushProgress),
+    cancel: &AtomicBool,
 ) -> Result<Vec<Hashed<'a>>, PushError> {
     let read_err = |path: &Path| {
         let path = path.to_path_buf();
@@ -302,6 +317,11 @@ fn hash_files<'a>(
         let mut sample = Vec::new();
         let mut size = 0u64;
         loop {
+            if cancel.load(Ordering::Acquire) {
+                return Err(PushError::Cancelled {
+                    repo: repo.to_string(),
+                });
+            }
             let n = match reader.read(&mut buffer) {
                 Ok(0) => break,
                 Ok(n) => n,
@@ -357,20 +377,26 @@ pub(crate) fn base64(bytes: &[u8]) -> String {
     out
 }
 
-/// A push in progress: the client and the repo id once known.
+/// A push in progress: the client, the repo id once known, the cancel flag.
 struct Push<'c> {
     client: &'c HubClient,
     repo_id: String,
+    cancel: &'c AtomicBool,
 }
 
-/// A reader that reports each read's bytes.
+/// A reader that reports each read's bytes, and fails once `cancel` is set (which ends the
+/// request that sends it).
 struct Counting<'a, R> {
     inner: R,
     on_read: &'a mut dyn FnMut(u64),
+    cancel: &'a AtomicBool,
 }
 
 impl<R: Read> Read for Counting<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.cancel.load(Ordering::Acquire) {
+            return Err(std::io::Error::other("cancelled"));
+        }
         let n = self.inner.read(buf)?;
         (self.on_read)(n as u64);
         Ok(n)
@@ -380,6 +406,16 @@ impl<R: Read> Read for Counting<'_, R> {
 impl Push<'_> {
     fn endpoint(&self) -> &str {
         self.client.endpoint()
+    }
+
+    fn check_cancel(&self) -> Result<(), PushError> {
+        if self.cancel.load(Ordering::Acquire) {
+            Err(PushError::Cancelled {
+                repo: self.repo_id.clone(),
+            })
+        } else {
+            Ok(())
+        }
     }
 
     fn api(&self, what: &str) -> String {
@@ -474,31 +510,27 @@ impl Push<'_> {
     fn whoami(&self) -> Result<String, PushError> {
         const STAGE: &str = "asking the Hub whose token this is (for a repo id without owner)";
         let url = format!("{}/api/whoami-v2", self.endpoint());
-        // whoami is a GET; `send` only posts, so it goes through the streaming client.
-        let cancel = std::sync::atomic::AtomicBool::new(false);
+        let call_error = |err| match err {
+            CallError::Net(err) => self.network(STAGE, err),
+            CallError::Cancelled => PushError::Cancelled {
+                repo: self.repo_id.clone(),
+            },
+        };
+        // whoami is a GET: it goes through the streaming client.
         let mut exchange = self
             .client
-            .get(&url, None, true, &cancel)
-            .map_err(|err| match err {
-                super::client::CallError::Net(err) => self.network(STAGE, err),
-                super::client::CallError::Cancelled => {
-                    self.network(STAGE, NetError::Failed("cancelled".to_string()))
-                }
-            })?;
+            .get(&url, None, true, self.cancel)
+            .map_err(call_error)?;
         let mut body = Vec::new();
         loop {
-            match exchange.next(&cancel) {
-                Ok(super::client::BodyPart::Bytes(bytes)) => {
+            match exchange.next(self.cancel).map_err(call_error)? {
+                BodyPart::Bytes(bytes) => {
                     if body.len() + bytes.len() > 1 << 20 {
                         return Err(self.bad_answer(STAGE, "longer than 1 MiB"));
                     }
                     body.extend_from_slice(&bytes);
                 }
-                Ok(super::client::BodyPart::End) => break,
-                Err(super::client::CallError::Net(err)) => return Err(self.network(STAGE, err)),
-                Err(super::client::CallError::Cancelled) => {
-                    return Err(self.network(STAGE, NetError::Failed("cancelled".to_string())));
-                }
+                BodyPart::End => break,
             }
         }
         let answer = Answer {
@@ -731,6 +763,7 @@ impl Push<'_> {
             let mut counting = Counting {
                 inner: reader.take(file.size),
                 on_read: &mut on_read,
+                cancel: self.cancel,
             };
             let result = self.client.send(
                 "PUT",
@@ -747,6 +780,11 @@ impl Push<'_> {
                     last_error = Some(self.with_file(self.status(STAGE, &answer), file));
                 }
                 Ok(answer) => return Err(self.with_file(self.status(STAGE, &answer), file)),
+                Err(_) if self.cancel.load(Ordering::Acquire) => {
+                    return Err(PushError::Cancelled {
+                        repo: self.repo_id.clone(),
+                    });
+                }
                 Err(err) => last_error = Some(self.with_file(self.network(STAGE, err), file)),
             }
             progress(PushProgress {
