@@ -522,16 +522,11 @@ impl Push<'_> {
             .get(&url, None, true, self.cancel)
             .map_err(call_error)?;
         let mut body = Vec::new();
-        loop {
-            match exchange.next(self.cancel).map_err(call_error)? {
-                BodyPart::Bytes(bytes) => {
-                    if body.len() + bytes.len() > 1 << 20 {
-                        return Err(self.bad_answer(STAGE, "longer than 1 MiB"));
-                    }
-                    body.extend_from_slice(&bytes);
-                }
-                BodyPart::End => break,
+        while let BodyPart::Bytes(bytes) = exchange.next(self.cancel).map_err(call_error)? {
+            if body.len() + bytes.len() > 1 << 20 {
+                return Err(self.bad_answer(STAGE, "longer than 1 MiB"));
             }
+            body.extend_from_slice(&bytes);
         }
         let answer = Answer {
             status: exchange.status,
