@@ -27,7 +27,8 @@
 //! files over 10 MB are LFS), `POST /{repo}.git/info/lfs/objects/batch` handing out `PUT
 //! /lfs-upload/{oid}` addresses (which check the bytes' SHA-256 and the action's header) and a
 //! `verify` call, and `POST /api/models/{repo}/commit/main` (NDJSON; LFS files must have been
-//! uploaded). What was received is kept: [`FakeHub::commits`] (every file's bytes),
+//! uploaded). LFS uploads can be made to fail with 503 ([`FakeHub::fail_lfs_puts`]). What was
+//! received is kept: [`FakeHub::commits`] (every file's bytes),
 //! [`FakeHub::created_repos`], [`FakeHub::lfs_uploads`].
 //!
 //! Private repos answer 401 unless `Authorization: Bearer <token>` matches. Every request is
@@ -136,6 +137,8 @@ struct Writes {
     lfs_puts: Vec<String>,
     /// Commits, in order.
     commits: Vec<ReceivedCommit>,
+    /// LFS `PUT`s still to answer 503 (after reading their body).
+    failing_puts: usize,
 }
 
 /// The header an LFS upload action carries and its `PUT` must send back.
@@ -397,6 +400,11 @@ impl FakeHub {
     pub fn set_write_token(&self, token: &str, user: &str) {
         self.writes.lock().expect("writes lock").write_token =
             Some((token.to_string(), user.to_string()));
+    }
+
+    /// The next `count` LFS uploads answer 503 Service Unavailable.
+    pub fn fail_lfs_puts(&self, count: usize) {
+        self.writes.lock().expect("writes lock").failing_puts = count;
     }
 
     /// The commits received so far.
@@ -672,6 +680,10 @@ fn answer_write(
         }
         if content_etag(body) != oid {
             return error(400, "", "the bytes do not match the oid");
+        }
+        if writes.failing_puts > 0 {
+            writes.failing_puts -= 1;
+            return error(503, "", "storage is busy");
         }
         writes.lfs.insert(oid.to_string(), body.to_vec());
         writes.lfs_puts.push(oid.to_string());

@@ -321,7 +321,7 @@ fn an_unreachable_hub_fails_in_one_line_and_keeps_the_model() {
 
 #[test]
 fn a_cancelled_push_commits_nothing() {
-    use instruct_pix2pix::model::hub::{PushError, PushStage, UploadFile, push_files};
+    use instruct_pix2pix::model::hub::{PushError, PushStage, push_files};
     use std::sync::atomic::{AtomicBool, Ordering};
 
     let dir = tempfile::tempdir().unwrap();
@@ -329,24 +329,7 @@ fn a_cancelled_push_commits_nothing() {
     hub.set_write_token(TOKEN, "me");
     let mut settings = hub.settings(&dir.path().join("cache"));
     settings.token = Some(TOKEN.to_string());
-    let big = dir.path().join("big.safetensors");
-    std::fs::write(
-        &big,
-        (0..8u32 << 20).map(|i| (i % 251) as u8).collect::<Vec<_>>(),
-    )
-    .unwrap();
-    let small = dir.path().join("config.json");
-    std::fs::write(&small, "{}").unwrap();
-    let files = [
-        UploadFile {
-            path_in_repo: "config.json".to_string(),
-            local: small,
-        },
-        UploadFile {
-            path_in_repo: "big.safetensors".to_string(),
-            local: big,
-        },
-    ];
+    let files = upload_files(dir.path());
     let cancel = AtomicBool::new(false);
     let result = push_files(
         &settings,
@@ -366,4 +349,65 @@ fn a_cancelled_push_commits_nothing() {
     assert!(err.to_string().contains("me/cancelled"), "{err}");
     assert!(hub.commits().is_empty());
     assert!(hub.lfs_uploads().is_empty());
+}
+
+fn upload_files(dir: &Path) -> Vec<instruct_pix2pix::model::hub::UploadFile> {
+    let big = dir.join("big.safetensors");
+    std::fs::write(
+        &big,
+        (0..8u32 << 20).map(|i| (i % 251) as u8).collect::<Vec<_>>(),
+    )
+    .unwrap();
+    let small = dir.join("config.json");
+    std::fs::write(&small, "{}").unwrap();
+    vec![
+        instruct_pix2pix::model::hub::UploadFile {
+            path_in_repo: "config.json".to_string(),
+            local: small,
+        },
+        instruct_pix2pix::model::hub::UploadFile {
+            path_in_repo: "big.safetensors".to_string(),
+            local: big,
+        },
+    ]
+}
+
+#[test]
+fn a_failed_large_file_upload_is_tried_again() {
+    use instruct_pix2pix::model::hub::{PUT_TRIES, PushError, push_files};
+    use std::sync::atomic::AtomicBool;
+
+    let dir = tempfile::tempdir().unwrap();
+    let hub = FakeHub::start(Vec::new());
+    hub.set_write_token(TOKEN, "me");
+    let mut settings = hub.settings(&dir.path().join("cache"));
+    settings.token = Some(TOKEN.to_string());
+    let files = upload_files(dir.path());
+    let never = AtomicBool::new(false);
+
+    // Storage busy for all but the last try: the push succeeds.
+    hub.fail_lfs_puts(PUT_TRIES as usize - 1);
+    let outcome = push_files(&settings, "me/retried", &files, "One", &mut |_| {}, &never)
+        .expect("the push succeeds on the last try");
+    assert_eq!((outcome.files, outcome.lfs_sent), (2, 1));
+    let commits = hub.commits();
+    assert_eq!(commits.len(), 1);
+    assert_eq!(
+        commits[0].files["big.safetensors"],
+        std::fs::read(&files[1].local).unwrap()
+    );
+
+    // Busy for every try: one error naming the repo, the file and the status; no commit.
+    std::fs::write(&files[1].local, b"changed bytes, a new object").unwrap();
+    hub.fail_lfs_puts(PUT_TRIES as usize);
+    let err = push_files(&settings, "me/retried", &files, "Two", &mut |_| {}, &never)
+        .expect_err("storage stays busy");
+    assert!(
+        matches!(err, PushError::Status { status: 503, .. }),
+        "{err}"
+    );
+    let message = err.to_string();
+    assert!(message.contains("me/retried"), "{message}");
+    assert!(message.contains("big.safetensors"), "{message}");
+    assert_eq!(hub.commits().len(), 1);
 }

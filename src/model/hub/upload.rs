@@ -13,7 +13,8 @@
 //!
 //! Only the "basic" LFS transfer is offered, so one file is one `PUT` (storage services accept
 //! up to 5 GB in one `PUT`; a Stable Diffusion 1.x UNet in float32 is 3.4 GB). A `PUT` that fails
-//! on the network or with a 5xx is tried again, up to [`PUT_TRIES`] times.
+//! on the network or with a 5xx or 429 is tried again after 1 s, then 2 s, up to [`PUT_TRIES`]
+//! times; the other requests are tried once.
 //!
 //! The token comes from [`HubSettings::token`]; it goes only to the Hub's own origin, in the
 //! `Authorization` header, and never into a message.
@@ -408,6 +409,16 @@ impl Push<'_> {
         self.client.endpoint()
     }
 
+    /// Sleeps `time`, or less when cancelled.
+    fn wait(&self, time: std::time::Duration) -> Result<(), PushError> {
+        let until = std::time::Instant::now() + time;
+        while std::time::Instant::now() < until {
+            self.check_cancel()?;
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        self.check_cancel()
+    }
+
     fn check_cancel(&self) -> Result<(), PushError> {
         if self.cancel.load(Ordering::Acquire) {
             Err(PushError::Cancelled {
@@ -740,7 +751,11 @@ impl Push<'_> {
         let headers = Self::action_headers(upload);
         let start = *done;
         let mut last_error = None;
-        for _ in 0..PUT_TRIES {
+        for attempt in 0..PUT_TRIES {
+            if attempt > 0 {
+                // 1 s, then 2 s: a busy storage service gets a moment.
+                self.wait(std::time::Duration::from_secs(1 << (attempt - 1)))?;
+            }
             let reader = File::open(&file.file.local).map_err(|source| PushError::Read {
                 repo: self.repo_id.clone(),
                 path: file.file.local.clone(),
