@@ -3,7 +3,8 @@
 //! [`crate::train::run::train`] with a progress bar. Flags that mean nothing here are accepted
 //! with a one-line notice of what is done instead. Ctrl+C stops cleanly: a checkpoint of the last
 //! step and the model so far are saved (a second Ctrl+C ends the process at once).
-//! `--push_to_hub` is checked before training (a token, a repo id) and, after a run that reached
+//! `--push_to_hub` is checked before training (a token the Hub accepts for writing, a repo id)
+//! and, after a run that reached
 //! its end, uploads the model with [`crate::model::hub::push_files`]; Ctrl+C stops that upload.
 
 use std::io::{IsTerminal, Write};
@@ -19,8 +20,8 @@ use super::ranges::{
     count_in, float_in,
 };
 use crate::model::hub::{
-    HubSettings, ModelSpec, PushError, PushStage, UploadFile, Variant, check_push_repo_id,
-    fetch_model, push_files,
+    HubSettings, ModelSpec, PushError, PushStage, UploadFile, Variant, check_push_access,
+    check_push_repo_id, fetch_model, push_files,
 };
 use crate::pipeline::image::{decode_image, load_image};
 use crate::train::checkpoint::{STATE_FILE, resolve_resume};
@@ -572,6 +573,18 @@ fn push_target(args: &TrainArgs) -> Result<Option<PushTarget>> {
     if settings.offline {
         bail!("--push_to_hub: HF_HUB_OFFLINE is set, so nothing can be uploaded to {repo}");
     }
+    // A token the Hub refuses, or a read-only one, is found now rather than after the training.
+    let not_cancelled = std::sync::atomic::AtomicBool::new(false);
+    let repo = match check_push_access(&settings, &repo, &not_cancelled) {
+        Ok(full) => full,
+        Err(PushError::Network { reason, .. }) => {
+            notice(&format!(
+                "--push_to_hub: the Hub cannot be reached now ({reason}); the upload to {repo} is tried when training ends"
+            ));
+            repo
+        }
+        Err(err) => bail!("{err}"),
+    };
     Ok(Some(PushTarget { settings, repo }))
 }
 

@@ -22,7 +22,8 @@
 //! Small files can carry git blob ids as etags, as on the Hub ([`FakeHub::set_git_etags`]).
 //!
 //! Uploads as huggingface_hub's `upload_folder` makes them, for a user with a write token
-//! ([`FakeHub::set_write_token`]): `GET /api/whoami-v2`, `POST /api/repos/create` (409 for a repo
+//! ([`FakeHub::set_write_token`]; a read token, [`FakeHub::add_read_token`], gets 403):
+//! `GET /api/whoami-v2` (the user and the token's role), `POST /api/repos/create` (409 for a repo
 //! that exists), `POST /api/models/{repo}/preupload/main` (`.safetensors`/`.bin`/`.parquet` and
 //! files over 10 MB are LFS), `POST /{repo}.git/info/lfs/objects/batch` handing out `PUT
 //! /lfs-upload/{oid}` addresses (which check the bytes' SHA-256 and the action's header) and a
@@ -127,8 +128,8 @@ pub struct ReceivedCommit {
 /// What uploads did to the fake Hub.
 #[derive(Default)]
 struct Writes {
-    /// `(token, user)` that may write.
-    write_token: Option<(String, String)>,
+    /// `(token, user, role)`: tokens the Hub knows; only `write` ones may write.
+    tokens: Vec<(String, String, &'static str)>,
     /// Repos created through the API, in order.
     created: Vec<String>,
     /// LFS objects by SHA-256.
@@ -398,8 +399,20 @@ impl FakeHub {
 
     /// Lets `token` write as `user`: create repos under `user` and commit to them.
     pub fn set_write_token(&self, token: &str, user: &str) {
-        self.writes.lock().expect("writes lock").write_token =
-            Some((token.to_string(), user.to_string()));
+        self.writes.lock().expect("writes lock").tokens.push((
+            token.to_string(),
+            user.to_string(),
+            "write",
+        ));
+    }
+
+    /// Makes `token` a read-only token of `user`: whoami answers, writes get 403.
+    pub fn add_read_token(&self, token: &str, user: &str) {
+        self.writes.lock().expect("writes lock").tokens.push((
+            token.to_string(),
+            user.to_string(),
+            "read",
+        ));
     }
 
     /// The next `count` LFS uploads answer 503 Service Unavailable.
@@ -690,19 +703,29 @@ fn answer_write(
         return Response::from_data(Vec::new());
     }
 
-    let Some((token, user)) = writes.write_token.clone() else {
+    let sent = request_header(request, "Authorization").and_then(|a| a.strip_prefix("Bearer "));
+    let Some((_, user, role)) = writes
+        .tokens
+        .iter()
+        .find(|(token, _, _)| Some(token.as_str()) == sent)
+        .cloned()
+    else {
         return error(401, "", "Invalid username or password.");
     };
-    if request_header(request, "Authorization") != Some(&format!("Bearer {token}")) {
-        return error(401, "", "Invalid username or password.");
-    }
     let parsed = || serde_json::from_slice::<Value>(body).ok();
     let exists = |writes: &Writes, repo: &str| {
         writes.created.iter().any(|r| r == repo) || repos.iter().any(|r| r.repo_id == repo)
     };
 
     if url == "/api/whoami-v2" {
-        return json_response(json!({ "type": "user", "name": user }));
+        return json_response(json!({
+            "type": "user",
+            "name": user,
+            "auth": { "type": "access_token", "accessToken": { "role": role } },
+        }));
+    }
+    if role != "write" {
+        return error(403, "", "This token has no write access");
     }
     if url == "/api/repos/create" {
         let Some(request_body) = parsed() else {

@@ -1,8 +1,10 @@
 //! `train --push_to_hub` against the fake Hub on 127.0.0.1: the repo is created, the model's
 //! files (and only those: no checkpoints, logs or metrics) arrive in one commit with their exact
-//! bytes, large files through LFS and not sent twice, and the token is never printed. A refused
-//! token fails in one line naming the repo, with the trained model kept; no token at all is
-//! refused before training starts.
+//! bytes, large files through LFS and not sent twice, and the token is never printed. No token,
+//! an invalid one or a read-only one is refused before training starts; a repo the token may not
+//! write to, or a Hub that cannot be reached, fails after training in one line naming the repo,
+//! with the trained model kept. A cancelled push commits nothing; a failed large-file upload is
+//! tried again.
 
 use crate::common;
 use crate::common::fake_hub::FakeHub;
@@ -175,14 +177,52 @@ fn a_trained_model_is_pushed_in_one_commit_with_exactly_its_files() {
 }
 
 #[test]
-fn a_refused_token_fails_naming_the_repo_and_keeps_the_model() {
+fn an_invalid_or_read_only_token_is_refused_before_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    train_dataset::write_invert_dataset(&data, 4, 32, 11);
+    let hub = FakeHub::start(Vec::new());
+    hub.set_write_token(TOKEN, "me");
+    let read_token = "hf_readOnlyToken1234567890";
+    hub.add_read_token(read_token, "me");
+    let out = dir.path().join("out");
+    for (token, expected) in [
+        ("hf_wrongToken9876543210", "HTTP 401"),
+        (read_token, "read-only"),
+    ] {
+        let (output, all) = run(train_command(
+            &dir.path().join("hf"),
+            &hub,
+            &data,
+            &out,
+            &[
+                "--push_to_hub",
+                "--hub_model_id",
+                "me/tiny-ip2p",
+                "--hub_token",
+                token,
+            ],
+        ));
+        assert!(!output.status.success(), "{all}");
+        assert!(!all.contains(token), "the token was printed:\n{all}");
+        let stderr = common::stderr(&output);
+        let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error")).collect();
+        assert_eq!(errors.len(), 1, "{stderr}");
+        assert!(errors[0].contains("me/tiny-ip2p"), "{stderr}");
+        assert!(errors[0].contains(expected), "{stderr}");
+        assert!(!out.exists(), "training started: {stderr}");
+    }
+    assert!(hub.created_repos().is_empty());
+}
+
+#[test]
+fn a_repo_the_token_may_not_write_fails_after_training_and_keeps_the_model() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     train_dataset::write_invert_dataset(&data, 4, 32, 11);
     let hub = FakeHub::start(Vec::new());
     hub.set_write_token(TOKEN, "me");
     let out = dir.path().join("out");
-    let bad_token = "hf_wrongToken9876543210";
     let (output, all) = run(train_command(
         &dir.path().join("hf"),
         &hub,
@@ -191,18 +231,18 @@ fn a_refused_token_fails_naming_the_repo_and_keeps_the_model() {
         &[
             "--push_to_hub",
             "--hub_model_id",
-            "me/tiny-ip2p",
+            "someone-else/tiny-ip2p",
             "--hub_token",
-            bad_token,
+            TOKEN,
         ],
     ));
     assert!(!output.status.success(), "{all}");
-    assert!(!all.contains(bad_token), "the token was printed:\n{all}");
+    assert!(!all.contains(TOKEN), "the token was printed:\n{all}");
     let stderr = common::stderr(&output);
     let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error")).collect();
     assert_eq!(errors.len(), 1, "{stderr}");
-    assert!(errors[0].contains("me/tiny-ip2p"), "{stderr}");
-    assert!(errors[0].contains("HTTP 401"), "{stderr}");
+    assert!(errors[0].contains("someone-else/tiny-ip2p"), "{stderr}");
+    assert!(errors[0].contains("HTTP 403"), "{stderr}");
     assert!(errors[0].contains(&out.display().to_string()), "{stderr}");
     // Trained and kept, nothing committed.
     assert!(String::from_utf8_lossy(&output.stdout).contains("trained after 2 steps"));
@@ -262,21 +302,14 @@ fn a_lora_run_pushes_only_its_weights_file() {
     train_dataset::write_invert_dataset(&data, 4, 32, 11);
     let hub = FakeHub::start(Vec::new());
     hub.set_write_token(TOKEN, "me");
-    let out = dir.path().join("out");
+    // No --hub_model_id: the output folder's name under the token's user.
+    let out = dir.path().join("tiny-lora");
     let (output, all) = run(train_command(
         &dir.path().join("hf"),
         &hub,
         &data,
         &out,
-        &[
-            "--lora-rank",
-            "4",
-            "--push_to_hub",
-            "--hub_model_id",
-            "me/tiny-lora",
-            "--hub_token",
-            TOKEN,
-        ],
+        &["--lora-rank", "4", "--push_to_hub", "--hub_token", TOKEN],
     ));
     assert!(output.status.success(), "{all}");
     let commits = hub.commits();
@@ -316,6 +349,10 @@ fn an_unreachable_hub_fails_in_one_line_and_keeps_the_model() {
     assert!(errors[0].contains("me/tiny-ip2p"), "{stderr}");
     assert!(errors[0].contains("127.0.0.1:9"), "{stderr}");
     assert!(errors[0].contains("creating the repo"), "{stderr}");
+    assert!(
+        stderr.contains("note: --push_to_hub: the Hub cannot be reached now"),
+        "{stderr}"
+    );
     assert!(out.join("model_index.json").is_file());
 }
 

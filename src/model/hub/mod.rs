@@ -48,8 +48,8 @@ pub use self::pipeline::{fetch_model, fetch_model_with_cancel};
 pub use self::settings::{HubSettings, cached_snapshot, snapshot_in_cache_folder};
 pub use self::transfer::DownloadError;
 pub use self::upload::{
-    PUT_TRIES, PushError, PushOutcome, PushProgress, PushStage, UploadFile, check_push_repo_id,
-    push_files,
+    PUT_TRIES, PushError, PushOutcome, PushProgress, PushStage, UploadFile, check_push_access,
+    check_push_repo_id, push_files,
 };
 use super::config::ConfigError;
 pub use super::weights::Variant;

@@ -169,6 +169,17 @@ pub enum PushError {
         /// The error.
         source: std::io::Error,
     },
+    /// The token can only read.
+    #[error(
+        "cannot push to {repo}: the token is read-only; create one with write access at \
+         {endpoint}/settings/tokens"
+    )]
+    ReadOnlyToken {
+        /// The repo as given.
+        repo: String,
+        /// The Hub's address.
+        endpoint: String,
+    },
     /// The cancel flag was set. The commit is the last request, so nothing is in the repo.
     #[error("the push to {repo} was cancelled; nothing was committed")]
     Cancelled {
@@ -193,6 +204,66 @@ struct Hashed<'a> {
     sample: Vec<u8>,
 }
 
+/// Checks, before any work is done, that a push to `repo` can start: a token the Hub accepts
+/// and that may write (`GET /api/whoami-v2`: its user and role). Returns the repo as
+/// `owner/name` (a bare `name` goes under the token's user). Whether the token may write to
+/// that particular repo shows only when the push creates or commits to it.
+pub fn check_push_access(
+    settings: &HubSettings,
+    repo: &str,
+    cancel: &AtomicBool,
+) -> Result<String, PushError> {
+    let (client, start) = start_push(settings, repo, cancel)?;
+    let push = Push {
+        client: &client,
+        repo_id: start.repo_id,
+        cancel: start.cancel,
+    };
+    let (user, role) = push.whoami()?;
+    if role.as_deref() == Some("read") {
+        return Err(PushError::ReadOnlyToken {
+            repo: repo.to_string(),
+            endpoint: client.endpoint().to_string(),
+        });
+    }
+    Ok(if repo.contains('/') {
+        repo.to_string()
+    } else {
+        format!("{user}/{repo}")
+    })
+}
+
+/// The checks every push starts with, and its client.
+fn start_push<'c>(
+    settings: &HubSettings,
+    repo: &str,
+    cancel: &'c AtomicBool,
+) -> Result<(HubClient, PushStart<'c>), PushError> {
+    if settings.token.is_none() {
+        return Err(PushError::NoToken {
+            repo: repo.to_string(),
+        });
+    }
+    check_push_repo_id(repo)?;
+    let client = HubClient::new(settings).map_err(|source| PushError::Setup {
+        repo: repo.to_string(),
+        source: Box::new(source),
+    })?;
+    Ok((
+        client,
+        PushStart {
+            repo_id: repo.to_string(),
+            cancel,
+        },
+    ))
+}
+
+/// [`Push`] without its client (which the caller owns).
+struct PushStart<'c> {
+    repo_id: String,
+    cancel: &'c AtomicBool,
+}
+
 /// Uploads `files` to the model repo `repo` (`owner/name`, or `name` for the token's user) in
 /// one commit titled `summary`, creating the repo when it does not exist. Setting `cancel` stops
 /// it within a read of a file or a request (a large file's upload is cut off mid-way); the
@@ -205,23 +276,14 @@ pub fn push_files(
     progress: &mut dyn FnMut(PushProgress),
     cancel: &AtomicBool,
 ) -> Result<PushOutcome, PushError> {
-    if settings.token.is_none() {
-        return Err(PushError::NoToken {
-            repo: repo.to_string(),
-        });
-    }
-    check_push_repo_id(repo)?;
-    let client = HubClient::new(settings).map_err(|source| PushError::Setup {
-        repo: repo.to_string(),
-        source: Box::new(source),
-    })?;
+    let (client, start) = start_push(settings, repo, cancel)?;
     let mut push = Push {
         client: &client,
-        repo_id: repo.to_string(),
-        cancel,
+        repo_id: start.repo_id,
+        cancel: start.cancel,
     };
     if !repo.contains('/') {
-        let user = push.whoami()?;
+        let (user, _) = push.whoami()?;
         push.repo_id = format!("{user}/{repo}");
         check_push_repo_id(&push.repo_id)?;
     }
@@ -517,8 +579,8 @@ impl Push<'_> {
             .map_err(|err| self.bad_answer(stage, format!("not JSON ({err})")))
     }
 
-    /// The token's user name.
-    fn whoami(&self) -> Result<String, PushError> {
+    /// The token's user name, and its role (`read`, `write`, `fineGrained`) when the Hub says.
+    fn whoami(&self) -> Result<(String, Option<String>), PushError> {
         const STAGE: &str = "asking the Hub whose token this is (for a repo id without owner)";
         let url = format!("{}/api/whoami-v2", self.endpoint());
         let call_error = |err| match err {
@@ -547,12 +609,17 @@ impl Push<'_> {
             return Err(self.status(STAGE, &answer));
         }
         let value = self.json_of(STAGE, &answer)?;
-        value
+        let name = value
             .get("name")
             .and_then(Value::as_str)
             .filter(|name| !name.is_empty())
             .map(str::to_string)
-            .ok_or_else(|| self.bad_answer(STAGE, "no user name"))
+            .ok_or_else(|| self.bad_answer(STAGE, "no user name"))?;
+        let role = value
+            .pointer("/auth/accessToken/role")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        Ok((name, role))
     }
 
     fn create_repo(&self) -> Result<(), PushError> {
