@@ -266,8 +266,8 @@ struct PushStart<'c> {
 
 /// Uploads `files` to the model repo `repo` (`owner/name`, or `name` for the token's user) in
 /// one commit titled `summary`, creating the repo when it does not exist. Setting `cancel` stops
-/// it within a read of a file or a request (a large file's upload is cut off mid-way); the
-/// commit comes last, so a cancelled push leaves the repo as it was (apart from its creation).
+/// it at the next read of a file (a large file's upload is cut off mid-way) or between requests;
+/// the commit comes last, so a cancelled push leaves the repo as it was (apart from its creation).
 pub fn push_files(
     settings: &HubSettings,
     repo: &str,
