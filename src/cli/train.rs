@@ -4,8 +4,8 @@
 //! with a one-line notice of what is done instead. Ctrl+C stops cleanly: a checkpoint of the last
 //! step and the model so far are saved (a second Ctrl+C ends the process at once).
 //! `--push_to_hub` is checked before training (a token the Hub accepts for writing, a repo id)
-//! and, after a run that reached
-//! its end, uploads the model with [`crate::model::hub::push_files`]; Ctrl+C stops that upload.
+//! and, after a run that reached its end, uploads the model with
+//! [`crate::model::hub::push_files`]; Ctrl+C stops that upload.
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
