@@ -3,6 +3,9 @@
 //! [`crate::train::run::train`] with a progress bar. Flags that mean nothing here are accepted
 //! with a one-line notice of what is done instead. Ctrl+C stops cleanly: a checkpoint of the last
 //! step and the model so far are saved (a second Ctrl+C ends the process at once).
+//! `--push_to_hub` is checked before training (a token the Hub accepts for writing, a repo id)
+//! and, after a run that reached its end, uploads the model with
+//! [`crate::model::hub::push_files`]; Ctrl+C stops that upload.
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -16,7 +19,10 @@ use super::ranges::{
     MAX_ACCUMULATION, MAX_BATCH_SIZE, MAX_LORA_RANK, MAX_STEP_COUNT, MAX_VALIDATION_IMAGES,
     count_in, float_in,
 };
-use crate::model::hub::{HubSettings, ModelSpec, Variant, fetch_model};
+use crate::model::hub::{
+    HubSettings, ModelSpec, PushError, PushStage, UploadFile, Variant, check_push_access,
+    check_push_repo_id, fetch_model, push_files,
+};
 use crate::pipeline::image::{decode_image, load_image};
 use crate::train::checkpoint::{STATE_FILE, resolve_resume};
 use crate::train::data::{
@@ -25,6 +31,7 @@ use crate::train::data::{
 };
 use crate::train::memory::{format_bytes, parse_bytes};
 use crate::train::optim::AdamWConfig;
+use crate::train::output::model_files;
 use crate::train::run::{
     DataSource, MAX_RESOLUTION, MemoryCheck, MixedPrecision, RunError, TrainConfig, TrainControl,
     TrainEvent, ValidationConfig, train,
@@ -198,13 +205,17 @@ pub struct TrainArgs {
         value_parser = float_in(0.0, false, 1e6, true)
     )]
     pub max_grad_norm: f64,
-    /// Not available: the result stays in --output_dir.
+    /// After training ends, upload the model (the pipeline folder, or the LoRA file; not
+    /// checkpoints, logs or validation images) to the Hub repo --hub_model_id in one commit,
+    /// creating the repo if needed. The trained model stays in --output_dir either way.
     #[arg(long)]
     pub push_to_hub: bool,
-    /// Not used (no upload).
+    /// The Hub token for --push_to_hub (else HF_TOKEN, else the token file written by
+    /// `huggingface-cli login`). Never printed.
     #[arg(long, value_name = "TOKEN")]
     pub hub_token: Option<String>,
-    /// Not used (no upload).
+    /// The repo for --push_to_hub: OWNER/NAME, or NAME under the token's user (default: the
+    /// --output_dir folder's name under the token's user).
     #[arg(long, value_name = "ID")]
     pub hub_model_id: Option<String>,
     /// Not used: TensorBoard files go to OUTPUT_DIR/logs/instruct-pix2pix.
@@ -300,11 +311,8 @@ fn meaningless_flags(args: &TrainArgs) -> Result<bool> {
     if args.dataloader_num_workers > 0 {
         notice("--dataloader_num_workers: examples are read on the training thread");
     }
-    if args.push_to_hub || args.hub_token.is_some() || args.hub_model_id.is_some() {
-        notice(&format!(
-            "--push_to_hub/--hub_token/--hub_model_id: nothing is uploaded; the result stays in {}",
-            args.output_dir.display()
-        ));
+    if !args.push_to_hub && (args.hub_token.is_some() || args.hub_model_id.is_some()) {
+        notice("--hub_token/--hub_model_id are used only with --push_to_hub: nothing is uploaded");
     }
     if args.logging_dir.is_some() {
         notice(&format!(
@@ -516,9 +524,138 @@ fn human_seconds(seconds: f64) -> String {
     }
 }
 
+/// Where `--push_to_hub` goes, checked before training so that a run is not wasted on a push
+/// that cannot start.
+struct PushTarget {
+    settings: HubSettings,
+    /// `owner/name`, or `name` for the token's user.
+    repo: String,
+}
+
+/// The push target of `--push_to_hub` (`None` without it): a token (the flag, HF_TOKEN or the
+/// token file), a usable repo id, and not offline.
+fn push_target(args: &TrainArgs) -> Result<Option<PushTarget>> {
+    if !args.push_to_hub {
+        return Ok(None);
+    }
+    let repo = match &args.hub_model_id {
+        Some(id) => id.trim().to_string(),
+        None => args
+            .output_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .filter(|n| !n.is_empty())
+            .with_context(|| {
+                format!(
+                    "--push_to_hub: --output_dir {} has no folder name to name the repo after; give --hub_model_id OWNER/NAME",
+                    args.output_dir.display()
+                )
+            })?,
+    };
+    check_push_repo_id(&repo).map_err(|err| {
+        let flag = if args.hub_model_id.is_some() {
+            "--hub_model_id"
+        } else {
+            "--push_to_hub (the repo is named after --output_dir; give --hub_model_id OWNER/NAME)"
+        };
+        anyhow::anyhow!("{flag}: {err}")
+    })?;
+    let mut settings = HubSettings::from_env();
+    if let Some(token) = args.hub_token.as_deref().map(str::trim) {
+        if token.is_empty() {
+            bail!("--hub_token is empty");
+        }
+        settings.token = Some(token.to_string());
+    }
+    if settings.token.is_none() {
+        bail!("{}", PushError::NoToken { repo: repo.clone() });
+    }
+    if settings.offline {
+        bail!("--push_to_hub: HF_HUB_OFFLINE is set, so nothing can be uploaded to {repo}");
+    }
+    // A token the Hub refuses, or a read-only one, is found now rather than after the training.
+    let not_cancelled = std::sync::atomic::AtomicBool::new(false);
+    let repo = match check_push_access(&settings, &repo, &not_cancelled) {
+        Ok(full) => full,
+        Err(PushError::Network { reason, .. }) => {
+            notice(&format!(
+                "--push_to_hub: the Hub cannot be reached now ({reason}); the upload to {repo} is tried when training ends"
+            ));
+            repo
+        }
+        Err(err) => bail!("{err}"),
+    };
+    Ok(Some(PushTarget { settings, repo }))
+}
+
+/// Uploads the trained `model` as `--push_to_hub` asks, with a progress bar; Ctrl+C (`cancel`)
+/// stops it before the commit.
+fn push_model(
+    target: &PushTarget,
+    model: &Path,
+    quiet: bool,
+    cancel: &std::sync::atomic::AtomicBool,
+) -> Result<()> {
+    let files: Vec<UploadFile> = model_files(model)?
+        .into_iter()
+        .map(|(path_in_repo, local)| UploadFile {
+            path_in_repo,
+            local,
+        })
+        .collect();
+    let bar = ProgressBar::with_draw_target(
+        Some(0),
+        if quiet {
+            ProgressDrawTarget::hidden()
+        } else {
+            ProgressDrawTarget::stderr()
+        },
+    );
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{msg:9} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    let result = push_files(
+        &target.settings,
+        &target.repo,
+        &files,
+        "End of training",
+        &mut |update| {
+            bar.set_message(match update.stage {
+                PushStage::Hashing => "hashing",
+                PushStage::Uploading => "uploading",
+            });
+            bar.set_length(update.total);
+            bar.set_position(update.done);
+        },
+        cancel,
+    );
+    bar.finish_and_clear();
+    match result {
+        Ok(outcome) => {
+            println!(
+                "pushed {} file{} to {}{}",
+                outcome.files,
+                if outcome.files == 1 { "" } else { "s" },
+                outcome.url,
+                outcome
+                    .commit
+                    .map(|c| format!(" (commit {c})"))
+                    .unwrap_or_default()
+            );
+            Ok(())
+        }
+        Err(err) => bail!("{err}; the trained model stays in {}", model.display()),
+    }
+}
+
 /// Runs `train` with the flags.
 pub fn run(args: TrainArgs) -> Result<()> {
     let tensorboard = meaningless_flags(&args)?;
+    let push = push_target(&args)?;
     let mut progress = Progress::new(args.quiet);
     let model_dir = model_folder(&args, &mut progress)?;
     let mut config = config_from_args(&args, model_dir, tensorboard)?;
@@ -556,6 +693,15 @@ pub fn run(args: TrainArgs) -> Result<()> {
             model.display()
         ),
         None => println!("stopped before the first step; nothing saved"),
+    }
+    if let Some(target) = &push {
+        match &outcome.model {
+            Some(model) if !outcome.stopped => push_model(target, model, args.quiet, interrupted)?,
+            _ => notice(&format!(
+                "--push_to_hub: the run was stopped before its end, so nothing was uploaded to {}",
+                target.repo
+            )),
+        }
     }
     Ok(())
 }

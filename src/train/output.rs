@@ -241,6 +241,61 @@ pub fn write_final_model(
     result.map(|()| model_dir.to_path_buf())
 }
 
+/// The files of a trained model, as `(path in the model, file)`, sorted by path: what
+/// `train --push_to_hub` uploads. `model` is what the run wrote ([`crate::train::run::TrainOutcome::model`]):
+/// for a full fine-tuning the output folder, of which only the pipeline goes (`model_index.json`
+/// and every component folder it lists, hidden temporaries left out); checkpoints, logs,
+/// `metrics.jsonl` and validation images stay local, as the reference script's
+/// `ignore_patterns` mean them to. For LoRA it is the one weights file.
+pub fn model_files(model: &Path) -> Result<Vec<(String, PathBuf)>, OutputError> {
+    if model.is_file() {
+        let name = model
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .ok_or_else(|| OutputError::BadBase {
+                path: model.to_path_buf(),
+                reason: "has no file name".into(),
+            })?;
+        return Ok(vec![(name, model.to_path_buf())]);
+    }
+    let index_path = model.join("model_index.json");
+    let index = read_json(&index_path)?;
+    let mut files = vec![("model_index.json".to_string(), index_path)];
+    for component in index_map_components(&index) {
+        let folder = model.join(&component);
+        if folder.is_dir() {
+            collect_files(&folder, &component, &mut files)?;
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Every regular file under `dir` (links followed), named `prefix/...`; hidden entries (a
+/// temporary being written) are left out.
+fn collect_files(
+    dir: &Path,
+    prefix: &str,
+    files: &mut Vec<(String, PathBuf)>,
+) -> Result<(), OutputError> {
+    for entry in fs::read_dir(dir).map_err(io_err("reading", dir))? {
+        let entry = entry.map_err(io_err("reading", dir))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') {
+            continue;
+        }
+        let path = entry.path();
+        let meta = fs::metadata(&path).map_err(io_err("reading", &path))?;
+        let in_model = format!("{prefix}/{name}");
+        if meta.is_dir() {
+            collect_files(&path, &in_model, files)?;
+        } else if meta.is_file() {
+            files.push((in_model, path));
+        }
+    }
+    Ok(())
+}
+
 /// The component names `model_index.json` lists with a real class (not `[null, null]`).
 fn index_map_components(index: &Value) -> Vec<String> {
     index

@@ -21,6 +21,17 @@
 //! says), which stalls, drops the connection once, corrupts a byte, or sends at a set pace.
 //! Small files can carry git blob ids as etags, as on the Hub ([`FakeHub::set_git_etags`]).
 //!
+//! Uploads as huggingface_hub's `upload_folder` makes them, for a user with a write token
+//! ([`FakeHub::set_write_token`]; a read token, [`FakeHub::add_read_token`], gets 403):
+//! `GET /api/whoami-v2` (the user and the token's role), `POST /api/repos/create` (409 for a repo
+//! that exists), `POST /api/models/{repo}/preupload/main` (`.safetensors`/`.bin`/`.parquet` and
+//! files over 10 MB are LFS), `POST /{repo}.git/info/lfs/objects/batch` handing out `PUT
+//! /lfs-upload/{oid}` addresses (which check the bytes' SHA-256 and the action's header) and a
+//! `verify` call, and `POST /api/models/{repo}/commit/main` (NDJSON; LFS files must have been
+//! uploaded). LFS uploads can be made to fail with 503 ([`FakeHub::fail_lfs_puts`]). What was
+//! received is kept: [`FakeHub::commits`] (every file's bytes),
+//! [`FakeHub::created_repos`], [`FakeHub::lfs_uploads`].
+//!
 //! Private repos answer 401 unless `Authorization: Bearer <token>` matches. Every request is
 //! logged so tests can check what was (not) downloaded. CDN bodies can be slowed down
 //! ([`FakeHub::set_cdn_delay`]) so a test can act in the middle of a download; every request is
@@ -103,6 +114,37 @@ pub enum Fault {
     },
 }
 
+/// A commit the fake Hub received.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReceivedCommit {
+    /// `owner/name`.
+    pub repo_id: String,
+    /// The header's summary.
+    pub summary: String,
+    /// Path in the repo → bytes (small files decoded from base64, LFS files from their upload).
+    pub files: BTreeMap<String, Vec<u8>>,
+}
+
+/// What uploads did to the fake Hub.
+#[derive(Default)]
+struct Writes {
+    /// `(token, user, role)`: tokens the Hub knows; only `write` ones may write.
+    tokens: Vec<(String, String, &'static str)>,
+    /// Repos created through the API, in order.
+    created: Vec<String>,
+    /// LFS objects by SHA-256.
+    lfs: BTreeMap<String, Vec<u8>>,
+    /// Oids of the LFS `PUT`s, in order.
+    lfs_puts: Vec<String>,
+    /// Commits, in order.
+    commits: Vec<ReceivedCommit>,
+    /// LFS `PUT`s still to answer 503 (after reading their body).
+    failing_puts: usize,
+}
+
+/// The header an LFS upload action carries and its `PUT` must send back.
+const UPLOAD_HEADER: (&str, &str) = ("X-Fake-Upload-Ticket", "ticket-7");
+
 /// A running fake Hub; stops when dropped.
 pub struct FakeHub {
     servers: Vec<Arc<Server>>,
@@ -118,6 +160,7 @@ pub struct FakeHub {
     git_etags: Arc<AtomicBool>,
     /// Set on drop: the raw server and its stalled connections end.
     stop: Arc<AtomicBool>,
+    writes: Arc<Mutex<Writes>>,
 }
 
 /// Bytes a slowed CDN body sends per delay.
@@ -260,6 +303,7 @@ impl FakeHub {
         let fault = Arc::new(Mutex::new(Fault::None));
         let git_etags = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
+        let writes = Arc::new(Mutex::new(Writes::default()));
         let raw = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
         let faulty_cdn_host = raw.local_addr().expect("raw address").to_string();
         let faulty_cdn = format!("http://{faulty_cdn_host}");
@@ -280,10 +324,12 @@ impl FakeHub {
             let cdn_delay_us = Arc::clone(&cdn_delay_us);
             let fault = Arc::clone(&fault);
             let git_etags = Arc::clone(&git_etags);
+            let writes = Arc::clone(&writes);
+            let hub_endpoint = endpoint.clone();
             let (cdn_endpoint, faulty_cdn) = (cdn_endpoint.clone(), faulty_cdn.clone());
             threads.push(std::thread::spawn(move || {
                 // `recv` fails once `unblock` is called on drop.
-                while let Ok(request) = server.recv() {
+                while let Ok(mut request) = server.recv() {
                     // CDN entries carry the Range asked for: "CDN GET /cdn/x bytes=0-".
                     let entry = if is_cdn {
                         let range = request_header(&request, "Range").unwrap_or("-");
@@ -292,8 +338,18 @@ impl FakeHub {
                         format!("{} {}", request.method(), request.url())
                     };
                     log.lock().expect("log lock").push(entry);
+                    let is_write = !is_cdn
+                        && (matches!(request.method(), Method::Post | Method::Put)
+                            || request.url() == "/api/whoami-v2");
                     let response = if is_cdn {
                         answer_cdn(&repos, &request)
+                    } else if is_write {
+                        let mut body = Vec::new();
+                        let read = request.as_reader().take(256 << 20).read_to_end(&mut body);
+                        match read {
+                            Ok(_) => answer_write(&repos, &writes, &hub_endpoint, &request, &body),
+                            Err(_) => error(400, "", "unreadable body"),
+                        }
                     } else {
                         let fault = fault.lock().expect("fault lock").clone();
                         let options = Options {
@@ -337,7 +393,46 @@ impl FakeHub {
             fault,
             git_etags,
             stop,
+            writes,
         }
+    }
+
+    /// Lets `token` write as `user`: create repos under `user` and commit to them.
+    pub fn set_write_token(&self, token: &str, user: &str) {
+        self.writes.lock().expect("writes lock").tokens.push((
+            token.to_string(),
+            user.to_string(),
+            "write",
+        ));
+    }
+
+    /// Makes `token` a read-only token of `user`: whoami answers, writes get 403.
+    pub fn add_read_token(&self, token: &str, user: &str) {
+        self.writes.lock().expect("writes lock").tokens.push((
+            token.to_string(),
+            user.to_string(),
+            "read",
+        ));
+    }
+
+    /// The next `count` LFS uploads answer 503 Service Unavailable.
+    pub fn fail_lfs_puts(&self, count: usize) {
+        self.writes.lock().expect("writes lock").failing_puts = count;
+    }
+
+    /// The commits received so far.
+    pub fn commits(&self) -> Vec<ReceivedCommit> {
+        self.writes.lock().expect("writes lock").commits.clone()
+    }
+
+    /// The repos created through the API so far.
+    pub fn created_repos(&self) -> Vec<String> {
+        self.writes.lock().expect("writes lock").created.clone()
+    }
+
+    /// The oids of the LFS uploads (`PUT`s that were accepted) so far.
+    pub fn lfs_uploads(&self) -> Vec<String> {
+        self.writes.lock().expect("writes lock").lfs_puts.clone()
     }
 
     /// Makes the downloads that start from now on misbehave as `fault` says.
@@ -536,6 +631,269 @@ fn answer(
             ],
         )
     }
+}
+
+/// Decodes standard base64 (with padding); `None` for anything else.
+pub fn base64_decode(text: &str) -> Option<Vec<u8>> {
+    let value = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    };
+    let bytes = text.as_bytes();
+    if !bytes.len().is_multiple_of(4) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(bytes.len() / 4 * 3);
+    for quad in bytes.chunks(4) {
+        let pad = quad.iter().rev().take_while(|&&c| c == b'=').count();
+        if pad > 2 {
+            return None;
+        }
+        let mut n = 0u32;
+        for &c in &quad[..4 - pad] {
+            n = (n << 6) | value(c)?;
+        }
+        n <<= 6 * pad as u32;
+        let decoded = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+        out.extend_from_slice(&decoded[..3 - pad]);
+    }
+    Some(out)
+}
+
+fn json_response(value: serde_json::Value) -> Response<std::io::Cursor<Vec<u8>>> {
+    Response::from_data(value.to_string().into_bytes())
+        .with_header(header("Content-Type", "application/json"))
+}
+
+/// Uploads: whoami, repo creation, preupload, LFS batch / PUT / verify, commit.
+fn answer_write(
+    repos: &[FakeRepo],
+    writes: &Mutex<Writes>,
+    endpoint: &str,
+    request: &Request,
+    body: &[u8],
+) -> Response<std::io::Cursor<Vec<u8>>> {
+    use serde_json::{Value, json};
+    let url = request.url().split('?').next().unwrap_or("").to_string();
+    let mut writes = writes.lock().expect("writes lock");
+
+    // The storage PUT carries the action's header, not the token (as a presigned URL).
+    if let Some(oid) = url.strip_prefix("/lfs-upload/") {
+        if *request.method() != Method::Put {
+            return error(405, "", "method not allowed");
+        }
+        if request_header(request, UPLOAD_HEADER.0) != Some(UPLOAD_HEADER.1) {
+            return error(403, "", "missing upload ticket");
+        }
+        if content_etag(body) != oid {
+            return error(400, "", "the bytes do not match the oid");
+        }
+        if writes.failing_puts > 0 {
+            writes.failing_puts -= 1;
+            return error(503, "", "storage is busy");
+        }
+        writes.lfs.insert(oid.to_string(), body.to_vec());
+        writes.lfs_puts.push(oid.to_string());
+        return Response::from_data(Vec::new());
+    }
+
+    let sent = request_header(request, "Authorization").and_then(|a| a.strip_prefix("Bearer "));
+    let Some((_, user, role)) = writes
+        .tokens
+        .iter()
+        .find(|(token, _, _)| Some(token.as_str()) == sent)
+        .cloned()
+    else {
+        return error(401, "", "Invalid username or password.");
+    };
+    let parsed = || serde_json::from_slice::<Value>(body).ok();
+    let exists = |writes: &Writes, repo: &str| {
+        writes.created.iter().any(|r| r == repo) || repos.iter().any(|r| r.repo_id == repo)
+    };
+
+    if url == "/api/whoami-v2" {
+        return json_response(json!({
+            "type": "user",
+            "name": user,
+            "auth": { "type": "access_token", "accessToken": { "role": role } },
+        }));
+    }
+    if role != "write" {
+        return error(403, "", "This token has no write access");
+    }
+    if url == "/api/repos/create" {
+        let Some(request_body) = parsed() else {
+            return error(400, "", "bad JSON");
+        };
+        let name = request_body["name"].as_str().unwrap_or("");
+        let owner = request_body["organization"].as_str().unwrap_or(&user);
+        if owner != user {
+            return error(
+                403,
+                "",
+                "You don't have the rights to create a model under this namespace",
+            );
+        }
+        let repo = format!("{owner}/{name}");
+        if exists(&writes, &repo) {
+            return error(409, "", "You already created this model repo");
+        }
+        writes.created.push(repo.clone());
+        return json_response(json!({ "url": format!("{endpoint}/{repo}") }));
+    }
+    if let Some(rest) = url.strip_prefix("/api/models/") {
+        let parts: Vec<&str> = rest.splitn(4, '/').collect();
+        let [owner, name, action, "main"] = parts.as_slice() else {
+            return error(404, "", "bad API path");
+        };
+        let repo = format!("{owner}/{name}");
+        if !exists(&writes, &repo) {
+            return error(404, "RepoNotFound", "Repository not found");
+        }
+        if *owner != user {
+            return error(403, "", "You don't have write access to this repo");
+        }
+        if *action == "preupload" {
+            let Some(files) = parsed().and_then(|v| v["files"].as_array().cloned()) else {
+                return error(400, "", "no files");
+            };
+            let answered: Vec<Value> = files
+                .iter()
+                .map(|f| {
+                    let path = f["path"].as_str().unwrap_or("");
+                    let size = f["size"].as_u64().unwrap_or(0);
+                    let lfs = is_lfs(path) || size > 10 << 20;
+                    json!({
+                        "path": path,
+                        "uploadMode": if lfs { "lfs" } else { "regular" },
+                        "shouldIgnore": false,
+                    })
+                })
+                .collect();
+            return json_response(json!({ "files": answered }));
+        }
+        if *action == "commit" {
+            if request_header(request, "Content-Type") != Some("application/x-ndjson") {
+                return error(400, "", "the commit body must be NDJSON");
+            }
+            let text = String::from_utf8_lossy(body);
+            let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+            let header_line = lines
+                .next()
+                .and_then(|l| serde_json::from_str::<Value>(l).ok());
+            let Some(summary) = header_line
+                .filter(|h| h["key"] == "header")
+                .and_then(|h| h["value"]["summary"].as_str().map(str::to_string))
+            else {
+                return error(400, "", "the first line must be the header");
+            };
+            let mut files = BTreeMap::new();
+            for line in lines {
+                let Ok(entry) = serde_json::from_str::<Value>(line) else {
+                    return error(400, "", "a line is not JSON");
+                };
+                let value = &entry["value"];
+                let path = value["path"].as_str().unwrap_or("").to_string();
+                let content = match entry["key"].as_str() {
+                    Some("file") if value["encoding"] == "base64" => {
+                        match value["content"].as_str().and_then(base64_decode) {
+                            Some(bytes) => bytes,
+                            None => return error(400, "", "bad base64"),
+                        }
+                    }
+                    Some("lfsFile") => {
+                        let oid = value["oid"].as_str().unwrap_or("");
+                        match writes.lfs.get(oid) {
+                            Some(bytes) if value["size"].as_u64() == Some(bytes.len() as u64) => {
+                                bytes.clone()
+                            }
+                            _ => return error(400, "", "an LFS file was not uploaded"),
+                        }
+                    }
+                    _ => return error(400, "", "unknown line"),
+                };
+                files.insert(path, content);
+            }
+            writes.commits.push(ReceivedCommit {
+                repo_id: repo.clone(),
+                summary,
+                files,
+            });
+            let oid = format!("{:040x}", writes.commits.len());
+            return json_response(json!({
+                "commitOid": oid,
+                "commitUrl": format!("{endpoint}/{repo}/commit/{oid}"),
+            }));
+        }
+        return error(404, "", "bad API path");
+    }
+    // /{owner}/{name}.git/info/lfs/objects/{batch|verify}
+    let rest = url.trim_start_matches('/');
+    if let Some((repo, what)) = rest.split_once(".git/info/lfs/objects/") {
+        if !exists(&writes, repo) {
+            return error(404, "RepoNotFound", "Repository not found");
+        }
+        let Some(request_body) = parsed() else {
+            return error(400, "", "bad JSON");
+        };
+        if what == "verify" {
+            let oid = request_body["oid"].as_str().unwrap_or("");
+            return match writes.lfs.get(oid) {
+                Some(bytes) if request_body["size"].as_u64() == Some(bytes.len() as u64) => {
+                    json_response(json!({}))
+                }
+                _ => error(404, "", "object not found"),
+            };
+        }
+        if what != "batch"
+            || request_body["operation"] != "upload"
+            || !request_body["transfers"]
+                .as_array()
+                .is_some_and(|t| t.iter().any(|t| t == "basic"))
+        {
+            return error(400, "", "not an upload batch with basic transfers");
+        }
+        let objects: Vec<Value> = request_body["objects"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(|o| {
+                let oid = o["oid"].as_str().unwrap_or("").to_string();
+                let size = o["size"].as_u64().unwrap_or(0);
+                if writes.lfs.contains_key(&oid) {
+                    return json!({ "oid": oid, "size": size });
+                }
+                json!({
+                    "oid": oid,
+                    "size": size,
+                    "authenticated": true,
+                    "actions": {
+                        "upload": {
+                            "href": format!("{endpoint}/lfs-upload/{oid}"),
+                            "header": { UPLOAD_HEADER.0: UPLOAD_HEADER.1 },
+                        },
+                        "verify": {
+                            "href": format!("{endpoint}/{repo}.git/info/lfs/objects/verify"),
+                        },
+                    },
+                })
+            })
+            .collect();
+        return Response::from_data(
+            json!({ "transfer": "basic", "objects": objects })
+                .to_string()
+                .into_bytes(),
+        )
+        .with_header(header("Content-Type", "application/vnd.git-lfs+json"));
+    }
+    error(404, "", "not found")
 }
 
 /// The CDN that misbehaves, on raw TCP: one request per connection, `Connection: close`.

@@ -16,6 +16,7 @@ mod edit_parity;
 mod fuzz_readers;
 mod hub;
 mod hub_downloads;
+mod hub_push;
 mod image;
 mod nn_grad;
 mod pipeline_api;

@@ -121,7 +121,6 @@ fn script_flags_aliases_and_notices() {
             // flags without meaning here
             "--enable_xformers_memory_efficient_attention",
             "--allow_tf32",
-            "--push_to_hub",
             "--hub_model_id",
             "me/model",
             "--mixed_precision",
@@ -143,7 +142,7 @@ fn script_flags_aliases_and_notices() {
     for flag in [
         "--enable_xformers_memory_efficient_attention",
         "--allow_tf32",
-        "--push_to_hub",
+        "--hub_model_id",
         "--mixed_precision fp16",
         "--report_to wandb",
         "--logging_dir",

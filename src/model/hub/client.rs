@@ -179,6 +179,78 @@ impl HubClient {
     }
 }
 
+/// A request body for [`HubClient::send`].
+pub(super) enum Payload<'a> {
+    /// Bytes in memory (JSON, NDJSON).
+    Bytes(Vec<u8>),
+    /// `len` bytes read from a reader (a large file), sent with a `Content-Length`, not
+    /// chunked: presigned storage URLs refuse chunked bodies.
+    Reader(&'a mut dyn Read, u64),
+}
+
+/// The whole answer to a [`HubClient::send`] (bodies of API answers are small).
+pub(super) struct Answer {
+    /// The HTTP status.
+    pub(super) status: u16,
+    /// The body, at most [`MAX_ANSWER_BYTES`].
+    pub(super) body: Vec<u8>,
+}
+
+impl Answer {
+    /// The Hub's `{"error": "..."}` message, if it sent one.
+    pub(super) fn error_message(&self) -> Option<String> {
+        let value: serde_json::Value = serde_json::from_slice(&self.body).ok()?;
+        let message = value.get("error")?.as_str()?.trim();
+        (!message.is_empty()).then(|| message.chars().take(300).collect())
+    }
+}
+
+/// The largest API answer read: the Hub's JSON answers are a few KB.
+const MAX_ANSWER_BYTES: u64 = 16 << 20;
+
+impl HubClient {
+    /// Sends `method url` with `payload` on this thread and reads the whole answer. The token
+    /// goes only to the Hub's own origin (not to a storage URL the Hub hands out); `headers` are
+    /// added as given. Every read and write is bounded by the stall time, so this never hangs,
+    /// while a large body may take as long as it keeps moving.
+    pub(super) fn send(
+        &self,
+        method: &str,
+        url: &str,
+        headers: &[(String, String)],
+        payload: Payload,
+    ) -> Result<Answer, NetError> {
+        let mut request = match method {
+            "POST" => self.agent.post(url),
+            "PUT" => self.agent.put(url),
+            other => return Err(NetError::Failed(format!("unsupported method {other}"))),
+        };
+        if let Some(token) = &self.token
+            && same_origin(url, &self.endpoint)
+        {
+            request = request.header("Authorization", format!("Bearer {token}"));
+        }
+        for (name, value) in headers {
+            request = request.header(name.as_str(), value.as_str());
+        }
+        let sent = match payload {
+            Payload::Bytes(bytes) => request.send(bytes),
+            Payload::Reader(reader, len) => request
+                .header("Content-Length", len.to_string())
+                .send(ureq::SendBody::from_reader(reader)),
+        };
+        let mut response = sent.map_err(net_error)?;
+        let status = response.status().as_u16();
+        let body = response
+            .body_mut()
+            .with_config()
+            .limit(MAX_ANSWER_BYTES)
+            .read_to_vec()
+            .map_err(net_error)?;
+        Ok(Answer { status, body })
+    }
+}
+
 /// What the helper thread sends: the head first, then chunks, then the end or a failure.
 enum Event {
     Head(u16, HeaderMap),

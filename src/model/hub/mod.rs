@@ -15,6 +15,9 @@
 //! takes; a dropped connection continues where it stopped; every file is checked against its
 //! etag (SHA-256 for large files) before it enters the cache.
 //!
+//! Uploads too ([`push_files`], for `train --push_to_hub`): files into a model repo in one
+//! commit through the Hub's commit API, large files through its LFS batch API.
+//!
 //! Training datasets come the same way ([`fetch_dataset`]: `datasets--owner--name/...`, only the
 //! files the caller chooses from the listing); which files those are is `train::data`'s call.
 //!
@@ -23,7 +26,8 @@
 //! resolves revisions in the cache; `client` is the HTTP client (its timeouts); `download` lists
 //! a repo on the Hub and downloads listed files into the cache with progress and cancel;
 //! `transfer` downloads one file (resume, retries, checksum, cache layout); `pipeline` decides which files of a diffusers
-//! pipeline an edit needs and fetches a model; `dataset` fetches a dataset repo.
+//! pipeline an edit needs and fetches a model; `dataset` fetches a dataset repo; `upload`
+//! creates a repo and commits files to it.
 
 mod client;
 mod dataset;
@@ -31,6 +35,7 @@ mod download;
 mod pipeline;
 mod settings;
 mod transfer;
+mod upload;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -42,6 +47,10 @@ pub(crate) use self::pipeline::check_pipeline_folder;
 pub use self::pipeline::{fetch_model, fetch_model_with_cancel};
 pub use self::settings::{HubSettings, cached_snapshot, snapshot_in_cache_folder};
 pub use self::transfer::DownloadError;
+pub use self::upload::{
+    PUT_TRIES, PushError, PushOutcome, PushProgress, PushStage, UploadFile, check_push_access,
+    check_push_repo_id, push_files,
+};
 use super::config::ConfigError;
 pub use super::weights::Variant;
 use super::weights::WeightsError;
