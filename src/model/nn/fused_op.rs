@@ -77,3 +77,63 @@ impl_custom_op!(
     Grads3,
     [a, a_layout, b, b_layout, c, c_layout]
 );
+
+/// The two ops of a layer with a weight and an optional bias (convolution, linear): without a
+/// bias a [`FusedKernel<2>`] named `$name`, with one a [`FusedKernel<3>`] named `$name-bias`.
+/// The type provides `$forward(x, weight, bias: Option<&[f32]>)` and
+/// `gradients(x, weight, grad, has_bias) -> Grads3`.
+macro_rules! impl_weight_bias_kernels {
+    ($op:ty, $name:literal, $forward:ident) => {
+        impl $crate::model::nn::fused_op::FusedKernel<2> for $op {
+            type Grads = $crate::model::nn::fused_op::Grads2;
+
+            fn name(&self) -> &'static str {
+                $name
+            }
+
+            fn forward(
+                &self,
+                [x, weight]: [&[f32]; 2],
+                _: &candle_core::Shape,
+            ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+                self.$forward(x, weight, None)
+            }
+
+            fn backward(
+                &self,
+                [x, weight]: [&candle_core::Tensor; 2],
+                _: &candle_core::Tensor,
+                grad: &candle_core::Tensor,
+            ) -> candle_core::Result<Self::Grads> {
+                let (input_grad, weight_grad, _) = self.gradients(x, weight, grad, false)?;
+                Ok((input_grad, weight_grad))
+            }
+        }
+
+        impl $crate::model::nn::fused_op::FusedKernel<3> for $op {
+            type Grads = $crate::model::nn::fused_op::Grads3;
+
+            fn name(&self) -> &'static str {
+                concat!($name, "-bias")
+            }
+
+            fn forward(
+                &self,
+                [x, weight, bias]: [&[f32]; 3],
+                _: &candle_core::Shape,
+            ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+                self.$forward(x, weight, Some(bias))
+            }
+
+            fn backward(
+                &self,
+                [x, weight, _]: [&candle_core::Tensor; 3],
+                _: &candle_core::Tensor,
+                grad: &candle_core::Tensor,
+            ) -> candle_core::Result<Self::Grads> {
+                self.gradients(x, weight, grad, true)
+            }
+        }
+    };
+}
+pub(super) use impl_weight_bias_kernels;

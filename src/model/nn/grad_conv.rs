@@ -15,7 +15,7 @@ use candle_nn::Conv2dConfig;
 use rayon::prelude::*;
 
 use super::cpu::{self, COL_BLOCK_ELEMENTS, ConvShape};
-use super::fused_op::{Fused, FusedKernel, Grads2, Grads3};
+use super::fused_op::{Fused, Grads3};
 use super::product::{Product, Threads};
 
 /// `x` [B, C_in, H, W] convolved with `weight` [C_out, C_in, k_h, k_w] (+ `bias` [C_out]) as a
@@ -311,38 +311,7 @@ fn output_channel_sums(dy: &[f32], s: &ConvShape) -> Vec<f32> {
         .collect()
 }
 
-impl FusedKernel<2> for ConvOp {
-    type Grads = Grads2;
-
-    fn name(&self) -> &'static str {
-        "fused-conv2d"
-    }
-
-    fn forward(&self, [x, weight]: [&[f32]; 2], _: &Shape) -> Result<(CpuStorage, Shape)> {
-        self.convolve(x, weight, None)
-    }
-
-    fn backward(&self, [x, weight]: [&Tensor; 2], _: &Tensor, grad: &Tensor) -> Result<Grads2> {
-        let (input_grad, weight_grad, _) = self.gradients(x, weight, grad, false)?;
-        Ok((input_grad, weight_grad))
-    }
-}
-
-impl FusedKernel<3> for ConvOp {
-    type Grads = Grads3;
-
-    fn name(&self) -> &'static str {
-        "fused-conv2d-bias"
-    }
-
-    fn forward(&self, [x, weight, bias]: [&[f32]; 3], _: &Shape) -> Result<(CpuStorage, Shape)> {
-        self.convolve(x, weight, Some(bias))
-    }
-
-    fn backward(&self, [x, weight, _]: [&Tensor; 3], _: &Tensor, grad: &Tensor) -> Result<Grads3> {
-        self.gradients(x, weight, grad, true)
-    }
-}
+super::fused_op::impl_weight_bias_kernels!(ConvOp, "fused-conv2d", convolve);
 
 #[cfg(test)]
 mod tests {

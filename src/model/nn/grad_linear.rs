@@ -11,7 +11,7 @@
 use candle_core::{CpuStorage, DType, Device, Result, Shape, Tensor};
 
 use super::cpu;
-use super::fused_op::{Fused, FusedKernel, Grads2, Grads3};
+use super::fused_op::{Fused, Grads3};
 use super::product::{Product, Threads};
 
 /// `x` [rows, in] times `weight` [out, in] transposed, plus `bias` [out], as a differentiable op,
@@ -149,38 +149,7 @@ impl LinearOp {
     }
 }
 
-impl FusedKernel<2> for LinearOp {
-    type Grads = Grads2;
-
-    fn name(&self) -> &'static str {
-        "fused-linear"
-    }
-
-    fn forward(&self, [x, weight]: [&[f32]; 2], _: &Shape) -> Result<(CpuStorage, Shape)> {
-        self.forward_values(x, weight, None)
-    }
-
-    fn backward(&self, [x, weight]: [&Tensor; 2], _: &Tensor, grad: &Tensor) -> Result<Grads2> {
-        let (input_grad, weight_grad, _) = self.gradients(x, weight, grad, false)?;
-        Ok((input_grad, weight_grad))
-    }
-}
-
-impl FusedKernel<3> for LinearOp {
-    type Grads = Grads3;
-
-    fn name(&self) -> &'static str {
-        "fused-linear-bias"
-    }
-
-    fn forward(&self, [x, weight, bias]: [&[f32]; 3], _: &Shape) -> Result<(CpuStorage, Shape)> {
-        self.forward_values(x, weight, Some(bias))
-    }
-
-    fn backward(&self, [x, weight, _]: [&Tensor; 3], _: &Tensor, grad: &Tensor) -> Result<Grads3> {
-        self.gradients(x, weight, grad, true)
-    }
-}
+super::fused_op::impl_weight_bias_kernels!(LinearOp, "fused-linear", forward_values);
 
 #[cfg(test)]
 mod tests {
