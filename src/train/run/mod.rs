@@ -56,6 +56,8 @@
 
 mod config;
 mod events;
+mod memory_plan;
+mod resume;
 
 pub use config::{
     DEFAULT_LEARNING_RATE, DataSource, MAX_RESOLUTION, MemoryCheck, MixedPrecision,
@@ -74,19 +76,13 @@ use std::time::{Duration, Instant};
 use candle_core::{Tensor, Var};
 use serde_json::{Value, json};
 
-use super::checkpoint::{
-    self, LoadedCheckpoint, TensorGroup, resolve_resume_choice, save_checkpoint,
-};
+use super::checkpoint::{self, TensorGroup, resolve_resume_choice, save_checkpoint};
 use super::data::{
     CropMode, Dataset, DatasetOptions, EpochSampler, FlipMode, SamplerPosition, prepare_batch,
 };
 use super::ema::{EmaConfig, EmaModel, EmaState};
 use super::latent_cache::{CacheOptions, LatentCache};
 use super::lora::{LoraConfig, UNetLora, lora_key};
-use super::memory::{
-    DeviceKind, MemorySettings, ModelSizes, OutOfMemory, available_memory, estimate,
-    is_out_of_memory, savings,
-};
 use super::metrics::{MetricsLog, StepMetrics, TensorBoardWriter};
 use super::optim::{AdamW, AdamWState, MomentStorage};
 use super::output::write_final_model;
@@ -101,6 +97,8 @@ use crate::model::unet::UNet2DConditionModel;
 use crate::pipeline::EditSettings;
 use crate::pipeline::edit::EditPipeline;
 use crate::pipeline::image::{edit_size, resize_lanczos, save_image};
+use memory_plan::MemoryPlan;
+use resume::{check_resume_state, restore_weights};
 
 /// The validation folder inside the output folder.
 pub const VALIDATION_DIR: &str = "validation";
@@ -534,195 +532,6 @@ fn cache_latents(
 
 /// A latent cache at least this large gets its own notice.
 const LARGE_CACHE_BYTES: f64 = 2e9;
-
-/// The run's memory estimate, and what the device had free before the model loaded.
-struct MemoryPlan {
-    sizes: ModelSizes,
-    settings: MemorySettings,
-    /// The estimated peak, in bytes.
-    estimate: u64,
-    available: Option<u64>,
-    device: String,
-}
-
-impl MemoryPlan {
-    /// Estimates the run's peak from the model's configs and weight headers and, unless
-    /// `--skip_memory_check`, refuses it when the device has less free.
-    fn check(config: &TrainConfig, examples: usize) -> Result<Self, RunError> {
-        let sizes = ModelSizes::from_folder(&config.pretrained_model, config.variant)
-            .map_err(TrainError::from)?;
-        let settings = MemorySettings {
-            resolution: config.resolution,
-            train_batch_size: config.train_batch_size,
-            gradient_accumulation_steps: config.gradient_accumulation_steps,
-            lora_rank: config.lora_rank,
-            gradient_checkpointing: config.gradient_checkpointing,
-            use_8bit_adam: config.use_8bit_adam,
-            use_ema: config.use_ema,
-            cache_latents: config.cache_latents,
-            random_flip: config.random_flip,
-            half_precision_frozen: config.mixed_precision.frozen_dtype(&config.device)
-                != candle_core::DType::F32,
-            examples,
-            device: DeviceKind::of(&config.device),
-        };
-        let needed = estimate(&sizes, &settings).total();
-        let available = match config.memory_check {
-            MemoryCheck::Available(bytes) => Some(bytes),
-            MemoryCheck::Device | MemoryCheck::Skip => {
-                available_memory(&config.device).map(|a| a.bytes)
-            }
-        };
-        let device = match config.device.location() {
-            candle_core::DeviceLocation::Cpu => "cpu".to_string(),
-            candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
-            candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
-        };
-        let plan = Self {
-            sizes,
-            settings,
-            estimate: needed,
-            available,
-            device,
-        };
-        if config.memory_check != MemoryCheck::Skip
-            && let Some(available) = available
-            && needed > available
-        {
-            return Err(plan.out_of_memory(None));
-        }
-        Ok(plan)
-    }
-
-    fn out_of_memory(&self, during_step: Option<(u64, Option<PathBuf>)>) -> RunError {
-        RunError::OutOfMemory(Box::new(OutOfMemory {
-            needed: self.estimate,
-            available: self.available,
-            device: self.device.clone(),
-            savings: savings(&self.sizes, &self.settings),
-            during_step,
-        }))
-    }
-
-    /// A step's out-of-memory error from the device as the same message as the preflight's,
-    /// naming the step and the newest checkpoint on disk (checkpoints are renamed into place
-    /// whole, so it is intact); any other error as it is.
-    /// The driver's error may come through a step's computation or the optimizer, so the
-    /// whole message is read.
-    fn out_of_memory_in_step(
-        &self,
-        error: RunError,
-        step: u64,
-        checkpoint: impl FnOnce() -> Option<PathBuf>,
-    ) -> RunError {
-        if matches!(error, RunError::Train(_)) && is_out_of_memory(&error.to_string()) {
-            self.out_of_memory(Some((step, checkpoint())))
-        } else {
-            error
-        }
-    }
-}
-
-/// Reads a checkpoint's `state.json` and checks that it belongs to a run with these settings.
-fn check_resume_state(
-    loaded: &LoadedCheckpoint,
-    config: &TrainConfig,
-    examples: usize,
-) -> Result<LoopState, RunError> {
-    let mismatch = |reason: String| RunError::ResumeMismatch {
-        path: loaded.path.clone(),
-        reason,
-    };
-    let state: LoopState = serde_json::from_value(loaded.state.clone())
-        .map_err(|e| mismatch(format!("its state.json is not this program's: {e}")))?;
-    let describe = |rank: Option<usize>| match rank {
-        Some(r) => format!("LoRA of rank {r}"),
-        None => "full fine-tuning".to_string(),
-    };
-    if state.lora_rank != config.lora_rank {
-        return Err(mismatch(format!(
-            "it is a {}, this run a {}",
-            describe(state.lora_rank),
-            describe(config.lora_rank)
-        )));
-    }
-    if state.ema.is_some() != config.use_ema {
-        return Err(mismatch(format!(
-            "it was made {} --use_ema",
-            if state.ema.is_some() {
-                "with"
-            } else {
-                "without"
-            }
-        )));
-    }
-    let moments = if config.use_8bit_adam {
-        MomentStorage::Blockwise8Bit
-    } else {
-        MomentStorage::Float32
-    };
-    if state.optimizer.moments != moments {
-        return Err(mismatch(format!(
-            "its optimizer is {}, this run asks for {} ({} --use_8bit_adam to resume it)",
-            state.optimizer.moments,
-            moments,
-            if config.use_8bit_adam { "drop" } else { "add" }
-        )));
-    }
-    if state.examples != examples || state.train_batch_size != config.train_batch_size {
-        return Err(mismatch(format!(
-            "it was made with {} examples in batches of {}, this run has {examples} in batches of {}",
-            state.examples, state.train_batch_size, config.train_batch_size
-        )));
-    }
-    if state.seed != config.seed {
-        return Err(mismatch(format!(
-            "it was made with --seed {}, this run has --seed {}",
-            state.seed, config.seed
-        )));
-    }
-    Ok(state)
-}
-
-/// Sets the UNet's (or the LoRA adapters') variables to a checkpoint's weights.
-fn restore_weights(
-    loaded: &LoadedCheckpoint,
-    models: &TrainingModels,
-    lora: Option<&UNetLora>,
-) -> Result<(), RunError> {
-    if let Some(lora) = lora {
-        lora.restore(loaded.group(GROUP_LORA)?)?;
-        return Ok(());
-    }
-    let tensors: HashMap<&str, &Tensor> = loaded
-        .group(GROUP_UNET)?
-        .iter()
-        .map(|(n, t)| (n.as_str(), t))
-        .collect();
-    for (name, var) in models.unet.params() {
-        let Some(tensor) = tensors.get(name.as_str()) else {
-            return Err(RunError::ResumeMismatch {
-                path: loaded.path.clone(),
-                reason: format!("it has no UNet weight {name}"),
-            });
-        };
-        if tensor.dims() != var.dims() {
-            return Err(RunError::ResumeMismatch {
-                path: loaded.path.clone(),
-                reason: format!(
-                    "its {name} has shape {:?}, the model {:?}",
-                    tensor.dims(),
-                    var.dims()
-                ),
-            });
-        }
-        var.set(tensor).map_err(|source| TrainError::Compute {
-            stage: "restoring the UNet",
-            source,
-        })?;
-    }
-    Ok(())
-}
 
 impl Run<'_> {
     #[allow(clippy::too_many_arguments)]
@@ -1237,83 +1046,4 @@ fn check_finite(what: &str, tensors: &[(String, Tensor)]) -> Result<(), RunError
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::train::memory::DeviceKind;
-
-    fn plan() -> MemoryPlan {
-        let folder = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/pipelines/sd1-tiny");
-        let sizes = ModelSizes::from_folder(&folder, crate::model::weights::Variant::Default)
-            .expect("the fixture's sizes");
-        let settings = MemorySettings {
-            resolution: 512,
-            train_batch_size: 4,
-            gradient_accumulation_steps: 1,
-            lora_rank: None,
-            gradient_checkpointing: false,
-            use_8bit_adam: false,
-            use_ema: false,
-            cache_latents: false,
-            random_flip: false,
-            half_precision_frozen: false,
-            examples: 10,
-            device: DeviceKind::Gpu,
-        };
-        MemoryPlan {
-            estimate: estimate(&sizes, &settings).total(),
-            sizes,
-            settings,
-            available: Some(300_000_000),
-            device: "cuda:0".into(),
-        }
-    }
-
-    fn compute_error(text: &str) -> RunError {
-        TrainError::Compute {
-            stage: "backward",
-            source: candle_core::Error::Msg(text.into()),
-        }
-        .into()
-    }
-
-    #[test]
-    fn a_device_out_of_memory_error_in_a_step_names_what_to_change_and_the_checkpoint() {
-        let plan = plan();
-        let error = compute_error("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")");
-        let message = plan
-            .out_of_memory_in_step(error, 7, || Some(PathBuf::from("out/checkpoint-5")))
-            .to_string();
-        assert!(
-            message.starts_with("out of memory on cuda:0 in step 7 (estimated peak ~"),
-            "{message}"
-        );
-        assert!(
-            message.contains("300 MB available at the start): try --"),
-            "{message}"
-        );
-        for flag in [
-            "--gradient_checkpointing (−",
-            "--mixed_precision bf16 (−",
-            "--train_batch_size 2 (−",
-        ] {
-            assert!(message.contains(flag), "{flag}: {message}");
-        }
-        assert!(
-            message.ends_with("the last checkpoint, out/checkpoint-5, is intact"),
-            "{message}"
-        );
-        let first = plan
-            .out_of_memory_in_step(compute_error("CUDA_ERROR_OUT_OF_MEMORY"), 1, || None)
-            .to_string();
-        assert!(first.ends_with("no checkpoint was saved yet"), "{first}");
-        // Any other failure stays what it was.
-        let other = plan
-            .out_of_memory_in_step(compute_error("shape mismatch"), 7, || None)
-            .to_string();
-        assert_eq!(other, "backward: shape mismatch");
-    }
 }
