@@ -17,3 +17,6 @@ pub mod model;
 pub mod pipeline;
 pub mod train;
 pub mod worker;
+
+#[cfg(test)]
+mod test_support;

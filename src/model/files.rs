@@ -9,7 +9,28 @@
 
 use std::fs::File;
 use std::io::{self, Read};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// A file-system operation that failed on `path`: "writing /x/y: No space left on device".
+#[derive(Debug, thiserror::Error)]
+#[error("{action} {path}: {source}")]
+pub struct FileError {
+    /// What was being done, as a verb: "writing", "renaming", "listing".
+    pub action: &'static str,
+    pub path: PathBuf,
+    pub source: io::Error,
+}
+
+/// A `map_err` adapter naming the action and the path (`?` then wraps the [`FileError`] into
+/// the caller's error type).
+pub fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> FileError {
+    let path = path.to_path_buf();
+    move |source| FileError {
+        action,
+        path,
+        source,
+    }
+}
 
 /// Largest JSON config file read (`config.json`, `model_index.json`, `scheduler_config.json`,
 /// weight indexes): real ones are a few kilobytes, a sharded index a few hundred.

@@ -28,6 +28,8 @@ mod grad_join;
 mod grad_linear;
 mod grad_norm;
 mod product;
+#[cfg(test)]
+mod test_values;
 
 /// A fully connected layer, `y = x Wᵀ + b`, for inputs of any rank (the last dim is the feature),
 /// with an optional low-rank adapter added to its output (LoRA, see [`LowRankAdapter`]).

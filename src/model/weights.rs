@@ -962,16 +962,19 @@ mod tests {
         );
     }
 
+    /// Writes a safetensors file of `header` and `data_len` zero bytes of data.
+    fn write_safetensors(path: &Path, header: &str, data_len: usize) {
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend(std::iter::repeat_n(0u8, data_len));
+        std::fs::write(path, bytes).expect("write");
+    }
+
     #[test]
     fn header_sizes_must_match_dtype_and_shape() {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("w.safetensors");
-        let write = |header: &str, data_len: usize| {
-            let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
-            bytes.extend_from_slice(header.as_bytes());
-            bytes.extend(std::iter::repeat_n(0u8, data_len));
-            std::fs::write(&path, bytes).expect("write");
-        };
+        let write = |header: &str, data_len: usize| write_safetensors(&path, header, data_len);
         write(
             r#"{"w":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]}}"#,
             16,
@@ -998,12 +1001,7 @@ mod tests {
     fn overlapping_or_gapped_data_offsets_are_refused() {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("w.safetensors");
-        let write = |header: &str, data_len: usize| {
-            let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
-            bytes.extend_from_slice(header.as_bytes());
-            bytes.extend(std::iter::repeat_n(0u8, data_len));
-            std::fs::write(&path, bytes).expect("write");
-        };
+        let write = |header: &str, data_len: usize| write_safetensors(&path, header, data_len);
         write(
             r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},"b":{"dtype":"F32","shape":[2],"data_offsets":[16,24]}}"#,
             24,
@@ -1046,29 +1044,10 @@ mod tests {
         let mut valid = (header.len() as u64).to_le_bytes().to_vec();
         valid.extend_from_slice(header.as_bytes());
         valid.extend(std::iter::repeat_n(7u8, 22));
-        let mut state = 0x2545_F491_4F6C_DD1Du64;
-        let mut next = move |below: usize| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state % below as u64) as usize
-        };
+        let mut rng = crate::test_support::XorShift::new(0x2545_F491_4F6C_DD1D);
         let mut refused = 0;
         for _ in 0..500 {
-            let mut bytes = valid.clone();
-            match next(3) {
-                0 => {
-                    let at = next(bytes.len());
-                    bytes[at] = next(256) as u8;
-                }
-                1 => bytes.truncate(next(bytes.len())),
-                _ => {
-                    let at = 8 + next(header.len());
-                    if bytes[at].is_ascii_digit() {
-                        bytes[at] = b'0' + next(10) as u8;
-                    }
-                }
-            }
+            let bytes = rng.damage(&valid, 8..8 + header.len());
             std::fs::write(&path, &bytes).expect("write");
             match read_checked_header(&path) {
                 Ok(checked) => {

@@ -296,32 +296,11 @@ mod tests {
             &data,
         );
         let path = dir.path().join("fuzz.npy");
-        let mut state = 0x9E37_79B9_7F4A_7C15u64;
-        let mut next = move |below: usize| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state % below as u64) as usize
-        };
+        let mut rng = crate::test_support::XorShift::new(0x9E37_79B9_7F4A_7C15);
         let mut refused = 0;
         for _ in 0..500 {
-            let mut bytes = valid.clone();
-            match next(3) {
-                0 => {
-                    for _ in 0..1 + next(4) {
-                        let at = next(bytes.len());
-                        bytes[at] = next(256) as u8;
-                    }
-                }
-                1 => bytes.truncate(next(bytes.len())),
-                _ => {
-                    // A digit of the header (the shape, the length) changed to another digit.
-                    let at = 10 + next(118);
-                    if bytes[at].is_ascii_digit() {
-                        bytes[at] = b'0' + next(10) as u8;
-                    }
-                }
-            }
+            // A digit of the header (the shape, the length) is what a changed digit hits.
+            let bytes = rng.damage(&valid, 10..128);
             std::fs::write(&path, &bytes).unwrap();
             match read_f32_npy(&path) {
                 Ok(array) => assert!(array.values.len() * 4 <= bytes.len()),

@@ -19,6 +19,7 @@
 //! The small safetensors writer here ([`write_safetensors`]) is shared by the LoRA and final-model
 //! writers: it stores string metadata (peft's adapter config) and syncs the file.
 
+use crate::model::files::{FileError, io_err};
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{BufWriter, Read, Write};
@@ -42,13 +43,9 @@ const REPLACED_PREFIX: &str = ".replaced-checkpoint-";
 /// What went wrong reading or writing a checkpoint or a safetensors file.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
-    /// A file-system operation failed on `path`.
-    #[error("{action} {path}: {source}")]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    /// A file-system operation failed on a path.
+    #[error(transparent)]
+    Io(#[from] FileError),
     /// A tensor could not be read from or converted for `path`.
     #[error("tensor {name:?} in {path}: {source}")]
     Tensor {
@@ -88,15 +85,6 @@ pub enum CheckpointError {
         output_dir: PathBuf,
         damaged: String,
     },
-}
-
-fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError {
-    let path = path.to_path_buf();
-    move |source| CheckpointError::Io {
-        action,
-        path,
-        source,
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -204,7 +192,7 @@ pub fn write_safetensors(
     let file = out
         .into_inner()
         .map_err(|e| io_err("writing", path)(e.into_error()))?;
-    file.sync_all().map_err(io_err("syncing", path))
+    Ok(file.sync_all().map_err(io_err("syncing", path))?)
 }
 
 /// The `__metadata__` of a safetensors file (empty when it has none).
@@ -342,12 +330,12 @@ fn output_dir_entries(
     let entries = match fs::read_dir(output_dir) {
         Ok(entries) => Some(entries),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return Err(io_err("listing", output_dir)(e)),
+        Err(e) => return Err(io_err("listing", output_dir)(e).into()),
     };
     Ok(entries
         .into_iter()
         .flatten()
-        .map(move |entry| entry.map_err(io_err("listing", output_dir))))
+        .map(move |entry| Ok(entry.map_err(io_err("listing", output_dir))?)))
 }
 
 /// The `checkpoint-STEP` folders under `output_dir` (complete or not), oldest step first. A
@@ -459,7 +447,7 @@ fn sync_dir(dir: &Path) -> Result<(), CheckpointError> {
             let _ = file.sync_all();
             Ok(())
         }
-        Err(e) => Err(io_err("opening", dir)(e)),
+        Err(e) => Err(io_err("opening", dir)(e).into()),
     }
 }
 
@@ -467,7 +455,7 @@ fn remove_dir_if_exists(dir: &Path) -> Result<(), CheckpointError> {
     match fs::remove_dir_all(dir) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io_err("removing", dir)(e)),
+        Err(e) => Err(io_err("removing", dir)(e).into()),
     }
 }
 
@@ -581,7 +569,7 @@ pub fn save_checkpoint(
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
     let mut file = File::create(path).map_err(io_err("creating", path))?;
     file.write_all(bytes).map_err(io_err("writing", path))?;
-    file.sync_all().map_err(io_err("syncing", path))
+    Ok(file.sync_all().map_err(io_err("syncing", path))?)
 }
 
 /// The newest complete checkpoint under `output_dir`, if any (incomplete or damaged ones are

@@ -918,6 +918,27 @@ pub fn is_out_of_memory(message: &str) -> bool {
     .any(|needle| text.contains(needle))
 }
 
+impl MemorySettings {
+    /// 256², batch 1, full fine-tuning in float32 on the CPU, nothing saved: what tests vary.
+    #[cfg(test)]
+    pub(crate) fn example() -> Self {
+        Self {
+            resolution: 256,
+            train_batch_size: 1,
+            gradient_accumulation_steps: 1,
+            lora_rank: None,
+            gradient_checkpointing: false,
+            use_8bit_adam: false,
+            use_ema: false,
+            cache_latents: false,
+            random_flip: false,
+            half_precision_frozen: false,
+            examples: 1000,
+            device: DeviceKind::Cpu,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -957,20 +978,7 @@ mod tests {
     }
 
     fn settings() -> MemorySettings {
-        MemorySettings {
-            resolution: 256,
-            train_batch_size: 1,
-            gradient_accumulation_steps: 1,
-            lora_rank: None,
-            gradient_checkpointing: false,
-            use_8bit_adam: false,
-            use_ema: false,
-            cache_latents: false,
-            random_flip: false,
-            half_precision_frozen: false,
-            examples: 1000,
-            device: DeviceKind::Cpu,
-        }
+        MemorySettings::example()
     }
 
     #[test]

@@ -18,6 +18,7 @@
 //! | `Summary.Value` | `tag`          | 1      | length-delimited    |
 //! | `Summary.Value` | `simple_value` | 2      | 32-bit (float)      |
 
+use crate::model::files::{FileError, io_err};
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -34,26 +35,13 @@ pub const EVENT_FILE_VERSION: &str = "brain.Event:2";
 /// What went wrong writing metrics.
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
-    /// A file-system operation failed on `path`.
-    #[error("{action} {path}: {source}")]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    /// A file-system operation failed on a path.
+    #[error(transparent)]
+    Io(#[from] FileError),
     /// A record could not be serialized (a non-finite number where JSON has none is written as
     /// `null`, so this is only a record that is not a JSON object).
     #[error("metrics record for {path}: {reason}")]
     BadRecord { path: PathBuf, reason: String },
-}
-
-fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> MetricsError {
-    let path = path.to_path_buf();
-    move |source| MetricsError::Io {
-        action,
-        path,
-        source,
-    }
 }
 
 /// Seconds since the Unix epoch, as TensorBoard's `wall_time`.
@@ -164,7 +152,8 @@ impl MetricsLog {
         self.file
             .write_all(line.as_bytes())
             .and_then(|()| self.file.flush())
-            .map_err(io_err("writing", &self.path))
+            .map_err(io_err("writing", &self.path))?;
+        Ok(())
     }
 }
 
@@ -357,6 +346,7 @@ impl TensorBoardWriter {
         self.file
             .write_all(&tfrecord(payload))
             .and_then(|()| self.file.flush())
-            .map_err(io_err("writing", &self.path))
+            .map_err(io_err("writing", &self.path))?;
+        Ok(())
     }
 }

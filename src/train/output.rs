@@ -16,6 +16,7 @@
 //! renamed in last: at every moment the folder either has no `model_index.json` (nothing loads
 //! it as a model) or is complete.
 
+use crate::model::files::{FileError, io_err};
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -42,13 +43,9 @@ pub const UNET_WEIGHTS_FILE: &str = "diffusion_pytorch_model.safetensors";
 /// What went wrong writing the final model folder.
 #[derive(Debug, thiserror::Error)]
 pub enum OutputError {
-    /// A file-system operation failed on `path`.
-    #[error("{action} {path}: {source}")]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    /// A file-system operation failed on a path.
+    #[error(transparent)]
+    Io(#[from] FileError),
     /// The base model folder lacks something the output needs, or holds malformed JSON.
     #[error("base model {path}: {reason}")]
     BadBase { path: PathBuf, reason: String },
@@ -58,15 +55,6 @@ pub enum OutputError {
     /// Writing the weights failed.
     #[error(transparent)]
     Weights(#[from] CheckpointError),
-}
-
-fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> OutputError {
-    let path = path.to_path_buf();
-    move |source| OutputError::Io {
-        action,
-        path,
-        source,
-    }
 }
 
 fn read_json(path: &Path) -> Result<Value, OutputError> {
@@ -82,7 +70,7 @@ fn read_json(path: &Path) -> Result<Value, OutputError> {
 
 fn write_json(path: &Path, value: &Value) -> Result<(), OutputError> {
     let text = serde_json::to_string_pretty(value).unwrap_or_default() + "\n";
-    fs::write(path, text).map_err(io_err("writing", path))
+    Ok(fs::write(path, text).map_err(io_err("writing", path))?)
 }
 
 /// Copies the tree `from` into `to`, following symbolic links (a Hugging Face cache snapshot is
@@ -119,7 +107,7 @@ fn remove_path(path: &Path) -> Result<(), OutputError> {
     match result {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io_err("removing", path)(e)),
+        Err(e) => Err(io_err("removing", path)(e).into()),
     }
 }
 
@@ -358,7 +346,7 @@ fn move_into_place(
     components: &[String],
 ) -> Result<(), OutputError> {
     if !model_dir.exists() {
-        return fs::rename(temp, model_dir).map_err(io_err("renaming into place", model_dir));
+        return Ok(fs::rename(temp, model_dir).map_err(io_err("renaming into place", model_dir))?);
     }
     let index = model_dir.join("model_index.json");
     remove_path(&index)?;

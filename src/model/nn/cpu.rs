@@ -644,14 +644,10 @@ mod tests {
     /// Deterministic values in [-1, 1) (plus `offset`), varied enough to catch index mix-ups.
     fn values(shape: &[usize], seed: u64, offset: f32) -> Tensor {
         let count: usize = shape.iter().product();
-        let mut state = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-        let data: Vec<f32> = (0..count)
-            .map(|_| {
-                state = state
-                    .wrapping_mul(6_364_136_223_846_793_005)
-                    .wrapping_add(1_442_695_040_888_963_407);
-                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0 + offset
-            })
+        let seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+        let data: Vec<f32> = super::super::test_values::lcg_values(count, seed)
+            .into_iter()
+            .map(|v| v + offset)
             .collect();
         Tensor::from_vec(data, shape, &Device::Cpu).expect("shape matches the data")
     }

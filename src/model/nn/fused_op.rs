@@ -78,6 +78,25 @@ impl_custom_op!(
     [a, a_layout, b, b_layout, c, c_layout]
 );
 
+/// Applies a layer's kernel (see [`impl_weight_bias_kernels`]) to contiguous copies of its
+/// input, weight and optional bias.
+pub(super) fn apply_weight_bias<K>(
+    op: K,
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<Tensor>
+where
+    K: Send + Sync + 'static,
+    Fused<K>: CustomOp2 + CustomOp3,
+{
+    let (x, weight) = (x.contiguous()?, weight.contiguous()?);
+    match bias {
+        Some(bias) => x.apply_op3(&weight, &bias.contiguous()?, Fused(op)),
+        None => x.apply_op2(&weight, Fused(op)),
+    }
+}
+
 /// The two ops of a layer with a weight and an optional bias (convolution, linear): without a
 /// bias a [`FusedKernel<2>`] named `$name`, with one a [`FusedKernel<3>`] named `$name-bias`.
 /// The type provides `$forward(x, weight, bias: Option<&[f32]>)` and

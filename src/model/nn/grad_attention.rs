@@ -219,14 +219,14 @@ impl AttentionOp {
                 }
             }
             // [kv, rows] views of the block buffers, for the products with their transposes.
-            let transposed = Product {
-                m: kv_len,
-                n: head_dim,
-                k: rows,
-                dst: (head_dim, 1),
-                lhs: (1, stride),
-                rhs: (inner, 1),
-            };
+            let transposed = Product::new(
+                kv_len,
+                head_dim,
+                rows,
+                (head_dim, 1),
+                (1, stride),
+                (inner, 1),
+            );
             if self.v_tracked {
                 transposed.run(&mut grads.v, probs, dout_block, 1.0, true, threads)?;
             }
@@ -260,14 +260,14 @@ impl AttentionOp {
                 }
             }
             if self.q_tracked {
-                let query_grad = Product {
-                    m: rows,
-                    n: head_dim,
-                    k: kv_len,
-                    dst: (head_dim, 1),
-                    lhs: (stride, 1),
-                    rhs: (inner, 1),
-                };
+                let query_grad = Product::new(
+                    rows,
+                    head_dim,
+                    kv_len,
+                    (head_dim, 1),
+                    (stride, 1),
+                    (inner, 1),
+                );
                 let dst = &mut grads.q[first * head_dim..][..rows * head_dim];
                 query_grad.run(dst, prob_grads, &k_image[column..], scale, false, threads)?;
             }

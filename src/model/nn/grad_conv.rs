@@ -15,7 +15,7 @@ use candle_nn::Conv2dConfig;
 use rayon::prelude::*;
 
 use super::cpu::{self, COL_BLOCK_ELEMENTS, ConvShape};
-use super::fused_op::{Fused, Grads3};
+use super::fused_op::{Grads3, apply_weight_bias};
 use super::product::{Product, Threads};
 
 /// `x` [B, C_in, H, W] convolved with `weight` [C_out, C_in, k_h, k_w] (+ `bias` [C_out]) as a
@@ -39,12 +39,7 @@ pub fn conv2d(
         weight_tracked: weight.track_op(),
         bias_tracked: bias.is_some_and(Tensor::track_op),
     };
-    let (x, weight) = (x.contiguous()?, weight.contiguous()?);
-    let y = match bias {
-        Some(bias) => x.apply_op3(&weight, &bias.contiguous()?, Fused(op))?,
-        None => x.apply_op2(&weight, Fused(op))?,
-    };
-    Ok(Some(y))
+    apply_weight_bias(op, x, weight, bias).map(Some)
 }
 
 /// The convolution op: its geometry and which inputs need a gradient.
@@ -133,26 +128,14 @@ impl ConvOp {
         for image in 0..s.batch {
             let dy_image = &dy[image * out_c * pixels..][..out_c * pixels];
             if let Some(dw) = &mut weight_grad {
-                let product = Product {
-                    m: out_c,
-                    n: in_c,
-                    k: pixels,
-                    dst: (in_c, 1),
-                    lhs: (pixels, 1),
-                    rhs: (1, pixels),
-                };
+                let product =
+                    Product::new(out_c, in_c, pixels, (in_c, 1), (pixels, 1), (1, pixels));
                 let x_image = &x[image * in_c * pixels..][..in_c * pixels];
                 product.run(dw, dy_image, x_image, 1.0, true, Threads::All)?;
             }
             if let Some(dx) = &mut input_grad {
-                let product = Product {
-                    m: in_c,
-                    n: pixels,
-                    k: out_c,
-                    dst: (pixels, 1),
-                    lhs: (1, in_c),
-                    rhs: (pixels, 1),
-                };
+                let product =
+                    Product::new(in_c, pixels, out_c, (pixels, 1), (1, in_c), (pixels, 1));
                 let dx_image = &mut dx[image * in_c * pixels..][..in_c * pixels];
                 product.run(dx_image, weight, dy_image, 1.0, false, Threads::All)?;
             }
@@ -207,26 +190,26 @@ impl ConvOp {
                         cpu::fill_column_row(x, s, patch_index, first_row, column_row);
                     },
                 );
-                let product = Product {
-                    m: s.out_channels,
-                    n: patch_len,
-                    k: block_pixels,
-                    dst: (patch_len, 1),
-                    lhs: (all_pixels, 1),
-                    rhs: (1, block_pixels),
-                };
+                let product = Product::new(
+                    s.out_channels,
+                    patch_len,
+                    block_pixels,
+                    (patch_len, 1),
+                    (all_pixels, 1),
+                    (1, block_pixels),
+                );
                 product.run(dw, dy_block, block, 1.0, true, Threads::All)?;
             }
             if let Some(dx) = &mut input_grad {
                 let block = &mut column_grads[..patch_len * block_pixels];
-                let product = Product {
-                    m: patch_len,
-                    n: block_pixels,
-                    k: s.out_channels,
-                    dst: (block_pixels, 1),
-                    lhs: (1, patch_len),
-                    rhs: (all_pixels, 1),
-                };
+                let product = Product::new(
+                    patch_len,
+                    block_pixels,
+                    s.out_channels,
+                    (block_pixels, 1),
+                    (1, patch_len),
+                    (all_pixels, 1),
+                );
                 product.run(block, weight, dy_block, 1.0, false, Threads::All)?;
                 add_columns_to_image(block, s, first_row, rows, dx);
             }
@@ -315,22 +298,10 @@ super::fused_op::impl_weight_bias_kernels!(ConvOp, "fused-conv2d", convolve);
 
 #[cfg(test)]
 mod tests {
+    use super::super::fused_op::Fused;
+    use super::super::test_values::values;
     use super::*;
     use candle_core::{Module, Var};
-
-    fn values(shape: &[usize], seed: u64) -> Tensor {
-        let count: usize = shape.iter().product();
-        let mut state = seed;
-        let data: Vec<f32> = (0..count)
-            .map(|_| {
-                state = state
-                    .wrapping_mul(6_364_136_223_846_793_005)
-                    .wrapping_add(1_442_695_040_888_963_407);
-                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect();
-        Tensor::from_vec(data, shape, &Device::Cpu).expect("shape matches the data")
-    }
 
     /// Gradients of Σ y·r for x, weight and bias through `conv`.
     fn gradients(

@@ -112,7 +112,8 @@ impl CustomOp1 for Graft {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::backprop::GradStore;
+    use candle_core::{Device, TensorId, Var};
 
     fn values_of(shape: &[usize], seed: u64) -> Tensor {
         let count: usize = shape.iter().product();
@@ -128,6 +129,21 @@ mod tests {
             .expect("values")
     }
 
+    /// Backward of Σ y·r: the gradients, and the ids that got one besides `r`'s own (which
+    /// candle's product gives it: the loss's doing, not the op's).
+    fn backward_of_weighted_sum(y: &Tensor, r: &Tensor) -> (GradStore, Vec<TensorId>) {
+        let grads = (y * r)
+            .and_then(|l| l.sum_all())
+            .and_then(|l| l.backward())
+            .expect("backward");
+        let ids = grads
+            .get_ids()
+            .filter(|id| **id != r.id())
+            .copied()
+            .collect();
+        (grads, ids)
+    }
+
     #[test]
     fn sums_and_concatenations_equal_candles_and_leave_the_untracked_side_no_gradient() {
         let x = Var::from_tensor(&values_of(&[2, 3, 4, 5], 1)).expect("x");
@@ -138,28 +154,12 @@ mod tests {
         let reference = tracked.broadcast_add(&temb).expect("candle");
         assert_eq!(flat(&fused), flat(&reference));
         let r = values_of(&[2, 3, 5, 4], 3);
-        let grads = (&fused * &r)
-            .and_then(|l| l.sum_all())
-            .and_then(|l| l.backward())
-            .expect("backward");
-        // (r, untracked, gets one from candle's product: the loss's own doing.)
-        let ids: Vec<_> = grads
-            .get_ids()
-            .filter(|id| **id != r.id())
-            .copied()
-            .collect();
+        let (grads, ids) = backward_of_weighted_sum(&fused, &r);
         assert_eq!(ids, [x.as_tensor().id()]);
         let expected = r.permute((0, 1, 3, 2)).expect("permute");
         assert_eq!(flat(grads.get(x.as_tensor()).expect("dx")), flat(&expected));
         // candle keeps an output-sized gradient for the broadcast embedding.
-        let candle_grads = (&reference * &r)
-            .and_then(|l| l.sum_all())
-            .and_then(|l| l.backward())
-            .expect("backward");
-        assert_eq!(
-            candle_grads.get_ids().filter(|id| **id != r.id()).count(),
-            2
-        );
+        assert_eq!(backward_of_weighted_sum(&reference, &r).1.len(), 2);
 
         let skip = values_of(&[2, 2, 4, 5], 4);
         for other_first in [false, true] {
@@ -174,15 +174,7 @@ mod tests {
             let reference = Tensor::cat(&parts, 1).expect("candle");
             assert_eq!(flat(&fused), flat(&reference));
             let r = values_of(&[2, 5, 4, 5], 5);
-            let grads = (&fused * &r)
-                .and_then(|l| l.sum_all())
-                .and_then(|l| l.backward())
-                .expect("backward");
-            let ids: Vec<_> = grads
-                .get_ids()
-                .filter(|id| **id != r.id())
-                .copied()
-                .collect();
+            let (grads, ids) = backward_of_weighted_sum(&fused, &r);
             assert_eq!(ids, [x.as_tensor().id()]);
             let start = if other_first { 2 } else { 0 };
             let expected = r.narrow(1, start, 3).expect("narrow");

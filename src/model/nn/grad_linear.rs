@@ -11,7 +11,7 @@
 use candle_core::{CpuStorage, DType, Device, Result, Shape, Tensor};
 
 use super::cpu;
-use super::fused_op::{Fused, Grads3};
+use super::fused_op::{Grads3, apply_weight_bias};
 use super::product::{Product, Threads};
 
 /// `x` [rows, in] times `weight` [out, in] transposed, plus `bias` [out], as a differentiable op,
@@ -36,12 +36,7 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Opti
         weight_tracked: weight.track_op(),
         bias_tracked: bias.is_some_and(Tensor::track_op),
     };
-    let (x, weight) = (x.contiguous()?, weight.contiguous()?);
-    let y = match bias {
-        Some(bias) => x.apply_op3(&weight, &bias.contiguous()?, Fused(op))?,
-        None => x.apply_op2(&weight, Fused(op))?,
-    };
-    Ok(Some(y))
+    apply_weight_bias(op, x, weight, bias).map(Some)
 }
 
 /// The layer's sizes and which inputs need a gradient.
@@ -69,15 +64,14 @@ impl LinearOp {
             None => vec![0f32; rows * n_out],
         };
         // y [rows, out] (+)= x [rows, in] · Wᵀ [in, out] (W read with its strides swapped).
-        Product {
-            m: rows,
-            n: n_out,
-            k: n_in,
-            dst: (n_out, 1),
-            lhs: (n_in, 1),
-            rhs: (1, n_in),
-        }
-        .run(&mut y, x, weight, 1.0, bias.is_some(), Threads::All)?;
+        Product::new(rows, n_out, n_in, (n_out, 1), (n_in, 1), (1, n_in)).run(
+            &mut y,
+            x,
+            weight,
+            1.0,
+            bias.is_some(),
+            Threads::All,
+        )?;
         Ok((CpuStorage::F32(y), Shape::from((rows, n_out))))
     }
 
@@ -97,15 +91,14 @@ impl LinearOp {
             let w = cpu::contiguous_slice::<f32>(&w_storage, w_layout)?;
             let mut dx = vec![0f32; rows * n_in];
             // dx [rows, in] = dy [rows, out] · W [out, in].
-            Product {
-                m: rows,
-                n: n_in,
-                k: n_out,
-                dst: (n_in, 1),
-                lhs: (n_out, 1),
-                rhs: (n_in, 1),
-            }
-            .run(&mut dx, dy, w, 1.0, false, Threads::All)?;
+            Product::new(rows, n_in, n_out, (n_in, 1), (n_out, 1), (n_in, 1)).run(
+                &mut dx,
+                dy,
+                w,
+                1.0,
+                false,
+                Threads::All,
+            )?;
             Some(Tensor::from_vec(dx, (rows, n_in), &Device::Cpu)?)
         } else {
             None
@@ -115,15 +108,14 @@ impl LinearOp {
             let x = cpu::contiguous_slice::<f32>(&x_storage, x_layout)?;
             let mut dw = vec![0f32; n_out * n_in];
             // dW [out, in] = dyᵀ [out, rows] · x [rows, in].
-            Product {
-                m: n_out,
-                n: n_in,
-                k: rows,
-                dst: (n_in, 1),
-                lhs: (1, n_out),
-                rhs: (n_in, 1),
-            }
-            .run(&mut dw, dy, x, 1.0, false, Threads::All)?;
+            Product::new(n_out, n_in, rows, (n_in, 1), (1, n_out), (n_in, 1)).run(
+                &mut dw,
+                dy,
+                x,
+                1.0,
+                false,
+                Threads::All,
+            )?;
             Some(Tensor::from_vec(dw, (n_out, n_in), &Device::Cpu)?)
         } else {
             None
@@ -132,15 +124,14 @@ impl LinearOp {
             // db [1, out] = 1 [1, rows] · dy [rows, out].
             let ones = vec![1f32; rows];
             let mut db = vec![0f32; n_out];
-            Product {
-                m: 1,
-                n: n_out,
-                k: rows,
-                dst: (n_out, 1),
-                lhs: (rows, 1),
-                rhs: (n_out, 1),
-            }
-            .run(&mut db, &ones, dy, 1.0, false, Threads::All)?;
+            Product::new(1, n_out, rows, (n_out, 1), (rows, 1), (n_out, 1)).run(
+                &mut db,
+                &ones,
+                dy,
+                1.0,
+                false,
+                Threads::All,
+            )?;
             Some(Tensor::from_vec(db, n_out, &Device::Cpu)?)
         } else {
             None
@@ -153,30 +144,9 @@ super::fused_op::impl_weight_bias_kernels!(LinearOp, "fused-linear", forward_val
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_values::{max_difference, values};
     use super::*;
     use candle_core::Var;
-
-    fn values(shape: &[usize], seed: u64) -> Tensor {
-        let count: usize = shape.iter().product();
-        let mut state = seed;
-        let data: Vec<f32> = (0..count)
-            .map(|_| {
-                state = state
-                    .wrapping_mul(6_364_136_223_846_793_005)
-                    .wrapping_add(1_442_695_040_888_963_407);
-                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect();
-        Tensor::from_vec(data, shape, &Device::Cpu).expect("shape matches the data")
-    }
-
-    fn max_difference(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .and_then(|d| d.abs())
-            .and_then(|d| d.max_all())
-            .and_then(|d| d.to_scalar::<f32>())
-            .expect("difference")
-    }
 
     /// candle's composed layer: what the op must compute.
     fn composed(x: &Tensor, w: &Tensor, b: &Tensor) -> Tensor {

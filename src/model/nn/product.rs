@@ -27,6 +27,26 @@ pub(super) enum Threads {
 }
 
 impl Product {
+    /// The product of an [m, k] and a [k, n] operand into [m, n], each laid out by its
+    /// (row stride, column stride).
+    pub(super) const fn new(
+        m: usize,
+        n: usize,
+        k: usize,
+        dst: (usize, usize),
+        lhs: (usize, usize),
+        rhs: (usize, usize),
+    ) -> Self {
+        Self {
+            m,
+            n,
+            k,
+            dst,
+            lhs,
+            rhs,
+        }
+    }
+
     pub(super) fn run(
         &self,
         dst: &mut [f32],

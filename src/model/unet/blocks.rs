@@ -211,17 +211,9 @@ pub struct DownBlock {
 
 impl DownBlock {
     /// Returns the output and the states kept for the skip connections (one per resnet, plus
-    /// the downsampled output).
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        temb_activated: &Tensor,
-        context: &Tensor,
-    ) -> Result<(Tensor, Vec<Tensor>)> {
-        self.forward_segments(Segments::Direct, x, temb_activated, context)
-    }
-
-    pub(super) fn forward_segments(
+    /// the downsampled output). `segments` says whether the blocks' insides are kept for
+    /// backward or recomputed (gradient checkpointing).
+    pub(super) fn forward(
         &self,
         segments: Segments,
         x: &Tensor,
@@ -256,11 +248,7 @@ pub struct MidBlock {
 
 impl MidBlock {
     /// `x` [B, C, h, w] at the deepest level; returns the same shape.
-    pub fn forward(&self, x: &Tensor, temb_activated: &Tensor, context: &Tensor) -> Result<Tensor> {
-        self.forward_segments(Segments::Direct, x, temb_activated, context)
-    }
-
-    pub(super) fn forward_segments(
+    pub(super) fn forward(
         &self,
         segments: Segments,
         x: &Tensor,
@@ -293,25 +281,7 @@ pub struct UpBlock {
 impl UpBlock {
     /// `skips`: this block's skip states in the order they were produced (one per resnet; the
     /// last is concatenated first). `upsample_size` forces the upsampler's output size.
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        skips: &[Tensor],
-        temb_activated: &Tensor,
-        context: &Tensor,
-        upsample_size: Option<(usize, usize)>,
-    ) -> Result<Tensor> {
-        self.forward_segments(
-            Segments::Direct,
-            x,
-            skips,
-            temb_activated,
-            context,
-            upsample_size,
-        )
-    }
-
-    pub(super) fn forward_segments(
+    pub(super) fn forward(
         &self,
         segments: Segments,
         x: &Tensor,

@@ -451,14 +451,14 @@ impl UNet2DConditionModel {
         let mut skips = vec![h.clone()];
         for block in &self.down_blocks {
             let (out, states) =
-                block.forward_segments(segments, &h, &temb_activated, encoder_hidden_states)?;
+                block.forward(segments, &h, &temb_activated, encoder_hidden_states)?;
             h = out;
             skips.extend(states);
         }
 
         // 3. Mid.
         if let Some(mid) = &self.mid_block {
-            h = mid.forward_segments(segments, &h, &temb_activated, encoder_hidden_states)?;
+            h = mid.forward(segments, &h, &temb_activated, encoder_hidden_states)?;
         }
 
         // 4. Up. When the input size is not a multiple of the total downscale factor, each
@@ -479,7 +479,7 @@ impl UNet2DConditionModel {
                 }
                 _ => None,
             };
-            h = block.forward_segments(
+            h = block.forward(
                 segments,
                 &h,
                 &block_skips,

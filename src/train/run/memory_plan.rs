@@ -113,16 +113,9 @@ mod tests {
         let settings = MemorySettings {
             resolution: 512,
             train_batch_size: 4,
-            gradient_accumulation_steps: 1,
-            lora_rank: None,
-            gradient_checkpointing: false,
-            use_8bit_adam: false,
-            use_ema: false,
-            cache_latents: false,
-            random_flip: false,
-            half_precision_frozen: false,
             examples: 10,
             device: DeviceKind::Gpu,
+            ..MemorySettings::example()
         };
         MemoryPlan {
             estimate: estimate(&sizes, &settings).total(),

@@ -197,14 +197,14 @@ pub(in crate::model::nn) fn attention_forward(
                             sums.push(sum);
                         }
                         // out_h = exp(scores) · v_h, then each row divided by its sum.
-                        let pv = Product {
-                            m: rows,
-                            n: head_dim,
-                            k: kv_len,
-                            dst: (inner, 1),
-                            lhs: (score_stride, 1),
-                            rhs: (inner, 1),
-                        };
+                        let pv = Product::new(
+                            rows,
+                            head_dim,
+                            kv_len,
+                            (inner, 1),
+                            (score_stride, 1),
+                            (inner, 1),
+                        );
                         pv.run(
                             &mut out_block[column..],
                             scores,
