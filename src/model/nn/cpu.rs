@@ -11,7 +11,8 @@
 mod attention;
 
 pub(super) use attention::{
-    AttentionShape, QUERY_BLOCK_ROWS, attention, attention_forward, exp_non_positive,
+    AttentionShape, QUERY_BLOCK_ROWS, attention, attention_forward, exp_minus_in_place,
+    exp_non_positive,
 };
 
 use candle_core::{CpuStorage, DType, Device, Layout, Result, Storage, Tensor, WithDType};
@@ -354,7 +355,7 @@ impl MatProduct {
         {
             candle_core::bail!("conv2d kernel: matrix product {self:?} out of its buffers");
         }
-        let threads = candle_core::utils::get_num_threads();
+        let threads = super::product::thread_count();
         let parallelism = if threads > 1 {
             Parallelism::Rayon(threads)
         } else {

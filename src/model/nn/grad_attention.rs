@@ -105,7 +105,7 @@ impl FusedKernel<3> for AttentionOp {
             log_sum_exp: &log_sum_exp,
         };
         let tasks = d.batch * d.heads;
-        let threads = if tasks >= candle_core::utils::get_num_threads() {
+        let threads = if tasks >= super::product::thread_count() {
             Threads::One
         } else {
             Threads::All
@@ -213,10 +213,7 @@ impl AttentionOp {
             let scores = d.scores_product(rows);
             scores.run(probs, q_block, &k_image[column..], scale, false, threads)?;
             for (r, row) in probs.chunks_exact_mut(stride).enumerate() {
-                let l = lse(first + r);
-                for p in &mut row[..kv_len] {
-                    *p = cpu::exp_non_positive(*p - l);
-                }
+                cpu::exp_minus_in_place(&mut row[..kv_len], lse(first + r));
             }
             // [kv, rows] views of the block buffers, for the products with their transposes.
             let transposed = Product::new(

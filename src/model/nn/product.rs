@@ -17,6 +17,13 @@ pub(super) struct Product {
     pub(super) rhs: (usize, usize),
 }
 
+/// candle's thread count, read once: `candle_core::utils::get_num_threads` reads the environment
+/// and, on Linux, `/proc/cpuinfo` on every call (5% of a small model's training step).
+pub(super) fn thread_count() -> usize {
+    static COUNT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *COUNT.get_or_init(candle_core::utils::get_num_threads)
+}
+
 /// How a product uses the machine's threads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Threads {
@@ -69,7 +76,7 @@ impl Product {
         if self.m == 0 || self.n == 0 {
             return Ok(());
         }
-        let parallelism = match (threads, candle_core::utils::get_num_threads()) {
+        let parallelism = match (threads, thread_count()) {
             (Threads::All, count) if count > 1 => Parallelism::Rayon(count),
             _ => Parallelism::None,
         };

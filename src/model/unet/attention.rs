@@ -140,8 +140,8 @@ impl FeedForward {
     /// `x` [B, N, dim].
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let value = self.value_proj.forward(x)?;
-        let gate = nn::gelu(&self.gate_proj.forward(x)?)?;
-        self.proj_out.forward(&(value * gate)?)
+        let gate = self.gate_proj.forward(x)?;
+        self.proj_out.forward(&nn::geglu(&value, &gate)?)
     }
 }
 

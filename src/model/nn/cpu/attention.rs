@@ -236,6 +236,20 @@ fn exp_minus_max_in_place(row: &mut [f32]) -> (f32, f32) {
     exp_minus_max_in_place_portable(row)
 }
 
+/// `row[i] = exp(row[i] − shift)` where the values are at most `shift` (above it counts as
+/// equal): attention's probabilities recomputed from the scores and each row's log-sum-exp in
+/// the backward pass.
+pub(in crate::model::nn) fn exp_minus_in_place(row: &mut [f32], shift: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU was just checked to have AVX-512F, the function's only requirement.
+        return unsafe { avx512::exp_minus_in_place(row, shift) };
+    }
+    for value in row {
+        *value = exp_non_positive(*value - shift);
+    }
+}
+
 /// [`exp_minus_max_in_place`] in plain Rust (three passes: max, exp, sum).
 fn exp_minus_max_in_place_portable(row: &mut [f32]) -> (f32, f32) {
     const LANES: usize = 16;
@@ -315,6 +329,25 @@ mod avx512 {
         (row_max, total as f32)
     }
 
+    /// Same contract as the portable [`super::exp_minus_in_place`].
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn exp_minus_in_place(row: &mut [f32], shift: f32) {
+        let len = row.len();
+        let ptr = row.as_mut_ptr();
+        let shift = _mm512_set1_ps(shift);
+        let mut i = 0;
+        while i < len {
+            let mask = tail_mask(len, i);
+            // SAFETY: the mask covers only the lanes i..min(i + 16, len) inside `row`.
+            unsafe {
+                let v = _mm512_maskz_loadu_ps(mask, ptr.add(i));
+                let e = exp_non_positive(_mm512_sub_ps(v, shift));
+                _mm512_mask_storeu_ps(ptr.add(i), mask, e);
+            }
+            i += LANES;
+        }
+    }
+
     /// e^x for x ≤ 0, 16 lanes: the scalar `exp_non_positive`'s method (Cephes' polynomial),
     /// with 2^n applied by `scalef`. 0 below −87.33 (as the scalar version), NaN stays NaN.
     #[target_feature(enable = "avx512f")]
@@ -374,6 +407,19 @@ mod avx512 {
                     );
                 }
                 assert!((vector_sum - portable_sum).abs() <= 1e-6 * portable_sum);
+            }
+            for len in [1usize, 16, 17, 300] {
+                let values: Vec<f32> = (0..len).map(|i| (i % 37) as f32 * 0.31 - 9.0).collect();
+                let mut vector = values.clone();
+                // SAFETY: AVX-512F checked above.
+                unsafe { super::exp_minus_in_place(&mut vector, 2.0) };
+                for (v, x) in vector.iter().zip(&values) {
+                    let p = super::super::exp_non_positive(x - 2.0);
+                    assert!(
+                        (v - p).abs() <= 2.5e-7 * p.max(f32::MIN_POSITIVE),
+                        "{v} vs {p}"
+                    );
+                }
             }
             let mut row = [0.0, -200.0, f32::NEG_INFINITY, -1.0, f32::NAN];
             // SAFETY: AVX-512F checked above.
