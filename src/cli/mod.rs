@@ -51,6 +51,10 @@ pub fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(error) => return usage_error(error),
     };
+    if let Err(message) = crate::model::nn::kernels_from_env() {
+        eprintln!("error: {message}");
+        return ExitCode::from(EXIT_FAILURE);
+    }
     let result = match cli.command {
         Some(Command::Edit(args)) => edit::run(args),
         Some(Command::Bench(args)) => bench::run(args),

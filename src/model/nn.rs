@@ -15,7 +15,7 @@
 //! untracked side no gradient buffer (`nn/grad_join.rs`). Other devices and dtypes run candle's
 //! ops.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use candle_core::{D, DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -373,19 +373,45 @@ pub fn conv2d(
     Ok(Conv2d { inner })
 }
 
-/// Whether the fused CPU kernels (convolution, group norm, attention) replace candle's ops
-/// where they can; on unless switched off.
-static FAST_CPU_KERNELS: AtomicBool = AtomicBool::new(true);
+/// The environment variable that picks the kernels for the whole process: `generic` runs
+/// candle's own ops everywhere (exactly the ops a GPU runs, so the GPU's path can be checked on a
+/// CPU), `fast` (the default) the fused CPU kernels where they apply.
+pub const KERNELS_VAR: &str = "INSTRUCT_PIX2PIX_KERNELS";
 
-/// Turns the fused CPU kernels on or off for the whole process, for A/B benchmarks in one
-/// process (results agree within float32 rounding either way).
-pub fn set_fast_cpu_kernels(enabled: bool) {
-    FAST_CPU_KERNELS.store(enabled, Ordering::Relaxed);
+/// The kernel choice made by [`set_fast_cpu_kernels`]: 0 none yet (the environment decides),
+/// 1 fast, 2 generic.
+static KERNELS_SET: AtomicU8 = AtomicU8::new(0);
+
+/// What [`KERNELS_VAR`] asks for: `Ok(None)` when it is unset, an error naming the variable
+/// for any value other than `fast` or `generic`.
+pub fn kernels_from_env() -> std::result::Result<Option<bool>, String> {
+    match std::env::var(KERNELS_VAR) {
+        Err(_) => Ok(None),
+        Ok(value) => match value.trim() {
+            "fast" => Ok(Some(true)),
+            "generic" => Ok(Some(false)),
+            other => Err(format!(
+                "{KERNELS_VAR}={other:?}: use fast (the fused CPU kernels) or generic (candle's ops, as on a GPU)"
+            )),
+        },
+    }
 }
 
-/// Whether the fused CPU kernels are on (see [`set_fast_cpu_kernels`]).
+/// Turns the fused CPU kernels on or off for the whole process, for A/B benchmarks in one
+/// process (results agree within float32 rounding either way); overrides [`KERNELS_VAR`].
+pub fn set_fast_cpu_kernels(enabled: bool) {
+    KERNELS_SET.store(if enabled { 1 } else { 2 }, Ordering::Relaxed);
+}
+
+/// Whether the fused CPU kernels are on: as last set by [`set_fast_cpu_kernels`], else as
+/// [`KERNELS_VAR`] says (read once; a bad value was refused by the command line), else on.
 pub fn fast_cpu_kernels() -> bool {
-    FAST_CPU_KERNELS.load(Ordering::Relaxed)
+    static FROM_ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    match KERNELS_SET.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => *FROM_ENV.get_or_init(|| kernels_from_env().ok().flatten().unwrap_or(true)),
+    }
 }
 
 /// The differentiable fused CPU kernels themselves, each `Ok(None)` where it does not apply

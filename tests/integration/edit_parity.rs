@@ -6,7 +6,8 @@ use crate::common;
 
 use std::path::Path;
 
-use common::{fixture_pipeline, fixtures, pixel_difference, run, stderr};
+use common::{fixture_pipeline, fixtures, pixel_difference, program, stderr};
+use instruct_pix2pix::model::nn::KERNELS_VAR;
 use instruct_pix2pix::pipeline::image::read_png_text;
 use instruct_pix2pix::pipeline::metadata::EditRecord;
 use serde_json::Value;
@@ -16,6 +17,12 @@ const MEAN_LEVELS: f64 = 0.3;
 
 /// Runs `edit` exactly as the case's settings.json describes and compares with expected.png.
 fn check_case(case: &str) {
+    check_case_with_kernels(case, None);
+}
+
+/// [`check_case`] with `INSTRUCT_PIX2PIX_KERNELS` set to `kernels` (inherited otherwise: CI
+/// runs every case once more with `generic`).
+fn check_case_with_kernels(case: &str, kernels: Option<&str>) {
     let dir = fixtures().join("edits").join(case);
     let settings: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("settings.json")).unwrap()).unwrap();
@@ -49,8 +56,11 @@ fn check_case(case: &str) {
     if let Some(seed) = settings["seed"].as_u64() {
         args.extend(["--seed".into(), seed.to_string()]);
     }
-    let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let result = run(&work.path().join("hf"), &arg_refs);
+    let mut command = program(&work.path().join("hf"));
+    if let Some(kernels) = kernels {
+        command.env(KERNELS_VAR, kernels);
+    }
+    let result = command.args(&args).output().expect("the program starts");
     assert!(
         result.status.success(),
         "{case}: edit failed: {}",
@@ -140,4 +150,30 @@ fn sd2_ddim_v_prediction_trailing_factor_4_vae() {
 #[test]
 fn sd2_sizes_multiple_of_4_only() {
     check_case("sd2-size-mult4");
+}
+
+/// Issue 12: candle's generic ops (what a GPU runs) give diffusers' pixels too, on a case
+/// with attention, an odd latent size and the ancestral sampler.
+#[test]
+fn generic_kernels_give_diffusers_pixels() {
+    check_case_with_kernels("sd1-ancestral-seed", Some("generic"));
+}
+
+/// A kernel choice that does not exist is refused before anything runs, naming the variable.
+#[test]
+fn an_unknown_kernel_choice_is_refused() {
+    let work = tempfile::tempdir().unwrap();
+    let result = program(&work.path().join("hf"))
+        .env(KERNELS_VAR, "turbo")
+        .args([
+            "edit", "--model", "m", "--image", "i.png", "--prompt", "p", "--output", "o.png",
+        ])
+        .output()
+        .unwrap();
+    let message = stderr(&result);
+    assert_eq!(result.status.code(), Some(1), "{message}");
+    assert!(
+        message.contains("INSTRUCT_PIX2PIX_KERNELS") && message.contains("turbo"),
+        "{message}"
+    );
 }
