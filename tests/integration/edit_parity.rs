@@ -177,3 +177,49 @@ fn an_unknown_kernel_choice_is_refused() {
         "{message}"
     );
 }
+
+/// Issue 12: float16 through candle's generic ops (a GPU's path, on the CPU) against diffusers'
+/// own float16 result on the CPU (tests/fixtures/edits/half, made by
+/// tests/fixtures/scripts/half_refs.py). Calibrated on that fixture: ours differs from it by at
+/// most 1 level (mean 0.17), diffusers' float16 from its float32 by 1 (mean 0.11); the bounds
+/// leave one level of room.
+#[test]
+fn float16_on_the_generic_path_matches_diffusers_float16() {
+    let case = fixtures().join("edits").join("sd1-plain");
+    let work = tempfile::tempdir().unwrap();
+    let output = work.path().join("f16.png");
+    let result = program(&work.path().join("hf"))
+        .env(KERNELS_VAR, "generic")
+        .args([
+            "edit",
+            "--model",
+            &fixture_pipeline("sd1-tiny").display().to_string(),
+            "--image",
+            &case.join("input.png").display().to_string(),
+            "--prompt",
+            "make it snowy",
+            "--steps",
+            "10",
+            "--guidance-scale",
+            "7.5",
+            "--image-guidance-scale",
+            "1.5",
+            "--latents",
+            &case.join("latents.npy").display().to_string(),
+            "--dtype",
+            "f16",
+            "--output",
+            &output.display().to_string(),
+            "--quiet",
+        ])
+        .output()
+        .unwrap();
+    assert!(result.status.success(), "{}", stderr(&result));
+    let ours = image::open(&output).unwrap().to_rgb8();
+    let expected = image::open(fixtures().join("edits/half/float16.png"))
+        .unwrap()
+        .to_rgb8();
+    let (max, mean) = pixel_difference(&ours, &expected);
+    eprintln!("float16, generic: max difference {max} levels, mean {mean:.4}");
+    assert!(max <= 2 && mean <= 0.3, "max {max}, mean {mean:.4}");
+}
