@@ -221,8 +221,9 @@ pub struct TrainArgs {
     /// Not used: TensorBoard files go to OUTPUT_DIR/logs/instruct-pix2pix.
     #[arg(long, value_name = "DIR")]
     pub logging_dir: Option<PathBuf>,
-    /// no, fp16 or bf16: the frozen VAE and text encoder in 16 bits on a GPU (the UNet trains
-    /// in float32); on the CPU training runs in float32 (fp16/bf16 get a notice).
+    /// no, fp16 or bf16, on a GPU: the frozen VAE and text encoder in 16 bits, the UNet's passes
+    /// in 16 bits over float32 master weights (fp16 with dynamic loss scaling); on the CPU
+    /// training runs in float32 (fp16/bf16 get a notice).
     #[arg(long, value_name = "MODE")]
     pub mixed_precision: Option<String>,
     /// Start even when the estimated peak memory is more than the device has free (the check

@@ -61,8 +61,15 @@ pub struct LowRankAdapter {
 impl LowRankAdapter {
     /// The adapter's contribution `scale · B (A x)` for `x` [rows, in_features].
     fn forward_flat(&self, x: &Tensor) -> Result<Tensor> {
-        let low = linear_product(x, &self.down, None)?;
-        let out = linear_product(&low, &self.up, None)?;
+        // Mixed precision: the float32 adapter runs in the activations' dtype, through a cast
+        // whose backward brings the gradient back to float32.
+        let (down, up) = if x.dtype() == self.down.dtype() {
+            (self.down.clone(), self.up.clone())
+        } else {
+            (self.down.to_dtype(x.dtype())?, self.up.to_dtype(x.dtype())?)
+        };
+        let low = linear_product(x, &down, None)?;
+        let out = linear_product(&low, &up, None)?;
         // peft multiplies after B; a scale of exactly 1 skips the pass (x·1 is x anyway).
         if self.scale == 1.0 {
             Ok(out)

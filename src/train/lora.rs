@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 
@@ -144,8 +144,10 @@ pub fn lora_key(module: &str, up: bool) -> String {
 
 impl UNetLora {
     /// Attaches fresh adapters to every attention projection of `unet` (`A` kaiming-uniform from
-    /// a generator seeded with `seed`, `B` zero), in the base weights' dtype and device. Adapters
-    /// already attached are replaced.
+    /// a generator seeded with `seed`, `B` zero) on the base weights' device, in their dtype, or
+    /// in float32 when they are half precision (mixed precision: the trained parameters stay
+    /// float32, as diffusers' scripts `cast_training_params` them). Adapters already attached are
+    /// replaced.
     pub fn attach(
         unet: &mut UNet2DConditionModel,
         config: LoraConfig,
@@ -162,7 +164,11 @@ impl UNetLora {
                     source: Box::new(source),
                 };
                 let (out_features, in_features) = linear.weight.dims2().map_err(tensor_err)?;
-                let (dtype, device) = (linear.weight.dtype(), linear.weight.device().clone());
+                let dtype = match linear.weight.dtype() {
+                    DType::F16 | DType::BF16 => DType::F32,
+                    other => other,
+                };
+                let device = linear.weight.device().clone();
                 // kaiming_uniform_(a=√5) on [rank, in]: bound = √3 · √(2 / (1 + 5)) / √in = 1/√in.
                 let bound = 1.0 / (in_features as f32).sqrt();
                 let values: Vec<f32> = (0..config.rank * in_features)

@@ -419,7 +419,8 @@ pub struct MemorySettings {
     pub use_ema: bool,
     pub cache_latents: bool,
     pub random_flip: bool,
-    /// The frozen VAE and text encoder are stored in 16 bits.
+    /// Mixed precision on a GPU: the frozen VAE and text encoder stored in 16 bits, and the
+    /// UNet computing in 16 bits (activations in 16 bits, a 16-bit copy of its weights).
     pub half_precision_frozen: bool,
     /// Examples trained on (the latent cache's size).
     pub examples: usize,
@@ -523,7 +524,14 @@ pub fn estimate(sizes: &ModelSizes, settings: &MemorySettings) -> MemoryEstimate
             .map(|s| tensors(s) * s.elements(latent))
             .sum()
     };
-    let activations = (per_sample as f64 * batch as f64 * ACTIVATION_FACTOR) as u64;
+    // Half-precision activations take half the bytes.
+    let activation_bytes = ACTIVATION_FACTOR
+        * if settings.half_precision_frozen {
+            0.5
+        } else {
+            1.0
+        };
+    let activations = (per_sample as f64 * batch as f64 * activation_bytes) as u64;
     let pixels = u64::from(settings.resolution).pow(2);
     // Cached latents are encoded one example at a time before the first step.
     let encoded = if settings.cache_latents { 1 } else { batch };
@@ -544,7 +552,9 @@ pub fn estimate(sizes: &ModelSizes, settings: &MemorySettings) -> MemoryEstimate
             DeviceKind::Cpu => CPU_RUNTIME_BYTES,
             DeviceKind::Gpu => GPU_RUNTIME_BYTES,
         },
-        unet_weights: 4 * sizes.unet_params
+        // In mixed precision the float32 weights plus the 16-bit copy the passes read (a LoRA
+        // run's frozen base, or each step's casts of the trained weights).
+        unet_weights: if settings.half_precision_frozen { 6 } else { 4 } * sizes.unet_params
             + settings.lora_rank.map_or(0, |r| 4 * sizes.lora_params(r)),
         frozen_weights: frozen_bytes * (sizes.vae_params + sizes.text_encoder_params),
         gradients: 4 * trained * gradient_copies,
@@ -1073,9 +1083,15 @@ mod tests {
         assert_eq!(parts(&cached).frozen_work, parts(&base).frozen_work);
         assert!(parts(&cached).frozen_work < parts(&batch).frozen_work);
         assert!(parts(&cached).latent_cache > 0);
-        // Half precision halves the frozen networks (offered on a GPU only).
+        // Half precision halves the frozen networks and the activations, and adds a 16-bit copy
+        // of the UNet's weights (offered on a GPU only, where it saves: at 512², batch 4).
         let half = with(MemoryChange::HalfPrecision);
         assert_eq!(2 * parts(&half).frozen_weights, parts(&base).frozen_weights);
+        assert_eq!(
+            parts(&half).unet_weights,
+            parts(&base).unet_weights + 2 * sizes.unet_params
+        );
+        assert!(parts(&half).activations < parts(&base).activations * 51 / 100);
         assert!(
             !savings(&sizes, &base)
                 .iter()
@@ -1083,6 +1099,8 @@ mod tests {
         );
         let gpu = MemorySettings {
             device: DeviceKind::Gpu,
+            resolution: 512,
+            train_batch_size: 4,
             ..base.clone()
         };
         assert!(

@@ -6,6 +6,7 @@ mod draws;
 pub mod ema;
 pub mod latent_cache;
 pub mod lora;
+pub mod loss_scale;
 pub mod memory;
 pub mod metrics;
 pub mod optim;

@@ -29,6 +29,7 @@
 //! [`Trainer::optimizer_step`]) the gradients are clipped to `max_grad_norm`, AdamW steps at the
 //! schedule's rate and the EMA follows.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -47,6 +48,7 @@ use crate::model::vae::{AutoencoderKL, DiagonalGaussian, VaeConfig};
 use crate::model::weights::Variant;
 use crate::model::{INSTRUCT_PIX2PIX_IN_CHANNELS, LoadError, PipelineFolder, build_error};
 use crate::pipeline::scheduler::{NoiseSchedule, PredictionType, SchedulerConfig, SchedulerError};
+use crate::train::loss_scale::{LossScaleState, LossScaler, MIN_SCALE as MIN_LOSS_SCALE};
 
 use super::draws::mix_seed;
 pub use super::draws::{DroppedConditioning, StepDraws};
@@ -101,6 +103,17 @@ pub enum TrainError {
         /// The gradients' total 2-norm.
         grad_norm: f32,
     },
+    /// float16 gradients overflowed at this loss scale (the loss itself was finite): the step
+    /// was skipped and the scale halved, as torch's `GradScaler` does.
+    #[error(
+        "the float16 gradients overflowed at loss scale {scale}; the step was skipped and the scale is now {new_scale}"
+    )]
+    LossScaleOverflow {
+        /// The scale the step ran at.
+        scale: f64,
+        /// The halved scale the next step runs at.
+        new_scale: f64,
+    },
     /// A tensor operation of the step failed.
     #[error("{stage}: {source}")]
     Compute {
@@ -143,6 +156,11 @@ pub struct TrainableUNet {
     varmap: VarMap,
     params: Vec<(String, Var)>,
     grew_conv_in: bool,
+    /// The dtype the forward and backward passes compute in (`--mixed_precision`): float32, or
+    /// half precision over float32 master weights.
+    compute_dtype: DType,
+    /// Whether the base weights are frozen ([`TrainableUNet::freeze_base`]).
+    base_frozen: bool,
 }
 
 impl std::fmt::Debug for TrainableUNet {
@@ -286,7 +304,54 @@ impl TrainableUNet {
             varmap,
             params,
             grew_conv_in,
+            compute_dtype: DType::F32,
+            base_frozen: false,
         })
+    }
+
+    /// Computes the forward and backward passes in `dtype` (float16 or bfloat16: mixed
+    /// precision, as torch's autocast does it: the variables stay float32 master weights and
+    /// the optimizer sees float32 gradients). Call it before [`TrainableUNet::freeze_base`].
+    pub fn set_compute_dtype(&mut self, dtype: DType) {
+        self.compute_dtype = dtype;
+    }
+
+    /// The dtype the passes compute in.
+    pub fn compute_dtype(&self) -> DType {
+        self.compute_dtype
+    }
+
+    /// The network one micro-batch runs: the trained one itself in float32 or when the base is
+    /// frozen (then it was built in the compute dtype); otherwise a copy over the variables'
+    /// half-precision casts, made anew for every micro-batch (the casts are part of the graph,
+    /// so the gradients reach the float32 variables), checkpointing as the trained one does.
+    pub fn compute_unet(&self) -> Result<Cow<'_, UNet2DConditionModel>, TrainError> {
+        if self.compute_dtype == DType::F32 || self.base_frozen {
+            return Ok(Cow::Borrowed(&self.unet));
+        }
+        let mut casts = std::collections::HashMap::with_capacity(self.params.len());
+        for (name, var) in &self.params {
+            let cast = var
+                .as_tensor()
+                .to_dtype(self.compute_dtype)
+                .stage("casting the weights to half precision")?;
+            casts.insert(name.clone(), cast);
+        }
+        let device = self.unet_device();
+        let vb = VarBuilder::from_tensors(casts, self.compute_dtype, &device);
+        let mut unet = UNet2DConditionModel::load(vb, &self.config).map_err(build_error(
+            PathBuf::from("(half-precision weights)"),
+            "UNet",
+        ))?;
+        unet.share_gradient_checkpointing(&self.unet);
+        Ok(Cow::Owned(unet))
+    }
+
+    fn unet_device(&self) -> Device {
+        self.params
+            .first()
+            .map(|(_, v)| v.device().clone())
+            .unwrap_or(Device::Cpu)
     }
 
     /// The trainable weights by diffusers name, sorted by name (the order gradients, moments and
@@ -326,6 +391,15 @@ impl TrainableUNet {
         &self,
         tensors: &[(String, Tensor)],
     ) -> Result<UNet2DConditionModel, TrainError> {
+        self.frozen_unet_in(tensors, DType::F32)
+    }
+
+    /// [`TrainableUNet::frozen_unet`] computing in `dtype`.
+    fn frozen_unet_in(
+        &self,
+        tensors: &[(String, Tensor)],
+        dtype: DType,
+    ) -> Result<UNet2DConditionModel, TrainError> {
         let map: std::collections::HashMap<String, Tensor> = tensors
             .iter()
             .map(|(name, t)| (name.clone(), t.detach()))
@@ -334,7 +408,7 @@ impl TrainableUNet {
             .first()
             .map(|(_, t)| t.device().clone())
             .unwrap_or(Device::Cpu);
-        let vb = VarBuilder::from_tensors(map, DType::F32, &device);
+        let vb = VarBuilder::from_tensors(map, dtype, &device);
         let unet = UNet2DConditionModel::load(vb, &self.config)
             .map_err(build_error(PathBuf::from("(trained weights)"), "UNet"))?;
         Ok(unet)
@@ -343,8 +417,19 @@ impl TrainableUNet {
     /// Makes the base weights frozen (for LoRA training): the network is rebuilt over plain
     /// tensors sharing the variables' storage, so backward passes compute no gradient for them.
     /// [`TrainableUNet::params`] still lists them (for saving).
+    /// In mixed precision the frozen network is built over half-precision copies, as
+    /// diffusers' LoRA scripts cast the frozen UNet to `weight_dtype`.
     pub fn freeze_base(&mut self) -> Result<(), TrainError> {
-        self.unet = self.frozen_unet(&self.named_tensors())?;
+        let mut tensors = self.named_tensors();
+        if self.compute_dtype != DType::F32 {
+            for (_, tensor) in &mut tensors {
+                *tensor = tensor
+                    .to_dtype(self.compute_dtype)
+                    .stage("casting the frozen weights to half precision")?;
+            }
+        }
+        self.unet = self.frozen_unet_in(&tensors, self.compute_dtype)?;
+        self.base_frozen = true;
         Ok(())
     }
 }
@@ -360,8 +445,8 @@ const TRAINABLE_PREDICTION_TYPES: &str =
 pub struct TrainLoadOptions {
     /// Weight variant (`--variant`).
     pub variant: Variant,
-    /// The frozen VAE's and text encoder's dtype (`--mixed_precision`'s `weight_dtype`); the
-    /// UNet always trains in f32, and their outputs are used in f32.
+    /// The frozen VAE's and text encoder's dtype (`--mixed_precision`'s `weight_dtype`); their
+    /// outputs are used in f32 (the UNet's compute dtype is [`TrainableUNet::set_compute_dtype`]'s).
     pub frozen_dtype: DType,
     /// Where everything runs.
     pub device: Device,
@@ -720,11 +805,16 @@ impl TrainingModels {
         drop((latents, noisy_latents, image_latents));
         let timesteps: Vec<f32> = draws.timesteps.iter().map(|&t| t as f32).collect();
         let timesteps = Tensor::from_vec(timesteps, bsz, &self.device).stage("timesteps")?;
-        let prediction = self
-            .unet
-            .unet
-            .forward(&unet_input, &timesteps, &encoder_hidden_states)
+        let unet = self.unet.compute_unet()?;
+        let dtype = self.unet.compute_dtype();
+        let prediction = unet
+            .forward(
+                &unet_input.to_dtype(dtype).stage("UNet input")?,
+                &timesteps,
+                &encoder_hidden_states.to_dtype(dtype).stage("UNet input")?,
+            )
             .stage("UNet forward")?;
+        drop(unet);
         let loss = prediction
             .to_dtype(DType::F32)
             .and_then(|p| p - &target)
@@ -896,6 +986,8 @@ pub struct Trainer {
     grads: Vec<Option<Tensor>>,
     micro_batches: usize,
     train_loss: f64,
+    /// The dynamic loss scale, when the UNet computes in float16.
+    loss_scaler: Option<LossScaler>,
 }
 
 impl Trainer {
@@ -981,6 +1073,7 @@ impl Trainer {
             }));
         }
         let grads = vec![None; optimizer.params().len()];
+        let loss_scaler = (models.unet.compute_dtype() == DType::F16).then(LossScaler::default);
         Ok(Self {
             models,
             optimizer,
@@ -990,7 +1083,20 @@ impl Trainer {
             grads,
             micro_batches: 0,
             train_loss: 0.0,
+            loss_scaler,
         })
+    }
+
+    /// The dynamic loss scale (float16 compute only).
+    pub fn loss_scaler(&self) -> Option<&LossScaler> {
+        self.loss_scaler.as_ref()
+    }
+
+    /// Continues with a checkpoint's loss scale (ignored unless the UNet computes in float16).
+    pub fn restore_loss_scale(&mut self, state: LossScaleState) {
+        if let Some(scaler) = &mut self.loss_scaler {
+            *scaler = LossScaler::from_state(state);
+        }
     }
 
     /// The models (for validation edits: the UNet's variables hold the current weights).
@@ -1073,8 +1179,10 @@ impl Trainer {
                 .loss_of_encoded(encoded, draws, self.config.conditioning_dropout_prob)?;
         let k = self.config.gradient_accumulation_steps;
         let loss_value = loss.to_scalar::<f32>().stage("loss")?;
-        // accelerator.backward divides by the accumulation steps.
-        let scaled = (&loss / k as f64).stage("scaling the loss")?;
+        // accelerator.backward divides by the accumulation steps (and multiplies by the loss
+        // scale in float16).
+        let loss_scale = self.loss_scaler.as_ref().map_or(1.0, LossScaler::scale);
+        let scaled = (&loss * (loss_scale / k as f64)).stage("scaling the loss")?;
         let grads = scaled.backward().stage("backward")?;
         // The graph holds every activation: gone before the gradients are summed.
         drop((scaled, loss));
@@ -1124,8 +1232,25 @@ impl Trainer {
             return Err(TrainError::NothingAccumulated);
         }
         let lr = self.schedule.lr(self.optimizer.step_count());
+        if let Some(scaler) = &self.loss_scaler {
+            // GradScaler.unscale_ before clipping.
+            let inverse = 1.0 / scaler.scale();
+            for grad in self.grads.iter_mut().flatten() {
+                *grad = (&*grad * inverse).stage("unscaling the gradients")?;
+            }
+        }
         let grad_norm =
             clip_grad_norm(&mut self.grads, self.config.max_grad_norm).stage("clipping")?;
+        if let Some(scaler) = &mut self.loss_scaler {
+            let overflowed = !grad_norm.is_finite() && self.train_loss.is_finite();
+            let scale = scaler.scale();
+            scaler.update(overflowed);
+            let new_scale = scaler.scale();
+            if overflowed && new_scale >= MIN_LOSS_SCALE {
+                self.clear_accumulated();
+                return Err(TrainError::LossScaleOverflow { scale, new_scale });
+            }
+        }
         if !(grad_norm.is_finite() && self.train_loss.is_finite()) {
             // As fp16 loss scaling does: a step whose numbers overflowed changes nothing.
             let loss = self.train_loss;

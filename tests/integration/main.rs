@@ -30,6 +30,7 @@ mod train_cli;
 mod train_data;
 mod train_guards;
 mod train_hygiene;
+mod train_mixed_precision;
 mod train_persist;
 mod train_run;
 mod train_step;

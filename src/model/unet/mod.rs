@@ -311,6 +311,12 @@ impl UNet2DConditionModel {
             .clone()
     }
 
+    /// Checkpoints as `other` does, into the same store (a copy of the network built over other
+    /// weights, e.g. their half-precision casts, then trains exactly as `other` would).
+    pub fn share_gradient_checkpointing(&mut self, other: &Self) {
+        self.checkpointing = other.checkpointing.clone();
+    }
+
     /// Turns gradient checkpointing off.
     pub fn disable_gradient_checkpointing(&mut self) {
         self.checkpointing = None;

@@ -41,16 +41,18 @@ pub enum DataSource {
     },
 }
 
-/// `--mixed_precision`: the frozen VAE and text encoder stored and run in 16 bits on a GPU (the
-/// UNet trains in float32 either way); on the CPU everything stays float32.
+/// `--mixed_precision`, on a GPU: the frozen VAE and text encoder stored and run in 16 bits, and
+/// the UNet's forward and backward passes computed in 16 bits over float32 master weights and
+/// optimizer state (a LoRA run keeps its frozen base in 16 bits), with dynamic loss scaling for
+/// float16 ([`crate::train::loss_scale`]). On the CPU everything stays float32.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum MixedPrecision {
     /// float32 throughout (`no`).
     #[default]
     No,
-    /// float16 frozen networks.
+    /// float16, with loss scaling.
     Fp16,
-    /// bfloat16 frozen networks.
+    /// bfloat16.
     Bf16,
 }
 
@@ -64,7 +66,8 @@ impl MixedPrecision {
         }
     }
 
-    /// The dtype the frozen networks get on `device` (float32 on the CPU).
+    /// The dtype the frozen networks get, and the UNet computes in, on `device` (float32 on the
+    /// CPU).
     pub fn frozen_dtype(self, device: &Device) -> candle_core::DType {
         match self {
             _ if device.is_cpu() => candle_core::DType::F32,

@@ -83,6 +83,7 @@ use super::data::{
 use super::ema::{EmaConfig, EmaModel, EmaState};
 use super::latent_cache::{CacheOptions, LatentCache};
 use super::lora::{LoraConfig, UNetLora, lora_key};
+use super::loss_scale::{LossScaleState, LossScaler};
 use super::metrics::{MetricsLog, StepMetrics, TensorBoardWriter};
 use super::optim::{AdamW, AdamWState, MomentStorage};
 use super::output::write_final_model;
@@ -126,6 +127,10 @@ struct LoopState {
     examples: usize,
     train_batch_size: usize,
     resolution: u32,
+    /// The float16 loss scale (`--mixed_precision fp16` on a GPU); absent otherwise and in
+    /// checkpoints written before mixed precision computed in half.
+    #[serde(default)]
+    loss_scale: Option<LossScaleState>,
 }
 
 const GROUP_UNET: &str = "unet";
@@ -227,9 +232,8 @@ pub fn train(
     let memory = MemoryPlan::check(config, dataset.len())?;
     if config.mixed_precision != MixedPrecision::No && config.device.is_cpu() {
         on_event(TrainEvent::Notice(format!(
-            "--mixed_precision {}: training on the CPU runs in float32 (candle's CPU has no fast {} matrix product)",
+            "--mixed_precision {}: training on the CPU runs in float32 (the fused CPU kernels that make training fast there are float32)",
             config.mixed_precision.name(),
-            config.mixed_precision.name()
         )));
     }
 
@@ -268,6 +272,11 @@ pub fn train(
         ));
     }
 
+    // Mixed precision: the UNet computes in half over float32 master weights (set before LoRA
+    // freezes the base, which is then kept in half as diffusers' LoRA scripts do).
+    models
+        .unet
+        .set_compute_dtype(config.mixed_precision.frozen_dtype(&config.device));
     // What trains: the whole UNet, or LoRA adapters on a frozen one.
     let lora = match config.lora_rank {
         Some(rank) => {
@@ -372,7 +381,10 @@ pub fn train(
                 ),
                 None => None,
             };
-            let trainer = Trainer::resume(models, optimizer, schedule, ema, step_config)?;
+            let mut trainer = Trainer::resume(models, optimizer, schedule, ema, step_config)?;
+            if let Some(loss_scale) = state.loss_scale {
+                trainer.restore_loss_scale(loss_scale);
+            }
             let sampler = EpochSampler::resume(
                 dataset.len(),
                 config.train_batch_size,
@@ -659,6 +671,14 @@ impl Run<'_> {
                     .transpose()?;
                 first_step_of_run = false;
                 let report = match self.trainer.optimizer_step() {
+                    Err(TrainError::LossScaleOverflow { scale, new_scale }) => {
+                        // float16's range, not divergence: skipped, as GradScaler does.
+                        on_event(TrainEvent::Notice(format!(
+                            "step {} skipped: the float16 gradients overflowed at loss scale {scale}; now {new_scale}",
+                            self.trainer.global_step() + 1
+                        )));
+                        None
+                    }
                     Err(TrainError::NonFiniteStep { loss, grad_norm }) => {
                         // Skipped (nothing changed); a few in a row mean the run diverged.
                         non_finite_in_a_row += 1;
@@ -861,6 +881,7 @@ impl Run<'_> {
             examples: self.examples,
             train_batch_size: config.train_batch_size,
             resolution: config.resolution,
+            loss_scale: self.trainer.loss_scaler().map(LossScaler::state),
         };
         let state = serde_json::to_value(&state).unwrap_or(Value::Null);
         let saved = save_checkpoint(
