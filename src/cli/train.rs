@@ -19,6 +19,7 @@ use super::ranges::{
     MAX_ACCUMULATION, MAX_BATCH_SIZE, MAX_LORA_RANK, MAX_STEP_COUNT, MAX_VALIDATION_IMAGES,
     count_in, float_in,
 };
+use crate::model::device::{DeviceChoice, select_device};
 use crate::model::hub::{
     HubSettings, ModelSpec, PushError, PushStage, UploadFile, Variant, check_push_access,
     check_push_repo_id, fetch_model, push_files,
@@ -226,6 +227,10 @@ pub struct TrainArgs {
     /// training runs in float32 (fp16/bf16 get a notice).
     #[arg(long, value_name = "MODE")]
     pub mixed_precision: Option<String>,
+    /// Where training runs: auto (a GPU when the build has one and it opens, else the CPU),
+    /// cpu, cuda, cuda:N or metal.
+    #[arg(long, value_name = "DEVICE", default_value_t = DeviceChoice::default())]
+    pub device: DeviceChoice,
     /// Start even when the estimated peak memory is more than the device has free (the check
     /// uses MemAvailable or the cgroup's limit on the CPU, the driver's free memory on a GPU, or
     /// INSTRUCT_PIX2PIX_MEMORY_AVAILABLE, e.g. 8GB, when set).
@@ -448,6 +453,7 @@ fn config_from_args(
         }
     };
     let mut config = TrainConfig::new(model_dir, data, args.output_dir.clone());
+    config.device = select_device(args.device)?;
     config.variant = variant;
     config.mixed_precision = mixed_precision;
     config.memory_check = memory_check;
@@ -819,14 +825,14 @@ fn handle_event(event: TrainEvent, bar: &mut Option<ProgressBar>, resumed: &mut 
         TrainEvent::Started(plan) => {
             *resumed = plan.resumed_from.is_some();
             eprintln!(
-                "training {} {} parameters on {} examples: {} steps ({} per epoch, {} epochs), learning rate {:e}{}",
+                "training {} parameters on {} examples on {}: {} steps ({} per epoch, {} epochs), learning rate {:e}{}",
                 if plan.trainable_parameters > 0 {
-                    ""
+                    plan.trainable_parameters.to_string()
                 } else {
-                    "no"
+                    "no".into()
                 },
-                plan.trainable_parameters,
                 plan.examples,
+                plan.device,
                 plan.total_steps,
                 plan.updates_per_epoch,
                 plan.epochs,

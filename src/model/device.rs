@@ -98,6 +98,15 @@ impl FromStr for DeviceChoice {
     }
 }
 
+/// A device as the command line names it: `cpu`, `cuda:0`, `metal:0`.
+pub fn device_label(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
 /// Opens the chosen device. `Auto` tries CUDA then Metal (when built in) and falls back to the
 /// CPU when no GPU opens; an explicit GPU choice fails with a clear error instead.
 pub fn select_device(choice: DeviceChoice) -> Result<Device, DeviceError> {

@@ -40,7 +40,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, DeviceLocation};
+use candle_core::DType;
 use crossbeam_channel::{Receiver, SendTimeoutError, Sender, TrySendError};
 use image::RgbImage;
 
@@ -60,7 +60,7 @@ pub use crate::pipeline::settings::{
     EditSettings,
 };
 
-use crate::model::device::select_device;
+use crate::model::device::{device_label, select_device};
 use crate::model::hub::{HubError, ModelSpec, Variant, fetch_model_with_cancel};
 use crate::model::{InstructPix2PixModel, LoadOptions};
 use crate::pipeline::edit::{EditError, EditPipeline, StepInfo};
@@ -797,21 +797,13 @@ fn finish_load(
     let info = ModelInfo {
         name: request.spec.clone(),
         folder,
-        device: device_name(prepared.options.device.location()),
+        device: device_label(&prepared.options.device),
         dtype: request.dtype.to_string(),
         size_multiple: pipeline.size_multiple(),
         warning: prepared.warning,
         lora: request.lora.clone(),
     };
     Ok((pipeline, info))
-}
-
-fn device_name(location: DeviceLocation) -> String {
-    match location {
-        DeviceLocation::Cpu => "cpu".into(),
-        DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
-        DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
-    }
 }
 
 /// An error's message on one line (candle errors may carry several).

@@ -196,6 +196,12 @@ fn bad_input_is_one_line_and_writes_nothing() {
             train_args(&data, &out, &["--resolution", "36"]),
             "--resolution 36: must be a multiple of 8",
         ),
+        // A GPU this build cannot use (CI's builds have no CUDA): said, nothing written.
+        #[cfg(not(feature = "cuda"))]
+        (
+            train_args(&data, &out, &["--device", "cuda"]),
+            "no CUDA support: rebuild with --features cuda",
+        ),
         (
             train_args(&data, &out, &["--resume_from_checkpoint", "checkpoint-5"]),
             "checkpoint-5",

@@ -217,6 +217,8 @@ pub struct RunPlan {
     /// What the training device had free before the model loaded (None where the platform does
     /// not say).
     pub available_bytes: Option<u64>,
+    /// Where the run trains (`cpu`, `cuda:0`).
+    pub device: String,
 }
 
 /// One optimizer step's metrics.

@@ -440,6 +440,7 @@ pub fn train(
         resumed_from: resume_dir.clone(),
         estimated_peak_bytes: memory.estimate,
         available_bytes: memory.available,
+        device: crate::model::device::device_label(&config.device),
     }));
 
     let mut run = Run {
