@@ -10,6 +10,10 @@ Pinned versions: diffusers 0.42.1, transformers 5.24.0, torch 2.15.0 (CPU).
 
     /work/pyenv/bin/python scripts/bench_diffusers.py MODEL_DIR --size 256 --steps 10
     /work/pyenv/bin/python scripts/bench_diffusers.py MODEL_DIR --size 256 --steps 10 --dtype bfloat16
+    python scripts/bench_diffusers.py MODEL_DIR --size 512 --steps 20 --dtype float16 --device cuda
+
+On a GPU (`--device cuda`) every timer waits for the device first, and the peak GPU memory
+(torch's allocator) is reported too.
 """
 
 from __future__ import annotations
@@ -45,16 +49,19 @@ def make_input_image(size: int):
 class Timer:
     """Accumulates wall-clock seconds of wrapped calls under a name."""
 
-    def __init__(self):
+    def __init__(self, sync=lambda: None):
         self.seconds: dict[str, float] = {}
+        self.sync = sync
 
     def wrap(self, name: str, fn):
         @functools.wraps(fn)
         def timed(*args, **kwargs):
+            self.sync()
             start = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
+                self.sync()
                 self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
         return timed
@@ -70,6 +77,7 @@ def main():
     parser.add_argument("--guidance-scale", type=float, default=7.5)
     parser.add_argument("--image-guidance-scale", type=float, default=1.5)
     parser.add_argument("--no-warmup", action="store_true")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     args = parser.parse_args()
 
     if args.threads:
@@ -79,15 +87,23 @@ def main():
 
     start = time.perf_counter()
     pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(args.model_dir, dtype=dtype)
+    pipe.to(args.device)
     pipe.set_progress_bar_config(disable=True)
     load_s = time.perf_counter() - start
+    cuda = args.device.startswith("cuda")
+
+    def sync():
+        # GPU work is asynchronous: a time is only a time once the device is done.
+        if cuda:
+            torch.cuda.synchronize(args.device)
 
     image = make_input_image(args.size)
     factor = pipe.vae_scale_factor
     latent_shape = (1, pipe.vae.config.latent_channels, args.size // factor, args.size // factor)
 
     def edit(steps: int, callback=None):
-        latents = torch.randn(latent_shape, generator=torch.Generator("cpu").manual_seed(0)).to(dtype)
+        latents = torch.randn(latent_shape, generator=torch.Generator("cpu").manual_seed(0))
+        latents = latents.to(device=args.device, dtype=dtype)
         return pipe(
             prompt="make it snowy",
             image=image,
@@ -103,7 +119,9 @@ def main():
         if not args.no_warmup:
             edit(1)
 
-        timer = Timer()
+        timer = Timer(sync)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(args.device)
         pipe.text_encoder.forward = timer.wrap("text_encoder", pipe.text_encoder.forward)
         pipe.vae.encode = timer.wrap("vae_encode", pipe.vae.encode)
         pipe.vae.decode = timer.wrap("vae_decode", pipe.vae.decode)
@@ -111,6 +129,7 @@ def main():
         step_ends: list[float] = []
 
         def on_step_end(_pipe, _i, _t, _kwargs):
+            sync()
             step_ends.append(time.perf_counter())
             return {}
 
@@ -126,8 +145,10 @@ def main():
             return unet_forward(*a, **k)
 
         pipe.unet.forward = marking_unet
+        sync()
         start = time.perf_counter()
         edit(args.steps, on_step_end)
+        sync()
         edit_s = time.perf_counter() - start
 
     boundaries = first_unet_start + step_ends
@@ -150,6 +171,9 @@ def main():
         "vae_encode_s": round(timer.seconds.get("vae_encode", 0.0), 3),
         "vae_decode_s": round(timer.seconds.get("vae_decode", 0.0), 3),
         "peak_rss_gib": round(peak_rss_kib / 2**20, 3),
+        "device": args.device,
+        "peak_gpu_gib": round(torch.cuda.max_memory_allocated(args.device) / 2**30, 3) if cuda else None,
+        "gpu": torch.cuda.get_device_name(args.device) if cuda else None,
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
