@@ -98,6 +98,21 @@ impl FromStr for DeviceChoice {
     }
 }
 
+/// Whether an error's message says the device ran out of memory (CUDA's
+/// `CUDA_ERROR_OUT_OF_MEMORY`, cuBLAS's allocation failure, Metal's or the allocator's
+/// "out of memory"): candle wraps the drivers' errors in several ways, so the text is read.
+pub fn is_out_of_memory(message: &str) -> bool {
+    let text = message.to_ascii_lowercase();
+    [
+        "out_of_memory",
+        "out of memory",
+        "cublas_status_alloc_failed",
+        "failed to allocate",
+    ]
+    .iter()
+    .any(|needle| text.contains(needle))
+}
+
 /// A device as the command line names it: `cpu`, `cuda:0`, `metal:0`.
 pub fn device_label(device: &Device) -> String {
     match device.location() {

@@ -17,6 +17,7 @@ use super::rng::TorchGenerator;
 use super::scheduler::{NoiseSource, SchedulerConfig, SchedulerError, build_scheduler};
 use super::settings::{EditSettings, InvalidSetting};
 use crate::model::InstructPix2PixModel;
+use crate::model::device::is_out_of_memory;
 
 /// What went wrong in an edit.
 #[derive(Debug, thiserror::Error)]
@@ -54,8 +55,31 @@ pub enum EditError {
     },
     #[error(transparent)]
     Scheduler(#[from] SchedulerError),
+    /// The device's memory ran out (a GPU's, usually): what to change, never an abort.
+    #[error(
+        "the device ran out of memory during the edit ({detail}): edit a smaller image, use --dtype f16 or bf16 on a GPU, or close other programs using its memory"
+    )]
+    OutOfMemory { detail: String },
     #[error("the model failed during the edit: {0}")]
-    Model(#[from] candle_core::Error),
+    Model(candle_core::Error),
+}
+
+impl From<candle_core::Error> for EditError {
+    /// candle's errors, with the driver's out-of-memory failures told apart.
+    fn from(error: candle_core::Error) -> Self {
+        let message = error.to_string();
+        if is_out_of_memory(&message) {
+            let detail = message
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_string();
+            EditError::OutOfMemory { detail }
+        } else {
+            EditError::Model(error)
+        }
+    }
 }
 
 impl From<InvalidSetting> for EditError {
@@ -396,5 +420,29 @@ struct TorchNoise<'a>(&'a mut TorchGenerator);
 impl NoiseSource for TorchNoise<'_> {
     fn standard_normal(&mut self, shape: &[usize]) -> Vec<f32> {
         self.0.randn_f32(shape.iter().product())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 12 item 4: a driver's out-of-memory failure becomes advice, not "the model failed".
+    #[test]
+    fn running_out_of_device_memory_says_what_to_change() {
+        let cuda = candle_core::Error::Msg(
+            "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".into(),
+        );
+        let error = EditError::from(cuda);
+        assert!(matches!(error, EditError::OutOfMemory { .. }), "{error:?}");
+        let message = error.to_string();
+        assert!(
+            message.contains("ran out of memory")
+                && message.contains("smaller image")
+                && message.contains("--dtype f16"),
+            "{message}"
+        );
+        let other = EditError::from(candle_core::Error::Msg("shape mismatch".into()));
+        assert!(matches!(other, EditError::Model(_)), "{other:?}");
     }
 }
