@@ -13,6 +13,7 @@ use crossbeam_channel::{Receiver, Sender};
 use image::RgbImage;
 
 use super::Waker;
+use crate::model::device::{DeviceChoice, select_device};
 use crate::model::hub::{HubSettings, ModelSpec, Variant, cached_snapshot, fetch_model};
 use crate::pipeline::image::load_image;
 use crate::train::data::{CheckLevel, Dataset, DatasetKind, DatasetOptions};
@@ -257,6 +258,7 @@ fn config_for(request: &TrainRequest) -> Result<TrainConfig, String> {
         DataSource::TrainDataDir(request.dataset.clone())
     };
     let mut config = TrainConfig::new(base, data, request.output_dir.clone());
+    config.device = training_device();
     config.seed = request.seed;
     config.resolution = request.resolution;
     config.random_flip = true;
@@ -290,8 +292,11 @@ fn config_for(request: &TrainRequest) -> Result<TrainConfig, String> {
     Ok(config)
 }
 
-/// Where the dialog's fine-tuning runs: the training thread uses the CPU.
-pub const TRAINING_DEVICE: DeviceKind = DeviceKind::Cpu;
+/// Where the dialog's fine-tuning runs, as `train --device auto`: the GPU when the build has one
+/// and it opens, else the CPU.
+pub fn training_device() -> candle_core::Device {
+    select_device(DeviceChoice::Auto).unwrap_or(candle_core::Device::Cpu)
+}
 
 /// What the dialog needs to show a run's estimated peak memory for any of its settings, without
 /// asking the worker again: the base model's sizes (from its configs and weight headers) and
@@ -391,11 +396,16 @@ pub fn memory_profile(base_model: &str, hub: Option<HubSettings>) -> Result<Memo
             })?,
     };
     let sizes = ModelSizes::from_folder(&folder, Variant::Default).map_err(|e| e.to_string())?;
+    let device = training_device();
     Ok(MemoryProfile {
         base_model: base_model.to_string(),
         sizes,
-        available: available_memory(&candle_core::Device::Cpu).map(|a| a.bytes),
-        device: TRAINING_DEVICE,
+        available: available_memory(&device).map(|a| a.bytes),
+        device: if device.is_cpu() {
+            DeviceKind::Cpu
+        } else {
+            DeviceKind::Gpu
+        },
     })
 }
 
