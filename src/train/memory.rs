@@ -552,9 +552,13 @@ pub fn estimate(sizes: &ModelSizes, settings: &MemorySettings) -> MemoryEstimate
             DeviceKind::Cpu => CPU_RUNTIME_BYTES,
             DeviceKind::Gpu => GPU_RUNTIME_BYTES,
         },
-        // In mixed precision the float32 weights plus the 16-bit copy the passes read (a LoRA
-        // run's frozen base, or each step's casts of the trained weights).
-        unet_weights: if settings.half_precision_frozen { 6 } else { 4 } * sizes.unet_params
+        // In mixed precision full training keeps the float32 weights plus each step's 16-bit
+        // casts; LoRA keeps only a 16-bit frozen base.
+        unet_weights: match (settings.half_precision_frozen, settings.lora_rank) {
+            (false, _) => 4,
+            (true, None) => 6,
+            (true, Some(_)) => 2,
+        } * sizes.unet_params
             + settings.lora_rank.map_or(0, |r| 4 * sizes.lora_params(r)),
         frozen_weights: frozen_bytes * (sizes.vae_params + sizes.text_encoder_params),
         gradients: 4 * trained * gradient_copies,

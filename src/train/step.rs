@@ -418,7 +418,9 @@ impl TrainableUNet {
     /// tensors sharing the variables' storage, so backward passes compute no gradient for them.
     /// [`TrainableUNet::params`] still lists them (for saving).
     /// In mixed precision the frozen network is built over half-precision copies, as
-    /// diffusers' LoRA scripts cast the frozen UNet to `weight_dtype`.
+    /// diffusers' LoRA scripts cast the frozen UNet to `weight_dtype`, and the float32
+    /// variables are released ([`TrainableUNet::params`] is then empty: a LoRA run saves only
+    /// its adapters).
     pub fn freeze_base(&mut self) -> Result<(), TrainError> {
         let mut tensors = self.named_tensors();
         if self.compute_dtype != DType::F32 {
@@ -430,6 +432,11 @@ impl TrainableUNet {
         }
         self.unet = self.frozen_unet_in(&tensors, self.compute_dtype)?;
         self.base_frozen = true;
+        if self.compute_dtype != DType::F32 {
+            drop(tensors);
+            self.params.clear();
+            self.varmap = VarMap::new();
+        }
         Ok(())
     }
 }

@@ -162,6 +162,10 @@ fn a_float16_overflow_skips_the_step_and_halves_the_scale() {
 fn lora_keeps_the_frozen_base_in_half_and_the_adapters_in_float32() {
     let mut models = models(DType::F16);
     models.unet.freeze_base().unwrap();
+    assert!(
+        models.unet.params().is_empty(),
+        "the float32 base is released"
+    );
     let lora = UNetLora::attach(&mut models.unet.unet, LoraConfig::new(4), 0).unwrap();
     let conv_in = &models.unet.unet.conv_in;
     assert_eq!(conv_in.weight().dtype(), DType::F16);
