@@ -702,6 +702,9 @@ impl EditorApp {
     }
 
     fn on_finished(&mut self, result: EditResult) {
+        if let (Some(info), Some(memory)) = (&mut self.model, result.memory) {
+            info.memory = Some(memory);
+        }
         let Some(running) = self.running.take_if(|r| r.id == result.id) else {
             return;
         };

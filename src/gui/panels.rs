@@ -517,6 +517,14 @@ fn status_bar(app: &mut EditorApp, ui: &mut Ui) {
                     "Model: {} · {} · {}",
                     info.name, info.device, info.dtype
                 ));
+                if let Some(memory) = &info.memory {
+                    ui.label(format!("Memory: {}", memory.describe()))
+                        .on_hover_text(if info.device == "cpu" {
+                            "This program's memory in use, of the computer's"
+                        } else {
+                            "The GPU's memory in use (all programs'), of its total"
+                        });
+                }
             }
             (None, None) => match &app.load_failure {
                 Some(failure) => {

@@ -113,6 +113,92 @@ pub fn is_out_of_memory(message: &str) -> bool {
     .any(|needle| text.contains(needle))
 }
 
+/// Memory in use on a device, for display: the process's resident memory on the CPU (of the
+/// machine's total), the device's memory in use on a GPU (all processes', as the driver counts
+/// it, of its total).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceMemory {
+    pub used: u64,
+    pub total: Option<u64>,
+}
+
+impl DeviceMemory {
+    /// "3.1 of 80.0 GB" (or "3.1 GB").
+    pub fn describe(&self) -> String {
+        let gb = |bytes: u64| bytes as f64 / 1e9;
+        match self.total {
+            Some(total) => format!("{:.1} of {:.1} GB", gb(self.used), gb(total)),
+            None => format!("{:.1} GB", gb(self.used)),
+        }
+    }
+}
+
+/// What [`DeviceMemory`] says for `device` now (None where the platform does not say).
+pub fn device_memory(device: &Device) -> Option<DeviceMemory> {
+    match device {
+        Device::Cpu => Some(DeviceMemory {
+            used: resident_bytes()?,
+            total: machine_memory_bytes(),
+        }),
+        _ => gpu_memory(device),
+    }
+}
+
+/// This process's resident memory (Linux; None elsewhere).
+pub fn resident_bytes() -> Option<u64> {
+    let pages = std::fs::read_to_string("/proc/self/statm")
+        .ok()?
+        .split_whitespace()
+        .nth(1)?
+        .parse::<u64>()
+        .ok()?;
+    Some(pages * page_size())
+}
+
+fn machine_memory_bytes() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+#[cfg(target_os = "linux")]
+fn page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if size > 0 { size as u64 } else { 4096 }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn page_size() -> u64 {
+    4096
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_memory(device: &Device) -> Option<DeviceMemory> {
+    use candle_core::cuda_backend::cudarc;
+    let Device::Cuda(cuda) = device else {
+        return None;
+    };
+    cuda.cuda_stream().context().bind_to_thread().ok()?;
+    let (free, total) = cudarc::driver::result::mem_get_info().ok()?;
+    Some(DeviceMemory {
+        used: (total - free) as u64,
+        total: Some(total as u64),
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_memory(_device: &Device) -> Option<DeviceMemory> {
+    None
+}
+
 /// A device as the command line names it: `cpu`, `cuda:0`, `metal:0`.
 pub fn device_label(device: &Device) -> String {
     match device.location() {

@@ -60,7 +60,7 @@ pub use crate::pipeline::settings::{
     EditSettings,
 };
 
-use crate::model::device::{device_label, select_device};
+use crate::model::device::{device_label, device_memory, select_device};
 use crate::model::hub::{HubError, ModelSpec, Variant, fetch_model_with_cancel};
 use crate::model::{InstructPix2PixModel, LoadOptions};
 use crate::pipeline::edit::{EditError, EditPipeline, StepInfo};
@@ -655,7 +655,9 @@ impl ModelThread {
                 preview,
             }));
         };
-        match pipeline.edit(&input, &job.settings, &mut on_step, cancel) {
+        let result = pipeline.edit(&input, &job.settings, &mut on_step, cancel);
+        let memory = device_memory(&pipeline.model().device);
+        match result {
             Ok(output) => Ok(EditResult {
                 id: job.id,
                 image: output.image,
@@ -666,6 +668,7 @@ impl ModelThread {
                 reused_image_latents: output.reused_image_latents,
                 denoise_time: output.denoise_time,
                 total_time: output.total_time,
+                memory,
             }),
             Err(EditError::Cancelled) => Err(EditFailure::Cancelled),
             Err(error) => Err(EditFailure::Message(one_line(&error))),
@@ -802,6 +805,7 @@ fn finish_load(
         size_multiple: pipeline.size_multiple(),
         warning: prepared.warning,
         lora: request.lora.clone(),
+        memory: device_memory(&prepared.options.device),
     };
     Ok((pipeline, info))
 }

@@ -3,6 +3,7 @@
 //! Plain data only (images, numbers, strings): no tensors, no GUI types, so the window never needs
 //! candle and the worker never needs the GUI toolkit.
 
+pub use crate::model::device::DeviceMemory;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -150,6 +151,8 @@ pub struct ModelInfo {
     pub warning: Option<String>,
     /// The LoRA file applied, if any.
     pub lora: Option<PathBuf>,
+    /// Memory in use on the device, read after the load and after each edit.
+    pub memory: Option<DeviceMemory>,
 }
 
 /// Progress of a running edit.
@@ -184,4 +187,6 @@ pub struct EditResult {
     /// Time in the denoising loop, and for the whole edit (encodings and decode included).
     pub denoise_time: Duration,
     pub total_time: Duration,
+    /// Memory in use on the device after the edit.
+    pub memory: Option<DeviceMemory>,
 }

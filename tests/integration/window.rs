@@ -383,6 +383,11 @@ fn a_model_that_fails_to_load_is_reported_and_another_can_be_loaded() {
     click(&mut harness, "Load");
     wait_for(&mut harness, "the other model", model_ready);
     assert!(sees(&harness, "Model: "), "the status bar names the model");
+    #[cfg(target_os = "linux")]
+    assert!(
+        sees(&harness, "Memory: ") && sees(&harness, " GB"),
+        "the status bar shows the memory in use"
+    );
 }
 
 #[test]

@@ -143,6 +143,12 @@ fn edits_report_steps_and_equal_the_pipeline_run_directly() {
     assert_eq!((info.device.as_str(), info.dtype.as_str()), ("cpu", "f32"));
     assert_eq!(info.folder, fixture_pipeline("sd1-tiny-ancestral"));
     assert_eq!(info.warning, None);
+    // Issue 12: the memory in use on the device (this process's, on the CPU) of its total.
+    #[cfg(target_os = "linux")]
+    {
+        let memory = info.memory.expect("memory in use after the load");
+        assert!(memory.used > 1 << 20 && memory.total.is_some_and(|t| t > memory.used));
+    }
 
     let image = input_image();
     let first_settings = settings(6, 7);
@@ -180,6 +186,11 @@ fn edits_report_steps_and_equal_the_pipeline_run_directly() {
 
     let result = finished(&first);
     assert_eq!((result.id, result.seed), (1, 7));
+    #[cfg(target_os = "linux")]
+    assert!(
+        result.memory.is_some_and(|m| m.used > 1 << 20),
+        "memory after the edit"
+    );
     assert_eq!(result.settings, first_settings);
     assert!(!result.reused_prompt_embeddings && !result.reused_image_latents);
     assert!(

@@ -319,11 +319,7 @@ pub struct TrainOutcome {
 /// Resident and peak resident memory of this process in bytes, from `/proc/self/statm` and
 /// `/proc/self/status` (`None` where they do not exist).
 pub fn memory_in_use() -> (Option<u64>, Option<u64>) {
-    let page = page_size();
-    let rss = std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map(|pages| pages * page);
+    let rss = crate::model::device::resident_bytes();
     let peak = std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -333,16 +329,4 @@ pub fn memory_in_use() -> (Option<u64>, Option<u64>) {
                 .map(|kb| kb * 1024)
         });
     (rss, peak)
-}
-
-#[cfg(target_os = "linux")]
-fn page_size() -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if size > 0 { size as u64 } else { 4096 }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn page_size() -> u64 {
-    4096
 }
