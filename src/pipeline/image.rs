@@ -145,12 +145,8 @@ fn decode_at(bytes: &[u8], path: &Path) -> Result<RgbImage, ImageError> {
             path: path.to_path_buf(),
         });
     }
-    // The JPEG decoder fills what is missing with grey and says nothing; PIL refuses such a
-    // file ("image file is truncated"), and so does this loader.
-    if reader.format() == Some(image::ImageFormat::Jpeg) && jpeg_is_truncated(bytes) {
-        return Err(unreadable(
-            "the JPEG data is truncated: it ends before its end-of-image marker".to_string(),
-        ));
+    if reader.format() == Some(image::ImageFormat::Jpeg) {
+        return decode_jpeg(bytes, path);
     }
     // Headers only so far: the size check below happens before any pixel allocation.
     reader.no_limits();
@@ -184,6 +180,44 @@ fn decode_at(bytes: &[u8], path: &Path) -> Result<RgbImage, ImageError> {
         .unwrap_or(image::metadata::Orientation::NoTransforms);
     let decoded = DynamicImage::from_decoder(decoder).map_err(|e| map_decode_error(e, path))?;
     let mut rgb = DynamicImage::ImageRgb8(to_rgb8_like_pil(decoded));
+    rgb.apply_orientation(orientation);
+    Ok(rgb.into_rgb8())
+}
+
+/// A JPEG, decoded to Pillow's exact pixels (see [`super::jpeg`]), with its EXIF orientation
+/// applied as PIL's `exif_transpose` does.
+fn decode_jpeg(bytes: &[u8], path: &Path) -> Result<RgbImage, ImageError> {
+    use super::jpeg::JpegError;
+    let unreadable = |reason: String| ImageError::Unreadable {
+        path: path.to_path_buf(),
+        reason,
+    };
+    // libjpeg fills what is missing with grey; PIL refuses such a file ("image file is
+    // truncated"), and so does this loader.
+    if jpeg_is_truncated(bytes) {
+        return Err(unreadable(JpegError::Truncated.to_string()));
+    }
+    let decoded = super::jpeg::decode(bytes, MAX_IMAGE_PIXELS).map_err(|e| match e {
+        JpegError::Empty { width, height } => ImageError::Empty {
+            path: path.to_path_buf(),
+            w: width,
+            h: height,
+        },
+        JpegError::TooLarge { width, height } => ImageError::TooLarge {
+            path: path.to_path_buf(),
+            w: width,
+            h: height,
+            limit: MAX_IMAGE_PIXELS,
+        },
+        other => unreadable(other.to_string()),
+    })?;
+    let orientation = decoded
+        .exif
+        .and_then(image::metadata::Orientation::from_exif_chunk)
+        .unwrap_or(image::metadata::Orientation::NoTransforms);
+    let rgb = RgbImage::from_raw(decoded.width, decoded.height, decoded.rgb)
+        .ok_or_else(|| unreadable("the decoded JPEG has the wrong size".to_string()))?;
+    let mut rgb = DynamicImage::ImageRgb8(rgb);
     rgb.apply_orientation(orientation);
     Ok(rgb.into_rgb8())
 }
