@@ -2,13 +2,12 @@
 //! post-processing, latent previews. Takes images and settings, returns images; reports progress
 //! through a callback and stops when cancelled.
 //!
-//! [`settings`], [`image`], [`jpeg`], [`metadata`] and [`npy`] are plain data and files, free of candle: the window
+//! [`settings`], [`image`], [`metadata`] and [`npy`] are plain data and files, free of candle: the window
 //! reaches them through the worker. [`image_tensor`] is where images become tensors.
 
 pub mod edit;
 pub mod image;
 pub mod image_tensor;
-pub mod jpeg;
 pub mod metadata;
 pub mod npy;
 pub mod preview;

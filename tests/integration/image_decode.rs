@@ -54,7 +54,10 @@ fn compare(paths: &[PathBuf]) -> Vec<String> {
     for path in paths {
         let name = path.file_name().unwrap().to_string_lossy().to_string();
         let (h, w, want) = read_u8_npy(Path::new(&format!("{}.npy", path.display())));
-        let got = match load_image(path) {
+        let started = std::time::Instant::now();
+        let loaded = load_image(path);
+        let took = started.elapsed();
+        let got = match loaded {
             Ok(got) => got,
             Err(e) => {
                 failures.push(format!("{name}: {e}"));
@@ -74,7 +77,7 @@ fn compare(paths: &[PathBuf]) -> Vec<String> {
         }
         worst = worst.max(max);
         println!(
-            "{name}: {count} of {} samples differ, max {max}",
+            "{name}: {count} of {} samples differ, max {max} (decoded in {took:.2?})",
             want.len()
         );
         if count > 0 {
@@ -112,4 +115,50 @@ fn a_two_component_jpeg_is_refused_by_name() {
     );
     let bytes = std::fs::read(&path).unwrap();
     assert!(decode_image(&bytes, "two.jpg").is_err());
+}
+
+/// Any folder of images with Pillow's arrays beside them (`NAME` and `NAME.npy`, as
+/// decode_refs.py writes them), named by `IP2P_DECODE_DIR`: photos of your own, or thousands of
+/// generated ones. Prints, for comparison, how far the `image` crate's own JPEG decoder
+/// (zune-jpeg, which this program used before) is from Pillow on the same files. Does nothing
+/// without the variable.
+#[test]
+fn a_folder_named_by_ip2p_decode_dir_decodes_as_pillow() {
+    let Some(dir) = std::env::var_os("IP2P_DECODE_DIR") else {
+        return;
+    };
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e != "npy"))
+        .filter(|p| Path::new(&format!("{}.npy", p.display())).exists())
+        .collect();
+    paths.sort();
+    let (mut before_max, mut before_files) = (0u8, 0usize);
+    for path in &paths {
+        let (h, w, want) = read_u8_npy(Path::new(&format!("{}.npy", path.display())));
+        let bytes = std::fs::read(path).unwrap();
+        if let Ok(img) = image::load_from_memory(&bytes)
+            && img.width() as usize == w
+            && img.height() as usize == h
+            && !matches!(img.color(), image::ColorType::Rgba8)
+        {
+            let rgb = img.into_rgb8();
+            let max = rgb
+                .as_raw()
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| a.abs_diff(*b))
+                .max()
+                .unwrap_or(0);
+            before_max = before_max.max(max);
+            before_files += usize::from(max > 0);
+        }
+    }
+    println!(
+        "the image crate's decoder: {before_files} of {} files differ from Pillow, by up to {before_max}",
+        paths.len()
+    );
+    let failures = compare(&paths);
+    assert!(failures.is_empty(), "{failures:#?}");
 }

@@ -237,7 +237,7 @@ fn choose(h: usize, v: usize, max_h: usize, max_v: usize, width: usize) -> Optio
         } else {
             Upsample::Box { h: 2, v: 2 }
         }
-    } else if max_h % h == 0 && max_v % v == 0 {
+    } else if max_h.is_multiple_of(h) && max_v.is_multiple_of(v) {
         Upsample::Box {
             h: max_h / h,
             v: max_v / v,
@@ -286,7 +286,7 @@ fn upsample_row(plane: &Plane, method: Upsample, y: usize, out: &mut [u8], wide:
         Upsample::H1V2Fancy => {
             let inrow = y / 2;
             let near = plane.row(inrow);
-            let (far, bias) = if y % 2 == 0 {
+            let (far, bias) = if y.is_multiple_of(2) {
                 (plane.row(inrow.saturating_sub(1)), 1)
             } else {
                 (plane.row(inrow + 1), 2)
@@ -298,7 +298,7 @@ fn upsample_row(plane: &Plane, method: Upsample, y: usize, out: &mut [u8], wide:
         Upsample::H2V2Fancy => {
             let inrow = y / 2;
             let near = plane.row(inrow);
-            let far = if y % 2 == 0 {
+            let far = if y.is_multiple_of(2) {
                 plane.row(inrow.saturating_sub(1))
             } else {
                 plane.row(inrow + 1)
