@@ -95,9 +95,12 @@ pub enum ImageError {
 /// alpha (as PIL's `convert("RGB")` does: no compositing) and converts gray/16-bit/palette to RGB8.
 /// Rejects zero-sized images and images larger than [`MAX_IMAGE_PIXELS`] before allocating them.
 ///
-/// 16-bit samples keep their high byte, as PIL does for 16-bit RGB/RGBA/gray+alpha PNGs. For
-/// 16-bit *grayscale* PIL differs: its `I;16 → RGB` conversion clips every value above 255 to
-/// white, which ruins such images; this loader keeps the high byte there too (deliberately).
+/// Pixels equal PIL's (`Image.open(p).convert("RGB")`, Pillow 13): JPEGs through
+/// [`ip2p_jpeg`], a port of libjpeg-turbo's decoding; 16-bit RGB/RGBA/gray+alpha PNGs keep the
+/// high byte of each sample (PIL's `;16B` unpackers: truncation, not rounding); 16-bit
+/// *grayscale* PNGs are PIL's mode `I;16`, whose conversion to RGB saturates: a value above 255
+/// becomes 255, below it stays as it is (so such a picture comes out nearly white, as it does in
+/// diffusers; this loader used to keep the high byte instead).
 pub fn load_image(path: &Path) -> Result<RgbImage, ImageError> {
     decode_at(&read_image_file(path)?, path)
 }
@@ -145,12 +148,8 @@ fn decode_at(bytes: &[u8], path: &Path) -> Result<RgbImage, ImageError> {
             path: path.to_path_buf(),
         });
     }
-    // The JPEG decoder fills what is missing with grey and says nothing; PIL refuses such a
-    // file ("image file is truncated"), and so does this loader.
-    if reader.format() == Some(image::ImageFormat::Jpeg) && jpeg_is_truncated(bytes) {
-        return Err(unreadable(
-            "the JPEG data is truncated: it ends before its end-of-image marker".to_string(),
-        ));
+    if reader.format() == Some(image::ImageFormat::Jpeg) {
+        return decode_jpeg(bytes, path);
     }
     // Headers only so far: the size check below happens before any pixel allocation.
     reader.no_limits();
@@ -184,6 +183,44 @@ fn decode_at(bytes: &[u8], path: &Path) -> Result<RgbImage, ImageError> {
         .unwrap_or(image::metadata::Orientation::NoTransforms);
     let decoded = DynamicImage::from_decoder(decoder).map_err(|e| map_decode_error(e, path))?;
     let mut rgb = DynamicImage::ImageRgb8(to_rgb8_like_pil(decoded));
+    rgb.apply_orientation(orientation);
+    Ok(rgb.into_rgb8())
+}
+
+/// A JPEG, decoded to Pillow's exact pixels (see [`ip2p_jpeg`]), with its EXIF orientation
+/// applied as PIL's `exif_transpose` does.
+fn decode_jpeg(bytes: &[u8], path: &Path) -> Result<RgbImage, ImageError> {
+    use ip2p_jpeg::JpegError;
+    let unreadable = |reason: String| ImageError::Unreadable {
+        path: path.to_path_buf(),
+        reason,
+    };
+    // libjpeg fills what is missing with grey; PIL refuses such a file ("image file is
+    // truncated"), and so does this loader.
+    if jpeg_is_truncated(bytes) {
+        return Err(unreadable(JpegError::Truncated.to_string()));
+    }
+    let decoded = ip2p_jpeg::decode(bytes, MAX_IMAGE_PIXELS).map_err(|e| match e {
+        JpegError::Empty { width, height } => ImageError::Empty {
+            path: path.to_path_buf(),
+            w: width,
+            h: height,
+        },
+        JpegError::TooLarge { width, height } => ImageError::TooLarge {
+            path: path.to_path_buf(),
+            w: width,
+            h: height,
+            limit: MAX_IMAGE_PIXELS,
+        },
+        other => unreadable(other.to_string()),
+    })?;
+    let orientation = decoded
+        .exif
+        .and_then(image::metadata::Orientation::from_exif_chunk)
+        .unwrap_or(image::metadata::Orientation::NoTransforms);
+    let rgb = RgbImage::from_raw(decoded.width, decoded.height, decoded.rgb)
+        .ok_or_else(|| unreadable("the decoded JPEG has the wrong size".to_string()))?;
+    let mut rgb = DynamicImage::ImageRgb8(rgb);
     rgb.apply_orientation(orientation);
     Ok(rgb.into_rgb8())
 }
@@ -289,7 +326,8 @@ fn map_decode_error(e: image::ImageError, path: &Path) -> ImageError {
 }
 
 /// PIL's `convert("RGB")`: alpha dropped without compositing, gray replicated, 16-bit samples
-/// reduced to their high byte (PIL's `;16B` unpackers; see [`load_image`] for 16-bit gray).
+/// reduced to their high byte (PIL's `;16B` unpackers), except 16-bit gray alone, which PIL
+/// holds as `I;16` and saturates at 255 (Convert.c `I16_RGB`).
 fn to_rgb8_like_pil(img: DynamicImage) -> RgbImage {
     let (w, h) = (img.width(), img.height());
     let from_fn = |f: &dyn Fn(u32, u32) -> [u8; 3]| RgbImage::from_fn(w, h, |x, y| f(x, y).into());
@@ -301,7 +339,7 @@ fn to_rgb8_like_pil(img: DynamicImage) -> RgbImage {
         }),
         DynamicImage::ImageLuma8(i) => from_fn(&|x, y| [i.get_pixel(x, y).0[0]; 3]),
         DynamicImage::ImageLumaA8(i) => from_fn(&|x, y| [i.get_pixel(x, y).0[0]; 3]),
-        DynamicImage::ImageLuma16(i) => from_fn(&|x, y| [high_byte(i.get_pixel(x, y).0[0]); 3]),
+        DynamicImage::ImageLuma16(i) => from_fn(&|x, y| [saturate(i.get_pixel(x, y).0[0]); 3]),
         DynamicImage::ImageLumaA16(i) => from_fn(&|x, y| [high_byte(i.get_pixel(x, y).0[0]); 3]),
         DynamicImage::ImageRgb16(i) => from_fn(&|x, y| i.get_pixel(x, y).0.map(high_byte)),
         DynamicImage::ImageRgba16(i) => from_fn(&|x, y| {
@@ -315,6 +353,10 @@ fn to_rgb8_like_pil(img: DynamicImage) -> RgbImage {
 
 fn high_byte(v: u16) -> u8 {
     (v >> 8) as u8
+}
+
+fn saturate(v: u16) -> u8 {
+    v.min(255) as u8
 }
 
 /// The size an edit runs at. If the long side exceeds `max_side`, the image is scaled down so the

@@ -254,6 +254,20 @@ fn fuzz_images() {
     fuzz("jpeg", &jpeg, &work.path().join("input.jpg"), &|path| {
         let _ = load_image(path);
     });
+    // The JPEG decoder's other paths (issue 15): progressive scans with restart markers, 4:2:2,
+    // CMYK, 4:4:0 written by hand.
+    let decode = common::fixtures().join("image/decode");
+    for name in [
+        "restart_progressive_420_37x29.jpg",
+        "restart_rows_422_37x29.jpg",
+        "cmyk_progressive_37x29.jpg",
+        "hand_440_37x29.jpg",
+    ] {
+        let seed = std::fs::read(decode.join(name)).unwrap();
+        fuzz(name, &seed, &work.path().join(name), &|path| {
+            let _ = load_image(path);
+        });
+    }
 }
 
 #[test]

@@ -18,6 +18,7 @@ mod hub;
 mod hub_downloads;
 mod hub_push;
 mod image;
+mod image_decode;
 mod nn_grad;
 mod pipeline_api;
 mod rng;
