@@ -6,6 +6,7 @@ mod edit;
 mod load;
 mod progress;
 mod ranges;
+mod sigint;
 mod train;
 mod window;
 
