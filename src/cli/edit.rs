@@ -5,6 +5,7 @@ use std::sync::atomic::AtomicBool;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use image::RgbImage;
 
 use super::load::{ModelFlags, load_model};
 use super::progress::Progress;
@@ -17,7 +18,7 @@ use crate::pipeline::npy::{NpyArray, read_f32_npy};
 use crate::pipeline::scheduler::SchedulerKind;
 use crate::pipeline::settings::{
     DEFAULT_GUIDANCE_SCALE, DEFAULT_IMAGE_GUIDANCE_SCALE, DEFAULT_MAX_SIDE, DEFAULT_STEPS,
-    EditSettings, InitialLatents, MAX_STEPS, check_guidance,
+    EditSettings, InitialLatents, MAX_NUM_IMAGES, MAX_STEPS, check_guidance,
 };
 
 #[derive(Debug, Args)]
@@ -59,11 +60,12 @@ pub struct EditArgs {
     /// The long side is scaled down to at most this many pixels (never up). Range: 8 to 8192.
     #[arg(long, value_name = "PX", default_value_t = DEFAULT_MAX_SIDE, value_parser = clap::value_parser!(u32).range(8..=8192))]
     pub resolution: u32,
-    /// How many variations to make, from consecutive seeds. Range: 1 to 1000.
-    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    /// How many images to make from the seed, as diffusers' num_images_per_prompt (one random
+    /// draw for the whole batch): out-1.png, out-2.png, … Range: 1 to 1000.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=MAX_NUM_IMAGES as i64))]
     pub num_images: u32,
-    /// A float32 .npy array [1, 4, H/f, W/f] used instead of the random initial latents
-    /// (diffusers' `latents=`).
+    /// A float32 .npy array [N, 4, H/f, W/f] (N = --num-images) used instead of the random
+    /// initial latents (diffusers' `latents=`).
     #[arg(long, value_name = "FILE.npy")]
     pub latents: Option<PathBuf>,
     /// auto, cpu, cuda, cuda:N or metal.
@@ -102,12 +104,13 @@ fn parse_scale(text: &str) -> Result<f64, String> {
 pub fn run(args: EditArgs) -> Result<()> {
     let outputs = output_paths(&args.output, args.num_images)?;
     check_output_folder(&args.output)?;
-    if args.latents.is_some() && args.num_images > 1 {
-        bail!("--latents fixes the initial noise, so --num-images > 1 would give identical images");
-    }
-    let initial_latents = args.latents.as_deref().map(read_latents).transpose()?;
-
+    let initial_latents = args
+        .latents
+        .as_deref()
+        .map(|path| read_latents(path, args.num_images))
+        .transpose()?;
     let input = load_image(&args.image)?;
+
     let mut progress = Progress::new(args.quiet);
     let flags = ModelFlags {
         model: &args.model,
@@ -116,7 +119,7 @@ pub fn run(args: EditArgs) -> Result<()> {
         dtype: args.dtype,
     };
     let model = load_model(&flags, &mut progress)?;
-    let dtype = model.dtype;
+    let dtype = format!("{:?}", model.dtype).to_lowercase();
     let truncated = model.tokenizer.truncated_tokens(&args.prompt);
     if truncated > 0 && !args.quiet {
         eprintln!(
@@ -125,59 +128,71 @@ pub fn run(args: EditArgs) -> Result<()> {
     }
     let mut pipeline = EditPipeline::new(model)?;
 
-    let multiple = pipeline.size_multiple();
-    let (width, height) = edit_size(input.width(), input.height(), args.resolution, multiple)
-        .with_context(|| format!("{}", args.image.display()))?;
-    let input = resize_lanczos(&input, width, height);
-
-    let first_seed = args
+    let seed = args
         .seed
         .unwrap_or_else(|| u64::from(rand::random::<u32>()));
     if args.seed.is_none() && !args.quiet {
-        eprintln!("seed {first_seed} (pass --seed {first_seed} to make this result again)");
+        eprintln!("seed {seed} (pass --seed {seed} to make this result again)");
     }
-    let mut settings = EditSettings {
+    let settings = EditSettings {
         prompt: args.prompt.clone(),
         negative_prompt: args.negative_prompt.clone(),
         steps: args.steps,
         guidance_scale: args.guidance_scale,
         image_guidance_scale: args.image_guidance_scale,
-        seed: first_seed,
+        seed,
         scheduler: args.scheduler,
         initial_latents,
     };
+    edit_one_image(
+        &args,
+        &mut pipeline,
+        &input,
+        &outputs,
+        &settings,
+        &dtype,
+        &progress,
+    )
+}
+
+/// Makes the `--num-images` images of one input from one seed, as diffusers'
+/// `num_images_per_prompt`, and writes them all or none.
+fn edit_one_image(
+    args: &EditArgs,
+    pipeline: &mut EditPipeline,
+    input: &RgbImage,
+    outputs: &[PathBuf],
+    settings: &EditSettings,
+    dtype: &str,
+    progress: &Progress,
+) -> Result<()> {
+    let multiple = pipeline.size_multiple();
+    let (width, height) = edit_size(input.width(), input.height(), args.resolution, multiple)
+        .with_context(|| format!("{}", args.image.display()))?;
+    let input = resize_lanczos(input, width, height);
+    let count = outputs.len();
+    let label = if count > 1 {
+        format!("{count} images")
+    } else {
+        "editing".to_string()
+    };
+    let bar = progress.steps(args.steps, &label);
     let cancel = AtomicBool::new(false);
-    // All or nothing: every image is made first, then written; a failed write removes the ones
-    // this run wrote before it.
-    let mut finished = Vec::with_capacity(outputs.len());
-    for (index, output) in outputs.iter().enumerate() {
-        settings.seed = first_seed.wrapping_add(index as u64);
-        let label = if outputs.len() > 1 {
-            format!("image {}/{}", index + 1, outputs.len())
-        } else {
-            "editing".to_string()
-        };
-        let bar = progress.steps(args.steps, &label);
-        let result = pipeline.edit(
-            &input,
-            &settings,
-            &mut |step| bar.set_position(step.step as u64),
-            &cancel,
-        );
-        bar.finish_and_clear();
-        let result = result?;
-        let record = EditRecord::new(
-            &args.model,
-            &settings,
-            width,
-            height,
-            &format!("{dtype:?}").to_lowercase(),
-        );
-        finished.push((output, result, record));
-    }
-    let mut written: Vec<&Path> = Vec::with_capacity(finished.len());
-    for (output, result, record) in &finished {
-        if let Err(error) = save_image(output, &result.image, &record.to_text_chunks()) {
+    let result = pipeline.edit_batch(
+        &input,
+        settings,
+        count,
+        &mut |step| bar.set_position(step.step as u64),
+        &cancel,
+    );
+    bar.finish_and_clear();
+    let result = result?;
+    let record = EditRecord::new(&args.model, settings, width, height, dtype);
+    // All or nothing: a failed write removes the images this run wrote before it.
+    let mut written: Vec<&Path> = Vec::with_capacity(count);
+    for (index, (output, image)) in outputs.iter().zip(&result.images).enumerate() {
+        let record = record.clone().for_image(index, count);
+        if let Err(error) = save_image(output, image, &record.to_text_chunks()) {
             for path in &written {
                 let _ = std::fs::remove_file(path);
             }
@@ -190,13 +205,13 @@ pub fn run(args: EditArgs) -> Result<()> {
         }
         written.push(output);
     }
-    for (output, result, _) in &finished {
+    for (index, output) in outputs.iter().enumerate() {
+        let hint = record.clone().for_image(index, count).reproduce_hint();
         println!(
-            "wrote {} ({}×{}, seed {}, {:.1} s)",
+            "wrote {} ({}×{}, {hint}, {:.1} s)",
             output.display(),
             width,
             height,
-            result.seed,
             result.total_time.as_secs_f64()
         );
     }
@@ -262,12 +277,14 @@ fn check_output_folder(output: &Path) -> Result<()> {
         })
 }
 
-/// Reads a float32 .npy latents file (sizes checked against the file before allocating).
-fn read_latents(path: &Path) -> Result<InitialLatents> {
+/// Reads a float32 .npy latents file (sizes checked against the file before allocating): one
+/// [C, h, w] block per image, `[num_images, C, h, w]`.
+fn read_latents(path: &Path, num_images: u32) -> Result<InitialLatents> {
     let NpyArray { shape, values } = read_f32_npy(path).context("--latents")?;
-    if shape.len() != 4 || shape[0] != 1 {
+    if shape.len() != 4 || shape[0] != num_images as usize {
         bail!(
-            "--latents {}: latents must have shape [1, C, h, w], this array has {shape:?}",
+            "--latents {}: latents must have shape [{num_images}, C, h, w] (the first number is \
+             --num-images), this array has {shape:?}",
             path.display()
         );
     }

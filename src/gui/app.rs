@@ -757,6 +757,19 @@ impl EditorApp {
                     self.notify(format!(
                         "{name} was made by this program: its settings are on the controls"
                     ));
+                    if record.num_images > 1 {
+                        // The window makes one image per seed, not a batch.
+                        self.notify(format!(
+                            "{name} is image {} of {} made together from seed {}; the window \
+                             makes one image per seed, so Generate gives another picture. \
+                             `instruct-pix2pix edit --seed {} --num-images {}` makes it again.",
+                            record.image_index + 1,
+                            record.num_images,
+                            record.seed,
+                            record.seed,
+                            record.num_images
+                        ));
+                    }
                 }
                 self.set_input(*opened, name);
             }

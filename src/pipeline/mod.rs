@@ -16,5 +16,5 @@ pub mod rng;
 pub mod scheduler;
 pub mod settings;
 
-pub use edit::{EditError, EditOutput, EditPipeline, StepInfo};
+pub use edit::{BatchOutput, EditError, EditOutput, EditPipeline, StepInfo};
 pub use settings::{EditSettings, InitialLatents};
