@@ -1,4 +1,5 @@
-//! `instruct-pix2pix edit`: one image, one instruction, one or more results on disk.
+//! `instruct-pix2pix edit`: one image (or a folder of them, see [`super::edit_folder`]), one
+//! instruction, one or more results on disk.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -12,6 +13,7 @@ use super::progress::Progress;
 use crate::model::device::{DTypeChoice, DeviceChoice};
 use crate::model::hub::DEFAULT_REPO;
 use crate::pipeline::EditPipeline;
+use crate::pipeline::folder::{FolderPlan, recorded_settings};
 use crate::pipeline::image::{edit_size, load_image, resize_lanczos, save_image, writes_format};
 use crate::pipeline::metadata::EditRecord;
 use crate::pipeline::npy::{NpyArray, read_f32_npy};
@@ -23,8 +25,9 @@ use crate::pipeline::settings::{
 
 #[derive(Debug, Args)]
 pub struct EditArgs {
-    /// The image to edit (PNG, JPEG, WebP, BMP or TIFF).
-    #[arg(long, value_name = "PATH")]
+    /// The image to edit (PNG, JPEG, WebP, BMP or TIFF), or a folder: every image in it is
+    /// edited into the --output folder.
+    #[arg(long, value_name = "PATH|DIR")]
     pub image: PathBuf,
     /// The written instruction, e.g. "make the mountains snowy".
     #[arg(long, value_name = "TEXT")]
@@ -32,8 +35,10 @@ pub struct EditArgs {
     /// What the result should not look like.
     #[arg(long, value_name = "TEXT", default_value = "")]
     pub negative_prompt: String,
-    /// Where to write the result: .png (with the settings embedded), .jpg/.jpeg or .webp.
-    #[arg(long, short, value_name = "PATH")]
+    /// Where to write the result: .png (with the settings embedded), .jpg/.jpeg or .webp; with a
+    /// folder as --image, a folder (created when missing, not the input folder) that receives
+    /// NAME.png for every input NAME.ext; results already there are not made again.
+    #[arg(long, short, value_name = "PATH|DIR")]
     pub output: PathBuf,
     /// A folder in diffusers' layout or a Hugging Face Hub repo id.
     #[arg(long, value_name = "DIR|REPO_ID", default_value = DEFAULT_REPO)]
@@ -102,14 +107,36 @@ fn parse_scale(text: &str) -> Result<f64, String> {
 }
 
 pub fn run(args: EditArgs) -> Result<()> {
-    let outputs = output_paths(&args.output, args.num_images)?;
-    check_output_folder(&args.output)?;
-    let initial_latents = args
-        .latents
-        .as_deref()
-        .map(|path| read_latents(path, args.num_images))
-        .transpose()?;
-    let input = load_image(&args.image)?;
+    // What is read and written is checked before the model loads.
+    let work = if args.image.is_dir() {
+        if args.latents.is_some() {
+            bail!(
+                "--latents fixes the noise of one image size, so it cannot be used with a folder \
+                 (--image {})",
+                args.image.display()
+            );
+        }
+        let plan = super::edit_folder::plan(&args)?;
+        if plan.todo.is_empty() {
+            super::edit_folder::nothing_to_do(&plan);
+            return Ok(());
+        }
+        Work::Folder(plan)
+    } else {
+        let outputs = output_paths(&args.output, args.num_images)?;
+        check_output_folder(&args.output)?;
+        let initial_latents = args
+            .latents
+            .as_deref()
+            .map(|path| read_latents(path, args.num_images))
+            .transpose()?;
+        let input = load_image(&args.image)?;
+        Work::One {
+            input,
+            outputs,
+            initial_latents,
+        }
+    };
 
     let mut progress = Progress::new(args.quiet);
     let flags = ModelFlags {
@@ -128,11 +155,24 @@ pub fn run(args: EditArgs) -> Result<()> {
     }
     let mut pipeline = EditPipeline::new(model)?;
 
+    // A folder run that continues takes the seed of the results already there.
+    let recorded = match &work {
+        Work::Folder(plan) => recorded_settings(plan),
+        Work::One { .. } => None,
+    };
     let seed = args
         .seed
+        .or(recorded.as_ref().map(|record| record.seed))
         .unwrap_or_else(|| u64::from(rand::random::<u32>()));
     if args.seed.is_none() && !args.quiet {
-        eprintln!("seed {seed} (pass --seed {seed} to make this result again)");
+        if recorded.is_some() {
+            eprintln!(
+                "seed {seed}, that of the results already in {} (pass --seed to choose another)",
+                args.output.display()
+            );
+        } else {
+            eprintln!("seed {seed} (pass --seed {seed} to make this result again)");
+        }
     }
     let settings = EditSettings {
         prompt: args.prompt.clone(),
@@ -142,17 +182,47 @@ pub fn run(args: EditArgs) -> Result<()> {
         image_guidance_scale: args.image_guidance_scale,
         seed,
         scheduler: args.scheduler,
-        initial_latents,
+        initial_latents: None,
     };
-    edit_one_image(
-        &args,
-        &mut pipeline,
-        &input,
-        &outputs,
-        &settings,
-        &dtype,
-        &progress,
-    )
+    match work {
+        Work::Folder(plan) => {
+            if let Some(record) = &recorded {
+                super::edit_folder::warn_if_different(&args, &plan, record, &settings);
+            }
+            super::edit_folder::run(&args, &mut pipeline, &plan, &settings, &dtype, &progress)
+        }
+        Work::One {
+            input,
+            outputs,
+            initial_latents,
+        } => {
+            let settings = EditSettings {
+                initial_latents,
+                ..settings
+            };
+            edit_one_image(
+                &args,
+                &mut pipeline,
+                &input,
+                &outputs,
+                &settings,
+                &dtype,
+                &progress,
+            )
+        }
+    }
+}
+
+/// What one `edit` command does.
+enum Work {
+    /// `--image FILE`: one input, `--num-images` outputs.
+    One {
+        input: RgbImage,
+        outputs: Vec<PathBuf>,
+        initial_latents: Option<InitialLatents>,
+    },
+    /// `--image DIR --output DIR`.
+    Folder(FolderPlan),
 }
 
 /// Makes the `--num-images` images of one input from one seed, as diffusers'

@@ -3,9 +3,11 @@
 //! through a callback and stops when cancelled.
 //!
 //! [`settings`], [`image`], [`metadata`] and [`npy`] are plain data and files, free of candle: the window
-//! reaches them through the worker. [`image_tensor`] is where images become tensors.
+//! reaches them through the worker. [`image_tensor`] is where images become tensors. [`folder`]
+//! applies one edit to every image of a folder.
 
 pub mod edit;
+pub mod folder;
 pub mod image;
 pub mod image_tensor;
 pub mod metadata;
