@@ -1,17 +1,23 @@
-//! A whole folder: `edit --image DIR --output DIR`. Every image gets the same instruction and
-//! settings and a PNG with them; bad files are skipped and listed (non-zero exit); results already
-//! there are not made again, so a second run continues; Ctrl+C stops cleanly; inputs are never
-//! overwritten; a killed run's leftovers do not fool the next one.
+//! A whole folder: `edit --image DIR --output DIR` and the model thread's folder job (what the
+//! window's "Apply to folder…" sends). Every image gets the same instruction and settings and a PNG
+//! with them; bad files are skipped and listed (non-zero exit); results already there are not made
+//! again, so a second run continues; Ctrl+C stops cleanly; inputs are never overwritten; a killed
+//! run's leftovers do not fool the next one.
 
 use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::{files_in, fixture_pipeline, fixtures, pixel_difference, program, run, stderr};
+use instruct_pix2pix::model::device::{DTypeChoice, DeviceChoice};
 use instruct_pix2pix::pipeline::image::read_png_text;
 use instruct_pix2pix::pipeline::metadata::EditRecord;
+use instruct_pix2pix::worker::{
+    EditSettings, Event, FolderJob, FolderReport, Job, ModelRequest, Worker,
+};
 
 fn fixture_input() -> PathBuf {
     fixtures().join("edits").join("sd1-plain").join("input.png")
@@ -425,4 +431,102 @@ fn ctrl_c_stops_cleanly_and_the_next_run_continues() {
         "{stdout}"
     );
     assert_eq!(files_in(&output).len(), 6);
+}
+
+/// The folder job of the model thread, as the window sends it: progress with the time left,
+/// a report listing the skipped file, one encoding of the instruction.
+#[test]
+fn the_worker_edits_a_folder_and_reports_skipped_files() {
+    let work = tempfile::tempdir().unwrap();
+    let input = photo_folder(work.path());
+    std::fs::write(input.join("broken.png"), b"garbage").unwrap();
+    let output = work.path().join("edited");
+    let (handle, events) = Worker::spawn(Arc::new(|| {})).unwrap();
+    let request = ModelRequest::new(model(), DeviceChoice::Cpu, DTypeChoice::F32);
+    handle.send(Job::LoadModel(request)).unwrap();
+    let settings = EditSettings {
+        prompt: "make it snowy".into(),
+        steps: 3,
+        seed: 9,
+        ..EditSettings::default()
+    };
+    let job = FolderJob {
+        id: 7,
+        input_dir: input.clone(),
+        output_dir: output.clone(),
+        max_side: 512,
+        settings,
+        random_seed: false,
+    };
+    handle.send(Job::EditFolder(job)).unwrap();
+    let mut progress = Vec::new();
+    let mut started = None;
+    let report: FolderReport = loop {
+        match events
+            .recv_timeout(Duration::from_secs(120))
+            .expect("an event")
+        {
+            Event::FolderStarted {
+                id,
+                seed,
+                total,
+                already_done,
+                ignored,
+            } => {
+                started = Some((id, seed, total, already_done, ignored));
+            }
+            Event::FolderProgress(p) => progress.push(p),
+            Event::FolderFinished(report) => break *report,
+            Event::Failed { message, .. } => panic!("{message}"),
+            _ => {}
+        }
+    };
+    assert_eq!(started, Some((7, 9, 3, 0, 1)));
+    assert!(
+        progress.iter().any(|p| p.eta.is_some() && p.step > 0),
+        "{progress:?}"
+    );
+    assert!(
+        progress
+            .iter()
+            .all(|p| p.id == 7 && p.total == 3 && p.steps == 3)
+    );
+    assert_eq!((report.edited, report.total, report.not_reached), (2, 3, 0));
+    assert!(!report.cancelled && report.error.is_none());
+    assert_eq!(report.prompt_encodings, 1);
+    assert_eq!((report.seed, report.warning.as_deref()), (9, None));
+    assert_eq!(report.skipped.len(), 1);
+    assert_eq!(report.skipped[0].0, "broken.png");
+    assert!(
+        report.skipped[0].1.contains("broken.png"),
+        "{:?}",
+        report.skipped
+    );
+    assert_eq!(files_in(&output), ["a.png", "b.png"]);
+    assert_eq!(record(&output.join("b.png")).seed, 9);
+
+    // A folder that cannot be used is one failure line for the job.
+    let job = FolderJob {
+        id: 8,
+        input_dir: input.clone(),
+        output_dir: input.clone(),
+        max_side: 512,
+        settings: EditSettings::default(),
+        random_seed: false,
+    };
+    handle.send(Job::EditFolder(job)).unwrap();
+    let message = loop {
+        match events
+            .recv_timeout(Duration::from_secs(60))
+            .expect("an event")
+        {
+            Event::Failed {
+                id: Some(8),
+                message,
+            } => break message,
+            Event::FolderFinished(report) => panic!("{report:?}"),
+            _ => {}
+        }
+    };
+    assert!(message.contains("is the input folder"), "{message}");
 }

@@ -37,4 +37,5 @@ mod train_run;
 mod train_step;
 mod unet;
 mod window;
+mod window_folder;
 mod worker;
