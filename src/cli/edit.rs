@@ -1,29 +1,33 @@
-//! `instruct-pix2pix edit`: one image, one instruction, one or more results on disk.
+//! `instruct-pix2pix edit`: one image (or a folder of them, see [`super::edit_folder`]), one
+//! instruction, one or more results on disk.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use image::RgbImage;
 
 use super::load::{ModelFlags, load_model};
 use super::progress::Progress;
 use crate::model::device::{DTypeChoice, DeviceChoice};
 use crate::model::hub::DEFAULT_REPO;
 use crate::pipeline::EditPipeline;
+use crate::pipeline::folder::{FolderPlan, recorded_settings};
 use crate::pipeline::image::{edit_size, load_image, resize_lanczos, save_image, writes_format};
 use crate::pipeline::metadata::EditRecord;
 use crate::pipeline::npy::{NpyArray, read_f32_npy};
 use crate::pipeline::scheduler::SchedulerKind;
 use crate::pipeline::settings::{
     DEFAULT_GUIDANCE_SCALE, DEFAULT_IMAGE_GUIDANCE_SCALE, DEFAULT_MAX_SIDE, DEFAULT_STEPS,
-    EditSettings, InitialLatents, MAX_STEPS, check_guidance,
+    EditSettings, InitialLatents, MAX_NUM_IMAGES, MAX_STEPS, check_guidance,
 };
 
 #[derive(Debug, Args)]
 pub struct EditArgs {
-    /// The image to edit (PNG, JPEG, WebP, BMP or TIFF).
-    #[arg(long, value_name = "PATH")]
+    /// The image to edit (PNG, JPEG, WebP, BMP or TIFF), or a folder: every image in it is
+    /// edited into the --output folder.
+    #[arg(long, value_name = "PATH|DIR")]
     pub image: PathBuf,
     /// The written instruction, e.g. "make the mountains snowy".
     #[arg(long, value_name = "TEXT")]
@@ -31,8 +35,10 @@ pub struct EditArgs {
     /// What the result should not look like.
     #[arg(long, value_name = "TEXT", default_value = "")]
     pub negative_prompt: String,
-    /// Where to write the result: .png (with the settings embedded), .jpg/.jpeg or .webp.
-    #[arg(long, short, value_name = "PATH")]
+    /// Where to write the result: .png (with the settings embedded), .jpg/.jpeg or .webp; with a
+    /// folder as --image, a folder (created when missing, not the input folder) that receives
+    /// NAME.png for every input NAME.ext; results already there are not made again.
+    #[arg(long, short, value_name = "PATH|DIR")]
     pub output: PathBuf,
     /// A folder in diffusers' layout or a Hugging Face Hub repo id.
     #[arg(long, value_name = "DIR|REPO_ID", default_value = DEFAULT_REPO)]
@@ -59,11 +65,12 @@ pub struct EditArgs {
     /// The long side is scaled down to at most this many pixels (never up). Range: 8 to 8192.
     #[arg(long, value_name = "PX", default_value_t = DEFAULT_MAX_SIDE, value_parser = clap::value_parser!(u32).range(8..=8192))]
     pub resolution: u32,
-    /// How many variations to make, from consecutive seeds. Range: 1 to 1000.
-    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    /// How many images to make from the seed, as diffusers' num_images_per_prompt (one random
+    /// draw for the whole batch): out-1.png, out-2.png, … Range: 1 to 1000.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=MAX_NUM_IMAGES as i64))]
     pub num_images: u32,
-    /// A float32 .npy array [1, 4, H/f, W/f] used instead of the random initial latents
-    /// (diffusers' `latents=`).
+    /// A float32 .npy array [N, 4, H/f, W/f] (N = --num-images) used instead of the random
+    /// initial latents (diffusers' `latents=`).
     #[arg(long, value_name = "FILE.npy")]
     pub latents: Option<PathBuf>,
     /// auto, cpu, cuda, cuda:N or metal.
@@ -100,14 +107,37 @@ fn parse_scale(text: &str) -> Result<f64, String> {
 }
 
 pub fn run(args: EditArgs) -> Result<()> {
-    let outputs = output_paths(&args.output, args.num_images)?;
-    check_output_folder(&args.output)?;
-    if args.latents.is_some() && args.num_images > 1 {
-        bail!("--latents fixes the initial noise, so --num-images > 1 would give identical images");
-    }
-    let initial_latents = args.latents.as_deref().map(read_latents).transpose()?;
+    // What is read and written is checked before the model loads.
+    let work = if args.image.is_dir() {
+        if args.latents.is_some() {
+            bail!(
+                "--latents fixes the noise of one image size, so it cannot be used with a folder \
+                 (--image {})",
+                args.image.display()
+            );
+        }
+        let plan = super::edit_folder::plan(&args)?;
+        if plan.todo.is_empty() {
+            super::edit_folder::nothing_to_do(&plan);
+            return Ok(());
+        }
+        Work::Folder(plan)
+    } else {
+        let outputs = output_paths(&args.output, args.num_images)?;
+        check_output_folder(&args.output)?;
+        let initial_latents = args
+            .latents
+            .as_deref()
+            .map(|path| read_latents(path, args.num_images))
+            .transpose()?;
+        let input = load_image(&args.image)?;
+        Work::One {
+            input,
+            outputs,
+            initial_latents,
+        }
+    };
 
-    let input = load_image(&args.image)?;
     let mut progress = Progress::new(args.quiet);
     let flags = ModelFlags {
         model: &args.model,
@@ -116,7 +146,7 @@ pub fn run(args: EditArgs) -> Result<()> {
         dtype: args.dtype,
     };
     let model = load_model(&flags, &mut progress)?;
-    let dtype = model.dtype;
+    let dtype = format!("{:?}", model.dtype).to_lowercase();
     let truncated = model.tokenizer.truncated_tokens(&args.prompt);
     if truncated > 0 && !args.quiet {
         eprintln!(
@@ -125,59 +155,114 @@ pub fn run(args: EditArgs) -> Result<()> {
     }
     let mut pipeline = EditPipeline::new(model)?;
 
-    let multiple = pipeline.size_multiple();
-    let (width, height) = edit_size(input.width(), input.height(), args.resolution, multiple)
-        .with_context(|| format!("{}", args.image.display()))?;
-    let input = resize_lanczos(&input, width, height);
-
-    let first_seed = args
+    // A folder run that continues takes the seed of the results already there.
+    let recorded = match &work {
+        Work::Folder(plan) => recorded_settings(plan),
+        Work::One { .. } => None,
+    };
+    let seed = args
         .seed
+        .or(recorded.as_ref().map(|record| record.seed))
         .unwrap_or_else(|| u64::from(rand::random::<u32>()));
     if args.seed.is_none() && !args.quiet {
-        eprintln!("seed {first_seed} (pass --seed {first_seed} to make this result again)");
+        if recorded.is_some() {
+            eprintln!(
+                "seed {seed}, that of the results already in {} (pass --seed to choose another)",
+                args.output.display()
+            );
+        } else {
+            eprintln!("seed {seed} (pass --seed {seed} to make this result again)");
+        }
     }
-    let mut settings = EditSettings {
+    let settings = EditSettings {
         prompt: args.prompt.clone(),
         negative_prompt: args.negative_prompt.clone(),
         steps: args.steps,
         guidance_scale: args.guidance_scale,
         image_guidance_scale: args.image_guidance_scale,
-        seed: first_seed,
+        seed,
         scheduler: args.scheduler,
-        initial_latents,
+        initial_latents: None,
     };
-    let cancel = AtomicBool::new(false);
-    // All or nothing: every image is made first, then written; a failed write removes the ones
-    // this run wrote before it.
-    let mut finished = Vec::with_capacity(outputs.len());
-    for (index, output) in outputs.iter().enumerate() {
-        settings.seed = first_seed.wrapping_add(index as u64);
-        let label = if outputs.len() > 1 {
-            format!("image {}/{}", index + 1, outputs.len())
-        } else {
-            "editing".to_string()
-        };
-        let bar = progress.steps(args.steps, &label);
-        let result = pipeline.edit(
-            &input,
-            &settings,
-            &mut |step| bar.set_position(step.step as u64),
-            &cancel,
-        );
-        bar.finish_and_clear();
-        let result = result?;
-        let record = EditRecord::new(
-            &args.model,
-            &settings,
-            width,
-            height,
-            &format!("{dtype:?}").to_lowercase(),
-        );
-        finished.push((output, result, record));
+    match work {
+        Work::Folder(plan) => {
+            if let Some(record) = &recorded {
+                super::edit_folder::warn_if_different(&args, &plan, record, &settings);
+            }
+            super::edit_folder::run(&args, &mut pipeline, &plan, &settings, &dtype, &progress)
+        }
+        Work::One {
+            input,
+            outputs,
+            initial_latents,
+        } => {
+            let settings = EditSettings {
+                initial_latents,
+                ..settings
+            };
+            edit_one_image(
+                &args,
+                &mut pipeline,
+                &input,
+                &outputs,
+                &settings,
+                &dtype,
+                &progress,
+            )
+        }
     }
-    let mut written: Vec<&Path> = Vec::with_capacity(finished.len());
-    for (output, result, record) in &finished {
-        if let Err(error) = save_image(output, &result.image, &record.to_text_chunks()) {
+}
+
+/// What one `edit` command does.
+enum Work {
+    /// `--image FILE`: one input, `--num-images` outputs.
+    One {
+        input: RgbImage,
+        outputs: Vec<PathBuf>,
+        initial_latents: Option<InitialLatents>,
+    },
+    /// `--image DIR --output DIR`.
+    Folder(FolderPlan),
+}
+
+/// Makes the `--num-images` images of one input from one seed, as diffusers'
+/// `num_images_per_prompt`, and writes them all or none.
+fn edit_one_image(
+    args: &EditArgs,
+    pipeline: &mut EditPipeline,
+    input: &RgbImage,
+    outputs: &[PathBuf],
+    settings: &EditSettings,
+    dtype: &str,
+    progress: &Progress,
+) -> Result<()> {
+    let multiple = pipeline.size_multiple();
+    let (width, height) = edit_size(input.width(), input.height(), args.resolution, multiple)
+        .with_context(|| format!("{}", args.image.display()))?;
+    let input = resize_lanczos(input, width, height);
+    let count = outputs.len();
+    let label = if count > 1 {
+        format!("{count} images")
+    } else {
+        "editing".to_string()
+    };
+    let bar = progress.steps(args.steps, &label);
+    let cancel = AtomicBool::new(false);
+    let result = pipeline.edit_batch(
+        &input,
+        settings,
+        count,
+        &mut |step| bar.set_position(step.step as u64),
+        &cancel,
+    );
+    bar.finish_and_clear();
+    let result = result?;
+    let record = EditRecord::new(&args.model, settings, width, height, dtype);
+    // All or nothing: a failed write removes the images this run wrote before it.
+    let mut written: Vec<&Path> = Vec::with_capacity(count);
+    for (index, (output, image)) in outputs.iter().zip(&result.images).enumerate() {
+        let record = record.clone().for_image(index, count);
+        if let Err(error) = save_image(output, image, &record.to_text_chunks()) {
             for path in &written {
                 let _ = std::fs::remove_file(path);
             }
@@ -190,13 +275,13 @@ pub fn run(args: EditArgs) -> Result<()> {
         }
         written.push(output);
     }
-    for (output, result, _) in &finished {
+    for (index, output) in outputs.iter().enumerate() {
+        let hint = record.clone().for_image(index, count).reproduce_hint();
         println!(
-            "wrote {} ({}×{}, seed {}, {:.1} s)",
+            "wrote {} ({}×{}, {hint}, {:.1} s)",
             output.display(),
             width,
             height,
-            result.seed,
             result.total_time.as_secs_f64()
         );
     }
@@ -262,12 +347,14 @@ fn check_output_folder(output: &Path) -> Result<()> {
         })
 }
 
-/// Reads a float32 .npy latents file (sizes checked against the file before allocating).
-fn read_latents(path: &Path) -> Result<InitialLatents> {
+/// Reads a float32 .npy latents file (sizes checked against the file before allocating): one
+/// [C, h, w] block per image, `[num_images, C, h, w]`.
+fn read_latents(path: &Path, num_images: u32) -> Result<InitialLatents> {
     let NpyArray { shape, values } = read_f32_npy(path).context("--latents")?;
-    if shape.len() != 4 || shape[0] != 1 {
+    if shape.len() != 4 || shape[0] != num_images as usize {
         bail!(
-            "--latents {}: latents must have shape [1, C, h, w], this array has {shape:?}",
+            "--latents {}: latents must have shape [{num_images}, C, h, w] (the first number is \
+             --num-images), this array has {shape:?}",
             path.display()
         );
     }

@@ -3,9 +3,11 @@
 
 mod bench;
 mod edit;
+mod edit_folder;
 mod load;
 mod progress;
 mod ranges;
+mod sigint;
 mod train;
 mod window;
 
@@ -32,7 +34,7 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Edit one image following a written instruction.
+    /// Edit an image, or every image of a folder, following a written instruction.
     Edit(edit::EditArgs),
     /// Time edits on a model: seconds per step and per edit, peak memory (one JSON line).
     Bench(bench::BenchArgs),

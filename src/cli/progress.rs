@@ -67,6 +67,18 @@ impl Progress {
         bar
     }
 
+    /// A bar over the denoising steps of a whole folder; its message says which image and the
+    /// time left.
+    pub fn folder(&self, total_steps: usize) -> ProgressBar {
+        let bar = ProgressBar::with_draw_target(Some(total_steps as u64), self.target());
+        bar.set_style(
+            ProgressStyle::with_template("[{bar:30}] {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        bar
+    }
+
     /// A spinner with a message for work without steps (loading the model).
     pub fn spinner(&self, message: &str) -> ProgressBar {
         let bar = ProgressBar::with_draw_target(None, self.target());

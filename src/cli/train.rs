@@ -19,6 +19,7 @@ use super::ranges::{
     MAX_ACCUMULATION, MAX_BATCH_SIZE, MAX_LORA_RANK, MAX_STEP_COUNT, MAX_VALIDATION_IMAGES,
     count_in, float_in,
 };
+use super::sigint;
 use crate::model::device::{DeviceChoice, select_device};
 use crate::model::hub::{
     HubSettings, ModelSpec, PushError, PushStage, UploadFile, Variant, check_push_access,
@@ -928,35 +929,6 @@ fn handle_event(event: TrainEvent, bar: &mut Option<ProgressBar>, resumed: &mut 
             ),
         ),
         TrainEvent::Finished(_) => {}
-    }
-}
-
-/// Ctrl+C as a stop request: the first SIGINT sets a flag (the handler only stores an atomic,
-/// which is async-signal-safe) and restores the default action, so a second one ends the process.
-mod sigint {
-    use std::sync::atomic::{AtomicBool, Ordering};
-
-    static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-    #[cfg(target_os = "linux")]
-    extern "C" fn on_sigint(_: libc::c_int) {
-        INTERRUPTED.store(true, Ordering::SeqCst);
-    }
-
-    /// Installs the handler (Linux; elsewhere Ctrl+C keeps its default action) and returns the
-    /// flag it sets.
-    pub fn install() -> &'static AtomicBool {
-        #[cfg(target_os = "linux")]
-        // SAFETY: the handler only stores to an atomic; SA_RESETHAND restores the default action
-        // after the first signal.
-        unsafe {
-            let mut action: libc::sigaction = std::mem::zeroed();
-            action.sa_sigaction = on_sigint as extern "C" fn(libc::c_int) as usize;
-            action.sa_flags = libc::SA_RESETHAND;
-            libc::sigemptyset(&mut action.sa_mask);
-            libc::sigaction(libc::SIGINT, &action, std::ptr::null_mut());
-        }
-        &INTERRUPTED
     }
 }
 

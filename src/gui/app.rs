@@ -17,13 +17,14 @@ use image::RgbImage;
 
 use crate::worker::catalog::{CatalogEntry, model_at_hand};
 use crate::worker::{
-    self, EditJob, EditRecord, EditResult, EditSettings, Event, HubSettings, Job, JobId, ModelInfo,
-    ModelRequest, StepProgress, Worker, WorkerHandle, edit_size,
+    self, EditJob, EditRecord, EditResult, EditSettings, Event, FolderJob, HubSettings, Job, JobId,
+    ModelInfo, ModelRequest, StepProgress, Worker, WorkerHandle, edit_size,
 };
 
 use super::autopilot::{Autopilot, AutopilotStep, EditorReadiness};
 use super::explorer::Explorer;
 use super::finetune::{FineTune, FineTuneAction};
+use super::folder::{FolderAction, FolderDialog};
 use super::frame_stats::FrameRecorder;
 use super::settings::{Settings, SettingsStore};
 use super::state::{
@@ -97,6 +98,8 @@ pub struct EditorApp {
     pub ui_state: DialogState,
     /// The "Fine-tune on folder" dialog and its run.
     pub finetune: FineTune,
+    /// The "Apply to folder…" dialog and its run.
+    pub folder: FolderDialog,
 
     ctx: egui::Context,
     worker: Option<WorkerHandle>,
@@ -173,6 +176,7 @@ impl EditorApp {
             frames,
             ui_state: Default::default(),
             finetune: FineTune::default(),
+            folder: FolderDialog::default(),
             ctx,
             worker,
             events,
@@ -280,6 +284,9 @@ impl EditorApp {
         }
         if self.finetune.training() {
             return Some("fine-tuning is running; editing waits until it ends (or Stop it)");
+        }
+        if self.folder.running.is_some() {
+            return Some("a folder is being edited (Apply to folder…); Cancel it to edit here");
         }
         if self.model.is_none() {
             return Some("load a model first (Model > Model manager…)");
@@ -396,10 +403,99 @@ impl EditorApp {
             .unwrap_or_else(HubSettings::from_env)
     }
 
-    /// Stops the running edit; the result in view stays.
+    /// Stops the running edit (the result in view stays) or folder run (the images written so
+    /// far stay).
     pub fn cancel(&mut self) {
         if let (Some(running), Some(worker)) = (&self.running, &self.worker) {
             worker.cancel(running.id);
+        }
+        if let (Some(id), Some(worker)) = (self.folder.running_id(), &self.worker) {
+            worker.cancel(id);
+        }
+    }
+
+    /// Why "Edit all images" cannot run now, if it cannot.
+    pub fn folder_blocker(&self) -> Option<&'static str> {
+        if self.loading.is_some() {
+            return Some("a model is loading");
+        }
+        if self.finetune.training() {
+            return Some("fine-tuning is running; editing waits until it ends (or Stop it)");
+        }
+        if self.model.is_none() {
+            return Some("load a model first (Model > Model manager…)");
+        }
+        if self.prompt.trim().is_empty() {
+            return Some("type an instruction first");
+        }
+        if self.running.is_some() || self.explorer.running {
+            return Some("an edit is running; wait for it or Cancel it");
+        }
+        if self.folder.input.trim().is_empty() || self.folder.output.trim().is_empty() {
+            return Some("choose the input and output folders");
+        }
+        None
+    }
+
+    /// What every image of a folder run gets, for the dialog.
+    pub fn folder_settings_text(&self) -> String {
+        let seed = if self.settings.randomize_seed {
+            "a random seed (that of the results already there, when continuing)".to_string()
+        } else {
+            format!("seed {}", self.settings.seed)
+        };
+        format!(
+            "“{}” · {seed} · {} steps · text guidance {:.2} · image guidance {:.2} · long side at \
+             most {} px",
+            self.prompt.trim(),
+            self.settings.steps,
+            self.settings.guidance_scale,
+            self.settings.image_guidance_scale,
+            self.settings.max_side
+        )
+    }
+
+    /// Sends the folder job: the current instruction and settings (one seed for every image).
+    pub fn start_folder(&mut self) {
+        if let Some(why) = self.folder_blocker() {
+            self.folder.error = Some(why.to_string());
+            return;
+        }
+        let settings = self.edit_settings();
+        if let Err(e) = settings.validate() {
+            self.folder.error = Some(e.to_string());
+            return;
+        }
+        let id = self.next_job;
+        self.next_job += 1;
+        let job = FolderJob {
+            id,
+            input_dir: PathBuf::from(self.folder.input.trim()),
+            output_dir: PathBuf::from(self.folder.output.trim()),
+            max_side: self.settings.max_side,
+            settings,
+            // The worker takes the seed of the results already there, or a new one.
+            random_seed: self.settings.randomize_seed,
+        };
+        if self.send(Job::EditFolder(job)) {
+            self.folder.started(id);
+            self.persist_settings();
+        }
+    }
+
+    /// Carries out what the folder dialog asked for.
+    pub fn folder_action(&mut self, action: FolderAction) {
+        match action {
+            FolderAction::Start => self.start_folder(),
+            FolderAction::Cancel => self.cancel(),
+            FolderAction::BrowseInput => self.tasks.folder_dialog(
+                "Choose the folder of images to edit",
+                FolderPurpose::EditInput,
+            ),
+            FolderAction::BrowseOutput => self.tasks.folder_dialog(
+                "Choose where the edited images go",
+                FolderPurpose::EditOutput,
+            ),
         }
     }
 
@@ -595,6 +691,9 @@ impl EditorApp {
     }
 
     fn on_worker_event(&mut self, event: Event) {
+        let Some(event) = self.folder.on_event(event) else {
+            return;
+        };
         match event {
             Event::ModelLoading { spec } => {
                 self.loading = Some(Loading {
@@ -662,6 +761,9 @@ impl EditorApp {
             }
             Event::Superseded { .. } => {
                 // The replacing edit is already the running one; nothing to undo.
+            }
+            Event::FolderStarted { .. } | Event::FolderProgress(_) | Event::FolderFinished(_) => {
+                // About a folder run this window no longer follows.
             }
             Event::Failed {
                 id: Some(id),
@@ -760,6 +862,19 @@ impl EditorApp {
                     self.notify(format!(
                         "{name} was made by this program: its settings are on the controls"
                     ));
+                    if record.num_images > 1 {
+                        // The window makes one image per seed, not a batch.
+                        self.notify(format!(
+                            "{name} is image {} of {} made together from seed {}; the window \
+                             makes one image per seed, so Generate gives another picture. \
+                             `instruct-pix2pix edit --seed {} --num-images {}` makes it again.",
+                            record.image_index + 1,
+                            record.num_images,
+                            record.seed,
+                            record.seed,
+                            record.num_images
+                        ));
+                    }
                 }
                 self.set_input(*opened, name);
             }
@@ -770,6 +885,12 @@ impl EditorApp {
             TaskEvent::ModelList(entries) => self.catalog = entries,
             TaskEvent::FolderChosen(path, FolderPurpose::Model) => {
                 self.ui_state.model_field = path.display().to_string();
+            }
+            TaskEvent::FolderChosen(path, FolderPurpose::EditInput) => {
+                self.folder.input = path.display().to_string();
+            }
+            TaskEvent::FolderChosen(path, FolderPurpose::EditOutput) => {
+                self.folder.output = path.display().to_string();
             }
             TaskEvent::FolderChosen(path, FolderPurpose::Dataset) => {
                 let action = self.finetune.set_folder(path);
@@ -877,6 +998,9 @@ impl EditorApp {
             && let Some(running) = &self.running
         {
             worker.cancel(running.id);
+        }
+        if let (Some(worker), Some(id)) = (&self.worker, self.folder.running_id()) {
+            worker.cancel(id);
         }
         if let Some(store) = &self.store
             && let Err(e) = store.save(&self.settings)

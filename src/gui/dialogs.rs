@@ -1,5 +1,5 @@
-//! The windows over the editor: fine-tuning, the model manager, Save, the guidance explorer,
-//! About.
+//! The windows over the editor: fine-tuning, Apply to folder, the model manager, Save, the
+//! guidance explorer, About.
 
 use std::path::PathBuf;
 
@@ -15,6 +15,11 @@ pub fn show(app: &mut EditorApp, ctx: &Context) {
     let waker = app.waker();
     if let Some(action) = app.finetune.show(ctx, &waker) {
         app.finetune_action(action);
+    }
+    let settings = app.folder_settings_text();
+    let blocker = app.folder_blocker();
+    if let Some(action) = app.folder.show(ctx, &settings, blocker) {
+        app.folder_action(action);
     }
     model_manager(app, ctx);
     save_window(app, ctx);

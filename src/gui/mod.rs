@@ -6,7 +6,8 @@
 //! - [`app`]: the state and what happens to it; [`state`]: the types of that state the drawing
 //!   reads too; `frame`: one frame for eframe (logic, then drawing).
 //! - [`panels`], [`dialogs`], [`viewer`]: drawing. [`textures`]: images as textures.
-//! - [`explorer`]: the guidance grid. [`finetune`]: the fine-tuning dialog.
+//! - [`explorer`]: the guidance grid. [`finetune`]: the fine-tuning dialog. [`folder`]: "Apply to
+//!   folder…".
 //! - [`settings`]: what persists. [`tasks`]: the slow chores.
 //! - [`frame_stats`]: frame times for the benchmark; [`autopilot`]: the unattended start.
 //!
@@ -18,6 +19,7 @@ pub mod autopilot;
 pub mod dialogs;
 pub mod explorer;
 pub mod finetune;
+pub mod folder;
 mod frame;
 pub mod frame_stats;
 pub mod panels;

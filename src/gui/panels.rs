@@ -87,7 +87,7 @@ fn shortcuts(app: &mut EditorApp, ui: &mut Ui) {
     if paste && !typing {
         app.tasks.paste();
     }
-    if escape && app.running.is_some() {
+    if escape && (app.running.is_some() || app.folder.running.is_some()) {
         app.cancel();
     }
 }
@@ -135,6 +135,9 @@ fn menu_bar(app: &mut EditorApp, ui: &mut Ui) {
                 app.copy_selected();
             }
             ui.separator();
+            if ui.button("Apply to folder…").clicked() {
+                app.folder.open = true;
+            }
             if ui.button("Fine-tune on folder…").clicked() {
                 app.finetune.open_with(&app.settings.model);
             }
@@ -324,7 +327,7 @@ fn controls(app: &mut EditorApp, ui: &mut Ui) {
         if generate.clicked() {
             app.generate();
         }
-        let running = app.running.is_some();
+        let running = app.running.is_some() || app.folder.running.is_some();
         if ui
             .add_enabled(
                 running,
@@ -346,6 +349,13 @@ fn controls(app: &mut EditorApp, ui: &mut Ui) {
         .clicked()
     {
         app.explorer.open = true;
+    }
+    if ui
+        .button("Apply to folder…")
+        .on_hover_text("Edit every image of a folder with this instruction and these settings")
+        .clicked()
+    {
+        app.folder.open = true;
     }
     if ui
         .button("Fine-tune on folder…")
@@ -383,6 +393,11 @@ fn slider_committed(response: &egui::Response) -> bool {
 }
 
 fn progress(app: &EditorApp, ui: &mut Ui) {
+    if let Some(run) = &app.folder.running {
+        // Also here, so closing the dialog does not hide it.
+        let (fraction, text) = super::folder::progress_text(run);
+        ui.add(egui::ProgressBar::new(fraction).text(format!("Folder: {text}")));
+    }
     let Some(running) = &app.running else {
         return;
     };

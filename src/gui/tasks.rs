@@ -47,6 +47,10 @@ impl std::fmt::Debug for OpenedImage {
 pub enum FolderPurpose {
     Model,
     Dataset,
+    /// The images "Apply to folder…" edits.
+    EditInput,
+    /// Where "Apply to folder…" writes.
+    EditOutput,
 }
 
 /// What a chore produced.

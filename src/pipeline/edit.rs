@@ -15,7 +15,7 @@ use super::image_tensor::{to_images, to_tensor};
 use super::preview::latents_to_preview;
 use super::rng::TorchGenerator;
 use super::scheduler::{NoiseSource, SchedulerConfig, SchedulerError, build_scheduler};
-use super::settings::{EditSettings, InvalidSetting};
+use super::settings::{EditSettings, InvalidSetting, check_num_images};
 use crate::model::InstructPix2PixModel;
 use crate::model::device::is_out_of_memory;
 
@@ -127,6 +127,19 @@ pub struct EditOutput {
     pub total_time: Duration,
 }
 
+/// The result of [`EditPipeline::edit_batch`]: `images[i]` is diffusers' `.images[i]` for
+/// `num_images_per_prompt = images.len()`.
+#[derive(Debug, Clone)]
+pub struct BatchOutput {
+    pub images: Vec<RgbImage>,
+    pub seed: u64,
+    /// Whether the prompt embeddings / image latents came from the previous edit.
+    pub reused_prompt_embeddings: bool,
+    pub reused_image_latents: bool,
+    pub denoise_time: Duration,
+    pub total_time: Duration,
+}
+
 struct CachedPrompt {
     prompt: String,
     negative_prompt: String,
@@ -192,8 +205,42 @@ impl EditPipeline {
         on_step: &mut dyn FnMut(&StepInfo<'_>),
         cancel: &AtomicBool,
     ) -> Result<EditOutput, EditError> {
+        let mut batch = self.edit_batch(image, settings, 1, on_step, cancel)?;
+        let image = batch
+            .images
+            .pop()
+            .ok_or_else(|| candle_core::Error::Msg("the VAE decoded no image".into()))?;
+        Ok(EditOutput {
+            image,
+            seed: batch.seed,
+            reused_prompt_embeddings: batch.reused_prompt_embeddings,
+            reused_image_latents: batch.reused_image_latents,
+            denoise_time: batch.denoise_time,
+            total_time: batch.total_time,
+        })
+    }
+
+    /// `num_images` edits of `image` from one seed, exactly as diffusers'
+    /// `num_images_per_prompt=num_images` with `generator=torch.Generator().manual_seed(seed)`:
+    /// the initial latents of all the images are one `randn([num_images, C, h, w])` from one
+    /// generator, and a stochastic scheduler draws each step's noise for the whole batch. Image
+    /// `i` of the result is diffusers' `.images[i]`.
+    ///
+    /// The UNet and the VAE decoder run one image at a time (the same numbers as diffusers'
+    /// batch of `3 × num_images`, up to float rounding), so memory stays that of one edit;
+    /// `cancel` is also checked between the images of a step. Given initial latents must have
+    /// shape `[num_images, C, h, w]`.
+    pub fn edit_batch(
+        &mut self,
+        image: &RgbImage,
+        settings: &EditSettings,
+        num_images: usize,
+        on_step: &mut dyn FnMut(&StepInfo<'_>),
+        cancel: &AtomicBool,
+    ) -> Result<BatchOutput, EditError> {
         let started = Instant::now();
         settings.validate()?;
+        check_num_images(num_images)?;
         let multiple = self.size_multiple();
         let (width, height) = image.dimensions();
         if width == 0 || height == 0 || width % multiple != 0 || height % multiple != 0 {
@@ -222,6 +269,7 @@ impl EditPipeline {
                 candle_core::Error::Msg("the encoders produced no conditioning".into()).into(),
             );
         };
+        // One image's conditioning: diffusers' batch of 3·N is these, image by image.
         let (text_embeddings, conditioning_latents) = if guided {
             let text = Tensor::cat(&[&prompt.text, &prompt.negative, &prompt.negative], 0)?;
             let zeros = image_latents.zeros_like()?;
@@ -234,7 +282,7 @@ impl EditPipeline {
         let mut scheduler =
             build_scheduler(&self.scheduler_config, settings.scheduler, settings.steps)?;
         let latent_shape = vec![
-            1,
+            num_images,
             self.model.vae.config().latent_channels,
             (height / multiple) as usize,
             (width / multiple) as usize,
@@ -266,29 +314,41 @@ impl EditPipeline {
         let total = timesteps.len();
         let mut noise_source = TorchNoise(&mut generator);
         for (index, &timestep) in timesteps.iter().enumerate() {
-            if cancel.load(Ordering::Relaxed) {
-                return Err(EditError::Cancelled);
+            let mut predictions = Vec::with_capacity(num_images);
+            for item in 0..num_images {
+                if cancel.load(Ordering::Relaxed) {
+                    return Err(EditError::Cancelled);
+                }
+                let item_latents = latents.narrow(0, item, 1)?;
+                let model_input = if guided {
+                    Tensor::cat(&[&item_latents, &item_latents, &item_latents], 0)?
+                } else {
+                    item_latents
+                };
+                let scaled = scheduler.scale_model_input(&model_input, index)?;
+                let unet_input = Tensor::cat(&[&scaled, &conditioning_latents], 1)?;
+                let batch = unet_input.dim(0)?;
+                let t = Tensor::full(timestep as f32, batch, device)?;
+                let noise_pred = self.model.unet.forward(&unet_input, &t, &text_embeddings)?;
+                let noise_pred = if guided {
+                    let chunks = noise_pred.chunk(3, 0)?;
+                    let (text, image_branch, uncond) = (&chunks[0], &chunks[1], &chunks[2]);
+                    // Same operation order as diffusers so float rounding matches.
+                    let text_term = ((text - image_branch)? * settings.guidance_scale)?;
+                    let image_term = ((image_branch - uncond)? * settings.image_guidance_scale)?;
+                    ((uncond + text_term)? + image_term)?
+                } else {
+                    noise_pred
+                };
+                predictions.push(noise_pred);
             }
-            let model_input = if guided {
-                Tensor::cat(&[&latents, &latents, &latents], 0)?
+            let noise_pred = if predictions.len() == 1 {
+                predictions.remove(0)
             } else {
-                latents.clone()
+                Tensor::cat(&predictions, 0)?
             };
-            let scaled = scheduler.scale_model_input(&model_input, index)?;
-            let unet_input = Tensor::cat(&[&scaled, &conditioning_latents], 1)?;
-            let batch = unet_input.dim(0)?;
-            let t = Tensor::full(timestep as f32, batch, device)?;
-            let noise_pred = self.model.unet.forward(&unet_input, &t, &text_embeddings)?;
-            let noise_pred = if guided {
-                let chunks = noise_pred.chunk(3, 0)?;
-                let (text, image_branch, uncond) = (&chunks[0], &chunks[1], &chunks[2]);
-                // Same operation order as diffusers so float rounding matches.
-                let text_term = ((text - image_branch)? * settings.guidance_scale)?;
-                let image_term = ((image_branch - uncond)? * settings.image_guidance_scale)?;
-                ((uncond + text_term)? + image_term)?
-            } else {
-                noise_pred
-            };
+            // The whole batch in one step: a stochastic scheduler draws its noise for all the
+            // images at once, as diffusers does.
             latents = scheduler.step(&noise_pred, index, &latents, &mut noise_source)?;
             on_step(&StepInfo {
                 step: index + 1,
@@ -307,15 +367,26 @@ impl EditPipeline {
             "denoising (the UNet's latents after the last step)",
         )?;
         let scaling_factor = self.model.vae.config().scaling_factor;
-        let decoded = self.model.vae.decode(&(latents / scaling_factor)?)?;
-        let decoded = decoded.to_dtype(DType::F32)?;
-        check_finite(&decoded, "the decoded image (VAE decoder)")?;
-        let mut images = to_images(&decoded)?;
-        let image = images
-            .pop()
-            .ok_or_else(|| candle_core::Error::Msg("the VAE decoded no image".into()))?;
-        Ok(EditOutput {
-            image,
+        let mut images = Vec::with_capacity(num_images);
+        for item in 0..num_images {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(EditError::Cancelled);
+            }
+            let item_latents = latents.narrow(0, item, 1)?;
+            let decoded = self.model.vae.decode(&(item_latents / scaling_factor)?)?;
+            let decoded = decoded.to_dtype(DType::F32)?;
+            check_finite(&decoded, "the decoded image (VAE decoder)")?;
+            images.extend(to_images(&decoded)?);
+        }
+        if images.len() != num_images {
+            return Err(candle_core::Error::Msg(format!(
+                "the VAE decoded {} images, {num_images} expected",
+                images.len()
+            ))
+            .into());
+        }
+        Ok(BatchOutput {
+            images,
             seed: settings.seed,
             reused_prompt_embeddings,
             reused_image_latents,

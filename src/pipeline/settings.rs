@@ -19,6 +19,10 @@ pub const MAX_STEPS: usize = 1000;
 /// Guidance scales beyond this only blow the image up; refuse them as typos.
 pub const MAX_GUIDANCE: f64 = 100.0;
 
+/// The most images one edit may make from one seed (`--num-images`, diffusers'
+/// `num_images_per_prompt`).
+pub const MAX_NUM_IMAGES: usize = 1000;
+
 /// A setting outside what an edit accepts.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("invalid {name} {value}: {reason}")]
@@ -41,7 +45,8 @@ pub struct EditSettings {
     pub seed: u64,
     /// None uses the model's own `scheduler_config.json`.
     pub scheduler: Option<SchedulerKind>,
-    /// Replaces the N(0,1) draw of the initial latents (diffusers' `latents=`): [1, C, h, w].
+    /// Replaces the N(0,1) draw of the initial latents (diffusers' `latents=`): [N, C, h, w]
+    /// for an edit of N images (N = 1 for [`crate::pipeline::EditPipeline::edit`]).
     pub initial_latents: Option<InitialLatents>,
 }
 
@@ -77,6 +82,18 @@ pub fn check_steps(steps: usize) -> Result<usize, InvalidSetting> {
         });
     }
     Ok(steps)
+}
+
+/// Checks a number of images per edit: 1 to [`MAX_NUM_IMAGES`].
+pub fn check_num_images(count: usize) -> Result<usize, InvalidSetting> {
+    if count == 0 || count > MAX_NUM_IMAGES {
+        return Err(InvalidSetting {
+            name: "number of images",
+            value: count.to_string(),
+            reason: format!("must be between 1 and {MAX_NUM_IMAGES}"),
+        });
+    }
+    Ok(count)
 }
 
 /// Checks a guidance scale (text or image, named by `name`): a finite number from 0 to
@@ -149,5 +166,9 @@ mod tests {
         );
         assert!(check_guidance("guidance scale", -0.5).is_err());
         assert!(EditSettings::default().validate().is_ok());
+        assert_eq!(check_num_images(1), Ok(1));
+        assert_eq!(check_num_images(MAX_NUM_IMAGES), Ok(MAX_NUM_IMAGES));
+        assert!(check_num_images(0).is_err());
+        assert!(check_num_images(MAX_NUM_IMAGES + 1).is_err());
     }
 }

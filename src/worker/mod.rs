@@ -7,6 +7,10 @@
 //! - Edits are "latest wins", for slider re-runs: a new edit cancels the running one (reported as
 //!   [`Event::Superseded`]) and replaces one that has not started yet. Edits therefore wait in a
 //!   one-slot mailbox, not in the queue; the queue carries model loads, shutdown and a wake-up.
+//! - A folder job ([`Job::EditFolder`]: one edit applied to every image of a folder, results
+//!   written as PNGs, see [`crate::pipeline::folder`]) shares the edits' mailbox and cancel:
+//!   [`Event::FolderStarted`], [`Event::FolderProgress`] after each step (with the time left),
+//!   then [`Event::FolderFinished`] with what was written and which files were skipped.
 //! - Cancelling never waits behind the queue: the running edit's cancel flag lives in state shared
 //!   with the handle and is checked by the edit before every denoising step.
 //! - After every event it sends, the thread calls the waker, so the window repaints only when
@@ -44,12 +48,16 @@ use candle_core::DType;
 use crossbeam_channel::{Receiver, SendTimeoutError, Sender, TrySendError};
 use image::RgbImage;
 
-pub use protocol::{EditJob, EditResult, Event, Job, JobId, ModelInfo, ModelRequest, StepProgress};
+pub use protocol::{
+    EditJob, EditResult, Event, FolderJob, FolderProgress, FolderReport, Job, JobId, ModelInfo,
+    ModelRequest, StepProgress,
+};
 
 // The window's only way down: plain data, defaults and file work, none of it naming a tensor
 // type, so `gui/` uses `crate::worker` and nothing else of the crate.
 pub use crate::model::device::{DTypeChoice, DeviceChoice};
 pub use crate::model::hub::{DEFAULT_REPO, HubSettings};
+pub use crate::pipeline::folder::human_duration;
 pub use crate::pipeline::image::{
     INPUT_EXTENSIONS, edit_size, load_image, read_png_text, save_image,
 };
@@ -64,6 +72,10 @@ use crate::model::device::{device_label, device_memory, select_device};
 use crate::model::hub::{HubError, ModelSpec, Variant, fetch_model_with_cancel};
 use crate::model::{InstructPix2PixModel, LoadOptions};
 use crate::pipeline::edit::{EditError, EditPipeline, StepInfo};
+use crate::pipeline::folder::{
+    FolderRequest, FolderStop, FolderUpdate, plan_folder, recorded_settings, run_folder,
+    settings_differences,
+};
 use crate::pipeline::image::resize_lanczos;
 
 /// Called by the model thread after each event it sends (e.g. egui's `Context::request_repaint`).
@@ -217,6 +229,8 @@ impl WorkerHandle {
     ///
     /// - [`Job::Edit`]: replaces an edit that has not started yet (it gets
     ///   [`Event::Superseded`]) and cancels the running one (also `Superseded`): latest wins.
+    /// - [`Job::EditFolder`]: the same, in the same mailbox (a folder job stopped this way ends
+    ///   with its [`Event::FolderFinished`], cancelled).
     /// - [`Job::Cancel`]: as [`WorkerHandle::cancel`].
     /// - [`Job::LoadModel`]: queued behind earlier loads; refused when the queue is full.
     /// - [`Job::Shutdown`]: cancels everything and stops the thread; later sends fail.
@@ -237,7 +251,8 @@ impl WorkerHandle {
                 let seq = self.shared.next_load.fetch_add(1, Ordering::AcqRel);
                 self.enqueue(Queued::Load(request, seq), "model load")
             }
-            Job::Edit(edit) => self.submit_edit(edit),
+            Job::Edit(edit) => self.submit_edit(Work::Edit(edit)),
+            Job::EditFolder(folder) => self.submit_edit(Work::Folder(folder)),
         }
     }
 
@@ -252,7 +267,7 @@ impl WorkerHandle {
         } else if state
             .pending
             .as_ref()
-            .is_some_and(|pending| pending.id == id)
+            .is_some_and(|pending| pending.id() == id)
         {
             // A waiting edit always has a wake-up queued, which reports this.
             state.pending = None;
@@ -288,20 +303,20 @@ impl WorkerHandle {
             .running
             .as_ref()
             .map(|running| running.id)
-            .or(state.pending.as_ref().map(|pending| pending.id))
+            .or(state.pending.as_ref().map(Work::id))
     }
 
     /// Stops the thread and waits for it (the same as dropping the handle).
     pub fn shutdown(self) {}
 
-    fn submit_edit(&self, edit: EditJob) -> Result<(), WorkerError> {
+    fn submit_edit(&self, edit: Work) -> Result<(), WorkerError> {
         let mut state = self.shared.lock();
-        let new_id = edit.id;
+        let new_id = edit.id();
         match state.pending.take() {
             Some(replaced) => {
                 // Its wake-up is still queued and will start `edit` instead.
                 state.notices.push(Event::Superseded {
-                    id: replaced.id,
+                    id: replaced.id(),
                     by: new_id,
                 });
                 state.pending = Some(edit);
@@ -388,11 +403,26 @@ impl Shared {
     }
 }
 
+/// What waits in the edit mailbox.
+enum Work {
+    Edit(EditJob),
+    Folder(FolderJob),
+}
+
+impl Work {
+    fn id(&self) -> JobId {
+        match self {
+            Work::Edit(job) => job.id,
+            Work::Folder(job) => job.id,
+        }
+    }
+}
+
 #[derive(Default)]
 struct State {
     running: Option<RunningEdit>,
-    /// The edit to start next (at most one: latest wins).
-    pending: Option<EditJob>,
+    /// The edit (or folder job) to start next (at most one: latest wins).
+    pending: Option<Work>,
     /// Events about edits that never started, sent by the thread at its next wake-up.
     notices: Vec<Event>,
     /// Loads with a smaller sequence number are cancelled.
@@ -556,28 +586,33 @@ impl ModelThread {
         }
     }
 
-    /// Starts the waiting edit, if any, after reporting edits that never started.
+    /// Starts the waiting edit or folder job, if any, after reporting edits that never started.
     fn next_edit(&mut self) {
-        let (job, cancel, notices) = {
+        let (work, cancel, notices) = {
             let mut state = self.outbox.shared.lock();
             let notices = std::mem::take(&mut state.notices);
-            let job = state.pending.take();
+            let work = state.pending.take();
             let cancel = Arc::new(AtomicBool::new(false));
-            if let Some(job) = &job {
+            if let Some(work) = &work {
                 state.running = Some(RunningEdit {
-                    id: job.id,
+                    id: work.id(),
                     cancel: Arc::clone(&cancel),
                     superseded_by: None,
                 });
             }
-            (job, cancel, notices)
+            (work, cancel, notices)
         };
         for notice in notices {
             self.outbox.deliver(notice);
         }
-        let Some(job) = job else { return };
-        let id = job.id;
-        let outcome = catch_unwind(AssertUnwindSafe(|| self.edit(job, &cancel)));
+        let Some(work) = work else { return };
+        let id = work.id();
+        let outcome = catch_unwind(AssertUnwindSafe(|| match work {
+            Work::Edit(job) => self
+                .edit(job, &cancel)
+                .map(|result| Event::Finished(Box::new(result))),
+            Work::Folder(job) => self.edit_folder(job, &cancel),
+        }));
         let superseded_by = self
             .outbox
             .shared
@@ -586,7 +621,7 @@ impl ModelThread {
             .take()
             .and_then(|running| running.superseded_by);
         let last = match outcome {
-            Ok(Ok(result)) => Event::Finished(Box::new(result)),
+            Ok(Ok(event)) => event,
             Ok(Err(EditFailure::Cancelled)) => match superseded_by {
                 Some(by) => Event::Superseded { id, by },
                 None => Event::Cancelled { id },
@@ -611,6 +646,111 @@ impl ModelThread {
             }
         };
         self.outbox.deliver(last);
+    }
+
+    /// Runs a folder job; its last event is [`Event::FolderFinished`], or [`Event::Failed`] when
+    /// the folder could not be listed.
+    fn edit_folder(&mut self, job: FolderJob, cancel: &AtomicBool) -> Result<Event, EditFailure> {
+        let Some(pipeline) = self.pipeline.as_mut() else {
+            return Err(EditFailure::Message(
+                "no model is loaded: load a model before editing".into(),
+            ));
+        };
+        let plan = plan_folder(&job.input_dir, &job.output_dir, 1)
+            .map_err(|error| EditFailure::Message(one_line(&error)))?;
+        let recorded = recorded_settings(&plan);
+        let mut settings = job.settings;
+        if job.random_seed {
+            settings.seed = recorded
+                .as_ref()
+                .map_or_else(|| u64::from(rand::random::<u32>()), |record| record.seed);
+        }
+        let warning = recorded.and_then(|record| {
+            let differences = settings_differences(&record, &settings, 1);
+            (!differences.is_empty()).then(|| {
+                format!(
+                    "the {} results already in {} were made with other settings ({}) and are kept \
+                     as they are",
+                    plan.done.len(),
+                    plan.output_dir.display(),
+                    differences.join(", ")
+                )
+            })
+        });
+        let (model, dtype) = self
+            .outbox
+            .shared
+            .lock()
+            .loaded
+            .as_ref()
+            .map(|info| (info.name.clone(), info.dtype.clone()))
+            .unwrap_or_default();
+        let outbox = &self.outbox;
+        let total = plan.todo.len();
+        outbox.deliver(Event::FolderStarted {
+            id: job.id,
+            seed: settings.seed,
+            total,
+            already_done: plan.done.len(),
+            ignored: plan.ignored.len(),
+        });
+        let request = FolderRequest {
+            settings: &settings,
+            max_side: job.max_side,
+            model: &model,
+            dtype: &dtype,
+        };
+        let mut on_update = |update: FolderUpdate<'_>| {
+            if let FolderUpdate::Progress(progress) = update
+                && outbox.has_room()
+            {
+                outbox.offer(Event::FolderProgress(FolderProgress {
+                    id: job.id,
+                    done: progress.files_done,
+                    total: progress.files_total,
+                    current: progress
+                        .current
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                    step: progress.step,
+                    steps: progress.steps,
+                    eta: progress.eta,
+                }));
+            }
+        };
+        let summary = run_folder(pipeline, &plan, &request, &mut on_update, cancel);
+        let (cancelled, error) = match &summary.stopped {
+            None => (false, None),
+            Some(FolderStop::Cancelled) => (true, None),
+            Some(FolderStop::Error(error)) => (false, Some(one_line(error))),
+        };
+        Ok(Event::FolderFinished(Box::new(FolderReport {
+            id: job.id,
+            output_dir: plan.output_dir.clone(),
+            edited: summary.edited,
+            total,
+            already_done: summary.already_done,
+            skipped: summary
+                .failed
+                .iter()
+                .map(|failed| {
+                    let name = failed
+                        .input
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    (name, failed.reason.clone())
+                })
+                .collect(),
+            not_reached: summary.not_reached,
+            cancelled,
+            error,
+            prompt_encodings: summary.prompt_encodings,
+            seed: settings.seed,
+            warning,
+            elapsed: summary.elapsed,
+        })))
     }
 
     fn edit(&mut self, job: EditJob, cancel: &AtomicBool) -> Result<EditResult, EditFailure> {

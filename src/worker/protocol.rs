@@ -24,7 +24,13 @@ pub enum Job {
     /// Run one edit with the loaded model. "Latest wins": a new edit cancels the running one and
     /// replaces one still waiting (see [`super::WorkerHandle::send`]).
     Edit(EditJob),
-    /// Stop the edit with this id, running or waiting; the same as [`super::WorkerHandle::cancel`].
+    /// Apply one edit to every image of a folder, writing the results into another folder.
+    /// Shares the edit's mailbox: it replaces an edit still waiting and stops the running one,
+    /// and a later edit or folder job stops it (its [`Event::FolderFinished`] then says
+    /// cancelled).
+    EditFolder(FolderJob),
+    /// Stop the edit or folder job with this id, running or waiting; the same as
+    /// [`super::WorkerHandle::cancel`].
     Cancel { id: JobId },
     /// Stop the thread: the running edit is cancelled, waiting work is dropped.
     Shutdown,
@@ -81,6 +87,25 @@ pub struct EditJob {
     pub preview_size: Option<(u32, u32)>,
 }
 
+/// Every image of a folder edited with the same instruction and settings (the command line's
+/// `edit --image DIR --output DIR`): inputs are the folder's images by extension, each result
+/// is `NAME.png` in `output_dir` carrying its settings, results already there are not made
+/// again, inputs that cannot be read are skipped and listed, and the instruction is encoded
+/// once. `output_dir` is created when missing and may not be `input_dir`.
+#[derive(Debug, Clone)]
+pub struct FolderJob {
+    pub id: JobId,
+    pub input_dir: PathBuf,
+    pub output_dir: PathBuf,
+    /// The most pixels the long side of an input may have (as [`EditJob::max_side`]).
+    pub max_side: u32,
+    /// The same for every image: the seed too.
+    pub settings: EditSettings,
+    /// Instead of `settings.seed`: the seed of the results already in `output_dir` when there
+    /// are some (a stopped run continues alike), else a new random one.
+    pub random_seed: bool,
+}
+
 /// News from the model thread.
 #[derive(Debug, Clone)]
 pub enum Event {
@@ -127,6 +152,24 @@ pub enum Event {
     Cancelled { id: JobId },
     /// The edit was stopped, or dropped before starting, because edit `by` replaced it.
     Superseded { id: JobId, by: JobId },
+    /// A folder job has listed its folder and starts editing.
+    FolderStarted {
+        id: JobId,
+        /// The seed every image is made with.
+        seed: u64,
+        /// Images to edit in this run.
+        total: usize,
+        /// Images whose results were already in the output folder.
+        already_done: usize,
+        /// Files of the input folder that are not images by their name.
+        ignored: usize,
+    },
+    /// Where a folder job is (after each denoising step; may be skipped when the window is slow).
+    FolderProgress(FolderProgress),
+    /// A folder job ended: finished, cancelled, or stopped by an error writing the output
+    /// folder. The last event of the job, except for a folder that could not be listed at all
+    /// ([`Event::Failed`] with its id).
+    FolderFinished(Box<FolderReport>),
     /// Something failed: an edit (`id` set) or a model load (`id` none). One line, for the user.
     /// A load that fails before [`Event::ModelReleased`] (a bad spec, a download error) leaves
     /// the previous model loaded; after it, no model is loaded
@@ -189,4 +232,48 @@ pub struct EditResult {
     pub total_time: Duration,
     /// Memory in use on the device after the edit.
     pub memory: Option<DeviceMemory>,
+}
+
+/// Progress of a folder job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FolderProgress {
+    pub id: JobId,
+    /// Images finished (written or skipped) so far, of `total`.
+    pub done: usize,
+    pub total: usize,
+    /// The file being edited (its name).
+    pub current: String,
+    /// Denoising steps of the current image, of `steps`.
+    pub step: usize,
+    pub steps: usize,
+    /// The time left at the pace so far; None until the first step.
+    pub eta: Option<Duration>,
+}
+
+/// What a folder job did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FolderReport {
+    pub id: JobId,
+    pub output_dir: PathBuf,
+    /// Images edited and written by this job.
+    pub edited: usize,
+    /// Images this job set out to edit (those already done not counted).
+    pub total: usize,
+    /// Images whose results were already in the output folder.
+    pub already_done: usize,
+    /// Files that could not be read or edited, skipped: (file name, one line naming the file).
+    pub skipped: Vec<(String, String)>,
+    /// Images not reached because the job stopped.
+    pub not_reached: usize,
+    /// Stopped by [`Job::Cancel`] (or a newer edit).
+    pub cancelled: bool,
+    /// Stopped by an error writing the output folder (one line).
+    pub error: Option<String>,
+    /// How many times the instruction was encoded (once for the whole folder).
+    pub prompt_encodings: usize,
+    /// The seed every image was made with.
+    pub seed: u64,
+    /// The results already there were made with other settings (which, one line).
+    pub warning: Option<String>,
+    pub elapsed: Duration,
 }

@@ -1,5 +1,5 @@
 //! The `edit` command's options beyond the parity cases: scheduler override, random seeds that are
-//! printed and reproduce, numbered variations, output formats, the resolution cap.
+//! printed and reproduce, numbered images of one seed, output formats, the resolution cap.
 
 use crate::common;
 
@@ -151,8 +151,10 @@ fn random_seed_is_printed_and_reproduces() {
     );
 }
 
+/// `--num-images` makes a batch from one seed as diffusers' `num_images_per_prompt` does
+/// (compared with diffusers' pixels in `edit_batch`): numbered files, each recording its place.
 #[test]
-fn num_images_are_numbered_with_consecutive_seeds() {
+fn num_images_are_numbered_and_record_their_place() {
     let work = tempfile::tempdir().unwrap();
     let out_dir = work.path().join("out");
     std::fs::create_dir_all(&out_dir).unwrap();
@@ -175,25 +177,22 @@ fn num_images_are_numbered_with_consecutive_seeds() {
     );
     assert!(result.status.success(), "{}", stderr(&result));
     assert_eq!(files_in(&out_dir), ["v-1.png", "v-2.png"]);
-    let single = work.path().join("single.png").display().to_string();
-    let result = edit(
-        work.path(),
-        &model,
-        &[
-            "--steps", "3", "--seed", "42", "--output", &single, "--quiet",
-        ],
-    );
-    assert!(result.status.success(), "{}", stderr(&result));
     let second = image::open(out_dir.join("v-2.png")).unwrap().to_rgb8();
     let first = image::open(out_dir.join("v-1.png")).unwrap().to_rgb8();
-    assert_eq!(
-        pixel_difference(&second, &image::open(&single).unwrap().to_rgb8()).0,
-        0
-    );
     assert!(
         pixel_difference(&first, &second).0 > 0,
         "variations are identical"
     );
+    let chunks =
+        instruct_pix2pix::pipeline::image::read_png_text(&out_dir.join("v-2.png")).unwrap();
+    let record =
+        instruct_pix2pix::pipeline::metadata::EditRecord::from_text_chunks(&chunks).unwrap();
+    assert_eq!(
+        (record.seed, record.image_index, record.num_images),
+        (41, 1, 2)
+    );
+    let stdout = String::from_utf8_lossy(&result.stdout);
+    assert!(stdout.contains("seed 41, image 2 of 2"), "{stdout}");
 }
 
 #[test]

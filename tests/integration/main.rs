@@ -10,6 +10,8 @@ mod train_dataset;
 
 mod catalog;
 mod cli_errors;
+mod edit_batch;
+mod edit_folder;
 mod edit_from_hub;
 mod edit_options;
 mod edit_parity;
@@ -37,4 +39,5 @@ mod train_run;
 mod train_step;
 mod unet;
 mod window;
+mod window_folder;
 mod worker;

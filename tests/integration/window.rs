@@ -17,21 +17,21 @@ use instruct_pix2pix::pipeline::metadata::EditRecord;
 /// Long enough for the slowest step of a loaded CI machine; a failing test says what it waited for.
 const WAIT: Duration = Duration::from_secs(180);
 
-fn options(model: &str) -> StartOptions {
+pub(super) fn options(model: &str) -> StartOptions {
     StartOptions {
         model: Some(common::fixture_pipeline(model).display().to_string()),
         ..StartOptions::default()
     }
 }
 
-fn harness(options: StartOptions) -> Harness<'static, EditorApp> {
+pub(super) fn harness(options: StartOptions) -> Harness<'static, EditorApp> {
     Harness::builder()
         .with_size([1280.0, 900.0])
         .build_eframe(move |cc| EditorApp::new(cc, options))
 }
 
 /// Steps frames until `done` holds for the app, as a user waits watching the window.
-fn wait_for(
+pub(super) fn wait_for(
     harness: &mut Harness<'static, EditorApp>,
     what: &str,
     done: impl Fn(&EditorApp) -> bool,
@@ -65,7 +65,7 @@ fn wait_for(
     }
 }
 
-fn model_ready(app: &EditorApp) -> bool {
+pub(super) fn model_ready(app: &EditorApp) -> bool {
     app.model.is_some() && app.loading.is_none()
 }
 
@@ -90,7 +90,7 @@ fn drop_file(harness: &mut Harness<'static, EditorApp>, path: &Path) {
         .push(std::sync::Arc::new(DroppedPath(path.to_path_buf())));
 }
 
-fn type_into(harness: &mut Harness<'static, EditorApp>, label: &str, text: &str) {
+pub(super) fn type_into(harness: &mut Harness<'static, EditorApp>, label: &str, text: &str) {
     let field = harness.get_by_label(label);
     field.click();
     field.type_text(text);
@@ -102,13 +102,13 @@ fn type_into(harness: &mut Harness<'static, EditorApp>, label: &str, text: &str)
     );
 }
 
-fn click(harness: &mut Harness<'static, EditorApp>, label: &str) {
+pub(super) fn click(harness: &mut Harness<'static, EditorApp>, label: &str) {
     harness.get_by_label(label).click();
     harness.run_steps(2);
 }
 
 /// Sets a slider or number field the way assistive technology does (accesskit's SetValue).
-fn set_slider(harness: &mut Harness<'static, EditorApp>, label: &str, value: f64) {
+pub(super) fn set_slider(harness: &mut Harness<'static, EditorApp>, label: &str, value: f64) {
     // A slider's number box carries the same label; the seed is a number box alone.
     let slider = harness.query_by_role_and_label(egui::Role::Slider, label);
     let node = slider.unwrap_or_else(|| harness.get_by_label(label));
@@ -116,7 +116,7 @@ fn set_slider(harness: &mut Harness<'static, EditorApp>, label: &str, value: f64
     harness.run_steps(2);
 }
 
-fn sees(harness: &Harness<'static, EditorApp>, text: &str) -> bool {
+pub(super) fn sees(harness: &Harness<'static, EditorApp>, text: &str) -> bool {
     harness.query_all_by_label_contains(text).next().is_some()
 }
 
@@ -641,7 +641,7 @@ fn before_after_split_zoom_and_history() {
 }
 
 /// Clears a text field and types `text` (Ctrl+A, then typing replaces the selection).
-fn replace_text(harness: &mut Harness<'static, EditorApp>, label: &str, text: &str) {
+pub(super) fn replace_text(harness: &mut Harness<'static, EditorApp>, label: &str, text: &str) {
     harness.get_by_label(label).click();
     harness.run_steps(1);
     harness.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::A);
