@@ -13,6 +13,7 @@ use super::clip::{ClipConfigError, ClipTextConfig, ClipTextModel};
 use super::config::{ConfigError, ModelIndex};
 use super::hub::{DownloadProgress, HubError, HubSettings, ModelSpec, Variant, fetch_model};
 use super::tokenizer::{ClipTokenizer, TokenizerError};
+use super::torch_file::TorchFile;
 use super::unet::{PerBlock, UNet2DConditionModel, UNetConfig, UNetConfigError};
 use super::vae::{AutoencoderKL, VaeConfig, VaeConfigError};
 use super::weights::{
@@ -252,11 +253,10 @@ impl PipelineFolder {
             }
             WeightFormat::PyTorch => {
                 for file in &weights.files {
-                    for (name, tensor) in candle_core::pickle::read_all(file).map_err(load_err)? {
-                        let tensor = tensor
-                            .to_dtype(dtype)
-                            .and_then(|t| t.to_device(device))
-                            .map_err(load_err)?;
+                    let torch = TorchFile::open(file).map_err(WeightsError::from)?;
+                    let names: Vec<String> = torch.shapes().map(|(n, _)| n.to_string()).collect();
+                    for name in names {
+                        let tensor = torch.load(&name, dtype, device).map_err(load_err)?;
                         tensors.insert(name, tensor);
                     }
                 }

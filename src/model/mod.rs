@@ -12,6 +12,7 @@ pub mod hub;
 mod loaded;
 pub mod nn;
 pub mod tokenizer;
+pub mod torch_file;
 pub mod unet;
 pub mod vae;
 pub mod weights;
