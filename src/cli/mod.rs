@@ -33,7 +33,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Edit one image following a written instruction.
-    Edit(edit::EditArgs),
+    Edit(Box<edit::EditArgs>),
     /// Time edits on a model: seconds per step and per edit, peak memory (one JSON line).
     Bench(bench::BenchArgs),
     /// Fine-tune a model on a folder of examples, as diffusers' train_instruct_pix2pix.py.
@@ -52,7 +52,7 @@ pub fn main() -> ExitCode {
         Err(error) => return usage_error(error),
     };
     let result = match cli.command {
-        Some(Command::Edit(args)) => edit::run(args),
+        Some(Command::Edit(args)) => edit::run(*args),
         Some(Command::Bench(args)) => bench::run(args),
         Some(Command::Train(args)) => train::run(*args),
         None => window::run(cli.window),

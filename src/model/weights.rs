@@ -769,6 +769,13 @@ impl StreamedSafetensors {
         Ok(Self { tensors })
     }
 
+    /// Every tensor's name and shape.
+    pub(crate) fn shapes(&self) -> impl Iterator<Item = (&str, &[usize])> {
+        self.tensors
+            .iter()
+            .map(|(name, t)| (name.as_str(), t.shape.as_slice()))
+    }
+
     pub(crate) fn load(
         &self,
         name: &str,
