@@ -843,3 +843,53 @@ fn the_fine_tune_dialog_estimates_memory_and_its_savers_reach_the_run() {
     let run = harness.state().finetune.run.as_ref().unwrap();
     assert!(run.failed.is_none(), "{:?}", run.failed);
 }
+
+/// Issue 15 items 2 and 3 in the window: the model manager fuses a LoRA at a chosen scale into
+/// the model in use, then loads a single-file checkpoint with its config folder, all through
+/// the model thread.
+#[test]
+fn the_model_manager_adds_a_lora_and_loads_a_single_file() {
+    let mut harness = harness(options("sd1-tiny"));
+    wait_for(&mut harness, "the first model", model_ready);
+    click(&mut harness, "Models…");
+    let lora = common::fixtures()
+        .join("lora_edit")
+        .join("kohya.safetensors");
+    type_into(&mut harness, "LoRA file", lora.to_str().unwrap());
+    click(&mut harness, "Add this LoRA");
+    assert_eq!(harness.state().ui_state.loras.len(), 1);
+    set_slider(&mut harness, "kohya.safetensors, scale", 0.5);
+    click(&mut harness, "Apply LoRAs");
+    wait_for(&mut harness, "the model with the LoRA", |app| {
+        model_ready(app)
+            && app
+                .model
+                .as_ref()
+                .is_some_and(|m| m.loras.len() == 1 && m.loras[0].scale == 0.5)
+    });
+    assert!(sees(&harness, "With LoRA: kohya.safetensors ×0.5"));
+
+    // A single file: the list is emptied first (its LoRA is for sd1-tiny's widths).
+    click(&mut harness, "Remove");
+    let single = common::fixtures().join("single_file");
+    let file = single.join("ip2p-tiny-ema.ckpt");
+    type_into(
+        &mut harness,
+        "Model folder or Hub repo id",
+        file.to_str().unwrap(),
+    );
+    type_into(
+        &mut harness,
+        "Config folder or repo of the single file",
+        single.join("config").to_str().unwrap(),
+    );
+    click(&mut harness, "Load");
+    wait_for(&mut harness, "the single file", |app| {
+        model_ready(app)
+            && app
+                .model
+                .as_ref()
+                .is_some_and(|m| m.ema == Some(true) && m.loras.is_empty())
+    });
+    assert!(sees(&harness, "Single file: its EMA weights are used."));
+}
