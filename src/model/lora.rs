@@ -373,10 +373,12 @@ impl LoraWeights {
             }
             let (network, rest) = if kohya {
                 kohya_network(key).ok_or_else(|| {
-                    bad_key(
-                        key,
-                        "is not a kohya LoRA name (lora_unet_... or lora_te_...)".into(),
-                    )
+                    let reason = if key.starts_with("lora_te2_") {
+                        "is for a second text encoder (SDXL's), which this model does not have"
+                    } else {
+                        "is not a kohya LoRA name (lora_unet_... or lora_te_...)"
+                    };
+                    bad_key(key, reason.into())
                 })?
             } else {
                 diffusers_network(key, model)

@@ -120,7 +120,7 @@ fn fetch_wanted(
         ModelSpec::SingleFile(path) => Err(HubError::NeedsPipelineFolder {
             path: path.clone(),
             what: match wanted {
-                Wanted::Pipeline(_) => "this",
+                Wanted::Pipeline(_) => "fine-tuning",
                 Wanted::Configs => "the config of a single-file checkpoint",
             },
         }),

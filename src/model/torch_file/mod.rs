@@ -24,7 +24,7 @@ use std::sync::Mutex;
 
 use candle_core::{DType, Device, Tensor};
 
-use self::unpickle::{Refusal, StorageRef, TensorRef, Value};
+use self::unpickle::{Pairs, Refusal, StorageRef, TensorRef, Value};
 
 /// Largest pickle read (Stable Diffusion's is ~200 KB; optimizer states add a few MB).
 const MAX_PICKLE_BYTES: u64 = 256 << 20;
@@ -367,9 +367,6 @@ impl candle_nn::var_builder::SimpleBackend for TorchFile {
         self.contains(name)
     }
 }
-
-/// A pickled dict's key-value pairs.
-type Pairs = std::rc::Rc<Vec<(Value, Value)>>;
 
 /// The state dict (the dict, or the dict under `state_dict`, as often as it nests) and the
 /// `global_step` beside it.

@@ -38,8 +38,77 @@ pub const ALLOWED_GLOBALS: &[(&str, &str)] = &[
 
 /// Most values one pickle may build (a real state dict of Stable Diffusion builds ~100,000).
 const MAX_VALUES: usize = 50_000_000;
+/// Deepest nesting of containers (PyTorch's files nest a few levels): deeper values would overflow
+/// the stack when dropped or compared.
+const MAX_DEPTH: u32 = 256;
 /// Deepest nesting of marks and containers on the stack.
 const MAX_STACK: usize = 1_000_000;
+
+/// A container's items and how deeply it nests (1 + its deepest item's depth).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Seq<T> {
+    items: Vec<T>,
+    depth: u32,
+}
+
+impl<T> Default for Seq<T> {
+    fn default() -> Self {
+        Self {
+            items: Vec::new(),
+            depth: 1,
+        }
+    }
+}
+
+impl<T> std::ops::Deref for Seq<T> {
+    type Target = [T];
+
+    fn deref(&self) -> &[T] {
+        &self.items
+    }
+}
+
+/// A value's nesting depth, for [`Seq`].
+pub trait Depth {
+    fn depth(&self) -> u32;
+}
+
+impl Depth for Value {
+    fn depth(&self) -> u32 {
+        match self {
+            Value::Tuple(seq) | Value::List(seq) => seq.depth,
+            Value::Dict(seq) => seq.depth,
+            Value::Tensor(_) => 2,
+            Value::Storage(_) => 1,
+            _ => 0,
+        }
+    }
+}
+
+impl Depth for (Value, Value) {
+    fn depth(&self) -> u32 {
+        self.0.depth().max(self.1.depth())
+    }
+}
+
+impl<T: Depth> Seq<T> {
+    fn new(items: Vec<T>) -> Self {
+        let depth = 1 + items.iter().map(Depth::depth).max().unwrap_or(0);
+        Self { items, depth }
+    }
+
+    fn extend(&mut self, items: impl IntoIterator<Item = T>) {
+        for item in items {
+            self.depth = self.depth.max(1 + item.depth());
+            self.items.push(item);
+        }
+    }
+}
+
+/// Items in a container.
+pub type Items = Rc<Seq<Value>>;
+/// Key-value pairs in insertion order (dicts and `OrderedDict`s).
+pub type Pairs = Rc<Seq<(Value, Value)>>;
 
 /// A value the pickle built. Containers are shared (`Rc`) so that memo references cost nothing.
 #[derive(Debug, Clone, PartialEq)]
@@ -50,10 +119,10 @@ pub enum Value {
     Float(f64),
     Str(String),
     Bytes(Vec<u8>),
-    Tuple(Rc<Vec<Value>>),
-    List(Rc<Vec<Value>>),
+    Tuple(Items),
+    List(Items),
     /// Key-value pairs in insertion order (dicts and `OrderedDict`s).
-    Dict(Rc<Vec<(Value, Value)>>),
+    Dict(Pairs),
     /// A global allowed by [`ALLOWED_GLOBALS`] (never called: only recognised).
     Global(&'static str, &'static str),
     /// A storage named by a persistent id: `('storage', class, key, location, numel)`.
@@ -204,6 +273,12 @@ impl<'a> Machine<'a> {
     }
 
     fn push(&mut self, value: Value, at: usize) -> Result<(), Refusal> {
+        if value.depth() > MAX_DEPTH {
+            return Err(self.invalid(
+                at,
+                format!("its values nest deeper than {MAX_DEPTH} levels"),
+            ));
+        }
         self.built += 1;
         if self.built > MAX_VALUES {
             return Err(self.invalid(at, format!("it builds more than {MAX_VALUES} values")));
@@ -417,10 +492,10 @@ impl<'a> Machine<'a> {
                 }
                 // --- containers ---
                 b'(' => self.push(Value::Mark, at)?,
-                b')' => self.push(Value::Tuple(Rc::new(Vec::new())), at)?,
+                b')' => self.push(Value::Tuple(Rc::default()), at)?,
                 b't' => {
                     let items = self.pop_to_mark(at)?;
-                    self.push(Value::Tuple(Rc::new(items)), at)?;
+                    self.push(Value::Tuple(Rc::new(Seq::new(items))), at)?;
                 }
                 0x85..=0x87 => {
                     let n = usize::from(op - 0x84);
@@ -430,17 +505,17 @@ impl<'a> Machine<'a> {
                         return Err(self.invalid(at, "a TUPLE opcode found too few values"));
                     }
                     let items = self.stack.split_off(self.stack.len() - n);
-                    self.push(Value::Tuple(Rc::new(items)), at)?;
+                    self.push(Value::Tuple(Rc::new(Seq::new(items))), at)?;
                 }
-                b']' => self.push(Value::List(Rc::new(Vec::new())), at)?,
+                b']' => self.push(Value::List(Rc::default()), at)?,
                 b'l' => {
                     let items = self.pop_to_mark(at)?;
-                    self.push(Value::List(Rc::new(items)), at)?;
+                    self.push(Value::List(Rc::new(Seq::new(items))), at)?;
                 }
                 b'a' => {
                     let value = self.pop(at)?;
                     match self.top(at)? {
-                        Value::List(list) => Rc::make_mut(list).push(value),
+                        Value::List(list) => Rc::make_mut(list).extend([value]),
                         _ => return Err(self.invalid(at, "APPEND to something that is not a list")),
                     }
                 }
@@ -453,18 +528,18 @@ impl<'a> Machine<'a> {
                         }
                     }
                 }
-                b'}' => self.push(Value::Dict(Rc::new(Vec::new())), at)?,
+                b'}' => self.push(Value::Dict(Rc::default()), at)?,
                 b'd' => {
                     let items = self.pop_to_mark(at)?;
                     let pairs = pairs(items)
                         .ok_or_else(|| self.invalid(at, "DICT of an odd number of values"))?;
-                    self.push(Value::Dict(Rc::new(pairs)), at)?;
+                    self.push(Value::Dict(Rc::new(Seq::new(pairs))), at)?;
                 }
                 b's' => {
                     let value = self.pop(at)?;
                     let key = self.pop(at)?;
                     match self.top(at)? {
-                        Value::Dict(dict) => Rc::make_mut(dict).push((key, value)),
+                        Value::Dict(dict) => Rc::make_mut(dict).extend([(key, value)]),
                         _ => {
                             return Err(self.invalid(at, "SETITEM on something that is not a dict"));
                         }
@@ -483,7 +558,7 @@ impl<'a> Machine<'a> {
                         }
                     }
                 }
-                0x8f => self.push(Value::List(Rc::new(Vec::new())), at)?, // EMPTY_SET, as a list
+                0x8f => self.push(Value::List(Rc::default()), at)?, // EMPTY_SET, as a list
                 0x90 => {
                     // ADDITEMS
                     let items = self.pop_to_mark(at)?;
@@ -497,7 +572,7 @@ impl<'a> Machine<'a> {
                 0x91 => {
                     // FROZENSET
                     let items = self.pop_to_mark(at)?;
-                    self.push(Value::List(Rc::new(items)), at)?;
+                    self.push(Value::List(Rc::new(Seq::new(items))), at)?;
                 }
                 // --- stack and memo ---
                 b'0' => {
@@ -665,7 +740,7 @@ impl<'a> Machine<'a> {
         match (module, name) {
             ("collections", "OrderedDict") => {
                 match args.first() {
-                    None => Ok(Value::Dict(Rc::new(Vec::new()))),
+                    None => Ok(Value::Dict(Rc::default())),
                     // OrderedDict([(k, v), ...])
                     Some(Value::List(items)) | Some(Value::Tuple(items)) => {
                         let mut out = Vec::with_capacity(items.len());
@@ -677,14 +752,14 @@ impl<'a> Machine<'a> {
                                 _ => return Err(bad("an item is not a key-value pair")),
                             }
                         }
-                        Ok(Value::Dict(Rc::new(out)))
+                        Ok(Value::Dict(Rc::new(Seq::new(out))))
                     }
                     Some(_) => Err(bad("its argument is not a list of pairs")),
                 }
             }
             ("torch._utils", "_rebuild_tensor") | ("torch._utils", "_rebuild_tensor_v2") => {
                 // (storage, storage_offset, size, stride, ...)
-                let [storage, offset, size, stride, ..] = args.as_slice() else {
+                let [storage, offset, size, stride, ..] = &args[..] else {
                     return Err(bad("fewer than 4 arguments"));
                 };
                 let Value::Storage(storage) = storage else {
@@ -713,7 +788,7 @@ impl<'a> Machine<'a> {
             },
             ("torch._tensor", "_rebuild_from_type_v2") => {
                 // (func, type, args, state): func(*args), then the type and state are dropped.
-                let [func, class, inner, ..] = args.as_slice() else {
+                let [func, class, inner, ..] = &args[..] else {
                     return Err(bad("fewer than 3 arguments"));
                 };
                 if !matches!(
@@ -737,7 +812,7 @@ impl<'a> Machine<'a> {
 
     fn new_object(&self, class: Value, _args: Value, at: usize) -> Result<Value, Refusal> {
         match class {
-            Value::Global("collections", "OrderedDict") => Ok(Value::Dict(Rc::new(Vec::new()))),
+            Value::Global("collections", "OrderedDict") => Ok(Value::Dict(Rc::default())),
             Value::Global(module, name) => Err(Refusal::Unsafe {
                 at,
                 what: format!("NEWOBJ of {module}.{name}"),
@@ -755,7 +830,7 @@ impl<'a> Machine<'a> {
         let Value::Tuple(items) = pid else {
             return Err(bad("not a tuple"));
         };
-        let [kind, class, key, _location, numel, ..] = items.as_slice() else {
+        let [kind, class, key, _location, numel, ..] = &items[..] else {
             return Err(bad("fewer than 5 items"));
         };
         if *kind != Value::Str("storage".into()) {
@@ -923,6 +998,18 @@ mod tests {
                 }
             }
             let _ = unpickle(&bytes);
+        }
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_not_a_stack_overflow() {
+        // ( then a million TUPLE1: each wraps the last in a 1-tuple.
+        let mut data = b"\x80\x02N".to_vec();
+        data.extend(std::iter::repeat_n(0x85u8, 1_000_000));
+        data.push(b'.');
+        match unpickle(&data) {
+            Err(Refusal::Invalid { reason, .. }) => assert!(reason.contains("nest"), "{reason}"),
+            other => panic!("{other:?}"),
         }
     }
 
