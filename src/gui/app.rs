@@ -46,6 +46,10 @@ const EVENT_BUDGET: Duration = Duration::from_millis(8);
 pub struct StartOptions {
     /// Replaces the remembered model.
     pub model: Option<String>,
+    /// The config folder or repo of a single-file `model` (the model manager's field).
+    pub config: Option<String>,
+    /// LoRAs fused into the models loaded (the model manager's list).
+    pub loras: Vec<LoraChoice>,
     pub image: Option<PathBuf>,
     pub prompt: Option<String>,
     /// Start an edit as soon as the model and the image are ready.
@@ -171,7 +175,11 @@ impl EditorApp {
             explorer: Explorer::default(),
             rerun_on_change: true,
             frames,
-            ui_state: Default::default(),
+            ui_state: DialogState {
+                config_field: options.config.clone().unwrap_or_default(),
+                loras: options.loras.clone(),
+                ..DialogState::default()
+            },
             finetune: FineTune::default(),
             ctx,
             worker,

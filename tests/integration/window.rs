@@ -893,3 +893,43 @@ fn the_model_manager_adds_a_lora_and_loads_a_single_file() {
     });
     assert!(sees(&harness, "Single file: its EMA weights are used."));
 }
+
+/// `--model FILE --config DIR --lora FILE:SCALE` at start: the single file loads with the LoRA.
+#[test]
+fn start_up_flags_load_a_single_file_with_its_config_and_a_lora() {
+    use instruct_pix2pix::worker::LoraChoice;
+
+    let single = common::fixtures().join("single_file");
+    // A LoRA of the single file's own widths: the training LoRA format, written here.
+    let work = tempfile::tempdir().unwrap();
+    let lora = work.path().join("lora.safetensors");
+    let cpu = candle_core::Device::Cpu;
+    let module = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q";
+    let tensors = std::collections::HashMap::from([
+        (
+            format!("{module}.lora_A.weight"),
+            candle_core::Tensor::ones((2, 8), candle_core::DType::F32, &cpu).unwrap(),
+        ),
+        (
+            format!("{module}.lora_B.weight"),
+            candle_core::Tensor::ones((8, 2), candle_core::DType::F32, &cpu).unwrap(),
+        ),
+    ]);
+    candle_core::safetensors::save(&tensors, &lora).unwrap();
+    let mut harness = harness(StartOptions {
+        model: Some(single.join("ip2p-tiny.safetensors").display().to_string()),
+        config: Some(single.join("config").display().to_string()),
+        loras: vec![LoraChoice {
+            path: lora.clone(),
+            scale: 0.25,
+        }],
+        ..StartOptions::default()
+    });
+    wait_for(&mut harness, "the single file with its LoRA", |app| {
+        model_ready(app)
+            && app
+                .model
+                .as_ref()
+                .is_some_and(|m| m.ema == Some(false) && m.loras.len() == 1)
+    });
+}
