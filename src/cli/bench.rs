@@ -39,6 +39,8 @@ pub struct BenchArgs {
 pub fn run(args: BenchArgs) -> Result<()> {
     let flags = ModelFlags {
         model: &args.model,
+        config: None,
+        loras: &[],
         revision: None,
         device: args.device,
         dtype: args.dtype,

@@ -12,6 +12,7 @@ use super::load::{ModelFlags, load_model};
 use super::progress::Progress;
 use crate::model::device::{DTypeChoice, DeviceChoice};
 use crate::model::hub::DEFAULT_REPO;
+use crate::model::lora::LoraChoice;
 use crate::pipeline::EditPipeline;
 use crate::pipeline::folder::{FolderPlan, recorded_settings};
 use crate::pipeline::image::{edit_size, load_image, resize_lanczos, save_image, writes_format};
@@ -40,9 +41,18 @@ pub struct EditArgs {
     /// NAME.png for every input NAME.ext; results already there are not made again.
     #[arg(long, short, value_name = "PATH|DIR")]
     pub output: PathBuf,
-    /// A folder in diffusers' layout or a Hugging Face Hub repo id.
-    #[arg(long, value_name = "DIR|REPO_ID", default_value = DEFAULT_REPO)]
+    /// A folder in diffusers' layout, a Hugging Face Hub repo id, or a single-file checkpoint
+    /// (.safetensors or .ckpt in the original LDM layout).
+    #[arg(long, value_name = "DIR|REPO_ID|FILE", default_value = DEFAULT_REPO)]
     pub model: String,
+    /// For a single-file --model: the folder or Hub repo its tokenizer and scheduler config come
+    /// from (only their config files are downloaded). Default: timbrooks/instruct-pix2pix.
+    #[arg(long, value_name = "DIR|REPO_ID")]
+    pub config: Option<String>,
+    /// A LoRA file (diffusers/peft or kohya format) fused into the model at SCALE (default 1).
+    /// Repeatable. Range of SCALE: -100 to 100.
+    #[arg(long = "lora", value_name = "FILE[:SCALE]", value_parser = parse_lora)]
+    pub loras: Vec<LoraChoice>,
     /// Hub revision (branch, tag or commit) of the model.
     #[arg(long, value_name = "REV")]
     pub revision: Option<String>,
@@ -82,6 +92,10 @@ pub struct EditArgs {
     /// No progress bars.
     #[arg(long, short)]
     pub quiet: bool,
+}
+
+fn parse_lora(text: &str) -> Result<LoraChoice, String> {
+    text.parse()
 }
 
 fn parse_steps(text: &str) -> Result<usize, String> {
@@ -144,6 +158,8 @@ pub fn run(args: EditArgs) -> Result<()> {
         revision: args.revision.as_deref(),
         device: args.device,
         dtype: args.dtype,
+        config: args.config.as_deref(),
+        loras: &args.loras,
     };
     let model = load_model(&flags, &mut progress)?;
     let dtype = format!("{:?}", model.dtype).to_lowercase();

@@ -35,7 +35,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Edit an image, or every image of a folder, following a written instruction.
-    Edit(edit::EditArgs),
+    Edit(Box<edit::EditArgs>),
     /// Time edits on a model: seconds per step and per edit, peak memory (one JSON line).
     Bench(bench::BenchArgs),
     /// Fine-tune a model on a folder of examples, as diffusers' train_instruct_pix2pix.py.
@@ -58,7 +58,7 @@ pub fn main() -> ExitCode {
         return ExitCode::from(EXIT_FAILURE);
     }
     let result = match cli.command {
-        Some(Command::Edit(args)) => edit::run(args),
+        Some(Command::Edit(args)) => edit::run(*args),
         Some(Command::Bench(args)) => bench::run(args),
         Some(Command::Train(args)) => train::run(*args),
         None => window::run(cli.window),

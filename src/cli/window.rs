@@ -12,9 +12,18 @@ pub struct WindowArgs {
     /// An image to open at start (what "Open with" passes).
     #[arg(value_name = "IMAGE")]
     pub image: Option<PathBuf>,
-    /// The model to load at start, instead of the last one used: a folder or a Hub repo id.
-    #[arg(long, value_name = "DIR|REPO_ID")]
+    /// The model to load at start, instead of the last one used: a folder, a Hub repo id or a
+    /// single-file checkpoint (.safetensors, .ckpt).
+    #[arg(long, value_name = "DIR|REPO_ID|FILE")]
     pub model: Option<String>,
+    /// For a single-file --model: the folder or Hub repo of its tokenizer and scheduler config
+    /// (default: timbrooks/instruct-pix2pix).
+    #[arg(long, value_name = "DIR|REPO_ID")]
+    pub config: Option<String>,
+    /// A LoRA file fused into the model (the model manager's list), at SCALE (default 1).
+    /// Repeatable.
+    #[arg(long = "lora", value_name = "FILE[:SCALE]", value_parser = parse_lora)]
+    pub loras: Vec<crate::model::lora::LoraChoice>,
     /// The instruction to start with.
     #[arg(long, value_name = "TEXT")]
     pub prompt: Option<String>,
@@ -55,6 +64,8 @@ pub fn run(args: WindowArgs) -> Result<()> {
     };
     let options = StartOptions {
         model: args.model,
+        config: args.config,
+        loras: args.loras,
         image: args.image,
         prompt: args.prompt,
         generate: args.generate,
@@ -67,4 +78,8 @@ pub fn run(args: WindowArgs) -> Result<()> {
     };
     gui::run(options)?;
     Ok(())
+}
+
+fn parse_lora(text: &str) -> Result<crate::model::lora::LoraChoice, String> {
+    text.parse()
 }

@@ -18,7 +18,7 @@ use image::RgbImage;
 use crate::worker::catalog::{CatalogEntry, model_at_hand};
 use crate::worker::{
     self, EditJob, EditRecord, EditResult, EditSettings, Event, FolderJob, HubSettings, Job, JobId,
-    ModelInfo, ModelRequest, StepProgress, Worker, WorkerHandle, edit_size,
+    LoraChoice, ModelInfo, ModelRequest, StepProgress, Worker, WorkerHandle, edit_size,
 };
 
 use super::autopilot::{Autopilot, AutopilotStep, EditorReadiness};
@@ -31,7 +31,7 @@ use super::state::{
     DialogState, DownloadStatus, HistoryEntry, InputImage, LoadFailure, Loading, Notice, Purpose,
     RunningEdit,
 };
-use super::tasks::{FolderPurpose, OpenedImage, TaskEvent, Tasks};
+use super::tasks::{FilePurpose, FolderPurpose, OpenedImage, TaskEvent, Tasks};
 use super::textures::{IMAGE_TEXTURE, display_image, to_color_image};
 use super::viewer::ViewerState;
 
@@ -47,6 +47,10 @@ const EVENT_BUDGET: Duration = Duration::from_millis(8);
 pub struct StartOptions {
     /// Replaces the remembered model.
     pub model: Option<String>,
+    /// The config folder or repo of a single-file `model` (the model manager's field).
+    pub config: Option<String>,
+    /// LoRAs fused into the models loaded (the model manager's list).
+    pub loras: Vec<LoraChoice>,
     pub image: Option<PathBuf>,
     pub prompt: Option<String>,
     /// Start an edit as soon as the model and the image are ready.
@@ -174,7 +178,11 @@ impl EditorApp {
             explorer: Explorer::default(),
             rerun_on_change: true,
             frames,
-            ui_state: Default::default(),
+            ui_state: DialogState {
+                config_field: options.config.clone().unwrap_or_default(),
+                loras: options.loras.clone(),
+                ..DialogState::default()
+            },
             finetune: FineTune::default(),
             folder: FolderDialog::default(),
             ctx,
@@ -207,13 +215,9 @@ impl EditorApp {
         }
     }
 
-    /// Asks the model thread to load `spec` with the chosen device and precision.
+    /// Asks the model thread to load `spec` with the chosen device and precision, the model
+    /// manager's LoRAs fused in (and, for a single-file checkpoint, its config folder or repo).
     pub fn load_model(&mut self, spec: String) {
-        self.load_model_with_lora(spec, None);
-    }
-
-    /// [`Self::load_model`] with LoRA weights applied on the UNet.
-    pub fn load_model_with_lora(&mut self, spec: String, lora: Option<PathBuf>) {
         let spec = spec.trim().to_string();
         if spec.is_empty() {
             self.notify_error("type a model folder or a Hub repo id first".into());
@@ -225,13 +229,43 @@ impl EditorApp {
             self.settings.dtype_choice(),
         );
         request.hub = self.options.hub.clone();
-        request.lora = lora;
+        request.loras = self.ui_state.loras.clone();
+        let config = self.ui_state.config_field.trim();
+        if worker::is_single_file(&spec) && !config.is_empty() {
+            request.config = Some(config.to_string());
+        }
         if self.send(Job::LoadModel(request)) {
             self.load_failure = None;
             self.loading = Some(Loading {
                 spec,
                 download: None,
             });
+        }
+    }
+
+    /// [`Self::load_model`] with exactly this LoRA (or none) in the model manager's list: what
+    /// "Open in editor" does after a LoRA fine-tuning.
+    pub fn load_model_with_lora(&mut self, spec: String, lora: Option<PathBuf>) {
+        self.ui_state.loras = lora.map(LoraChoice::new).into_iter().collect();
+        self.load_model(spec);
+    }
+
+    /// Loads the model in use again with the model manager's LoRAs.
+    pub fn apply_loras(&mut self) {
+        match self.model.as_ref().map(|m| m.name.clone()) {
+            Some(spec) => self.load_model(spec),
+            None => self.notify_error("load a model first: the LoRAs are fused into it".into()),
+        }
+    }
+
+    /// Adds a LoRA file to the model manager's list (at scale 1), once.
+    pub fn add_lora(&mut self, path: PathBuf) {
+        if path.as_os_str().is_empty() {
+            self.notify_error("type or choose a LoRA file first".into());
+            return;
+        }
+        if !self.ui_state.loras.iter().any(|l| l.path == path) {
+            self.ui_state.loras.push(LoraChoice::new(path));
         }
     }
 
@@ -728,7 +762,8 @@ impl EditorApp {
                 }
                 self.settings.model = info.name.clone();
                 let folder = PathBuf::from(&info.name);
-                if folder.is_dir() && !self.settings.model_folders.contains(&folder) {
+                // Folders and single files both join the manager's list.
+                if folder.exists() && !self.settings.model_folders.contains(&folder) {
                     self.settings.model_folders.push(folder);
                 }
                 self.loading = None;
@@ -892,6 +927,10 @@ impl EditorApp {
             TaskEvent::FolderChosen(path, FolderPurpose::EditOutput) => {
                 self.folder.output = path.display().to_string();
             }
+            TaskEvent::FileChosen(path, FilePurpose::ModelFile) => {
+                self.ui_state.model_field = path.display().to_string();
+            }
+            TaskEvent::FileChosen(path, FilePurpose::Lora) => self.add_lora(path),
             TaskEvent::FolderChosen(path, FolderPurpose::Dataset) => {
                 let action = self.finetune.set_folder(path);
                 self.finetune_action(action);

@@ -7,8 +7,8 @@ use egui::{Context, RichText, vec2};
 
 use super::app::EditorApp;
 use super::explorer::{CellState, GRID_SIDE};
-use super::tasks::FolderPurpose;
-use crate::worker::DEFAULT_REPO;
+use super::tasks::{FilePurpose, FolderPurpose};
+use crate::worker::{DEFAULT_REPO, MAX_LORA_SCALE};
 
 /// Draws whichever windows are open.
 pub fn show(app: &mut EditorApp, ctx: &Context) {
@@ -41,6 +41,17 @@ fn model_manager(app: &mut EditorApp, ctx: &Context) {
                         info.name, info.device, info.dtype
                     ));
                     ui.weak(info.folder.display().to_string());
+                    if info.ema == Some(true) {
+                        ui.weak("Single file: its EMA weights are used.");
+                    }
+                    if !info.loras.is_empty() {
+                        let loras: Vec<String> = info
+                            .loras
+                            .iter()
+                            .map(|l| format!("{} ×{}", file_name(&l.path), l.scale))
+                            .collect();
+                        ui.label(format!("With LoRA: {}", loras.join(", ")));
+                    }
                 }
                 None => {
                     ui.label("No model is loaded.");
@@ -122,7 +133,34 @@ fn model_manager(app: &mut EditorApp, ctx: &Context) {
                         FolderPurpose::Model,
                     );
                 }
+                if ui
+                    .button("Single file…")
+                    .on_hover_text(
+                        "A whole model in one .safetensors or .ckpt file (the original LDM layout)",
+                    )
+                    .clicked()
+                {
+                    app.tasks.file_dialog(
+                        "Choose a single-file checkpoint",
+                        "Checkpoints",
+                        &["safetensors", "ckpt"],
+                        FilePurpose::ModelFile,
+                    );
+                }
             });
+            if crate::worker::is_single_file(&app.ui_state.model_field) {
+                let config_label = ui.label("Config folder or repo of the single file");
+                ui.add(
+                    egui::TextEdit::singleline(&mut app.ui_state.config_field)
+                        .hint_text(DEFAULT_REPO)
+                        .desired_width(340.0),
+                )
+                .labelled_by(config_label.id)
+                .on_hover_text(
+                    "Where its tokenizer and scheduler settings come from (only their small \
+                     files are downloaded)",
+                );
+            }
             ui.horizontal(|ui| {
                 egui::ComboBox::from_label("Device")
                     .selected_text(app.settings.device.clone())
@@ -163,6 +201,8 @@ fn model_manager(app: &mut EditorApp, ctx: &Context) {
                 hub.cache_dir.display()
             ));
             ui.separator();
+            lora_section(app, ui, idle);
+            ui.separator();
             if ui.button("Close").clicked() {
                 app.ui_state.model_manager_open = false;
             }
@@ -170,6 +210,85 @@ fn model_manager(app: &mut EditorApp, ctx: &Context) {
     app.ui_state.model_manager_open = open && app.ui_state.model_manager_open;
     if let Some(spec) = load {
         app.load_model(spec);
+    }
+}
+
+/// The file name of a path, for short labels.
+fn file_name(path: &std::path::Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.display().to_string())
+}
+
+/// The model manager's LoRAs: the list fused into every model loaded, each with its scale, and
+/// "Add LoRA…" / "Apply LoRAs".
+fn lora_section(app: &mut EditorApp, ui: &mut egui::Ui, idle: bool) {
+    ui.label(RichText::new("LoRA").strong());
+    if app.ui_state.loras.is_empty() {
+        ui.weak("None: add diffusers or kohya LoRA files to fuse them into the model.");
+    }
+    let mut remove = None;
+    for (index, lora) in app.ui_state.loras.iter_mut().enumerate() {
+        ui.horizontal(|ui| {
+            let name = file_name(&lora.path);
+            let label = ui
+                .label(format!("{name}, scale"))
+                .on_hover_text(lora.path.display().to_string());
+            ui.add(
+                egui::DragValue::new(&mut lora.scale)
+                    .speed(0.05)
+                    .range(-MAX_LORA_SCALE..=MAX_LORA_SCALE),
+            )
+            .labelled_by(label.id);
+            if ui
+                .small_button("Remove")
+                .on_hover_text(format!("Take {name} off the list"))
+                .clicked()
+            {
+                remove = Some(index);
+            }
+        });
+    }
+    if let Some(index) = remove {
+        app.ui_state.loras.remove(index);
+    }
+    let field_label = ui.label("LoRA file");
+    ui.horizontal(|ui| {
+        ui.add(
+            egui::TextEdit::singleline(&mut app.ui_state.lora_field)
+                .hint_text("path/to/lora.safetensors")
+                .desired_width(260.0),
+        )
+        .labelled_by(field_label.id);
+        if ui
+            .button("Add this LoRA")
+            .on_hover_text("Add the typed file to the list")
+            .clicked()
+        {
+            let path = std::path::PathBuf::from(app.ui_state.lora_field.trim());
+            app.add_lora(path);
+            app.ui_state.lora_field.clear();
+        }
+        if ui
+            .button("Add LoRA…")
+            .on_hover_text("Choose a LoRA file (.safetensors, or a kohya .pt)")
+            .clicked()
+        {
+            app.tasks.file_dialog(
+                "Choose a LoRA file",
+                "LoRA",
+                &["safetensors", "pt", "bin"],
+                FilePurpose::Lora,
+            );
+        }
+    });
+    let loaded = app.model.is_some();
+    if ui
+        .add_enabled(idle && loaded, egui::Button::new("Apply LoRAs"))
+        .on_hover_text("Load the model in use again with these LoRAs fused in (the list also applies to every model loaded)")
+        .clicked()
+    {
+        app.apply_loras();
     }
 }
 

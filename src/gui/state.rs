@@ -9,7 +9,7 @@ use std::time::Instant;
 use egui::TextureHandle;
 use image::RgbImage;
 
-use crate::worker::{EditRecord, EditResult, JobId, StepProgress};
+use crate::worker::{EditRecord, EditResult, JobId, LoraChoice, StepProgress};
 
 use super::tasks::OpenedImage;
 
@@ -138,8 +138,14 @@ pub struct Notice {
 #[derive(Debug, Clone, Default)]
 pub struct DialogState {
     pub model_manager_open: bool,
-    /// The model folder or repo id typed in the model manager.
+    /// The model folder, repo id or single file typed in the model manager.
     pub model_field: String,
+    /// The config folder or repo typed for single-file checkpoints (empty: the default model's).
+    pub config_field: String,
+    /// The LoRA file typed in the model manager.
+    pub lora_field: String,
+    /// The LoRAs fused into every model loaded, in order, with their scales.
+    pub loras: Vec<LoraChoice>,
     pub save_open: bool,
     /// The file typed (or chosen with Browse…) in the Save window.
     pub save_path: String,

@@ -53,6 +53,15 @@ pub enum FolderPurpose {
     EditOutput,
 }
 
+/// What a chosen file is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FilePurpose {
+    /// A single-file checkpoint for the model manager.
+    ModelFile,
+    /// A LoRA to add to the model manager's list.
+    Lora,
+}
+
 /// What a chore produced.
 #[derive(Debug)]
 pub enum TaskEvent {
@@ -63,6 +72,8 @@ pub enum TaskEvent {
     SavePathChosen(PathBuf),
     /// A folder dialog chose a folder, for the model manager or the fine-tuning dialog.
     FolderChosen(PathBuf, FolderPurpose),
+    /// A file dialog chose a model file or a LoRA for the model manager.
+    FileChosen(PathBuf, FilePurpose),
     /// A fine-tuning dataset was checked.
     DatasetChecked(Result<DatasetSummary, String>),
     /// A base model's memory profile for the fine-tuning dialog's estimate.
@@ -174,6 +185,26 @@ impl Tasks {
                 None => TaskEvent::OpenDialogClosed,
             },
         );
+    }
+
+    /// Shows the native open dialog for a file of one of `extensions`.
+    pub fn file_dialog(
+        &self,
+        title: &'static str,
+        filter: &'static str,
+        extensions: &'static [&'static str],
+        purpose: FilePurpose,
+    ) {
+        self.spawn(move || {
+            match rfd::FileDialog::new()
+                .set_title(title)
+                .add_filter(filter, extensions)
+                .pick_file()
+            {
+                Some(path) => TaskEvent::FileChosen(path, purpose),
+                None => TaskEvent::OpenDialogClosed,
+            }
+        });
     }
 
     /// Opens a folder of training examples and checks every file's header.

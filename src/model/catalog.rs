@@ -294,6 +294,16 @@ pub fn inspect_folder(folder: &Path) -> Result<LocalModel, CatalogError> {
     })
 }
 
+/// A single-file checkpoint on disk: its size, and why it cannot be loaded (`None` when it can).
+/// Reads its header (or its pickle), never its tensors.
+pub fn inspect_single_file(path: &Path) -> (u64, Option<String>) {
+    let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    let problem = super::single_file::SingleFile::check(path)
+        .err()
+        .map(|error| error.to_string());
+    (bytes, problem)
+}
+
 /// `models--owner--name` → `owner/name`; `None` for folders that are not model repos.
 fn repo_id_of_folder(name: &str) -> Option<String> {
     let rest = name.strip_prefix("models--")?;

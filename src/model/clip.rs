@@ -161,7 +161,7 @@ impl ClipTextConfig {
     }
 
     /// Whether the values describe a buildable model; the problem in words otherwise.
-    fn check(&self) -> std::result::Result<(), String> {
+    pub(crate) fn check(&self) -> std::result::Result<(), String> {
         let positive = [
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),

@@ -9,15 +9,25 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
+use candle_nn::VarBuilder;
+use candle_nn::var_builder::SimpleBackend;
+
 use super::clip::{ClipConfigError, ClipTextConfig, ClipTextModel};
 use super::config::{ConfigError, ModelIndex};
-use super::hub::{DownloadProgress, HubError, HubSettings, ModelSpec, Variant, fetch_model};
+use super::hub::{
+    DownloadProgress, HubError, HubSettings, ModelSpec, Variant, fetch_configs_with_cancel,
+    fetch_model_with_cancel,
+};
+use super::lora::{LoraChoice, LoraError, LoraWeights, ModelWeights, Network};
+use super::single_file::ldm::Shapes;
+use super::single_file::{SingleFile, SingleFileError, Templates};
 use super::tokenizer::{ClipTokenizer, TokenizerError};
+use super::torch_file::TorchFile;
 use super::unet::{PerBlock, UNet2DConditionModel, UNetConfig, UNetConfigError};
 use super::vae::{AutoencoderKL, VaeConfig, VaeConfigError};
 use super::weights::{
     DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS, WeightFormat, WeightsError, component_weights,
-    component_weights_detailed, safetensors_shapes, var_builder,
+    component_weights_detailed, safetensors_shapes, var_builder, weights_backend,
 };
 
 /// The UNet's input channels in InstructPix2Pix: 4 noisy latents and 4 latents of the input image.
@@ -43,6 +53,10 @@ pub enum LoadError {
     VaeConfig(#[from] VaeConfigError),
     #[error(transparent)]
     TextEncoderConfig(#[from] ClipConfigError),
+    #[error(transparent)]
+    SingleFile(Box<SingleFileError>),
+    #[error(transparent)]
+    Lora(Box<LoraError>),
     #[error(
         "{folder}: missing the `{component}` component folder (a diffusers pipeline needs {component}/)"
     )]
@@ -78,6 +92,26 @@ pub enum LoadError {
         expected: usize,
         stated: bool,
     },
+    /// The config folder or repo of a single-file checkpoint is not at hand.
+    #[error(
+        "{file} takes its tokenizer and scheduler config from {config}{}: {source}",
+        if *default {
+            " (the default; give another config folder or Hub repo with --config, or in the model manager)"
+        } else {
+            ""
+        }
+    )]
+    SingleFileConfig {
+        file: PathBuf,
+        config: String,
+        default: bool,
+        source: Box<HubError>,
+    },
+    /// `--config` was given with a pipeline, which has its own configs.
+    #[error(
+        "a config folder applies to single-file checkpoints (.safetensors, .ckpt) only; {model} is a pipeline with its own"
+    )]
+    ConfigWithPipeline { model: String },
     #[error(
         "{folder}: the text encoder's width (`hidden_size` {text_width} in text_encoder/config.json) does not match the UNet's `cross_attention_dim` ({cross_attention_dim} in unet/config.json)"
     )]
@@ -86,6 +120,18 @@ pub enum LoadError {
         text_width: usize,
         cross_attention_dim: usize,
     },
+}
+
+impl From<SingleFileError> for LoadError {
+    fn from(error: SingleFileError) -> Self {
+        Self::SingleFile(Box::new(error))
+    }
+}
+
+impl From<LoraError> for LoadError {
+    fn from(error: LoraError) -> Self {
+        Self::Lora(Box::new(error))
+    }
 }
 
 impl From<HubError> for LoadError {
@@ -165,44 +211,17 @@ impl PipelineFolder {
     /// The prompts' tokenizer (`tokenizer/`), checked against the text encoder: no id beyond its
     /// vocabulary, no sequence longer than its positions.
     pub fn tokenizer(&self) -> Result<ClipTokenizer, LoadError> {
-        let dir = self.path.join("tokenizer");
-        let tokenizer = ClipTokenizer::from_dir(&dir)?;
         let encoder_config = self.path.join("text_encoder").join("config.json");
-        let positions = self.text_encoder_config.max_position_embeddings;
-        if tokenizer.model_max_length() > positions {
-            return Err(LoadError::BadConfig {
-                path: dir.join("tokenizer_config.json"),
-                reason: format!(
-                    "`model_max_length` is {}, more than the text encoder's {positions} positions (`max_position_embeddings` in {})",
-                    tokenizer.model_max_length(),
-                    encoder_config.display()
-                ),
-            });
-        }
-        let vocab_size = self.text_encoder_config.vocab_size;
-        if let Some((token, id)) = tokenizer.largest_id()
-            && id as usize >= vocab_size
-        {
-            return Err(LoadError::BadConfig {
-                path: dir,
-                reason: format!(
-                    "token {token:?} has id {id}, beyond the text encoder's vocabulary (`vocab_size` {vocab_size} in {})",
-                    encoder_config.display()
-                ),
-            });
-        }
-        Ok(tokenizer)
+        checked_tokenizer(
+            &self.path.join("tokenizer"),
+            &self.text_encoder_config,
+            &encoder_config.display().to_string(),
+        )
     }
 
     /// The CLIP text encoder (`text_encoder/`) in `dtype` on `device`.
     pub fn text_encoder(&self, dtype: DType, device: &Device) -> Result<ClipTextModel, LoadError> {
-        let folder = self.path.join("text_encoder");
-        let files = component_weights(&folder, TRANSFORMERS_WEIGHTS, self.variant)?;
-        ClipTextModel::load(
-            var_builder(&files, dtype, device)?,
-            &self.text_encoder_config,
-        )
-        .map_err(build_error(folder, "text encoder"))
+        self.text_encoder_with(dtype, device, &LoraWeights::default())
     }
 
     /// The VAE (`vae/`) in `dtype` on `device`.
@@ -215,10 +234,56 @@ impl PipelineFolder {
 
     /// The UNet (`unet/`) in `dtype` on `device`, for inference.
     pub fn unet(&self, dtype: DType, device: &Device) -> Result<UNet2DConditionModel, LoadError> {
+        self.unet_with(dtype, device, &LoraWeights::default())
+    }
+
+    /// The text encoder with LoRA updates fused into its weights.
+    fn text_encoder_with(
+        &self,
+        dtype: DType,
+        device: &Device,
+        loras: &LoraWeights,
+    ) -> Result<ClipTextModel, LoadError> {
+        let folder = self.path.join("text_encoder");
+        let files = component_weights(&folder, TRANSFORMERS_WEIGHTS, self.variant)?;
+        let backend = loras.wrap(Network::TextEncoder, weights_backend(&files)?);
+        ClipTextModel::load(
+            VarBuilder::from_backend(backend, dtype, device.clone()),
+            &self.text_encoder_config,
+        )
+        .map_err(build_error(folder, "text encoder"))
+    }
+
+    /// The UNet with LoRA updates fused into its weights.
+    fn unet_with(
+        &self,
+        dtype: DType,
+        device: &Device,
+        loras: &LoraWeights,
+    ) -> Result<UNet2DConditionModel, LoadError> {
         let folder = self.path.join("unet");
         let files = component_weights(&folder, DIFFUSERS_WEIGHTS, self.variant)?;
-        UNet2DConditionModel::load(var_builder(&files, dtype, device)?, &self.unet_config)
-            .map_err(build_error(folder, "UNet"))
+        let backend = loras.wrap(Network::Unet, weights_backend(&files)?);
+        UNet2DConditionModel::load(
+            VarBuilder::from_backend(backend, dtype, device.clone()),
+            &self.unet_config,
+        )
+        .map_err(build_error(folder, "UNet"))
+    }
+
+    /// What LoRAs may change: the UNet's and the text encoder's weight names and shapes.
+    fn lora_targets(&self) -> Result<ModelWeights, LoadError> {
+        let unet = component_weights(&self.path.join("unet"), DIFFUSERS_WEIGHTS, self.variant)?;
+        let text = component_weights(
+            &self.path.join("text_encoder"),
+            TRANSFORMERS_WEIGHTS,
+            self.variant,
+        )?;
+        Ok(ModelWeights {
+            unet: super::weights::weight_shapes(&unet)?,
+            text_encoder: without_text_model(super::weights::weight_shapes(&text)?),
+            unet_ldm: ldm_layout_of(&self.unet_config),
+        })
     }
 
     /// Every tensor of the UNet's weight files (safetensors or .bin, sharded or not) by its
@@ -252,11 +317,10 @@ impl PipelineFolder {
             }
             WeightFormat::PyTorch => {
                 for file in &weights.files {
-                    for (name, tensor) in candle_core::pickle::read_all(file).map_err(load_err)? {
-                        let tensor = tensor
-                            .to_dtype(dtype)
-                            .and_then(|t| t.to_device(device))
-                            .map_err(load_err)?;
+                    let torch = TorchFile::open(file).map_err(WeightsError::from)?;
+                    let names: Vec<String> = torch.shapes().map(|(n, _)| n.to_string()).collect();
+                    for name in names {
+                        let tensor = torch.load(&name, dtype, device).map_err(load_err)?;
                         tensors.insert(name, tensor);
                     }
                 }
@@ -264,6 +328,68 @@ impl PipelineFolder {
         }
         Ok(tensors)
     }
+}
+
+/// A tokenizer folder's tokenizer, checked against the text encoder it feeds: no id beyond its
+/// vocabulary, no sequence longer than its positions (`encoder_config` names where those come
+/// from, for messages).
+fn checked_tokenizer(
+    dir: &Path,
+    text_encoder_config: &ClipTextConfig,
+    encoder_config: &str,
+) -> Result<ClipTokenizer, LoadError> {
+    let tokenizer = ClipTokenizer::from_dir(dir)?;
+    let positions = text_encoder_config.max_position_embeddings;
+    if tokenizer.model_max_length() > positions {
+        return Err(LoadError::BadConfig {
+            path: dir.join("tokenizer_config.json"),
+            reason: format!(
+                "`model_max_length` is {}, more than the text encoder's {positions} positions (`max_position_embeddings` in {encoder_config})",
+                tokenizer.model_max_length(),
+            ),
+        });
+    }
+    let vocab_size = text_encoder_config.vocab_size;
+    if let Some((token, id)) = tokenizer.largest_id()
+        && id as usize >= vocab_size
+    {
+        return Err(LoadError::BadConfig {
+            path: dir.to_path_buf(),
+            reason: format!(
+                "token {token:?} has id {id}, beyond the text encoder's vocabulary (`vocab_size` {vocab_size} in {encoder_config})"
+            ),
+        });
+    }
+    Ok(tokenizer)
+}
+
+/// Text encoder weight names without transformers' `text_model.` (files have it or not).
+fn without_text_model(shapes: Shapes) -> Shapes {
+    shapes
+        .into_iter()
+        .map(|(name, shape)| match name.strip_prefix("text_model.") {
+            Some(rest) => (rest.to_string(), shape),
+            None => (name, shape),
+        })
+        .collect()
+}
+
+/// Resnets per level and which up levels have attention, for the LDM names of the UNet's modules
+/// (`None` when the levels differ in resnets).
+fn ldm_layout_of(config: &UNetConfig) -> Option<(usize, Vec<bool>)> {
+    let layers = match &config.layers_per_block {
+        PerBlock::Same(n) => *n,
+        PerBlock::Each(list) => {
+            let first = *list.first()?;
+            list.iter().all(|&n| n == first).then_some(first)?
+        }
+    };
+    let up = config
+        .up_block_types
+        .iter()
+        .map(|t| t.starts_with("CrossAttn"))
+        .collect();
+    Some((layers, up))
 }
 
 /// Names the component folder and network in candle's error from building a network.
@@ -288,7 +414,8 @@ pub struct LoadOptions {
 
 /// Every network of an InstructPix2Pix pipeline, loaded once and used for many edits.
 pub struct InstructPix2PixModel {
-    /// The pipeline folder the model was read from (a local folder or a Hub cache snapshot).
+    /// The pipeline folder the model was read from (a local folder or a Hub cache snapshot); for
+    /// a single-file checkpoint, the folder its tokenizer and scheduler config came from.
     pub folder: PathBuf,
     pub tokenizer: ClipTokenizer,
     pub text_encoder: ClipTextModel,
@@ -296,6 +423,221 @@ pub struct InstructPix2PixModel {
     pub unet: UNet2DConditionModel,
     pub dtype: DType,
     pub device: Device,
+    /// Set when the weights came from a single-file checkpoint.
+    pub single_file: Option<SingleFileSource>,
+}
+
+/// Where a single-file model's weights came from and what the file said.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SingleFileSource {
+    /// The checkpoint.
+    pub path: PathBuf,
+    /// `Some("v_prediction")` when the file says it predicts v: the scheduler config's
+    /// `prediction_type` gives way to it.
+    pub prediction_type: Option<&'static str>,
+    /// Whether the UNet was read from the file's EMA weights.
+    pub ema: bool,
+}
+
+/// A model whose files are all on this machine: what a load reads after any download.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalModel {
+    /// A pipeline folder in diffusers' layout.
+    Folder(PathBuf),
+    /// A single-file checkpoint and the folder its tokenizer, scheduler and missing config numbers
+    /// come from.
+    SingleFile { file: PathBuf, config: PathBuf },
+}
+
+impl LocalModel {
+    /// Makes the model's files present: a pipeline (with `variant`'s weights) for a folder or a
+    /// repo; for a single file, the configs of `config` (default: [`super::hub::DEFAULT_REPO`],
+    /// whose configs only are downloaded). `config` is refused for a pipeline, which has its own.
+    pub fn fetch(
+        spec: &ModelSpec,
+        config: Option<&ModelSpec>,
+        variant: Variant,
+        settings: &HubSettings,
+        progress: &mut dyn FnMut(&DownloadProgress),
+        cancel: &std::sync::atomic::AtomicBool,
+    ) -> Result<Self, LoadError> {
+        match spec {
+            ModelSpec::SingleFile(file) => {
+                let is_default = config.is_none();
+                let default = ModelSpec::default();
+                let config = config.unwrap_or(&default);
+                let folder = fetch_configs_with_cancel(config, settings, progress, cancel)
+                    .map_err(|source| match source {
+                        HubError::Cancelled { .. } => LoadError::from(source),
+                        source => LoadError::SingleFileConfig {
+                            file: file.clone(),
+                            config: config.to_string(),
+                            default: is_default,
+                            source: Box::new(source),
+                        },
+                    })?;
+                Ok(Self::SingleFile {
+                    file: file.clone(),
+                    config: folder,
+                })
+            }
+            _ if config.is_some() => Err(LoadError::ConfigWithPipeline {
+                model: spec.to_string(),
+            }),
+            _ => Ok(Self::Folder(fetch_model_with_cancel(
+                spec, variant, settings, progress, cancel,
+            )?)),
+        }
+    }
+}
+
+impl LocalModel {
+    /// Everything a load checks before reading any weight: the configs (a pipeline's, or a single
+    /// file's read from its tensors), that it is an InstructPix2Pix model, the tokenizer, and that
+    /// every LoRA fits it. Cheap: only headers and small files are read.
+    pub fn prepare(
+        &self,
+        options: &LoadOptions,
+        loras: &[LoraChoice],
+    ) -> Result<PreparedModel, LoadError> {
+        match self {
+            LocalModel::Folder(folder) => {
+                ModelIndex::read(folder)?;
+                let pipeline = PipelineFolder::open(folder, options.variant)?;
+                let in_channels = pipeline.unet_config.in_channels;
+                if in_channels != INSTRUCT_PIX2PIX_IN_CHANNELS {
+                    let config = pipeline.path.join("unet").join("config.json");
+                    let stated = super::config::read_json::<serde_json::Value>(&config)
+                        .is_ok_and(|c| c.get("in_channels").is_some());
+                    return Err(LoadError::NotInstructPix2Pix {
+                        folder: pipeline.path,
+                        in_channels,
+                        expected: INSTRUCT_PIX2PIX_IN_CHANNELS,
+                        stated,
+                    });
+                }
+                let loras = if loras.is_empty() {
+                    LoraWeights::default()
+                } else {
+                    LoraWeights::read(loras, &pipeline.lora_targets()?)?
+                };
+                Ok(PreparedModel {
+                    tokenizer: pipeline.tokenizer()?,
+                    source: Prepared::Folder(Box::new(pipeline)),
+                    loras,
+                    options: options.clone(),
+                })
+            }
+            LocalModel::SingleFile { file, config } => {
+                let templates = Templates::from_folder(config)?;
+                let single = SingleFile::open(file, &templates)?;
+                let scheduler = config.join("scheduler").join("scheduler_config.json");
+                if !scheduler.is_file() {
+                    return Err(LoadError::BadConfig {
+                        path: scheduler,
+                        reason: format!(
+                            "is missing: the config folder of {} needs scheduler/scheduler_config.json",
+                            file.display()
+                        ),
+                    });
+                }
+                let tokenizer = checked_tokenizer(
+                    &config.join("tokenizer"),
+                    &single.text_encoder_config,
+                    &format!("the text encoder of {}", file.display()),
+                )?;
+                let loras = if loras.is_empty() {
+                    LoraWeights::default()
+                } else {
+                    LoraWeights::read(
+                        loras,
+                        &ModelWeights {
+                            unet: single.unet_shapes(),
+                            text_encoder: single.text_encoder_shapes(),
+                            unet_ldm: ldm_layout_of(&single.unet_config),
+                        },
+                    )?
+                };
+                Ok(PreparedModel {
+                    tokenizer,
+                    source: Prepared::SingleFile {
+                        single: Box::new(single),
+                        config: config.clone(),
+                    },
+                    loras,
+                    options: options.clone(),
+                })
+            }
+        }
+    }
+}
+
+/// A model checked and ready to read its weights ([`LocalModel::prepare`]).
+pub struct PreparedModel {
+    source: Prepared,
+    tokenizer: ClipTokenizer,
+    loras: LoraWeights,
+    options: LoadOptions,
+}
+
+enum Prepared {
+    Folder(Box<PipelineFolder>),
+    SingleFile {
+        single: Box<SingleFile>,
+        config: PathBuf,
+    },
+}
+
+impl PreparedModel {
+    /// Reads the weights (fusing the LoRAs) and builds every network.
+    pub fn load(self) -> Result<InstructPix2PixModel, LoadError> {
+        let (dtype, device) = (self.options.dtype, &self.options.device);
+        let loras = &self.loras;
+        match self.source {
+            Prepared::Folder(pipeline) => Ok(InstructPix2PixModel {
+                tokenizer: self.tokenizer,
+                text_encoder: pipeline.text_encoder_with(dtype, device, loras)?,
+                vae: pipeline.vae(dtype, device)?,
+                unet: pipeline.unet_with(dtype, device, loras)?,
+                folder: pipeline.path,
+                dtype,
+                device: device.clone(),
+                single_file: None,
+            }),
+            Prepared::SingleFile { single, config } => {
+                let file = single.path().to_path_buf();
+                let builder = |backend: Box<dyn SimpleBackend>| {
+                    VarBuilder::from_backend(backend, dtype, device.clone())
+                };
+                let text_encoder = ClipTextModel::load(
+                    builder(loras.wrap(Network::TextEncoder, single.text_encoder_backend())),
+                    &single.text_encoder_config,
+                )
+                .map_err(build_error(file.clone(), "text encoder"))?;
+                let vae = AutoencoderKL::load(builder(single.vae_backend()), &single.vae_config)
+                    .map_err(build_error(file.clone(), "VAE"))?;
+                let unet = UNet2DConditionModel::load(
+                    builder(loras.wrap(Network::Unet, single.unet_backend())),
+                    &single.unet_config,
+                )
+                .map_err(build_error(file.clone(), "UNet"))?;
+                Ok(InstructPix2PixModel {
+                    folder: config,
+                    tokenizer: self.tokenizer,
+                    text_encoder,
+                    vae,
+                    unet,
+                    dtype,
+                    device: device.clone(),
+                    single_file: Some(SingleFileSource {
+                        path: file,
+                        prediction_type: single.prediction_type,
+                        ema: single.uses_ema,
+                    }),
+                })
+            }
+        }
+    }
 }
 
 impl InstructPix2PixModel {
@@ -306,37 +648,62 @@ impl InstructPix2PixModel {
         options: &LoadOptions,
         progress: &mut dyn FnMut(&DownloadProgress),
     ) -> Result<Self, LoadError> {
-        let folder = fetch_model(spec, options.variant, settings, progress)?;
-        Self::load(&folder, options)
+        Self::fetch_and_load_with(spec, None, &[], settings, options, progress)
+    }
+
+    /// [`Self::fetch_and_load`] with a config folder or repo for a single-file `spec`, and LoRA
+    /// files fused into the weights.
+    pub fn fetch_and_load_with(
+        spec: &ModelSpec,
+        config: Option<&ModelSpec>,
+        loras: &[LoraChoice],
+        settings: &HubSettings,
+        options: &LoadOptions,
+        progress: &mut dyn FnMut(&DownloadProgress),
+    ) -> Result<Self, LoadError> {
+        let never = std::sync::atomic::AtomicBool::new(false);
+        let local = LocalModel::fetch(spec, config, options.variant, settings, progress, &never)?;
+        Self::load_local(&local, options, loras)
+    }
+
+    /// Loads a model whose files are present, with `loras` fused into its weights.
+    pub fn load_local(
+        local: &LocalModel,
+        options: &LoadOptions,
+        loras: &[LoraChoice],
+    ) -> Result<Self, LoadError> {
+        local.prepare(options, loras)?.load()
     }
 
     /// Loads the pipeline in `folder` (diffusers' layout, with `model_index.json`). Configs are
     /// checked before any weight is read, so a model of the wrong kind is refused at once.
     pub fn load(folder: &Path, options: &LoadOptions) -> Result<Self, LoadError> {
-        ModelIndex::read(folder)?;
-        let pipeline = PipelineFolder::open(folder, options.variant)?;
-        let in_channels = pipeline.unet_config.in_channels;
-        if in_channels != INSTRUCT_PIX2PIX_IN_CHANNELS {
-            let config = pipeline.path.join("unet").join("config.json");
-            let stated = super::config::read_json::<serde_json::Value>(&config)
-                .is_ok_and(|c| c.get("in_channels").is_some());
-            return Err(LoadError::NotInstructPix2Pix {
-                folder: pipeline.path,
-                in_channels,
-                expected: INSTRUCT_PIX2PIX_IN_CHANNELS,
-                stated,
-            });
-        }
-        let (dtype, device) = (options.dtype, &options.device);
-        Ok(Self {
-            tokenizer: pipeline.tokenizer()?,
-            text_encoder: pipeline.text_encoder(dtype, device)?,
-            vae: pipeline.vae(dtype, device)?,
-            unet: pipeline.unet(dtype, device)?,
-            folder: pipeline.path,
-            dtype,
-            device: device.clone(),
-        })
+        Self::load_with_loras(folder, options, &[])
+    }
+
+    /// [`Self::load`] with LoRA files fused into the UNet's and the text encoder's weights; every
+    /// LoRA is checked against the model before any weight is read.
+    pub fn load_with_loras(
+        folder: &Path,
+        options: &LoadOptions,
+        loras: &[LoraChoice],
+    ) -> Result<Self, LoadError> {
+        Self::load_local(&LocalModel::Folder(folder.to_path_buf()), options, loras)
+    }
+
+    /// Loads a single-file checkpoint in the LDM layout; `config` is the folder of its tokenizer
+    /// and scheduler config (and of the network configs' numbers the tensors do not tell).
+    pub fn load_single_file(
+        file: &Path,
+        config: &Path,
+        options: &LoadOptions,
+        loras: &[LoraChoice],
+    ) -> Result<Self, LoadError> {
+        let local = LocalModel::SingleFile {
+            file: file.to_path_buf(),
+            config: config.to_path_buf(),
+        };
+        Self::load_local(&local, options, loras)
     }
 
     /// The VAE's spatial downscale factor (8 for Stable Diffusion).

@@ -10,15 +10,18 @@ pub mod files;
 pub mod grad_checkpoint;
 pub mod hub;
 mod loaded;
+pub mod lora;
 pub mod nn;
+pub mod single_file;
 pub mod tokenizer;
+pub mod torch_file;
 pub mod unet;
 pub mod vae;
 pub mod weights;
 
 pub use loaded::{
-    INSTRUCT_PIX2PIX_IN_CHANNELS, InstructPix2PixModel, LoadError, LoadOptions, PipelineFolder,
-    build_error,
+    INSTRUCT_PIX2PIX_IN_CHANNELS, InstructPix2PixModel, LoadError, LoadOptions, LocalModel,
+    PipelineFolder, PreparedModel, SingleFileSource, build_error,
 };
 
 /// Largest absolute element difference of two f32 tensors of one shape, for unit tests.

@@ -160,7 +160,7 @@ impl VaeConfig {
     }
 
     /// Whether the values describe a VAE this module builds; the problem in words otherwise.
-    fn check(&self) -> std::result::Result<(), String> {
+    pub(crate) fn check(&self) -> std::result::Result<(), String> {
         if let Some(class) = &self.class_name
             && class != "AutoencoderKL"
         {

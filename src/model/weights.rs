@@ -160,6 +160,9 @@ pub enum WeightsError {
         /// What is wrong.
         reason: String,
     },
+    /// A PyTorch file could not be read (or would run code).
+    #[error(transparent)]
+    Torch(Box<super::torch_file::TorchFileError>),
     /// candle could not load the files.
     #[error("cannot load weights from {files}: {source}")]
     Load {
@@ -584,19 +587,13 @@ fn format_of(path: &Path) -> Result<WeightFormat, WeightsError> {
     }
 }
 
-fn list_files(files: &[PathBuf]) -> String {
-    files
-        .iter()
-        .map(|p| p.display().to_string())
-        .collect::<Vec<_>>()
-        .join(", ")
+impl From<super::torch_file::TorchFileError> for WeightsError {
+    fn from(error: super::torch_file::TorchFileError) -> Self {
+        Self::Torch(Box::new(error))
+    }
 }
 
-/// A VarBuilder over those files in `dtype` on `device`: safetensors read tensor by tensor
-/// (each weight read once, into its own buffer, when the network asks for it), .bin via
-/// candle's pickle reader. Validates each safetensors header and that the file is not truncated
-/// (data offsets within file length) BEFORE handing it to candle, so a truncated file gives
-/// "FILE is truncated: ... " rather than a panic or obscure error.
+/// A VarBuilder over those files in `dtype` on `device`: see [`weights_backend`].
 ///
 /// Safetensors files stay open for the builder's life: they must not be modified meanwhile
 /// (the Hugging Face cache never rewrites a blob in place).
@@ -605,6 +602,20 @@ pub fn var_builder(
     dtype: DType,
     device: &Device,
 ) -> Result<VarBuilder<'static>, WeightsError> {
+    Ok(VarBuilder::from_backend(
+        weights_backend(files)?,
+        dtype,
+        device.clone(),
+    ))
+}
+
+/// The tensors of those files, read one at a time when asked for: safetensors files with their
+/// headers checked against the files' lengths BEFORE anything is read (so a truncated file gives
+/// "FILE is truncated: ..." rather than a panic or an obscure error), PyTorch `.bin` files through
+/// the safe pickle reader of [`super::torch_file`] (which runs nothing and checks every size).
+pub fn weights_backend(
+    files: &[PathBuf],
+) -> Result<Box<dyn candle_nn::var_builder::SimpleBackend>, WeightsError> {
     let Some(first) = files.first() else {
         return Err(WeightsError::NoFiles);
     };
@@ -618,41 +629,82 @@ pub fn var_builder(
             return Err(WeightsError::MixedFormats { first, second });
         }
     }
-    let load_err = |source| WeightsError::Load {
-        files: list_files(files),
-        source,
-    };
     match format {
-        WeightFormat::SafeTensors => {
-            let backend = StreamedSafetensors::open(files)?;
-            Ok(VarBuilder::from_backend(
-                Box::new(backend),
-                dtype,
-                device.clone(),
-            ))
-        }
+        WeightFormat::SafeTensors => Ok(Box::new(StreamedSafetensors::open(files)?)),
         WeightFormat::PyTorch => {
+            let mut parts = Vec::with_capacity(files.len());
             for file in files {
-                super::files::open_regular(file).map_err(|source| WeightsError::Read {
-                    path: file.clone(),
-                    source,
-                })?;
+                parts.push(super::torch_file::TorchFile::open(file)?);
             }
-            if let [single] = files {
-                return VarBuilder::from_pth(single, dtype, device).map_err(load_err);
-            }
-            let mut tensors: HashMap<String, Tensor> = HashMap::new();
-            for file in files {
-                let loaded =
-                    candle_core::pickle::read_all(file).map_err(|source| WeightsError::Load {
-                        files: file.display().to_string(),
-                        source,
-                    })?;
-                tensors.extend(loaded);
-            }
-            Ok(VarBuilder::from_tensors(tensors, dtype, device))
+            Ok(Box::new(TorchFiles(parts)))
         }
     }
+}
+
+/// The tensors of one or more PyTorch files (shards); a name in several files comes from the last.
+struct TorchFiles(Vec<super::torch_file::TorchFile>);
+
+impl TorchFiles {
+    fn holder(&self, name: &str) -> candle_core::Result<&super::torch_file::TorchFile> {
+        self.0
+            .iter()
+            .rev()
+            .find(|f| f.contains(name))
+            .ok_or_else(|| {
+                candle_core::Error::CannotFindTensor {
+                    path: name.to_string(),
+                }
+                .bt()
+            })
+    }
+}
+
+impl candle_nn::var_builder::SimpleBackend for TorchFiles {
+    fn get(
+        &self,
+        shape: candle_core::Shape,
+        name: &str,
+        init: candle_nn::Init,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.holder(name)?.get(shape, name, init, dtype, device)
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.holder(name)?.load(name, dtype, device)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.iter().any(|f| f.contains(name))
+    }
+}
+
+/// The tensor names and shapes of weight files (safetensors headers, or PyTorch files' pickles),
+/// without reading any tensor.
+pub fn weight_shapes(files: &[PathBuf]) -> Result<BTreeMap<String, Vec<usize>>, WeightsError> {
+    let mut shapes = BTreeMap::new();
+    for file in files {
+        match format_of(file)? {
+            WeightFormat::SafeTensors => {
+                for (name, shape) in safetensors_shapes(std::slice::from_ref(file))? {
+                    shapes.insert(name, shape.iter().map(|&d| d as usize).collect());
+                }
+            }
+            WeightFormat::PyTorch => {
+                let torch = super::torch_file::TorchFile::open(file)?;
+                for (name, shape) in torch.shapes() {
+                    shapes.insert(name.to_string(), shape.to_vec());
+                }
+            }
+        }
+    }
+    Ok(shapes)
 }
 
 /// Safetensors files read one tensor at a time with plain reads.
@@ -660,7 +712,7 @@ pub fn var_builder(
 /// Memory-mapping (candle's default) keeps every page of a file resident until the whole component
 /// is built, so loading the 3.4 GB UNet peaked at twice its size; reading each tensor into its own
 /// buffer keeps the peak at the weights themselves plus one tensor.
-struct StreamedSafetensors {
+pub(crate) struct StreamedSafetensors {
     tensors: HashMap<String, StreamedTensor>,
 }
 
@@ -676,7 +728,7 @@ struct StreamedTensor {
 
 impl StreamedSafetensors {
     /// Checks and indexes the files' headers; a name in several files keeps the last.
-    fn open(files: &[PathBuf]) -> Result<Self, WeightsError> {
+    pub(crate) fn open(files: &[PathBuf]) -> Result<Self, WeightsError> {
         let mut tensors = HashMap::new();
         for path in files {
             let CheckedHeader {
@@ -717,7 +769,19 @@ impl StreamedSafetensors {
         Ok(Self { tensors })
     }
 
-    fn load(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+    /// Every tensor's name and shape.
+    pub(crate) fn shapes(&self) -> impl Iterator<Item = (&str, &[usize])> {
+        self.tensors
+            .iter()
+            .map(|(name, t)| (name.as_str(), t.shape.as_slice()))
+    }
+
+    pub(crate) fn load(
+        &self,
+        name: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
         use std::io::{Seek, SeekFrom};
         let entry = self.tensors.get(name).ok_or_else(|| {
             candle_core::Error::CannotFindTensor {
@@ -827,6 +891,20 @@ impl candle_nn::var_builder::SimpleBackend for StreamedSafetensors {
     fn contains_tensor(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
     }
+}
+
+/// The `__metadata__` of a safetensors file (string values only), from its checked header.
+pub fn safetensors_metadata(path: &Path) -> Result<BTreeMap<String, String>, WeightsError> {
+    let header = read_checked_header(path)?;
+    let mut out = BTreeMap::new();
+    if let Some(Value::Object(map)) = header.entries.get("__metadata__") {
+        for (key, value) in map {
+            if let Value::String(text) = value {
+                out.insert(key.clone(), text.clone());
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// The tensor names and shapes of safetensors files, read from their (checked) headers only,

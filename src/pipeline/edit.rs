@@ -165,10 +165,14 @@ pub struct EditPipeline {
 }
 
 impl EditPipeline {
-    /// Wraps a loaded model; reads its `scheduler/scheduler_config.json`.
+    /// Wraps a loaded model; reads its `scheduler/scheduler_config.json` (whose
+    /// `prediction_type` gives way to a single-file checkpoint's own, when it states one).
     pub fn new(model: InstructPix2PixModel) -> Result<Self, EditError> {
         let path = model.folder.join("scheduler").join("scheduler_config.json");
-        let scheduler_config = SchedulerConfig::from_file(&path)?;
+        let mut scheduler_config = SchedulerConfig::from_file(&path)?;
+        if let Some(prediction) = model.single_file.as_ref().and_then(|s| s.prediction_type) {
+            scheduler_config.prediction_type = prediction.to_string();
+        }
         Ok(Self {
             model,
             scheduler_config,

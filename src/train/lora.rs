@@ -34,14 +34,11 @@ use crate::model::unet::UNet2DConditionModel;
 /// (320 to 1,280 in Stable Diffusion), and the adapters are allocated at this size.
 pub const MAX_LORA_RANK: usize = 1024;
 
-/// The file name diffusers' `save_lora_weights` writes and `load_lora_weights(folder)` reads.
-pub const LORA_WEIGHTS_FILE: &str = "pytorch_lora_weights.safetensors";
+pub use crate::model::lora::{ADAPTER_METADATA_KEY, LORA_WEIGHTS_FILE};
 /// The attention projections that get adapters (peft's `target_modules`).
 pub const TARGET_MODULES: [&str; 4] = ["to_k", "to_q", "to_v", "to_out.0"];
 /// The prefix of the UNet's keys in a pipeline LoRA file.
 pub const UNET_PREFIX: &str = "unet";
-/// The safetensors metadata key of the adapter config (diffusers' `LORA_ADAPTER_METADATA_KEY`).
-pub const ADAPTER_METADATA_KEY: &str = "lora_adapter_metadata";
 
 /// What went wrong creating, saving or loading LoRA adapters.
 #[derive(Debug, thiserror::Error)]

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use crate::model::catalog::{inspect_folder, list_cached_models};
+use crate::model::catalog::{inspect_folder, inspect_single_file, list_cached_models};
 use crate::model::hub::{HubSettings, ModelSpec, cached_snapshot};
 
 /// One model the model manager lists.
@@ -12,14 +12,15 @@ use crate::model::hub::{HubSettings, ModelSpec, cached_snapshot};
 pub struct CatalogEntry {
     /// What to load: a Hub repo id or a folder path.
     pub spec: String,
-    /// "Hugging Face cache" or "folder".
+    /// "Hugging Face cache", "folder" or "single file".
     pub source: &'static str,
     pub bytes_on_disk: u64,
     /// Why it cannot be loaded as it is; None when it can.
     pub problem: Option<String>,
 }
 
-/// The cache's models, then the folders', each checked for what an edit needs.
+/// The cache's models, then the folders' (and single-file checkpoints'), each checked for what
+/// an edit needs.
 pub fn list_catalog(hub: &HubSettings, folders: &[PathBuf]) -> Vec<CatalogEntry> {
     let mut entries: Vec<CatalogEntry> = list_cached_models(hub)
         .into_iter()
@@ -51,6 +52,16 @@ pub fn list_catalog(hub: &HubSettings, folders: &[PathBuf]) -> Vec<CatalogEntry>
         })
         .collect();
     for folder in folders {
+        if folder.is_file() {
+            let (bytes_on_disk, problem) = inspect_single_file(folder);
+            entries.push(CatalogEntry {
+                spec: folder.display().to_string(),
+                source: "single file",
+                bytes_on_disk,
+                problem,
+            });
+            continue;
+        }
         let entry = match inspect_folder(folder) {
             Ok(local) => CatalogEntry {
                 spec: folder.display().to_string(),
@@ -81,6 +92,8 @@ pub fn list_catalog(hub: &HubSettings, folders: &[PathBuf]) -> Vec<CatalogEntry>
 pub fn model_at_hand(spec: &str, hub: &HubSettings) -> bool {
     match ModelSpec::parse(spec, None) {
         Ok(ModelSpec::LocalDir(dir)) => dir.is_dir(),
+        // Its configs come from the default model, or a given config folder, at load.
+        Ok(ModelSpec::SingleFile(file)) => file.is_file(),
         Ok(ModelSpec::Hub { repo_id, revision }) => {
             cached_snapshot(hub, &repo_id, &revision).is_some()
         }

@@ -57,7 +57,14 @@ pub use protocol::{
 // type, so `gui/` uses `crate::worker` and nothing else of the crate.
 pub use crate::model::device::{DTypeChoice, DeviceChoice};
 pub use crate::model::hub::{DEFAULT_REPO, HubSettings};
+pub use crate::model::lora::{DEFAULT_LORA_SCALE, LoraChoice, MAX_LORA_SCALE};
 pub use crate::pipeline::folder::human_duration;
+
+/// Whether a model spec names a single-file checkpoint (by its extension): what a config folder
+/// applies to.
+pub fn is_single_file(spec: &str) -> bool {
+    crate::model::single_file::is_single_file_name(std::path::Path::new(spec.trim()))
+}
 pub use crate::pipeline::image::{
     INPUT_EXTENSIONS, edit_size, load_image, read_png_text, save_image,
 };
@@ -69,8 +76,8 @@ pub use crate::pipeline::settings::{
 };
 
 use crate::model::device::{device_label, device_memory, select_device};
-use crate::model::hub::{HubError, ModelSpec, Variant, fetch_model_with_cancel};
-use crate::model::{InstructPix2PixModel, LoadOptions};
+use crate::model::hub::{HubError, ModelSpec, Variant};
+use crate::model::{LoadError, LoadOptions, LocalModel};
 use crate::pipeline::edit::{EditError, EditPipeline, StepInfo};
 use crate::pipeline::folder::{
     FolderRequest, FolderStop, FolderUpdate, plan_folder, recorded_settings, run_folder,
@@ -249,7 +256,7 @@ impl WorkerHandle {
             }
             Job::LoadModel(request) => {
                 let seq = self.shared.next_load.fetch_add(1, Ordering::AcqRel);
-                self.enqueue(Queued::Load(request, seq), "model load")
+                self.enqueue(Queued::Load(Box::new(request), seq), "model load")
             }
             Job::Edit(edit) => self.submit_edit(Work::Edit(edit)),
             Job::EditFolder(folder) => self.submit_edit(Work::Folder(folder)),
@@ -382,7 +389,7 @@ impl Drop for WorkerHandle {
 /// for them.
 enum Queued {
     /// A load and its sequence number (for [`WorkerHandle::cancel_load`]).
-    Load(ModelRequest, u64),
+    Load(Box<ModelRequest>, u64),
     EditReady,
     Shutdown,
 }
@@ -515,7 +522,7 @@ impl ModelThread {
                 break;
             }
             match queued {
-                Queued::Load(request, seq) => self.load(request, seq),
+                Queued::Load(request, seq) => self.load(*request, seq),
                 Queued::EditReady => self.next_edit(),
                 Queued::Shutdown => break,
             }
@@ -856,8 +863,8 @@ enum LoadEnd {
 
 /// A load whose files are all present, ready to be read.
 struct PreparedLoad {
-    folder: std::path::PathBuf,
-    options: LoadOptions,
+    model: crate::model::PreparedModel,
+    device: candle_core::Device,
     warning: Option<String>,
 }
 
@@ -896,6 +903,12 @@ fn prepare_load(
     };
     let spec =
         ModelSpec::parse(&request.spec, request.revision.as_deref()).map_err(|e| failed(&e))?;
+    let config = request
+        .config
+        .as_deref()
+        .map(|c| ModelSpec::parse(c, None))
+        .transpose()
+        .map_err(|e| failed(&e))?;
     let hub = request.hub.clone().unwrap_or_else(HubSettings::from_env);
     let mut on_progress = |progress: &crate::model::hub::DownloadProgress| {
         outbox.offer(Event::Download {
@@ -908,18 +921,33 @@ fn prepare_load(
             overall_total: progress.overall_total,
         });
     };
-    let folder = match fetch_model_with_cancel(&spec, variant, &hub, &mut on_progress, cancel) {
-        Ok(folder) => folder,
-        Err(HubError::Cancelled { .. }) => return Err(LoadEnd::Cancelled),
+    let local = match LocalModel::fetch(
+        &spec,
+        config.as_ref(),
+        variant,
+        &hub,
+        &mut on_progress,
+        cancel,
+    ) {
+        Ok(local) => local,
+        Err(LoadError::Hub(error)) if matches!(*error, HubError::Cancelled { .. }) => {
+            return Err(LoadEnd::Cancelled);
+        }
         Err(error) => return Err(failed(&error)),
     };
+    // Checked before the old model is released: a model of the wrong kind, or a LoRA that does
+    // not fit it, leaves the old one in use.
+    let options = LoadOptions {
+        variant,
+        dtype,
+        device: device.clone(),
+    };
+    let model = local
+        .prepare(&options, &request.loras)
+        .map_err(|e| failed(&e))?;
     Ok(PreparedLoad {
-        folder,
-        options: LoadOptions {
-            variant,
-            dtype,
-            device,
-        },
+        model,
+        device,
         warning,
     })
 }
@@ -930,22 +958,22 @@ fn finish_load(
     prepared: PreparedLoad,
 ) -> Result<(EditPipeline, ModelInfo), String> {
     let failed = |error: &dyn std::error::Error| load_failed(request, error);
-    let mut model =
-        InstructPix2PixModel::load(&prepared.folder, &prepared.options).map_err(|e| failed(&e))?;
-    if let Some(lora) = &request.lora {
-        crate::train::lora::apply_lora_file(&mut model, lora).map_err(|e| failed(&e))?;
-    }
-    let folder = model.folder.clone();
+    let model = prepared.model.load().map_err(|e| failed(&e))?;
+    let (folder, ema) = match &model.single_file {
+        Some(file) => (file.path.clone(), Some(file.ema)),
+        None => (model.folder.clone(), None),
+    };
     let pipeline = EditPipeline::new(model).map_err(|e| failed(&e))?;
     let info = ModelInfo {
         name: request.spec.clone(),
         folder,
-        device: device_label(&prepared.options.device),
+        device: device_label(&prepared.device),
         dtype: request.dtype.to_string(),
         size_multiple: pipeline.size_multiple(),
         warning: prepared.warning,
-        lora: request.lora.clone(),
-        memory: device_memory(&prepared.options.device),
+        loras: request.loras.clone(),
+        ema,
+        memory: device_memory(&prepared.device),
     };
     Ok((pipeline, info))
 }

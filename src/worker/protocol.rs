@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use image::RgbImage;
 
-use super::{DTypeChoice, DeviceChoice, EditSettings, HubSettings};
+use super::{DTypeChoice, DeviceChoice, EditSettings, HubSettings, LoraChoice};
 
 /// Names one edit; chosen by the caller, echoed in every event about that edit.
 pub type JobId = u64;
@@ -39,8 +39,12 @@ pub enum Job {
 /// Which model to load and how.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelRequest {
-    /// A folder in diffusers' layout or a Hub repo id (`owner/name`), as the `--model` flag.
+    /// A folder in diffusers' layout, a Hub repo id (`owner/name`) or a single-file checkpoint
+    /// (`.safetensors`, `.ckpt`), as the `--model` flag.
     pub spec: String,
+    /// For a single-file checkpoint: the folder or repo of its tokenizer and scheduler config, as
+    /// the `--config` flag; `None` is the default model's.
+    pub config: Option<String>,
     /// Branch, tag or commit for a Hub repo; `None` is `main`.
     pub revision: Option<String>,
     pub device: DeviceChoice,
@@ -48,9 +52,10 @@ pub struct ModelRequest {
     pub dtype: DTypeChoice,
     /// Where the Hub is and where its cache lives; `None` reads the `HF_*` environment variables.
     pub hub: Option<HubSettings>,
-    /// LoRA weights to apply on the UNet (a `pytorch_lora_weights.safetensors` file or its
-    /// folder, as fine-tuning with `--lora-rank` writes them).
-    pub lora: Option<PathBuf>,
+    /// LoRA files fused into the weights, in order, as the `--lora` flags: diffusers/peft files
+    /// (or the folder of a `pytorch_lora_weights.safetensors`, as fine-tuning with `--lora-rank`
+    /// writes them) and kohya files.
+    pub loras: Vec<LoraChoice>,
 }
 
 impl ModelRequest {
@@ -62,7 +67,8 @@ impl ModelRequest {
             device,
             dtype,
             hub: None,
-            lora: None,
+            config: None,
+            loras: Vec::new(),
         }
     }
 }
@@ -182,7 +188,8 @@ pub enum Event {
 pub struct ModelInfo {
     /// The spec as requested.
     pub name: String,
-    /// The folder the weights were read from (a Hub cache snapshot for repos).
+    /// The folder the weights were read from (a Hub cache snapshot for repos), or the file of a
+    /// single-file checkpoint.
     pub folder: PathBuf,
     /// `cpu`, `cuda:0`, `metal:0`.
     pub device: String,
@@ -192,8 +199,10 @@ pub struct ModelInfo {
     pub size_multiple: u32,
     /// Works, but badly (float16 on the CPU).
     pub warning: Option<String>,
-    /// The LoRA file applied, if any.
-    pub lora: Option<PathBuf>,
+    /// The LoRA files fused into the weights.
+    pub loras: Vec<LoraChoice>,
+    /// For a single-file checkpoint: whether its UNet came from its EMA weights.
+    pub ema: Option<bool>,
     /// Memory in use on the device, read after the load and after each edit.
     pub memory: Option<DeviceMemory>,
 }

@@ -390,6 +390,12 @@ pub fn memory_profile(base_model: &str, hub: Option<HubSettings>) -> Result<Memo
     let hub = hub.unwrap_or_else(HubSettings::from_env);
     let folder = match ModelSpec::parse(base_model, None).map_err(|e| e.to_string())? {
         ModelSpec::LocalDir(dir) => dir,
+        ModelSpec::SingleFile(path) => {
+            return Err(format!(
+                "{} is a single-file checkpoint: fine-tuning needs a diffusers pipeline folder or a Hub repo id",
+                path.display()
+            ));
+        }
         ModelSpec::Hub { repo_id, revision } => cached_snapshot(&hub, &repo_id, &revision)
             .ok_or_else(|| {
                 format!("{repo_id} is not downloaded yet: the memory estimate comes once it is")

@@ -848,3 +848,93 @@ fn the_fine_tune_dialog_estimates_memory_and_its_savers_reach_the_run() {
     let run = harness.state().finetune.run.as_ref().unwrap();
     assert!(run.failed.is_none(), "{:?}", run.failed);
 }
+
+/// Issue 15 items 2 and 3 in the window: the model manager fuses a LoRA at a chosen scale into
+/// the model in use, then loads a single-file checkpoint with its config folder, all through
+/// the model thread.
+#[test]
+fn the_model_manager_adds_a_lora_and_loads_a_single_file() {
+    let mut harness = harness(options("sd1-tiny"));
+    wait_for(&mut harness, "the first model", model_ready);
+    click(&mut harness, "Models…");
+    let lora = common::fixtures()
+        .join("lora_edit")
+        .join("kohya.safetensors");
+    type_into(&mut harness, "LoRA file", lora.to_str().unwrap());
+    click(&mut harness, "Add this LoRA");
+    assert_eq!(harness.state().ui_state.loras.len(), 1);
+    set_slider(&mut harness, "kohya.safetensors, scale", 0.5);
+    click(&mut harness, "Apply LoRAs");
+    wait_for(&mut harness, "the model with the LoRA", |app| {
+        model_ready(app)
+            && app
+                .model
+                .as_ref()
+                .is_some_and(|m| m.loras.len() == 1 && m.loras[0].scale == 0.5)
+    });
+    assert!(sees(&harness, "With LoRA: kohya.safetensors ×0.5"));
+
+    // A single file: the list is emptied first (its LoRA is for sd1-tiny's widths).
+    click(&mut harness, "Remove");
+    let single = common::fixtures().join("single_file");
+    let file = single.join("ip2p-tiny-ema.ckpt");
+    type_into(
+        &mut harness,
+        "Model folder or Hub repo id",
+        file.to_str().unwrap(),
+    );
+    type_into(
+        &mut harness,
+        "Config folder or repo of the single file",
+        single.join("config").to_str().unwrap(),
+    );
+    click(&mut harness, "Load");
+    wait_for(&mut harness, "the single file", |app| {
+        model_ready(app)
+            && app
+                .model
+                .as_ref()
+                .is_some_and(|m| m.ema == Some(true) && m.loras.is_empty())
+    });
+    assert!(sees(&harness, "Single file: its EMA weights are used."));
+}
+
+/// `--model FILE --config DIR --lora FILE:SCALE` at start: the single file loads with the LoRA.
+#[test]
+fn start_up_flags_load_a_single_file_with_its_config_and_a_lora() {
+    use instruct_pix2pix::worker::LoraChoice;
+
+    let single = common::fixtures().join("single_file");
+    // A LoRA of the single file's own widths: the training LoRA format, written here.
+    let work = tempfile::tempdir().unwrap();
+    let lora = work.path().join("lora.safetensors");
+    let cpu = candle_core::Device::Cpu;
+    let module = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q";
+    let tensors = std::collections::HashMap::from([
+        (
+            format!("{module}.lora_A.weight"),
+            candle_core::Tensor::ones((2, 8), candle_core::DType::F32, &cpu).unwrap(),
+        ),
+        (
+            format!("{module}.lora_B.weight"),
+            candle_core::Tensor::ones((8, 2), candle_core::DType::F32, &cpu).unwrap(),
+        ),
+    ]);
+    candle_core::safetensors::save(&tensors, &lora).unwrap();
+    let mut harness = harness(StartOptions {
+        model: Some(single.join("ip2p-tiny.safetensors").display().to_string()),
+        config: Some(single.join("config").display().to_string()),
+        loras: vec![LoraChoice {
+            path: lora.clone(),
+            scale: 0.25,
+        }],
+        ..StartOptions::default()
+    });
+    wait_for(&mut harness, "the single file with its LoRA", |app| {
+        model_ready(app)
+            && app
+                .model
+                .as_ref()
+                .is_some_and(|m| m.ema == Some(false) && m.loras.len() == 1)
+    });
+}

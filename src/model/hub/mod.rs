@@ -44,7 +44,7 @@ pub use self::client::{DEFAULT_STALL_TIMEOUT, STALL_TIMEOUT_VAR};
 pub use self::dataset::{DatasetFileChoice, fetch_dataset};
 pub use self::download::DownloadProgress;
 pub(crate) use self::pipeline::check_pipeline_folder;
-pub use self::pipeline::{fetch_model, fetch_model_with_cancel};
+pub use self::pipeline::{fetch_configs_with_cancel, fetch_model, fetch_model_with_cancel};
 pub use self::settings::{HubSettings, cached_snapshot, snapshot_in_cache_folder};
 pub use self::transfer::DownloadError;
 pub use self::upload::{
@@ -67,6 +67,9 @@ pub const DEFAULT_REVISION: &str = "main";
 pub enum ModelSpec {
     /// A folder in diffusers' layout.
     LocalDir(PathBuf),
+    /// A single-file checkpoint (`.safetensors`, `.ckpt`) in the original LDM layout; its
+    /// tokenizer and scheduler config come from a config folder or repo.
+    SingleFile(PathBuf),
     /// A Hub repo at a revision (branch, tag or commit hash).
     Hub {
         /// `owner/name`.
@@ -88,7 +91,9 @@ impl Default for ModelSpec {
 impl fmt::Display for ModelSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ModelSpec::LocalDir(path) => write!(f, "{}", path.display()),
+            ModelSpec::LocalDir(path) | ModelSpec::SingleFile(path) => {
+                write!(f, "{}", path.display())
+            }
             ModelSpec::Hub { repo_id, revision } if revision == DEFAULT_REVISION => {
                 f.write_str(repo_id)
             }
@@ -98,9 +103,10 @@ impl fmt::Display for ModelSpec {
 }
 
 impl ModelSpec {
-    /// Reads a model argument: an existing folder wins (a leading `~/` is the home folder);
-    /// `owner/name` is a Hub repo id (at `revision`, `main` when `None`); anything else is an
-    /// error saying which it looked like.
+    /// Reads a model argument: an existing folder wins (a leading `~/` is the home folder), then
+    /// an existing `.safetensors`/`.ckpt` file (a single-file checkpoint); `owner/name` is a Hub
+    /// repo id (at `revision`, `main` when `None`); anything else is an error saying which it
+    /// looked like.
     pub fn parse(spec: &str, revision: Option<&str>) -> Result<Self, HubError> {
         let trimmed = spec.trim();
         let invalid = |reason: &str| HubError::InvalidSpec {
@@ -119,8 +125,17 @@ impl ModelSpec {
         if path.is_dir() {
             return Ok(ModelSpec::LocalDir(path.to_path_buf()));
         }
+        let single_file = crate::model::single_file::is_single_file_name(path);
         if path.exists() {
+            if single_file {
+                return Ok(ModelSpec::SingleFile(path.to_path_buf()));
+            }
             return Err(HubError::NotAFolder {
+                path: path.to_path_buf(),
+            });
+        }
+        if single_file {
+            return Err(HubError::ModelFileMissing {
                 path: path.to_path_buf(),
             });
         }
@@ -244,10 +259,28 @@ pub enum HubError {
         path: PathBuf,
     },
     /// A path was given and it is a file.
-    #[error("{path} is a file, not a model folder")]
+    #[error(
+        "{path} is a file, not a model folder (single-file checkpoints are .safetensors or .ckpt files)"
+    )]
     NotAFolder {
         /// The path.
         path: PathBuf,
+    },
+    /// A single-file checkpoint was named and nothing is there.
+    #[error("model file {path} does not exist")]
+    ModelFileMissing {
+        /// The path.
+        path: PathBuf,
+    },
+    /// A single-file checkpoint where only a pipeline folder (or a repo) will do.
+    #[error(
+        "{path} is a single-file checkpoint; {what} needs a diffusers pipeline folder or a Hub repo id"
+    )]
+    NeedsPipelineFolder {
+        /// The file.
+        path: PathBuf,
+        /// What needs the folder ("fine-tuning", "--config").
+        what: &'static str,
     },
     /// The folder (or repo) has no `model_index.json`.
     #[error(

@@ -16,6 +16,16 @@ use crate::model::weights::{
     shard_names,
 };
 
+/// What a fetch makes present.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wanted {
+    /// Everything an edit reads, with this variant's weights.
+    Pipeline(Variant),
+    /// The configs, tokenizer and scheduler only: what a single-file checkpoint takes from a
+    /// pipeline.
+    Configs,
+}
+
 /// The components an edit needs whose weights are loaded, with their weight base names.
 const WEIGHT_COMPONENTS: [(&str, &str); 3] = [
     ("unet", DIFFUSERS_WEIGHTS),
@@ -69,6 +79,29 @@ pub fn fetch_model_with_cancel(
     progress: &mut dyn FnMut(&DownloadProgress),
     cancel: &AtomicBool,
 ) -> Result<PathBuf, HubError> {
+    fetch_wanted(spec, Wanted::Pipeline(variant), settings, progress, cancel)
+}
+
+/// The config files a single-file checkpoint needs from a pipeline (`tokenizer/`,
+/// `scheduler/scheduler_config.json`, and the networks' `config.json` when there), made present
+/// as [`fetch_model_with_cancel`] does, without any weights. A local folder needs only the
+/// tokenizer and the scheduler config.
+pub fn fetch_configs_with_cancel(
+    spec: &ModelSpec,
+    settings: &HubSettings,
+    progress: &mut dyn FnMut(&DownloadProgress),
+    cancel: &AtomicBool,
+) -> Result<PathBuf, HubError> {
+    fetch_wanted(spec, Wanted::Configs, settings, progress, cancel)
+}
+
+fn fetch_wanted(
+    spec: &ModelSpec,
+    wanted: Wanted,
+    settings: &HubSettings,
+    progress: &mut dyn FnMut(&DownloadProgress),
+    cancel: &AtomicBool,
+) -> Result<PathBuf, HubError> {
     match spec {
         ModelSpec::LocalDir(dir) => {
             if !dir.is_dir() {
@@ -78,9 +111,19 @@ pub fn fetch_model_with_cancel(
                     HubError::LocalDirMissing { path: dir.clone() }
                 });
             }
-            check_pipeline_folder(dir, variant)?;
+            match wanted {
+                Wanted::Pipeline(variant) => check_pipeline_folder(dir, variant)?,
+                Wanted::Configs => check_config_folder(dir)?,
+            }
             Ok(dir.clone())
         }
+        ModelSpec::SingleFile(path) => Err(HubError::NeedsPipelineFolder {
+            path: path.clone(),
+            what: match wanted {
+                Wanted::Pipeline(_) => "fine-tuning",
+                Wanted::Configs => "the config of a single-file checkpoint",
+            },
+        }),
         ModelSpec::Hub { repo_id, revision } => {
             // A spec built by hand skipped `parse`.
             check_repo_and_revision(repo_id, revision)?;
@@ -93,10 +136,10 @@ pub fn fetch_model_with_cancel(
                         repo_dir: &settings.repo_cache_dir(repo_id),
                         endpoint: settings.endpoint.clone(),
                     };
-                    download_pipeline(target, &client, listing, variant, progress, cancel)
+                    download_pipeline(target, &client, listing, wanted, progress, cancel)
                 }
                 Online::CacheOnly(why) => {
-                    fetch_from_cache(repo_id, revision, variant, settings, why)
+                    fetch_from_cache(repo_id, revision, wanted, settings, why)
                 }
             }
         }
@@ -110,14 +153,31 @@ pub(crate) fn check_pipeline_folder(folder: &Path, variant: Variant) -> Result<(
         root: folder.to_path_buf(),
         origin: FolderOrigin::Local,
     };
-    collect_pipeline_files(&mut source, variant)
+    collect_pipeline_files(&mut source, Wanted::Pipeline(variant))
+}
+
+/// Checks that a local config folder has what a single-file checkpoint takes from it: the
+/// tokenizer's files and `scheduler/scheduler_config.json` (the networks' configs are optional).
+fn check_config_folder(folder: &Path) -> Result<(), HubError> {
+    let location = folder.display().to_string();
+    let mut source = FolderSource {
+        root: folder.to_path_buf(),
+        origin: FolderOrigin::Local,
+    };
+    if !source.fetch(SCHEDULER_CONFIG)? {
+        return Err(HubError::MissingFile {
+            location,
+            file: SCHEDULER_CONFIG.to_string(),
+        });
+    }
+    collect_tokenizer_files(&mut source, &location)
 }
 
 /// Uses the cached snapshot only; `why` says why the Hub is not asked.
 fn fetch_from_cache(
     repo_id: &str,
     revision: &str,
-    variant: Variant,
+    wanted: Wanted,
     settings: &HubSettings,
     why: String,
 ) -> Result<PathBuf, HubError> {
@@ -135,7 +195,7 @@ fn fetch_from_cache(
         origin: FolderOrigin::Cache,
     };
     // Say which file is missing from the cache, not that the repo lacks it.
-    collect_pipeline_files(&mut source, variant).map_err(|err| match err {
+    collect_pipeline_files(&mut source, wanted).map_err(|err| match err {
         HubError::NotAPipeline { .. } => not_cached(format!("{MODEL_INDEX_FILE} is not cached")),
         HubError::MissingComponent { component, .. } => {
             not_cached(format!("nothing of {component}/ is cached"))
@@ -158,7 +218,7 @@ fn download_pipeline(
     target: ListedTarget,
     client: &super::client::HubClient,
     listing: Listing,
-    variant: Variant,
+    wanted: Wanted,
     progress: &mut dyn FnMut(&DownloadProgress),
     cancel: &AtomicBool,
 ) -> Result<PathBuf, HubError> {
@@ -179,7 +239,7 @@ fn download_pipeline(
         snapshot: &snapshot,
         planned: Vec::new(),
     };
-    collect_pipeline_files(&mut plan_source, variant)?;
+    collect_pipeline_files(&mut plan_source, wanted)?;
     let planned = plan_source.planned;
     download_listed(
         target,
@@ -188,7 +248,7 @@ fn download_pipeline(
         planned,
         progress,
         cancel,
-        |source| collect_pipeline_files(source, variant),
+        |source| collect_pipeline_files(source, wanted),
     )
 }
 
@@ -214,10 +274,7 @@ trait PipelineSource {
 
 /// Fetches (or checks) every file an edit needs, in the order small-to-large so that a broken
 /// repo fails before the big downloads: configs and tokenizer, then weights.
-fn collect_pipeline_files(
-    source: &mut dyn PipelineSource,
-    variant: Variant,
-) -> Result<(), HubError> {
+fn collect_pipeline_files(source: &mut dyn PipelineSource, wanted: Wanted) -> Result<(), HubError> {
     let location = source.location();
     let missing = |file: &str| HubError::MissingFile {
         location: location.clone(),
@@ -257,19 +314,10 @@ fn collect_pipeline_files(
         let _: serde_json::Value = read_json(&source.root().join(SCHEDULER_CONFIG))?;
     }
 
-    let tokenizer_files = source.component_files("tokenizer")?;
-    let has = |name: &str| tokenizer_files.contains(name);
-    if !(has("tokenizer.json") || (has("vocab.json") && has("merges.txt"))) {
-        return Err(missing(
-            "tokenizer/vocab.json and tokenizer/merges.txt (or tokenizer/tokenizer.json)",
-        ));
-    }
-    for name in TOKENIZER_FILES.iter().filter(|name| has(name)) {
-        let file = format!("tokenizer/{name}");
-        if !source.fetch(&file)? {
-            return Err(missing(&file));
-        }
-    }
+    collect_tokenizer_files(source, &location)?;
+    let Wanted::Pipeline(variant) = wanted else {
+        return Ok(());
+    };
 
     for (component, base_name) in WEIGHT_COMPONENTS {
         let names = source.component_files(component)?;
@@ -303,6 +351,31 @@ fn collect_pipeline_files(
                     }
                 }
             }
+        }
+    }
+    Ok(())
+}
+
+/// The tokenizer's files: `tokenizer.json` or `vocab.json` + `merges.txt`, and the others present.
+fn collect_tokenizer_files(
+    source: &mut dyn PipelineSource,
+    location: &str,
+) -> Result<(), HubError> {
+    let missing = |file: &str| HubError::MissingFile {
+        location: location.to_string(),
+        file: file.to_string(),
+    };
+    let tokenizer_files = source.component_files("tokenizer")?;
+    let has = |name: &str| tokenizer_files.contains(name);
+    if !(has("tokenizer.json") || (has("vocab.json") && has("merges.txt"))) {
+        return Err(missing(
+            "tokenizer/vocab.json and tokenizer/merges.txt (or tokenizer/tokenizer.json)",
+        ));
+    }
+    for name in TOKENIZER_FILES.iter().filter(|name| has(name)) {
+        let file = format!("tokenizer/{name}");
+        if !source.fetch(&file)? {
+            return Err(missing(&file));
         }
     }
     Ok(())

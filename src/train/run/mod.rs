@@ -984,6 +984,7 @@ impl Run<'_> {
             unet: self.validation_unet()?,
             dtype: candle_core::DType::F32,
             device: config.device.clone(),
+            single_file: None,
         };
         let mut pipeline = EditPipeline::new(model)?;
         let multiple = pipeline.size_multiple();
