@@ -16,3 +16,4 @@ pub use crate::pipeline::resize;
 pub mod run;
 pub mod schedule;
 pub mod step;
+mod trainable_unet;
