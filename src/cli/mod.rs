@@ -4,6 +4,7 @@
 mod bench;
 mod edit;
 mod edit_folder;
+mod launch;
 mod load;
 mod progress;
 mod ranges;

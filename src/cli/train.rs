@@ -9,6 +9,8 @@
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Arg, Args};
@@ -31,6 +33,7 @@ use crate::train::data::{
     CheckLevel, Columns, DEFAULT_EDIT_PROMPT_COLUMN, DEFAULT_EDITED_IMAGE_COLUMN,
     DEFAULT_ORIGINAL_IMAGE_COLUMN,
 };
+use crate::train::distributed::WorldConfig;
 use crate::train::memory::{format_bytes, parse_bytes};
 use crate::train::optim::AdamWConfig;
 use crate::train::output::model_files;
@@ -240,9 +243,38 @@ pub struct TrainArgs {
     /// tensorboard (the default; also metrics.jsonl, always written), all, wandb, comet_ml or none.
     #[arg(long, value_name = "WHERE", default_value = "tensorboard")]
     pub report_to: String,
-    /// Not used (one process). Range: -1 to 65535.
+    /// Not used: a process's rank on its machine comes from the launcher's LOCAL_RANK variable.
+    /// Range: -1 to 65535.
     #[arg(long, value_name = "N", default_value_t = -1, allow_negative_numbers = true, value_parser = clap::value_parser!(i64).range(-1..=65535))]
     pub local_rank: i64,
+    /// One process per GPU of this machine, summing gradients over NCCL (as `accelerate launch
+    /// --multi_gpu`); needs a CUDA build.
+    #[arg(long)]
+    pub multi_gpu: bool,
+    /// Processes over all machines (with --multi_gpu: GPUs × machines by default); on the CPU,
+    /// `--num_processes N --device cpu` runs N CPU processes summing over TCP. Range: 1 to 1024.
+    #[arg(long, value_name = "N", value_parser = count_in(1, crate::train::distributed::MAX_WORLD_SIZE as u64))]
+    pub num_processes: Option<usize>,
+    /// The GPUs of this machine to use with --multi_gpu: `all` or a list such as 0,1.
+    #[arg(long, value_name = "IDS")]
+    pub gpu_ids: Option<String>,
+    /// Machines the run spans (each runs this command with its own --machine_rank). Range: 1
+    /// to 1024.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = count_in(1, crate::train::distributed::MAX_WORLD_SIZE as u64))]
+    pub num_machines: usize,
+    /// This machine's number, 0 for the one rank 0 runs on. Range: 0 to 1023.
+    #[arg(long, value_name = "N", default_value_t = 0, value_parser = count_in(0, crate::train::distributed::MAX_WORLD_SIZE as u64 - 1))]
+    pub machine_rank: usize,
+    /// Address of machine 0, where the processes meet (127.0.0.1 on one machine).
+    #[arg(long, value_name = "IP")]
+    pub main_process_ip: Option<String>,
+    /// Port on machine 0 where the processes meet (29500). Range: 1 to 65535.
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    pub main_process_port: Option<u16>,
+    /// Seconds a process waits for another before the run stops (a rank that died is noticed
+    /// at once; one that hangs after this long). Range: 1 to 86400.
+    #[arg(long, value_name = "SECONDS", default_value_t = 1800, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub ddp_timeout: u64,
     /// Save a checkpoint every N optimizer steps. Range: 1 to 1000000000.
     #[arg(long, value_name = "N", default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..=MAX_STEP_COUNT))]
     pub checkpointing_steps: u64,
@@ -297,9 +329,22 @@ fn alias_other_spelling(arg: Arg) -> Arg {
     if other == long { arg } else { arg.alias(other) }
 }
 
-/// Prints a one-line notice.
+/// Set in the processes of a data-parallel run other than rank 0: they print only what is
+/// their own (rank 0 speaks for the run).
+static OTHER_RANK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// This process's rank in a data-parallel run (0 otherwise).
+static RANK: AtomicUsize = AtomicUsize::new(0);
+
+fn other_rank() -> bool {
+    OTHER_RANK.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Prints a one-line notice (rank 0 only).
 fn notice(text: &str) {
-    eprintln!("note: {text}");
+    if !other_rank() {
+        eprintln!("note: {text}");
+    }
 }
 
 /// The notices for flags without meaning here; returns whether TensorBoard is wanted.
@@ -330,7 +375,7 @@ fn meaningless_flags(args: &TrainArgs) -> Result<bool> {
         ));
     }
     if args.local_rank != -1 {
-        notice("--local_rank is not used: training runs in one process");
+        notice("--local_rank is not used: each process reads LOCAL_RANK, which the launcher sets");
     }
     Ok(match args.report_to.as_str() {
         "tensorboard" => true,
@@ -454,7 +499,8 @@ fn config_from_args(
         }
     };
     let mut config = TrainConfig::new(model_dir, data, args.output_dir.clone());
-    config.device = select_device(args.device)?;
+    config.distributed = WorldConfig::from_env(Duration::from_secs(args.ddp_timeout))?;
+    config.device = select_device(rank_device(args.device, config.distributed.as_ref()))?;
     config.variant = variant;
     config.mixed_precision = mixed_precision;
     config.memory_check = memory_check;
@@ -660,11 +706,48 @@ fn push_model(
     }
 }
 
-/// Runs `train` with the flags.
+/// The device of one process of a data-parallel run: the GPU the launcher gave it, else GPU
+/// `LOCAL_RANK` (as torchrun's processes take), when the choice is a GPU (or auto in a CUDA
+/// build); the choice itself otherwise.
+fn rank_device(choice: DeviceChoice, world: Option<&WorldConfig>) -> DeviceChoice {
+    let Some(world) = world else {
+        return choice;
+    };
+    let ordinal = std::env::var(super::launch::CUDA_DEVICE_VAR)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(world.local_rank);
+    match choice {
+        DeviceChoice::Cuda(_) => DeviceChoice::Cuda(ordinal),
+        DeviceChoice::Auto if crate::model::device::cuda_device_count() > ordinal => {
+            DeviceChoice::Cuda(ordinal)
+        }
+        other => other,
+    }
+}
+
+/// Runs `train` with the flags (or, with `--num_processes`/`--multi_gpu`, launches the processes
+/// that do).
 pub fn run(args: TrainArgs) -> Result<()> {
+    if super::launch::wants_launch(&args) {
+        return super::launch::launch(&args);
+    }
+    let rank = std::env::var(crate::train::distributed::RANK_VAR)
+        .ok()
+        .and_then(|r| r.trim().parse::<usize>().ok())
+        .filter(|_| std::env::var_os(crate::train::distributed::WORLD_SIZE_VAR).is_some());
+    if let Some(rank) = rank.filter(|&r| r > 0) {
+        OTHER_RANK.store(true, Ordering::Relaxed);
+        RANK.store(rank, Ordering::Relaxed);
+    }
     let tensorboard = meaningless_flags(&args)?;
-    let push = push_target(&args)?;
-    let mut progress = Progress::new(args.quiet);
+    let push = if other_rank() {
+        None
+    } else {
+        push_target(&args)?
+    };
+    let quiet = args.quiet || other_rank();
+    let mut progress = Progress::new(quiet);
     let model_dir = model_folder(&args, &mut progress)?;
     let mut config = config_from_args(&args, model_dir, tensorboard)?;
     config.validate()?;
@@ -678,17 +761,22 @@ pub fn run(args: TrainArgs) -> Result<()> {
         scope.spawn(move || {
             while !done_ref.load(std::sync::atomic::Ordering::SeqCst) {
                 if interrupted.load(std::sync::atomic::Ordering::SeqCst) {
-                    eprintln!("\nstopping: saving a checkpoint and the model so far (Ctrl+C again to quit at once)");
+                    if !other_rank() {
+                        eprintln!("\nstopping: saving a checkpoint and the model so far (Ctrl+C again to quit at once)");
+                    }
                     control_ref.request_stop();
                     break;
                 }
                 std::thread::sleep(std::time::Duration::from_millis(100));
             }
         });
-        let result = run_with_prompt(&mut config, &control, args.quiet);
+        let result = run_with_prompt(&mut config, &control, quiet);
         watcher_done.store(true, std::sync::atomic::Ordering::SeqCst);
         result
     })?;
+    if other_rank() {
+        return Ok(());
+    }
     match &outcome.model {
         Some(model) => println!(
             "{} after {} steps; model: {}",
@@ -732,6 +820,7 @@ fn run_with_prompt(
         match result {
             Err(RunError::BadExamples { report })
                 if !config.skip_bad_examples
+                    && config.distributed.is_none()
                     && !report.good.is_empty()
                     && std::io::stdin().is_terminal()
                     && std::io::stderr().is_terminal() =>
@@ -787,6 +876,13 @@ fn gradient_warning(missing: &[String], resumed: bool) -> Option<String> {
 }
 
 fn handle_event(event: TrainEvent, bar: &mut Option<ProgressBar>, resumed: &mut bool, quiet: bool) {
+    if other_rank() {
+        // Rank 0 reports the run; the others only what happened to them alone.
+        if let TrainEvent::Notice(text) = event {
+            eprintln!("note (rank {}): {text}", RANK.load(Ordering::Relaxed));
+        }
+        return;
+    }
     let say = |bar: &Option<ProgressBar>, text: String| match bar {
         Some(bar) if !bar.is_hidden() => bar.println(text),
         _ => eprintln!("{text}"),
@@ -847,6 +943,17 @@ fn handle_event(event: TrainEvent, bar: &mut Option<ProgressBar>, resumed: &mut 
                     None => String::new(),
                 }
             );
+            if plan.processes > 1 {
+                eprintln!(
+                    "{} processes summing gradients over {}: effective batch {} ({} per process × {} processes × {} accumulation steps)",
+                    plan.processes,
+                    plan.backend.unwrap_or("tcp"),
+                    plan.effective_batch,
+                    plan.per_process_batch,
+                    plan.processes,
+                    plan.accumulation_steps,
+                );
+            }
             eprintln!(
                 "memory: estimated peak ~{}{}",
                 format_bytes(plan.estimated_peak_bytes),

@@ -199,6 +199,22 @@ fn gpu_memory(_device: &Device) -> Option<DeviceMemory> {
     None
 }
 
+/// The CUDA GPUs this machine has (0 without a driver, or in a build without CUDA).
+#[cfg(feature = "cuda")]
+pub fn cuda_device_count() -> usize {
+    use candle_core::cuda_backend::cudarc;
+    if cudarc::driver::result::init().is_err() {
+        return 0;
+    }
+    cudarc::driver::result::device::get_count().map_or(0, |n| n.max(0) as usize)
+}
+
+/// The CUDA GPUs this machine has (0 without a driver, or in a build without CUDA).
+#[cfg(not(feature = "cuda"))]
+pub fn cuda_device_count() -> usize {
+    0
+}
+
 /// A device as the command line names it: `cpu`, `cuda:0`, `metal:0`.
 pub fn device_label(device: &Device) -> String {
     match device.location() {

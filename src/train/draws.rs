@@ -35,11 +35,36 @@ impl StepDraws {
     /// The draws of micro-batch number `micro_batch_index` of a run seeded with `seed`: normal
     /// noises from torch's CPU generator algorithm, timesteps and dropout draws uniform. The same
     /// (seed, index) always gives the same draws, so a resumed run draws what the uninterrupted
-    /// one would have.
+    /// one would have. Each example of the batch draws from its own stream
+    /// ([`StepDraws::seeded_rows`]).
     pub fn seeded(
         seed: u64,
         micro_batch_index: u64,
         latent_shape: [usize; 4],
+        num_train_timesteps: usize,
+        device: &Device,
+    ) -> Result<Self, TrainError> {
+        let [batch, c, h, w] = latent_shape;
+        let rows: Vec<usize> = (0..batch).collect();
+        Self::seeded_rows(
+            seed,
+            micro_batch_index,
+            &rows,
+            [c, h, w],
+            num_train_timesteps,
+            device,
+        )
+    }
+
+    /// The draws of examples `rows` (indices into the global batch) of micro-batch `micro_batch_index`'s global batch: every
+    /// example draws from a stream of its own, (seed, micro-batch, row), so a process holding
+    /// rows 2..4 of a batch split across processes draws exactly what one process holding the
+    /// whole batch draws for those rows. `example_latent_shape` is one example's [4, h, w].
+    pub fn seeded_rows(
+        seed: u64,
+        micro_batch_index: u64,
+        rows: &[usize],
+        example_latent_shape: [usize; 3],
         num_train_timesteps: usize,
         device: &Device,
     ) -> Result<Self, TrainError> {
@@ -50,23 +75,39 @@ impl StepDraws {
                 reason: "must be at least 1",
             });
         }
-        let stream = mix_seed(seed, micro_batch_index);
-        let mut normal = TorchGenerator::new(stream & 0xffff_ffff);
-        let latent_sample_noise = normal
-            .randn(&latent_shape, DType::F32, device)
-            .stage("drawing noise")?;
-        let noise = normal
-            .randn(&latent_shape, DType::F32, device)
-            .stage("drawing noise")?;
-        let mut uniform = rand::rngs::StdRng::seed_from_u64(stream.rotate_left(32));
-        let batch = latent_shape[0];
-        let timesteps = (0..batch)
-            .map(|_| uniform.random_range(0..num_train_timesteps as u32))
-            .collect();
-        let dropout_draws = (0..batch).map(|_| uniform.random::<f32>()).collect();
+        let [c, h, w] = example_latent_shape;
+        let batch_stream = mix_seed(seed, micro_batch_index);
+        let mut sample_noises = Vec::with_capacity(rows.len());
+        let mut noises = Vec::with_capacity(rows.len());
+        let mut timesteps = Vec::with_capacity(rows.len());
+        let mut dropout_draws = Vec::with_capacity(rows.len());
+        for &row in rows {
+            let stream = mix_seed(batch_stream, row as u64);
+            let mut normal = TorchGenerator::new(stream & 0xffff_ffff);
+            sample_noises.push(
+                normal
+                    .randn(&[1, c, h, w], DType::F32, device)
+                    .stage("drawing noise")?,
+            );
+            noises.push(
+                normal
+                    .randn(&[1, c, h, w], DType::F32, device)
+                    .stage("drawing noise")?,
+            );
+            let mut uniform = rand::rngs::StdRng::seed_from_u64(stream.rotate_left(32));
+            timesteps.push(uniform.random_range(0..num_train_timesteps as u32));
+            dropout_draws.push(uniform.random::<f32>());
+        }
+        let cat = |parts: &[Tensor]| -> Result<Tensor, TrainError> {
+            if parts.is_empty() {
+                Tensor::zeros((0, c, h, w), DType::F32, device).stage("drawing noise")
+            } else {
+                Tensor::cat(parts, 0).stage("drawing noise")
+            }
+        };
         Ok(Self {
-            latent_sample_noise,
-            noise,
+            latent_sample_noise: cat(&sample_noises)?,
+            noise: cat(&noises)?,
             timesteps,
             dropout_draws,
         })
@@ -137,5 +178,29 @@ mod tests {
         assert_ne!(values(&a), values(&c));
         assert!(a.timesteps.iter().all(|&t| t < 1000));
         assert!(a.dropout_draws.iter().all(|&r| (0.0..1.0).contains(&r)));
+    }
+
+    #[test]
+    fn a_slice_of_a_batch_draws_what_the_whole_batch_draws_for_those_rows() {
+        let device = Device::Cpu;
+        let whole = StepDraws::seeded(9, 3, [4, 4, 2, 3], 1000, &device).unwrap();
+        let part = StepDraws::seeded_rows(9, 3, &[2, 3], [4, 2, 3], 1000, &device).unwrap();
+        let rows = |t: &Tensor, r: std::ops::Range<usize>| {
+            t.narrow(0, r.start, r.len())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        assert_eq!(rows(&whole.noise, 2..4), rows(&part.noise, 0..2));
+        assert_eq!(
+            rows(&whole.latent_sample_noise, 2..4),
+            rows(&part.latent_sample_noise, 0..2)
+        );
+        assert_eq!(whole.timesteps[2..], part.timesteps[..]);
+        assert_eq!(whole.dropout_draws[2..], part.dropout_draws[..]);
+        // Rows of one batch are not copies of each other.
+        assert_ne!(rows(&whole.noise, 0..1), rows(&whole.noise, 1..2));
     }
 }

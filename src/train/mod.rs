@@ -2,6 +2,7 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod distributed;
 mod draws;
 pub mod ema;
 pub mod latent_cache;

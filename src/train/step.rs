@@ -876,6 +876,19 @@ impl Trainer {
         encoded: &EncodedBatch,
         draws: &StepDraws,
     ) -> Result<MicroBatchReport, TrainError> {
+        self.accumulate_share(encoded, draws, 1.0)
+    }
+
+    /// [`Trainer::accumulate_encoded`] for this process's `share` of a global batch split
+    /// across processes (its examples over the global batch's): the loss is weighted by it, so
+    /// that the sum of every process's gradients ([`Trainer::reduce_accumulated`]) is the
+    /// gradient of the whole batch's mean loss.
+    pub fn accumulate_share(
+        &mut self,
+        encoded: &EncodedBatch,
+        draws: &StepDraws,
+        share: f64,
+    ) -> Result<MicroBatchReport, TrainError> {
         // With gradient checkpointing, the weights inside the UNet's segments get their
         // gradients from the segments' recomputation, into this store, not from `backward()`.
         let segment_grads = self.models.unet.unet.segment_gradients().cloned();
@@ -890,7 +903,7 @@ impl Trainer {
         // accelerator.backward divides by the accumulation steps (and multiplies by the loss
         // scale in float16).
         let loss_scale = self.loss_scaler.as_ref().map_or(1.0, LossScaler::scale);
-        let scaled = (&loss * (loss_scale / k as f64)).stage("scaling the loss")?;
+        let scaled = (&loss * (loss_scale * share / k as f64)).stage("scaling the loss")?;
         let grads = scaled.backward().stage("backward")?;
         // The graph holds every activation: gone before the gradients are summed.
         drop((scaled, loss));
@@ -909,11 +922,31 @@ impl Trainer {
             }
         }
         self.micro_batches += 1;
-        self.train_loss += f64::from(loss_value) / k as f64;
+        self.train_loss += f64::from(loss_value) * share / k as f64;
         Ok(MicroBatchReport {
             loss: loss_value,
             dropped,
         })
+    }
+
+    /// Counts a micro-batch in which this process had no examples (an epoch's short last batch
+    /// split across processes): it adds nothing, but the processes agree on when to step.
+    pub fn count_empty_micro_batch(&mut self) {
+        self.micro_batches += 1;
+    }
+
+    /// Lets `reduce` replace the accumulated gradients (by parameter, in [`Trainer::params`]'
+    /// order) and the accumulated loss, before [`Trainer::optimizer_step`] clips and applies
+    /// them: data-parallel training sums them across processes here.
+    pub fn reduce_accumulated<E>(
+        &mut self,
+        reduce: impl FnOnce(&[(String, Var)], &mut [Option<Tensor>], &mut f64) -> Result<(), E>,
+    ) -> Result<(), E> {
+        reduce(
+            self.optimizer.params(),
+            &mut self.grads,
+            &mut self.train_loss,
+        )
     }
 
     /// One micro-batch; after the k-th since the last optimizer step, also the optimizer step.

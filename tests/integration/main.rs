@@ -36,6 +36,7 @@ mod train_data;
 mod train_guards;
 mod train_hygiene;
 mod train_mixed_precision;
+mod train_parallel;
 mod train_persist;
 mod train_run;
 mod train_step;

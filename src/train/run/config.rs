@@ -12,6 +12,7 @@ use image::RgbImage;
 use super::RunError;
 use crate::model::weights::Variant;
 use crate::train::data::{CheckLevel, Columns};
+use crate::train::distributed::WorldConfig;
 use crate::train::optim::AdamWConfig;
 use crate::train::schedule::LrScheduleKind;
 
@@ -184,6 +185,9 @@ pub struct TrainConfig {
     pub check_level: CheckLevel,
     /// Where training runs.
     pub device: Device,
+    /// This process's place in a data-parallel run (`RANK`, `WORLD_SIZE`, ... set by a
+    /// launcher), or `None` for a single process.
+    pub distributed: Option<WorldConfig>,
 }
 
 impl TrainConfig {
@@ -226,6 +230,7 @@ impl TrainConfig {
             skip_bad_examples: false,
             check_level: CheckLevel::Headers,
             device: Device::Cpu,
+            distributed: None,
         }
     }
 

@@ -72,6 +72,9 @@ pub enum RunError {
     /// Writing the final model failed.
     #[error(transparent)]
     Output(#[from] OutputError),
+    /// The processes of a data-parallel run could not connect, or one of them failed.
+    #[error(transparent)]
+    Distributed(#[from] crate::train::distributed::DistributedError),
     /// Writing metrics failed.
     #[error(transparent)]
     Metrics(#[from] MetricsError),
@@ -219,6 +222,16 @@ pub struct RunPlan {
     pub available_bytes: Option<u64>,
     /// Where the run trains (`cpu`, `cuda:0`).
     pub device: String,
+    /// Processes training together (1 without a launcher).
+    pub processes: usize,
+    /// `--train_batch_size`: examples per micro-batch on each process.
+    pub per_process_batch: usize,
+    /// `--gradient_accumulation_steps`.
+    pub accumulation_steps: usize,
+    /// Examples per optimizer step: `train_batch_size · processes · gradient_accumulation_steps`.
+    pub effective_batch: usize,
+    /// The sum between processes (`tcp`, `nccl`), when there are several.
+    pub backend: Option<&'static str>,
 }
 
 /// One optimizer step's metrics.

@@ -57,6 +57,7 @@
 mod config;
 mod events;
 mod memory_plan;
+mod parallel;
 mod resume;
 
 pub use config::{
@@ -99,6 +100,7 @@ use crate::pipeline::EditSettings;
 use crate::pipeline::edit::EditPipeline;
 use crate::pipeline::image::{edit_size, resize_lanczos, save_image};
 use memory_plan::MemoryPlan;
+use parallel::Parallel;
 use resume::{check_resume_state, restore_weights};
 
 /// The validation folder inside the output folder.
@@ -126,11 +128,19 @@ struct LoopState {
     seed: u64,
     examples: usize,
     train_batch_size: usize,
+    /// Processes that trained together (their global batch is `train_batch_size · processes`);
+    /// 1 in checkpoints written before data-parallel training.
+    #[serde(default = "one_process")]
+    processes: usize,
     resolution: u32,
     /// The float16 loss scale (`--mixed_precision fp16` on a GPU); absent otherwise and in
     /// checkpoints written before mixed precision computed in half.
     #[serde(default)]
     loss_scale: Option<LossScaleState>,
+}
+
+fn one_process() -> usize {
+    1
 }
 
 const GROUP_UNET: &str = "unet";
@@ -146,7 +156,8 @@ struct Run<'a> {
     config: &'a TrainConfig,
     trainer: Trainer,
     lora: Option<UNetLora>,
-    metrics: MetricsLog,
+    /// Rank 0's (the others write nothing).
+    metrics: Option<MetricsLog>,
     tensorboard: Option<TensorBoardWriter>,
     last_checkpoint: Option<PathBuf>,
     last_checkpoint_step: Option<u64>,
@@ -157,6 +168,8 @@ struct Run<'a> {
     examples: usize,
     /// `--cache_latents`: every example's encodings, read instead of running the encoders.
     cache: Option<LatentCache>,
+    /// The other processes of a data-parallel run.
+    parallel: Option<Parallel>,
 }
 
 /// The crop the settings ask for.
@@ -177,6 +190,28 @@ pub fn train(
     on_event: &mut dyn FnMut(TrainEvent),
 ) -> Result<TrainOutcome, RunError> {
     config.validate()?;
+    // The other processes first: a run whose ranks cannot meet stops before any work.
+    let mut parallel = Parallel::connect(config.distributed.as_ref(), &config.device)?;
+    let adopted;
+    let config = match &mut parallel {
+        Some(parallel) => {
+            // Every rank draws from rank 0's seed (a launcher without --seed gives each its own).
+            let (seed, differed) = parallel.adopt_rank0(config.seed)?;
+            if differed {
+                on_event(TrainEvent::Notice(format!(
+                    "rank {} takes rank 0's seed {seed}",
+                    parallel.rank()
+                )));
+            }
+            adopted = TrainConfig {
+                seed,
+                ..config.clone()
+            };
+            &adopted
+        }
+        None => config,
+    };
+    let main_rank = parallel.as_ref().is_none_or(|p| p.rank() == 0);
 
     // The data first: a bad dataset is refused before the model is loaded.
     let options = DatasetOptions {
@@ -227,6 +262,16 @@ pub fn train(
     } else {
         return Err(RunError::BadExamples { report });
     };
+    if let Some(parallel) = &mut parallel {
+        parallel.check_same(
+            "examples in the dataset",
+            dataset.len() as u64,
+            "every machine needs the same data at the same path",
+        )?;
+    }
+    let processes = parallel.as_ref().map_or(1, Parallel::world_size);
+    // accelerate's sharding: a global batch of train_batch_size per process.
+    let global_batch = config.train_batch_size * processes;
 
     // Memory: refused here, before the model loads and anything is written, when it cannot fit.
     let memory = MemoryPlan::check(config, dataset.len())?;
@@ -310,7 +355,7 @@ pub fn train(
     } else {
         FlipMode::Never
     };
-    let batches_per_epoch = dataset.len().div_ceil(config.train_batch_size);
+    let batches_per_epoch = dataset.len().div_ceil(global_batch);
     let updates_per_epoch = batches_per_epoch.div_ceil(config.gradient_accumulation_steps) as u64;
     let total_steps = config
         .max_train_steps
@@ -320,6 +365,7 @@ pub fn train(
         config.learning_rate
             * config.gradient_accumulation_steps as f64
             * config.train_batch_size as f64
+            * processes as f64
     } else {
         config.learning_rate
     };
@@ -362,7 +408,7 @@ pub fn train(
                     tensors,
                 )?;
             }
-            let state = check_resume_state(&loaded, config, dataset.len())?;
+            let state = check_resume_state(&loaded, config, dataset.len(), processes)?;
             restore_weights(&loaded, &models, lora.as_ref())?;
             let optimizer = AdamW::from_state(
                 params.clone(),
@@ -387,7 +433,7 @@ pub fn train(
             }
             let sampler = EpochSampler::resume(
                 dataset.len(),
-                config.train_batch_size,
+                global_batch,
                 config.seed,
                 flip,
                 state.sampler,
@@ -399,8 +445,7 @@ pub fn train(
                 .map_err(TrainError::from)?;
             let trainer =
                 Trainer::with_optimizer(models, optimizer, schedule, ema_config, step_config)?;
-            let sampler =
-                EpochSampler::new(dataset.len(), config.train_batch_size, config.seed, flip)?;
+            let sampler = EpochSampler::new(dataset.len(), global_batch, config.seed, flip)?;
             (trainer, sampler, 0)
         }
     };
@@ -409,18 +454,29 @@ pub fn train(
     } else {
         None
     };
-    // Nothing is written before everything above succeeded.
-    std::fs::create_dir_all(&config.output_dir).map_err(|source| RunError::Io {
-        path: config.output_dir.clone(),
-        source,
-    })?;
     let first_step = trainer.global_step();
-    let metrics = if resume_dir.is_some() {
-        MetricsLog::resume(&config.output_dir, first_step)?
+    if let Some(parallel) = &mut parallel {
+        parallel.check_same(
+            "the step the run starts from",
+            first_step,
+            "every rank must see the same checkpoints: put --output_dir on a shared disk",
+        )?;
+    }
+    // Nothing is written before everything above succeeded, and only by rank 0.
+    let metrics = if !main_rank {
+        None
     } else {
-        MetricsLog::open(&config.output_dir)?
+        std::fs::create_dir_all(&config.output_dir).map_err(|source| RunError::Io {
+            path: config.output_dir.clone(),
+            source,
+        })?;
+        Some(if resume_dir.is_some() {
+            MetricsLog::resume(&config.output_dir, first_step)?
+        } else {
+            MetricsLog::open(&config.output_dir)?
+        })
     };
-    let tensorboard = if config.report_to_tensorboard {
+    let tensorboard = if config.report_to_tensorboard && main_rank {
         Some(TensorBoardWriter::create(
             &config.output_dir.join(TENSORBOARD_DIR),
         )?)
@@ -441,6 +497,11 @@ pub fn train(
         estimated_peak_bytes: memory.estimate,
         available_bytes: memory.available,
         device: crate::model::device::device_label(&config.device),
+        processes,
+        per_process_batch: config.train_batch_size,
+        accumulation_steps: config.gradient_accumulation_steps,
+        effective_batch: global_batch * config.gradient_accumulation_steps,
+        backend: parallel.as_ref().map(Parallel::backend_name),
     }));
 
     let mut run = Run {
@@ -455,6 +516,7 @@ pub fn train(
         started: Instant::now(),
         examples: dataset.len(),
         cache,
+        parallel,
     };
     let outcome = match run.train_loop(
         &dataset,
@@ -467,7 +529,9 @@ pub fn train(
     ) {
         Ok(outcome) => outcome,
         Err(error) => {
-            run.save_after_failure(&error, on_event);
+            if main_rank {
+                run.save_after_failure(&error, on_event);
+            }
             let step = run.trainer.global_step() + 1;
             return Err(memory.out_of_memory_in_step(error, step, || run.newest_checkpoint()));
         }
@@ -571,11 +635,16 @@ impl Run<'_> {
         let mut non_finite_in_a_row = 0u32;
 
         while self.trainer.global_step() < total_steps {
-            if control.stop_requested() {
+            // Processes stop together (a Ctrl+C reaches them at different moments).
+            let stop = match &mut self.parallel {
+                Some(parallel) => parallel.any(control.stop_requested())?,
+                None => control.stop_requested(),
+            };
+            if stop {
                 stopped = true;
                 break;
             }
-            if control.is_paused() {
+            if self.parallel.is_none() && control.is_paused() {
                 on_event(TrainEvent::Paused);
                 while control.is_paused() && !control.stop_requested() {
                     std::thread::sleep(Duration::from_millis(50));
@@ -590,16 +659,26 @@ impl Run<'_> {
             let last_of_epoch = batch.position.batch + 1 == batches_per_epoch;
             let draws_index = micro_batch_index;
             micro_batch_index += 1;
+            // This process's rows of the global batch (all of them for a single process).
+            let rows = match &self.parallel {
+                Some(parallel) => parallel.local_rows(batch.indices.len(), config.train_batch_size),
+                None => 0..batch.indices.len(),
+            };
+            let mut used_rows = Vec::with_capacity(rows.len());
 
             // Bad files found only now are skipped, never a crash: one notice per example, and
             // the run ends once every example has failed (it would spin forever otherwise).
             let mut failed: Vec<(usize, String)> = Vec::new();
             let encoded = match &self.cache {
                 Some(cache) => {
-                    let mut parts = Vec::with_capacity(batch.indices.len());
-                    for (&index, &flip) in batch.indices.iter().zip(&batch.flips) {
-                        match cache.get(index, flip) {
-                            Ok(encoded) => parts.push(encoded),
+                    let mut parts = Vec::with_capacity(rows.len());
+                    for row in rows {
+                        let index = batch.indices[row];
+                        match cache.get(index, batch.flips[row]) {
+                            Ok(encoded) => {
+                                parts.push(encoded);
+                                used_rows.push(row);
+                            }
                             Err(miss) => failed.push((index, miss.to_string())),
                         }
                     }
@@ -610,13 +689,15 @@ impl Run<'_> {
                     }
                 }
                 None => {
-                    let mut examples = Vec::with_capacity(batch.indices.len());
-                    let mut flips = Vec::with_capacity(batch.indices.len());
-                    for (&index, &flip) in batch.indices.iter().zip(&batch.flips) {
+                    let mut examples = Vec::with_capacity(rows.len());
+                    let mut flips = Vec::with_capacity(rows.len());
+                    for row in rows {
+                        let index = batch.indices[row];
                         match dataset.load(index) {
                             Ok(example) => {
                                 examples.push(example);
-                                flips.push(flip);
+                                flips.push(batch.flips[row]);
+                                used_rows.push(row);
                             }
                             Err(error) => failed.push((index, error.to_string())),
                         }
@@ -650,18 +731,28 @@ impl Run<'_> {
                 }
             }
             if let Some(encoded) = encoded {
-                let latent_shape = self
+                let [_, c, h, w] = self
                     .trainer
                     .models()
-                    .latent_shape(encoded.batch_size()?, config.resolution as usize);
-                let draws = StepDraws::seeded(
+                    .latent_shape(1, config.resolution as usize);
+                let draws = StepDraws::seeded_rows(
                     config.seed,
                     draws_index,
-                    latent_shape,
+                    &used_rows,
+                    [c, h, w],
                     num_train_timesteps,
                     &config.device,
                 )?;
-                self.trainer.accumulate_encoded(&encoded, &draws)?;
+                // Several processes: each weighs its loss by its part of the global batch, so
+                // the sum of their gradients is the whole batch's.
+                let share = match &self.parallel {
+                    Some(_) => used_rows.len() as f64 / batch.indices.len() as f64,
+                    None => 1.0,
+                };
+                self.trainer.accumulate_share(&encoded, &draws, share)?;
+            } else if self.parallel.is_some() {
+                // Counted all the same, so that every process steps at the same micro-batch.
+                self.trainer.count_empty_micro_batch();
             }
 
             let pending = self.trainer.pending_micro_batches();
@@ -671,6 +762,9 @@ impl Run<'_> {
                     .then(|| self.params_without_gradient())
                     .transpose()?;
                 first_step_of_run = false;
+                if let Some(parallel) = &mut self.parallel {
+                    parallel.reduce(&mut self.trainer)?;
+                }
                 let report = match self.trainer.optimizer_step() {
                     Err(TrainError::LossScaleOverflow { scale, new_scale }) => {
                         // float16's range, not divergence: skipped, as GradScaler does.
@@ -712,14 +806,16 @@ impl Run<'_> {
                     let mean =
                         recent_step_seconds.iter().sum::<f64>() / recent_step_seconds.len() as f64;
                     let (rss_bytes, peak_rss_bytes) = memory_in_use();
-                    self.metrics.log_step(&StepMetrics {
-                        step: report.step,
-                        epoch,
-                        loss: report.loss,
-                        lr: report.lr,
-                        grad_norm: Some(f64::from(report.grad_norm)),
-                        seconds: self.started.elapsed().as_secs_f64(),
-                    })?;
+                    if let Some(metrics) = &mut self.metrics {
+                        metrics.log_step(&StepMetrics {
+                            step: report.step,
+                            epoch,
+                            loss: report.loss,
+                            lr: report.lr,
+                            grad_norm: Some(f64::from(report.grad_norm)),
+                            seconds: self.started.elapsed().as_secs_f64(),
+                        })?;
+                    }
                     if let Some(tb) = &mut self.tensorboard {
                         tb.add_scalars(
                             report.step as i64,
@@ -743,7 +839,7 @@ impl Run<'_> {
                         peak_rss_bytes,
                         params_without_gradient,
                     }));
-                    if report.step.is_multiple_of(config.checkpointing_steps) {
+                    if report.step.is_multiple_of(config.checkpointing_steps) && self.main_rank() {
                         self.checkpoint(on_event)?;
                     }
                 }
@@ -753,6 +849,7 @@ impl Run<'_> {
             // The script validates after each epoch's loop (also the one cut short by the end).
             let finished = self.trainer.global_step() >= total_steps;
             if (last_of_epoch || finished)
+                && self.main_rank()
                 && let Some(validation) = &config.validation
                 && epoch.is_multiple_of(validation.every_epochs)
                 && last_validation_step != Some(self.trainer.global_step())
@@ -764,20 +861,26 @@ impl Run<'_> {
         }
 
         let step = self.trainer.global_step();
-        if stopped && step > 0 && self.last_checkpoint_step != Some(step) {
+        let main_rank = self.main_rank();
+        if stopped && step > 0 && main_rank && self.last_checkpoint_step != Some(step) {
             self.checkpoint(on_event)?;
         }
-        let model = if step > 0 {
+        let model = if step > 0 && main_rank {
             Some(self.write_model()?)
         } else {
             None
         };
         if !stopped
+            && main_rank
             && let Some(validation) = &config.validation
             && last_validation_step != Some(step)
         {
             let epoch = self.step_state.0.epoch;
             self.validate(validation, epoch, on_event)?;
+        }
+        // The others wait while rank 0 writes, so that no process ends before the run has.
+        if let Some(parallel) = &mut self.parallel {
+            parallel.barrier()?;
         }
         Ok(TrainOutcome {
             step,
@@ -785,6 +888,11 @@ impl Run<'_> {
             model,
             checkpoint: self.last_checkpoint.clone(),
         })
+    }
+
+    /// Whether this process writes the run's files (rank 0, or the only process).
+    fn main_rank(&self) -> bool {
+        self.parallel.as_ref().is_none_or(|p| p.rank() == 0)
     }
 
     /// A run that fails after its first step keeps that work: a checkpoint of the last applied
@@ -881,6 +989,7 @@ impl Run<'_> {
             seed: config.seed,
             examples: self.examples,
             train_batch_size: config.train_batch_size,
+            processes: self.parallel.as_ref().map_or(1, Parallel::world_size),
             resolution: config.resolution,
             loss_scale: self.trainer.loss_scaler().map(LossScaler::state),
         };
@@ -1029,8 +1138,9 @@ impl Run<'_> {
             images.push(out.image);
             paths.push(path);
         }
-        self.metrics
-            .log(&json!({"step": step, "epoch": epoch, "validation": logged}))?;
+        if let Some(metrics) = &mut self.metrics {
+            metrics.log(&json!({"step": step, "epoch": epoch, "validation": logged}))?;
+        }
         on_event(TrainEvent::Validation(ValidationEvent {
             step,
             epoch,

@@ -16,6 +16,7 @@ pub(super) fn check_resume_state(
     loaded: &LoadedCheckpoint,
     config: &TrainConfig,
     examples: usize,
+    processes: usize,
 ) -> Result<LoopState, RunError> {
     let mismatch = |reason: String| RunError::ResumeMismatch {
         path: loaded.path.clone(),
@@ -57,10 +58,26 @@ pub(super) fn check_resume_state(
             if config.use_8bit_adam { "drop" } else { "add" }
         )));
     }
-    if state.examples != examples || state.train_batch_size != config.train_batch_size {
+    // The data position counts global batches: any number of processes may resume a run
+    // whose global batch (per-process batch × processes) is the same.
+    let theirs = state.train_batch_size * state.processes;
+    let ours = config.train_batch_size * processes;
+    if state.examples != examples || theirs != ours {
+        let describe = |batch: usize, processes: usize| {
+            if processes == 1 {
+                format!("batches of {batch}")
+            } else {
+                format!(
+                    "batches of {} ({batch} on each of {processes} processes)",
+                    batch * processes
+                )
+            }
+        };
         return Err(mismatch(format!(
-            "it was made with {} examples in batches of {}, this run has {examples} in batches of {}",
-            state.examples, state.train_batch_size, config.train_batch_size
+            "it was made with {} examples in {}, this run has {examples} in {}",
+            state.examples,
+            describe(state.train_batch_size, state.processes),
+            describe(config.train_batch_size, processes)
         )));
     }
     if state.seed != config.seed {
