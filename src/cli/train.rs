@@ -1063,9 +1063,11 @@ mod tests {
                 assert!(aliases.is_empty(), "--{long}: {aliases:?}");
             }
         }
-        // The script's 47 snake_case flags with a second word, --lora-rank, and this program's
-        // --skip_memory_check and --cache_latents.
-        assert_eq!(both_spellings, 50);
+        // The script's 47 snake_case flags with a second word, --lora-rank, this program's
+        // --skip_memory_check and --cache_latents, and the 7 launcher flags accelerate names
+        // (--multi_gpu, --num_processes, --gpu_ids, --num_machines, --machine_rank,
+        // --main_process_ip, --main_process_port) with --ddp_timeout.
+        assert_eq!(both_spellings, 58);
         assert!(
             train
                 .get_arguments()
