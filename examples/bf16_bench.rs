@@ -25,7 +25,9 @@ use instruct_pix2pix::model::weights;
 
 fn main() -> Result<()> {
     if !nn::cpu_bf16_enabled() {
-        eprintln!("note: the bf16 kernels do not run here (no avx512_bf16 or INSTRUCT_PIX2PIX_CPU_BF16=0): the bf16 side is the portable fallback");
+        eprintln!(
+            "note: the bf16 kernels do not run here (no avx512_bf16 or INSTRUCT_PIX2PIX_CPU_BF16=0): the bf16 side is the portable fallback"
+        );
     }
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
@@ -62,7 +64,10 @@ fn bench_gemm(reps: usize) -> Result<()> {
         ("attn proj, 16² ×3", 768, 640, 640),
         ("ff in, 8² ×3", 192, 10240, 1280),
     ];
-    println!("{:<22} {:>12} {:>12} {:>8}", "linear", "f32 GFLOP/s", "bf16 GFLOP/s", "speed-up");
+    println!(
+        "{:<22} {:>12} {:>12} {:>8}",
+        "linear", "f32 GFLOP/s", "bf16 GFLOP/s", "speed-up"
+    );
     for (name, m, n, k) in shapes {
         let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
         let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?;
@@ -145,6 +150,9 @@ fn bench_unet(dir: &Path, reps: usize) -> Result<()> {
         bf16_times.push(timed(|| Ok(bf16_unet.forward(&sample, &t, &context)?))?.0);
     }
     let (a, b) = (median(f32_times), median(bf16_times));
-    println!("UNet forward, batch 3, 32×32: f32 {a:.3} s, bf16 {b:.3} s ({:.2}×)", a / b);
+    println!(
+        "UNet forward, batch 3, 32×32: f32 {a:.3} s, bf16 {b:.3} s ({:.2}×)",
+        a / b
+    );
     Ok(())
 }

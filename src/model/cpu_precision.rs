@@ -70,13 +70,12 @@ pub fn choose(
     }
     let reference = probe(false)?;
     let candidate = probe(true)?;
-    let distance = relative_distance(&candidate, &reference).map_err(|source| {
-        LoadError::Build {
+    let distance =
+        relative_distance(&candidate, &reference).map_err(|source| LoadError::Build {
             folder: std::path::PathBuf::from("probe"),
             component: "UNet",
             source,
-        }
-    })?;
+        })?;
     let percent = 100.0 * distance;
     Ok(if distance <= PROBE_MAX_DISTANCE {
         CpuPrecision {
@@ -97,7 +96,11 @@ pub fn relative_distance(a: &Tensor, b: &Tensor) -> Result<f64> {
     let b = b.to_dtype(DType::F64)?;
     let difference = (&a - &b)?.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
     let norm = b.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
-    Ok(if norm > 0.0 { difference / norm } else { difference })
+    Ok(if norm > 0.0 {
+        difference / norm
+    } else {
+        difference
+    })
 }
 
 /// The probe: `unet`'s output for one 8×8 latent at timestep 500 with a fixed context

@@ -456,7 +456,9 @@ mod tests {
 
     #[test]
     fn bf16_on_the_cpu_runs_or_falls_back_with_one_line() {
-        let notice = DTypeChoice::Bf16.check_on(&Device::Cpu).expect("never refused");
+        let notice = DTypeChoice::Bf16
+            .check_on(&Device::Cpu)
+            .expect("never refused");
         let dtype = DTypeChoice::Bf16.load_dtype(&Device::Cpu);
         if crate::model::nn::cpu_bf16_enabled() {
             assert_eq!(notice, None);

@@ -14,11 +14,11 @@ use candle_nn::var_builder::SimpleBackend;
 
 use super::clip::{ClipConfigError, ClipTextConfig, ClipTextModel};
 use super::config::{ConfigError, ModelIndex};
+use super::cpu_precision::CpuPrecision;
 use super::hub::{
     DownloadProgress, HubError, HubSettings, ModelSpec, Variant, fetch_configs_with_cancel,
     fetch_model_with_cancel,
 };
-use super::cpu_precision::CpuPrecision;
 use super::lora::{LoraChoice, LoraError, LoraWeights, ModelWeights, Network};
 use super::nn;
 use super::single_file::ldm::Shapes;
@@ -623,10 +623,8 @@ impl PreparedModel {
         let parameters = self.unet_parameters()?;
         let choice = super::cpu_precision::choose(parameters, |bf16| {
             let unet = self.probe_unet(bf16)?;
-            super::cpu_precision::probe_output(&unet).map_err(build_error(
-                self.weights_path(),
-                "UNet",
-            ))
+            super::cpu_precision::probe_output(&unet)
+                .map_err(build_error(self.weights_path(), "UNet"))
         })?;
         if choice.dtype == DType::BF16 {
             self.options.dtype = DType::BF16;

@@ -38,8 +38,7 @@ mod product;
 mod test_values;
 
 pub use bf16::{
-    CPU_BF16_VAR, cpu_bf16_allowed, cpu_bf16_enabled, cpu_has_bf16_instructions,
-    with_bf16_products,
+    CPU_BF16_VAR, cpu_bf16_allowed, cpu_bf16_enabled, cpu_has_bf16_instructions, with_bf16_products,
 };
 
 /// A matrix-product weight (linear or convolution) as the current load wants it: converted to

@@ -179,7 +179,12 @@ pub(in crate::model::nn) fn conv2d(
     let bias = bias.map(|b| b.to_vec1::<f32>()).transpose()?;
     let out = im2col_conv(x_data, w_data, bias.as_deref(), &s, COL_BLOCK_ELEMENTS)?;
     drop((x_storage, w_storage));
-    Tensor::from_vec(out, (s.batch, s.out_channels, s.out_h, s.out_w), &Device::Cpu).map(Some)
+    Tensor::from_vec(
+        out,
+        (s.batch, s.out_channels, s.out_h, s.out_w),
+        &Device::Cpu,
+    )
+    .map(Some)
 }
 
 /// The convolution on slices: bf16 weight [C_out, patch], float32 input and output.

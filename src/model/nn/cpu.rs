@@ -72,12 +72,7 @@ impl ConvShape {
         let on_cpu = x.device().is_cpu()
             && weight.device().is_cpu()
             && bias.is_none_or(|b| b.device().is_cpu());
-        if !on_cpu
-            || cfg.groups != 1
-            || cfg.dilation != 1
-            || x.rank() != 4
-            || weight.rank() != 4
-        {
+        if !on_cpu || cfg.groups != 1 || cfg.dilation != 1 || x.rank() != 4 || weight.rank() != 4 {
             return Ok(None);
         }
         let (batch, in_channels, in_h, in_w) = x.dims4()?;

@@ -71,14 +71,8 @@ impl Attention {
         } else {
             nn::attention
         };
-        let out = attention_in_query_chunks(
-            &q,
-            &k,
-            &v,
-            self.heads,
-            ATTENTION_SCORES_BUDGET,
-            attend,
-        )?;
+        let out =
+            attention_in_query_chunks(&q, &k, &v, self.heads, ATTENTION_SCORES_BUDGET, attend)?;
         self.to_out.forward(&out)
     }
 }
@@ -321,7 +315,8 @@ mod tests {
         let v = Tensor::randn(0f32, 1., (2, 23, 16), &device).unwrap();
         let whole = nn::attention(&q, &k, &v, 4).unwrap();
         // 2·4·23 scores per query row: a budget of 5 rows gives 8 chunks, the last one short.
-        let chunked = attention_in_query_chunks(&q, &k, &v, 4, 5 * 2 * 4 * 23, nn::attention).unwrap();
+        let chunked =
+            attention_in_query_chunks(&q, &k, &v, 4, 5 * 2 * 4 * 23, nn::attention).unwrap();
         assert_eq!(chunked.dims(), whole.dims());
         let diff = crate::model::max_abs_diff(&chunked, &whole);
         // Row-independent maths; only the matrix products' blocking may differ (f32 ulps).

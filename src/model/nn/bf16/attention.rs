@@ -7,7 +7,9 @@ use candle_core::{Device, Result, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
-use super::super::cpu::{AttentionShape, QUERY_BLOCK_ROWS, contiguous_slice, exp_minus_max_in_place};
+use super::super::cpu::{
+    AttentionShape, QUERY_BLOCK_ROWS, contiguous_slice, exp_minus_max_in_place,
+};
 use super::super::product::Threads;
 use super::gemm::{Bf16Product, Lhs, PackedRhs, Rhs, convert_row};
 

@@ -156,10 +156,9 @@ impl PackedRhs {
         }
         if panel_len > 0 {
             match threads {
-                Threads::All if thread_count() > 1 => data
-                    .par_chunks_mut(panel_len)
-                    .enumerate()
-                    .for_each(fill),
+                Threads::All if thread_count() > 1 => {
+                    data.par_chunks_mut(panel_len).enumerate().for_each(fill)
+                }
                 _ => data.chunks_mut(panel_len).enumerate().for_each(fill),
             }
         }
@@ -201,7 +200,9 @@ fn pack_panel_f32(
         }
         return;
     }
-    pack_panel(out, first, cols, k, |row, col| bf16_bits(data[row * rs + col * cs]));
+    pack_panel(out, first, cols, k, |row, col| {
+        bf16_bits(data[row * rs + col * cs])
+    });
 }
 
 /// Fills one panel from bf16 B (zero past k and n); a pair per column when B's columns are
@@ -230,7 +231,9 @@ fn pack_panel_bf16(
         }
         return;
     }
-    pack_panel(out, first, cols, k, |row, col| data[row * rs + col * cs].to_bits());
+    pack_panel(out, first, cols, k, |row, col| {
+        data[row * rs + col * cs].to_bits()
+    });
 }
 
 /// Fills the panel of columns `first..first + cols` from `value(row, col)` (bf16 bits), zero
@@ -546,7 +549,10 @@ unsafe fn portable_tile(t: &Tile<'_>) {
         let a = &t.a[r * t.a_stride..][..2 * t.pairs];
         let mut acc = [0f32; PANEL_COLS];
         for (pair, b) in t.b.chunks_exact(PANEL_COLS).enumerate() {
-            let (a0, a1) = (f32_of_bits(a[2 * pair].to_bits()), f32_of_bits(a[2 * pair + 1].to_bits()));
+            let (a0, a1) = (
+                f32_of_bits(a[2 * pair].to_bits()),
+                f32_of_bits(a[2 * pair + 1].to_bits()),
+            );
             for (sum, &packed) in acc.iter_mut().zip(b) {
                 let b0 = f32_of_bits(packed as u16);
                 let b1 = f32_of_bits((packed >> 16) as u16);
@@ -556,7 +562,11 @@ unsafe fn portable_tile(t: &Tile<'_>) {
         for (col, &sum) in acc[..t.cols].iter().enumerate() {
             // SAFETY: row r < rows and col < cols lie inside C (the function's contract).
             let c = unsafe { &mut *t.c.add(r * t.c_stride + col) };
-            *c = if t.load_c { *c + t.alpha * sum } else { t.alpha * sum };
+            *c = if t.load_c {
+                *c + t.alpha * sum
+            } else {
+                t.alpha * sum
+            };
         }
     }
 }
@@ -634,7 +644,8 @@ mod avx512 {
                 // `even` and `odd` (< k), inside `data` (the function's contract); the store
                 // writes 16 values at pair · 32 + start ≤ len − 16 of `out`.
                 unsafe {
-                    let low = _mm512_maskz_loadu_ps(mask, data.as_ptr().add(even * rs + first + start));
+                    let low =
+                        _mm512_maskz_loadu_ps(mask, data.as_ptr().add(even * rs + first + start));
                     let high = if odd < k {
                         _mm512_maskz_loadu_ps(mask, data.as_ptr().add(odd * rs + first + start))
                     } else {
@@ -697,7 +708,10 @@ mod avx512 {
                 let b1: __m512bh =
                     std::mem::transmute(_mm512_loadu_si512(b.add(pair * 32 + 16).cast()));
                 for (r, row) in acc.iter_mut().enumerate() {
-                    let word = a.add(r * t.a_stride + 2 * pair).cast::<i32>().read_unaligned();
+                    let word = a
+                        .add(r * t.a_stride + 2 * pair)
+                        .cast::<i32>()
+                        .read_unaligned();
                     let a_pair: __m512bh = std::mem::transmute(_mm512_set1_epi32(word));
                     row[0] = _mm512_dpbf16_ps(row[0], a_pair, b0);
                     row[1] = _mm512_dpbf16_ps(row[1], a_pair, b1);

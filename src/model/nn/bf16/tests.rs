@@ -54,11 +54,17 @@ fn products(kernel: Kernel, a: &Tensor, b: &Tensor) -> Vec<(String, Tensor)> {
     let (m, k) = a.dims2().expect("a");
     let n = b.dim(1).expect("b");
     let a32 = a.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("a");
-    let a_t = a.t().and_then(|t| t.contiguous()).and_then(|t| t.flatten_all());
+    let a_t = a
+        .t()
+        .and_then(|t| t.contiguous())
+        .and_then(|t| t.flatten_all());
     let a_t = a_t.and_then(|t| t.to_vec1::<f32>()).expect("aᵀ");
     let a16: Vec<bf16> = a32.iter().map(|&v| bf16::from_f32(v)).collect();
     let b32 = b.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("b");
-    let b_t = b.t().and_then(|t| t.contiguous()).and_then(|t| t.flatten_all());
+    let b_t = b
+        .t()
+        .and_then(|t| t.contiguous())
+        .and_then(|t| t.flatten_all());
     let b_t = b_t.and_then(|t| t.to_vec1::<f32>()).expect("bᵀ");
     let b16_t: Vec<bf16> = b_t.iter().map(|&v| bf16::from_f32(v)).collect();
     let packed = PackedRhs::pack(
@@ -161,7 +167,10 @@ fn gemm_matches_float32_products_at_odd_sizes() {
         for kernel in kernels() {
             for (name, ours) in products(kernel, &a, &b) {
                 let same = relative(&ours, &rounded);
-                assert!(same <= SAME_INPUTS, "{name} {m}×{n}×{k}: {same} from rounded");
+                assert!(
+                    same <= SAME_INPUTS,
+                    "{name} {m}×{n}×{k}: {same} from rounded"
+                );
                 let far = relative(&ours, &exact);
                 assert!(far <= BF16_ROUNDING, "{name} {m}×{n}×{k}: {far} from f32");
             }
@@ -302,11 +311,9 @@ fn convolution_matches_candle_in_float32() {
 fn attention_matches_composed_float32() {
     // (batch, q_len, kv_len, heads, head_dim): batch 3, 77 keys (odd: the text context), more
     // than one block of query rows, head sizes of the UNet's levels.
-    for (batch, q_len, kv_len, heads, head_dim) in [
-        (3, 64, 77, 8, 40),
-        (3, 200, 200, 2, 80),
-        (1, 10, 3, 1, 6),
-    ] {
+    for (batch, q_len, kv_len, heads, head_dim) in
+        [(3, 64, 77, 8, 40), (3, 200, 200, 2, 80), (1, 10, 3, 1, 6)]
+    {
         let inner = heads * head_dim;
         let q = values(&[batch, q_len, inner], 31);
         let k = (values(&[batch, kv_len, inner], 32) * 2.0).expect("scale");
@@ -326,8 +333,8 @@ fn bf16_weights_load_only_inside_the_switch() {
     let weight = values(&[4, 6], 41);
     let outside = super::product_weight(weight.clone()).expect("weight");
     assert_eq!(outside.dtype(), DType::F32);
-    let inside = super::with_bf16_products(|| super::product_weight(weight.clone()))
-        .expect("weight");
+    let inside =
+        super::with_bf16_products(|| super::product_weight(weight.clone())).expect("weight");
     assert_eq!(inside.dtype(), DType::BF16);
     let after = super::product_weight(weight).expect("weight");
     assert_eq!(after.dtype(), DType::F32, "the switch is restored");
@@ -338,7 +345,14 @@ fn conversion_rounds_to_nearest_even_like_half() {
     // Ties, both directions, large and tiny values: the vector conversion (where the CPU has
     // it) and `half` agree bit for bit.
     let mut source = lcg_values(100, 51);
-    source.extend([1.0 + 1.0 / 256.0, 1.0 + 3.0 / 256.0, -3.0e38, 1.0e-30, 0.0, -0.0]);
+    source.extend([
+        1.0 + 1.0 / 256.0,
+        1.0 + 3.0 / 256.0,
+        -3.0e38,
+        1.0e-30,
+        0.0,
+        -0.0,
+    ]);
     let mut ours = vec![bf16::ZERO; source.len()];
     super::gemm::convert_row(&mut ours, &source);
     for (&value, &converted) in source.iter().zip(&ours) {
