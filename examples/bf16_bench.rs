@@ -105,7 +105,7 @@ fn bench_gemm(reps: usize) -> Result<()> {
         f32_times.push(timed(|| Ok(f32_conv.forward(&x)?))?.0);
         bf16_times.push(timed(|| Ok(bf16_conv.forward(&x)?))?.0);
     }
-    let flops = 2.0 * (320 * 320 * 9 * 3 * 32 * 32) as f64;
+    let flops = 2.0 * (320usize * 320 * 9 * 3 * 32 * 32) as f64;
     let (a, b) = (median(f32_times), median(bf16_times));
     println!(
         "{:<22} {:>12.1} {:>12.1} {:>7.2}×",

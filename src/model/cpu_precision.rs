@@ -1,10 +1,13 @@
 //! `--dtype auto` on the CPU: when to run bf16 products instead of float32.
 //!
-//! bf16 is chosen only where all three hold: the CPU has avx512_bf16 (and
+//! bf16 is chosen only where all of these hold: the CPU has avx512_bf16 (and
 //! `INSTRUCT_PIX2PIX_CPU_BF16` is not `0`); the UNet is large ([`MIN_UNET_PARAMETERS`], 200 MB
 //! in float32: below that the edit is quick anyway and float32 costs nothing); and a short
-//! probe, one UNet forward pass on an 8×8 latent, gives in bf16 a result within
-//! [`PROBE_MAX_DISTANCE`] of float32's. Everything else runs in float32.
+//! probe, one UNet forward pass on an 8×8 latent in each precision, gives in bf16 a result
+//! within [`PROBE_MAX_DISTANCE`] of float32's, in less time. The time matters: on a CPU whose
+//! float32 FMAs issue twice per cycle and `vdpbf16ps` once (Intel's Sapphire Rapids), bf16
+//! products are not faster than float32 ones (docs/benchmarks.md). Everything else runs in
+//! float32.
 
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -46,10 +49,11 @@ impl CpuPrecision {
 }
 
 /// The choice for a UNet of `parameters` parameters; `probe(bf16)` runs the probe's UNet in
-/// float32 (`false`) or with bf16 products (`true`) and returns its output.
+/// float32 (`false`) or with bf16 products (`true`) and returns its output and the seconds its
+/// forward pass took ([`probe_output`]).
 pub fn choose(
     parameters: usize,
-    mut probe: impl FnMut(bool) -> std::result::Result<Tensor, LoadError>,
+    mut probe: impl FnMut(bool) -> std::result::Result<(Tensor, f64), LoadError>,
 ) -> std::result::Result<CpuPrecision, LoadError> {
     if !nn::cpu_has_bf16_instructions() {
         return Ok(CpuPrecision::float32(
@@ -68,8 +72,8 @@ pub fn choose(
             parameters / 1_000_000
         )));
     }
-    let reference = probe(false)?;
-    let candidate = probe(true)?;
+    let (reference, f32_seconds) = probe(false)?;
+    let (candidate, bf16_seconds) = probe(true)?;
     let distance =
         relative_distance(&candidate, &reference).map_err(|source| LoadError::Build {
             folder: std::path::PathBuf::from("probe"),
@@ -77,16 +81,19 @@ pub fn choose(
             source,
         })?;
     let percent = 100.0 * distance;
-    Ok(if distance <= PROBE_MAX_DISTANCE {
-        CpuPrecision {
-            dtype: DType::BF16,
-            reason: format!("bf16: the CPU has avx512_bf16, probe within {percent:.2}% of f32"),
-        }
-    } else {
+    let times = format!("{bf16_seconds:.3} s against f32's {f32_seconds:.3} s");
+    Ok(if distance > PROBE_MAX_DISTANCE {
         CpuPrecision::float32(format!(
             "f32: the bf16 probe is {percent:.2}% from f32 (more than {:.1}%)",
             100.0 * PROBE_MAX_DISTANCE
         ))
+    } else if bf16_seconds >= f32_seconds {
+        CpuPrecision::float32(format!("f32: the bf16 probe is not faster ({times})"))
+    } else {
+        CpuPrecision {
+            dtype: DType::BF16,
+            reason: format!("bf16: the probe is within {percent:.2}% of f32, in {times}"),
+        }
     })
 }
 
@@ -104,8 +111,9 @@ pub fn relative_distance(a: &Tensor, b: &Tensor) -> Result<f64> {
 }
 
 /// The probe: `unet`'s output for one 8×8 latent at timestep 500 with a fixed context
-/// (deterministic values of unit size), on the CPU.
-pub fn probe_output(unet: &UNet2DConditionModel) -> Result<Tensor> {
+/// (deterministic values of unit size), on the CPU, and the seconds of its second forward pass
+/// (the first one warms the caches and the thread pool).
+pub fn probe_output(unet: &UNet2DConditionModel) -> Result<(Tensor, f64)> {
     let config = unet.config();
     let context_dim = match &config.cross_attention_dim {
         PerBlock::Same(dim) => *dim,
@@ -124,5 +132,8 @@ pub fn probe_output(unet: &UNet2DConditionModel) -> Result<Tensor> {
         &Device::Cpu,
     )?;
     let timestep = Tensor::new(&[500f32], &Device::Cpu)?;
-    unet.forward(&sample, &timestep, &context)
+    unet.forward(&sample, &timestep, &context)?;
+    let start = std::time::Instant::now();
+    let output = unet.forward(&sample, &timestep, &context)?;
+    Ok((output, start.elapsed().as_secs_f64()))
 }

@@ -41,9 +41,26 @@ pub(in crate::model::nn) fn cpu_has_bf16_dot() -> bool {
     }
 }
 
+/// Whether this CPU runs AMX's bf16 tile products (AMX-TILE and AMX-BF16, besides
+/// avx512_bf16 for the edges) and Linux let this process use the tile registers.
+pub(in crate::model::nn) fn cpu_has_amx() -> bool {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| cpu_has_bf16_dot() && amx::available())
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+    {
+        false
+    }
+}
+
 /// Which kernel a product runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(in crate::model::nn) enum Kernel {
+    /// AMX tiles (`tdpbf16ps`, 16 rows × 32 columns), the k pairs past a multiple of 16 and
+    /// the edges with `vdpbf16ps` (only where [`cpu_has_amx`]).
+    Amx,
     /// `vdpbf16ps` on AVX-512 (only where [`cpu_has_bf16_dot`]).
     Avx512,
     /// Plain Rust: the same bf16 values multiplied and summed in float32.
@@ -53,7 +70,9 @@ pub(in crate::model::nn) enum Kernel {
 impl Kernel {
     /// The fastest kernel this CPU runs.
     pub(in crate::model::nn) fn best() -> Self {
-        if cpu_has_bf16_dot() {
+        if cpu_has_amx() && std::env::var_os("INSTRUCT_PIX2PIX_NO_AMX").is_none() {
+            Kernel::Amx
+        } else if cpu_has_bf16_dot() {
             Kernel::Avx512
         } else {
             Kernel::Portable
@@ -383,6 +402,9 @@ impl Bf16Product {
         if kernel == Kernel::Avx512 && !cpu_has_bf16_dot() {
             candle_core::bail!("bf16 product: this CPU has no avx512_bf16");
         }
+        if kernel == Kernel::Amx && !cpu_has_amx() {
+            candle_core::bail!("bf16 product: this CPU (or process) has no AMX");
+        }
         if m == 0 || n == 0 {
             return Ok(());
         }
@@ -490,39 +512,76 @@ unsafe fn compute_block(
         for panel in panels.0..panels.1 {
             let cols = PANEL_COLS.min(n - panel * PANEL_COLS);
             let b = &packed.data[(panel * pairs + start) * PANEL_COLS..][..count * PANEL_COLS];
-            let mut row = rows.0;
-            while row < rows.1 {
-                let tile_rows = TILE_ROWS.min(rows.1 - row);
-                let a_tile = &a_data[row * a_stride + 2 * start..];
-                // SAFETY: the tile's rows and columns lie inside C (the caller's contract);
-                // the kernel reads `tile_rows` rows of `2 · count` values of `a_tile` and
-                // `count` pairs of `b`.
-                let c = unsafe { out.0.add(row * dst_row_stride + panel * PANEL_COLS) };
-                let tile = Tile {
-                    a: a_tile,
-                    a_stride,
-                    b,
-                    pairs: count,
-                    c,
-                    c_stride: dst_row_stride,
-                    rows: tile_rows,
-                    cols,
-                    alpha,
-                    load_c,
-                };
-                match kernel {
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: Avx512 is chosen only where the CPU has avx512_bf16.
-                    Kernel::Avx512 => unsafe { avx512::tile(&tile) },
-                    #[cfg(not(target_arch = "x86_64"))]
-                    Kernel::Avx512 => unsafe { portable_tile(&tile) },
-                    // SAFETY: as for the tile above.
-                    Kernel::Portable => unsafe { portable_tile(&tile) },
-                }
-                row += tile_rows;
+            // SAFETY: the caller's contract (the tiles of this task inside C, the kernel's
+            // instructions on this CPU), passed on.
+            let c = unsafe { out.0.add(panel * PANEL_COLS) };
+            let region = Region {
+                a: &a_data[2 * start..],
+                a_stride,
+                b,
+                pairs: count,
+                c,
+                c_stride: dst_row_stride,
+                cols,
+                alpha,
+                load_c,
+            };
+            #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+            if kernel == Kernel::Amx {
+                // SAFETY: as above; Amx is chosen only where the CPU and Linux allow it.
+                unsafe { amx::rows(&region, rows) };
+                continue;
             }
+            // SAFETY: as above.
+            unsafe { vector_rows(kernel, &region, rows) };
         }
         start += count;
+    }
+}
+
+/// One panel's share of a block: A from row 0 (rows `a_stride` apart, starting at the block's
+/// first pair), the panel's `pairs` pairs of B, C at column 0 of the panel (row 0).
+struct Region<'a> {
+    a: &'a [bf16],
+    a_stride: usize,
+    b: &'a [u32],
+    pairs: usize,
+    c: *mut f32,
+    c_stride: usize,
+    cols: usize,
+    alpha: f32,
+    load_c: bool,
+}
+
+/// The rows `rows.0..rows.1` of a region with the vector (or portable) micro-kernel.
+///
+/// # Safety
+/// Those rows of C (`cols` columns) are the caller's to write; `kernel` runs on this CPU.
+unsafe fn vector_rows(kernel: Kernel, region: &Region<'_>, rows: (usize, usize)) {
+    let mut row = rows.0;
+    while row < rows.1 {
+        let tile_rows = TILE_ROWS.min(rows.1 - row);
+        let tile = Tile {
+            a: &region.a[row * region.a_stride..],
+            a_stride: region.a_stride,
+            b: region.b,
+            pairs: region.pairs,
+            // SAFETY: row < rows.1, inside C (the contract).
+            c: unsafe { region.c.add(row * region.c_stride) },
+            c_stride: region.c_stride,
+            rows: tile_rows,
+            cols: region.cols,
+            alpha: region.alpha,
+            load_c: region.load_c,
+        };
+        match kernel {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the vector kernels are chosen only where the CPU has avx512_bf16.
+            Kernel::Avx512 | Kernel::Amx => unsafe { avx512::tile(&tile) },
+            // SAFETY: the tile lies inside C (the contract).
+            _ => unsafe { portable_tile(&tile) },
+        }
+        row += tile_rows;
     }
 }
 
@@ -739,6 +798,192 @@ mod avx512 {
                         _mm512_mul_ps(sum, alpha)
                     };
                     _mm512_mask_storeu_ps(c, m, value);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+mod amx {
+    //! AMX tiles: `tdpbf16ps` multiplies a 16-row × 16-pair tile of A by a 16-pair × 16-column
+    //! tile of B (the panels' layout, 128 bytes a pair) into 16 × 16 float32 accumulators.
+
+    use std::arch::asm;
+
+    use super::{PANEL_COLS, Region, Tile, TILE_ROWS};
+
+    /// Pairs of k per tile product (64 bytes of A per row).
+    const TILE_PAIRS: usize = 16;
+    /// Rows per tile.
+    const AMX_ROWS: usize = 16;
+
+    /// The CPU has AMX-TILE and AMX-BF16 (CPUID 7.0 EDX bits 24 and 22) and Linux grants this
+    /// process the tile data state (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`).
+    pub(super) fn available() -> bool {
+        let leaf = std::arch::x86_64::__cpuid_count(7, 0);
+        let tile_and_bf16 = (leaf.edx >> 24) & 1 == 1 && (leaf.edx >> 22) & 1 == 1;
+        if !tile_and_bf16 {
+            return false;
+        }
+        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+        const XFEATURE_XTILEDATA: libc::c_long = 18;
+        // SAFETY: arch_prctl with these arguments only asks the kernel for a permission.
+        let status =
+            unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) };
+        status == 0
+    }
+
+    /// The rows `rows.0..rows.1` of a region: AMX for 16-row tiles over the pairs up to a
+    /// multiple of 16, then `vdpbf16ps` for the remaining pairs (accumulating).
+    ///
+    /// # Safety
+    /// Those rows of C (`cols` columns) are the caller's to write; the CPU has AMX (tile data
+    /// permitted) and avx512_bf16; A holds those rows of `2 · pairs` values, B `pairs` pairs.
+    pub(super) unsafe fn rows(region: &Region<'_>, rows: (usize, usize)) {
+        let amx_pairs = region.pairs / TILE_PAIRS * TILE_PAIRS;
+        let mut sums = [0f32; AMX_ROWS * PANEL_COLS];
+        let mut row = rows.0;
+        while row < rows.1 {
+            let tile_rows = AMX_ROWS.min(rows.1 - row);
+            let a = &region.a[row * region.a_stride..];
+            // SAFETY: row < rows.1, inside C (the contract).
+            let c = unsafe { region.c.add(row * region.c_stride) };
+            if amx_pairs > 0 {
+                debug_assert!(a.len() >= (tile_rows - 1) * region.a_stride + 2 * amx_pairs);
+                // SAFETY: the tile loads read `tile_rows` rows of 2·amx_pairs values of `a`
+                // and amx_pairs pairs of B (the contract); the store writes `sums`.
+                unsafe {
+                    product(a.as_ptr().cast(), region.a_stride * 2, region.b.as_ptr(), amx_pairs, &mut sums, tile_rows);
+                }
+                // SAFETY: the CPU has AVX-512 (the contract); C's rows as above.
+                unsafe {
+                    store(&sums, c, region.c_stride, tile_rows, region.cols, region.alpha, region.load_c);
+                }
+            }
+            let rest = region.pairs - amx_pairs;
+            let mut done = 0;
+            while rest > 0 && done < tile_rows {
+                let part = TILE_ROWS.min(tile_rows - done);
+                let tile = Tile {
+                    a: &a[done * region.a_stride + 2 * amx_pairs..],
+                    a_stride: region.a_stride,
+                    b: &region.b[amx_pairs * PANEL_COLS..],
+                    pairs: rest,
+                    // SAFETY: row + done < rows.1, inside C.
+                    c: unsafe { c.add(done * region.c_stride) },
+                    c_stride: region.c_stride,
+                    rows: part,
+                    cols: region.cols,
+                    alpha: region.alpha,
+                    load_c: region.load_c || amx_pairs > 0,
+                };
+                // SAFETY: the CPU has avx512_bf16; the tile lies inside A, B and C.
+                unsafe { super::avx512::tile(&tile) };
+                done += part;
+            }
+            row += tile_rows;
+        }
+    }
+
+    /// `sums` [16 × 32] = A [rows × 2·pairs] · B panel (pairs × 32), rows ≤ 16, pairs a
+    /// multiple of 16, with tiles 0–1 (C), 2 (A), 3–4 (B).
+    ///
+    /// # Safety
+    /// The CPU has AMX with tile data permitted; `a` addresses `rows` rows `a_stride_bytes`
+    /// apart of 4·pairs readable bytes; `b` addresses pairs · 32 readable u32.
+    unsafe fn product(
+        a: *const u8,
+        a_stride_bytes: usize,
+        b: *const u32,
+        pairs: usize,
+        sums: &mut [f32; AMX_ROWS * PANEL_COLS],
+        rows: usize,
+    ) {
+        let mut config = [0u8; 64];
+        config[0] = 1; // palette 1
+        for tile in 0..5 {
+            let (colsb, tile_rows) = match tile {
+                3 | 4 => (64u16, TILE_PAIRS as u8),
+                _ => (64u16, rows as u8),
+            };
+            config[16 + 2 * tile..18 + 2 * tile].copy_from_slice(&colsb.to_le_bytes());
+            config[48 + tile] = tile_rows;
+        }
+        let b_stride = PANEL_COLS * 4;
+        let c_stride = PANEL_COLS * 4;
+        // SAFETY: the configuration describes 5 valid tiles; every load reads `rows` (A) or
+        // 16 (B) rows of 64 bytes inside the operands (the contract); the stores write 16 ×
+        // 128 bytes at most into `sums` (rows ≤ 16); the tiles are released at the end.
+        unsafe {
+            asm!("ldtilecfg [{0}]", "tilezero tmm0", "tilezero tmm1", in(reg) config.as_ptr(), options(nostack));
+            let mut chunk = 0;
+            while chunk < pairs {
+                let a_chunk = a.add(chunk * 4);
+                let b_chunk = b.add(chunk * PANEL_COLS).cast::<u8>();
+                asm!(
+                    "tileloadd tmm2, [{a} + {sa}*1]",
+                    "tileloadd tmm3, [{b} + {sb}*1]",
+                    "tileloadd tmm4, [{b1} + {sb}*1]",
+                    "tdpbf16ps tmm0, tmm2, tmm3",
+                    "tdpbf16ps tmm1, tmm2, tmm4",
+                    a = in(reg) a_chunk,
+                    sa = in(reg) a_stride_bytes,
+                    b = in(reg) b_chunk,
+                    b1 = in(reg) b_chunk.add(64),
+                    sb = in(reg) b_stride,
+                    options(nostack),
+                );
+                chunk += TILE_PAIRS;
+            }
+            let out = sums.as_mut_ptr().cast::<u8>();
+            asm!(
+                "tilestored [{c} + {sc}*1], tmm0",
+                "tilestored [{c1} + {sc}*1], tmm1",
+                "tilerelease",
+                c = in(reg) out,
+                c1 = in(reg) out.add(64),
+                sc = in(reg) c_stride,
+                options(nostack),
+            );
+        }
+    }
+
+    /// C's `rows` × `cols` (+)= α · sums.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `c` addresses `rows` rows `c_stride` apart of `cols` ≤ 32
+    /// writable values.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store(
+        sums: &[f32; AMX_ROWS * PANEL_COLS],
+        c: *mut f32,
+        c_stride: usize,
+        rows: usize,
+        cols: usize,
+        alpha: f32,
+        load_c: bool,
+    ) {
+        use std::arch::x86_64::*;
+        let alpha = _mm512_set1_ps(alpha);
+        for r in 0..rows {
+            for half in 0..2 {
+                let count = cols.saturating_sub(half * 16).min(16);
+                if count == 0 {
+                    continue;
+                }
+                let mask = ((1u32 << count) - 1) as __mmask16;
+                // SAFETY: the masked lanes are columns below `cols` of row r < rows of C (the
+                // contract) and values of `sums`.
+                unsafe {
+                    let sum = _mm512_loadu_ps(sums.as_ptr().add(r * PANEL_COLS + half * 16));
+                    let dst = c.add(r * c_stride + half * 16);
+                    let value = if load_c {
+                        _mm512_fmadd_ps(sum, alpha, _mm512_maskz_loadu_ps(mask, dst))
+                    } else {
+                        _mm512_mul_ps(sum, alpha)
+                    };
+                    _mm512_mask_storeu_ps(dst, mask, value);
                 }
             }
         }

@@ -4,8 +4,8 @@
 //! order of the float32 sums differs (relative 1e-5 of the largest output); against the
 //! unrounded float32 product, bf16's 8-bit mantissas move each result by about 2⁻⁸ of its
 //! terms' size (bound: 1.5e-2 of the largest output, several times what random inputs show).
-//! The AVX-512 kernel runs where the CPU has avx512_bf16; the portable kernel, the fallback of
-//! every other CPU, always runs.
+//! The AVX-512 kernel runs where the CPU has avx512_bf16, the AMX kernel where it has AMX; the
+//! portable kernel, the fallback of every other CPU, always runs.
 
 use candle_core::{DType, Device, Module, Tensor};
 use half::bf16;
@@ -21,6 +21,9 @@ const BF16_ROUNDING: f32 = 1.5e-2;
 /// The kernels this CPU runs: the portable one always, AVX-512 where the CPU has it.
 fn kernels() -> Vec<Kernel> {
     let mut kernels = vec![Kernel::Portable];
+    if super::gemm::cpu_has_amx() {
+        kernels.push(Kernel::Amx);
+    }
     if super::cpu_has_bf16_dot() {
         kernels.push(Kernel::Avx512);
     } else {
@@ -159,6 +162,8 @@ fn gemm_matches_float32_products_at_odd_sizes() {
         (37, 65, 300),
         (250, 97, 514),
         (3, 200, 2),
+        (40, 64, 64),
+        (17, 33, 600),
     ] {
         let a = values(&[m, k], 1 + m as u64);
         let b = values(&[k, n], 2 + n as u64);
