@@ -6,8 +6,10 @@
 //! Calibration on these fixtures (2026-12-05, diffusers 0.42.1, torch 2.15): diffusers' bf16 is
 //! 6 levels at most (mean 0.88) from its float32 on sd1-plain, 9 (mean 1.24) on sd2-vpred. Ours
 //! in bf16 is nearer float32 than that (its activations, norms and softmax stay float32): 3
-//! (mean 0.39) and 5 (mean 0.67); so ours and diffusers' bf16 differ by about diffusers' own
-//! rounding: 6 (mean 0.96) and 9 (mean 1.34). The bounds leave about a third more.
+//! (mean 0.39) and 4–5 (mean 0.61–0.67); so ours and diffusers' bf16 differ by about diffusers'
+//! own rounding: 6 (mean 0.92–0.96) and 9–12 (mean 1.34–1.40), the spread being the kernels'
+//! (AVX-512 `vdpbf16ps` or AMX tiles sum in other orders). The bounds: against diffusers' bf16
+//! those plus a little room; against float32, no farther than diffusers' own bf16 is.
 
 use crate::common;
 
@@ -78,7 +80,11 @@ fn bf16_runs_here() -> bool {
 
 /// The edit in bf16 against diffusers' bf16, and against float32; on a CPU without
 /// avx512_bf16, the float32 fallback against diffusers' float32 (the parity bounds, 3 / 0.3).
-fn check_bf16_case(case: &str, max_levels: u8, mean_levels: f64) {
+fn check_bf16_case(
+    case: &str,
+    (max_levels, mean_levels): (u8, f64),
+    (max_f32_levels, mean_f32_levels): (u8, f64),
+) {
     let (ours, recorded, text) = edit(case, "bf16", &[]);
     let expected_f32 = reference(&fixtures().join("edits").join(case).join("expected.png"));
     if !bf16_runs_here() {
@@ -105,18 +111,24 @@ fn check_bf16_case(case: &str, max_levels: u8, mean_levels: f64) {
         max <= max_levels && mean <= mean_levels,
         "{case}: vs diffusers' bf16 max {max} levels, mean {mean:.4}"
     );
+    assert!(
+        max_f32 <= max_f32_levels && mean_f32 <= mean_f32_levels,
+        "{case}: vs float32 max {max_f32} levels, mean {mean_f32:.4}"
+    );
     // Not float32 by another name: the products do round.
     assert!(max_f32 > 0, "{case}: identical to float32");
 }
 
 #[test]
 fn bf16_sd1_plain_matches_diffusers_bf16() {
-    check_bf16_case("sd1-plain", 8, 1.2);
+    // diffusers' bf16 is 6 levels (mean 0.88) from its float32 here.
+    check_bf16_case("sd1-plain", (8, 1.2), (6, 0.88));
 }
 
 #[test]
 fn bf16_sd2_v_prediction_matches_diffusers_bf16() {
-    check_bf16_case("sd2-vpred", 11, 1.6);
+    // diffusers' bf16 is 9 levels (mean 1.24) from its float32 here.
+    check_bf16_case("sd2-vpred", (14, 1.7), (9, 1.24));
 }
 
 /// `INSTRUCT_PIX2PIX_CPU_BF16=0` turns the kernels off on any CPU: float32, one line saying so,

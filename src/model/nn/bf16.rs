@@ -6,8 +6,9 @@
 //! between layers. This module owns the products that meet there:
 //!
 //! - the GEMM (`bf16/gemm.rs`): A rows of bf16 (a weight in place, or activations converted),
-//!   B packed into pair-interleaved panels, float32 accumulators, `vdpbf16ps` on avx512_bf16
-//!   (a portable kernel computes the same products elsewhere, slowly);
+//!   B packed into pair-interleaved panels, float32 accumulators: AMX tiles (`tdpbf16ps`) where
+//!   the CPU has them (`INSTRUCT_PIX2PIX_NO_AMX` set turns them off), else `vdpbf16ps` on
+//!   avx512_bf16 (a portable kernel computes the same products elsewhere, slowly);
 //! - a linear layer `x Wᵀ + b` and a convolution (im2col blocks, as `nn/cpu.rs`) whose weight is
 //!   bf16 and input float32 ([`linear`], [`conv2d`]);
 //! - the attention (`bf16/attention.rs`): q·kᵀ and p·v as bf16 products, the softmax in float32.

@@ -18,10 +18,10 @@ use super::super::product::{Threads, thread_count};
 pub(in crate::model::nn) const PANEL_COLS: usize = 32;
 /// Rows of A per micro-kernel call: 12 rows × 2 vectors = 24 accumulator registers.
 pub(in crate::model::nn) const TILE_ROWS: usize = 12;
-/// Pairs of k per block: a panel block (128 pairs × 32 columns × 4 bytes = 16 KiB) stays in L1
+/// Pairs of k per block: a panel block (256 pairs × 32 columns × 4 bytes = 32 KiB) stays in L1
 /// while the rows of A stream past it.
-const BLOCK_PAIRS: usize = 128;
-/// Most rows of A per task: the rows' k block (240 × 256 × 2 bytes = 120 KiB) stays in L2.
+const BLOCK_PAIRS: usize = 256;
+/// Most rows of A per task: the rows' k block (240 × 512 × 2 bytes = 240 KiB) stays in L2.
 const MAX_TASK_ROWS: usize = 240;
 
 /// Whether this CPU runs the bf16 dot-product instructions (avx512_bf16 with AVX-512F/BW).
@@ -811,12 +811,12 @@ mod amx {
 
     use std::arch::asm;
 
-    use super::{PANEL_COLS, Region, Tile, TILE_ROWS};
+    use super::{PANEL_COLS, Region, TILE_ROWS, Tile};
 
     /// Pairs of k per tile product (64 bytes of A per row).
     const TILE_PAIRS: usize = 16;
-    /// Rows per tile.
-    const AMX_ROWS: usize = 16;
+    /// Rows per call: two tiles of 16.
+    const AMX_ROWS: usize = 32;
 
     /// The CPU has AMX-TILE and AMX-BF16 (CPUID 7.0 EDX bits 24 and 22) and Linux grants this
     /// process the tile data state (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`).
@@ -829,8 +829,13 @@ mod amx {
         const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
         const XFEATURE_XTILEDATA: libc::c_long = 18;
         // SAFETY: arch_prctl with these arguments only asks the kernel for a permission.
-        let status =
-            unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) };
+        let status = unsafe {
+            libc::syscall(
+                libc::SYS_arch_prctl,
+                ARCH_REQ_XCOMP_PERM,
+                XFEATURE_XTILEDATA,
+            )
+        };
         status == 0
     }
 
@@ -854,11 +859,26 @@ mod amx {
                 // SAFETY: the tile loads read `tile_rows` rows of 2·amx_pairs values of `a`
                 // and amx_pairs pairs of B (the contract); the store writes `sums`.
                 unsafe {
-                    product(a.as_ptr().cast(), region.a_stride * 2, region.b.as_ptr(), amx_pairs, &mut sums, tile_rows);
+                    product(
+                        a.as_ptr().cast(),
+                        region.a_stride * 2,
+                        region.b.as_ptr(),
+                        amx_pairs,
+                        &mut sums,
+                        tile_rows,
+                    );
                 }
                 // SAFETY: the CPU has AVX-512 (the contract); C's rows as above.
                 unsafe {
-                    store(&sums, c, region.c_stride, tile_rows, region.cols, region.alpha, region.load_c);
+                    store(
+                        &sums,
+                        c,
+                        region.c_stride,
+                        tile_rows,
+                        region.cols,
+                        region.alpha,
+                        region.load_c,
+                    );
                 }
             }
             let rest = region.pairs - amx_pairs;
@@ -886,8 +906,9 @@ mod amx {
         }
     }
 
-    /// `sums` [16 × 32] = A [rows × 2·pairs] · B panel (pairs × 32), rows ≤ 16, pairs a
-    /// multiple of 16, with tiles 0–1 (C), 2 (A), 3–4 (B).
+    /// `sums` [32 × 32] = A [rows × 2·pairs] · B panel (pairs × 32), rows ≤ 32, pairs a
+    /// multiple of 16, with tiles 0–3 (C: rows 0–15 and 16–31 × columns 0–15 and 16–31),
+    /// 4–5 (A: rows 0–15, 16–31), 6–7 (B: columns 0–15, 16–31).
     ///
     /// # Safety
     /// The CPU has AMX with tile data permitted; `a` addresses `rows` rows `a_stride_bytes`
@@ -900,52 +921,76 @@ mod amx {
         sums: &mut [f32; AMX_ROWS * PANEL_COLS],
         rows: usize,
     ) {
+        let (low, high) = (rows.min(16), rows.saturating_sub(16));
         let mut config = [0u8; 64];
         config[0] = 1; // palette 1
-        for tile in 0..5 {
-            let (colsb, tile_rows) = match tile {
-                3 | 4 => (64u16, TILE_PAIRS as u8),
-                _ => (64u16, rows as u8),
-            };
+        let tiles: [u8; 8] = [low, low, high, high, low, high, 16, 16].map(|r| r as u8);
+        for (tile, &tile_rows) in tiles.iter().enumerate() {
+            let colsb: u16 = if tile_rows == 0 { 0 } else { 64 };
             config[16 + 2 * tile..18 + 2 * tile].copy_from_slice(&colsb.to_le_bytes());
             config[48 + tile] = tile_rows;
         }
         let b_stride = PANEL_COLS * 4;
         let c_stride = PANEL_COLS * 4;
-        // SAFETY: the configuration describes 5 valid tiles; every load reads `rows` (A) or
-        // 16 (B) rows of 64 bytes inside the operands (the contract); the stores write 16 ×
-        // 128 bytes at most into `sums` (rows ≤ 16); the tiles are released at the end.
+        // SAFETY: the configuration describes the tiles used (tiles of 0 rows are never
+        // touched: `high` is 0 only when no row past 16 exists); every load reads `rows` (A)
+        // or 16 (B) rows of 64 bytes inside the operands (the contract); the stores write
+        // `rows` rows of 128 bytes into `sums`; the tiles are released at the end.
         unsafe {
             asm!("ldtilecfg [{0}]", "tilezero tmm0", "tilezero tmm1", in(reg) config.as_ptr(), options(nostack));
+            if high > 0 {
+                asm!("tilezero tmm2", "tilezero tmm3", options(nostack));
+            }
+            let a_high = a.add(16 * a_stride_bytes);
             let mut chunk = 0;
             while chunk < pairs {
-                let a_chunk = a.add(chunk * 4);
                 let b_chunk = b.add(chunk * PANEL_COLS).cast::<u8>();
                 asm!(
-                    "tileloadd tmm2, [{a} + {sa}*1]",
-                    "tileloadd tmm3, [{b} + {sb}*1]",
-                    "tileloadd tmm4, [{b1} + {sb}*1]",
-                    "tdpbf16ps tmm0, tmm2, tmm3",
-                    "tdpbf16ps tmm1, tmm2, tmm4",
-                    a = in(reg) a_chunk,
+                    "tileloadd tmm4, [{a} + {sa}*1]",
+                    "tileloadd tmm6, [{b} + {sb}*1]",
+                    "tileloadd tmm7, [{b1} + {sb}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    a = in(reg) a.add(chunk * 4),
                     sa = in(reg) a_stride_bytes,
                     b = in(reg) b_chunk,
                     b1 = in(reg) b_chunk.add(64),
                     sb = in(reg) b_stride,
                     options(nostack),
                 );
+                if high > 0 {
+                    asm!(
+                        "tileloadd tmm5, [{a} + {sa}*1]",
+                        "tdpbf16ps tmm2, tmm5, tmm6",
+                        "tdpbf16ps tmm3, tmm5, tmm7",
+                        a = in(reg) a_high.add(chunk * 4),
+                        sa = in(reg) a_stride_bytes,
+                        options(nostack),
+                    );
+                }
                 chunk += TILE_PAIRS;
             }
             let out = sums.as_mut_ptr().cast::<u8>();
             asm!(
                 "tilestored [{c} + {sc}*1], tmm0",
                 "tilestored [{c1} + {sc}*1], tmm1",
-                "tilerelease",
                 c = in(reg) out,
                 c1 = in(reg) out.add(64),
                 sc = in(reg) c_stride,
                 options(nostack),
             );
+            if high > 0 {
+                let out_high = out.add(16 * c_stride);
+                asm!(
+                    "tilestored [{c} + {sc}*1], tmm2",
+                    "tilestored [{c1} + {sc}*1], tmm3",
+                    c = in(reg) out_high,
+                    c1 = in(reg) out_high.add(64),
+                    sc = in(reg) c_stride,
+                    options(nostack),
+                );
+            }
+            asm!("tilerelease", options(nostack));
         }
     }
 
