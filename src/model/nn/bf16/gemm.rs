@@ -305,7 +305,7 @@ fn lhs_rows<'a>(lhs: &Lhs<'a>, m: usize, k: usize) -> Result<LhsRows<'a>> {
             if data.len() < last(row_stride, 1) {
                 candle_core::bail!("bf16 product: left operand out of its buffer");
             }
-            if k % 2 == 0 || (row_stride > k && data.len() > last(row_stride, 1)) {
+            if k.is_multiple_of(2) || (row_stride > k && data.len() > last(row_stride, 1)) {
                 return Ok(LhsRows::Borrowed(data, row_stride));
             }
             let stride = k + 1;
