@@ -47,7 +47,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     };
     let load_started = Instant::now();
     let model = load_model(&flags, &mut Progress::new(true))?;
-    let dtype = model.dtype;
+    let dtype = model.precision_label();
     let load_seconds = load_started.elapsed().as_secs_f64();
     let mut pipeline = EditPipeline::new(model)?;
     let multiple = pipeline.size_multiple();
@@ -90,7 +90,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "model": args.model,
         "size": side,
         "steps": args.steps,
-        "dtype": format!("{dtype:?}").to_lowercase(),
+        "dtype": dtype,
         "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "load_s": load_seconds,
         "s_per_step": mean(&step_seconds),

@@ -86,7 +86,9 @@ pub struct EditArgs {
     /// auto, cpu, cuda, cuda:N or metal.
     #[arg(long, value_name = "DEVICE", default_value_t = DeviceChoice::default())]
     pub device: DeviceChoice,
-    /// f32, f16 (picks the model's fp16 weights when it has them) or bf16.
+    /// auto (the default: bf16 on a CPU with avx512_bf16 for a large model whose bf16 probe
+    /// stays close to f32, else f32), f32, f16 (picks the model's fp16 weights when it has them)
+    /// or bf16 (on a CPU without avx512_bf16: f32, with a notice).
     #[arg(long, value_name = "DTYPE", default_value_t = DTypeChoice::default())]
     pub dtype: DTypeChoice,
     /// No progress bars.
@@ -162,7 +164,7 @@ pub fn run(args: EditArgs) -> Result<()> {
         loras: &args.loras,
     };
     let model = load_model(&flags, &mut progress)?;
-    let dtype = format!("{:?}", model.dtype).to_lowercase();
+    let dtype = model.precision_label().to_string();
     let truncated = model.tokenizer.truncated_tokens(&args.prompt);
     if truncated > 0 && !args.quiet {
         eprintln!(

@@ -172,7 +172,7 @@ fn model_manager(app: &mut EditorApp, ctx: &Context) {
                 egui::ComboBox::from_label("Precision")
                     .selected_text(app.settings.dtype.clone())
                     .show_ui(ui, |ui| {
-                        for dtype in ["f32", "f16", "bf16"] {
+                        for dtype in ["auto", "f32", "f16", "bf16"] {
                             ui.selectable_value(&mut app.settings.dtype, dtype.into(), dtype);
                         }
                     });

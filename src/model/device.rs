@@ -17,7 +17,7 @@ pub enum DeviceError {
         text: String,
     },
     /// The text is not a dtype name.
-    #[error("unknown dtype {text:?}: use f32, f16 or bf16")]
+    #[error("unknown dtype {text:?}: use auto, f32, f16 or bf16")]
     UnknownDType {
         /// What was given.
         text: String,
@@ -275,8 +275,11 @@ fn open_gpu(
 /// The floating-point precision the user asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DTypeChoice {
-    /// float32: what diffusers uses by default; the reference for exact results.
+    /// float32, except on a CPU with avx512_bf16 for a large model whose bf16 probe stays close
+    /// to float32 (see `model::cpu_precision`), where it is bf16.
     #[default]
+    Auto,
+    /// float32: what diffusers uses by default; the reference for exact results.
     F32,
     /// float16: half the memory; for GPUs.
     F16,
@@ -286,27 +289,46 @@ pub enum DTypeChoice {
 }
 
 impl DTypeChoice {
-    /// The candle dtype.
+    /// The candle dtype asked for (float32 for `auto`, whose bf16 is decided at load).
     pub fn dtype(self) -> DType {
         match self {
-            DTypeChoice::F32 => DType::F32,
+            DTypeChoice::Auto | DTypeChoice::F32 => DType::F32,
             DTypeChoice::F16 => DType::F16,
             DTypeChoice::Bf16 => DType::BF16,
         }
     }
 
-    /// Whether this dtype suits `device`: `Ok(None)` when it does, `Ok(Some(warning))` when it
-    /// works but badly, an error when it cannot run there (bf16 on the CPU). float16 on the CPU runs its matrix products through a slow path (several
-    /// times slower than float32), so it is allowed with a warning rather than refused: the
-    /// results are still right.
+    /// The dtype to load with on `device`: [`Self::dtype`], except bf16 on a CPU whose bf16
+    /// kernels do not run (no avx512_bf16, or `INSTRUCT_PIX2PIX_CPU_BF16=0`): float32.
+    pub fn load_dtype(self, device: &Device) -> DType {
+        match (self, device) {
+            (DTypeChoice::Bf16, Device::Cpu) if !crate::model::nn::cpu_bf16_enabled() => DType::F32,
+            _ => self.dtype(),
+        }
+    }
+
+    /// Whether `auto` may still pick bf16 at load: `auto` on the CPU.
+    pub fn chooses_at_load(self, device: &Device) -> bool {
+        self == DTypeChoice::Auto && device.is_cpu()
+    }
+
+    /// Whether this dtype suits `device`: `Ok(None)` when it does, `Ok(Some(notice))` when it
+    /// works but differently or badly. bf16 on a CPU without avx512_bf16 runs in float32 (one
+    /// line says so); float16 on the CPU runs its matrix products through a slow path (several
+    /// times slower than float32), so it is allowed with a warning: the results are still
+    /// right. Nothing is refused today; the error is for dtypes a device cannot run at all.
     pub fn check_on(self, device: &Device) -> Result<Option<String>, DeviceError> {
         Ok(match (self, device) {
-            (DTypeChoice::Bf16, Device::Cpu) => {
-                return Err(DeviceError::UnsupportedDType {
-                    dtype: "bf16",
-                    device: "the CPU",
-                    reason: "candle 0.11's CPU matrix multiply has no bfloat16 kernel; use --dtype f32",
-                });
+            (DTypeChoice::Bf16, Device::Cpu) if !crate::model::nn::cpu_bf16_enabled() => {
+                Some(if crate::model::nn::cpu_has_bf16_instructions() {
+                    format!(
+                        "{}=0: running in float32 instead of bf16",
+                        crate::model::nn::CPU_BF16_VAR
+                    )
+                } else {
+                    "this CPU has no avx512_bf16 instructions: running in float32 instead of bf16"
+                        .to_string()
+                })
             }
             (DTypeChoice::F16, Device::Cpu) => Some(
                 "float16 on the CPU is several times slower than float32; \
@@ -317,10 +339,10 @@ impl DTypeChoice {
         })
     }
 
-    /// A sensible default for a device: float16 on GPUs, float32 on the CPU.
+    /// A sensible default for a device: float16 on GPUs, `auto` on the CPU.
     pub fn default_for(device: &Device) -> Self {
         match device {
-            Device::Cpu => DTypeChoice::F32,
+            Device::Cpu => DTypeChoice::Auto,
             _ => DTypeChoice::F16,
         }
     }
@@ -329,6 +351,7 @@ impl DTypeChoice {
 impl fmt::Display for DTypeChoice {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
+            DTypeChoice::Auto => "auto",
             DTypeChoice::F32 => "f32",
             DTypeChoice::F16 => "f16",
             DTypeChoice::Bf16 => "bf16",
@@ -339,9 +362,11 @@ impl fmt::Display for DTypeChoice {
 impl FromStr for DTypeChoice {
     type Err = DeviceError;
 
-    /// Accepts `f32`/`fp32`/`float32`, `f16`/`fp16`/`float16`/`half`, `bf16`/`bfloat16`.
+    /// Accepts `auto`, `f32`/`fp32`/`float32`, `f16`/`fp16`/`float16`/`half`,
+    /// `bf16`/`bfloat16`.
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         match text.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(DTypeChoice::Auto),
             "f32" | "fp32" | "float32" | "float" => Ok(DTypeChoice::F32),
             "f16" | "fp16" | "float16" | "half" => Ok(DTypeChoice::F16),
             "bf16" | "bfloat16" => Ok(DTypeChoice::Bf16),
@@ -388,7 +413,12 @@ mod tests {
                 Some(choice)
             );
         }
-        for choice in [DTypeChoice::F32, DTypeChoice::F16, DTypeChoice::Bf16] {
+        for choice in [
+            DTypeChoice::Auto,
+            DTypeChoice::F32,
+            DTypeChoice::F16,
+            DTypeChoice::Bf16,
+        ] {
             assert_eq!(choice.to_string().parse::<DTypeChoice>().ok(), Some(choice));
         }
     }
@@ -435,6 +465,27 @@ mod tests {
             DTypeChoice::F32.check_on(&Device::Cpu).expect("allowed"),
             None
         );
-        assert_eq!(DTypeChoice::default_for(&Device::Cpu), DTypeChoice::F32);
+        assert_eq!(DTypeChoice::default_for(&Device::Cpu), DTypeChoice::Auto);
+        assert_eq!(DTypeChoice::default(), DTypeChoice::Auto);
+        assert_eq!(DTypeChoice::Auto.dtype(), DType::F32);
+    }
+
+    #[test]
+    fn bf16_on_the_cpu_runs_or_falls_back_with_one_line() {
+        let notice = DTypeChoice::Bf16
+            .check_on(&Device::Cpu)
+            .expect("never refused");
+        let dtype = DTypeChoice::Bf16.load_dtype(&Device::Cpu);
+        if crate::model::nn::cpu_bf16_enabled() {
+            assert_eq!(notice, None);
+            assert_eq!(dtype, DType::BF16);
+        } else {
+            let notice = notice.expect("a notice where bf16 cannot run");
+            assert!(notice.contains("float32"), "{notice}");
+            assert_eq!(notice.lines().count(), 1);
+            assert_eq!(dtype, DType::F32);
+        }
+        assert!(DTypeChoice::Auto.chooses_at_load(&Device::Cpu));
+        assert!(!DTypeChoice::F32.chooses_at_load(&Device::Cpu));
     }
 }

@@ -14,11 +14,13 @@ use candle_nn::var_builder::SimpleBackend;
 
 use super::clip::{ClipConfigError, ClipTextConfig, ClipTextModel};
 use super::config::{ConfigError, ModelIndex};
+use super::cpu_precision::CpuPrecision;
 use super::hub::{
     DownloadProgress, HubError, HubSettings, ModelSpec, Variant, fetch_configs_with_cancel,
     fetch_model_with_cancel,
 };
 use super::lora::{LoraChoice, LoraError, LoraWeights, ModelWeights, Network};
+use super::nn;
 use super::single_file::ldm::Shapes;
 use super::single_file::{SingleFile, SingleFileError, Templates};
 use super::tokenizer::{ClipTokenizer, TokenizerError};
@@ -590,7 +592,91 @@ enum Prepared {
 
 impl PreparedModel {
     /// Reads the weights (fusing the LoRAs) and builds every network.
+    ///
+    /// bf16 on the CPU: the networks are built in float32 with the weights of their
+    /// convolutions and linear layers converted to bf16 as they are read
+    /// ([`nn::with_bf16_products`]); the model's activations, and so its `dtype`, stay float32.
     pub fn load(self) -> Result<InstructPix2PixModel, LoadError> {
+        if self.options.dtype == DType::BF16 && self.options.device.is_cpu() {
+            let mut options = self.options.clone();
+            options.dtype = DType::F32;
+            let prepared = PreparedModel { options, ..self };
+            return nn::with_bf16_products(|| prepared.load_as_options());
+        }
+        self.load_as_options()
+    }
+
+    /// The dtype the networks will compute in: `options.dtype` (BF16 on the CPU means float32
+    /// activations with bf16 products).
+    pub fn options(&self) -> &LoadOptions {
+        &self.options
+    }
+
+    /// For `--dtype auto` on the CPU: switches this load to bf16 products where
+    /// [`super::cpu_precision`]'s rules say so (the CPU has avx512_bf16, the UNet is large and
+    /// a short probe stays close to float32), and says what was chosen and why. A load that is
+    /// not float32 on the CPU is left as it is.
+    pub fn choose_cpu_precision(&mut self) -> Result<CpuPrecision, LoadError> {
+        if self.options.dtype != DType::F32 || !self.options.device.is_cpu() {
+            return Ok(CpuPrecision::unchanged(self.options.dtype));
+        }
+        let parameters = self.unet_parameters()?;
+        let choice = super::cpu_precision::choose(parameters, |bf16| {
+            let unet = self.probe_unet(bf16)?;
+            super::cpu_precision::probe_output(&unet)
+                .map_err(build_error(self.weights_path(), "UNet"))
+        })?;
+        if choice.dtype == DType::BF16 {
+            self.options.dtype = DType::BF16;
+        }
+        Ok(choice)
+    }
+
+    /// The UNet's number of parameters, from the weight files' headers.
+    fn unet_parameters(&self) -> Result<usize, LoadError> {
+        let shapes = match &self.source {
+            Prepared::Folder(pipeline) => pipeline.lora_targets()?.unet,
+            Prepared::SingleFile { single, .. } => single.unet_shapes(),
+        };
+        Ok(shapes
+            .values()
+            .map(|shape| shape.iter().product::<usize>())
+            .sum())
+    }
+
+    /// Where the UNet's weights are read from, for error messages.
+    fn weights_path(&self) -> PathBuf {
+        match &self.source {
+            Prepared::Folder(pipeline) => pipeline.path.join("unet"),
+            Prepared::SingleFile { single, .. } => single.path().to_path_buf(),
+        }
+    }
+
+    /// The UNet alone, in float32 on the CPU, its products in bf16 when `bf16` is set (the LoRAs
+    /// fused as in the real load): what the precision probe runs.
+    fn probe_unet(&self, bf16: bool) -> Result<UNet2DConditionModel, LoadError> {
+        let device = Device::Cpu;
+        let build = || match &self.source {
+            Prepared::Folder(pipeline) => pipeline.unet_with(DType::F32, &device, &self.loras),
+            Prepared::SingleFile { single, .. } => UNet2DConditionModel::load(
+                VarBuilder::from_backend(
+                    self.loras.wrap(Network::Unet, single.unet_backend()),
+                    DType::F32,
+                    device.clone(),
+                ),
+                &single.unet_config,
+            )
+            .map_err(build_error(single.path().to_path_buf(), "UNet")),
+        };
+        if bf16 {
+            nn::with_bf16_products(build)
+        } else {
+            build()
+        }
+    }
+
+    /// [`Self::load`] with `options.dtype` as the networks' dtype.
+    fn load_as_options(self) -> Result<InstructPix2PixModel, LoadError> {
         let (dtype, device) = (self.options.dtype, &self.options.device);
         let loras = &self.loras;
         match self.source {
@@ -704,6 +790,20 @@ impl InstructPix2PixModel {
             config: config.to_path_buf(),
         };
         Self::load_local(&local, options, loras)
+    }
+
+    /// The precision as the user names it: `bf16` for a model whose UNet runs bf16 products
+    /// on the CPU (its activations float32), else its dtype (`f32`, `f16`, `bf16`).
+    pub fn precision_label(&self) -> &'static str {
+        if self.unet.uses_bf16_products() {
+            return "bf16";
+        }
+        match self.dtype {
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+            DType::F64 => "f64",
+            _ => "f32",
+        }
     }
 
     /// The VAE's spatial downscale factor (8 for Stable Diffusion).

@@ -5,6 +5,7 @@
 pub mod catalog;
 pub mod clip;
 pub mod config;
+pub mod cpu_precision;
 pub mod device;
 pub mod files;
 pub mod grad_checkpoint;

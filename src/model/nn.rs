@@ -14,12 +14,17 @@
 //! concatenations where a tracked tensor meets an untracked one ([`add`], [`cat_pair`]) give the
 //! untracked side no gradient buffer (`nn/grad_join.rs`). Other devices and dtypes run candle's
 //! ops.
+//!
+//! A model loaded for bfloat16 on the CPU ([`with_bf16_products`]) holds its convolution and
+//! linear weights in bf16 and its activations in float32: those layers and the attention then
+//! run the bf16 products of `nn/bf16.rs`.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use candle_core::{D, DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
+mod bf16;
 mod cpu;
 mod fused_op;
 mod grad_attention;
@@ -31,6 +36,17 @@ mod grad_norm;
 mod product;
 #[cfg(test)]
 mod test_values;
+
+pub use bf16::{
+    CPU_BF16_VAR, cpu_bf16_allowed, cpu_bf16_enabled, cpu_has_bf16_instructions, with_bf16_products,
+};
+
+/// A matrix-product weight (linear or convolution) as the current load wants it: converted to
+/// bf16 inside [`with_bf16_products`], unchanged otherwise. For loaders that build a
+/// [`Linear`] or [`Conv2d`] from a weight they read themselves.
+pub fn product_weight(weight: Tensor) -> Result<Tensor> {
+    bf16::product_weight(weight)
+}
 
 /// A fully connected layer, `y = x Wᵀ + b`, for inputs of any rank (the last dim is the feature),
 /// with an optional low-rank adapter added to its output (LoRA, see [`LowRankAdapter`]).
@@ -96,13 +112,19 @@ impl Linear {
         out_features: usize,
         bias: bool,
     ) -> Result<Self> {
-        let weight = vb.get((out_features, in_features), "weight")?;
+        let weight = product_weight(vb.get((out_features, in_features), "weight")?)?;
         let bias = if bias {
             Some(vb.get(out_features, "bias")?)
         } else {
             None
         };
         Ok(Self::new(weight, bias))
+    }
+
+    /// Whether the layer's weight is held in bf16 for the CPU's bf16 products (a model loaded
+    /// inside [`with_bf16_products`]).
+    pub fn uses_bf16_products(&self) -> bool {
+        self.weight.dtype() == DType::BF16 && self.weight.device().is_cpu()
     }
 }
 
@@ -128,11 +150,25 @@ impl Module for Linear {
 fn linear_product(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let mut tensors = vec![x, weight];
     tensors.extend(bias);
-    if kernel_choice(&tensors) == KernelChoice::Differentiable
-        && let Some(y) = grad_linear::linear(x, weight, bias)?
-    {
-        return Ok(y);
+    match kernel_choice(&tensors) {
+        KernelChoice::Differentiable => {
+            if let Some(y) = grad_linear::linear(x, weight, bias)? {
+                return Ok(y);
+            }
+        }
+        KernelChoice::Inference => {
+            if let Some(y) = bf16::linear(x, weight, bias)? {
+                return Ok(y);
+            }
+        }
+        KernelChoice::Candle => {}
     }
+    // A bf16 weight meeting float32 activations (the bf16 kernels off): float32 products.
+    let weight = if weight.dtype() != x.dtype() {
+        &weight.to_dtype(x.dtype())?
+    } else {
+        weight
+    };
     let y = x.matmul(&weight.t()?)?;
     match bias {
         Some(b) => y.broadcast_add(b),
@@ -351,11 +387,19 @@ impl Module for Conv2d {
         };
         let fused = match choice {
             KernelChoice::Candle => None,
+            KernelChoice::Inference if bf16::applies(x, weight) => {
+                bf16::conv2d(x, weight, bias, config)?
+            }
             KernelChoice::Inference => cpu::conv2d(x, weight, bias, config)?,
             KernelChoice::Differentiable => grad_conv::conv2d(x, weight, bias, config)?,
         };
         match fused {
             Some(y) => Ok(y),
+            // A bf16 weight meeting float32 activations (the bf16 kernels off): float32.
+            None if weight.dtype() != x.dtype() => {
+                let weight = weight.to_dtype(x.dtype())?;
+                candle_nn::Conv2d::new(weight, bias.cloned(), *config).forward(x)
+            }
             None => self.inner.forward(x),
         }
     }
@@ -377,7 +421,13 @@ pub fn conv2d(
         ..Default::default()
     };
     let inner = candle_nn::conv2d(in_channels, out_channels, kernel, cfg, vb)?;
-    Ok(Conv2d { inner })
+    match inner.weight().dtype() {
+        DType::F32 => {
+            let weight = product_weight(inner.weight().clone())?;
+            Ok(Conv2d::new(weight, inner.bias().cloned(), cfg))
+        }
+        _ => Ok(Conv2d { inner }),
+    }
 }
 
 /// The environment variable that picks the kernels for the whole process: `generic` runs
@@ -488,6 +538,18 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Ten
         Some(out) => Ok(out),
         None => attention_composed(q, k, v, heads),
     }
+}
+
+/// [`attention`] with its two products in bf16 (q·kᵀ and p·v; the softmax in float32) when the
+/// CPU's bf16 kernels apply: for the attention of layers whose weights are bf16
+/// ([`Linear::uses_bf16_products`]). Anywhere else it is [`attention`].
+pub fn attention_bf16(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+    if kernel_choice(&[q, k, v]) == KernelChoice::Inference
+        && let Some(out) = bf16::attention(q, k, v, heads)?
+    {
+        return Ok(out);
+    }
+    attention(q, k, v, heads)
 }
 
 /// [`attention`] composed of candle ops (differentiable): the heads split out, the full score

@@ -16,7 +16,7 @@ use candle_core::{D, DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use super::nn::{Conv2d, GroupNorm, Linear, attention, conv2d, group_norm};
+use super::nn::{Conv2d, GroupNorm, Linear, attention, attention_bf16, conv2d, group_norm};
 
 /// diffusers builds every VAE norm with this epsilon.
 const NORM_EPS: f64 = 1e-6;
@@ -314,7 +314,12 @@ impl SpatialAttention {
         let q = self.to_q.forward(&h)?;
         let k = self.to_k.forward(&h)?;
         let v = self.to_v.forward(&h)?;
-        let out = self.to_out.forward(&attention(&q, &k, &v, 1)?)?;
+        let attended = if self.to_q.uses_bf16_products() {
+            attention_bf16(&q, &k, &v, 1)?
+        } else {
+            attention(&q, &k, &v, 1)?
+        };
+        let out = self.to_out.forward(&attended)?;
         let out = out
             .transpose(1, 2)?
             .reshape((batch, channels, height, width))?;

@@ -895,7 +895,7 @@ fn prepare_load(
     let failed = |error: &dyn std::error::Error| LoadEnd::Failed(load_failed(request, error));
     let device = select_device(request.device).map_err(|e| failed(&e))?;
     let warning = request.dtype.check_on(&device).map_err(|e| failed(&e))?;
-    let dtype = request.dtype.dtype();
+    let dtype = request.dtype.load_dtype(&device);
     let variant = if dtype == DType::F16 {
         Variant::Fp16
     } else {
@@ -942,9 +942,12 @@ fn prepare_load(
         dtype,
         device: device.clone(),
     };
-    let model = local
+    let mut model = local
         .prepare(&options, &request.loras)
         .map_err(|e| failed(&e))?;
+    if request.dtype.chooses_at_load(&device) {
+        model.choose_cpu_precision().map_err(|e| failed(&e))?;
+    }
     Ok(PreparedLoad {
         model,
         device,
@@ -968,7 +971,7 @@ fn finish_load(
         name: request.spec.clone(),
         folder,
         device: device_label(&prepared.device),
-        dtype: request.dtype.to_string(),
+        dtype: pipeline.model().precision_label().to_string(),
         size_multiple: pipeline.size_multiple(),
         warning: prepared.warning,
         loras: request.loras.clone(),

@@ -11,6 +11,7 @@ mod train_dataset;
 mod catalog;
 mod cli_errors;
 mod edit_batch;
+mod edit_bf16;
 mod edit_folder;
 mod edit_from_hub;
 mod edit_options;

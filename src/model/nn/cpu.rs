@@ -12,7 +12,7 @@ mod attention;
 
 pub(super) use attention::{
     AttentionShape, QUERY_BLOCK_ROWS, attention, attention_forward, exp_minus_in_place,
-    exp_non_positive,
+    exp_minus_max_in_place, exp_non_positive,
 };
 
 use candle_core::{CpuStorage, DType, Device, Layout, Result, Storage, Tensor, WithDType};
@@ -55,16 +55,24 @@ impl ConvShape {
     ) -> Result<Option<Self>> {
         let dtype = x.dtype();
         let same_dtype = weight.dtype() == dtype && bias.is_none_or(|b| b.dtype() == dtype);
+        if !same_dtype {
+            return Ok(None);
+        }
+        Self::of_mixed(x, weight, bias, cfg)
+    }
+
+    /// [`Self::of`] whatever the dtypes (the bf16 kernels take a bf16 weight and float32
+    /// input and bias; the caller checks them).
+    pub(super) fn of_mixed(
+        x: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        cfg: &Conv2dConfig,
+    ) -> Result<Option<Self>> {
         let on_cpu = x.device().is_cpu()
             && weight.device().is_cpu()
             && bias.is_none_or(|b| b.device().is_cpu());
-        if !on_cpu
-            || !same_dtype
-            || cfg.groups != 1
-            || cfg.dilation != 1
-            || x.rank() != 4
-            || weight.rank() != 4
-        {
+        if !on_cpu || cfg.groups != 1 || cfg.dilation != 1 || x.rank() != 4 || weight.rank() != 4 {
             return Ok(None);
         }
         let (batch, in_channels, in_h, in_w) = x.dims4()?;

@@ -66,7 +66,13 @@ impl Attention {
         let q = self.to_q.forward(x)?;
         let k = self.to_k.forward(context)?;
         let v = self.to_v.forward(context)?;
-        let out = attention_in_query_chunks(&q, &k, &v, self.heads, ATTENTION_SCORES_BUDGET)?;
+        let attend = if self.to_q.uses_bf16_products() {
+            nn::attention_bf16
+        } else {
+            nn::attention
+        };
+        let out =
+            attention_in_query_chunks(&q, &k, &v, self.heads, ATTENTION_SCORES_BUDGET, attend)?;
         self.to_out.forward(&out)
     }
 }
@@ -85,19 +91,20 @@ fn attention_in_query_chunks(
     v: &Tensor,
     heads: usize,
     max_scores: usize,
+    attend: fn(&Tensor, &Tensor, &Tensor, usize) -> Result<Tensor>,
 ) -> Result<Tensor> {
     let (batch, q_len, _) = q.dims3()?;
     let kv_len = k.dim(1)?;
     let scores_per_row = batch * heads * kv_len;
     if scores_per_row * q_len <= max_scores || nn::needs_backward(q) || nn::needs_backward(k) {
-        return nn::attention(q, k, v, heads);
+        return attend(q, k, v, heads);
     }
     let rows = (max_scores / scores_per_row.max(1)).max(1);
     let chunks = (0..q_len)
         .step_by(rows)
         .map(|start| {
             let q_chunk = q.narrow(1, start, rows.min(q_len - start))?;
-            nn::attention(&q_chunk, k, v, heads)
+            attend(&q_chunk, k, v, heads)
         })
         .collect::<Result<Vec<_>>>()?;
     Tensor::cat(&chunks, 1)
@@ -250,9 +257,10 @@ impl Transformer2DModel {
             if spec.use_linear_projection {
                 Linear::load(vb, in_dim, out_dim, true)
             } else {
-                let weight = vb
-                    .get((out_dim, in_dim, 1, 1), "weight")?
-                    .reshape((out_dim, in_dim))?;
+                let weight = nn::product_weight(
+                    vb.get((out_dim, in_dim, 1, 1), "weight")?
+                        .reshape((out_dim, in_dim))?,
+                )?;
                 let bias = vb.get(out_dim, "bias")?;
                 Ok(Linear::new(weight, Some(bias)))
             }
@@ -307,7 +315,8 @@ mod tests {
         let v = Tensor::randn(0f32, 1., (2, 23, 16), &device).unwrap();
         let whole = nn::attention(&q, &k, &v, 4).unwrap();
         // 2·4·23 scores per query row: a budget of 5 rows gives 8 chunks, the last one short.
-        let chunked = attention_in_query_chunks(&q, &k, &v, 4, 5 * 2 * 4 * 23).unwrap();
+        let chunked =
+            attention_in_query_chunks(&q, &k, &v, 4, 5 * 2 * 4 * 23, nn::attention).unwrap();
         assert_eq!(chunked.dims(), whole.dims());
         let diff = crate::model::max_abs_diff(&chunked, &whole);
         // Row-independent maths; only the matrix products' blocking may differ (f32 ulps).

@@ -299,6 +299,13 @@ impl UNet2DConditionModel {
         &self.config
     }
 
+    /// Whether the network was loaded for bf16 products on the CPU
+    /// ([`nn::with_bf16_products`]): its convolution and linear weights are bf16.
+    pub fn uses_bf16_products(&self) -> bool {
+        self.conv_in.weight().dtype() == candle_core::DType::BF16
+            && self.conv_in.weight().device().is_cpu()
+    }
+
     /// Turns gradient checkpointing on (diffusers' `enable_gradient_checkpointing`): forward
     /// passes that build a graph keep only the inputs of each resnet, transformer, sampler and
     /// the output head, and backward recomputes them. The gradients of the weights inside those

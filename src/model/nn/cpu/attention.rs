@@ -227,7 +227,7 @@ pub(in crate::model::nn) fn attention_forward(
 
 /// Replaces `row` by `exp(row − max(row))` and returns the max and the sum of the new values:
 /// softmax before its division.
-fn exp_minus_max_in_place(row: &mut [f32]) -> (f32, f32) {
+pub(in crate::model::nn) fn exp_minus_max_in_place(row: &mut [f32]) -> (f32, f32) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU was just checked to have AVX-512F, the function's only requirement.

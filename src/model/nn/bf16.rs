@@ -1,0 +1,290 @@
+//! bfloat16 matrix products on the CPU, with float32 everywhere else.
+//!
+//! candle 0.11 has no bf16 matrix product on the CPU. Here a model loaded for bf16 on the CPU
+//! holds the weights of its convolutions and linear layers in bf16 (half float32's memory;
+//! [`with_bf16_products`] makes the loaders convert them), while its activations stay float32
+//! between layers. This module owns the products that meet there:
+//!
+//! - the GEMM (`bf16/gemm.rs`): A rows of bf16 (a weight in place, or activations converted),
+//!   B packed into pair-interleaved panels, float32 accumulators: AMX tiles (`tdpbf16ps`) where
+//!   the CPU has them (`INSTRUCT_PIX2PIX_NO_AMX` set turns them off), else `vdpbf16ps` on
+//!   avx512_bf16 (a portable kernel computes the same products elsewhere, slowly);
+//! - a linear layer `x Wᵀ + b` and a convolution (im2col blocks, as `nn/cpu.rs`) whose weight is
+//!   bf16 and input float32 ([`linear`], [`conv2d`]);
+//! - the attention (`bf16/attention.rs`): q·kᵀ and p·v as bf16 products, the softmax in float32.
+//!
+//! Group norm, layer norm, softmax, the activations and the scheduler stay float32. The kernels
+//! run only for inference (nothing tracked for a backward pass) and only where
+//! [`cpu_bf16_enabled`]; `INSTRUCT_PIX2PIX_CPU_BF16=0` turns them off.
+
+mod attention;
+mod gemm;
+#[cfg(test)]
+mod tests;
+
+use std::cell::Cell;
+
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::Conv2dConfig;
+use half::bf16;
+use rayon::prelude::*;
+
+pub(in crate::model::nn) use attention::attention;
+use gemm::{Bf16Product, Lhs, Rhs, cpu_has_bf16_dot};
+
+use super::cpu::{ConvShape, contiguous_slice, fill_column_row};
+use super::product::Threads;
+
+/// The environment variable that turns the CPU's bf16 kernels off (`0`): `--dtype bf16` then
+/// runs in float32, as on a CPU without avx512_bf16.
+pub const CPU_BF16_VAR: &str = "INSTRUCT_PIX2PIX_CPU_BF16";
+
+/// Whether bf16 products run on this CPU: it has avx512_bf16 and [`CPU_BF16_VAR`] is not `0`.
+pub fn cpu_bf16_enabled() -> bool {
+    cpu_has_bf16_dot() && cpu_bf16_allowed()
+}
+
+/// Whether [`CPU_BF16_VAR`] allows the bf16 kernels (anything but `0`, `off`, `false`).
+pub fn cpu_bf16_allowed() -> bool {
+    !matches!(
+        std::env::var(CPU_BF16_VAR).as_deref().map(str::trim),
+        Ok("0" | "off" | "false")
+    )
+}
+
+/// Whether this CPU has the bf16 dot-product instructions (avx512_bf16), whatever the
+/// environment says.
+pub fn cpu_has_bf16_instructions() -> bool {
+    cpu_has_bf16_dot()
+}
+
+thread_local! {
+    /// Set while [`with_bf16_products`] runs: the loaders convert matrix-product weights.
+    static LOADING_BF16: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `load` with the loaders of linear layers and convolutions converting their float32
+/// CPU weights to bf16 (biases, norms and embeddings stay float32): how a model is loaded for
+/// bf16 products on the CPU. The previous setting is restored afterwards, also on error.
+pub fn with_bf16_products<T>(load: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            LOADING_BF16.with(|flag| flag.set(self.0));
+        }
+    }
+    let _restore = Restore(LOADING_BF16.with(|flag| flag.replace(true)));
+    load()
+}
+
+/// A matrix-product weight as the current load wants it: bf16 inside [`with_bf16_products`]
+/// (for a float32 CPU tensor), unchanged otherwise.
+pub(in crate::model::nn) fn product_weight(weight: Tensor) -> Result<Tensor> {
+    if LOADING_BF16.with(Cell::get) && weight.dtype() == DType::F32 && weight.device().is_cpu() {
+        weight.to_dtype(DType::BF16)
+    } else {
+        Ok(weight)
+    }
+}
+
+/// Whether an op on float32 `x` with a bf16 `weight` runs the bf16 kernels here.
+pub(in crate::model::nn) fn applies(x: &Tensor, weight: &Tensor) -> bool {
+    x.dtype() == DType::F32
+        && weight.dtype() == DType::BF16
+        && x.device().is_cpu()
+        && weight.device().is_cpu()
+}
+
+/// `x` [rows, in] (float32) · `weight` [out, in]ᵀ (bf16) + `bias` [out] (float32), when the
+/// kernel applies (CPU, those dtypes); `None` otherwise.
+pub(in crate::model::nn) fn linear(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<Option<Tensor>> {
+    if !applies(x, weight) || bias.is_some_and(|b| b.dtype() != DType::F32 || !b.device().is_cpu())
+    {
+        return Ok(None);
+    }
+    let (rows, in_features) = x.dims2()?;
+    let (out_features, weight_in) = weight.dims2()?;
+    if weight_in != in_features || bias.is_some_and(|b| b.dims() != [out_features]) {
+        return Ok(None);
+    }
+    let x = x.contiguous()?;
+    let weight = weight.contiguous()?;
+    let (x_storage, x_layout) = x.storage_and_layout();
+    let (w_storage, w_layout) = weight.storage_and_layout();
+    let x_data = contiguous_slice::<f32>(&x_storage, x_layout)?;
+    let w_data = contiguous_slice::<bf16>(&w_storage, w_layout)?;
+    let mut out = vec![0f32; rows * out_features];
+    let accumulate = match bias {
+        Some(bias) => {
+            let bias = bias.to_vec1::<f32>()?;
+            for row in out.chunks_exact_mut(out_features) {
+                row.copy_from_slice(&bias);
+            }
+            true
+        }
+        None => false,
+    };
+    let product = Bf16Product {
+        m: rows,
+        n: out_features,
+        k: in_features,
+        dst_row_stride: out_features,
+    };
+    product.run(
+        &mut out,
+        Lhs::F32 {
+            data: x_data,
+            strides: (in_features, 1),
+        },
+        Rhs::Bf16 {
+            data: w_data,
+            strides: (1, in_features),
+        },
+        1.0,
+        accumulate,
+        Threads::All,
+    )?;
+    drop((x_storage, w_storage));
+    Tensor::from_vec(out, (rows, out_features), &Device::Cpu).map(Some)
+}
+
+/// Largest im2col block of the bf16 convolution, in float32 elements (4 MiB): smaller than the
+/// float32 kernel's, so the columns are still in cache when they are packed to bf16 (the 3×3
+/// convolution of the UNet's first level: 389 GFLOP/s with 32 MiB blocks, 416 with 4 MiB, 336
+/// with 1 MiB, whose products are too narrow).
+const BF16_COL_BLOCK_ELEMENTS: usize = 1 << 20;
+
+/// `x` [B, C_in, H, W] (float32) convolved with `weight` [C_out, C_in, k_h, k_w] (bf16)
+/// (+ `bias` [C_out], float32), when the kernel applies; `None` otherwise.
+///
+/// As `nn/cpu.rs`'s float32 kernel: the output of all images is one matrix
+/// [C_out, B·H_out·W_out] = weight [C_out, C_in·k_h·k_w] · columns, the columns built (im2col)
+/// in blocks of output rows; the weight is read in place as the product's bf16 rows and each
+/// column block is converted to bf16 as it is packed.
+pub(in crate::model::nn) fn conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    cfg: &Conv2dConfig,
+) -> Result<Option<Tensor>> {
+    if !applies(x, weight) || bias.is_some_and(|b| b.dtype() != DType::F32) {
+        return Ok(None);
+    }
+    let Some(s) = ConvShape::of_mixed(x, weight, bias, cfg)? else {
+        return Ok(None);
+    };
+    let x = x.contiguous()?;
+    let weight = weight.contiguous()?;
+    let (x_storage, x_layout) = x.storage_and_layout();
+    let (w_storage, w_layout) = weight.storage_and_layout();
+    let x_data = contiguous_slice::<f32>(&x_storage, x_layout)?;
+    let w_data = contiguous_slice::<bf16>(&w_storage, w_layout)?;
+    let bias = bias.map(|b| b.to_vec1::<f32>()).transpose()?;
+    let out = im2col_conv(x_data, w_data, bias.as_deref(), &s, BF16_COL_BLOCK_ELEMENTS)?;
+    drop((x_storage, w_storage));
+    Tensor::from_vec(
+        out,
+        (s.batch, s.out_channels, s.out_h, s.out_w),
+        &Device::Cpu,
+    )
+    .map(Some)
+}
+
+/// The convolution on slices: bf16 weight [C_out, patch], float32 input and output.
+fn im2col_conv(
+    x: &[f32],
+    weight: &[bf16],
+    bias: Option<&[f32]>,
+    s: &ConvShape,
+    col_block_elements: usize,
+) -> Result<Vec<f32>> {
+    let patch_len = s.patch_len();
+    let all_pixels = s.batch * s.out_pixels();
+    let mut merged = vec![0f32; s.out_channels * all_pixels];
+    if let Some(bias) = bias {
+        for (row, &b) in merged.chunks_exact_mut(all_pixels).zip(bias) {
+            row.fill(b);
+        }
+    }
+    let lhs = Lhs::Bf16 {
+        data: weight,
+        row_stride: patch_len,
+    };
+    if s.is_pointwise() {
+        // A 1×1 convolution reads each image's [C_in, H·W] in place as the columns.
+        let pixels = s.out_pixels();
+        for (image, src) in x.chunks_exact(s.in_channels * pixels).enumerate() {
+            let product = Bf16Product {
+                m: s.out_channels,
+                n: pixels,
+                k: s.in_channels,
+                dst_row_stride: all_pixels,
+            };
+            let rhs = Rhs::F32 {
+                data: src,
+                strides: (pixels, 1),
+            };
+            product.run(
+                &mut merged[image * pixels..],
+                lhs,
+                rhs,
+                1.0,
+                bias.is_some(),
+                Threads::All,
+            )?;
+        }
+    } else {
+        let total_rows = s.batch * s.out_h;
+        let rows_per_block = s.rows_per_block(col_block_elements);
+        let mut columns = vec![0f32; patch_len * rows_per_block * s.out_w];
+        let mut first_row = 0;
+        while first_row < total_rows {
+            let rows = rows_per_block.min(total_rows - first_row);
+            let block_pixels = rows * s.out_w;
+            let block = &mut columns[..patch_len * block_pixels];
+            block
+                .par_chunks_mut(block_pixels)
+                .enumerate()
+                .for_each(|(patch_index, column_row)| {
+                    fill_column_row(x, s, patch_index, first_row, column_row);
+                });
+            let product = Bf16Product {
+                m: s.out_channels,
+                n: block_pixels,
+                k: patch_len,
+                dst_row_stride: all_pixels,
+            };
+            let rhs = Rhs::F32 {
+                data: block,
+                strides: (block_pixels, 1),
+            };
+            product.run(
+                &mut merged[first_row * s.out_w..],
+                lhs,
+                rhs,
+                1.0,
+                bias.is_some(),
+                Threads::All,
+            )?;
+            first_row += rows;
+        }
+    }
+    if s.batch == 1 {
+        return Ok(merged);
+    }
+    // [C_out, B, P] → [B, C_out, P].
+    let pixels = s.out_pixels();
+    let mut out = vec![0f32; merged.len()];
+    out.par_chunks_mut(pixels)
+        .enumerate()
+        .for_each(|(dst_index, dst)| {
+            let (image, channel) = (dst_index / s.out_channels, dst_index % s.out_channels);
+            let start = (channel * s.batch + image) * pixels;
+            dst.copy_from_slice(&merged[start..start + pixels]);
+        });
+    Ok(out)
+}
