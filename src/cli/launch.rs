@@ -182,7 +182,9 @@ pub fn launch(args: &TrainArgs) -> Result<()> {
         plan.master_addr,
         plan.master_port
     );
-    let interrupted = sigint::install();
+    // Ctrl+C reaches every process of the terminal's group: the training processes agree to
+    // stop together, and the launcher keeps waiting for them (a second Ctrl+C ends it).
+    sigint::install();
     let mut children: Vec<(usize, Child)> = Vec::with_capacity(plan.local_processes);
     for local_rank in 0..plan.local_processes {
         let rank = plan.first_rank + local_rank;
@@ -207,7 +209,7 @@ pub fn launch(args: &TrainArgs) -> Result<()> {
             }
         }
     }
-    supervise(children, interrupted)
+    supervise(children)
 }
 
 fn describe(status: ExitStatus) -> String {
@@ -237,10 +239,7 @@ fn stop_all(children: &mut [(usize, Child)]) {
 }
 
 /// Waits for every process; after the first failure, gives the others [`GRACE`] to stop.
-fn supervise(
-    mut children: Vec<(usize, Child)>,
-    interrupted: &std::sync::atomic::AtomicBool,
-) -> Result<()> {
+fn supervise(mut children: Vec<(usize, Child)>) -> Result<()> {
     let mut first_failure: Option<(usize, String, Instant)> = None;
     let mut running = children.len();
     let mut done = vec![false; children.len()];
@@ -272,7 +271,6 @@ fn supervise(
     }
     match first_failure {
         Some((rank, what, _)) => bail!("the run failed: rank {rank} {what}"),
-        None if interrupted.load(std::sync::atomic::Ordering::SeqCst) => Ok(()),
         None => Ok(()),
     }
 }

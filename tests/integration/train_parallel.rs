@@ -75,6 +75,23 @@ fn train_args(data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
     args
 }
 
+/// [`train_args`] for two processes of batch 2 launched by `--num_processes 2` on a free port.
+fn two_processes_of_batch_2(data: &Path, out: &Path) -> Vec<String> {
+    let port = free_port().to_string();
+    train_args(
+        data,
+        out,
+        &[
+            "--train_batch_size",
+            "2",
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            &port,
+        ],
+    )
+}
+
 fn run(args: &[String]) -> Output {
     let home = tempfile::tempdir().unwrap();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -137,19 +154,7 @@ fn two_processes_match_one(examples: usize, extra: &[&str]) {
     let output = run(&single);
     assert!(output.status.success(), "{}", common::stderr(&output));
 
-    let port = free_port().to_string();
-    let mut parallel = train_args(
-        &data,
-        &two,
-        &[
-            "--train_batch_size",
-            "2",
-            "--num_processes",
-            "2",
-            "--main_process_port",
-            &port,
-        ],
-    );
+    let mut parallel = two_processes_of_batch_2(&data, &two);
     parallel.extend(extra.iter().map(|s| s.to_string()));
     let output = run(&parallel);
     let stderr = common::stderr(&output);
@@ -207,20 +212,8 @@ fn a_checkpoint_written_by_two_processes_resumes_on_one() {
     let dir = tempfile::tempdir().unwrap();
     let data = dataset(dir.path(), 8);
     let two = dir.path().join("two");
-    let port = free_port().to_string();
     let flags = ["--max_train_steps", "4", "--checkpointing_steps", "2"];
-    let mut args = train_args(
-        &data,
-        &two,
-        &[
-            "--train_batch_size",
-            "2",
-            "--num_processes",
-            "2",
-            "--main_process_port",
-            &port,
-        ],
-    );
+    let mut args = two_processes_of_batch_2(&data, &two);
     args.extend(flags.iter().map(|s| s.to_string()));
     let output = run(&args);
     assert!(output.status.success(), "{}", common::stderr(&output));

@@ -20,13 +20,12 @@ fn tensor_error(e: candle_core::Error) -> DistributedError {
 
 /// Replaces every rank's `grads` (one slot per parameter of `params`) by their sum across the
 /// ranks, and `controls` likewise (summed in the same first message as the presence flags).
-/// Returns the bytes of gradients that travelled through each rank's all-reduces.
 pub fn all_reduce_gradients(
     group: &mut ProcessGroup,
     params: &[(String, Var)],
     grads: &mut [Option<Tensor>],
     controls: &mut [f32],
-) -> Result<u64, DistributedError> {
+) -> Result<(), DistributedError> {
     if grads.len() != params.len() {
         return Err(DistributedError::Tensor(format!(
             "{} gradients for {} parameters",
@@ -44,7 +43,6 @@ pub fn all_reduce_gradients(
     let present: Vec<bool> = first[..grads.len()].iter().map(|&c| c > 0.0).collect();
 
     // Buckets of consecutive present parameters, in the optimizer's order on every rank.
-    let mut moved = 0u64;
     let mut start = 0;
     while start < params.len() {
         if !present[start] {
@@ -59,7 +57,7 @@ pub fn all_reduce_gradients(
             }
             end += 1;
         }
-        moved += reduce_bucket(
+        reduce_bucket(
             group,
             &params[start..end],
             &mut grads[start..end],
@@ -67,7 +65,7 @@ pub fn all_reduce_gradients(
         )?;
         start = end;
     }
-    Ok(moved)
+    Ok(())
 }
 
 /// One bucket: flatten, sum across ranks, unpack into the parameters' shapes.
@@ -76,7 +74,7 @@ fn reduce_bucket(
     params: &[(String, Var)],
     grads: &mut [Option<Tensor>],
     present: &[bool],
-) -> Result<u64, DistributedError> {
+) -> Result<(), DistributedError> {
     let mut parts = Vec::new();
     for (((_, var), grad), &present) in params.iter().zip(grads.iter()).zip(present) {
         if !present {
@@ -96,7 +94,6 @@ fn reduce_bucket(
     let flat = Tensor::cat(&parts, 0).map_err(tensor_error)?;
     drop(parts);
     let summed = group.all_reduce_sum(&flat)?;
-    let bytes = flat.elem_count() as u64 * 4;
     drop(flat);
     let mut offset = 0;
     for (((_, var), slot), &present) in params.iter().zip(grads.iter_mut()).zip(present) {
@@ -115,5 +112,5 @@ fn reduce_bucket(
         *slot = Some(grad);
         offset += count;
     }
-    Ok(bytes)
+    Ok(())
 }
