@@ -1,11 +1,13 @@
 //! The "Fine-tune on folder…" dialog: pick a folder of examples, see the dataset check, choose
 //! the base model, output folder and main settings (the reference recipe as the preset), the
 //! memory savers (gradient checkpointing, 8-bit AdamW, precision, cached latents, preset to what
-//! fits the device's memory) with the estimated peak memory before Start, then Start / Pause /
-//! Stop, with progress, a live loss curve, the latest validation edits and memory in use; when
-//! done, "Open in editor" loads the new model. Training runs on the [`crate::worker::training`]
-//! thread, which also reads the model's sizes ([`MemoryProfile`]); this file only sends requests,
-//! draws their answers and computes the estimate's figures through the worker's profile.
+//! fits the device's memory) with the estimated peak memory before Start, "Use all N GPUs" where
+//! there are several (and the effective batch it makes), then Start / Pause / Stop, with
+//! progress, a live loss curve, the latest validation edits and memory in use; when done, "Open
+//! in editor" loads the new model. Training runs on the [`crate::worker::training`] thread, which
+//! also reads the model's sizes and counts the GPUs ([`MemoryProfile`]); this file only sends
+//! requests, draws their answers and computes the estimate's figures through the worker's
+//! profile.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -62,6 +64,8 @@ pub struct Run {
     pub failed: Option<String>,
     /// One-line notes from the run (skipped examples, resumed checkpoint…).
     pub notices: Vec<String>,
+    /// The run has stopped between steps on Pause (not just been asked to).
+    pub paused: bool,
 }
 
 impl Run {
@@ -144,6 +148,8 @@ impl FineTune {
                 }
                 TrainingEvent::CheckpointSaved { step, .. } => run.checkpoints.push(step),
                 TrainingEvent::Finished { model, lora, .. } => run.finished = Some((model, lora)),
+                TrainingEvent::Paused => run.paused = true,
+                TrainingEvent::Resumed => run.paused = false,
                 TrainingEvent::Failed(message) => run.failed = Some(message),
             }
         }
@@ -158,6 +164,10 @@ impl FineTune {
             }
             if self.run.is_none() {
                 p.preset(&mut self.request);
+                // "Use all N GPUs" follows the device's count (off where there is one).
+                if self.request.processes > 1 {
+                    self.request.processes = p.gpus.max(1);
+                }
             }
         }
         self.memory = Some(profile);
@@ -226,6 +236,7 @@ impl FineTune {
             finished: None,
             failed: None,
             notices: Vec::new(),
+            paused: false,
         });
         Ok(())
     }
@@ -382,12 +393,32 @@ impl FineTune {
                     ui.weak("On the CPU training runs in float32");
                 }
             });
+            let gpus = match &self.memory {
+                Some(Ok(profile)) => profile.gpus,
+                _ => 0,
+            };
+            if gpus > 1 {
+                let mut all = request.processes > 1;
+                ui.checkbox(&mut all, format!("Use all {gpus} GPUs"))
+                    .on_hover_text(
+                        "One training rank per GPU, each with the batch size above and its own \
+                         copy of the model; their gradients are averaged every step (as \
+                         accelerate launch --multi_gpu)",
+                    );
+                request.processes = if all { gpus } else { 1 };
+            }
+            ui.weak(effective_batch(request));
             text_row(ui, "Validation image", &mut self.validation_image);
             text_row(ui, "Validation prompt", &mut self.validation_prompt);
         });
         match (&self.memory, self.memory_figures()) {
             (_, Some(figures)) if figures.fits() => {
-                ui.label(figures.summary());
+                ui.horizontal(|ui| {
+                    ui.label(figures.summary());
+                    if self.request.processes > 1 {
+                        ui.weak("(on each GPU)");
+                    }
+                });
             }
             (_, Some(figures)) => {
                 ui.colored_label(
@@ -434,6 +465,11 @@ impl FineTune {
                     .clicked()
                 {
                     run.handle.stop();
+                }
+                if run.paused {
+                    ui.weak("Paused");
+                } else if run.handle.is_paused() {
+                    ui.weak("Pausing after this step…");
                 }
             }
         });
@@ -512,6 +548,32 @@ fn text_row(ui: &mut Ui, label: &str, value: &mut String) -> bool {
             .has_focus()
     })
     .inner
+}
+
+/// "Effective batch: 4 × 2 GPUs × 4 accumulation steps = 32 examples per update".
+fn effective_batch(request: &TrainRequest) -> String {
+    let (batch, gpus, accumulation) = (
+        request.train_batch_size,
+        request.processes.max(1),
+        request.gradient_accumulation_steps.max(1),
+    );
+    let mut factors = vec![batch.to_string()];
+    if gpus > 1 {
+        factors.push(format!("{gpus} GPUs"));
+    }
+    if accumulation > 1 {
+        factors.push(format!("{accumulation} accumulation steps"));
+    }
+    let total = batch * gpus * accumulation;
+    let examples = if total == 1 { "example" } else { "examples" };
+    if factors.len() == 1 {
+        format!("Effective batch: {total} {examples} per update")
+    } else {
+        format!(
+            "Effective batch: {} = {total} {examples} per update",
+            factors.join(" × ")
+        )
+    }
 }
 
 /// The precision as the dialog names it.

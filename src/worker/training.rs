@@ -1,8 +1,10 @@
 //! The fine-tuning thread (`ip2p-train`) behind the window's "Fine-tune on folder" dialog: takes a
 //! [`TrainRequest`], runs [`crate::train::run`] and reports [`TrainingEvent`]s over a bounded
 //! channel, waking the window after each. Pause and stop are flags the loop checks between steps;
-//! stop saves a checkpoint and the model so far. Plain data only, like the edit protocol. Also the
-//! dialog's dataset check ([`check_dataset`]), so the window never opens a dataset itself.
+//! stop saves a checkpoint and the model so far. With several GPUs ("Use all N GPUs") the thread
+//! runs one rank per GPU as threads of its own ([`train_ranks`]), joined as the command line's
+//! processes are. Plain data only, like the edit protocol. Also the dialog's dataset check
+//! ([`check_dataset`]), so the window never opens a dataset itself.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -17,13 +19,15 @@ use crate::model::device::{DeviceChoice, select_device};
 use crate::model::hub::{HubSettings, ModelSpec, Variant, cached_snapshot, fetch_model};
 use crate::pipeline::image::load_image;
 use crate::train::data::{CheckLevel, Dataset, DatasetKind, DatasetOptions};
+use crate::train::distributed::{DEFAULT_TIMEOUT, DistributedError, WorldConfig};
 pub use crate::train::memory::DeviceKind;
 use crate::train::memory::{
     MemorySettings, ModelSizes, available_memory, estimate, fit, format_bytes,
 };
 pub use crate::train::run::MixedPrecision;
 use crate::train::run::{
-    DataSource, RunError, TrainConfig, TrainControl, TrainEvent, ValidationConfig, train,
+    DataSource, RunError, TrainConfig, TrainControl, TrainEvent, TrainOutcome, ValidationConfig,
+    train,
 };
 
 /// Name of the fine-tuning thread.
@@ -64,6 +68,9 @@ pub struct TrainRequest {
     pub seed: u64,
     /// Train on the good examples when the check finds bad ones (else refuse to start).
     pub skip_bad_examples: bool,
+    /// Data-parallel ranks, one per GPU ("Use all N GPUs"): each trains `train_batch_size`
+    /// examples of every step and the gradients are averaged. 1 trains on one device.
+    pub processes: usize,
     /// The Hub and cache for a repo id; None reads the environment.
     pub hub: Option<HubSettings>,
 }
@@ -93,6 +100,7 @@ impl Default for TrainRequest {
             num_validation_images: 2,
             seed: 42,
             skip_bad_examples: true,
+            processes: 1,
             hub: None,
         }
     }
@@ -132,6 +140,10 @@ pub enum TrainingEvent {
         lora: bool,
         stopped_at: Option<u64>,
     },
+    /// The run is waiting, paused, before its next step (every rank, with several GPUs).
+    Paused,
+    /// It goes on after a pause.
+    Resumed,
     /// One line for the user.
     Failed(String),
 }
@@ -222,16 +234,16 @@ fn run(
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let config = config_for(&request)?;
         let lora = config.lora_rank.is_some();
-        train(&config, control, &mut |event| {
+        let mut forward = |event| {
             if let Some(event) = TrainingEvent::from_train_event(event, lora) {
                 send(event);
             }
-        })
-        .map_err(|e| match e {
-            // The window's names for the settings to change, not the command line's flags.
-            RunError::OutOfMemory(oom) => oom.message_with_labels(),
-            other => other.to_string(),
-        })
+        };
+        if request.processes > 1 {
+            train_ranks(&config, request.processes, control, &mut forward)
+        } else {
+            train(&config, control, &mut forward).map_err(failure_line)
+        }
     }));
     match outcome {
         Ok(Ok(_)) => {}
@@ -240,6 +252,148 @@ fn run(
             "fine-tuning stopped on an internal error".into(),
         )),
     }
+}
+
+/// A failed run as one line for the window.
+fn failure_line(error: RunError) -> String {
+    match error {
+        // The window's names for the settings to change, not the command line's flags.
+        RunError::OutOfMemory(oom) => oom.message_with_labels(),
+        other => other.to_string(),
+    }
+}
+
+/// Why one rank of [`train_ranks`] ended without a model.
+struct RankFailure {
+    /// It failed only because another rank did (its peer went away, or the run stopped while it
+    /// waited for the others).
+    because_of_another: bool,
+    /// One line for the window.
+    message: String,
+}
+
+impl RankFailure {
+    fn new(error: RunError) -> Self {
+        Self {
+            because_of_another: matches!(
+                error,
+                RunError::Distributed(
+                    DistributedError::PeerClosed { .. }
+                        | DistributedError::PeerTimeout { .. }
+                        | DistributedError::Cancelled { .. }
+                )
+            ),
+            message: failure_line(error),
+        }
+    }
+
+    fn internal(message: String) -> Self {
+        Self {
+            because_of_another: false,
+            message,
+        }
+    }
+}
+
+/// "Use all N GPUs": one rank per device as threads of this process, each with its own model
+/// copy, connected through the same rendezvous (on a free port of 127.0.0.1) and gradient sums
+/// as the command line's processes. Rank 0 reports to the window and alone writes; pause and
+/// stop reach every rank through the shared `control` and are agreed between them. A rank that
+/// fails stops the others, and its own error is the one reported (not the others' "rank k
+/// stopped").
+fn train_ranks(
+    config: &TrainConfig,
+    processes: usize,
+    control: &TrainControl,
+    on_event: &mut dyn FnMut(TrainEvent),
+) -> Result<TrainOutcome, String> {
+    let port = std::net::TcpListener::bind(("127.0.0.1", 0))
+        .and_then(|listener| listener.local_addr())
+        .map_err(|e| format!("cannot find a free local port for the GPUs to meet on: {e}"))?
+        .port();
+    let configs = (0..processes)
+        .map(|rank| {
+            let device = if config.device.is_cuda() {
+                select_device(DeviceChoice::Cuda(rank)).map_err(|e| format!("GPU {rank}: {e}"))?
+            } else {
+                config.device.clone()
+            };
+            Ok(TrainConfig {
+                device,
+                distributed: Some(WorldConfig {
+                    rank,
+                    world_size: processes,
+                    local_rank: rank,
+                    master_addr: "127.0.0.1".into(),
+                    master_port: port,
+                    timeout: DEFAULT_TIMEOUT,
+                }),
+                ..config.clone()
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let panicked = || RankFailure::internal("fine-tuning stopped on an internal error".into());
+    // A rank's result; when it failed, the others are asked to stop.
+    let train_rank = |config: &TrainConfig, on_event: &mut dyn FnMut(TrainEvent)| {
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            train(config, control, on_event).map_err(RankFailure::new)
+        }))
+        .unwrap_or_else(|_| Err(panicked()));
+        if result.is_err() {
+            control.request_stop();
+        }
+        result
+    };
+    let results = std::thread::scope(|scope| {
+        let others = (1..processes)
+            .map(|rank| {
+                let (config, train_rank) = (&configs[rank], &train_rank);
+                std::thread::Builder::new()
+                    .name(format!("{TRAIN_THREAD_NAME}-rank{rank}"))
+                    .spawn_scoped(scope, move || train_rank(config, &mut |_| {}))
+            })
+            .collect::<Vec<_>>();
+        let mut results = vec![train_rank(&configs[0], on_event)];
+        for other in others {
+            results.push(match other {
+                Ok(thread) => thread.join().unwrap_or_else(|_| Err(panicked())),
+                Err(e) => Err(RankFailure::internal(format!(
+                    "cannot start a training thread: {e}"
+                ))),
+            });
+        }
+        results
+    });
+    let devices: Vec<String> = configs
+        .iter()
+        .map(|c| crate::model::device::device_label(&c.device))
+        .collect();
+    outcome_of_ranks(results, &devices)
+}
+
+/// The run's outcome from its ranks' (rank 0's model, or the error that ended the run: the
+/// first rank's own error rather than the "rank k stopped" of those it took down).
+fn outcome_of_ranks(
+    results: Vec<Result<TrainOutcome, RankFailure>>,
+    devices: &[String],
+) -> Result<TrainOutcome, String> {
+    let mut results = results.into_iter();
+    let failure = match results.next() {
+        Some(Ok(outcome)) => return Ok(outcome),
+        Some(Err(failure)) => failure,
+        None => return Err("no ranks to train".into()),
+    };
+    if failure.because_of_another {
+        for (rank, result) in (1..).zip(results) {
+            if let Err(cause) = result
+                && !cause.because_of_another
+            {
+                let device = devices.get(rank).map_or("?", String::as_str);
+                return Err(format!("rank {rank} on {device}: {}", cause.message));
+            }
+        }
+    }
+    Err(failure.message)
 }
 
 /// The loop's settings for a dialog request: the base model fetched (or found in the cache),
@@ -309,6 +463,8 @@ pub struct MemoryProfile {
     /// Bytes free on the training device (None where the platform does not say).
     pub available: Option<u64>,
     pub device: DeviceKind,
+    /// GPUs the run could use, one rank each ("Use all N GPUs" when more than one).
+    pub gpus: usize,
 }
 
 /// A request's estimated peak memory and what the device has free, in bytes.
@@ -411,6 +567,11 @@ pub fn memory_profile(base_model: &str, hub: Option<HubSettings>) -> Result<Memo
             DeviceKind::Cpu
         } else {
             DeviceKind::Gpu
+        },
+        gpus: if device.is_cuda() {
+            crate::model::device::cuda_device_count()
+        } else {
+            usize::from(!device.is_cpu())
         },
     })
 }
@@ -515,9 +676,9 @@ impl TrainingEvent {
             TrainEvent::CachingLatents { done: 0, total } => {
                 TrainingEvent::Notice(format!("caching the latents of {total} examples"))
             }
-            TrainEvent::CachingLatents { .. } | TrainEvent::Paused | TrainEvent::Resumed => {
-                return None;
-            }
+            TrainEvent::Paused => TrainingEvent::Paused,
+            TrainEvent::Resumed => TrainingEvent::Resumed,
+            TrainEvent::CachingLatents { .. } => return None,
         })
     }
 }
@@ -591,6 +752,41 @@ mod tests {
         assert!(tight.figures(&preset).fits());
         assert_eq!(preset.lora_rank, None);
         assert_eq!(preset.train_batch_size, 2);
+    }
+
+    /// With several GPUs the window reports the error of the rank that failed first, not the
+    /// "rank 1 stopped or crashed" of rank 0 that it took down; rank 0's own error otherwise.
+    #[test]
+    fn the_failing_rank_s_own_error_is_the_one_reported() {
+        let devices = ["cuda:0".to_string(), "cuda:1".into(), "cuda:2".into()];
+        let peer_gone = || {
+            Err(RankFailure::new(RunError::Distributed(
+                DistributedError::PeerClosed {
+                    rank: 2,
+                    what: "summing gradients".into(),
+                },
+            )))
+        };
+        let own = |message: &str| Err(RankFailure::internal(message.into()));
+        let outcome = outcome_of_ranks(
+            vec![peer_gone(), peer_gone(), own("out of GPU memory")],
+            &devices,
+        );
+        assert_eq!(outcome.unwrap_err(), "rank 2 on cuda:2: out of GPU memory");
+        // Rank 0's own error comes first.
+        let outcome = outcome_of_ranks(vec![own("bad dataset"), own("other")], &devices);
+        assert_eq!(outcome.unwrap_err(), "bad dataset");
+        // Nobody else failed on their own: rank 0's message stands.
+        let message = outcome_of_ranks(vec![peer_gone(), peer_gone()], &devices).unwrap_err();
+        assert!(message.contains("rank 2 stopped or crashed"), "{message}");
+        let finished = TrainOutcome {
+            step: 3,
+            stopped: false,
+            model: Some(PathBuf::from("out")),
+            checkpoint: None,
+        };
+        let outcome = outcome_of_ranks(vec![Ok(finished.clone()), peer_gone()], &devices);
+        assert_eq!(outcome.unwrap(), finished);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Data-parallel training on the CPU backend (issue 13), as a user runs it: `train
 //! --num_processes 2` (the program launches itself twice, the processes sum their gradients over
 //! TCP), two launchers on 127.0.0.1 with `--num_machines 2`, and processes started by an outside
-//! launcher (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), one of which is killed.
+//! launcher (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), one of which is killed; and the
+//! window's "Use all N GPUs", whose ranks are threads of the training thread.
 //!
 //! The acceptance: N processes of batch b reach the weights of one process of batch N·b (float32
 //! tolerance), with and without accumulation and through an epoch's short last batch; a
@@ -19,6 +20,7 @@ use std::time::{Duration, Instant};
 use candle_core::{Device, Tensor};
 use instruct_pix2pix::train::checkpoint::{list_checkpoints, load_checkpoint};
 use instruct_pix2pix::train::metrics::read_metrics;
+use instruct_pix2pix::worker::training::{TrainRequest, TrainingEvent, TrainingHandle};
 
 /// A port nothing listens on (the test binds it, reads it and lets it go).
 fn free_port() -> u16 {
@@ -431,4 +433,68 @@ fn a_port_in_use_is_one_clear_line() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(!out.join("model_index.json").exists());
     drop(taken);
+}
+
+/// Runs a window's fine-tuning request on the training thread to its end.
+fn train_from_the_window(request: TrainRequest) -> (Vec<f64>, PathBuf) {
+    let (handle, events) = TrainingHandle::spawn(request, std::sync::Arc::new(|| {})).unwrap();
+    let mut losses = Vec::new();
+    loop {
+        match events.recv_timeout(Duration::from_secs(300)) {
+            Ok(TrainingEvent::Step(progress)) => losses.push(progress.loss),
+            Ok(TrainingEvent::Finished { model, .. }) => {
+                drop(handle);
+                return (losses, model);
+            }
+            Ok(TrainingEvent::Failed(message)) => panic!("{message}"),
+            Ok(_) => {}
+            Err(e) => panic!("no news from the training thread: {e}"),
+        }
+    }
+}
+
+/// The window's "Use all N GPUs" runs the ranks as threads of the training thread (on the CPU
+/// here): two ranks of batch 1 compute what one rank of batch 2 computes, and rank 0 alone
+/// writes.
+#[test]
+fn the_window_s_ranks_as_threads_train_like_one_rank_of_twice_the_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path(), 4);
+    let request = |name: &str, processes: usize, train_batch_size: usize| TrainRequest {
+        dataset: data.clone(),
+        base_model: common::fixture_pipeline("sd1-tiny").display().to_string(),
+        output_dir: dir.path().join(name),
+        max_train_steps: 3,
+        learning_rate: 1e-3,
+        train_batch_size,
+        gradient_accumulation_steps: 1,
+        resolution: 32,
+        use_ema: false,
+        checkpointing_steps: 1000,
+        processes,
+        ..TrainRequest::default()
+    };
+    let (one, one_model) = train_from_the_window(request("one", 1, 2));
+    let (two, two_model) = train_from_the_window(request("two", 2, 1));
+    assert_eq!(one.len(), 3);
+    assert_eq!(two.len(), 3);
+    // The first step starts from the same weights: the same loss to float32 rounding; the later
+    // ones from weights whose sums were added in another order.
+    assert!(
+        (one[0] - two[0]).abs() <= 1e-5 * one[0].abs(),
+        "{one:?} vs {two:?}"
+    );
+    for (a, b) in one.iter().zip(&two) {
+        assert!((a - b).abs() <= 1e-3 * a.abs(), "{one:?} vs {two:?}");
+    }
+    // The dialog keeps Adam's epsilon of 1e-8, which turns the rounding of near-zero gradients
+    // into steps of up to the learning rate (the command-line tests above raise it and compare
+    // to 1e-3): the weights agree to a few percent of what training moved them.
+    let (difference, moved) = weight_difference(&one_model, &two_model);
+    assert!(moved > 1e-4, "training moved the weights by only {moved}");
+    assert!(
+        difference <= 0.1 * moved,
+        "weights differ by {difference} (training moved them by {moved})"
+    );
+    assert_eq!(losses(&two_model).len(), 3, "rank 0 alone logs");
 }

@@ -849,6 +849,97 @@ fn the_fine_tune_dialog_estimates_memory_and_its_savers_reach_the_run() {
     assert!(run.failed.is_none(), "{:?}", run.failed);
 }
 
+/// Issue 13 in the window: where the worker counts several GPUs the dialog offers "Use all N
+/// GPUs" and shows the effective batch it makes; the run trains one rank per GPU (two ranks on
+/// the CPU stand in for them here: the ranks, their rendezvous and their gradient sums are the
+/// real ones); Pause holds every rank between steps, Resume goes on, Stop saves the model.
+#[test]
+fn the_fine_tune_dialog_uses_all_gpus_and_pause_holds_every_rank() {
+    let mut harness = harness(options("sd1-tiny"));
+    wait_for(&mut harness, "the model to load", model_ready);
+    click(&mut harness, "Fine-tune on folder…");
+    wait_for(&mut harness, "the memory profile", |app| {
+        matches!(&app.finetune.memory, Some(Ok(_)))
+    });
+    // This machine has no GPU: nothing to offer.
+    assert!(!sees(&harness, "Use all"));
+    let mut two_gpus = match &harness.state().finetune.memory {
+        Some(Ok(profile)) => profile.clone(),
+        other => panic!("{other:?}"),
+    };
+    two_gpus.gpus = 2;
+    harness.state_mut().finetune.set_memory(Ok(two_gpus));
+    harness.run_steps(2);
+    set_slider(&mut harness, "Batch size", 1.0);
+    set_slider(&mut harness, "Gradient accumulation", 1.0);
+    assert!(sees(&harness, "Effective batch: 1 example per update"));
+    click(&mut harness, "Use all 2 GPUs");
+    assert_eq!(harness.state().finetune.request.processes, 2);
+    assert!(sees(
+        &harness,
+        "Effective batch: 1 × 2 GPUs = 2 examples per update"
+    ));
+    assert!(sees(&harness, "(on each GPU)"));
+
+    let output = tempfile::tempdir().unwrap();
+    let model_dir = output.path().join("tuned");
+    replace_text(
+        &mut harness,
+        "Examples folder",
+        &common::fixtures()
+            .join("train_data")
+            .join("pairs")
+            .display()
+            .to_string(),
+    );
+    click(&mut harness, "Check");
+    wait_for(
+        &mut harness,
+        "the clean check",
+        |app| matches!(&app.finetune.check, Some(Ok(c)) if c.problems.is_empty()),
+    );
+    replace_text(
+        &mut harness,
+        "Output folder",
+        &model_dir.display().to_string(),
+    );
+    set_slider(&mut harness, "Training steps", 1000.0);
+    set_slider(&mut harness, "Resolution", 64.0);
+    click(&mut harness, "Start");
+    let losses = |app: &EditorApp| app.finetune.run.as_ref().map_or(0, |run| run.losses.len());
+    wait_for(&mut harness, "a first step on two ranks", |app| {
+        losses(app) >= 1
+    });
+
+    click(&mut harness, "Pause");
+    wait_for(&mut harness, "both ranks to pause", |app| {
+        app.finetune.run.as_ref().is_some_and(|run| run.paused)
+    });
+    assert!(sees(&harness, "Paused"));
+    let paused_at = losses(harness.state());
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        harness.step();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(losses(harness.state()), paused_at, "no step while paused");
+    click(&mut harness, "Resume");
+    wait_for(&mut harness, "a step after resuming", |app| {
+        losses(app) > paused_at
+    });
+    click(&mut harness, "Stop");
+    wait_for(&mut harness, "the stopped run's model", |app| {
+        app.finetune.run.as_ref().is_some_and(|run| !run.active())
+    });
+    let run = harness.state().finetune.run.as_ref().unwrap();
+    assert!(run.failed.is_none(), "{:?}", run.failed);
+    assert_eq!(run.request.processes, 2);
+    assert!(model_dir.join("unet").join("config.json").is_file());
+    // Rank 0 alone wrote: one line of metrics a step, not two.
+    let metrics = std::fs::read_to_string(model_dir.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), run.losses.len(), "{metrics}");
+}
+
 /// Issue 15 items 2 and 3 in the window: the model manager fuses a LoRA at a chosen scale into
 /// the model in use, then loads a single-file checkpoint with its config folder, all through
 /// the model thread.

@@ -18,6 +18,7 @@ pub mod rendezvous;
 pub mod ring;
 
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use candle_core::{Device, Tensor};
@@ -121,6 +122,12 @@ pub enum DistributedError {
         rank: usize,
         /// The timeout.
         seconds: u64,
+    },
+    /// The run was asked to stop while it waited for the others at the rendezvous.
+    #[error("stopped while waiting for the other processes at {addr}")]
+    Cancelled {
+        /// The rendezvous address.
+        addr: String,
     },
     /// A sum was asked of a tensor it cannot take.
     #[error("summing across processes: {0}")]
@@ -268,8 +275,12 @@ impl std::fmt::Debug for ProcessGroup {
 
 impl ProcessGroup {
     /// Meets the other ranks at the rendezvous and connects the backend: NCCL when `device` is
-    /// a CUDA GPU, the TCP ring otherwise.
-    pub fn connect(world: &WorldConfig, device: &Device) -> Result<Self, DistributedError> {
+    /// a CUDA GPU, the TCP ring otherwise. Setting `cancel` ends the wait for the others.
+    pub fn connect(
+        world: &WorldConfig,
+        device: &Device,
+        cancel: &AtomicBool,
+    ) -> Result<Self, DistributedError> {
         #[cfg(feature = "cuda")]
         let nccl_id = if device.is_cuda() && world.rank == 0 {
             Some(nccl::unique_id()?)
@@ -281,7 +292,7 @@ impl ProcessGroup {
             let _ = device;
             None
         };
-        let met = rendezvous::meet(world, nccl_id.as_deref())?;
+        let met = rendezvous::meet(world, nccl_id.as_deref(), cancel)?;
         let ring = TcpRing::connect(world, &met)?;
         #[cfg(feature = "cuda")]
         let nccl = if device.is_cuda() {

@@ -6,9 +6,14 @@
 //! - join: `IP2P-RDV 1 RANK WORLD RING_PORT`
 //! - answer: `OK WORLD NCCL_ID_HEX|- ADDR_0 ADDR_1 ...`, or `ERR message` when the join is refused
 //!   (a world size that differs, a rank taken twice).
+//!
+//! Waiting ends early when the run is asked to stop (Ctrl+C, the window's Stop, or a rank of the
+//! same program that failed before it joined): `cancel` is polled while rank 0 waits for joins
+//! and while the others try to reach it.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use super::{DistributedError, WorldConfig};
@@ -31,8 +36,13 @@ pub struct Met {
     pub nccl_id: Vec<u8>,
 }
 
-/// Meets the other ranks (see the module doc). `nccl_id` is rank 0's NCCL id to hand out.
-pub fn meet(world: &WorldConfig, nccl_id: Option<&[u8]>) -> Result<Met, DistributedError> {
+/// Meets the other ranks (see the module doc). `nccl_id` is rank 0's NCCL id to hand out;
+/// setting `cancel` ends the wait with [`DistributedError::Cancelled`].
+pub fn meet(
+    world: &WorldConfig,
+    nccl_id: Option<&[u8]>,
+    cancel: &AtomicBool,
+) -> Result<Met, DistributedError> {
     let master = world.master_socket_addr()?;
     let listen_ip = if world.rank == 0 {
         master.ip()
@@ -52,9 +62,15 @@ pub fn meet(world: &WorldConfig, nccl_id: Option<&[u8]>) -> Result<Met, Distribu
         })?
         .port();
     let (ring_addrs, nccl_id) = if world.rank == 0 {
-        host(world, master, ring_port, nccl_id.unwrap_or_default())?
+        host(
+            world,
+            master,
+            ring_port,
+            nccl_id.unwrap_or_default(),
+            cancel,
+        )?
     } else {
-        join(world, master, ring_port)?
+        join(world, master, ring_port, cancel)?
     };
     Ok(Met {
         ring_addrs,
@@ -77,6 +93,7 @@ fn host(
     master: SocketAddr,
     ring_port: u16,
     nccl_id: &[u8],
+    cancel: &AtomicBool,
 ) -> Result<(Vec<SocketAddr>, Vec<u8>), DistributedError> {
     let listener = TcpListener::bind(master).map_err(|source| DistributedError::Listen {
         addr: world.master(),
@@ -111,6 +128,11 @@ fn host(
                 waiting -= 1;
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if cancel.load(Ordering::SeqCst) {
+                    return Err(DistributedError::Cancelled {
+                        addr: world.master(),
+                    });
+                }
                 if Instant::now() >= deadline {
                     return Err(DistributedError::MissingRanks {
                         missing: (1..world.world_size)
@@ -204,11 +226,17 @@ fn join(
     world: &WorldConfig,
     master: SocketAddr,
     ring_port: u16,
+    cancel: &AtomicBool,
 ) -> Result<(Vec<SocketAddr>, Vec<u8>), DistributedError> {
     let deadline = Instant::now() + world.timeout;
     let mut stream = loop {
         match TcpStream::connect_timeout(&master, Duration::from_secs(5)) {
             Ok(stream) => break stream,
+            Err(_) if cancel.load(Ordering::SeqCst) => {
+                return Err(DistributedError::Cancelled {
+                    addr: world.master(),
+                });
+            }
             Err(e) if Instant::now() >= deadline => {
                 return Err(io_timeout(world, "connecting", &e));
             }

@@ -218,7 +218,8 @@ fn accept_rank(
 #[cfg(test)]
 mod tests {
     use super::super::{ProcessGroup, WorldConfig};
-    use std::time::Duration;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
 
     fn free_port() -> u16 {
         std::net::TcpListener::bind("127.0.0.1:0")
@@ -248,8 +249,12 @@ mod tests {
                             master_port: port,
                             timeout,
                         };
-                        let mut group =
-                            ProcessGroup::connect(&config, &candle_core::Device::Cpu).unwrap();
+                        let mut group = ProcessGroup::connect(
+                            &config,
+                            &candle_core::Device::Cpu,
+                            &AtomicBool::new(false),
+                        )
+                        .unwrap();
                         work(&mut group)
                     })
                 })
@@ -350,12 +355,13 @@ mod tests {
             master_port: port,
             timeout: Duration::from_secs(10),
         };
+        let never = AtomicBool::new(false);
         let (zero, one) = std::thread::scope(|scope| {
             let zero = scope.spawn(|| {
-                ProcessGroup::connect(&config(0, 2), &candle_core::Device::Cpu).map(|_| ())
+                ProcessGroup::connect(&config(0, 2), &candle_core::Device::Cpu, &never).map(|_| ())
             });
             let one = scope.spawn(|| {
-                ProcessGroup::connect(&config(1, 3), &candle_core::Device::Cpu).map(|_| ())
+                ProcessGroup::connect(&config(1, 3), &candle_core::Device::Cpu, &never).map(|_| ())
             });
             (zero.join().unwrap(), one.join().unwrap())
         });
@@ -365,6 +371,37 @@ mod tests {
                 message.contains("rank 1 was started for 3 processes, rank 0 for 2"),
                 "{message}"
             );
+        }
+    }
+
+    /// A stop request ends the wait at the rendezvous at once, on rank 0 (waiting for joins)
+    /// and on the others (trying to reach rank 0), instead of after the hour-long timeout.
+    #[test]
+    fn a_stop_request_ends_the_wait_at_the_rendezvous() {
+        for rank in [0, 1] {
+            let config = WorldConfig {
+                rank,
+                world_size: 2,
+                local_rank: rank,
+                master_addr: "127.0.0.1".into(),
+                master_port: free_port(),
+                timeout: Duration::from_secs(3600),
+            };
+            let cancel = AtomicBool::new(false);
+            let started = Instant::now();
+            let result = std::thread::scope(|scope| {
+                let waiting = scope
+                    .spawn(|| ProcessGroup::connect(&config, &candle_core::Device::Cpu, &cancel));
+                std::thread::sleep(Duration::from_millis(300));
+                cancel.store(true, Ordering::SeqCst);
+                waiting.join().unwrap()
+            });
+            let message = result.unwrap_err().to_string();
+            assert!(
+                message.contains("stopped while waiting for the other processes at 127.0.0.1:"),
+                "rank {rank}: {message}"
+            );
+            assert!(started.elapsed() < Duration::from_secs(10), "rank {rank}");
         }
     }
 }

@@ -191,7 +191,8 @@ pub fn train(
 ) -> Result<TrainOutcome, RunError> {
     config.validate()?;
     // The other processes first: a run whose ranks cannot meet stops before any work.
-    let mut parallel = Parallel::connect(config.distributed.as_ref(), &config.device)?;
+    let mut parallel =
+        Parallel::connect(config.distributed.as_ref(), &config.device, &control.stop)?;
     let adopted;
     let config = match &mut parallel {
         Some(parallel) => {
@@ -611,6 +612,17 @@ fn cache_latents(
 const LARGE_CACHE_BYTES: f64 = 2e9;
 
 impl Run<'_> {
+    /// Whether to stop and whether to pause before the next micro-batch. The processes of a
+    /// data-parallel run decide together (a Ctrl+C or the window's Pause reaches them at
+    /// different moments).
+    fn stop_or_pause(&mut self, control: &TrainControl) -> Result<[bool; 2], RunError> {
+        let flags = [control.stop_requested(), control.is_paused()];
+        match &mut self.parallel {
+            Some(parallel) => parallel.any(flags),
+            None => Ok(flags),
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn train_loop(
         &mut self,
@@ -635,18 +647,15 @@ impl Run<'_> {
         let mut non_finite_in_a_row = 0u32;
 
         while self.trainer.global_step() < total_steps {
-            // Processes stop together (a Ctrl+C reaches them at different moments).
-            let stop = match &mut self.parallel {
-                Some(parallel) => parallel.any(control.stop_requested())?,
-                None => control.stop_requested(),
-            };
+            let [stop, pause] = self.stop_or_pause(control)?;
             if stop {
                 stopped = true;
                 break;
             }
-            if self.parallel.is_none() && control.is_paused() {
+            if pause {
                 on_event(TrainEvent::Paused);
-                while control.is_paused() && !control.stop_requested() {
+                // Every rank waits here together (a rank left in a sum would time out).
+                while self.stop_or_pause(control)? == [false, true] {
                     std::thread::sleep(Duration::from_millis(50));
                 }
                 on_event(TrainEvent::Resumed);

@@ -5,6 +5,7 @@
 //! rank applies the same update.
 
 use std::ops::Range;
+use std::sync::atomic::AtomicBool;
 
 use super::RunError;
 use crate::train::distributed::gradients::all_reduce_gradients;
@@ -17,14 +18,16 @@ pub(super) struct Parallel {
 }
 
 impl Parallel {
-    /// Meets the other processes (nothing for a single process).
+    /// Meets the other processes (nothing for a single process); a stop request (`cancel`)
+    /// ends the wait.
     pub(super) fn connect(
         world: Option<&WorldConfig>,
         device: &candle_core::Device,
+        cancel: &AtomicBool,
     ) -> Result<Option<Self>, RunError> {
         match world {
             Some(world) => Ok(Some(Self {
-                group: ProcessGroup::connect(world, device)?,
+                group: ProcessGroup::connect(world, device, cancel)?,
             })),
             None => Ok(None),
         }
@@ -67,11 +70,11 @@ impl Parallel {
         Ok(())
     }
 
-    /// Whether any rank's `flag` is set (the same answer on every rank).
-    pub(super) fn any(&mut self, flag: bool) -> Result<bool, RunError> {
-        let mut value = [if flag { 1.0f32 } else { 0.0 }];
-        self.group.all_reduce_host(&mut value)?;
-        Ok(value[0] > 0.0)
+    /// For each flag, whether any rank's is set (the same answers on every rank, from one sum).
+    pub(super) fn any<const N: usize>(&mut self, flags: [bool; N]) -> Result<[bool; N], RunError> {
+        let mut values = flags.map(|flag| if flag { 1.0f32 } else { 0.0 });
+        self.group.all_reduce_host(&mut values)?;
+        Ok(values.map(|value| value > 0.0))
     }
 
     /// Sums the accumulated gradients and loss across the ranks (see the module doc).
