@@ -368,6 +368,8 @@ impl FineTune {
                     );
             });
             let gpu = matches!(&self.memory, Some(Ok(p)) if p.device == DeviceKind::Gpu);
+            let cpu_bf16 =
+                matches!(&self.memory, Some(Ok(p)) if p.device == DeviceKind::Cpu && p.bf16);
             ui.horizontal(|ui| {
                 egui::ComboBox::from_label("Precision")
                     .selected_text(precision_name(request.mixed_precision))
@@ -378,6 +380,8 @@ impl FineTune {
                                 MixedPrecision::Bf16,
                                 MixedPrecision::Fp16,
                             ]
+                        } else if cpu_bf16 {
+                            &[MixedPrecision::No, MixedPrecision::Bf16]
                         } else {
                             &[MixedPrecision::No]
                         };
@@ -389,8 +393,13 @@ impl FineTune {
                             );
                         }
                     });
-                if !gpu {
-                    ui.weak("On the CPU training runs in float32");
+                if cpu_bf16 {
+                    ui.weak(
+                        "On the CPU training computes in float32; bf16 holds the frozen weights \
+                         in half",
+                    );
+                } else if !gpu {
+                    ui.weak("On this CPU training runs in float32");
                 }
             });
             let gpus = match &self.memory {

@@ -295,6 +295,17 @@ impl PipelineFolder {
         dtype: DType,
         device: &Device,
     ) -> Result<BTreeMap<String, Tensor>, LoadError> {
+        self.unet_weights_mapped(dtype, device, &|_, tensor| Ok(tensor))
+    }
+
+    /// [`PipelineFolder::unet_weights`] with each tensor passed through `map` as it is read
+    /// (before the next is read: a conversion never holds two copies of the whole UNet).
+    pub fn unet_weights_mapped(
+        &self,
+        dtype: DType,
+        device: &Device,
+        map: &dyn Fn(&str, Tensor) -> candle_core::Result<Tensor>,
+    ) -> Result<BTreeMap<String, Tensor>, LoadError> {
         let unet_dir = self.path.join("unet");
         let weights = component_weights_detailed(&unet_dir, DIFFUSERS_WEIGHTS, self.variant)?;
         let load_err = |source| WeightsError::Load {
@@ -313,7 +324,10 @@ impl PipelineFolder {
                 let vb = var_builder(&weights.files, dtype, device)?;
                 for (name, shape) in shapes {
                     let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
-                    let tensor = vb.get(shape, &name).map_err(load_err)?;
+                    let tensor = vb
+                        .get(shape, &name)
+                        .and_then(|t| map(&name, t))
+                        .map_err(load_err)?;
                     tensors.insert(name, tensor);
                 }
             }
@@ -322,7 +336,10 @@ impl PipelineFolder {
                     let torch = TorchFile::open(file).map_err(WeightsError::from)?;
                     let names: Vec<String> = torch.shapes().map(|(n, _)| n.to_string()).collect();
                     for name in names {
-                        let tensor = torch.load(&name, dtype, device).map_err(load_err)?;
+                        let tensor = torch
+                            .load(&name, dtype, device)
+                            .and_then(|t| map(&name, t))
+                            .map_err(load_err)?;
                         tensors.insert(name, tensor);
                     }
                 }

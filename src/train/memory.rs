@@ -497,6 +497,8 @@ pub fn estimate(sizes: &ModelSizes, settings: &MemorySettings) -> MemoryEstimate
         1
     };
     let frozen_bytes = if settings.half_precision_frozen { 2 } else { 4 };
+    // Half-precision computation is a GPU's; on the CPU only the frozen weights are held in bf16.
+    let half_compute = settings.half_precision_frozen && settings.device == DeviceKind::Gpu;
 
     // LoRA's adapters add their products beside every adapted projection's output.
     let lora_tensors = |s: &Segment| match (s.kind, settings.lora_rank) {
@@ -525,19 +527,14 @@ pub fn estimate(sizes: &ModelSizes, settings: &MemorySettings) -> MemoryEstimate
             .sum()
     };
     // Half-precision activations take half the bytes.
-    let activation_bytes = ACTIVATION_FACTOR
-        * if settings.half_precision_frozen {
-            0.5
-        } else {
-            1.0
-        };
+    let activation_bytes = ACTIVATION_FACTOR * if half_compute { 0.5 } else { 1.0 };
     let activations = (per_sample as f64 * batch as f64 * activation_bytes) as u64;
     let pixels = u64::from(settings.resolution).pow(2);
     // Cached latents are encoded one example at a time before the first step.
     let encoded = if settings.cache_latents { 1 } else { batch };
     let first = sizes.vae_first_channels as u64 * pixels * encoded;
-    let frozen_work =
-        (ENCODE_TENSORS * first + (9 * first).min(ENCODE_COLUMN_BLOCK)) * frozen_bytes;
+    let frozen_work = (ENCODE_TENSORS * first + (9 * first).min(ENCODE_COLUMN_BLOCK))
+        * if half_compute { 2 } else { 4 };
     let latent_cache = if settings.cache_latents {
         let latent_elems = sizes.latent_channels as u64 * latent * latent;
         // Mean and standard deviation of the edited image, mode of the original.
@@ -556,7 +553,8 @@ pub fn estimate(sizes: &ModelSizes, settings: &MemorySettings) -> MemoryEstimate
         // casts; LoRA keeps only a 16-bit frozen base.
         unet_weights: match (settings.half_precision_frozen, settings.lora_rank) {
             (false, _) => 4,
-            (true, None) => 6,
+            (true, None) if half_compute => 6,
+            (true, None) => 4,
             (true, Some(_)) => 2,
         } * sizes.unet_params
             + settings.lora_rank.map_or(0, |r| 4 * sizes.lora_params(r)),
@@ -656,7 +654,10 @@ impl MemoryChange {
         if !settings.cache_latents {
             changes.push(MemoryChange::CacheLatents);
         }
-        if settings.device == DeviceKind::Gpu && !settings.half_precision_frozen {
+        // bf16 on the CPU only where it has avx512_bf16 (float32 elsewhere).
+        let half_possible =
+            settings.device == DeviceKind::Gpu || crate::model::nn::cpu_bf16_enabled();
+        if !settings.half_precision_frozen && half_possible {
             changes.push(MemoryChange::HalfPrecision);
         }
         if settings.lora_rank.is_none() {
@@ -1074,26 +1075,38 @@ mod tests {
         assert_eq!(parts(&cached).frozen_work, parts(&base).frozen_work);
         assert!(parts(&cached).frozen_work < parts(&batch).frozen_work);
         assert!(parts(&cached).latent_cache > 0);
-        // Half precision halves the frozen networks and the activations, and adds a 16-bit copy
-        // of the UNet's weights (offered on a GPU only, where it saves: at 512², batch 4).
+        // On the CPU, bf16 holds the frozen networks in half and nothing else (activations and
+        // the trained UNet stay float32); offered where the CPU has avx512_bf16.
         let half = with(MemoryChange::HalfPrecision);
         assert_eq!(2 * parts(&half).frozen_weights, parts(&base).frozen_weights);
+        assert_eq!(parts(&half).unet_weights, parts(&base).unet_weights);
+        assert_eq!(parts(&half).activations, parts(&base).activations);
+        let lora = MemoryChange::HalfPrecision.apply(&MemoryChange::Lora(4).apply(&base));
         assert_eq!(
-            parts(&half).unet_weights,
-            parts(&base).unet_weights + 2 * sizes.unet_params
+            parts(&lora).unet_weights,
+            2 * sizes.unet_params + 4 * sizes.lora_params(4),
+            "LoRA's frozen base in bf16"
         );
-        assert!(parts(&half).activations < parts(&base).activations * 51 / 100);
-        assert!(
-            !savings(&sizes, &base)
+        assert_eq!(
+            savings(&sizes, &base)
                 .iter()
-                .any(|s| s.change == MemoryChange::HalfPrecision)
+                .any(|s| s.change == MemoryChange::HalfPrecision),
+            crate::model::nn::cpu_bf16_enabled()
         );
+        // On a GPU it also halves the activations and adds a 16-bit copy of the UNet's weights
+        // (where it saves: at 512², batch 4).
         let gpu = MemorySettings {
             device: DeviceKind::Gpu,
             resolution: 512,
             train_batch_size: 4,
             ..base.clone()
         };
+        let gpu_half = MemoryChange::HalfPrecision.apply(&gpu);
+        assert_eq!(
+            parts(&gpu_half).unet_weights,
+            parts(&gpu).unet_weights + 2 * sizes.unet_params
+        );
+        assert!(parts(&gpu_half).activations < parts(&gpu).activations * 51 / 100);
         assert!(
             savings(&sizes, &gpu)
                 .iter()

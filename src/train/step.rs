@@ -46,7 +46,9 @@ use crate::pipeline::scheduler::{NoiseSchedule, PredictionType, SchedulerConfig,
 use crate::train::loss_scale::{LossScaleState, LossScaler, MIN_SCALE as MIN_LOSS_SCALE};
 
 pub use super::draws::{DroppedConditioning, StepDraws};
-pub use super::trainable_unet::{TrainableUNet, grow_conv_in_weight, grown_conv_in_bias};
+pub use super::trainable_unet::{
+    TrainableUNet, bf16_product_weights, grow_conv_in_weight, grown_conv_in_bias,
+};
 
 /// The input channels of a plain Stable Diffusion UNet, which conv_in grows from.
 pub const PLAIN_SD_IN_CHANNELS: usize = 4;
@@ -163,6 +165,13 @@ pub struct TrainLoadOptions {
     /// Keep the VAE's decoder (validation edits decode); training itself only encodes, so
     /// without validation its weights are freed right after loading.
     pub keep_vae_decoder: bool,
+    /// Hold the frozen text encoder's and VAE's convolution and linear weights in bf16
+    /// (`--mixed_precision bf16` on the CPU): their activations stay float32, and their products
+    /// run the CPU's bf16 kernels where it has them.
+    pub bf16_frozen_encoders: bool,
+    /// Hold the UNet's frozen base in bf16 ([`TrainableUNet::frozen_bf16`]: LoRA with
+    /// `--mixed_precision bf16` on the CPU).
+    pub bf16_frozen_unet: bool,
 }
 
 impl Default for TrainLoadOptions {
@@ -173,6 +182,8 @@ impl Default for TrainLoadOptions {
             device: Device::Cpu,
             seed: 0,
             keep_vae_decoder: true,
+            bf16_frozen_encoders: false,
+            bf16_frozen_unet: false,
         }
     }
 }
@@ -228,19 +239,39 @@ impl TrainingModels {
                 }
             };
         let tokenizer = pipeline.tokenizer()?;
-        let text_encoder = pipeline.text_encoder(options.frozen_dtype, device)?;
-        let vae = pipeline.vae(options.frozen_dtype, device)?;
+        let (text_encoder, vae) = {
+            let load = || -> Result<_, LoadError> {
+                let text_encoder = pipeline.text_encoder(options.frozen_dtype, device)?;
+                let vae = pipeline.vae(options.frozen_dtype, device)?;
+                Ok((text_encoder, vae))
+            };
+            if options.bf16_frozen_encoders {
+                crate::model::nn::with_bf16_products(load)?
+            } else {
+                load()?
+            }
+        };
         let vae = if options.keep_vae_decoder {
             vae
         } else {
             vae.without_decoder()
         };
-        let unet = TrainableUNet::from_tensors(
-            pipeline.unet_weights(DType::F32, device)?,
-            pipeline.unet_config.clone(),
-            &pipeline.path.join("unet"),
-            options.seed,
-        )?;
+        let unet_folder = pipeline.path.join("unet");
+        let unet = if options.bf16_frozen_unet {
+            TrainableUNet::frozen_bf16(
+                pipeline.unet_weights_mapped(DType::F32, device, &bf16_product_weights)?,
+                pipeline.unet_config.clone(),
+                &unet_folder,
+                options.seed,
+            )?
+        } else {
+            TrainableUNet::from_tensors(
+                pipeline.unet_weights(DType::F32, device)?,
+                pipeline.unet_config.clone(),
+                &unet_folder,
+                options.seed,
+            )?
+        };
         let null_ids = Tensor::new(tokenizer.encode_for_model("").as_slice(), device)
             .and_then(|t| t.unsqueeze(0))
             .stage("tokenizing the empty prompt")?;

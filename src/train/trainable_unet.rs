@@ -1,6 +1,7 @@
 //! The trainable UNet: every weight a float32 variable, conv_in grown to 8 input channels for a
-//! plain Stable Diffusion base, frozen for LoRA, and the network one micro-batch runs (in half
-//! precision over the float32 variables with `--mixed_precision`). Re-exported from
+//! plain Stable Diffusion base, frozen for LoRA (on the CPU in bf16 mixed precision, held in bf16
+//! from the start), and the network one micro-batch runs (in half precision over the float32
+//! variables with `--mixed_precision` on a GPU). Re-exported from
 //! [`crate::train::step`].
 
 use std::borrow::Cow;
@@ -38,6 +39,117 @@ impl std::fmt::Debug for TrainableUNet {
             .field("params", &self.params.len())
             .field("grew_conv_in", &self.grew_conv_in)
             .finish()
+    }
+}
+
+/// Checks the UNet's tensors against its config and grows conv_in from 4 to 8 input channels
+/// where needed: the tensors, the config (now of 8 input channels) and whether it grew.
+fn prepare(
+    mut tensors: BTreeMap<String, Tensor>,
+    mut config: UNetConfig,
+    source: &Path,
+    seed: u64,
+) -> Result<(BTreeMap<String, Tensor>, UNetConfig, bool), TrainError> {
+    let config_path = source.join("config.json");
+    let bad = |reason: String| LoadError::BadConfig {
+        path: config_path.clone(),
+        reason,
+    };
+    let conv_in_name = "conv_in.weight";
+    let Some(conv_in) = tensors.get(conv_in_name) else {
+        return Err(LoadError::MissingWeights {
+            dir: source.to_path_buf(),
+            names: conv_in_name.to_string(),
+        }
+        .into());
+    };
+    let weight_in = conv_in.dims().get(1).copied().unwrap_or(0);
+    if weight_in != config.in_channels {
+        return Err(bad(format!(
+            "in_channels is {} but conv_in.weight takes {weight_in} channels",
+            config.in_channels
+        ))
+        .into());
+    }
+    let grew_conv_in = match config.in_channels {
+        INSTRUCT_PIX2PIX_IN_CHANNELS => false,
+        PLAIN_SD_IN_CHANNELS => {
+            let grown = grow_conv_in_weight(conv_in).stage("growing conv_in")?;
+            let (out_channels, _, kh, kw) = grown.dims4().stage("growing conv_in")?;
+            let bias = grown_conv_in_bias(out_channels, (kh, kw), seed, grown.device())
+                .stage("growing conv_in")?;
+            tensors.insert(conv_in_name.to_string(), grown);
+            tensors.insert("conv_in.bias".to_string(), bias);
+            config.in_channels = INSTRUCT_PIX2PIX_IN_CHANNELS;
+            true
+        }
+        other => {
+            return Err(bad(format!(
+                "in_channels {other}: training starts from a 4-channel Stable Diffusion UNet or an 8-channel InstructPix2Pix one"
+            ))
+            .into());
+        }
+    };
+    config.validate().map_err(|e| bad(e.to_string()))?;
+    Ok((tensors, config, grew_conv_in))
+}
+
+/// A UNet tensor as [`TrainableUNet::frozen_bf16`] holds it, applied to each tensor as it is
+/// read: the convolution and linear weights (rank 2 and above) in bf16, biases and norms in
+/// float32.
+pub fn bf16_product_weights(_name: &str, tensor: Tensor) -> candle_core::Result<Tensor> {
+    if tensor.rank() >= 2 && tensor.dtype() == DType::F32 {
+        tensor.to_dtype(DType::BF16)
+    } else {
+        Ok(tensor)
+    }
+}
+
+/// Named tensors handed to the UNet's loaders as they are held: a bf16 weight stays bf16 (and
+/// shares its storage) where a plain `VarBuilder` would convert it to the build's float32.
+struct HeldTensors(std::collections::HashMap<String, Tensor>);
+
+impl candle_nn::var_builder::SimpleBackend for HeldTensors {
+    fn get(
+        &self,
+        shape: candle_core::Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let tensor = self.get_unchecked(name, dtype, device)?;
+        if tensor.shape() != &shape {
+            candle_core::bail!(
+                "{name} has shape {:?}, the config wants {shape:?}",
+                tensor.dims()
+            );
+        }
+        Ok(tensor)
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let tensor = self
+            .0
+            .get(name)
+            .ok_or_else(|| candle_core::Error::CannotFindTensor {
+                path: name.to_string(),
+            })?;
+        let tensor = if tensor.dtype() == DType::BF16 {
+            tensor.clone()
+        } else {
+            tensor.to_dtype(dtype)?
+        };
+        tensor.to_device(device)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.contains_key(name)
     }
 }
 
@@ -80,52 +192,17 @@ impl TrainableUNet {
     /// errors), growing conv_in from 4 to 8 input channels if needed (its new bias drawn from
     /// `seed`, see [`grown_conv_in_bias`]).
     pub fn from_tensors(
-        mut tensors: BTreeMap<String, Tensor>,
-        mut config: UNetConfig,
+        tensors: BTreeMap<String, Tensor>,
+        config: UNetConfig,
         source: &Path,
         seed: u64,
     ) -> Result<Self, TrainError> {
+        let (tensors, config, grew_conv_in) = prepare(tensors, config, source, seed)?;
         let config_path = source.join("config.json");
         let bad = |reason: String| LoadError::BadConfig {
             path: config_path.clone(),
             reason,
         };
-        let conv_in_name = "conv_in.weight";
-        let Some(conv_in) = tensors.get(conv_in_name) else {
-            return Err(LoadError::MissingWeights {
-                dir: source.to_path_buf(),
-                names: conv_in_name.to_string(),
-            }
-            .into());
-        };
-        let weight_in = conv_in.dims().get(1).copied().unwrap_or(0);
-        if weight_in != config.in_channels {
-            return Err(bad(format!(
-                "in_channels is {} but conv_in.weight takes {weight_in} channels",
-                config.in_channels
-            ))
-            .into());
-        }
-        let grew_conv_in = match config.in_channels {
-            INSTRUCT_PIX2PIX_IN_CHANNELS => false,
-            PLAIN_SD_IN_CHANNELS => {
-                let grown = grow_conv_in_weight(conv_in).stage("growing conv_in")?;
-                let (out_channels, _, kh, kw) = grown.dims4().stage("growing conv_in")?;
-                let bias = grown_conv_in_bias(out_channels, (kh, kw), seed, grown.device())
-                    .stage("growing conv_in")?;
-                tensors.insert(conv_in_name.to_string(), grown);
-                tensors.insert("conv_in.bias".to_string(), bias);
-                config.in_channels = INSTRUCT_PIX2PIX_IN_CHANNELS;
-                true
-            }
-            other => {
-                return Err(bad(format!(
-                    "in_channels {other}: training starts from a 4-channel Stable Diffusion UNet or an 8-channel InstructPix2Pix one"
-                ))
-                .into());
-            }
-        };
-        config.validate().map_err(|e| bad(e.to_string()))?;
 
         let varmap = VarMap::new();
         let mut params = Vec::with_capacity(tensors.len());
@@ -175,6 +252,39 @@ impl TrainableUNet {
             grew_conv_in,
             compute_dtype: DType::F32,
             base_frozen: false,
+        })
+    }
+
+    /// The UNet of a LoRA run whose frozen base is held in bf16 (`--mixed_precision bf16` on the
+    /// CPU): `tensors` hold the convolution and linear weights in bf16 and the rest in float32
+    /// (as [`bf16_product_weights`] reads them). The network is built over them as they are, no
+    /// second copy, and computes in float32: the differentiable kernels widen a weight for each
+    /// product, the inference kernels take it as it is. There are no variables (the base is
+    /// frozen from the start; a LoRA run saves its adapters only).
+    pub fn frozen_bf16(
+        tensors: BTreeMap<String, Tensor>,
+        config: UNetConfig,
+        source: &Path,
+        seed: u64,
+    ) -> Result<Self, TrainError> {
+        let (tensors, config, grew_conv_in) = prepare(tensors, config, source, seed)?;
+        let device = tensors
+            .values()
+            .next()
+            .map(|t| t.device().clone())
+            .unwrap_or(Device::Cpu);
+        let backend = HeldTensors(tensors.into_iter().collect());
+        let vb = VarBuilder::from_backend(Box::new(backend), DType::F32, device);
+        let unet = UNet2DConditionModel::load(vb, &config)
+            .map_err(build_error(source.to_path_buf(), "UNet"))?;
+        Ok(Self {
+            unet,
+            config,
+            varmap: VarMap::new(),
+            params: Vec::new(),
+            grew_conv_in,
+            compute_dtype: DType::F32,
+            base_frozen: true,
         })
     }
 
@@ -291,6 +401,9 @@ impl TrainableUNet {
     /// variables are released ([`TrainableUNet::params`] is then empty: a LoRA run saves only
     /// its adapters).
     pub fn freeze_base(&mut self) -> Result<(), TrainError> {
+        if self.base_frozen {
+            return Ok(());
+        }
         let mut tensors = self.named_tensors();
         if self.compute_dtype != DType::F32 {
             for (_, tensor) in &mut tensors {

@@ -465,6 +465,9 @@ pub struct MemoryProfile {
     pub device: DeviceKind,
     /// GPUs the run could use, one rank each ("Use all N GPUs" when more than one).
     pub gpus: usize,
+    /// Whether bf16 mixed precision is offered: on a GPU, and on a CPU with avx512_bf16 (where
+    /// it holds the frozen weights in bf16).
+    pub bf16: bool,
 }
 
 /// A request's estimated peak memory and what the device has free, in bytes.
@@ -506,8 +509,11 @@ impl MemoryProfile {
             cache_latents: request.cache_latents,
             // The dialog's runs flip at random.
             random_flip: true,
-            half_precision_frozen: self.device == DeviceKind::Gpu
-                && request.mixed_precision != MixedPrecision::No,
+            // On the CPU, bf16 holds the frozen weights in half (fp16 is not offered there).
+            half_precision_frozen: match self.device {
+                DeviceKind::Gpu => request.mixed_precision != MixedPrecision::No,
+                DeviceKind::Cpu => self.bf16 && request.mixed_precision == MixedPrecision::Bf16,
+            },
             // The cache of a typical folder; the estimate is shown before the count is known.
             examples: 1000,
             device: self.device,
@@ -533,7 +539,10 @@ impl MemoryProfile {
         request.gradient_checkpointing = fitted.gradient_checkpointing;
         request.use_8bit_adam = fitted.use_8bit_adam;
         request.cache_latents = fitted.cache_latents;
-        if fitted.half_precision_frozen && request.mixed_precision == MixedPrecision::No {
+        if fitted.half_precision_frozen
+            && self.bf16
+            && request.mixed_precision == MixedPrecision::No
+        {
             request.mixed_precision = MixedPrecision::Bf16;
         }
     }
@@ -573,6 +582,7 @@ pub fn memory_profile(base_model: &str, hub: Option<HubSettings>) -> Result<Memo
         } else {
             usize::from(!device.is_cpu())
         },
+        bf16: !device.is_cpu() || crate::model::nn::cpu_bf16_enabled(),
     })
 }
 

@@ -33,6 +33,7 @@ mod train_adam8bit;
 mod train_cache;
 mod train_checkpointing;
 mod train_cli;
+mod train_cpu_bf16;
 mod train_data;
 mod train_guards;
 mod train_hygiene;

@@ -752,7 +752,15 @@ fn the_fine_tune_dialog_estimates_memory_and_its_savers_reach_the_run() {
     let before = figures(&harness);
     assert!(before.available.is_some_and(|a| a > 0), "{before:?}");
     assert!(sees(&harness, &before.summary()), "{}", before.summary());
-    assert!(sees(&harness, "On the CPU training runs in float32"));
+    let cpu_bf16 = matches!(&harness.state().finetune.memory, Some(Ok(p)) if p.bf16);
+    assert!(sees(
+        &harness,
+        if cpu_bf16 {
+            "On the CPU training computes in float32; bf16 holds the frozen weights in half"
+        } else {
+            "On this CPU training runs in float32"
+        }
+    ));
 
     // Checkpointing lowers the activations: the line shows the new figure.
     click(&mut harness, "Gradient checkpointing");

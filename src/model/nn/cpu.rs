@@ -15,6 +15,8 @@ pub(super) use attention::{
     exp_minus_max_in_place, exp_non_positive,
 };
 
+use std::borrow::Cow;
+
 use candle_core::{CpuStorage, DType, Device, Layout, Result, Storage, Tensor, WithDType};
 use candle_nn::Conv2dConfig;
 use gemm::Parallelism;
@@ -611,12 +613,41 @@ pub(super) fn contiguous_slice<'a, T: WithDType>(
     Ok(&cpu.as_slice::<T>()?[start..end])
 }
 
-/// The f32 values of a contiguous storage, as a custom op's `cpu_fwd` receives it.
-pub(super) fn cpu_storage_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
+/// The f32 values of a contiguous storage, as a custom op's `cpu_fwd` receives it; a bf16
+/// storage (a frozen weight held in bf16: LoRA's base in bf16 mixed precision) is widened into
+/// a temporary copy.
+pub(super) fn cpu_storage_slice<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+) -> Result<Cow<'a, [f32]>> {
     let Some((start, end)) = layout.contiguous_offsets() else {
         candle_core::bail!("fused CPU kernel given a non-contiguous tensor");
     };
-    Ok(&storage.as_slice::<f32>()?[start..end])
+    match storage {
+        CpuStorage::BF16(values) => Ok(Cow::Owned(widen_bf16(&values[start..end]))),
+        _ => Ok(Cow::Borrowed(&storage.as_slice::<f32>()?[start..end])),
+    }
+}
+
+/// [`contiguous_slice`] as f32, widening a bf16 tensor (see [`cpu_storage_slice`]).
+pub(super) fn contiguous_f32<'a>(storage: &'a Storage, layout: &Layout) -> Result<Cow<'a, [f32]>> {
+    match storage {
+        Storage::Cpu(cpu @ CpuStorage::BF16(_)) => cpu_storage_slice(cpu, layout),
+        _ => contiguous_slice::<f32>(storage, layout).map(Cow::Borrowed),
+    }
+}
+
+/// bf16 values as f32 (exact), on every core for a large weight.
+fn widen_bf16(values: &[half::bf16]) -> Vec<f32> {
+    let mut out = vec![0f32; values.len()];
+    out.par_chunks_mut(1 << 16)
+        .zip(values.par_chunks(1 << 16))
+        .for_each(|(out, values)| {
+            for (o, v) in out.iter_mut().zip(values) {
+                *o = v.to_f32();
+            }
+        });
+    out
 }
 
 /// The values of a rank-1 CPU tensor, whatever its stride.

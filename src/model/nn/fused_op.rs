@@ -1,7 +1,7 @@
 //! The candle custom-op plumbing shared by the differentiable CPU kernels (convolution,
 //! normalisations, attention): a kernel states its forward on its arguments' contiguous f32
-//! values and its backward on the argument tensors ([`FusedKernel`]); [`Fused`] makes that a
-//! `CustomOp2` or `CustomOp3`.
+//! values (a frozen bf16 weight widened for the call) and its backward on the argument tensors
+//! ([`FusedKernel`]); [`Fused`] makes that a `CustomOp2` or `CustomOp3`.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
@@ -54,7 +54,7 @@ macro_rules! impl_custom_op {
                     cpu::cpu_storage_slice($first, $first_layout)?,
                     $(cpu::cpu_storage_slice($arg, $layout)?),*
                 ];
-                self.0.forward(args, $first_layout.shape())
+                self.0.forward(args.each_ref().map(|a| &**a), $first_layout.shape())
             }
 
             fn bwd(

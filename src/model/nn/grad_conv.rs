@@ -19,17 +19,19 @@ use super::fused_op::{Grads3, apply_weight_bias};
 use super::product::{Product, Threads};
 
 /// `x` [B, C_in, H, W] convolved with `weight` [C_out, C_in, k_h, k_w] (+ `bias` [C_out]) as a
-/// differentiable op, when the kernel applies (CPU, f32, no groups or dilation).
+/// differentiable op, when the kernel applies (CPU, f32, no groups or dilation; a frozen weight
+/// may be held in bf16, widened to f32 for each product).
 pub fn conv2d(
     x: &Tensor,
     weight: &Tensor,
     bias: Option<&Tensor>,
     cfg: &Conv2dConfig,
 ) -> Result<Option<Tensor>> {
-    if x.dtype() != DType::F32 {
+    let f32_bias = bias.is_none_or(|b| b.dtype() == DType::F32);
+    if x.dtype() != DType::F32 || !f32_bias || !super::grad_linear::usable_weight(weight) {
         return Ok(None);
     }
-    let Some(shape) = ConvShape::of(x, weight, bias, cfg)? else {
+    let Some(shape) = ConvShape::of_mixed(x, weight, bias, cfg)? else {
         return Ok(None);
     };
     let op = ConvOp {
@@ -87,13 +89,13 @@ impl ConvOp {
         let (w_storage, w_layout) = weight.storage_and_layout();
         let dy = cpu::contiguous_slice::<f32>(&g_storage, g_layout)?;
         let x_data = cpu::contiguous_slice::<f32>(&x_storage, x_layout)?;
-        let w_data = cpu::contiguous_slice::<f32>(&w_storage, w_layout)?;
+        let w_data = cpu::contiguous_f32(&w_storage, w_layout)?;
 
         let bias_grad = (has_bias && self.bias_tracked).then(|| output_channel_sums(dy, s));
         let (input_grad, weight_grad) = if s.is_pointwise() {
-            self.pointwise_backward(x_data, w_data, dy)?
+            self.pointwise_backward(x_data, &w_data, dy)?
         } else {
-            self.im2col_backward(x_data, w_data, dy)?
+            self.im2col_backward(x_data, &w_data, dy)?
         };
         drop((g_storage, x_storage, w_storage));
 
@@ -370,6 +372,48 @@ mod tests {
         for (blocked, reference) in blocked.iter().zip(&reference) {
             for (a, b) in blocked.iter().zip(reference) {
                 assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{a} vs {b}");
+            }
+        }
+    }
+
+    /// A frozen weight held in bf16 (LoRA's base in bf16 mixed precision): the op widens it and
+    /// computes exactly what it computes on the same values in f32, 3×3 and 1×1, and gives the
+    /// frozen weight and bias no gradient.
+    #[test]
+    fn a_frozen_bf16_weight_computes_as_its_f32_values() {
+        for (kernel, padding) in [(3, 1), (1, 0)] {
+            let cfg = Conv2dConfig {
+                padding,
+                ..Default::default()
+            };
+            let x = Var::from_tensor(&values(&[3, 5, 6, 7], 1)).expect("x");
+            let held = values(&[4, 5, kernel, kernel], 2)
+                .to_dtype(DType::BF16)
+                .expect("bf16");
+            let widened = held.to_dtype(DType::F32).expect("f32");
+            let bias = values(&[4], 3);
+            let run = |weight: &Tensor| {
+                let y = conv2d(x.as_tensor(), weight, Some(&bias), &cfg)
+                    .expect("forward")
+                    .expect("applies");
+                let r = values(y.dims(), 99);
+                let grads = (&y * r)
+                    .and_then(|l| l.sum_all())
+                    .and_then(|l| l.backward())
+                    .expect("backward");
+                assert!(grads.get(weight).is_none() && grads.get(&bias).is_none());
+                let dx = grads.get(x.as_tensor()).expect("dx").clone();
+                (y, dx)
+            };
+            let (y_held, dx_held) = run(&held);
+            let (y_f32, dx_f32) = run(&widened);
+            for (a, b) in [(y_held, y_f32), (dx_held, dx_f32)] {
+                let difference = (a - b)
+                    .and_then(|d| d.abs())
+                    .and_then(|d| d.max_all())
+                    .and_then(|d| d.to_scalar::<f32>())
+                    .expect("difference");
+                assert_eq!(difference, 0.0, "{kernel}×{kernel}");
             }
         }
     }

@@ -15,10 +15,11 @@ use super::fused_op::{Grads3, apply_weight_bias};
 use super::product::{Product, Threads};
 
 /// `x` [rows, in] times `weight` [out, in] transposed, plus `bias` [out], as a differentiable op,
-/// when the kernel applies (CPU, f32, those shapes).
+/// when the kernel applies (CPU, f32, those shapes; a frozen weight may be held in bf16, and is
+/// then widened to f32 for each product).
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
     let on_cpu_f32 = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
-    if !on_cpu_f32(x) || !on_cpu_f32(weight) || !bias.is_none_or(on_cpu_f32) {
+    if !on_cpu_f32(x) || !usable_weight(weight) || !bias.is_none_or(on_cpu_f32) {
         return Ok(None);
     }
     let (Ok((rows, in_features)), Ok((out_features, weight_in))) = (x.dims2(), weight.dims2())
@@ -37,6 +38,13 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Opti
         bias_tracked: bias.is_some_and(Tensor::track_op),
     };
     apply_weight_bias(op, x, weight, bias).map(Some)
+}
+
+/// Whether the differentiable kernels take `weight`: f32 on the CPU, or a frozen (untracked)
+/// bf16 one (LoRA's base in bf16 mixed precision).
+pub(super) fn usable_weight(weight: &Tensor) -> bool {
+    weight.device().is_cpu()
+        && (weight.dtype() == DType::F32 || (weight.dtype() == DType::BF16 && !weight.track_op()))
 }
 
 /// The layer's sizes and which inputs need a gradient.
@@ -88,13 +96,13 @@ impl LinearOp {
         let dy = cpu::contiguous_slice::<f32>(&g_storage, g_layout)?;
         let input_grad = if self.input_tracked {
             let (w_storage, w_layout) = weight.storage_and_layout();
-            let w = cpu::contiguous_slice::<f32>(&w_storage, w_layout)?;
+            let w = cpu::contiguous_f32(&w_storage, w_layout)?;
             let mut dx = vec![0f32; rows * n_in];
             // dx [rows, in] = dy [rows, out] · W [out, in].
             Product::new(rows, n_in, n_out, (n_in, 1), (n_out, 1), (n_in, 1)).run(
                 &mut dx,
                 dy,
-                w,
+                &w,
                 1.0,
                 false,
                 Threads::All,
@@ -213,5 +221,34 @@ mod tests {
         );
         let ids: Vec<_> = grads.get_ids().copied().collect();
         assert_eq!(ids, [w.as_tensor().id()]);
+    }
+
+    /// A frozen weight held in bf16: the same values and input gradient as its values in f32,
+    /// no weight gradient; a tracked bf16 weight is not the kernel's (candle's ops take it).
+    #[test]
+    fn a_frozen_bf16_weight_computes_as_its_f32_values() {
+        let x = Var::from_tensor(&values(&[5, 7], 1)).expect("x");
+        let held = values(&[3, 7], 2).to_dtype(DType::BF16).expect("bf16");
+        let widened = held.to_dtype(DType::F32).expect("f32");
+        let b = values(&[3], 3);
+        let run = |w: &Tensor| {
+            let y = linear(x.as_tensor(), w, Some(&b))
+                .expect("forward")
+                .expect("applies");
+            let grads = y.sum_all().and_then(|l| l.backward()).expect("backward");
+            assert_eq!(grads.get_ids().count(), 1);
+            let dx = grads.get(x.as_tensor()).expect("dx").clone();
+            (y, dx)
+        };
+        let (y_held, dx_held) = run(&held);
+        let (y_f32, dx_f32) = run(&widened);
+        assert_eq!(max_difference(&y_held, &y_f32), 0.0);
+        assert_eq!(max_difference(&dx_held, &dx_f32), 0.0);
+        let trained = Var::from_tensor(&held).expect("var");
+        assert!(
+            linear(x.as_tensor(), trained.as_tensor(), None)
+                .expect("checked")
+                .is_none()
+        );
     }
 }

@@ -45,7 +45,10 @@ pub enum DataSource {
 /// `--mixed_precision`, on a GPU: the frozen VAE and text encoder stored and run in 16 bits, and
 /// the UNet's forward and backward passes computed in 16 bits over float32 master weights and
 /// optimizer state (a LoRA run keeps its frozen base in 16 bits), with dynamic loss scaling for
-/// float16 ([`crate::train::loss_scale`]). On the CPU everything stays float32.
+/// float16 ([`crate::train::loss_scale`]). On a CPU with avx512_bf16, bf16 holds the frozen
+/// weights in bf16 (the text encoder, the VAE and a LoRA run's UNet base: half their memory)
+/// with float32 activations, their products on the CPU's bf16 kernels (or widened to float32
+/// where a gradient flows); the trained weights stay float32. Elsewhere on the CPU, float32.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum MixedPrecision {
     /// float32 throughout (`no`).
@@ -76,6 +79,39 @@ impl MixedPrecision {
             MixedPrecision::Fp16 => candle_core::DType::F16,
             MixedPrecision::Bf16 => candle_core::DType::BF16,
         }
+    }
+
+    /// Whether the frozen weights are held in bf16 on the CPU (see the type's doc): bf16 asked
+    /// for on a CPU with avx512_bf16 (and `INSTRUCT_PIX2PIX_CPU_BF16` not `0`).
+    pub fn cpu_bf16(self, device: &Device) -> bool {
+        self == MixedPrecision::Bf16 && device.is_cpu() && crate::model::nn::cpu_bf16_enabled()
+    }
+
+    /// The one line a CPU run with this setting announces (`None` when there is nothing to say).
+    pub fn cpu_notice(self, device: &Device, lora: bool) -> Option<String> {
+        if !device.is_cpu() || self == MixedPrecision::No {
+            return None;
+        }
+        if self == MixedPrecision::Fp16 {
+            return Some(
+                "--mixed_precision fp16: training on the CPU runs in float32 (bf16 holds the frozen weights in half there)"
+                    .into(),
+            );
+        }
+        if !self.cpu_bf16(device) {
+            return Some(
+                "--mixed_precision bf16: this CPU has no avx512_bf16 (or INSTRUCT_PIX2PIX_CPU_BF16=0): training runs in float32"
+                    .into(),
+            );
+        }
+        let held = if lora {
+            "the text encoder, the VAE and the UNet's frozen base"
+        } else {
+            "the frozen text encoder and VAE"
+        };
+        Some(format!(
+            "--mixed_precision bf16 on the CPU: {held} held in bf16 (avx512_bf16 products); the trained weights, gradients and optimizer state stay float32"
+        ))
     }
 }
 

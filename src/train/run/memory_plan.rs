@@ -39,7 +39,8 @@ impl MemoryPlan {
             cache_latents: config.cache_latents,
             random_flip: config.random_flip,
             half_precision_frozen: config.mixed_precision.frozen_dtype(&config.device)
-                != candle_core::DType::F32,
+                != candle_core::DType::F32
+                || config.mixed_precision.cpu_bf16(&config.device),
             examples,
             device: DeviceKind::of(&config.device),
         };

@@ -276,12 +276,11 @@ pub fn train(
 
     // Memory: refused here, before the model loads and anything is written, when it cannot fit.
     let memory = MemoryPlan::check(config, dataset.len())?;
-    if config.mixed_precision != MixedPrecision::No && config.device.is_cpu() {
-        on_event(TrainEvent::Notice(format!(
-            "--mixed_precision {}: training on the CPU runs in float32 (the fused CPU kernels that make training fast there are float32)",
-            config.mixed_precision.name(),
-        )));
+    let lora = config.lora_rank.is_some();
+    if let Some(line) = config.mixed_precision.cpu_notice(&config.device, lora) {
+        on_event(TrainEvent::Notice(line));
     }
+    let cpu_bf16 = config.mixed_precision.cpu_bf16(&config.device);
 
     let mut models = TrainingModels::load(
         &config.pretrained_model,
@@ -291,6 +290,8 @@ pub fn train(
             device: config.device.clone(),
             seed: config.seed,
             keep_vae_decoder: config.validation.is_some(),
+            bf16_frozen_encoders: cpu_bf16,
+            bf16_frozen_unet: cpu_bf16 && lora,
         },
     )?;
     let factor = models.vae_config().downscale_factor() as u32;
