@@ -710,6 +710,60 @@ impl TorchFiles {
     }
 }
 
+/// One weight file opened as its extension says: its tensors, their shapes, and its metadata.
+pub(crate) struct WeightFile {
+    /// The tensors, read one at a time when asked for.
+    pub(crate) source: std::sync::Arc<dyn candle_nn::var_builder::SimpleBackend>,
+    /// Every tensor's name and shape.
+    pub(crate) shapes: BTreeMap<String, Vec<usize>>,
+    /// A safetensors file's `__metadata__` (empty for PyTorch files).
+    pub(crate) metadata: BTreeMap<String, String>,
+}
+
+/// The format of a single weight file by its extension in any case: `.safetensors`, or PyTorch's
+/// `.ckpt`, `.pt`, `.pth`, `.bin` (`None` for others).
+pub(crate) fn single_file_format(path: &Path) -> Option<WeightFormat> {
+    match path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
+        Some("safetensors") => Some(WeightFormat::SafeTensors),
+        Some("ckpt" | "pt" | "pth" | "bin") => Some(WeightFormat::PyTorch),
+        _ => None,
+    }
+}
+
+/// Opens a weight file in the format [`single_file_format`] gives; `None` for other extensions.
+pub(crate) fn open_weight_file(path: &Path) -> Result<Option<WeightFile>, WeightsError> {
+    fn shapes_of<'a>(
+        shapes: impl Iterator<Item = (&'a str, &'a [usize])>,
+    ) -> BTreeMap<String, Vec<usize>> {
+        shapes.map(|(n, s)| (n.to_string(), s.to_vec())).collect()
+    }
+    Ok(Some(match single_file_format(path) {
+        Some(WeightFormat::SafeTensors) => {
+            let source = StreamedSafetensors::open(&[path.to_path_buf()])?;
+            let metadata = safetensors_metadata(path)?;
+            WeightFile {
+                shapes: shapes_of(source.shapes()),
+                source: std::sync::Arc::new(source),
+                metadata,
+            }
+        }
+        Some(WeightFormat::PyTorch) => {
+            let source = super::torch_file::TorchFile::open(path)?;
+            WeightFile {
+                shapes: shapes_of(source.shapes()),
+                source: std::sync::Arc::new(source),
+                metadata: BTreeMap::new(),
+            }
+        }
+        None => return Ok(None),
+    }))
+}
+
 /// The tensor names and shapes of weight files (safetensors headers, or PyTorch files' pickles),
 /// without reading any tensor.
 pub fn weight_shapes(files: &[PathBuf]) -> Result<BTreeMap<String, Vec<usize>>, WeightsError> {

@@ -33,10 +33,9 @@ use serde_json::Value;
 
 use self::ldm::{ClipLayout, Inner, Rename, Shapes, UNetLayout, VaeLayout};
 use super::clip::ClipTextConfig;
-use super::torch_file::{TorchFile, TorchFileError};
 use super::unet::UNetConfig;
 use super::vae::VaeConfig;
-use super::weights::{StreamedSafetensors, WeightsError, safetensors_metadata};
+use super::weights::{WeightFile, WeightsError, open_weight_file, single_file_format};
 
 /// The UNet input channels of an InstructPix2Pix model.
 const IN_CHANNELS: usize = 8;
@@ -46,8 +45,6 @@ const IN_CHANNELS: usize = 8;
 pub enum SingleFileError {
     #[error(transparent)]
     Weights(#[from] WeightsError),
-    #[error(transparent)]
-    Torch(#[from] TorchFileError),
     #[error(
         "{path} is not a model file this program reads: use a .safetensors or .ckpt file (or .pt, .pth, .bin)"
     )]
@@ -156,46 +153,21 @@ impl Templates {
 
 /// Whether `path` names a file in a single-file format (by its extension).
 pub fn is_single_file_name(path: &Path) -> bool {
-    matches!(
-        path.extension()
-            .and_then(|e| e.to_str())
-            .map(str::to_ascii_lowercase)
-            .as_deref(),
-        Some("safetensors" | "ckpt" | "pt" | "pth" | "bin")
-    )
+    single_file_format(path).is_some()
 }
 
 impl SingleFile {
     /// Opens and checks `path`; `templates` give what the tensors do not say.
     pub fn open(path: &Path, templates: &Templates) -> Result<Self, SingleFileError> {
-        let extension = path
-            .extension()
-            .and_then(|e| e.to_str())
-            .map(str::to_ascii_lowercase);
-        let mut metadata = BTreeMap::new();
-        let (source, shapes): (Arc<dyn SimpleBackend>, Shapes) = match extension.as_deref() {
-            Some("safetensors") => {
-                let source = StreamedSafetensors::open(&[path.to_path_buf()])?;
-                metadata = safetensors_metadata(path)?;
-                let shapes = source
-                    .shapes()
-                    .map(|(n, s)| (n.to_string(), s.to_vec()))
-                    .collect();
-                (Arc::new(source), shapes)
-            }
-            Some("ckpt" | "pt" | "pth" | "bin") => {
-                let source = TorchFile::open(path)?;
-                let shapes = source
-                    .shapes()
-                    .map(|(n, s)| (n.to_string(), s.to_vec()))
-                    .collect();
-                (Arc::new(source), shapes)
-            }
-            _ => {
-                return Err(SingleFileError::UnknownFormat {
-                    path: path.to_path_buf(),
-                });
-            }
+        let Some(WeightFile {
+            source,
+            shapes,
+            metadata,
+        }) = open_weight_file(path)?
+        else {
+            return Err(SingleFileError::UnknownFormat {
+                path: path.to_path_buf(),
+            });
         };
         Self::from_shapes(path, source, shapes, &metadata, templates)
     }
