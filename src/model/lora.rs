@@ -25,8 +25,7 @@ use candle_nn::var_builder::SimpleBackend;
 use serde_json::Value;
 
 use super::single_file::ldm::{Rename, Shapes, to_ldm};
-use super::torch_file::{TorchFile, TorchFileError};
-use super::weights::{StreamedSafetensors, WeightsError, safetensors_metadata};
+use super::weights::{WeightFile, WeightsError, open_weight_file};
 
 /// The file name diffusers' `save_lora_weights` writes and `load_lora_weights(folder)` reads.
 pub const LORA_WEIGHTS_FILE: &str = "pytorch_lora_weights.safetensors";
@@ -94,8 +93,6 @@ impl FromStr for LoraChoice {
 pub enum LoraError {
     #[error(transparent)]
     Weights(#[from] WeightsError),
-    #[error(transparent)]
-    Torch(#[from] TorchFileError),
     #[error("LoRA {path}: {reason}")]
     Unsupported { path: PathBuf, reason: String },
     #[error("LoRA {path}: key {key} {reason}")]
@@ -192,42 +189,23 @@ impl LoraFile {
                 source: Box::new(source),
             }
         };
-        let cpu = Device::Cpu;
+        let Some(WeightFile {
+            source,
+            shapes,
+            metadata,
+        }) = open_weight_file(&file)?
+        else {
+            return Err(LoraError::Unsupported {
+                path: file,
+                reason: "not a .safetensors (or .pt/.bin) file".into(),
+            });
+        };
         let mut tensors = BTreeMap::new();
-        let mut metadata = BTreeMap::new();
-        match file
-            .extension()
-            .and_then(|e| e.to_str())
-            .map(str::to_ascii_lowercase)
-            .as_deref()
-        {
-            Some("safetensors") => {
-                let source = StreamedSafetensors::open(std::slice::from_ref(&file))?;
-                metadata = safetensors_metadata(&file)?;
-                let names: Vec<String> = source.shapes().map(|(n, _)| n.to_string()).collect();
-                for name in names {
-                    let tensor = source
-                        .load(&name, DType::F32, &cpu)
-                        .map_err(tensor_err(&name))?;
-                    tensors.insert(name, tensor);
-                }
-            }
-            Some("pt" | "pth" | "bin" | "ckpt") => {
-                let source = TorchFile::open(&file)?;
-                let names: Vec<String> = source.shapes().map(|(n, _)| n.to_string()).collect();
-                for name in names {
-                    let tensor = source
-                        .load(&name, DType::F32, &cpu)
-                        .map_err(tensor_err(&name))?;
-                    tensors.insert(name, tensor);
-                }
-            }
-            _ => {
-                return Err(LoraError::Unsupported {
-                    path: file,
-                    reason: "not a .safetensors (or .pt/.bin) file".into(),
-                });
-            }
+        for name in shapes.into_keys() {
+            let tensor = source
+                .get_unchecked(&name, DType::F32, &Device::Cpu)
+                .map_err(tensor_err(&name))?;
+            tensors.insert(name, tensor);
         }
         if tensors.is_empty() {
             return Err(LoraError::Unsupported {

@@ -641,12 +641,58 @@ pub fn weights_backend(
     }
 }
 
+/// Implements candle's `SimpleBackend` for a weight reader with `load(name, dtype, device)` and
+/// `contains(name)`: `get` loads the tensor and refuses one of another shape than asked for.
+macro_rules! reader_backend {
+    ($reader:ty) => {
+        impl candle_nn::var_builder::SimpleBackend for $reader {
+            fn get(
+                &self,
+                shape: candle_core::Shape,
+                name: &str,
+                _: candle_nn::Init,
+                dtype: DType,
+                device: &Device,
+            ) -> candle_core::Result<Tensor> {
+                let tensor = self.load(name, dtype, device)?;
+                if tensor.shape() != &shape {
+                    return Err(candle_core::Error::UnexpectedShape {
+                        msg: format!("shape mismatch for {name}"),
+                        expected: shape,
+                        got: tensor.shape().clone(),
+                    }
+                    .bt());
+                }
+                Ok(tensor)
+            }
+
+            fn get_unchecked(
+                &self,
+                name: &str,
+                dtype: DType,
+                device: &Device,
+            ) -> candle_core::Result<Tensor> {
+                self.load(name, dtype, device)
+            }
+
+            fn contains_tensor(&self, name: &str) -> bool {
+                self.contains(name)
+            }
+        }
+    };
+}
+
+reader_backend!(StreamedSafetensors);
+reader_backend!(TorchFiles);
+reader_backend!(super::torch_file::TorchFile);
+
 /// The tensors of one or more PyTorch files (shards); a name in several files comes from the last.
 struct TorchFiles(Vec<super::torch_file::TorchFile>);
 
 impl TorchFiles {
-    fn holder(&self, name: &str) -> candle_core::Result<&super::torch_file::TorchFile> {
-        self.0
+    fn load(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+        let holder = self
+            .0
             .iter()
             .rev()
             .find(|f| f.contains(name))
@@ -655,34 +701,67 @@ impl TorchFiles {
                     path: name.to_string(),
                 }
                 .bt()
-            })
+            })?;
+        holder.load(name, dtype, device)
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.0.iter().any(|f| f.contains(name))
     }
 }
 
-impl candle_nn::var_builder::SimpleBackend for TorchFiles {
-    fn get(
-        &self,
-        shape: candle_core::Shape,
-        name: &str,
-        init: candle_nn::Init,
-        dtype: DType,
-        device: &Device,
-    ) -> candle_core::Result<Tensor> {
-        self.holder(name)?.get(shape, name, init, dtype, device)
-    }
+/// One weight file opened as its extension says: its tensors, their shapes, and its metadata.
+pub(crate) struct WeightFile {
+    /// The tensors, read one at a time when asked for.
+    pub(crate) source: std::sync::Arc<dyn candle_nn::var_builder::SimpleBackend>,
+    /// Every tensor's name and shape.
+    pub(crate) shapes: BTreeMap<String, Vec<usize>>,
+    /// A safetensors file's `__metadata__` (empty for PyTorch files).
+    pub(crate) metadata: BTreeMap<String, String>,
+}
 
-    fn get_unchecked(
-        &self,
-        name: &str,
-        dtype: DType,
-        device: &Device,
-    ) -> candle_core::Result<Tensor> {
-        self.holder(name)?.load(name, dtype, device)
+/// The format of a single weight file by its extension in any case: `.safetensors`, or PyTorch's
+/// `.ckpt`, `.pt`, `.pth`, `.bin` (`None` for others).
+pub(crate) fn single_file_format(path: &Path) -> Option<WeightFormat> {
+    match path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
+        Some("safetensors") => Some(WeightFormat::SafeTensors),
+        Some("ckpt" | "pt" | "pth" | "bin") => Some(WeightFormat::PyTorch),
+        _ => None,
     }
+}
 
-    fn contains_tensor(&self, name: &str) -> bool {
-        self.0.iter().any(|f| f.contains(name))
+/// Opens a weight file in the format [`single_file_format`] gives; `None` for other extensions.
+pub(crate) fn open_weight_file(path: &Path) -> Result<Option<WeightFile>, WeightsError> {
+    fn shapes_of<'a>(
+        shapes: impl Iterator<Item = (&'a str, &'a [usize])>,
+    ) -> BTreeMap<String, Vec<usize>> {
+        shapes.map(|(n, s)| (n.to_string(), s.to_vec())).collect()
     }
+    Ok(Some(match single_file_format(path) {
+        Some(WeightFormat::SafeTensors) => {
+            let source = StreamedSafetensors::open(&[path.to_path_buf()])?;
+            let metadata = safetensors_metadata(path)?;
+            WeightFile {
+                shapes: shapes_of(source.shapes()),
+                source: std::sync::Arc::new(source),
+                metadata,
+            }
+        }
+        Some(WeightFormat::PyTorch) => {
+            let source = super::torch_file::TorchFile::open(path)?;
+            WeightFile {
+                shapes: shapes_of(source.shapes()),
+                source: std::sync::Arc::new(source),
+                metadata: BTreeMap::new(),
+            }
+        }
+        None => return Ok(None),
+    }))
 }
 
 /// The tensor names and shapes of weight files (safetensors headers, or PyTorch files' pickles),
@@ -769,6 +848,11 @@ impl StreamedSafetensors {
         Ok(Self { tensors })
     }
 
+    /// Whether the files hold a tensor of this name.
+    pub(crate) fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
     /// Every tensor's name and shape.
     pub(crate) fn shapes(&self) -> impl Iterator<Item = (&str, &[usize])> {
         self.tensors
@@ -804,37 +888,14 @@ impl StreamedSafetensors {
                     ))
                 })?;
         }
-        let shape = entry.shape.as_slice();
-        let cpu = &Device::Cpu;
-        // A weight of NaN or infinity turns every edit black (or every loss to NaN): refuse the
-        // file naming the tensor, at the cost of one pass over values already in memory.
-        let finite = |non_finite: usize, total: usize| -> candle_core::Result<()> {
-            if non_finite == 0 {
-                return Ok(());
-            }
-            Err(candle_core::Error::Msg(format!(
-                "{}: tensor {name} has {non_finite} NaN or infinite values (of {total}): the weight file is damaged",
-                entry.path.display()
-            )))
-        };
-        macro_rules! float_tensor {
-            ($t:ty) => {{
-                let values = le_values(&bytes, <$t>::from_le_bytes);
-                finite(
-                    values.iter().filter(|v| !v.is_finite()).count(),
-                    values.len(),
-                )?;
-                Tensor::from_vec(values, shape, cpu)?
-            }};
-        }
-        let tensor = match entry.dtype.as_str() {
-            "F32" => float_tensor!(f32),
-            "F16" => float_tensor!(half::f16),
-            "BF16" => float_tensor!(half::bf16),
-            "F64" => float_tensor!(f64),
-            "I64" => Tensor::from_vec(le_values(&bytes, i64::from_le_bytes), shape, cpu)?,
-            "U32" => Tensor::from_vec(le_values(&bytes, u32::from_le_bytes), shape, cpu)?,
-            "U8" => Tensor::from_vec(bytes, shape, cpu)?,
+        let stored = match entry.dtype.as_str() {
+            "F32" => DType::F32,
+            "F16" => DType::F16,
+            "BF16" => DType::BF16,
+            "F64" => DType::F64,
+            "I64" => DType::I64,
+            "U32" => DType::U32,
+            "U8" => DType::U8,
             other => {
                 return Err(candle_core::Error::Msg(format!(
                     "{}: tensor {name} has dtype {other}, which this program cannot load",
@@ -842,7 +903,55 @@ impl StreamedSafetensors {
                 )));
             }
         };
-        tensor.to_dtype(dtype)?.to_device(device)
+        tensor_from_le_bytes(&entry.path, name, stored, bytes, &entry.shape)?
+            .to_dtype(dtype)?
+            .to_device(device)
+    }
+}
+
+/// The tensor of `shape` (on the CPU, in `stored`) whose values `bytes` hold little-endian, as
+/// both weight readers read it: NaN or infinite floats are refused naming `path` and the tensor.
+pub(crate) fn tensor_from_le_bytes(
+    path: &Path,
+    name: &str,
+    stored: DType,
+    bytes: Vec<u8>,
+    shape: &[usize],
+) -> candle_core::Result<Tensor> {
+    let cpu = &Device::Cpu;
+    // A weight of NaN or infinity turns every edit black (or every loss to NaN): refuse the
+    // file naming the tensor, at the cost of one pass over values already in memory.
+    let finite = |non_finite: usize, total: usize| -> candle_core::Result<()> {
+        if non_finite == 0 {
+            return Ok(());
+        }
+        Err(candle_core::Error::Msg(format!(
+            "{}: tensor {name} has {non_finite} NaN or infinite values (of {total}): the weight file is damaged",
+            path.display()
+        )))
+    };
+    macro_rules! float_tensor {
+        ($t:ty) => {{
+            let values = le_values(&bytes, <$t>::from_le_bytes);
+            finite(
+                values.iter().filter(|v| !v.is_finite()).count(),
+                values.len(),
+            )?;
+            Tensor::from_vec(values, shape, cpu)
+        }};
+    }
+    match stored {
+        DType::F32 => float_tensor!(f32),
+        DType::F16 => float_tensor!(half::f16),
+        DType::BF16 => float_tensor!(half::bf16),
+        DType::F64 => float_tensor!(f64),
+        DType::I64 => Tensor::from_vec(le_values(&bytes, i64::from_le_bytes), shape, cpu),
+        DType::U32 => Tensor::from_vec(le_values(&bytes, u32::from_le_bytes), shape, cpu),
+        DType::U8 => Tensor::from_vec(bytes, shape, cpu),
+        other => Err(candle_core::Error::Msg(format!(
+            "{}: tensor {name} has dtype {other:?}, which this program cannot load",
+            path.display()
+        ))),
     }
 }
 
@@ -856,41 +965,6 @@ fn le_values<T, const N: usize>(bytes: &[u8], from_le: fn([u8; N]) -> T) -> Vec<
             from_le(array)
         })
         .collect()
-}
-
-impl candle_nn::var_builder::SimpleBackend for StreamedSafetensors {
-    fn get(
-        &self,
-        shape: candle_core::Shape,
-        name: &str,
-        _: candle_nn::Init,
-        dtype: DType,
-        device: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let tensor = self.load(name, dtype, device)?;
-        if tensor.shape() != &shape {
-            return Err(candle_core::Error::UnexpectedShape {
-                msg: format!("shape mismatch for {name}"),
-                expected: shape,
-                got: tensor.shape().clone(),
-            }
-            .bt());
-        }
-        Ok(tensor)
-    }
-
-    fn get_unchecked(
-        &self,
-        name: &str,
-        dtype: DType,
-        device: &Device,
-    ) -> candle_core::Result<Tensor> {
-        self.load(name, dtype, device)
-    }
-
-    fn contains_tensor(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
-    }
 }
 
 /// The `__metadata__` of a safetensors file (string values only), from its checked header.

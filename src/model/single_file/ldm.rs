@@ -679,11 +679,27 @@ mod tests {
         }
     }
 
+    /// Each (diffusers, LDM) pair is renamed by `table` one into the other, both ways.
+    fn assert_renames_both_ways(table: &[Rename], pairs: &[(&str, &str)]) {
+        for &(diffusers, ldm) in pairs {
+            assert_eq!(
+                to_ldm(table, diffusers).map(|x| x.0).as_deref(),
+                Some(ldm),
+                "{diffusers}"
+            );
+            assert_eq!(
+                to_diffusers(table, ldm).as_deref(),
+                Some(diffusers),
+                "{ldm}"
+            );
+        }
+    }
+
     /// Pairs from diffusers' conversion of SD 1.5 (convert_ldm_unet_checkpoint).
     #[test]
     fn unet_names_follow_diffusers_conversion() {
         let table = unet_table(&sd1_like());
-        for (diffusers, ldm) in [
+        let pairs = [
             ("conv_in.weight", "input_blocks.0.0.weight"),
             ("time_embedding.linear_2.bias", "time_embed.2.bias"),
             (
@@ -736,18 +752,8 @@ mod tests {
             ),
             ("conv_norm_out.weight", "out.0.weight"),
             ("conv_out.bias", "out.2.bias"),
-        ] {
-            assert_eq!(
-                to_ldm(&table, diffusers).map(|x| x.0).as_deref(),
-                Some(ldm),
-                "{diffusers}"
-            );
-            assert_eq!(
-                to_diffusers(&table, ldm).as_deref(),
-                Some(diffusers),
-                "{ldm}"
-            );
-        }
+        ];
+        assert_renames_both_ways(&table, &pairs);
         assert_eq!(
             to_diffusers(&table, "input_blocks.12.0.in_layers.0.weight"),
             None
@@ -767,7 +773,7 @@ mod tests {
             mid_attention: true,
         };
         let table = vae_table(&layout);
-        for (diffusers, ldm) in [
+        let pairs = [
             (
                 "encoder.down_blocks.1.resnets.0.conv_shortcut.weight",
                 "encoder.down.1.block.0.nin_shortcut.weight",
@@ -798,18 +804,8 @@ mod tests {
             ),
             ("decoder.conv_norm_out.weight", "decoder.norm_out.weight"),
             ("post_quant_conv.weight", "post_quant_conv.weight"),
-        ] {
-            assert_eq!(
-                to_ldm(&table, diffusers).map(|x| x.0).as_deref(),
-                Some(ldm),
-                "{diffusers}"
-            );
-            assert_eq!(
-                to_diffusers(&table, ldm).as_deref(),
-                Some(diffusers),
-                "{ldm}"
-            );
-        }
+        ];
+        assert_renames_both_ways(&table, &pairs);
     }
 
     #[test]

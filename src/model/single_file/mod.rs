@@ -33,10 +33,9 @@ use serde_json::Value;
 
 use self::ldm::{ClipLayout, Inner, Rename, Shapes, UNetLayout, VaeLayout};
 use super::clip::ClipTextConfig;
-use super::torch_file::{TorchFile, TorchFileError};
 use super::unet::UNetConfig;
 use super::vae::VaeConfig;
-use super::weights::{StreamedSafetensors, WeightsError, safetensors_metadata};
+use super::weights::{WeightFile, WeightsError, open_weight_file, single_file_format};
 
 /// The UNet input channels of an InstructPix2Pix model.
 const IN_CHANNELS: usize = 8;
@@ -46,8 +45,6 @@ const IN_CHANNELS: usize = 8;
 pub enum SingleFileError {
     #[error(transparent)]
     Weights(#[from] WeightsError),
-    #[error(transparent)]
-    Torch(#[from] TorchFileError),
     #[error(
         "{path} is not a model file this program reads: use a .safetensors or .ckpt file (or .pt, .pth, .bin)"
     )]
@@ -156,46 +153,21 @@ impl Templates {
 
 /// Whether `path` names a file in a single-file format (by its extension).
 pub fn is_single_file_name(path: &Path) -> bool {
-    matches!(
-        path.extension()
-            .and_then(|e| e.to_str())
-            .map(str::to_ascii_lowercase)
-            .as_deref(),
-        Some("safetensors" | "ckpt" | "pt" | "pth" | "bin")
-    )
+    single_file_format(path).is_some()
 }
 
 impl SingleFile {
     /// Opens and checks `path`; `templates` give what the tensors do not say.
     pub fn open(path: &Path, templates: &Templates) -> Result<Self, SingleFileError> {
-        let extension = path
-            .extension()
-            .and_then(|e| e.to_str())
-            .map(str::to_ascii_lowercase);
-        let mut metadata = BTreeMap::new();
-        let (source, shapes): (Arc<dyn SimpleBackend>, Shapes) = match extension.as_deref() {
-            Some("safetensors") => {
-                let source = StreamedSafetensors::open(&[path.to_path_buf()])?;
-                metadata = safetensors_metadata(path)?;
-                let shapes = source
-                    .shapes()
-                    .map(|(n, s)| (n.to_string(), s.to_vec()))
-                    .collect();
-                (Arc::new(source), shapes)
-            }
-            Some("ckpt" | "pt" | "pth" | "bin") => {
-                let source = TorchFile::open(path)?;
-                let shapes = source
-                    .shapes()
-                    .map(|(n, s)| (n.to_string(), s.to_vec()))
-                    .collect();
-                (Arc::new(source), shapes)
-            }
-            _ => {
-                return Err(SingleFileError::UnknownFormat {
-                    path: path.to_path_buf(),
-                });
-            }
+        let Some(WeightFile {
+            source,
+            shapes,
+            metadata,
+        }) = open_weight_file(path)?
+        else {
+            return Err(SingleFileError::UnknownFormat {
+                path: path.to_path_buf(),
+            });
         };
         Self::from_shapes(path, source, shapes, &metadata, templates)
     }
@@ -469,6 +441,32 @@ fn divides_all(groups: Option<&Value>, channels: &[usize]) -> Option<Value> {
     (groups > 0 && channels.iter().all(|c| c % groups == 0)).then(|| Value::from(groups))
 }
 
+/// A template's group count as a config, where it divides every block's channels: a template of
+/// other sizes still knows its family's group count.
+fn template_groups(template: Option<&Value>, channels: &[usize]) -> serde_json::Map<String, Value> {
+    let mut map = serde_json::Map::new();
+    if let Some(groups) = divides_all(template_field(template, "norm_num_groups"), channels) {
+        map.insert("norm_num_groups".into(), groups);
+    }
+    map
+}
+
+/// A config: the template's fields where it `fits` the file, else `fallback`'s, with the file's
+/// own `fields` over them.
+fn config_from<T: serde::de::DeserializeOwned>(
+    template: Option<&Value>,
+    fits: bool,
+    fields: serde_json::Map<String, Value>,
+    fallback: impl FnOnce() -> Result<serde_json::Map<String, Value>, String>,
+) -> Result<T, String> {
+    let mut config = match template {
+        Some(Value::Object(map)) if fits => map.clone(),
+        _ => fallback()?,
+    };
+    config.extend(fields);
+    serde_json::from_value(Value::Object(config)).map_err(|e| e.to_string())
+}
+
 fn unet_config(layout: &UNetLayout, template: Option<&Value>) -> Result<UNetConfig, String> {
     let fields = ldm::unet_config_fields(layout);
     let fits = template.is_some_and(|t| {
@@ -479,27 +477,14 @@ fn unet_config(layout: &UNetLayout, template: Option<&Value>) -> Result<UNetConf
                 .unwrap_or(false)
                 == layout.use_linear_projection
     });
-    let mut config = match template {
-        Some(Value::Object(map)) if fits => map.clone(),
-        _ => {
-            let mut map = serde_json::Map::new();
-            map.insert(
-                "attention_head_dim".into(),
-                ldm::default_attention_heads(layout),
-            );
-            if let Some(groups) = divides_all(
-                template_field(template, "norm_num_groups"),
-                &layout.block_out_channels,
-            ) {
-                // A template of other sizes still knows its family's group count.
-                map.insert("norm_num_groups".into(), groups);
-            }
-            map
-        }
-    };
-    config.extend(fields);
-    let config: UNetConfig =
-        serde_json::from_value(Value::Object(config)).map_err(|e| e.to_string())?;
+    let config: UNetConfig = config_from(template, fits, fields, || {
+        let mut map = template_groups(template, &layout.block_out_channels);
+        map.insert(
+            "attention_head_dim".into(),
+            ldm::default_attention_heads(layout),
+        );
+        Ok(map)
+    })?;
     config.validate().map_err(|e| e.to_string())?;
     Ok(config)
 }
@@ -510,22 +495,9 @@ fn vae_config(layout: &VaeLayout, template: Option<&Value>) -> Result<VaeConfig,
         t.get("block_out_channels") == fields.get("block_out_channels")
             && t.get("latent_channels") == fields.get("latent_channels")
     });
-    let mut config = match template {
-        Some(Value::Object(map)) if fits => map.clone(),
-        _ => {
-            let mut map = serde_json::Map::new();
-            if let Some(groups) = divides_all(
-                template_field(template, "norm_num_groups"),
-                &layout.block_out_channels,
-            ) {
-                map.insert("norm_num_groups".into(), groups);
-            }
-            map
-        }
-    };
-    config.extend(fields);
-    let config: VaeConfig =
-        serde_json::from_value(Value::Object(config)).map_err(|e| e.to_string())?;
+    let config: VaeConfig = config_from(template, fits, fields, || {
+        Ok(template_groups(template, &layout.block_out_channels))
+    })?;
     config.check()?;
     Ok(config)
 }
@@ -533,28 +505,22 @@ fn vae_config(layout: &VaeLayout, template: Option<&Value>) -> Result<VaeConfig,
 fn clip_config(layout: &ClipLayout, template: Option<&Value>) -> Result<ClipTextConfig, String> {
     let fields = ldm::clip_config_fields(layout);
     let fits = template.is_some_and(|t| t.get("hidden_size") == fields.get("hidden_size"));
-    let mut config = match template {
-        Some(Value::Object(map)) if fits => map.clone(),
-        _ => {
-            if !layout.hidden_size.is_multiple_of(64) {
-                return Err(format!(
-                    "its width {} is not a multiple of 64, so its attention heads cannot be told; \
-                     give a --config folder whose text_encoder/config.json has this width",
-                    layout.hidden_size
-                ));
-            }
-            let mut map = serde_json::Map::new();
-            map.insert(
-                "num_attention_heads".into(),
-                Value::from(layout.hidden_size / 64),
-            );
-            map.insert("hidden_act".into(), Value::from("quick_gelu"));
-            map
+    let config: ClipTextConfig = config_from(template, fits, fields, || {
+        if !layout.hidden_size.is_multiple_of(64) {
+            return Err(format!(
+                "its width {} is not a multiple of 64, so its attention heads cannot be told; \
+                 give a --config folder whose text_encoder/config.json has this width",
+                layout.hidden_size
+            ));
         }
-    };
-    config.extend(fields);
-    let config: ClipTextConfig =
-        serde_json::from_value(Value::Object(config)).map_err(|e| e.to_string())?;
+        let mut map = serde_json::Map::new();
+        map.insert(
+            "num_attention_heads".into(),
+            Value::from(layout.hidden_size / 64),
+        );
+        map.insert("hidden_act".into(), Value::from("quick_gelu"));
+        Ok(map)
+    })?;
     config.check()?;
     Ok(config)
 }

@@ -25,6 +25,7 @@ use std::sync::Mutex;
 use candle_core::{DType, Device, Tensor};
 
 use self::unpickle::{Pairs, Refusal, StorageRef, TensorRef, Value};
+use super::weights::tensor_from_le_bytes;
 
 /// Largest pickle read (Stable Diffusion's is ~200 KB; optimizer states add a few MB).
 const MAX_PICKLE_BYTES: u64 = 256 << 20;
@@ -297,74 +298,9 @@ impl TorchFile {
         } else {
             gather(&bytes, &entry.shape, &entry.stride, size)
         };
-        let cpu = &Device::Cpu;
-        let shape = entry.shape.as_slice();
-        let finite = |non_finite: usize| -> candle_core::Result<()> {
-            if non_finite == 0 {
-                return Ok(());
-            }
-            Err(candle_core::Error::Msg(format!(
-                "{}: tensor {name} has {non_finite} NaN or infinite values (of {numel}): the weight file is damaged",
-                self.path.display()
-            )))
-        };
-        macro_rules! float_tensor {
-            ($t:ty) => {{
-                let values = le_values(&bytes, <$t>::from_le_bytes);
-                finite(values.iter().filter(|v| !v.is_finite()).count())?;
-                Tensor::from_vec(values, shape, cpu)?
-            }};
-        }
-        let tensor = match entry.dtype {
-            DType::F32 => float_tensor!(f32),
-            DType::F16 => float_tensor!(half::f16),
-            DType::BF16 => float_tensor!(half::bf16),
-            DType::F64 => float_tensor!(f64),
-            DType::I64 => Tensor::from_vec(le_values(&bytes, i64::from_le_bytes), shape, cpu)?,
-            DType::U8 => Tensor::from_vec(bytes, shape, cpu)?,
-            other => {
-                return Err(candle_core::Error::Msg(format!(
-                    "{}: tensor {name} has dtype {other:?}, which this program cannot load",
-                    self.path.display()
-                )));
-            }
-        };
-        tensor.to_dtype(dtype)?.to_device(device)
-    }
-}
-
-impl candle_nn::var_builder::SimpleBackend for TorchFile {
-    fn get(
-        &self,
-        shape: candle_core::Shape,
-        name: &str,
-        _: candle_nn::Init,
-        dtype: DType,
-        device: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let tensor = self.load(name, dtype, device)?;
-        if tensor.shape() != &shape {
-            return Err(candle_core::Error::UnexpectedShape {
-                msg: format!("shape mismatch for {name}"),
-                expected: shape,
-                got: tensor.shape().clone(),
-            }
-            .bt());
-        }
-        Ok(tensor)
-    }
-
-    fn get_unchecked(
-        &self,
-        name: &str,
-        dtype: DType,
-        device: &Device,
-    ) -> candle_core::Result<Tensor> {
-        self.load(name, dtype, device)
-    }
-
-    fn contains_tensor(&self, name: &str) -> bool {
-        self.contains(name)
+        tensor_from_le_bytes(&self.path, name, entry.dtype, bytes, &entry.shape)?
+            .to_dtype(dtype)?
+            .to_device(device)
     }
 }
 
@@ -545,18 +481,6 @@ fn gather(bytes: &[u8], shape: &[usize], stride: &[usize], size: usize) -> Vec<u
         }
     }
     out
-}
-
-/// Little-endian values of `N` bytes each.
-fn le_values<T, const N: usize>(bytes: &[u8], from_le: fn([u8; N]) -> T) -> Vec<T> {
-    bytes
-        .chunks_exact(N)
-        .map(|chunk| {
-            let mut array = [0u8; N];
-            array.copy_from_slice(chunk);
-            from_le(array)
-        })
-        .collect()
 }
 
 #[cfg(test)]
