@@ -152,6 +152,71 @@ pub(in crate::model::nn) fn linear(
     Tensor::from_vec(out, (rows, out_features), &Device::Cpu).map(Some)
 }
 
+/// The two products of a linear layer whose weight `w` [out, in] is held in bf16, on the CPU's
+/// bf16 kernels (float32 operands rounded to bf16 as they are packed, float32 sums: torch's
+/// bf16 autocast): the forward `y [rows, out] (+)= x [rows, in] · wᵀ` and the input's gradient
+/// `dx [rows, in] = dy [rows, out] · w`. For the differentiable linear over a frozen bf16 weight.
+pub(in crate::model::nn) struct FrozenBf16Products<'a> {
+    pub(in crate::model::nn) w: &'a [bf16],
+    pub(in crate::model::nn) rows: usize,
+    pub(in crate::model::nn) in_features: usize,
+    pub(in crate::model::nn) out_features: usize,
+}
+
+impl FrozenBf16Products<'_> {
+    /// `y (+)= x · wᵀ` (`accumulate`: onto `y`, e.g. the bias repeated per row).
+    pub(in crate::model::nn) fn forward(&self, y: &mut [f32], x: &[f32], accumulate: bool) -> Result<()> {
+        let (rows, n_in, n_out) = (self.rows, self.in_features, self.out_features);
+        Bf16Product {
+            m: rows,
+            n: n_out,
+            k: n_in,
+            dst_row_stride: n_out,
+        }
+        .run(
+            y,
+            Lhs::F32 {
+                data: x,
+                strides: (n_in, 1),
+            },
+            Rhs::Bf16 {
+                data: self.w,
+                strides: (1, n_in),
+            },
+            1.0,
+            accumulate,
+            Threads::All,
+        )
+    }
+
+    /// `dx = dy · w`.
+    pub(in crate::model::nn) fn input_gradient(&self, dy: &[f32]) -> Result<Vec<f32>> {
+        let (rows, n_in, n_out) = (self.rows, self.in_features, self.out_features);
+        let mut dx = vec![0f32; rows * n_in];
+        Bf16Product {
+            m: rows,
+            n: n_in,
+            k: n_out,
+            dst_row_stride: n_in,
+        }
+        .run(
+            &mut dx,
+            Lhs::F32 {
+                data: dy,
+                strides: (n_out, 1),
+            },
+            Rhs::Bf16 {
+                data: self.w,
+                strides: (n_in, 1),
+            },
+            1.0,
+            false,
+            Threads::All,
+        )?;
+        Ok(dx)
+    }
+}
+
 /// Largest im2col block of the bf16 convolution, in float32 elements (4 MiB): smaller than the
 /// float32 kernel's, so the columns are still in cache when they are packed to bf16 (the 3×3
 /// convolution of the UNet's first level: 389 GFLOP/s with 32 MiB blocks, 416 with 4 MiB, 336

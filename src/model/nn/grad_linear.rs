@@ -8,7 +8,7 @@
 //! output-sized buffer for its bias; an untracked input (the text conditioning entering to_k and
 //! to_v, the timestep embedding) an input-sized one.
 
-use candle_core::{CpuStorage, DType, Device, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 
 use super::cpu;
 use super::fused_op::{Grads3, apply_weight_bias};
@@ -28,6 +28,22 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Opti
     };
     if weight_in != in_features || bias.is_some_and(|b| b.dims() != [out_features]) {
         return Ok(None);
+    }
+    if weight.dtype() == DType::BF16
+        && super::bf16::cpu_bf16_enabled()
+        && !bias.is_some_and(Tensor::track_op)
+    {
+        let op = FrozenBf16Linear {
+            rows,
+            in_features,
+            out_features,
+        };
+        let (x, weight) = (x.contiguous()?, weight.contiguous()?);
+        return match bias {
+            Some(bias) => x.apply_op3(&weight, &bias.contiguous()?, op),
+            None => x.apply_op2(&weight, op),
+        }
+        .map(Some);
     }
     let op = LinearOp {
         rows,
@@ -150,6 +166,113 @@ impl LinearOp {
 
 super::fused_op::impl_weight_bias_kernels!(LinearOp, "fused-linear", forward_values);
 
+/// The linear layer over a frozen weight held in bf16 (LoRA's base in bf16 mixed precision, on
+/// a CPU with avx512_bf16): both of its products on the bf16 kernels
+/// ([`super::bf16::FrozenBf16Products`]), the input's gradient alone in the backward pass.
+struct FrozenBf16Linear {
+    rows: usize,
+    in_features: usize,
+    out_features: usize,
+}
+
+impl FrozenBf16Linear {
+    fn products<'a>(&self, w: &'a [half::bf16]) -> super::bf16::FrozenBf16Products<'a> {
+        super::bf16::FrozenBf16Products {
+            w,
+            rows: self.rows,
+            in_features: self.in_features,
+            out_features: self.out_features,
+        }
+    }
+
+    fn forward(
+        &self,
+        x: (&CpuStorage, &Layout),
+        w: (&CpuStorage, &Layout),
+        bias: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = cpu::cpu_storage_slice(x.0, x.1)?;
+        let Some((start, end)) = w.1.contiguous_offsets() else {
+            candle_core::bail!("fused CPU kernel given a non-contiguous weight");
+        };
+        let w = &w.0.as_slice::<half::bf16>()?[start..end];
+        let mut y = match bias {
+            Some((storage, layout)) => cpu::cpu_storage_slice(storage, layout)?.repeat(self.rows),
+            None => vec![0f32; self.rows * self.out_features],
+        };
+        self.products(w).forward(&mut y, &x, bias.is_some())?;
+        Ok((
+            CpuStorage::F32(y),
+            Shape::from((self.rows, self.out_features)),
+        ))
+    }
+
+    fn input_gradient(&self, weight: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        let grad = grad.contiguous()?;
+        let (g_storage, g_layout) = grad.storage_and_layout();
+        let dy = cpu::contiguous_slice::<f32>(&g_storage, g_layout)?;
+        let (w_storage, w_layout) = weight.storage_and_layout();
+        let w = cpu::contiguous_slice::<half::bf16>(&w_storage, w_layout)?;
+        let dx = self.products(w).input_gradient(dy)?;
+        Tensor::from_vec(dx, (self.rows, self.in_features), &Device::Cpu)
+    }
+}
+
+impl CustomOp2 for FrozenBf16Linear {
+    fn name(&self) -> &'static str {
+        "frozen-bf16-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        w: &CpuStorage,
+        w_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.forward((x, x_layout), (w, w_layout), None)
+    }
+
+    fn bwd(
+        &self,
+        _: &Tensor,
+        weight: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(self.input_gradient(weight, grad)?), None))
+    }
+}
+
+impl CustomOp3 for FrozenBf16Linear {
+    fn name(&self) -> &'static str {
+        "frozen-bf16-linear-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        w: &CpuStorage,
+        w_layout: &Layout,
+        b: &CpuStorage,
+        b_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.forward((x, x_layout), (w, w_layout), Some((b, b_layout)))
+    }
+
+    fn bwd(
+        &self,
+        _: &Tensor,
+        weight: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> Result<Grads3> {
+        Ok((Some(self.input_gradient(weight, grad)?), None, None))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::test_values::{max_difference, values};
@@ -223,27 +346,67 @@ mod tests {
         assert_eq!(ids, [w.as_tensor().id()]);
     }
 
-    /// A frozen weight held in bf16: the same values and input gradient as its values in f32,
-    /// no weight gradient; a tracked bf16 weight is not the kernel's (candle's ops take it).
+    /// On a CPU with avx512_bf16 a frozen bf16 weight's products run the bf16 kernels: the
+    /// forward pass equals the inference kernel's, and the input's gradient is the float32 one
+    /// to bf16's rounding of the output gradient (8 bits of mantissa).
+    #[test]
+    fn a_frozen_bf16_weight_runs_the_bf16_kernels_where_the_cpu_has_them() {
+        if !super::super::bf16::cpu_bf16_enabled() {
+            return;
+        }
+        let x = Var::from_tensor(&values(&[37, 70], 1)).expect("x");
+        let held = values(&[45, 70], 2).to_dtype(DType::BF16).expect("bf16");
+        let b = values(&[45], 3);
+        let y = linear(x.as_tensor(), &held, Some(&b))
+            .expect("forward")
+            .expect("applies");
+        let inference = super::super::bf16::linear(&x.as_tensor().detach(), &held, Some(&b))
+            .expect("inference")
+            .expect("applies");
+        assert_eq!(max_difference(&y, &inference), 0.0);
+        let r = values(&[37, 45], 4);
+        let dx = (&y * &r)
+            .and_then(|l| l.sum_all())
+            .and_then(|l| l.backward())
+            .expect("backward")
+            .get(x.as_tensor())
+            .expect("dx")
+            .clone();
+        let widened = held.to_dtype(DType::F32).expect("f32");
+        let expected = r.matmul(&widened).expect("dy · W");
+        let scale = expected
+            .abs()
+            .and_then(|e| e.max_all())
+            .and_then(|e| e.to_scalar::<f32>())
+            .expect("scale");
+        assert!(max_difference(&dx, &expected) <= 1e-2 * scale);
+    }
+
+    /// A frozen weight held in bf16 is widened to float32 for its products where the bf16
+    /// kernels do not run it (here: a trained bias beside it; likewise a CPU without
+    /// avx512_bf16): the same values and gradients as its values in f32, none for the weight; a
+    /// tracked bf16 weight is not the kernel's (candle's ops take it).
     #[test]
     fn a_frozen_bf16_weight_computes_as_its_f32_values() {
         let x = Var::from_tensor(&values(&[5, 7], 1)).expect("x");
         let held = values(&[3, 7], 2).to_dtype(DType::BF16).expect("bf16");
         let widened = held.to_dtype(DType::F32).expect("f32");
-        let b = values(&[3], 3);
+        let b = Var::from_tensor(&values(&[3], 3)).expect("b");
         let run = |w: &Tensor| {
-            let y = linear(x.as_tensor(), w, Some(&b))
+            let y = linear(x.as_tensor(), w, Some(b.as_tensor()))
                 .expect("forward")
                 .expect("applies");
             let grads = y.sum_all().and_then(|l| l.backward()).expect("backward");
-            assert_eq!(grads.get_ids().count(), 1);
+            assert!(grads.get(w).is_none());
             let dx = grads.get(x.as_tensor()).expect("dx").clone();
-            (y, dx)
+            let db = grads.get(b.as_tensor()).expect("db").clone();
+            (y, dx, db)
         };
-        let (y_held, dx_held) = run(&held);
-        let (y_f32, dx_f32) = run(&widened);
+        let (y_held, dx_held, db_held) = run(&held);
+        let (y_f32, dx_f32, db_f32) = run(&widened);
         assert_eq!(max_difference(&y_held, &y_f32), 0.0);
         assert_eq!(max_difference(&dx_held, &dx_f32), 0.0);
+        assert_eq!(max_difference(&db_held, &db_f32), 0.0);
         let trained = Var::from_tensor(&held).expect("var");
         assert!(
             linear(x.as_tensor(), trained.as_tensor(), None)
