@@ -651,9 +651,9 @@ macro_rules! reader_backend {
                 shape: candle_core::Shape,
                 name: &str,
                 _: candle_nn::Init,
-                dtype: DType,
-                device: &Device,
-            ) -> candle_core::Result<Tensor> {
+                dtype: candle_core::DType,
+                device: &candle_core::Device,
+            ) -> candle_core::Result<candle_core::Tensor> {
                 let tensor = self.load(name, dtype, device)?;
                 if tensor.shape() != &shape {
                     return Err(candle_core::Error::UnexpectedShape {
@@ -669,9 +669,9 @@ macro_rules! reader_backend {
             fn get_unchecked(
                 &self,
                 name: &str,
-                dtype: DType,
-                device: &Device,
-            ) -> candle_core::Result<Tensor> {
+                dtype: candle_core::DType,
+                device: &candle_core::Device,
+            ) -> candle_core::Result<candle_core::Tensor> {
                 self.load(name, dtype, device)
             }
 
@@ -681,6 +681,8 @@ macro_rules! reader_backend {
         }
     };
 }
+
+pub(crate) use reader_backend;
 
 reader_backend!(StreamedSafetensors);
 reader_backend!(TorchFiles);

@@ -109,31 +109,8 @@ pub fn bf16_product_weights(_name: &str, tensor: Tensor) -> candle_core::Result<
 /// shares its storage) where a plain `VarBuilder` would convert it to the build's float32.
 struct HeldTensors(std::collections::HashMap<String, Tensor>);
 
-impl candle_nn::var_builder::SimpleBackend for HeldTensors {
-    fn get(
-        &self,
-        shape: candle_core::Shape,
-        name: &str,
-        _: candle_nn::Init,
-        dtype: DType,
-        device: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let tensor = self.get_unchecked(name, dtype, device)?;
-        if tensor.shape() != &shape {
-            candle_core::bail!(
-                "{name} has shape {:?}, the config wants {shape:?}",
-                tensor.dims()
-            );
-        }
-        Ok(tensor)
-    }
-
-    fn get_unchecked(
-        &self,
-        name: &str,
-        dtype: DType,
-        device: &Device,
-    ) -> candle_core::Result<Tensor> {
+impl HeldTensors {
+    fn load(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
         let tensor = self
             .0
             .get(name)
@@ -148,10 +125,12 @@ impl candle_nn::var_builder::SimpleBackend for HeldTensors {
         tensor.to_device(device)
     }
 
-    fn contains_tensor(&self, name: &str) -> bool {
+    fn contains(&self, name: &str) -> bool {
         self.0.contains_key(name)
     }
 }
+
+crate::model::weights::reader_backend!(HeldTensors);
 
 /// conv_in's weight [out, 4, k, k] grown to [out, 8, k, k] as the script does: the first four
 /// input channels keep the pretrained weights, the four new ones (the image latents) start at 0.

@@ -5,32 +5,15 @@
 //! bounds hold either way.
 
 use crate::common;
+use crate::train_mixed_precision::batch;
 
 use candle_core::{DType, Device};
-use instruct_pix2pix::train::data::TrainBatch;
 use instruct_pix2pix::train::lora::{LoraConfig, UNetLora};
 use instruct_pix2pix::train::optim::AdamWConfig;
 use instruct_pix2pix::train::schedule::{LrSchedule, LrScheduleKind};
 use instruct_pix2pix::train::step::{
     StepConfig, StepDraws, TrainLoadOptions, Trainer, TrainingModels,
 };
-
-fn batch() -> TrainBatch {
-    let device = Device::Cpu;
-    let mut rng = instruct_pix2pix::pipeline::rng::TorchGenerator::new(3);
-    let mut pixels = || {
-        rng.randn(&[2, 3, 32, 32], DType::F32, &device)
-            .unwrap()
-            .tanh()
-            .unwrap()
-    };
-    TrainBatch {
-        original_pixel_values: pixels(),
-        edited_pixel_values: pixels(),
-        prompts: vec!["make it snowy".into(), "turn the sky pink".into()],
-        names: vec!["a".into(), "b".into()],
-    }
-}
 
 fn load(bf16: bool, lora: bool) -> TrainingModels {
     TrainingModels::load(

@@ -25,7 +25,8 @@ fn models(compute: DType) -> TrainingModels {
     models
 }
 
-fn batch() -> TrainBatch {
+/// Two 32² examples from a fixed seed (the CPU bf16 tests train on them too).
+pub(super) fn batch() -> TrainBatch {
     let device = Device::Cpu;
     let mut rng = instruct_pix2pix::pipeline::rng::TorchGenerator::new(3);
     let mut pixels = || {

@@ -737,6 +737,20 @@ fn the_fine_tune_dialog_checks_a_folder_trains_validates_stops_and_opens_the_mod
     });
 }
 
+/// In the fine-tuning dialog: the fixture's two clean pairs as the examples (checked) and
+/// `output` as the output folder.
+fn choose_clean_pairs(harness: &mut Harness<'static, EditorApp>, output: &Path) {
+    let pairs = common::fixtures().join("train_data").join("pairs");
+    replace_text(harness, "Examples folder", &pairs.display().to_string());
+    click(harness, "Check");
+    wait_for(
+        harness,
+        "the clean check",
+        |app| matches!(&app.finetune.check, Some(Ok(c)) if c.problems.is_empty()),
+    );
+    replace_text(harness, "Output folder", &output.display().to_string());
+}
+
 /// The fine-tuning dialog's memory savers: the worker reads the base model's sizes, the dialog
 /// shows "Estimated peak memory: X of Y available" before Start, toggling the savers by their
 /// labels moves it, a small device presets them on, and the run started carries them.
@@ -807,26 +821,7 @@ fn the_fine_tune_dialog_estimates_memory_and_its_savers_reach_the_run() {
 
     // Start: the run carries the options.
     let output = tempfile::tempdir().unwrap();
-    replace_text(
-        &mut harness,
-        "Examples folder",
-        &common::fixtures()
-            .join("train_data")
-            .join("pairs")
-            .display()
-            .to_string(),
-    );
-    click(&mut harness, "Check");
-    wait_for(
-        &mut harness,
-        "the clean check",
-        |app| matches!(&app.finetune.check, Some(Ok(c)) if c.problems.is_empty()),
-    );
-    replace_text(
-        &mut harness,
-        "Output folder",
-        &output.path().join("tuned").display().to_string(),
-    );
+    choose_clean_pairs(&mut harness, &output.path().join("tuned"));
     set_slider(&mut harness, "Resolution", 64.0);
     click(&mut harness, "8-bit AdamW");
     click(&mut harness, "Start");
@@ -891,26 +886,7 @@ fn the_fine_tune_dialog_uses_all_gpus_and_pause_holds_every_rank() {
 
     let output = tempfile::tempdir().unwrap();
     let model_dir = output.path().join("tuned");
-    replace_text(
-        &mut harness,
-        "Examples folder",
-        &common::fixtures()
-            .join("train_data")
-            .join("pairs")
-            .display()
-            .to_string(),
-    );
-    click(&mut harness, "Check");
-    wait_for(
-        &mut harness,
-        "the clean check",
-        |app| matches!(&app.finetune.check, Some(Ok(c)) if c.problems.is_empty()),
-    );
-    replace_text(
-        &mut harness,
-        "Output folder",
-        &model_dir.display().to_string(),
-    );
+    choose_clean_pairs(&mut harness, &model_dir);
     set_slider(&mut harness, "Training steps", 1000.0);
     set_slider(&mut harness, "Resolution", 64.0);
     click(&mut harness, "Start");

@@ -165,7 +165,12 @@ pub(in crate::model::nn) struct FrozenBf16Products<'a> {
 
 impl FrozenBf16Products<'_> {
     /// `y (+)= x · wᵀ` (`accumulate`: onto `y`, e.g. the bias repeated per row).
-    pub(in crate::model::nn) fn forward(&self, y: &mut [f32], x: &[f32], accumulate: bool) -> Result<()> {
+    pub(in crate::model::nn) fn forward(
+        &self,
+        y: &mut [f32],
+        x: &[f32],
+        accumulate: bool,
+    ) -> Result<()> {
         let (rows, n_in, n_out) = (self.rows, self.in_features, self.out_features);
         Bf16Product {
             m: rows,
