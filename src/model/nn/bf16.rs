@@ -30,7 +30,8 @@ use half::bf16;
 use rayon::prelude::*;
 
 pub(in crate::model::nn) use attention::attention;
-use gemm::{Bf16Product, Lhs, Rhs, cpu_has_bf16_dot};
+use gemm::cpu_has_bf16_dot;
+pub(in crate::model::nn) use gemm::{Bf16Product, Lhs, Rhs};
 
 use super::cpu::{ConvShape, contiguous_slice, fill_column_row};
 use super::product::Threads;
@@ -226,7 +227,7 @@ impl FrozenBf16Products<'_> {
 /// float32 kernel's, so the columns are still in cache when they are packed to bf16 (the 3×3
 /// convolution of the UNet's first level: 389 GFLOP/s with 32 MiB blocks, 416 with 4 MiB, 336
 /// with 1 MiB, whose products are too narrow).
-const BF16_COL_BLOCK_ELEMENTS: usize = 1 << 20;
+pub(in crate::model::nn) const BF16_COL_BLOCK_ELEMENTS: usize = 1 << 20;
 
 /// `x` [B, C_in, H, W] (float32) convolved with `weight` [C_out, C_in, k_h, k_w] (bf16)
 /// (+ `bias` [C_out], float32), when the kernel applies; `None` otherwise.
@@ -265,7 +266,7 @@ pub(in crate::model::nn) fn conv2d(
 }
 
 /// The convolution on slices: bf16 weight [C_out, patch], float32 input and output.
-fn im2col_conv(
+pub(in crate::model::nn) fn im2col_conv(
     x: &[f32],
     weight: &[bf16],
     bias: Option<&[f32]>,

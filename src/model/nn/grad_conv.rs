@@ -12,10 +12,11 @@ use std::borrow::Cow;
 
 use candle_core::{CpuStorage, DType, Device, Result, Shape, Tensor};
 use candle_nn::Conv2dConfig;
+use half::bf16;
 use rayon::prelude::*;
 
 use super::cpu::{self, COL_BLOCK_ELEMENTS, ConvShape};
-use super::fused_op::{Grads3, apply_weight_bias};
+use super::fused_op::{FrozenBf16Kernel, Grads3, apply_frozen_bf16, apply_weight_bias};
 use super::product::{Product, Threads};
 
 /// `x` [B, C_in, H, W] convolved with `weight` [C_out, C_in, k_h, k_w] (+ `bias` [C_out]) as a
@@ -41,7 +42,116 @@ pub fn conv2d(
         weight_tracked: weight.track_op(),
         bias_tracked: bias.is_some_and(Tensor::track_op),
     };
+    if weight.dtype() == DType::BF16 && super::bf16::cpu_bf16_enabled() && !op.bias_tracked {
+        return apply_frozen_bf16(FrozenBf16Conv(op), x, weight, bias).map(Some);
+    }
     apply_weight_bias(op, x, weight, bias).map(Some)
+}
+
+/// The convolution over a frozen weight held in bf16 (LoRA's base in bf16 mixed precision, on
+/// a CPU with avx512_bf16): the forward pass is the bf16 inference kernel's, and the input's
+/// gradient (the only one) takes the column gradients Wᵀ · dy as bf16 products.
+struct FrozenBf16Conv(ConvOp);
+
+impl FrozenBf16Kernel for FrozenBf16Conv {
+    fn name(&self) -> &'static str {
+        "frozen-bf16-conv2d"
+    }
+
+    fn forward(
+        &self,
+        x: &[f32],
+        weight: &[bf16],
+        bias: Option<&[f32]>,
+    ) -> Result<(Vec<f32>, Shape)> {
+        let s = &self.0.shape;
+        let out =
+            super::bf16::im2col_conv(x, weight, bias, s, super::bf16::BF16_COL_BLOCK_ELEMENTS)?;
+        Ok((
+            out,
+            Shape::from((s.batch, s.out_channels, s.out_h, s.out_w)),
+        ))
+    }
+
+    fn input_gradient(&self, weight: &[bf16], dy: &[f32]) -> Result<Tensor> {
+        let s = &self.0.shape;
+        let (patch_len, out_c) = (s.patch_len(), s.out_channels);
+        // Wᵀ [patch, C_out] by rows: the bf16 kernels read their left operand by rows.
+        let mut transposed = vec![bf16::ZERO; weight.len()];
+        transposed
+            .par_chunks_mut(out_c)
+            .enumerate()
+            .for_each(|(patch_index, row)| {
+                for (o, value) in row.iter_mut().enumerate() {
+                    *value = weight[o * patch_len + patch_index];
+                }
+            });
+        let weight = ConvWeight::Bf16Transposed(&transposed);
+        let (input_grad, _) = if s.is_pointwise() {
+            self.0.pointwise_backward(&[], weight, dy)?
+        } else {
+            self.0.im2col_backward(&[], weight, dy)?
+        };
+        let input_grad = input_grad.unwrap_or_default();
+        Tensor::from_vec(
+            input_grad,
+            (s.batch, s.in_channels, s.in_h, s.in_w),
+            &Device::Cpu,
+        )
+    }
+}
+
+/// The weight as the input gradient's product reads it.
+#[derive(Clone, Copy)]
+enum ConvWeight<'a> {
+    /// float32 [C_out, patch], read transposed.
+    F32(&'a [f32]),
+    /// bf16, already transposed to [patch, C_out].
+    Bf16Transposed(&'a [bf16]),
+}
+
+impl ConvWeight<'_> {
+    /// `dst [rows, cols] = Wᵀ [rows, C_out] · dy [C_out, cols]` (dy's rows `dy_row_stride`
+    /// apart), rows being the patch length (C_in for a 1×1 convolution).
+    fn transposed_times(
+        self,
+        dst: &mut [f32],
+        (rows, cols, out_c): (usize, usize, usize),
+        dy: &[f32],
+        dy_row_stride: usize,
+    ) -> Result<()> {
+        match self {
+            ConvWeight::F32(weight) => Product::new(
+                rows,
+                cols,
+                out_c,
+                (cols, 1),
+                (1, rows),
+                (dy_row_stride, 1),
+            )
+            .run(dst, weight, dy, 1.0, false, Threads::All),
+            ConvWeight::Bf16Transposed(transposed) => super::bf16::Bf16Product {
+                m: rows,
+                n: cols,
+                k: out_c,
+                dst_row_stride: cols,
+            }
+            .run(
+                dst,
+                super::bf16::Lhs::Bf16 {
+                    data: transposed,
+                    row_stride: out_c,
+                },
+                super::bf16::Rhs::F32 {
+                    data: dy,
+                    strides: (dy_row_stride, 1),
+                },
+                1.0,
+                false,
+                Threads::All,
+            ),
+        }
+    }
 }
 
 /// The convolution op: its geometry and which inputs need a gradient.
@@ -93,9 +203,9 @@ impl ConvOp {
 
         let bias_grad = (has_bias && self.bias_tracked).then(|| output_channel_sums(dy, s));
         let (input_grad, weight_grad) = if s.is_pointwise() {
-            self.pointwise_backward(x_data, &w_data, dy)?
+            self.pointwise_backward(x_data, ConvWeight::F32(&w_data), dy)?
         } else {
-            self.im2col_backward(x_data, &w_data, dy)?
+            self.im2col_backward(x_data, ConvWeight::F32(&w_data), dy)?
         };
         drop((g_storage, x_storage, w_storage));
 
@@ -119,7 +229,12 @@ impl ConvOp {
 
     /// 1×1, stride 1: per image, dW += dy[b] [C_out, P] · x[b]ᵀ [P, C_in] and
     /// dx[b] = Wᵀ [C_in, C_out] · dy[b] [C_out, P].
-    fn pointwise_backward(&self, x: &[f32], weight: &[f32], dy: &[f32]) -> Result<GradValues> {
+    fn pointwise_backward(
+        &self,
+        x: &[f32],
+        weight: ConvWeight<'_>,
+        dy: &[f32],
+    ) -> Result<GradValues> {
         let s = &self.shape;
         let pixels = s.out_pixels();
         let (in_c, out_c) = (s.in_channels, s.out_channels);
@@ -136,10 +251,8 @@ impl ConvOp {
                 product.run(dw, dy_image, x_image, 1.0, true, Threads::All)?;
             }
             if let Some(dx) = &mut input_grad {
-                let product =
-                    Product::new(in_c, pixels, out_c, (pixels, 1), (1, in_c), (pixels, 1));
                 let dx_image = &mut dx[image * in_c * pixels..][..in_c * pixels];
-                product.run(dx_image, weight, dy_image, 1.0, false, Threads::All)?;
+                weight.transposed_times(dx_image, (in_c, pixels, out_c), dy_image, pixels)?;
             }
         }
         Ok((input_grad, weight_grad))
@@ -149,7 +262,7 @@ impl ConvOp {
     /// dy is first laid out as [C_out, B·P] (the forward pass's merged output), then for each
     /// block dW += dy_block · columnsᵀ and column gradients = Wᵀ · dy_block, added onto the
     /// input (col2im).
-    fn im2col_backward(&self, x: &[f32], weight: &[f32], dy: &[f32]) -> Result<GradValues> {
+    fn im2col_backward(&self, x: &[f32], weight: ConvWeight<'_>, dy: &[f32]) -> Result<GradValues> {
         let s = &self.shape;
         let patch_len = s.patch_len();
         let pixels = s.out_pixels();
@@ -204,15 +317,8 @@ impl ConvOp {
             }
             if let Some(dx) = &mut input_grad {
                 let block = &mut column_grads[..patch_len * block_pixels];
-                let product = Product::new(
-                    patch_len,
-                    block_pixels,
-                    s.out_channels,
-                    (block_pixels, 1),
-                    (1, patch_len),
-                    (all_pixels, 1),
-                );
-                product.run(block, weight, dy_block, 1.0, false, Threads::All)?;
+                let sizes = (patch_len, block_pixels, s.out_channels);
+                weight.transposed_times(block, sizes, dy_block, all_pixels)?;
                 add_columns_to_image(block, s, first_row, rows, dx);
             }
             first_row += rows;
@@ -376,9 +482,9 @@ mod tests {
         }
     }
 
-    /// A frozen weight held in bf16 (LoRA's base in bf16 mixed precision): the op widens it and
-    /// computes exactly what it computes on the same values in f32, 3×3 and 1×1, and gives the
-    /// frozen weight and bias no gradient.
+    /// A frozen weight held in bf16 that the bf16 kernels do not take (here: a trained bias
+    /// beside it; likewise a CPU without avx512_bf16) is widened for each product: exactly what
+    /// its values compute in f32, 3×3 and 1×1, and no gradient for the weight.
     #[test]
     fn a_frozen_bf16_weight_computes_as_its_f32_values() {
         for (kernel, padding) in [(3, 1), (1, 0)] {
@@ -391,9 +497,9 @@ mod tests {
                 .to_dtype(DType::BF16)
                 .expect("bf16");
             let widened = held.to_dtype(DType::F32).expect("f32");
-            let bias = values(&[4], 3);
+            let bias = Var::from_tensor(&values(&[4], 3)).expect("bias");
             let run = |weight: &Tensor| {
-                let y = conv2d(x.as_tensor(), weight, Some(&bias), &cfg)
+                let y = conv2d(x.as_tensor(), weight, Some(bias.as_tensor()), &cfg)
                     .expect("forward")
                     .expect("applies");
                 let r = values(y.dims(), 99);
@@ -401,20 +507,76 @@ mod tests {
                     .and_then(|l| l.sum_all())
                     .and_then(|l| l.backward())
                     .expect("backward");
-                assert!(grads.get(weight).is_none() && grads.get(&bias).is_none());
+                assert!(grads.get(weight).is_none());
                 let dx = grads.get(x.as_tensor()).expect("dx").clone();
                 (y, dx)
             };
             let (y_held, dx_held) = run(&held);
             let (y_f32, dx_f32) = run(&widened);
             for (a, b) in [(y_held, y_f32), (dx_held, dx_f32)] {
-                let difference = (a - b)
-                    .and_then(|d| d.abs())
-                    .and_then(|d| d.max_all())
-                    .and_then(|d| d.to_scalar::<f32>())
-                    .expect("difference");
-                assert_eq!(difference, 0.0, "{kernel}×{kernel}");
+                assert_eq!(largest(&(a - b).expect("difference")), 0.0, "{kernel}×{kernel}");
             }
+        }
+    }
+
+    fn largest(t: &Tensor) -> f32 {
+        t.abs()
+            .and_then(|d| d.max_all())
+            .and_then(|d| d.to_scalar::<f32>())
+            .expect("largest")
+    }
+
+    /// Where the CPU has avx512_bf16, a frozen bf16 weight's convolution runs the bf16 kernels:
+    /// its forward pass equals the inference kernel's, and the input's gradient is the float32
+    /// one to bf16's rounding (3×3 with stride 2, 1×1, batch 3).
+    #[test]
+    fn a_frozen_bf16_weight_runs_the_bf16_kernels_where_the_cpu_has_them() {
+        if !super::super::bf16::cpu_bf16_enabled() {
+            return;
+        }
+        for (kernel, padding, stride) in [(3, 1, 2), (3, 1, 1), (1, 0, 1)] {
+            let cfg = Conv2dConfig {
+                padding,
+                stride,
+                ..Default::default()
+            };
+            let x = Var::from_tensor(&values(&[3, 6, 9, 7], 1)).expect("x");
+            let held = values(&[8, 6, kernel, kernel], 2)
+                .to_dtype(DType::BF16)
+                .expect("bf16");
+            let bias = values(&[8], 3);
+            let y = conv2d(x.as_tensor(), &held, Some(&bias), &cfg)
+                .expect("forward")
+                .expect("applies");
+            let inference =
+                super::super::bf16::conv2d(&x.as_tensor().detach(), &held, Some(&bias), &cfg)
+                    .expect("inference")
+                    .expect("applies");
+            assert_eq!(largest(&(&y - &inference).expect("difference")), 0.0);
+            let r = values(y.dims(), 99);
+            let dx = (&y * &r)
+                .and_then(|l| l.sum_all())
+                .and_then(|l| l.backward())
+                .expect("backward")
+                .get(x.as_tensor())
+                .expect("dx")
+                .clone();
+            let widened = held.to_dtype(DType::F32).expect("f32");
+            let x_f32 = Var::from_tensor(x.as_tensor()).expect("x");
+            let expected = candle_nn::Conv2d::new(widened, Some(bias.clone()), cfg)
+                .forward(x_f32.as_tensor())
+                .and_then(|y| y * &r)
+                .and_then(|l| l.sum_all())
+                .and_then(|l| l.backward())
+                .expect("reference")
+                .get(x_f32.as_tensor())
+                .expect("dx")
+                .clone();
+            let error = largest(&(&dx - &expected).expect("difference"));
+            assert!(
+                error <= 1e-2 * largest(&expected),
+                "{kernel}×{kernel} stride {stride}: {error}"
+            );
         }
     }
 }

@@ -8,10 +8,10 @@
 //! output-sized buffer for its bias; an untracked input (the text conditioning entering to_k and
 //! to_v, the timestep embedding) an input-sized one.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, DType, Device, Result, Shape, Tensor};
 
 use super::cpu;
-use super::fused_op::{Grads3, apply_weight_bias};
+use super::fused_op::{FrozenBf16Kernel, Grads3, apply_frozen_bf16, apply_weight_bias};
 use super::product::{Product, Threads};
 
 /// `x` [rows, in] times `weight` [out, in] transposed, plus `bias` [out], as a differentiable op,
@@ -38,12 +38,7 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Opti
             in_features,
             out_features,
         };
-        let (x, weight) = (x.contiguous()?, weight.contiguous()?);
-        return match bias {
-            Some(bias) => x.apply_op3(&weight, &bias.contiguous()?, op),
-            None => x.apply_op2(&weight, op),
-        }
-        .map(Some);
+        return apply_frozen_bf16(op, x, weight, bias).map(Some);
     }
     let op = LinearOp {
         rows,
@@ -175,6 +170,31 @@ struct FrozenBf16Linear {
     out_features: usize,
 }
 
+impl FrozenBf16Kernel for FrozenBf16Linear {
+    fn name(&self) -> &'static str {
+        "frozen-bf16-linear"
+    }
+
+    fn forward(
+        &self,
+        x: &[f32],
+        weight: &[half::bf16],
+        bias: Option<&[f32]>,
+    ) -> Result<(Vec<f32>, Shape)> {
+        let mut y = match bias {
+            Some(bias) => bias.repeat(self.rows),
+            None => vec![0f32; self.rows * self.out_features],
+        };
+        self.products(weight).forward(&mut y, x, bias.is_some())?;
+        Ok((y, Shape::from((self.rows, self.out_features))))
+    }
+
+    fn input_gradient(&self, weight: &[half::bf16], dy: &[f32]) -> Result<Tensor> {
+        let dx = self.products(weight).input_gradient(dy)?;
+        Tensor::from_vec(dx, (self.rows, self.in_features), &Device::Cpu)
+    }
+}
+
 impl FrozenBf16Linear {
     fn products<'a>(&self, w: &'a [half::bf16]) -> super::bf16::FrozenBf16Products<'a> {
         super::bf16::FrozenBf16Products {
@@ -183,93 +203,6 @@ impl FrozenBf16Linear {
             in_features: self.in_features,
             out_features: self.out_features,
         }
-    }
-
-    fn forward(
-        &self,
-        x: (&CpuStorage, &Layout),
-        w: (&CpuStorage, &Layout),
-        bias: Option<(&CpuStorage, &Layout)>,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = cpu::cpu_storage_slice(x.0, x.1)?;
-        let Some((start, end)) = w.1.contiguous_offsets() else {
-            candle_core::bail!("fused CPU kernel given a non-contiguous weight");
-        };
-        let w = &w.0.as_slice::<half::bf16>()?[start..end];
-        let mut y = match bias {
-            Some((storage, layout)) => cpu::cpu_storage_slice(storage, layout)?.repeat(self.rows),
-            None => vec![0f32; self.rows * self.out_features],
-        };
-        self.products(w).forward(&mut y, &x, bias.is_some())?;
-        Ok((
-            CpuStorage::F32(y),
-            Shape::from((self.rows, self.out_features)),
-        ))
-    }
-
-    fn input_gradient(&self, weight: &Tensor, grad: &Tensor) -> Result<Tensor> {
-        let grad = grad.contiguous()?;
-        let (g_storage, g_layout) = grad.storage_and_layout();
-        let dy = cpu::contiguous_slice::<f32>(&g_storage, g_layout)?;
-        let (w_storage, w_layout) = weight.storage_and_layout();
-        let w = cpu::contiguous_slice::<half::bf16>(&w_storage, w_layout)?;
-        let dx = self.products(w).input_gradient(dy)?;
-        Tensor::from_vec(dx, (self.rows, self.in_features), &Device::Cpu)
-    }
-}
-
-impl CustomOp2 for FrozenBf16Linear {
-    fn name(&self) -> &'static str {
-        "frozen-bf16-linear"
-    }
-
-    fn cpu_fwd(
-        &self,
-        x: &CpuStorage,
-        x_layout: &Layout,
-        w: &CpuStorage,
-        w_layout: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.forward((x, x_layout), (w, w_layout), None)
-    }
-
-    fn bwd(
-        &self,
-        _: &Tensor,
-        weight: &Tensor,
-        _: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(self.input_gradient(weight, grad)?), None))
-    }
-}
-
-impl CustomOp3 for FrozenBf16Linear {
-    fn name(&self) -> &'static str {
-        "frozen-bf16-linear-bias"
-    }
-
-    fn cpu_fwd(
-        &self,
-        x: &CpuStorage,
-        x_layout: &Layout,
-        w: &CpuStorage,
-        w_layout: &Layout,
-        b: &CpuStorage,
-        b_layout: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.forward((x, x_layout), (w, w_layout), Some((b, b_layout)))
-    }
-
-    fn bwd(
-        &self,
-        _: &Tensor,
-        weight: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        grad: &Tensor,
-    ) -> Result<Grads3> {
-        Ok((Some(self.input_gradient(weight, grad)?), None, None))
     }
 }
 
