@@ -514,7 +514,11 @@ mod tests {
             let (y_held, dx_held) = run(&held);
             let (y_f32, dx_f32) = run(&widened);
             for (a, b) in [(y_held, y_f32), (dx_held, dx_f32)] {
-                assert_eq!(largest(&(a - b).expect("difference")), 0.0, "{kernel}×{kernel}");
+                assert_eq!(
+                    largest(&(a - b).expect("difference")),
+                    0.0,
+                    "{kernel}×{kernel}"
+                );
             }
         }
     }
