@@ -353,6 +353,10 @@ fn train_ranks(
                     .spawn_scoped(scope, move || train_rank(config, &mut |_| {}))
             })
             .collect::<Vec<_>>();
+        if others.iter().any(Result::is_err) {
+            // Rank 0 would wait at the rendezvous for a rank that never started.
+            control.request_stop();
+        }
         let mut results = vec![train_rank(&configs[0], on_event)];
         for other in others {
             results.push(match other {
