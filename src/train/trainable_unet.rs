@@ -132,6 +132,13 @@ impl HeldTensors {
 
 crate::model::weights::reader_backend!(HeldTensors);
 
+/// The device the first of `tensors` is on (the CPU for none).
+fn device_of<'a>(mut tensors: impl Iterator<Item = &'a Tensor>) -> Device {
+    tensors
+        .next()
+        .map_or(Device::Cpu, |tensor| tensor.device().clone())
+}
+
 /// conv_in's weight [out, 4, k, k] grown to [out, 8, k, k] as the script does: the first four
 /// input channels keep the pretrained weights, the four new ones (the image latents) start at 0.
 pub fn grow_conv_in_weight(weight: &Tensor) -> candle_core::Result<Tensor> {
@@ -197,10 +204,7 @@ impl TrainableUNet {
                 params.push((name, var));
             }
         }
-        let device = params
-            .first()
-            .map(|(_, v)| v.device().clone())
-            .unwrap_or(Device::Cpu);
+        let device = device_of(params.iter().map(|(_, v)| v.as_tensor()));
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
         let unet = UNet2DConditionModel::load(vb, &config)
             .map_err(build_error(source.to_path_buf(), "UNet"))?;
@@ -247,11 +251,7 @@ impl TrainableUNet {
         seed: u64,
     ) -> Result<Self, TrainError> {
         let (tensors, config, grew_conv_in) = prepare(tensors, config, source, seed)?;
-        let device = tensors
-            .values()
-            .next()
-            .map(|t| t.device().clone())
-            .unwrap_or(Device::Cpu);
+        let device = device_of(tensors.values());
         let backend = HeldTensors(tensors.into_iter().collect());
         let vb = VarBuilder::from_backend(Box::new(backend), DType::F32, device);
         let unet = UNet2DConditionModel::load(vb, &config)
@@ -306,10 +306,7 @@ impl TrainableUNet {
     }
 
     fn unet_device(&self) -> Device {
-        self.params
-            .first()
-            .map(|(_, v)| v.device().clone())
-            .unwrap_or(Device::Cpu)
+        device_of(self.params.iter().map(|(_, v)| v.as_tensor()))
     }
 
     /// The trainable weights by diffusers name, sorted by name (the order gradients, moments and
@@ -362,10 +359,7 @@ impl TrainableUNet {
             .iter()
             .map(|(name, t)| (name.clone(), t.detach()))
             .collect();
-        let device = tensors
-            .first()
-            .map(|(_, t)| t.device().clone())
-            .unwrap_or(Device::Cpu);
+        let device = device_of(tensors.iter().map(|(_, t)| t));
         let vb = VarBuilder::from_tensors(map, dtype, &device);
         let unet = UNet2DConditionModel::load(vb, &self.config)
             .map_err(build_error(PathBuf::from("(trained weights)"), "UNet"))?;

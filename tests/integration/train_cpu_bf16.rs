@@ -5,15 +5,13 @@
 //! bounds hold either way.
 
 use crate::common;
-use crate::train_mixed_precision::batch;
+use crate::train_mixed_precision::{assert_follows_float32, step_losses};
 
-use candle_core::{DType, Device};
+use candle_core::DType;
 use instruct_pix2pix::train::lora::{LoraConfig, UNetLora};
 use instruct_pix2pix::train::optim::AdamWConfig;
 use instruct_pix2pix::train::schedule::{LrSchedule, LrScheduleKind};
-use instruct_pix2pix::train::step::{
-    StepConfig, StepDraws, TrainLoadOptions, Trainer, TrainingModels,
-};
+use instruct_pix2pix::train::step::{StepConfig, TrainLoadOptions, Trainer, TrainingModels};
 
 fn load(bf16: bool, lora: bool) -> TrainingModels {
     TrainingModels::load(
@@ -52,33 +50,13 @@ fn losses(bf16: bool, lora: bool, steps: u64) -> Vec<f32> {
         StepConfig::default(),
     )
     .unwrap();
-    let batch = batch();
-    (0..steps)
-        .map(|step| {
-            let draws = StepDraws::seeded(9, step % 2, shape, 1000, &Device::Cpu).unwrap();
-            let (report, update) = trainer.micro_batch(&batch, &draws).unwrap();
-            assert!(update.is_some(), "step {step} was applied");
-            report.loss
-        })
-        .collect()
+    step_losses(&mut trainer, shape, steps)
 }
 
 /// Measured over 6 steps (steps 0, 2, 4 and 1, 3, 5 share their draws): at most 4e-4 relative
 /// apart, with or without avx512_bf16; the bound is about ten times that.
 fn assert_tracks(float32: &[f32], bf16: &[f32], margin: f32) {
-    println!("bf16: {bf16:?}\nf32:  {float32:?}");
-    for (step, (a, b)) in float32.iter().zip(bf16).enumerate() {
-        let gap = (a - b).abs() / a;
-        assert!(
-            gap < margin,
-            "step {step}: float32 loss {a}, bf16 {b} (relative {gap:.2e})"
-        );
-    }
-    let moved = float32
-        .iter()
-        .zip(&float32[2..])
-        .any(|(a, b)| (a - b).abs() > 1e-2 * a);
-    assert!(moved, "the runs train: {float32:?}");
+    assert_follows_float32(float32, bf16, margin, "bf16");
 }
 
 /// LoRA: the UNet's frozen base is held in bf16 from the load on (no float32 copy is ever

@@ -59,7 +59,12 @@ fn trainer(models: TrainingModels, steps: u64) -> Trainer {
 fn losses(compute: DType, steps: u64) -> Vec<f32> {
     let models = models(compute);
     let shape = models.latent_shape(2, 32);
-    let mut trainer = trainer(models, steps);
+    step_losses(&mut trainer(models, steps), shape, steps)
+}
+
+/// The loss of each of `steps` optimizer steps on [`batch`], the draws alternating between two
+/// seeds' (the CPU bf16 tests train the same way).
+pub(super) fn step_losses(trainer: &mut Trainer, shape: [usize; 4], steps: u64) -> Vec<f32> {
     let batch = batch();
     (0..steps)
         .map(|step| {
@@ -79,22 +84,26 @@ fn losses(compute: DType, steps: u64) -> Vec<f32> {
 fn float16_follows_the_float32_loss_curve() {
     let steps = 8;
     let full = losses(DType::F32, steps);
-    for (compute, margin) in [(DType::F16, 4e-3f32)] {
-        let half = losses(compute, steps);
-        println!("{compute:?}: {half:?}\nF32: {full:?}");
-        for (step, (a, b)) in full.iter().zip(&half).enumerate() {
-            let gap = (a - b).abs() / a;
-            assert!(
-                gap < margin,
-                "{compute:?} step {step}: float32 loss {a}, half {b} (relative {gap:.2e})"
-            );
-        }
+    let half = losses(DType::F16, steps);
+    assert_follows_float32(&full, &half, 4e-3, "F16");
+}
+
+/// Each loss of `other` (a `label` run) within `margin` relative of the float32 run's, and the
+/// float32 run trains (its loss moves by 1% between steps with the same draws).
+pub(super) fn assert_follows_float32(float32: &[f32], other: &[f32], margin: f32, label: &str) {
+    println!("{label}: {other:?}\nF32: {float32:?}");
+    for (step, (a, b)) in float32.iter().zip(other).enumerate() {
+        let gap = (a - b).abs() / a;
+        assert!(
+            gap < margin,
+            "{label} step {step}: float32 loss {a}, {label} {b} (relative {gap:.2e})"
+        );
     }
-    let moved = full
+    let moved = float32
         .iter()
-        .zip(&full[2..])
+        .zip(&float32[2..])
         .any(|(a, b)| (a - b).abs() > 1e-2 * a);
-    assert!(moved, "the runs train: {full:?}");
+    assert!(moved, "the runs train: {float32:?}");
 }
 
 /// float16 scales the loss (gradients unscaled before clipping); an overflow skips the step,

@@ -407,7 +407,7 @@ super::fused_op::impl_weight_bias_kernels!(ConvOp, "fused-conv2d", convolve);
 #[cfg(test)]
 mod tests {
     use super::super::fused_op::Fused;
-    use super::super::test_values::values;
+    use super::super::test_values::{max_difference, values};
     use super::*;
     use candle_core::{Module, Var};
 
@@ -514,20 +514,13 @@ mod tests {
             let (y_held, dx_held) = run(&held);
             let (y_f32, dx_f32) = run(&widened);
             for (a, b) in [(y_held, y_f32), (dx_held, dx_f32)] {
-                assert_eq!(
-                    largest(&(a - b).expect("difference")),
-                    0.0,
-                    "{kernel}×{kernel}"
-                );
+                assert_eq!(max_difference(&a, &b), 0.0, "{kernel}×{kernel}");
             }
         }
     }
 
     fn largest(t: &Tensor) -> f32 {
-        t.abs()
-            .and_then(|d| d.max_all())
-            .and_then(|d| d.to_scalar::<f32>())
-            .expect("largest")
+        max_difference(t, &t.zeros_like().expect("zeros"))
     }
 
     /// Where the CPU has avx512_bf16, a frozen bf16 weight's convolution runs the bf16 kernels:
@@ -556,7 +549,7 @@ mod tests {
                 super::super::bf16::conv2d(&x.as_tensor().detach(), &held, Some(&bias), &cfg)
                     .expect("inference")
                     .expect("applies");
-            assert_eq!(largest(&(&y - &inference).expect("difference")), 0.0);
+            assert_eq!(max_difference(&y, &inference), 0.0);
             let r = values(y.dims(), 99);
             let dx = (&y * &r)
                 .and_then(|l| l.sum_all())
@@ -576,7 +569,7 @@ mod tests {
                 .get(x_f32.as_tensor())
                 .expect("dx")
                 .clone();
-            let error = largest(&(&dx - &expected).expect("difference"));
+            let error = max_difference(&dx, &expected);
             assert!(
                 error <= 1e-2 * largest(&expected),
                 "{kernel}×{kernel} stride {stride}: {error}"
