@@ -10,9 +10,12 @@
 //! - [`worker`]: the background thread that owns the model for the window (jobs in, events out).
 //! - [`gui`]: the editor window.
 //! - [`cli`]: the command-line subcommands.
+//!
+//! [`heap`], the process's allocator (it keeps large freed blocks for reuse), stands apart.
 
 pub mod cli;
 pub mod gui;
+pub mod heap;
 pub mod model;
 pub mod pipeline;
 pub mod train;

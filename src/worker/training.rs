@@ -245,6 +245,8 @@ fn run(
             train(&config, control, &mut forward).map_err(failure_line)
         }
     }));
+    // The run's gradients and optimizer state are gone: the window need not keep their blocks.
+    crate::heap::release_cached();
     match outcome {
         Ok(Ok(_)) => {}
         Ok(Err(message)) => send(TrainingEvent::Failed(message)),
