@@ -35,7 +35,7 @@ use candle_core::{DType, Device, Tensor, Var};
 
 use super::data::TrainBatch;
 use super::ema::{EmaConfig, EmaError, EmaModel};
-use super::optim::{AdamW, AdamWConfig, OptimError, clip_grad_norm};
+use super::optim::{AdamW, AdamWConfig, OptimError, clip_coefficient};
 use super::schedule::LrSchedule;
 use crate::model::clip::ClipTextModel;
 use crate::model::tokenizer::ClipTokenizer;
@@ -1011,8 +1011,9 @@ impl Trainer {
                 *grad = (&*grad * inverse).stage("unscaling the gradients")?;
             }
         }
-        let grad_norm =
-            clip_grad_norm(&mut self.grads, self.config.max_grad_norm).stage("clipping")?;
+        // The clipping factor is applied inside the optimizer's update: no scaled copy.
+        let (grad_norm, clip) =
+            clip_coefficient(&self.grads, self.config.max_grad_norm).stage("clipping")?;
         if let Some(scaler) = &mut self.loss_scaler {
             let overflowed = !grad_norm.is_finite() && self.train_loss.is_finite();
             let scale = scaler.scale();
@@ -1029,7 +1030,7 @@ impl Trainer {
             self.clear_accumulated();
             return Err(TrainError::NonFiniteStep { loss, grad_norm });
         }
-        self.optimizer.step(&self.grads, lr)?;
+        self.optimizer.step_scaled(&self.grads, lr, clip)?;
         let ema_decay = match &mut self.ema {
             Some(ema) => Some(ema.step(self.optimizer.params())?),
             None => None,

@@ -181,10 +181,12 @@ pub(super) struct Adam8BitScalars {
     step_size: f32,
     /// `1 − lr·wd`, applied after the update when the decay is non-zero.
     decay_mul: Option<f32>,
+    /// The clipping factor the gradient is multiplied by first.
+    grad_scale: f32,
 }
 
 impl Adam8BitScalars {
-    pub(super) fn new(config: &AdamWConfig, lr: f64, step: u64) -> Self {
+    pub(super) fn new(config: &AdamWConfig, lr: f64, step: u64, grad_scale: f32) -> Self {
         let t = step as f64;
         let correction1 = 1.0 - config.beta1.powf(t);
         let correction2 = (1.0 - config.beta2.powf(t)).sqrt();
@@ -196,6 +198,7 @@ impl Adam8BitScalars {
             step_size: (-lr * correction2 / correction1) as f32,
             decay_mul: (config.weight_decay > 0.0)
                 .then_some((1.0 - lr * config.weight_decay) as f32),
+            grad_scale,
         }
     }
 
@@ -216,6 +219,7 @@ impl Adam8BitScalars {
                 let n = p.len();
                 let mut m_vals = vec![0f32; n];
                 let mut v_vals = vec![0f32; n];
+                let g: Vec<f32> = g.iter().map(|&g| g * self.grad_scale).collect();
                 for j in 0..n {
                     if g[j].is_finite() {
                         let v_old = unsigned_map[v_codes[j] as usize] * *v_absmax;

@@ -387,6 +387,19 @@ impl AdamW {
     /// One `optimizer.step()` at learning rate `lr`. `grads[i]` belongs to `params()[i]`; a
     /// parameter whose gradient is `None` is skipped entirely, as torch skips `grad is None`.
     pub fn step(&mut self, grads: &[Option<Tensor>], lr: f64) -> Result<(), OptimError> {
+        self.step_scaled(grads, lr, 1.0)
+    }
+
+    /// [`AdamW::step`] on the gradients times `grad_scale` (the factor of
+    /// [`clip_coefficient`]), as `clip_grad_norm_`'s in-place `grad.mul_(coef)` followed by
+    /// the step: the same float32 product, taken inside the update on the CPU, so that no
+    /// scaled copy of the gradients is ever made.
+    pub fn step_scaled(
+        &mut self,
+        grads: &[Option<Tensor>],
+        lr: f64,
+        grad_scale: f32,
+    ) -> Result<(), OptimError> {
         if grads.len() != self.params.len() {
             return Err(OptimError::GradientCount {
                 given: grads.len(),
@@ -419,13 +432,22 @@ impl AdamW {
             neg_step_size: -(lr / bias_correction1),
             bias_correction2_sqrt: bias_correction2.powf(0.5),
             eps: c.eps,
+            grad_scale,
         };
-        let scalars_8bit = Adam8BitScalars::new(c, lr, self.step);
+        let scalars_8bit = Adam8BitScalars::new(c, lr, self.step, grad_scale);
         for (i, grad) in grads.iter().enumerate() {
             let Some(grad) = grad else { continue };
             let var = &self.params[i].1;
             let param = var.as_tensor();
             let grad = grad.to_dtype(param.dtype())?;
+            // Off the fused CPU passes: the scaled gradient as its own tensor.
+            let scaled_grad = || -> candle_core::Result<Tensor> {
+                if grad_scale == 1.0 {
+                    return Ok(grad.clone());
+                }
+                let scale = Tensor::new(grad_scale, grad.device())?.to_dtype(grad.dtype())?;
+                grad.broadcast_mul(&scale)
+            };
             match &mut self.moments[i] {
                 Moments::Float32 {
                     exp_avg: m,
@@ -436,7 +458,8 @@ impl AdamW {
                         v.inplace_op2(&grad, &OnCpuF32(UpdateSecondMoment(scalars)))?;
                         param.inplace_op3(m, v, &AdamUpdate(scalars))?;
                     } else {
-                        let (new_m, new_v, new_p) = scalars.composed(param, &grad, m, v)?;
+                        let (new_m, new_v, new_p) =
+                            scalars.composed(param, &scaled_grad()?, m, v)?;
                         *m = new_m;
                         *v = new_v;
                         var.set(&new_p)?;
@@ -455,6 +478,7 @@ impl AdamW {
                             .to_dtype(DType::F32)?
                             .flatten_all()?
                             .to_vec1::<f32>()?;
+                        // The host copy is unscaled: the update scales it as the CPU's does.
                         let g = grad.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                         scalars_8bit.update(&mut p, &g, q);
                         let updated = Tensor::from_vec(p, param.dims(), &Device::Cpu)?
@@ -480,6 +504,8 @@ struct AdamScalars {
     neg_step_size: f64,
     bias_correction2_sqrt: f64,
     eps: f64,
+    /// The clipping factor the gradient is multiplied by first (1 when not clipped).
+    grad_scale: f32,
 }
 
 impl AdamScalars {
@@ -582,10 +608,12 @@ impl F32GradUpdate for LerpFirstMoment {
     fn apply(&self, m: &mut [f32], g: &[f32]) -> candle_core::Result<()> {
         let w = self.0.beta1_weight as f32;
         let small = w < 0.5;
+        let scale = self.0.grad_scale;
         m.par_chunks_mut(CHUNK)
             .zip(g.par_chunks(CHUNK))
             .for_each(|(m, g)| {
                 for (m, &g) in m.iter_mut().zip(g) {
+                    let g = g * scale;
                     let diff = g - *m;
                     *m = if small {
                         w.mul_add(diff, *m)
@@ -607,10 +635,12 @@ impl F32GradUpdate for UpdateSecondMoment {
     fn apply(&self, v: &mut [f32], g: &[f32]) -> candle_core::Result<()> {
         let beta2 = self.0.beta2 as f32;
         let value = self.0.one_minus_beta2 as f32;
+        let scale = self.0.grad_scale;
         v.par_chunks_mut(CHUNK)
             .zip(g.par_chunks(CHUNK))
             .for_each(|(v, g)| {
                 for (v, &g) in v.iter_mut().zip(g) {
+                    let g = g * scale;
                     *v = *v * beta2 + value * g * g;
                 }
             });
@@ -662,30 +692,55 @@ impl InplaceOp3 for AdamUpdate {
 pub fn total_grad_norm(grads: &[Option<Tensor>]) -> candle_core::Result<f32> {
     let mut sum_of_squares = 0f64;
     for grad in grads.iter().flatten() {
-        let norm = grad
-            .to_dtype(DType::F64)?
-            .sqr()?
-            .sum_all()?
-            .to_scalar::<f64>()?
-            .sqrt() as f32;
+        let norm = squares_sum(grad)?.sqrt() as f32;
         sum_of_squares += f64::from(norm) * f64::from(norm);
     }
     Ok(sum_of_squares.sqrt() as f32)
 }
 
-/// `torch.nn.utils.clip_grad_norm_(params, max_norm)`: scales every gradient by
-/// `min(1, max_norm / (total_norm + 1e-6))` (always, as torch does, even when the factor is 1)
-/// and returns the total norm before clipping.
-pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> candle_core::Result<f32> {
+/// Σ g² of one gradient in f64: read in place on the CPU (the composed way makes two f64 copies,
+/// four times the gradient's bytes).
+fn squares_sum(grad: &Tensor) -> candle_core::Result<f64> {
+    if fused_cpu_allowed(&[grad]) {
+        let (storage, layout) = grad.storage_and_layout();
+        if let candle_core::Storage::Cpu(cpu) = &*storage {
+            let values = f32_slice(cpu, layout)?;
+            // Chunk sums in a fixed order: the same result on any number of threads.
+            let chunk_sums: Vec<f64> = values
+                .par_chunks(CHUNK)
+                .map(|chunk| {
+                    let mut lanes = [0f64; 8];
+                    let mut runs = chunk.chunks_exact(8);
+                    for run in &mut runs {
+                        for (lane, &g) in lanes.iter_mut().zip(run) {
+                            *lane += f64::from(g) * f64::from(g);
+                        }
+                    }
+                    let rest: f64 = runs.remainder().iter().map(|&g| f64::from(g).powi(2)).sum();
+                    lanes.iter().sum::<f64>() + rest
+                })
+                .collect();
+            return Ok(chunk_sums.iter().sum());
+        }
+    }
+    grad.to_dtype(DType::F64)?
+        .sqr()?
+        .sum_all()?
+        .to_scalar::<f64>()
+}
+
+/// What `torch.nn.utils.clip_grad_norm_(params, max_norm)` computes: the total norm before
+/// clipping and the factor `min(1, max_norm / (total_norm + 1e-6))` every gradient is then
+/// multiplied by (always, as torch does, even when the factor is 1): give that factor to
+/// [`AdamW::step_scaled`].
+pub fn clip_coefficient(
+    grads: &[Option<Tensor>],
+    max_norm: f64,
+) -> candle_core::Result<(f32, f32)> {
     let total_norm = total_grad_norm(grads)?;
     // torch: `max_norm / (total_norm + 1e-6)` on an f32 tensor is `reciprocal() * max_norm`.
     let clip_coef = (1.0f32 / (total_norm + 1e-6f32)) * max_norm as f32;
-    let clip_coef_clamped = clip_coef.min(1.0);
-    for grad in grads.iter_mut().flatten() {
-        let scale = Tensor::new(clip_coef_clamped, grad.device())?.to_dtype(grad.dtype())?;
-        *grad = grad.broadcast_mul(&scale)?;
-    }
-    Ok(total_norm)
+    Ok((total_norm, clip_coef.min(1.0)))
 }
 
 #[cfg(test)]
@@ -695,6 +750,53 @@ mod tests {
 
     /// Two steps through the fused CPU passes and through the composed tensor ops (the path
     /// other devices take) from the same start.
+    #[test]
+    fn a_scaled_step_equals_a_step_on_the_scaled_gradients_on_every_path() {
+        let device = Device::Cpu;
+        let start = Tensor::arange(0f32, 4096., &device)
+            .unwrap()
+            .affine(1e-3, -1.0)
+            .unwrap();
+        let grad = Tensor::arange(0f32, 4096., &device)
+            .unwrap()
+            .affine(-3e-4, 0.7)
+            .unwrap()
+            .sin()
+            .unwrap();
+        let scale = 0.3791f32;
+        let scaled = (&grad * f64::from(scale)).unwrap();
+        // f32 fused, f64 composed (not the fused dtype) and 8-bit (4096 values is its minimum).
+        for (dtype, use_8bit) in [(DType::F32, false), (DType::F64, false), (DType::F32, true)] {
+            let run = |grad: &Tensor, grad_scale: f32| {
+                let var = Var::from_tensor(&start.to_dtype(dtype).unwrap()).unwrap();
+                let storage = if use_8bit {
+                    MomentStorage::Blockwise8Bit
+                } else {
+                    MomentStorage::Float32
+                };
+                let mut adam = AdamW::with_storage(
+                    vec![("p".into(), var.clone())],
+                    Default::default(),
+                    storage,
+                )
+                .unwrap();
+                for lr in [1e-2, 5e-3] {
+                    let grad = grad.to_dtype(dtype).unwrap();
+                    adam.step_scaled(&[Some(grad)], lr, grad_scale).unwrap();
+                }
+                var.as_tensor().to_dtype(DType::F32).unwrap()
+            };
+            let inside = run(&grad, scale);
+            let outside = run(&scaled, 1.0);
+            assert_eq!(
+                max_abs_diff(&inside, &outside),
+                0.0,
+                "{dtype:?}, 8-bit {use_8bit}"
+            );
+            assert!(max_abs_diff(&inside, &start) > 1e-3);
+        }
+    }
+
     #[test]
     fn fused_and_composed_updates_agree() {
         let device = Device::Cpu;
@@ -733,6 +835,7 @@ mod tests {
                 neg_step_size: -(lr / (1.0 - config.beta1.powf(t))),
                 bias_correction2_sqrt: (1.0 - config.beta2.powf(t)).sqrt(),
                 eps: config.eps,
+                grad_scale: 1.0,
             };
             (m, v, p) = scalars.composed(&p, &grad, &m, &v).unwrap();
         }
