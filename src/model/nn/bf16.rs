@@ -129,26 +129,13 @@ pub(in crate::model::nn) fn linear(
         }
         None => false,
     };
-    let product = Bf16Product {
-        m: rows,
-        n: out_features,
-        k: in_features,
-        dst_row_stride: out_features,
-    };
-    product.run(
-        &mut out,
-        Lhs::F32 {
-            data: x_data,
-            strides: (in_features, 1),
-        },
-        Rhs::Bf16 {
-            data: w_data,
-            strides: (1, in_features),
-        },
-        1.0,
-        accumulate,
-        Threads::All,
-    )?;
+    FrozenBf16Products {
+        w: w_data,
+        rows,
+        in_features,
+        out_features,
+    }
+    .forward(&mut out, x_data, accumulate)?;
     drop((x_storage, w_storage));
     Tensor::from_vec(out, (rows, out_features), &Device::Cpu).map(Some)
 }
@@ -173,6 +160,12 @@ impl FrozenBf16Products<'_> {
         accumulate: bool,
     ) -> Result<()> {
         let (rows, n_in, n_out) = (self.rows, self.in_features, self.out_features);
+        // Packing B costs a pass over it per call. With few rows, packing w (n_out · n_in)
+        // costs more than the product's other operand plus a transpose of the output: then
+        // yᵀ = w · xᵀ, with w read in place as the left operand.
+        if rows * n_in + 2 * rows * n_out < n_out * n_in {
+            return self.forward_transposed(y, x, accumulate);
+        }
         Bf16Product {
             m: rows,
             n: n_out,
@@ -193,6 +186,45 @@ impl FrozenBf16Products<'_> {
             accumulate,
             Threads::All,
         )
+    }
+
+    /// [`FrozenBf16Products::forward`] as `yᵀ [out, rows] = w · xᵀ`, then transposed into y.
+    fn forward_transposed(&self, y: &mut [f32], x: &[f32], accumulate: bool) -> Result<()> {
+        let (rows, n_in, n_out) = (self.rows, self.in_features, self.out_features);
+        let mut transposed = vec![0f32; n_out * rows];
+        Bf16Product {
+            m: n_out,
+            n: rows,
+            k: n_in,
+            dst_row_stride: rows,
+        }
+        .run(
+            &mut transposed,
+            Lhs::Bf16 {
+                data: self.w,
+                row_stride: n_in,
+            },
+            Rhs::F32 {
+                data: x,
+                strides: (1, n_in),
+            },
+            1.0,
+            false,
+            Threads::All,
+        )?;
+        y.par_chunks_exact_mut(n_out)
+            .enumerate()
+            .for_each(|(row, y_row)| {
+                for (out, value) in y_row.iter_mut().enumerate() {
+                    let product = transposed[out * rows + row];
+                    *value = if accumulate {
+                        *value + product
+                    } else {
+                        product
+                    };
+                }
+            });
+        Ok(())
     }
 
     /// `dx = dy · w`.

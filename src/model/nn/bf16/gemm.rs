@@ -23,6 +23,9 @@ pub(in crate::model::nn) const TILE_ROWS: usize = 12;
 const BLOCK_PAIRS: usize = 256;
 /// Most rows of A per task: the rows' k block (240 × 512 × 2 bytes = 240 KiB) stays in L2.
 const MAX_TASK_ROWS: usize = 240;
+/// Pairs of k per block on AMX: the tiles hold C through the block, so a block ends in one
+/// store of C; 240 rows × 2,048 values of A (960 KiB) and a 128 KiB panel block fit L2.
+const AMX_BLOCK_PAIRS: usize = 1024;
 
 /// Whether this CPU runs the bf16 dot-product instructions (avx512_bf16 with AVX-512F/BW).
 pub(in crate::model::nn) fn cpu_has_bf16_dot() -> bool {
@@ -295,7 +298,7 @@ impl LhsRows<'_> {
     }
 }
 
-fn lhs_rows<'a>(lhs: &Lhs<'a>, m: usize, k: usize) -> Result<LhsRows<'a>> {
+fn lhs_rows<'a>(lhs: &Lhs<'a>, m: usize, k: usize, threads: Threads) -> Result<LhsRows<'a>> {
     let last = |rs: usize, cs: usize| match (m, k) {
         (0, _) | (_, 0) => 0,
         _ => (m - 1) * rs + (k - 1) * cs + 1,
@@ -321,7 +324,7 @@ fn lhs_rows<'a>(lhs: &Lhs<'a>, m: usize, k: usize) -> Result<LhsRows<'a>> {
             }
             let stride = k.next_multiple_of(2);
             let mut rows = vec![bf16::ZERO; m * stride];
-            for (row, dst) in rows.chunks_exact_mut(stride).enumerate() {
+            let convert = |(row, dst): (usize, &mut [bf16])| {
                 if strides.1 == 1 {
                     convert_row(&mut dst[..k], &data[row * strides.0..][..k]);
                 } else {
@@ -329,6 +332,16 @@ fn lhs_rows<'a>(lhs: &Lhs<'a>, m: usize, k: usize) -> Result<LhsRows<'a>> {
                         *value = bf16::from_f32(data[row * strides.0 + col * strides.1]);
                     }
                 }
+            };
+            // The conversion is a pass over all of A: on every core when it is large.
+            if stride > 0 && matches!(threads, Threads::All) && m * k >= 1 << 16 {
+                rows.par_chunks_exact_mut(stride)
+                    .enumerate()
+                    .for_each(convert);
+            } else {
+                rows.chunks_exact_mut(stride.max(1))
+                    .enumerate()
+                    .for_each(convert);
             }
             Ok(LhsRows::Owned(rows, stride))
         }
@@ -424,7 +437,7 @@ impl Bf16Product {
                 &packed_here
             }
         };
-        let rows = lhs_rows(&lhs, m, k)?;
+        let rows = lhs_rows(&lhs, m, k, threads)?;
         let (a, a_stride) = rows.rows();
         let workers = match threads {
             Threads::All => thread_count().max(1),
@@ -505,9 +518,17 @@ unsafe fn compute_block(
 ) {
     let pairs = packed.pairs();
     let (a_data, a_stride) = a;
+    // AMX keeps C in its tiles across a block of k: longer blocks mean fewer stores of C.
+    let block_pairs = if kernel == Kernel::Amx {
+        AMX_BLOCK_PAIRS
+    } else {
+        BLOCK_PAIRS
+    };
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    let mut tiles = amx::TileState::default();
     let mut start = 0;
     while start < pairs {
-        let count = BLOCK_PAIRS.min(pairs - start);
+        let count = block_pairs.min(pairs - start);
         let load_c = accumulate || start > 0;
         for panel in panels.0..panels.1 {
             let cols = PANEL_COLS.min(n - panel * PANEL_COLS);
@@ -529,7 +550,7 @@ unsafe fn compute_block(
             #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
             if kernel == Kernel::Amx {
                 // SAFETY: as above; Amx is chosen only where the CPU and Linux allow it.
-                unsafe { amx::rows(&region, rows) };
+                unsafe { amx::rows(&region, rows, &mut tiles) };
                 continue;
             }
             // SAFETY: as above.
@@ -537,6 +558,11 @@ unsafe fn compute_block(
         }
         start += count;
     }
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    // SAFETY: tiles are configured only on a CPU with AMX.
+    unsafe {
+        tiles.release()
+    };
 }
 
 /// One panel's share of a block: A from row 0 (rows `a_stride` apart, starting at the block's
@@ -839,14 +865,62 @@ mod amx {
         status == 0
     }
 
+    /// Which tile configuration is loaded on this thread (within one task): the rows of the
+    /// C and A tiles (0: none). `ldtilecfg` is costly, so it is loaded again only when a
+    /// region's row count changes (the last rows of a task).
+    #[derive(Default)]
+    pub(super) struct TileState {
+        rows: usize,
+    }
+
+    impl TileState {
+        /// Loads the configuration for `rows` (1–32) rows of C unless it is loaded already:
+        /// tiles 0–3 C (rows 0–15 and 16–31 × columns 0–15 and 16–31), 4–5 A (rows 0–15,
+        /// 16–31), 6–7 B (columns 0–15, 16–31).
+        ///
+        /// # Safety
+        /// The CPU has AMX with tile data permitted.
+        unsafe fn configure(&mut self, rows: usize) {
+            if self.rows == rows {
+                return;
+            }
+            let (low, high) = (rows.min(16), rows.saturating_sub(16));
+            let mut config = [0u8; 64];
+            config[0] = 1; // palette 1
+            let tiles: [u8; 8] = [low, low, high, high, low, high, 16, 16].map(|r| r as u8);
+            for (tile, &tile_rows) in tiles.iter().enumerate() {
+                let colsb: u16 = if tile_rows == 0 { 0 } else { 64 };
+                config[16 + 2 * tile..18 + 2 * tile].copy_from_slice(&colsb.to_le_bytes());
+                config[48 + tile] = tile_rows;
+            }
+            // SAFETY: a valid palette-1 configuration (the contract: the CPU has AMX).
+            unsafe { asm!("ldtilecfg [{0}]", in(reg) config.as_ptr(), options(nostack)) };
+            self.rows = rows;
+        }
+
+        /// Releases the tiles if a configuration was loaded.
+        ///
+        /// # Safety
+        /// As [`TileState::configure`] (nothing to do where none was loaded).
+        pub(super) unsafe fn release(&mut self) {
+            if self.rows != 0 {
+                // SAFETY: the tiles were configured on this CPU.
+                unsafe { asm!("tilerelease", options(nostack)) };
+                self.rows = 0;
+            }
+        }
+    }
+
     /// The rows `rows.0..rows.1` of a region: AMX for 16-row tiles over the pairs up to a
-    /// multiple of 16, then `vdpbf16ps` for the remaining pairs (accumulating).
+    /// multiple of 16, then `vdpbf16ps` for the remaining pairs (accumulating). Full panels
+    /// with α = 1 load and store C straight from the tiles; others go through `sums`.
     ///
     /// # Safety
     /// Those rows of C (`cols` columns) are the caller's to write; the CPU has AMX (tile data
     /// permitted) and avx512_bf16; A holds those rows of `2 · pairs` values, B `pairs` pairs.
-    pub(super) unsafe fn rows(region: &Region<'_>, rows: (usize, usize)) {
+    pub(super) unsafe fn rows(region: &Region<'_>, rows: (usize, usize), tiles: &mut TileState) {
         let amx_pairs = region.pairs / TILE_PAIRS * TILE_PAIRS;
+        let direct = region.alpha == 1.0 && region.cols == PANEL_COLS;
         let mut sums = [0f32; AMX_ROWS * PANEL_COLS];
         let mut row = rows.0;
         while row < rows.1 {
@@ -856,29 +930,38 @@ mod amx {
             let c = unsafe { region.c.add(row * region.c_stride) };
             if amx_pairs > 0 {
                 debug_assert!(a.len() >= (tile_rows - 1) * region.a_stride + 2 * amx_pairs);
+                let (sums_at, sums_stride, load_sums) = if direct {
+                    (c, region.c_stride * 4, region.load_c)
+                } else {
+                    (sums.as_mut_ptr(), PANEL_COLS * 4, false)
+                };
                 // SAFETY: the tile loads read `tile_rows` rows of 2·amx_pairs values of `a`
-                // and amx_pairs pairs of B (the contract); the store writes `sums`.
+                // and amx_pairs pairs of B (the contract); C's tiles are `tile_rows` rows of
+                // 32 values of C (full panel, the contract) or of `sums`.
                 unsafe {
+                    tiles.configure(tile_rows);
                     product(
                         a.as_ptr().cast(),
                         region.a_stride * 2,
                         region.b.as_ptr(),
                         amx_pairs,
-                        &mut sums,
+                        (sums_at.cast(), sums_stride, load_sums),
                         tile_rows,
                     );
                 }
-                // SAFETY: the CPU has AVX-512 (the contract); C's rows as above.
-                unsafe {
-                    store(
-                        &sums,
-                        c,
-                        region.c_stride,
-                        tile_rows,
-                        region.cols,
-                        region.alpha,
-                        region.load_c,
-                    );
+                if !direct {
+                    // SAFETY: the CPU has AVX-512 (the contract); C's rows as above.
+                    unsafe {
+                        store(
+                            &sums,
+                            c,
+                            region.c_stride,
+                            tile_rows,
+                            region.cols,
+                            region.alpha,
+                            region.load_c,
+                        );
+                    }
                 }
             }
             let rest = region.pairs - amx_pairs;
@@ -906,91 +989,112 @@ mod amx {
         }
     }
 
-    /// `sums` [32 × 32] = A [rows × 2·pairs] · B panel (pairs × 32), rows ≤ 32, pairs a
-    /// multiple of 16, with tiles 0–3 (C: rows 0–15 and 16–31 × columns 0–15 and 16–31),
-    /// 4–5 (A: rows 0–15, 16–31), 6–7 (B: columns 0–15, 16–31).
+    /// C [rows × 32] (+)= A [rows × 2·pairs] · B panel (pairs × 32), rows ≤ 32, pairs a
+    /// multiple of 16, in the tiles `TileState::configure(rows)` set up; C is
+    /// `(pointer, row stride in bytes, whether to add to its values)`.
     ///
     /// # Safety
-    /// The CPU has AMX with tile data permitted; `a` addresses `rows` rows `a_stride_bytes`
-    /// apart of 4·pairs readable bytes; `b` addresses pairs · 32 readable u32.
+    /// The CPU has AMX and the tiles are configured for `rows`; `a` addresses `rows` rows
+    /// `a_stride_bytes` apart of 4·pairs readable bytes; `b` addresses pairs · 32 readable u32;
+    /// C `rows` rows of 128 readable and writable bytes.
     unsafe fn product(
         a: *const u8,
         a_stride_bytes: usize,
         b: *const u32,
         pairs: usize,
-        sums: &mut [f32; AMX_ROWS * PANEL_COLS],
+        c: (*mut u8, usize, bool),
         rows: usize,
     ) {
-        let (low, high) = (rows.min(16), rows.saturating_sub(16));
-        let mut config = [0u8; 64];
-        config[0] = 1; // palette 1
-        let tiles: [u8; 8] = [low, low, high, high, low, high, 16, 16].map(|r| r as u8);
-        for (tile, &tile_rows) in tiles.iter().enumerate() {
-            let colsb: u16 = if tile_rows == 0 { 0 } else { 64 };
-            config[16 + 2 * tile..18 + 2 * tile].copy_from_slice(&colsb.to_le_bytes());
-            config[48 + tile] = tile_rows;
-        }
+        let high = rows > 16;
+        let (c, c_stride, load_c) = c;
         let b_stride = PANEL_COLS * 4;
-        let c_stride = PANEL_COLS * 4;
-        // SAFETY: the configuration describes the tiles used (tiles of 0 rows are never
-        // touched: `high` is 0 only when no row past 16 exists); every load reads `rows` (A)
-        // or 16 (B) rows of 64 bytes inside the operands (the contract); the stores write
-        // `rows` rows of 128 bytes into `sums`; the tiles are released at the end.
+        // SAFETY: every load reads `rows` (A, C) or 16 (B) rows of 64 bytes inside the
+        // operands (the contract); the stores write `rows` rows of 128 bytes of C; tiles of
+        // 0 rows (2, 3 and 5 when rows ≤ 16) are never touched.
         unsafe {
-            asm!("ldtilecfg [{0}]", "tilezero tmm0", "tilezero tmm1", in(reg) config.as_ptr(), options(nostack));
-            if high > 0 {
-                asm!("tilezero tmm2", "tilezero tmm3", options(nostack));
+            let c_high = c.add(16 * c_stride);
+            if load_c {
+                asm!(
+                    "tileloadd tmm0, [{c} + {sc}*1]",
+                    "tileloadd tmm1, [{c1} + {sc}*1]",
+                    c = in(reg) c,
+                    c1 = in(reg) c.add(64),
+                    sc = in(reg) c_stride,
+                    options(nostack),
+                );
+                if high {
+                    asm!(
+                        "tileloadd tmm2, [{c} + {sc}*1]",
+                        "tileloadd tmm3, [{c1} + {sc}*1]",
+                        c = in(reg) c_high,
+                        c1 = in(reg) c_high.add(64),
+                        sc = in(reg) c_stride,
+                        options(nostack),
+                    );
+                }
+            } else {
+                asm!("tilezero tmm0", "tilezero tmm1", options(nostack));
+                if high {
+                    asm!("tilezero tmm2", "tilezero tmm3", options(nostack));
+                }
             }
             let a_high = a.add(16 * a_stride_bytes);
             let mut chunk = 0;
             while chunk < pairs {
                 let b_chunk = b.add(chunk * PANEL_COLS).cast::<u8>();
-                asm!(
-                    "tileloadd tmm4, [{a} + {sa}*1]",
-                    "tileloadd tmm6, [{b} + {sb}*1]",
-                    "tileloadd tmm7, [{b1} + {sb}*1]",
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    "tdpbf16ps tmm1, tmm4, tmm7",
-                    a = in(reg) a.add(chunk * 4),
-                    sa = in(reg) a_stride_bytes,
-                    b = in(reg) b_chunk,
-                    b1 = in(reg) b_chunk.add(64),
-                    sb = in(reg) b_stride,
-                    options(nostack),
-                );
-                if high > 0 {
+                if high {
                     asm!(
-                        "tileloadd tmm5, [{a} + {sa}*1]",
+                        "tileloadd tmm4, [{a} + {sa}*1]",
+                        "tileloadd tmm6, [{b} + {sb}*1]",
+                        "tileloadd tmm7, [{b1} + {sb}*1]",
+                        "tileloadd tmm5, [{ah} + {sa}*1]",
+                        "tdpbf16ps tmm0, tmm4, tmm6",
+                        "tdpbf16ps tmm1, tmm4, tmm7",
                         "tdpbf16ps tmm2, tmm5, tmm6",
                         "tdpbf16ps tmm3, tmm5, tmm7",
-                        a = in(reg) a_high.add(chunk * 4),
+                        a = in(reg) a.add(chunk * 4),
+                        ah = in(reg) a_high.add(chunk * 4),
                         sa = in(reg) a_stride_bytes,
+                        b = in(reg) b_chunk,
+                        b1 = in(reg) b_chunk.add(64),
+                        sb = in(reg) b_stride,
+                        options(nostack),
+                    );
+                } else {
+                    asm!(
+                        "tileloadd tmm4, [{a} + {sa}*1]",
+                        "tileloadd tmm6, [{b} + {sb}*1]",
+                        "tileloadd tmm7, [{b1} + {sb}*1]",
+                        "tdpbf16ps tmm0, tmm4, tmm6",
+                        "tdpbf16ps tmm1, tmm4, tmm7",
+                        a = in(reg) a.add(chunk * 4),
+                        sa = in(reg) a_stride_bytes,
+                        b = in(reg) b_chunk,
+                        b1 = in(reg) b_chunk.add(64),
+                        sb = in(reg) b_stride,
                         options(nostack),
                     );
                 }
                 chunk += TILE_PAIRS;
             }
-            let out = sums.as_mut_ptr().cast::<u8>();
             asm!(
                 "tilestored [{c} + {sc}*1], tmm0",
                 "tilestored [{c1} + {sc}*1], tmm1",
-                c = in(reg) out,
-                c1 = in(reg) out.add(64),
+                c = in(reg) c,
+                c1 = in(reg) c.add(64),
                 sc = in(reg) c_stride,
                 options(nostack),
             );
-            if high > 0 {
-                let out_high = out.add(16 * c_stride);
+            if high {
                 asm!(
                     "tilestored [{c} + {sc}*1], tmm2",
                     "tilestored [{c1} + {sc}*1], tmm3",
-                    c = in(reg) out_high,
-                    c1 = in(reg) out_high.add(64),
+                    c = in(reg) c_high,
+                    c1 = in(reg) c_high.add(64),
                     sc = in(reg) c_stride,
                     options(nostack),
                 );
             }
-            asm!("tilerelease", options(nostack));
         }
     }
 

@@ -153,7 +153,8 @@ fn products(kernel: Kernel, a: &Tensor, b: &Tensor) -> Vec<(String, Tensor)> {
 
 #[test]
 fn gemm_matches_float32_products_at_odd_sizes() {
-    // Sizes around the panel (32 columns), tile (12 rows) and block (256 of k) edges.
+    // Sizes around the panel (32 columns), tile (12 rows; 32 on AMX) and block (256 of k;
+    // 2,048 on AMX) edges.
     for (m, n, k) in [
         (1, 1, 1),
         (13, 33, 7),
@@ -164,6 +165,7 @@ fn gemm_matches_float32_products_at_odd_sizes() {
         (3, 200, 2),
         (40, 64, 64),
         (17, 33, 600),
+        (45, 64, 4200),
     ] {
         let a = values(&[m, k], 1 + m as u64);
         let b = values(&[k, n], 2 + n as u64);
@@ -185,13 +187,24 @@ fn gemm_matches_float32_products_at_odd_sizes() {
 
 #[test]
 fn gemm_accumulates_and_scales() {
-    let (m, n, k) = (30, 45, 77);
+    // α = 1 on whole panels is AMX's direct path (C loaded into the tiles and stored back).
+    for ((m, n, k), alpha) in [
+        ((30, 45, 77), 0.5),
+        ((40, 64, 2500), 1.0),
+        ((33, 96, 40), 1.0),
+    ] {
+        accumulates_and_scales(m, n, k, alpha);
+    }
+}
+
+fn accumulates_and_scales(m: usize, n: usize, k: usize, alpha: f32) {
     let a = values(&[m, k], 5);
     let b = values(&[k, n], 6);
     let c = values(&[m, n], 7);
     let a32 = a.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("a");
     let b32 = b.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("b");
-    let expected = ((round_bf16(&a).matmul(&round_bf16(&b)).expect("ab") * 0.5).expect("scale")
+    let expected = ((round_bf16(&a).matmul(&round_bf16(&b)).expect("ab") * f64::from(alpha))
+        .expect("scale")
         + &c)
         .expect("sum");
     for kernel in kernels() {
@@ -211,11 +224,14 @@ fn gemm_accumulates_and_scales() {
             strides: (n, 1),
         };
         product
-            .run_with(kernel, &mut out, lhs, rhs, 0.5, true, Threads::All)
+            .run_with(kernel, &mut out, lhs, rhs, alpha, true, Threads::All)
             .expect("product");
         let ours = Tensor::from_vec(out, (m, n), &Device::Cpu).expect("shape");
         let diff = relative(&ours, &expected);
-        assert!(diff <= SAME_INPUTS, "{kernel:?}: {diff}");
+        assert!(
+            diff <= SAME_INPUTS,
+            "{kernel:?} {m}×{n}×{k} α {alpha}: {diff}"
+        );
     }
 }
 
@@ -253,8 +269,14 @@ fn bf16_and_rounded(weight: &Tensor) -> (Tensor, Tensor) {
 
 #[test]
 fn linear_layer_matches_candle_in_float32() {
-    // Batch 3 of 77 tokens (the text encoder's), odd feature counts.
-    for (rows, inputs, outputs) in [(3 * 77, 65, 33), (3 * 16, 320, 1280), (5, 7, 3)] {
+    // Batch 3 of 77 tokens (the text encoder's), odd feature counts; few rows and many
+    // outputs take the transposed product (w read in place).
+    for (rows, inputs, outputs) in [
+        (3 * 77, 65, 33),
+        (3 * 16, 320, 1280),
+        (5, 7, 3),
+        (3 * 2, 129, 1000),
+    ] {
         let x = values(&[3, rows / 3, inputs], 11);
         let weight = values(&[outputs, inputs], 12);
         let bias = values(&[outputs], 13);
