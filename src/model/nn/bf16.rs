@@ -306,88 +306,68 @@ pub(in crate::model::nn) fn im2col_conv(
     col_block_elements: usize,
 ) -> Result<Vec<f32>> {
     let patch_len = s.patch_len();
-    let all_pixels = s.batch * s.out_pixels();
-    let mut merged = vec![0f32; s.out_channels * all_pixels];
-    if let Some(bias) = bias {
-        for (row, &b) in merged.chunks_exact_mut(all_pixels).zip(bias) {
-            row.fill(b);
-        }
-    }
     let lhs = Lhs::Bf16 {
         data: weight,
         row_stride: patch_len,
     };
     if s.is_pointwise() {
-        // A 1×1 convolution reads each image's [C_in, H·W] in place as the columns.
+        // A 1×1 convolution reads each image's [C_in, H·W] in place as the columns and
+        // writes its [C_out, H·W] in place.
         let pixels = s.out_pixels();
-        for (image, src) in x.chunks_exact(s.in_channels * pixels).enumerate() {
+        let mut out = vec![0f32; s.batch * s.out_channels * pixels];
+        for (src, dst) in x
+            .chunks_exact(s.in_channels * pixels)
+            .zip(out.chunks_exact_mut(s.out_channels * pixels))
+        {
+            if let Some(bias) = bias {
+                for (row, &b) in dst.chunks_exact_mut(pixels).zip(bias) {
+                    row.fill(b);
+                }
+            }
             let product = Bf16Product {
                 m: s.out_channels,
                 n: pixels,
                 k: s.in_channels,
-                dst_row_stride: all_pixels,
+                dst_row_stride: pixels,
             };
             let rhs = Rhs::F32 {
                 data: src,
                 strides: (pixels, 1),
             };
-            product.run(
-                &mut merged[image * pixels..],
-                lhs,
-                rhs,
-                1.0,
-                bias.is_some(),
-                Threads::All,
-            )?;
+            product.run(dst, lhs, rhs, 1.0, bias.is_some(), Threads::All)?;
         }
-    } else {
-        let total_rows = s.batch * s.out_h;
-        let rows_per_block = s.rows_per_block(col_block_elements);
-        let mut columns = vec![0f32; patch_len * rows_per_block * s.out_w];
-        let mut first_row = 0;
-        while first_row < total_rows {
-            let rows = rows_per_block.min(total_rows - first_row);
-            let block_pixels = rows * s.out_w;
-            let block = &mut columns[..patch_len * block_pixels];
-            block
-                .par_chunks_mut(block_pixels)
-                .enumerate()
-                .for_each(|(patch_index, column_row)| {
-                    fill_column_row(x, s, patch_index, first_row, column_row);
-                });
-            let product = Bf16Product {
-                m: s.out_channels,
-                n: block_pixels,
-                k: patch_len,
-                dst_row_stride: all_pixels,
-            };
-            let rhs = Rhs::F32 {
-                data: block,
-                strides: (block_pixels, 1),
-            };
-            product.run(
-                &mut merged[first_row * s.out_w..],
-                lhs,
-                rhs,
-                1.0,
-                bias.is_some(),
-                Threads::All,
-            )?;
-            first_row += rows;
-        }
+        return Ok(out);
     }
-    if s.batch == 1 {
-        return Ok(merged);
+    let plan = s.blocks(col_block_elements);
+    let mut out = plan.destination(s, bias);
+    let mut columns = vec![0f32; patch_len * plan.max_block_pixels];
+    for block in &plan.blocks {
+        let block_pixels = block.rows * s.out_w;
+        let columns = &mut columns[..patch_len * block_pixels];
+        columns
+            .par_chunks_mut(block_pixels)
+            .enumerate()
+            .for_each(|(patch_index, column_row)| {
+                fill_column_row(x, s, patch_index, block.first_row, column_row);
+            });
+        let product = Bf16Product {
+            m: s.out_channels,
+            n: block_pixels,
+            k: patch_len,
+            dst_row_stride: plan.dst_row_stride,
+        };
+        let rhs = Rhs::F32 {
+            data: columns,
+            strides: (block_pixels, 1),
+        };
+        product.run(
+            &mut out[block.dst_offset..],
+            lhs,
+            rhs,
+            1.0,
+            bias.is_some(),
+            Threads::All,
+        )?;
     }
-    // [C_out, B, P] → [B, C_out, P].
-    let pixels = s.out_pixels();
-    let mut out = vec![0f32; merged.len()];
-    out.par_chunks_mut(pixels)
-        .enumerate()
-        .for_each(|(dst_index, dst)| {
-            let (image, channel) = (dst_index / s.out_channels, dst_index % s.out_channels);
-            let start = (channel * s.batch + image) * pixels;
-            dst.copy_from_slice(&merged[start..start + pixels]);
-        });
-    Ok(out)
+    Ok(plan.finish(s, out))
 }

@@ -127,6 +127,53 @@ impl ConvShape {
         (col_block_elements / (self.patch_len() * self.out_w)).clamp(1, self.batch * self.out_h)
     }
 
+    /// The im2col blocks of output rows and where each block's product goes. Images of at
+    /// least [`PER_IMAGE_MIN_PIXELS`] are done one by one, each block written straight into
+    /// the [B, C_out, P] output (rows P apart); smaller images share blocks across the batch
+    /// (wider products) in a [C_out, B·P] matrix that [`ConvBlocks::finish`] reorders.
+    pub(super) fn blocks(&self, col_block_elements: usize) -> ConvBlocks {
+        let pixels = self.out_pixels();
+        let per_image = self.batch == 1 || pixels >= PER_IMAGE_MIN_PIXELS;
+        let rows_per_block = if per_image {
+            self.rows_per_block(col_block_elements).min(self.out_h)
+        } else {
+            self.rows_per_block(col_block_elements)
+        };
+        let mut blocks = Vec::new();
+        let total_rows = self.batch * self.out_h;
+        let mut first_row = 0;
+        while first_row < total_rows {
+            let (rows, dst_offset) = if per_image {
+                let (image, row) = (first_row / self.out_h, first_row % self.out_h);
+                (
+                    rows_per_block.min(self.out_h - row),
+                    image * self.out_channels * pixels + row * self.out_w,
+                )
+            } else {
+                (
+                    rows_per_block.min(total_rows - first_row),
+                    first_row * self.out_w,
+                )
+            };
+            blocks.push(ConvBlock {
+                first_row,
+                rows,
+                dst_offset,
+            });
+            first_row += rows;
+        }
+        ConvBlocks {
+            blocks,
+            dst_row_stride: if per_image {
+                pixels
+            } else {
+                self.batch * pixels
+            },
+            per_image,
+            max_block_pixels: rows_per_block * self.out_w,
+        }
+    }
+
     /// The output columns `first..end` whose input column `ox·stride + kx − padding` lies
     /// inside the image, for kernel column `kx`.
     pub(super) fn inside_columns(&self, kx: usize) -> (usize, usize) {
@@ -225,10 +272,69 @@ pub(super) fn pointwise_conv<T: WithDType>(
     Ok(out)
 }
 
-/// The general case. The output of all images is computed as one matrix
-/// [C_out, B·H_out·W_out] = weight [C_out, C_in·k_h·k_w] · columns [C_in·k_h·k_w, B·H_out·W_out],
-/// the columns built (im2col) for a block of output rows at a time; then the [C_out, B] axes
-/// are swapped to give [B, C_out, H_out, W_out].
+/// Images of this many output pixels and more are convolved one by one, straight into the
+/// output; smaller ones together (see [`ConvShape::blocks`]).
+const PER_IMAGE_MIN_PIXELS: usize = 256;
+
+/// One im2col block: output rows `first_row..first_row + rows` (numbered across images),
+/// whose product starts at `dst_offset` of the output.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ConvBlock {
+    pub(super) first_row: usize,
+    pub(super) rows: usize,
+    pub(super) dst_offset: usize,
+}
+
+/// The blocks of a convolution (see [`ConvShape::blocks`]).
+pub(super) struct ConvBlocks {
+    pub(super) blocks: Vec<ConvBlock>,
+    /// Elements between two output channels' rows in the products' destination.
+    pub(super) dst_row_stride: usize,
+    per_image: bool,
+    /// The largest block's pixels (for the column buffer).
+    pub(super) max_block_pixels: usize,
+}
+
+impl ConvBlocks {
+    /// The destination of the products, with the bias in every channel's rows (or zero).
+    pub(super) fn destination<T: WithDType>(&self, s: &ConvShape, bias: Option<&[T]>) -> Vec<T> {
+        let pixels = s.out_pixels();
+        let mut out = vec![T::zero(); s.batch * s.out_channels * pixels];
+        if let Some(bias) = bias {
+            fill_rows_with_bias(
+                &mut out,
+                bias,
+                if self.per_image {
+                    pixels
+                } else {
+                    s.batch * pixels
+                },
+            );
+        }
+        out
+    }
+
+    /// The output [B, C_out, P] from the destination: itself when the images were done one
+    /// by one, else [C_out, B, P] with the first two axes swapped.
+    pub(super) fn finish<T: WithDType>(&self, s: &ConvShape, merged: Vec<T>) -> Vec<T> {
+        if self.per_image || s.batch == 1 {
+            return merged;
+        }
+        let pixels = s.out_pixels();
+        let mut out = vec![T::zero(); merged.len()];
+        out.par_chunks_mut(pixels)
+            .enumerate()
+            .for_each(|(dst_index, dst)| {
+                let (image, channel) = (dst_index / s.out_channels, dst_index % s.out_channels);
+                let start = (channel * s.batch + image) * pixels;
+                dst.copy_from_slice(&merged[start..start + pixels]);
+            });
+        out
+    }
+}
+
+/// The general case: output = weight [C_out, C_in·k_h·k_w] · columns [C_in·k_h·k_w, pixels],
+/// the columns built (im2col) for a block of output rows at a time (see [`ConvShape::blocks`]).
 pub(super) fn im2col_conv<T: WithDType>(
     x: &[T],
     weight: &[T],
@@ -237,56 +343,34 @@ pub(super) fn im2col_conv<T: WithDType>(
     col_block_elements: usize,
 ) -> Result<Vec<T>> {
     let patch_len = s.patch_len();
-    let all_pixels = s.batch * s.out_pixels();
-    let mut merged = vec![T::zero(); s.out_channels * all_pixels];
-    if let Some(bias) = bias {
-        fill_rows_with_bias(&mut merged, bias, all_pixels);
-    }
-    // Output rows of all images, numbered image by image.
-    let total_rows = s.batch * s.out_h;
-    let rows_per_block = s.rows_per_block(col_block_elements);
-    let mut columns = vec![T::zero(); patch_len * rows_per_block * s.out_w];
-    let mut first_row = 0;
-    while first_row < total_rows {
-        let rows = rows_per_block.min(total_rows - first_row);
-        let block_pixels = rows * s.out_w;
-        let block = &mut columns[..patch_len * block_pixels];
-        block
+    let plan = s.blocks(col_block_elements);
+    let mut out = plan.destination(s, bias);
+    let mut columns = vec![T::zero(); patch_len * plan.max_block_pixels];
+    for block in &plan.blocks {
+        let block_pixels = block.rows * s.out_w;
+        let columns = &mut columns[..patch_len * block_pixels];
+        columns
             .par_chunks_mut(block_pixels)
             .enumerate()
             .for_each(|(patch_index, column_row)| {
-                fill_column_row(x, s, patch_index, first_row, column_row);
+                fill_column_row(x, s, patch_index, block.first_row, column_row);
             });
         let product = MatProduct {
             m: s.out_channels,
             n: block_pixels,
             k: patch_len,
-            dst_row_stride: all_pixels,
+            dst_row_stride: plan.dst_row_stride,
             lhs_row_stride: patch_len,
             rhs_row_stride: block_pixels,
         };
         product.run(
-            &mut merged[first_row * s.out_w..],
+            &mut out[block.dst_offset..],
             bias.is_some(),
             weight,
-            block,
+            columns,
         )?;
-        first_row += rows;
     }
-    if s.batch == 1 {
-        return Ok(merged);
-    }
-    // [C_out, B, P] → [B, C_out, P], one contiguous run of P values at a time.
-    let pixels = s.out_pixels();
-    let mut out = vec![T::zero(); merged.len()];
-    out.par_chunks_mut(pixels)
-        .enumerate()
-        .for_each(|(dst_index, dst)| {
-            let (image, channel) = (dst_index / s.out_channels, dst_index % s.out_channels);
-            let start = (channel * s.batch + image) * pixels;
-            dst.copy_from_slice(&merged[start..start + pixels]);
-        });
-    Ok(out)
+    Ok(plan.finish(s, out))
 }
 
 /// One row of the column matrix: input channel and kernel offset `patch_index` (in the weight's
@@ -806,45 +890,53 @@ mod tests {
 
     #[test]
     fn conv_in_several_column_blocks_matches_one_block() {
+        // 7×6: small images share blocks across the batch (blocks straddle the two images);
+        // 17×16 (272 pixels): each image alone, written in place, 17 rows in blocks of 3.
+        for (h, w) in [(7, 6), (17, 16)] {
+            blocks_match_one_block(h, w);
+        }
+    }
+
+    fn blocks_match_one_block(h: usize, w: usize) {
         let s = ConvShape {
             batch: 2,
             in_channels: 3,
-            in_h: 7,
-            in_w: 6,
+            in_h: h,
+            in_w: w,
             out_channels: 4,
             k_h: 3,
             k_w: 3,
             stride: 1,
             padding: 1,
-            out_h: 7,
-            out_w: 6,
+            out_h: h,
+            out_w: w,
         };
-        let x = values(&[2, 3, 7, 6], 11, 0.0)
+        let x = values(&[2, 3, h, w], 11, 0.0)
             .flatten_all()
             .and_then(|t| t.to_vec1::<f32>())
             .expect("x");
-        let w = values(&[4, 27], 12, 0.0)
+        let weight = values(&[4, 27], 12, 0.0)
             .flatten_all()
             .and_then(|t| t.to_vec1::<f32>())
             .expect("w");
         let b = values(&[4], 13, 0.0).to_vec1::<f32>().expect("b");
-        let whole = im2col_conv(&x, &w, Some(&b), &s, usize::MAX).expect("one block");
-        // 27·6·3 elements: three output rows per block, blocks that straddle the two images.
-        let blocked = im2col_conv(&x, &w, Some(&b), &s, 27 * 6 * 3).expect("blocks");
-        assert_eq!(whole, blocked);
-        let tensor = |v: Vec<f32>| Tensor::from_vec(v, (2, 4, 7, 6), &Device::Cpu).expect("shape");
+        let whole = im2col_conv(&x, &weight, Some(&b), &s, usize::MAX).expect("one block");
+        // 27·w·3 elements: three output rows per block.
+        let blocked = im2col_conv(&x, &weight, Some(&b), &s, 27 * w * 3).expect("blocks");
+        assert_eq!(whole, blocked, "{h}×{w}");
+        let tensor = |v: Vec<f32>| Tensor::from_vec(v, (2, 4, h, w), &Device::Cpu).expect("shape");
         let reference = conv(3, 4, 3, 1, 1, true);
         let reference = Conv2d::new(
-            Tensor::from_vec(w.clone(), (4, 3, 3, 3), &Device::Cpu).expect("w"),
+            Tensor::from_vec(weight.clone(), (4, 3, 3, 3), &Device::Cpu).expect("w"),
             Some(Tensor::from_vec(b.clone(), 4, &Device::Cpu).expect("b")),
             *reference.config(),
         );
-        let x = Tensor::from_vec(x, (2, 3, 7, 6), &Device::Cpu).expect("x");
+        let x = Tensor::from_vec(x, (2, 3, h, w), &Device::Cpu).expect("x");
         let diff = relative_diff(
             &tensor(blocked),
             &reference.forward_candle(&x).expect("candle"),
         );
-        assert!(diff <= TOLERANCE, "relative difference {diff}");
+        assert!(diff <= TOLERANCE, "{h}×{w}: relative difference {diff}");
     }
 
     #[test]

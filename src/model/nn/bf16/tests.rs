@@ -301,8 +301,10 @@ fn linear_layer_matches_candle_in_float32() {
 #[test]
 fn convolution_matches_candle_in_float32() {
     // (batch, in, out, h, w, kernel, stride, padding): batch 3, an odd patch length (3·3·3),
-    // stride 2, a 1×1 convolution, a non-square image.
+    // stride 2, a 1×1 convolution, a non-square image; images of 256 pixels and more are
+    // convolved one by one into the output.
     for (batch, in_c, out_c, h, w, kernel, stride, padding) in [
+        (3, 5, 33, 17, 16, 3, 1, 1),
         (3, 3, 7, 9, 11, 3, 1, 1),
         (3, 8, 13, 8, 8, 3, 2, 1),
         (3, 6, 5, 6, 7, 1, 1, 0),
