@@ -130,36 +130,24 @@ impl FolderDialog {
                 ui.weak(settings);
                 ui.separator();
                 let idle = self.running.is_none();
-                let input_label = ui.label("Input folder");
-                ui.horizontal(|ui| {
-                    ui.add_enabled(
-                        idle,
-                        egui::TextEdit::singleline(&mut self.input).desired_width(360.0),
-                    )
-                    .labelled_by(input_label.id);
-                    if ui
-                        .add_enabled(idle, egui::Button::new("Browse…"))
-                        .on_hover_text("Choose the folder of images to edit")
-                        .clicked()
-                    {
-                        action = Some(FolderAction::BrowseInput);
-                    }
-                });
-                let output_label = ui.label("Output folder");
-                ui.horizontal(|ui| {
-                    ui.add_enabled(
-                        idle,
-                        egui::TextEdit::singleline(&mut self.output).desired_width(360.0),
-                    )
-                    .labelled_by(output_label.id);
-                    if ui
-                        .add_enabled(idle, egui::Button::new("Browse…"))
-                        .on_hover_text("Choose where the edited images go (not the input folder)")
-                        .clicked()
-                    {
-                        action = Some(FolderAction::BrowseOutput);
-                    }
-                });
+                if folder_field(
+                    ui,
+                    "Input folder",
+                    &mut self.input,
+                    idle,
+                    "Choose the folder of images to edit",
+                ) {
+                    action = Some(FolderAction::BrowseInput);
+                }
+                if folder_field(
+                    ui,
+                    "Output folder",
+                    &mut self.output,
+                    idle,
+                    "Choose where the edited images go (not the input folder)",
+                ) {
+                    action = Some(FolderAction::BrowseOutput);
+                }
                 ui.horizontal(|ui| {
                     let can_start = idle && blocker.is_none();
                     let start = ui.add_enabled(can_start, egui::Button::new("Edit all images"));
@@ -279,4 +267,27 @@ fn summary(ui: &mut egui::Ui, report: &FolderReport) {
                 }
             });
     }
+}
+
+/// A labelled folder field with its Browse… button, both disabled unless `enabled`; returns
+/// whether Browse… was clicked.
+fn folder_field(
+    ui: &mut egui::Ui,
+    label: &str,
+    text: &mut String,
+    enabled: bool,
+    browse_hint: &str,
+) -> bool {
+    let label = ui.label(label);
+    ui.horizontal(|ui| {
+        ui.add_enabled(
+            enabled,
+            egui::TextEdit::singleline(text).desired_width(360.0),
+        )
+        .labelled_by(label.id);
+        ui.add_enabled(enabled, egui::Button::new("Browse…"))
+            .on_hover_text(browse_hint)
+            .clicked()
+    })
+    .inner
 }

@@ -246,14 +246,9 @@ impl PipelineFolder {
         device: &Device,
         loras: &LoraWeights,
     ) -> Result<ClipTextModel, LoadError> {
-        let folder = self.path.join("text_encoder");
-        let files = component_weights(&folder, TRANSFORMERS_WEIGHTS, self.variant)?;
-        let backend = loras.wrap(Network::TextEncoder, weights_backend(&files)?);
-        ClipTextModel::load(
-            VarBuilder::from_backend(backend, dtype, device.clone()),
-            &self.text_encoder_config,
-        )
-        .map_err(build_error(folder, "text encoder"))
+        let (folder, vb) = self.fused_weights(Network::TextEncoder, dtype, device, loras)?;
+        ClipTextModel::load(vb, &self.text_encoder_config)
+            .map_err(build_error(folder, "text encoder"))
     }
 
     /// The UNet with LoRA updates fused into its weights.
@@ -263,14 +258,29 @@ impl PipelineFolder {
         device: &Device,
         loras: &LoraWeights,
     ) -> Result<UNet2DConditionModel, LoadError> {
-        let folder = self.path.join("unet");
-        let files = component_weights(&folder, DIFFUSERS_WEIGHTS, self.variant)?;
-        let backend = loras.wrap(Network::Unet, weights_backend(&files)?);
-        UNet2DConditionModel::load(
+        let (folder, vb) = self.fused_weights(Network::Unet, dtype, device, loras)?;
+        UNet2DConditionModel::load(vb, &self.unet_config).map_err(build_error(folder, "UNet"))
+    }
+
+    /// The weights of `network` with `loras`' updates fused in, and its folder (for errors).
+    fn fused_weights(
+        &self,
+        network: Network,
+        dtype: DType,
+        device: &Device,
+        loras: &LoraWeights,
+    ) -> Result<(PathBuf, VarBuilder<'static>), LoadError> {
+        let (folder, base_name) = match network {
+            Network::Unet => ("unet", DIFFUSERS_WEIGHTS),
+            Network::TextEncoder => ("text_encoder", TRANSFORMERS_WEIGHTS),
+        };
+        let folder = self.path.join(folder);
+        let files = component_weights(&folder, base_name, self.variant)?;
+        let backend = loras.wrap(network, weights_backend(&files)?);
+        Ok((
+            folder,
             VarBuilder::from_backend(backend, dtype, device.clone()),
-            &self.unet_config,
-        )
-        .map_err(build_error(folder, "UNet"))
+        ))
     }
 
     /// What LoRAs may change: the UNet's and the text encoder's weight names and shapes.

@@ -694,7 +694,9 @@ fn edit_one(
     })
 }
 
-fn one_line(error: &dyn std::error::Error) -> String {
+/// An error's message on one line (candle errors may carry several); the worker's messages
+/// use it too.
+pub(crate) fn one_line(error: &dyn std::error::Error) -> String {
     error
         .to_string()
         .lines()

@@ -721,21 +721,15 @@ mod tests {
             &[],
         )
         .expect("png");
-        let mut state = 0x1234_5678_9ABC_DEF1u64;
-        let mut next = move |below: usize| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state % below as u64) as usize
-        };
+        let mut rng = crate::test_support::XorShift::new(0x1234_5678_9ABC_DEF1);
         for valid in [&jpeg, &png] {
             for _ in 0..150 {
                 let mut bytes = valid.clone();
-                if next(2) == 0 {
-                    let at = next(bytes.len());
-                    bytes[at] = next(256) as u8;
+                if rng.below(2) == 0 {
+                    let at = rng.below(bytes.len());
+                    bytes[at] = rng.below(256) as u8;
                 } else {
-                    bytes.truncate(next(bytes.len()));
+                    bytes.truncate(rng.below(bytes.len()));
                 }
                 if let Ok(img) = decode_image(&bytes, "fuzz") {
                     assert!(img.width() > 0 && img.height() > 0);

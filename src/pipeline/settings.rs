@@ -74,23 +74,21 @@ pub struct InitialLatents {
 
 /// Checks a step count: 1 to [`MAX_STEPS`].
 pub fn check_steps(steps: usize) -> Result<usize, InvalidSetting> {
-    if steps == 0 || steps > MAX_STEPS {
-        return Err(InvalidSetting {
-            name: "steps",
-            value: steps.to_string(),
-            reason: format!("must be between 1 and {MAX_STEPS}"),
-        });
-    }
-    Ok(steps)
+    check_count("steps", steps, MAX_STEPS)
 }
 
 /// Checks a number of images per edit: 1 to [`MAX_NUM_IMAGES`].
 pub fn check_num_images(count: usize) -> Result<usize, InvalidSetting> {
-    if count == 0 || count > MAX_NUM_IMAGES {
+    check_count("number of images", count, MAX_NUM_IMAGES)
+}
+
+/// Checks a count (named by `name`): 1 to `max`.
+fn check_count(name: &'static str, count: usize, max: usize) -> Result<usize, InvalidSetting> {
+    if count == 0 || count > max {
         return Err(InvalidSetting {
-            name: "number of images",
+            name,
             value: count.to_string(),
-            reason: format!("must be between 1 and {MAX_NUM_IMAGES}"),
+            reason: format!("must be between 1 and {max}"),
         });
     }
     Ok(count)

@@ -80,7 +80,7 @@ use crate::model::hub::{HubError, ModelSpec, Variant};
 use crate::model::{LoadError, LoadOptions, LocalModel};
 use crate::pipeline::edit::{EditError, EditPipeline, StepInfo};
 use crate::pipeline::folder::{
-    FolderRequest, FolderStop, FolderUpdate, plan_folder, recorded_settings, run_folder,
+    FolderRequest, FolderStop, FolderUpdate, one_line, plan_folder, recorded_settings, run_folder,
     settings_differences,
 };
 use crate::pipeline::image::resize_lanczos;
@@ -979,17 +979,6 @@ fn finish_load(
         memory: device_memory(&prepared.device),
     };
     Ok((pipeline, info))
-}
-
-/// An error's message on one line (candle errors may carry several).
-fn one_line(error: &dyn std::error::Error) -> String {
-    error
-        .to_string()
-        .lines()
-        .map(str::trim)
-        .filter(|line| !line.is_empty())
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 fn panic_message(panic: &Box<dyn Any + Send>) -> String {

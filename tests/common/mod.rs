@@ -21,6 +21,22 @@ pub fn fixture_pipeline(name: &str) -> PathBuf {
     fixtures().join("pipelines").join(name)
 }
 
+/// `train` of the committed tiny SD 1.x pipeline on `data` into `out`, then `flags`: how every
+/// training command line of the tests begins (model, data and output are always arguments 2–7).
+pub fn train_args(data: &Path, out: &Path, flags: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "train".into(),
+        "--pretrained_model_name_or_path".into(),
+        fixture_pipeline("sd1-tiny").display().to_string(),
+        "--train_data_dir".into(),
+        data.display().to_string(),
+        "--output_dir".into(),
+        out.display().to_string(),
+    ];
+    args.extend(flags.iter().map(|flag| flag.to_string()));
+    args
+}
+
 /// The program under test, with a Hugging Face home that is empty and offline, so no test ever
 /// reaches the network or a developer's real cache.
 pub fn program(hf_home: &Path) -> Command {

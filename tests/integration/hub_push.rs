@@ -28,25 +28,22 @@ fn train_command(
     command
         .env("HF_ENDPOINT", &hub.endpoint)
         .env_remove("HF_HUB_OFFLINE")
-        .args([
-            "train",
-            "--pretrained_model_name_or_path",
-            &common::fixture_pipeline("sd1-tiny").display().to_string(),
-            "--train_data_dir",
-            &data.display().to_string(),
-            "--output_dir",
-            &out.display().to_string(),
-            "--resolution",
-            "32",
-            "--train_batch_size",
-            "2",
-            "--max_train_steps",
-            "2",
-            "--checkpointing_steps",
-            "1",
-            "--lr_warmup_steps",
-            "0",
-        ])
+        .args(common::train_args(
+            data,
+            out,
+            &[
+                "--resolution",
+                "32",
+                "--train_batch_size",
+                "2",
+                "--max_train_steps",
+                "2",
+                "--checkpointing_steps",
+                "1",
+                "--lr_warmup_steps",
+                "0",
+            ],
+        ))
         .args(extra);
     command
 }

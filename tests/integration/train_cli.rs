@@ -31,14 +31,7 @@ fn model(name: &str) -> String {
 
 /// `train` on `data` into `out` for a few quick steps at 32², plus `extra` flags.
 fn train_args(data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "train",
-        "--pretrained_model_name_or_path",
-        &model("sd1-tiny"),
-        "--train_data_dir",
-        &data.display().to_string(),
-        "--output_dir",
-        &out.display().to_string(),
+    let quick = [
         "--resolution",
         "32",
         "--train_batch_size",
@@ -49,12 +42,8 @@ fn train_args(data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
         "0",
         "--seed",
         "3",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args
+    ];
+    common::train_args(data, out, &[&quick[..], extra].concat())
 }
 
 fn run(args: &[String]) -> Output {

@@ -40,14 +40,7 @@ fn dataset(dir: &Path, count: usize) -> PathBuf {
 /// `train` on `data` into `out` at 32², with dropout and flips (so the per-example draws and the
 /// batch's flips are exercised), plus `extra`.
 fn train_args(data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "train",
-        "--pretrained_model_name_or_path",
-        &common::fixture_pipeline("sd1-tiny").display().to_string(),
-        "--train_data_dir",
-        &data.display().to_string(),
-        "--output_dir",
-        &out.display().to_string(),
+    let flags = [
         "--resolution",
         "32",
         "--lr_warmup_steps",
@@ -69,12 +62,8 @@ fn train_args(data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
         "none",
         "--ddp_timeout",
         "60",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args
+    ];
+    common::train_args(data, out, &[&flags[..], extra].concat())
 }
 
 /// [`train_args`] for two processes of batch 2 launched by `--num_processes 2` on a free port.

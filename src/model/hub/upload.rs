@@ -579,6 +579,23 @@ impl Push<'_> {
             .map_err(|err| self.bad_answer(stage, format!("not JSON ({err})")))
     }
 
+    /// POSTs the JSON `body` and returns the list the answer holds under `key` (the preupload
+    /// and LFS batch calls both answer with one).
+    fn post_for_list(
+        &self,
+        stage: &'static str,
+        url: &str,
+        content_type: &str,
+        body: &Value,
+        key: &str,
+    ) -> Result<Vec<Value>, PushError> {
+        let answer = self.post(stage, url, content_type, body.to_string().into_bytes(), &[])?;
+        match self.json_of(stage, &answer)?.get_mut(key).map(Value::take) {
+            Some(Value::Array(list)) => Ok(list),
+            _ => Err(self.bad_answer(stage, format!("no \"{key}\" list"))),
+        }
+    }
+
     /// The token's user name, and its role (`read`, `write`, `fineGrained`) when the Hub says.
     fn whoami(&self) -> Result<(String, Option<String>), PushError> {
         const STAGE: &str = "asking the Hub whose token this is (for a repo id without owner)";
@@ -655,18 +672,13 @@ impl Push<'_> {
                     "sha": f.sha256,
                 })).collect::<Vec<_>>()
             });
-            let answer = self.post(
+            let listed = self.post_for_list(
                 STAGE,
                 &self.api("preupload"),
                 "application/json",
-                body.to_string().into_bytes(),
-                &[],
+                &body,
+                "files",
             )?;
-            let value = self.json_of(STAGE, &answer)?;
-            let listed = value
-                .get("files")
-                .and_then(Value::as_array)
-                .ok_or_else(|| self.bad_answer(STAGE, "no \"files\" list"))?;
             for file in batch {
                 let entry = listed
                     .iter()
@@ -724,18 +736,13 @@ impl Push<'_> {
             self.endpoint(),
             self.repo_id
         );
-        let answer = self.post(
+        let objects = self.post_for_list(
             STAGE,
             &url,
             "application/vnd.git-lfs+json",
-            body.to_string().into_bytes(),
-            &[],
+            &body,
+            "objects",
         )?;
-        let value = self.json_of(STAGE, &answer)?;
-        let objects = value
-            .get("objects")
-            .and_then(Value::as_array)
-            .ok_or_else(|| self.bad_answer(STAGE, "no \"objects\" list"))?;
         let mut sent = 0;
         for file in files {
             let object = objects

@@ -977,24 +977,18 @@ mod tests {
             b"\x80\x02}q\x00X\x01\x00\x00\x00wctorch._utils\n_rebuild_tensor_v2\n(".to_vec();
         data.extend(b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x06tQ");
         data.extend(b"K\x01K\x02K\x02\x86K\x01K\x02\x86\x89ccollections\nOrderedDict\n)RtRs.");
-        let mut state = 0x9E37_79B9_7F4A_7C15u64;
-        let mut next = move |below: usize| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state % below as u64) as usize
-        };
+        let mut rng = crate::test_support::XorShift::new(0x9E37_79B9_7F4A_7C15);
         for _ in 0..3000 {
             let mut bytes = data.clone();
-            match next(3) {
+            match rng.below(3) {
                 0 => {
-                    let at = next(bytes.len());
-                    bytes[at] = next(256) as u8;
+                    let at = rng.below(bytes.len());
+                    bytes[at] = rng.below(256) as u8;
                 }
-                1 => bytes.truncate(next(bytes.len())),
+                1 => bytes.truncate(rng.below(bytes.len())),
                 _ => {
-                    let at = next(bytes.len());
-                    bytes.insert(at, next(256) as u8);
+                    let at = rng.below(bytes.len());
+                    bytes.insert(at, rng.below(256) as u8);
                 }
             }
             let _ = unpickle(&bytes);

@@ -279,6 +279,13 @@ impl TrainConfig {
                 reason: reason.to_string(),
             }
         }
+        fn above_zero(flag: &'static str, value: f64) -> Result<(), RunError> {
+            if value.is_finite() && value > 0.0 {
+                Ok(())
+            } else {
+                Err(bad(flag, value, "must be a number above 0"))
+            }
+        }
         if self.resolution < 8 || self.resolution > MAX_RESOLUTION {
             return Err(bad(
                 "--resolution",
@@ -303,13 +310,7 @@ impl TrainConfig {
                 "must be at least 1",
             ));
         }
-        if !self.learning_rate.is_finite() || self.learning_rate <= 0.0 {
-            return Err(bad(
-                "--learning_rate",
-                self.learning_rate,
-                "must be a number above 0",
-            ));
-        }
+        above_zero("--learning_rate", self.learning_rate)?;
         if let Some(p) = self.conditioning_dropout_prob
             && !(0.0..=1.0).contains(&p)
         {
@@ -327,13 +328,7 @@ impl TrainConfig {
                 return Err(bad(flag, value, "must be at least 0 and below 1"));
             }
         }
-        if !self.adam.eps.is_finite() || self.adam.eps <= 0.0 {
-            return Err(bad(
-                "--adam_epsilon",
-                self.adam.eps,
-                "must be a number above 0",
-            ));
-        }
+        above_zero("--adam_epsilon", self.adam.eps)?;
         if !self.adam.weight_decay.is_finite() || self.adam.weight_decay < 0.0 {
             return Err(bad(
                 "--adam_weight_decay",
@@ -341,13 +336,7 @@ impl TrainConfig {
                 "must be a number of at least 0",
             ));
         }
-        if !self.max_grad_norm.is_finite() || self.max_grad_norm <= 0.0 {
-            return Err(bad(
-                "--max_grad_norm",
-                self.max_grad_norm,
-                "must be a number above 0",
-            ));
-        }
+        above_zero("--max_grad_norm", self.max_grad_norm)?;
         if self.checkpointing_steps == 0 {
             return Err(bad("--checkpointing_steps", 0, "must be at least 1"));
         }
