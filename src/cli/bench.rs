@@ -83,6 +83,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         edit_seconds.push(started.elapsed().as_secs_f64());
         step_seconds.push(output.denoise_time.as_secs_f64() / args.steps as f64);
     }
+    let first_preview_seconds = first_preview_after_slider(&mut pipeline, &image, &settings)?;
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let report = serde_json::json!({
         "tool": "instruct-pix2pix",
@@ -96,10 +97,45 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "s_per_step": mean(&step_seconds),
         "s_per_edit": mean(&edit_seconds),
         "runs": runs,
+        "reedit_first_preview_s": first_preview_seconds,
         "peak_rss_mb": peak_rss_mb(),
     });
     println!("{report}");
     Ok(())
+}
+
+/// The window's re-edit when a guidance slider moves: the same image and instruction (their
+/// encodings cached from the edit before), the image guidance changed. Seconds from the start of
+/// the edit to the first step's latent preview (the window's preview size, 256 px), then the
+/// edit is cancelled.
+fn first_preview_after_slider(
+    pipeline: &mut EditPipeline,
+    image: &RgbImage,
+    last: &EditSettings,
+) -> Result<f64> {
+    let moved = EditSettings {
+        image_guidance_scale: last.image_guidance_scale + 0.1,
+        ..last.clone()
+    };
+    let cancel = AtomicBool::new(false);
+    let started = Instant::now();
+    let mut first_preview = None;
+    let result = pipeline.edit(
+        image,
+        &moved,
+        &mut |step| {
+            if first_preview.is_none() && step.preview(256, 256).is_ok() {
+                first_preview = Some(started.elapsed().as_secs_f64());
+                cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        },
+        &cancel,
+    );
+    match (first_preview, result) {
+        (Some(seconds), _) => Ok(seconds),
+        (None, Err(error)) => Err(error.into()),
+        (None, Ok(_)) => anyhow::bail!("the re-edit made no step"),
+    }
 }
 
 /// Peak resident memory of this process in MiB (Linux: VmHWM), or null elsewhere.

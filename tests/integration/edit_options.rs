@@ -264,3 +264,27 @@ fn resolution_caps_the_long_side() {
         (40, 24)
     );
 }
+
+/// `bench` reports its timings, and the re-edit after a slider moves (the same image and
+/// instruction, their encodings cached) reaches its first preview sooner than a whole edit.
+#[test]
+fn bench_times_the_re_edit_s_first_preview() {
+    let work = tempfile::tempdir().unwrap();
+    let model = fixture_pipeline("sd1-tiny").display().to_string();
+    let result = run(
+        work.path(),
+        &[
+            "bench", "--model", &model, "--size", "64", "--steps", "4", "--runs", "1",
+        ],
+    );
+    assert!(result.status.success(), "{}", stderr(&result));
+    let line = String::from_utf8_lossy(&result.stdout);
+    let report: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+    let first_preview = report["reedit_first_preview_s"].as_f64().unwrap();
+    let edit = report["s_per_edit"].as_f64().unwrap();
+    assert!(first_preview > 0.0 && report["s_per_step"].as_f64().unwrap() > 0.0);
+    assert!(
+        first_preview < edit,
+        "first preview of a re-edit {first_preview} s, a whole edit {edit} s"
+    );
+}

@@ -33,7 +33,7 @@ pub(in crate::model::nn) use attention::attention;
 use gemm::cpu_has_bf16_dot;
 pub(in crate::model::nn) use gemm::{Bf16Product, Lhs, Rhs};
 
-use super::cpu::{ConvShape, contiguous_slice, fill_column_row};
+use super::cpu::{ConvShape, contiguous_slice};
 use super::product::Threads;
 
 /// The environment variable that turns the CPU's bf16 kernels off (`0`): `--dtype bf16` then
@@ -343,13 +343,7 @@ pub(in crate::model::nn) fn im2col_conv(
     let mut columns = vec![0f32; patch_len * plan.max_block_pixels];
     for block in &plan.blocks {
         let block_pixels = block.rows * s.out_w;
-        let columns = &mut columns[..patch_len * block_pixels];
-        columns
-            .par_chunks_mut(block_pixels)
-            .enumerate()
-            .for_each(|(patch_index, column_row)| {
-                fill_column_row(x, s, patch_index, block.first_row, column_row);
-            });
+        let columns = block.fill_columns(x, s, &mut columns);
         let product = Bf16Product {
             m: s.out_channels,
             n: block_pixels,

@@ -285,6 +285,27 @@ pub(super) struct ConvBlock {
     pub(super) dst_offset: usize,
 }
 
+impl ConvBlock {
+    /// Builds this block's im2col columns [patch, pixels] at the start of `columns` and returns
+    /// them.
+    pub(super) fn fill_columns<'c, T: WithDType>(
+        &self,
+        x: &[T],
+        s: &ConvShape,
+        columns: &'c mut [T],
+    ) -> &'c mut [T] {
+        let block_pixels = self.rows * s.out_w;
+        let columns = &mut columns[..s.patch_len() * block_pixels];
+        columns
+            .par_chunks_mut(block_pixels)
+            .enumerate()
+            .for_each(|(patch_index, column_row)| {
+                fill_column_row(x, s, patch_index, self.first_row, column_row);
+            });
+        columns
+    }
+}
+
 /// The blocks of a convolution (see [`ConvShape::blocks`]).
 pub(super) struct ConvBlocks {
     pub(super) blocks: Vec<ConvBlock>,
@@ -348,13 +369,7 @@ pub(super) fn im2col_conv<T: WithDType>(
     let mut columns = vec![T::zero(); patch_len * plan.max_block_pixels];
     for block in &plan.blocks {
         let block_pixels = block.rows * s.out_w;
-        let columns = &mut columns[..patch_len * block_pixels];
-        columns
-            .par_chunks_mut(block_pixels)
-            .enumerate()
-            .for_each(|(patch_index, column_row)| {
-                fill_column_row(x, s, patch_index, block.first_row, column_row);
-            });
+        let columns = block.fill_columns(x, s, &mut columns);
         let product = MatProduct {
             m: s.out_channels,
             n: block_pixels,

@@ -1013,23 +1013,24 @@ mod amx {
         // 0 rows (2, 3 and 5 when rows ≤ 16) are never touched.
         unsafe {
             let c_high = c.add(16 * c_stride);
+            // Two C tiles side by side (columns 0–15 and 16–31) at `$c`.
+            macro_rules! c_tiles {
+                ($left:literal, $right:literal, $c:expr) => {
+                    asm!($left, $right, c = in(reg) $c, c1 = in(reg) $c.add(64),
+                        sc = in(reg) c_stride, options(nostack))
+                };
+            }
             if load_c {
-                asm!(
+                c_tiles!(
                     "tileloadd tmm0, [{c} + {sc}*1]",
                     "tileloadd tmm1, [{c1} + {sc}*1]",
-                    c = in(reg) c,
-                    c1 = in(reg) c.add(64),
-                    sc = in(reg) c_stride,
-                    options(nostack),
+                    c
                 );
                 if high {
-                    asm!(
+                    c_tiles!(
                         "tileloadd tmm2, [{c} + {sc}*1]",
                         "tileloadd tmm3, [{c1} + {sc}*1]",
-                        c = in(reg) c_high,
-                        c1 = in(reg) c_high.add(64),
-                        sc = in(reg) c_stride,
-                        options(nostack),
+                        c_high
                     );
                 }
             } else {
@@ -1077,22 +1078,16 @@ mod amx {
                 }
                 chunk += TILE_PAIRS;
             }
-            asm!(
+            c_tiles!(
                 "tilestored [{c} + {sc}*1], tmm0",
                 "tilestored [{c1} + {sc}*1], tmm1",
-                c = in(reg) c,
-                c1 = in(reg) c.add(64),
-                sc = in(reg) c_stride,
-                options(nostack),
+                c
             );
             if high {
-                asm!(
+                c_tiles!(
                     "tilestored [{c} + {sc}*1], tmm2",
                     "tilestored [{c1} + {sc}*1], tmm3",
-                    c = in(reg) c_high,
-                    c1 = in(reg) c_high.add(64),
-                    sc = in(reg) c_stride,
-                    options(nostack),
+                    c_high
                 );
             }
         }
