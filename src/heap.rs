@@ -23,8 +23,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Blocks of this size and more are cached.
 pub const LARGE_BLOCK_BYTES: usize = 256 * 1024;
-/// How many freed blocks are kept at most.
-const CACHE_SLOTS: usize = 512;
+/// How many freed blocks are kept at most (a full fine-tuning step frees ~700 gradients at once).
+const CACHE_SLOTS: usize = 2048;
+/// How many live blocks may be larger than their request (see [`CacheState::take`]).
+const OVERSIZED_SLOTS: usize = 1024;
+/// Blocks handed back to the system per pass (outside the lock).
+const RELEASE_BATCH: usize = 64;
 
 /// The allocator. `const` so that it can be a `static` global allocator.
 pub struct LargeBlockCache {
@@ -118,8 +122,10 @@ struct CachedBlock {
 }
 
 struct CacheState {
-    // A fixed array: the allocator must not allocate while it holds its own lock.
+    // Fixed arrays: the allocator must not allocate while it holds its own lock.
     slots: [Option<CachedBlock>; CACHE_SLOTS],
+    /// Live blocks handed out for a smaller request: (address, the block's size); 0: free.
+    oversized: [(usize, usize); OVERSIZED_SLOTS],
     stats: HeapStats,
     clock: u64,
 }
@@ -133,6 +139,7 @@ impl LargeBlockCache {
         Self {
             state: SpinLock::new(CacheState {
                 slots: [None; CACHE_SLOTS],
+                oversized: [(0, 0); OVERSIZED_SLOTS],
                 stats: HeapStats {
                     live_bytes: 0,
                     cached_bytes: 0,
@@ -152,15 +159,26 @@ impl LargeBlockCache {
 
     /// Hands every cached block back to the system.
     pub fn release_cached(&self) {
-        let mut released = [None; CACHE_SLOTS];
-        {
-            let mut state = self.lock();
-            for (slot, out) in state.slots.iter_mut().zip(released.iter_mut()) {
-                *out = slot.take();
+        loop {
+            let mut batch = [None; RELEASE_BATCH];
+            let mut taken = 0;
+            {
+                let mut state = self.lock();
+                for slot in state.slots.iter_mut().filter(|slot| slot.is_some()) {
+                    if taken == RELEASE_BATCH {
+                        break;
+                    }
+                    batch[taken] = slot.take();
+                    taken += 1;
+                }
+                let bytes: usize = batch.iter().flatten().map(|block| block.size).sum();
+                state.stats.cached_bytes -= bytes;
             }
-            state.stats.cached_bytes = 0;
+            release(batch);
+            if taken < RELEASE_BATCH {
+                return;
+            }
         }
-        release(released);
     }
 
     fn lock(&self) -> SpinGuard<'_, CacheState> {
@@ -171,23 +189,33 @@ impl LargeBlockCache {
     /// after returning enough cached blocks to stay under the peak.
     unsafe fn alloc_large(&self, layout: Layout, zeroed: bool) -> *mut u8 {
         let class = size_class(layout.size());
-        let mut to_release = [None; CACHE_SLOTS];
-        let reused = {
+        let reused = loop {
+            let mut to_release = [None; RELEASE_BATCH];
             let mut state = self.lock();
-            let reused = state.take(class, layout.align());
-            match reused {
-                Some(_) => state.stats.hits += 1,
-                None => {
-                    state.stats.misses += 1;
-                    state.make_room(class, &mut to_release);
-                }
+            let found = state.take(class, layout.align());
+            let room_made = found.is_some() || state.make_room(class, &mut to_release);
+            if room_made {
+                let size = match found {
+                    Some(block) => {
+                        state.stats.hits += 1;
+                        block.size
+                    }
+                    None => {
+                        state.stats.misses += 1;
+                        class
+                    }
+                };
+                // Counted live before the system call, so that concurrent misses see each other.
+                state.stats.live_bytes += size;
+                state.stats.peak_live_bytes =
+                    state.stats.peak_live_bytes.max(state.stats.live_bytes);
+                drop(state);
+                release(to_release);
+                break found;
             }
-            // Counted live before the system call, so that concurrent misses see each other.
-            state.stats.live_bytes += class;
-            state.stats.peak_live_bytes = state.stats.peak_live_bytes.max(state.stats.live_bytes);
-            reused
+            drop(state);
+            release(to_release);
         };
-        release(to_release);
         if let Some(block) = reused {
             if zeroed {
                 // SAFETY: the block is `class` ≥ `layout.size()` bytes and ours now.
@@ -213,9 +241,9 @@ impl LargeBlockCache {
 
     /// Takes a freed large block back: into the cache, or to the system when every slot is full.
     unsafe fn dealloc_large(&self, ptr: *mut u8, layout: Layout) {
-        let class = size_class(layout.size());
         let block = {
             let mut state = self.lock();
+            let class = state.block_size(ptr, layout.size());
             state.stats.live_bytes = state.stats.live_bytes.saturating_sub(class);
             state.clock += 1;
             let block = CachedBlock {
@@ -304,7 +332,7 @@ pub fn size_class(size: usize) -> usize {
     size.div_ceil(step) * step
 }
 
-fn release(blocks: [Option<CachedBlock>; CACHE_SLOTS]) {
+fn release(blocks: [Option<CachedBlock>; RELEASE_BATCH]) {
     for block in blocks.into_iter().flatten() {
         // SAFETY: cached blocks came from the backing with their class size and alignment and
         // are unused.
@@ -433,28 +461,71 @@ impl CachedBlock {
 }
 
 impl CacheState {
-    /// A cached block of `size` (a size class) and `align`, the most recently freed one (its
-    /// pages are the likeliest still in the caches).
+    /// A cached block for a request of `size` (a size class) and `align`: the most recently
+    /// freed one of that size (its pages are the likeliest still in the caches), else the
+    /// smallest of up to 1.5 times that size (twice cost a full training step 1 GB of peak). A larger block sitting in the cache costs the
+    /// process the same memory as handed out, and reusing it saves mapping and clearing fresh
+    /// pages (a training step's activations and gradients come in many sizes); its size is
+    /// remembered for [`CacheState::block_size`].
     fn take(&mut self, size: usize, align: usize) -> Option<CachedBlock> {
-        let newest = self
-            .slots
-            .iter()
-            .enumerate()
-            .filter_map(|(i, slot)| slot.map(|block| (i, block)))
-            .filter(|(_, block)| block.size == size && block.align == align)
+        let cached = || {
+            self.slots
+                .iter()
+                .enumerate()
+                .filter_map(|(i, slot)| slot.map(|block| (i, block)))
+                .filter(move |(_, block)| block.align == align)
+        };
+        let exact = cached()
+            .filter(|(_, block)| block.size == size)
             .max_by_key(|(_, block)| block.freed_at)
-            .map(|(i, _)| i)?;
-        let block = self.slots[newest].take()?;
+            .map(|(i, _)| i);
+        let free_record = self.oversized.iter().position(|&(ptr, _)| ptr == 0);
+        let index = match (exact, free_record) {
+            (Some(i), _) => i,
+            (None, Some(_)) => {
+                cached()
+                    .filter(|(_, block)| block.size > size && block.size <= size + size / 2)
+                    .min_by_key(|(_, block)| block.size)?
+                    .0
+            }
+            (None, None) => return None,
+        };
+        let block = self.slots[index].take()?;
         self.stats.cached_bytes -= block.size;
+        if block.size != size
+            && let Some(record) = free_record
+        {
+            self.oversized[record] = (block.ptr as usize, block.size);
+        }
         Some(block)
     }
 
-    /// Moves the oldest cached blocks into `out` until a new block of `size` keeps the total
-    /// under the peak of live bytes (or nothing is cached).
-    fn make_room(&mut self, size: usize, out: &mut [Option<CachedBlock>; CACHE_SLOTS]) {
+    /// The size of the live block at `ptr` whose owner asked for `requested` bytes: its class,
+    /// or what [`CacheState::take`] recorded when it handed out a larger block.
+    fn block_size(&mut self, ptr: *mut u8, requested: usize) -> usize {
+        match self
+            .oversized
+            .iter_mut()
+            .find(|(address, _)| *address == ptr as usize)
+        {
+            Some(record) => {
+                let size = record.1;
+                *record = (0, 0);
+                size
+            }
+            None => size_class(requested),
+        }
+    }
+
+    /// Moves the oldest cached blocks into `out` (at most its length) while a new block of
+    /// `size` would take the total above the peak of live bytes. True when there is room now
+    /// (or nothing left to return).
+    fn make_room(&mut self, size: usize, out: &mut [Option<CachedBlock>; RELEASE_BATCH]) -> bool {
         let ceiling = self.stats.peak_live_bytes.max(self.stats.live_bytes + size);
-        let mut released = 0;
-        while self.stats.live_bytes + self.stats.cached_bytes + size > ceiling {
+        for out in out.iter_mut() {
+            if self.stats.live_bytes + self.stats.cached_bytes + size <= ceiling {
+                return true;
+            }
             let Some(oldest) = self
                 .slots
                 .iter()
@@ -463,15 +534,16 @@ impl CacheState {
                 .min_by_key(|&(_, freed_at)| freed_at)
                 .map(|(i, _)| i)
             else {
-                break;
+                return true;
             };
             let Some(block) = self.slots[oldest].take() else {
-                break;
+                return true;
             };
             self.stats.cached_bytes -= block.size;
-            out[released] = Some(block);
-            released += 1;
+            *out = Some(block);
         }
+        self.stats.live_bytes + self.stats.cached_bytes + size <= ceiling
+            || self.slots.iter().all(Option::is_none)
     }
 }
 

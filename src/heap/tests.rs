@@ -102,31 +102,46 @@ fn the_cache_never_holds_the_process_above_its_peak_of_live_blocks() {
         assert_eq!(stats.live_bytes, 2 * MIB);
         heap.dealloc(big, layout(2 * MIB));
 
-        // A smaller miss still returns the cached 2 MiB block: 2 + 1 MiB would pass the peak.
-        let one = heap.alloc(layout(MIB));
+        // A request of two thirds of its size or more takes the cached 2 MiB block whole (it
+        // costs the same memory cached as handed out) and gives it back whole.
+        let most = MIB + MIB / 2;
+        let one = heap.alloc(layout(most));
+        assert_eq!(one, big);
         let stats = heap.stats();
-        assert_eq!((stats.live_bytes, stats.cached_bytes), (MIB, 0));
-        heap.dealloc(one, layout(MIB));
+        assert_eq!(
+            (stats.live_bytes, stats.cached_bytes, stats.hits),
+            (2 * MIB, 0, 1)
+        );
+        heap.dealloc(one, layout(most));
+        assert_eq!(heap.stats().cached_bytes, 2 * MIB);
+        // A smaller one misses and returns the cached block first: 2 MiB + 512 KiB would pass
+        // the peak.
+        let half = heap.alloc(layout(MIB / 2));
+        let stats = heap.stats();
+        assert_eq!((stats.live_bytes, stats.cached_bytes), (MIB / 2, 0));
+        heap.dealloc(half, layout(MIB / 2));
         heap.release_cached();
 
-        // Peak 4 MiB; with 1 MiB live and 2 + 1 MiB cached, a new 512 KiB block returns the
-        // oldest cached block (2 MiB) and keeps the other.
+        // Peak 4 MiB; with 1 MiB live and 2 + 1 MiB cached, a new 300 KiB block (which neither
+        // cached block serves) returns the oldest cached block (2 MiB) and keeps the other.
         let heap = LargeBlockCache::new();
         let a = heap.alloc(layout(MIB));
         let b = heap.alloc(layout(2 * MIB));
         let d = heap.alloc(layout(MIB));
         heap.dealloc(b, layout(2 * MIB));
         heap.dealloc(d, layout(MIB));
-        let c = heap.alloc(layout(MIB / 2));
+        let small = 300 * 1024;
+        let c = heap.alloc(layout(small));
         let stats = heap.stats();
         assert_eq!(stats.peak_live_bytes, 4 * MIB);
         assert_eq!(stats.cached_bytes, MIB);
-        assert_eq!(stats.live_bytes, MIB + MIB / 2);
+        assert_eq!(stats.live_bytes, MIB + size_class(small));
         let d_again = heap.alloc(layout(MIB));
         assert_eq!(d_again, d, "the newer block stayed cached");
         heap.dealloc(a, layout(MIB));
-        heap.dealloc(c, layout(MIB / 2));
+        heap.dealloc(c, layout(small));
         heap.dealloc(d_again, layout(MIB));
+        assert_eq!(heap.stats().live_bytes, 0);
         heap.release_cached();
     }
 }
