@@ -1,5 +1,6 @@
 //! The process's allocator for large blocks: freed blocks of 256 KiB and more are kept and handed
-//! out again to the next request of (nearly) the same size, instead of going back to the system.
+//! out again to the next request of (nearly) the same size, or of up to a third less, instead of
+//! going back to the system.
 //!
 //! Why: a training step or a denoising step allocates the same tensors every time (activations,
 //! gradients, im2col columns, the optimizer's temporaries). Through the system allocator each of
@@ -185,8 +186,8 @@ impl LargeBlockCache {
         self.state.lock()
     }
 
-    /// A large block for `layout`: a cached one of its size class, or a fresh one from the system
-    /// after returning enough cached blocks to stay under the peak.
+    /// A large block for `layout`: a cached one of its size class (or up to 1.5 times it), or a
+    /// fresh one from the system after returning enough cached blocks to stay under the peak.
     unsafe fn alloc_large(&self, layout: Layout, zeroed: bool) -> *mut u8 {
         let class = size_class(layout.size());
         let reused = loop {
@@ -218,7 +219,7 @@ impl LargeBlockCache {
         };
         if let Some(block) = reused {
             if zeroed {
-                // SAFETY: the block is `class` ≥ `layout.size()` bytes and ours now.
+                // SAFETY: the block is at least `class` ≥ `layout.size()` bytes and ours now.
                 unsafe { std::ptr::write_bytes(block.ptr, 0, layout.size()) };
             }
             return block.ptr;
