@@ -407,7 +407,7 @@ super::fused_op::impl_weight_bias_kernels!(ConvOp, "fused-conv2d", convolve);
 #[cfg(test)]
 mod tests {
     use super::super::fused_op::Fused;
-    use super::super::test_values::{max_difference, values};
+    use super::super::test_values::{max_difference, values, weighted_sum_gradients};
     use super::*;
     use candle_core::{Module, Var};
 
@@ -420,10 +420,7 @@ mod tests {
     ) -> Vec<Vec<f32>> {
         let y = conv(x.as_tensor(), weight.as_tensor(), bias.as_tensor());
         let r = values(y.dims(), 99);
-        let grads = (y * r)
-            .and_then(|l| l.sum_all())
-            .and_then(|l| l.backward())
-            .expect("backward");
+        let grads = weighted_sum_gradients(&y, &r);
         [x, weight, bias]
             .iter()
             .map(|v| {
@@ -503,10 +500,7 @@ mod tests {
                     .expect("forward")
                     .expect("applies");
                 let r = values(y.dims(), 99);
-                let grads = (&y * r)
-                    .and_then(|l| l.sum_all())
-                    .and_then(|l| l.backward())
-                    .expect("backward");
+                let grads = weighted_sum_gradients(&y, &r);
                 assert!(grads.get(weight).is_none());
                 let dx = grads.get(x.as_tensor()).expect("dx").clone();
                 (y, dx)
@@ -551,21 +545,16 @@ mod tests {
                     .expect("applies");
             assert_eq!(max_difference(&y, &inference), 0.0);
             let r = values(y.dims(), 99);
-            let dx = (&y * &r)
-                .and_then(|l| l.sum_all())
-                .and_then(|l| l.backward())
-                .expect("backward")
+            let dx = weighted_sum_gradients(&y, &r)
                 .get(x.as_tensor())
                 .expect("dx")
                 .clone();
             let widened = held.to_dtype(DType::F32).expect("f32");
             let x_f32 = Var::from_tensor(x.as_tensor()).expect("x");
-            let expected = candle_nn::Conv2d::new(widened, Some(bias.clone()), cfg)
+            let reference = candle_nn::Conv2d::new(widened, Some(bias.clone()), cfg)
                 .forward(x_f32.as_tensor())
-                .and_then(|y| y * &r)
-                .and_then(|l| l.sum_all())
-                .and_then(|l| l.backward())
-                .expect("reference")
+                .expect("reference");
+            let expected = weighted_sum_gradients(&reference, &r)
                 .get(x_f32.as_tensor())
                 .expect("dx")
                 .clone();

@@ -208,7 +208,7 @@ impl FrozenBf16Linear {
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_values::{max_difference, values};
+    use super::super::test_values::{max_difference, values, weighted_sum_gradients};
     use super::*;
     use candle_core::Var;
 
@@ -230,14 +230,9 @@ mod tests {
             .expect("applies");
         let reference = composed(x.as_tensor(), w.as_tensor(), b.as_tensor());
         assert!(max_difference(&fused, &reference) < 1e-6);
-        let grads = |y: &Tensor| {
-            (y * &r)
-                .and_then(|l| l.sum_all())
-                .and_then(|l| l.backward())
-        };
         let (fused_grads, reference_grads) = (
-            grads(&fused).expect("backward"),
-            grads(&reference).expect("backward"),
+            weighted_sum_gradients(&fused, &r),
+            weighted_sum_gradients(&reference, &r),
         );
         for var in [&x, &w, &b] {
             let a = fused_grads.get(var.as_tensor()).expect("fused gradient");
@@ -298,10 +293,7 @@ mod tests {
             .expect("applies");
         assert_eq!(max_difference(&y, &inference), 0.0);
         let r = values(&[37, 45], 4);
-        let dx = (&y * &r)
-            .and_then(|l| l.sum_all())
-            .and_then(|l| l.backward())
-            .expect("backward")
+        let dx = weighted_sum_gradients(&y, &r)
             .get(x.as_tensor())
             .expect("dx")
             .clone();

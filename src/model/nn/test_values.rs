@@ -1,5 +1,6 @@
 //! Deterministic test tensors and comparisons shared by the kernels' unit tests.
 
+use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor};
 
 /// `count` values in [-1, 1) from a 64-bit LCG seeded by `seed`: varied enough to catch index
@@ -29,4 +30,12 @@ pub(super) fn max_difference(a: &Tensor, b: &Tensor) -> f32 {
         .and_then(|d| d.max_all())
         .and_then(|d| d.to_scalar::<f32>())
         .expect("difference")
+}
+
+/// The gradients of `Σ y · r` (r: random weights, so that every output's gradient differs).
+pub(super) fn weighted_sum_gradients(y: &Tensor, r: &Tensor) -> GradStore {
+    (y * r)
+        .and_then(|l| l.sum_all())
+        .and_then(|l| l.backward())
+        .expect("backward")
 }

@@ -219,19 +219,20 @@ impl Adam8BitScalars {
                 let n = p.len();
                 let mut m_vals = vec![0f32; n];
                 let mut v_vals = vec![0f32; n];
-                let g: Vec<f32> = g.iter().map(|&g| g * self.grad_scale).collect();
+                let grad = |j: usize| g[j] * self.grad_scale;
                 for j in 0..n {
-                    if g[j].is_finite() {
+                    let g = grad(j);
+                    if g.is_finite() {
                         let v_old = unsigned_map[v_codes[j] as usize] * *v_absmax;
-                        v_vals[j] = v_old * self.beta2 + (1.0 - self.beta2) * g[j] * g[j];
+                        v_vals[j] = v_old * self.beta2 + (1.0 - self.beta2) * g * g;
                         let m_old = signed_map[m_codes[j] as usize] * *m_absmax;
-                        m_vals[j] = m_old * self.beta1 + (1.0 - self.beta1) * g[j];
+                        m_vals[j] = m_old * self.beta1 + (1.0 - self.beta1) * g;
                     }
                 }
                 *m_absmax = m_vals.iter().fold(0f32, |a, x| a.max(x.abs()));
                 *v_absmax = v_vals.iter().fold(0f32, |a, x| a.max(x.abs()));
                 for j in 0..n {
-                    if g[j].is_finite() {
+                    if grad(j).is_finite() {
                         let denom = v_vals[j].sqrt() + self.correction2 * self.eps;
                         p[j] += self.step_size * (m_vals[j] / denom);
                         if let Some(decay) = self.decay_mul {
