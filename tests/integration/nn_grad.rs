@@ -132,6 +132,11 @@ fn conv_matches_candle_values_and_gradients() {
         (2, 6, 5, 7, 7, 1, 2, 0, false),
         (1, 2, 3, 5, 5, 5, 1, 2, false),
         (2, 3, 4, 2, 3, 3, 1, 1, true),
+        // Rows of 32 pixels and more: the direct kernel, forward and input gradient (9
+        // channels: a partial channel tile; 37: a row ending inside a vector).
+        (2, 5, 9, 5, 37, 3, 1, 1, true),
+        (1, 3, 4, 4, 34, 3, 1, 0, false),
+        (1, 2, 3, 4, 33, 5, 1, 2, false),
     ];
     for (batch, in_c, out_c, h, w, kernel, stride, padding, has_bias) in cases {
         let config = candle_nn::Conv2dConfig {

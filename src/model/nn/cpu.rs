@@ -1,6 +1,7 @@
-//! Fused CPU kernels for inference (no backward pass): convolution as im2col + GEMM, group
-//! normalisation and blocked attention. Each returns `Ok(None)` when it does not apply (another
-//! device, dtype or configuration), and the caller falls back to candle's differentiable ops.
+//! Fused CPU kernels for inference (no backward pass): convolution (direct at stride 1 on
+//! AVX-512, see `cpu/direct_conv.rs`; im2col + GEMM otherwise), group normalisation and
+//! blocked attention. Each returns `Ok(None)` when it does not apply (another device, dtype or
+//! configuration), and the caller falls back to candle's differentiable ops.
 //!
 //! The slice-level pieces (im2col, the normalisation loop, the attention blocks) are shared with
 //! the differentiable kernels of `grad_conv.rs`, `grad_norm.rs` and `grad_attention.rs`.
@@ -9,6 +10,7 @@
 //! kernel lives in `cpu/attention.rs` and is re-exported here.
 
 mod attention;
+pub(super) mod direct_conv;
 
 pub(super) use attention::{
     AttentionShape, QUERY_BLOCK_ROWS, attention, attention_forward, exp_minus_in_place,
@@ -205,18 +207,52 @@ pub(super) fn conv2d(
         return Ok(None);
     };
     match x.dtype() {
-        DType::F32 => conv2d_typed::<f32>(x, weight, bias, &shape).map(Some),
-        DType::F64 => conv2d_typed::<f64>(x, weight, bias, &shape).map(Some),
-        DType::F16 => conv2d_typed::<f16>(x, weight, bias, &shape).map(Some),
+        DType::F32 => conv2d_typed(x, weight, bias, &shape, conv_f32).map(Some),
+        DType::F64 => conv2d_typed(x, weight, bias, &shape, conv_slices::<f64>).map(Some),
+        DType::F16 => conv2d_typed(x, weight, bias, &shape, conv_slices::<f16>).map(Some),
         _ => Ok(None),
     }
 }
+
+/// A float32 convolution: the direct kernel where it applies (stride 1 on AVX-512), else
+/// [`conv_slices`].
+pub(super) fn conv_f32(
+    x: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    shape: &ConvShape,
+) -> Result<Vec<f32>> {
+    if direct_conv::applies(shape) {
+        direct_conv::conv(x, weight, bias, shape)
+    } else {
+        conv_slices(x, weight, bias, shape)
+    }
+}
+
+/// A convolution of contiguous slices: one matrix product per image for 1×1, im2col blocks
+/// otherwise.
+fn conv_slices<T: WithDType>(
+    x: &[T],
+    weight: &[T],
+    bias: Option<&[T]>,
+    shape: &ConvShape,
+) -> Result<Vec<T>> {
+    if shape.is_pointwise() {
+        pointwise_conv(x, weight, bias, shape)
+    } else {
+        im2col_conv(x, weight, bias, shape, COL_BLOCK_ELEMENTS)
+    }
+}
+
+/// A convolution of contiguous slices: input, weight, bias → output.
+type ConvKernel<T> = fn(&[T], &[T], Option<&[T]>, &ConvShape) -> Result<Vec<T>>;
 
 fn conv2d_typed<T: WithDType>(
     x: &Tensor,
     weight: &Tensor,
     bias: Option<&Tensor>,
     shape: &ConvShape,
+    kernel: ConvKernel<T>,
 ) -> Result<Tensor> {
     let x = x.contiguous()?;
     let weight = weight.contiguous()?;
@@ -230,11 +266,7 @@ fn conv2d_typed<T: WithDType>(
         Some((storage, layout)) => Some(contiguous_slice::<T>(storage, layout)?),
         None => None,
     };
-    let out = if shape.is_pointwise() {
-        pointwise_conv(x_data, w_data, bias_data, shape)?
-    } else {
-        im2col_conv(x_data, w_data, bias_data, shape, COL_BLOCK_ELEMENTS)?
-    };
+    let out = kernel(x_data, w_data, bias_data, shape)?;
     Tensor::from_vec(
         out,
         (shape.batch, shape.out_channels, shape.out_h, shape.out_w),
@@ -463,6 +495,28 @@ impl MatProduct {
             || rhs.len() < span(self.k, self.rhs_row_stride, self.n)
         {
             candle_core::bail!("conv2d kernel: matrix product {self:?} out of its buffers");
+        }
+        if T::DTYPE == DType::F32 {
+            // float32 goes through `Product`, which takes a narrow product (a small image's
+            // convolution) without packing the weight.
+            let product = super::product::Product::new(
+                self.m,
+                self.n,
+                self.k,
+                (self.dst_row_stride, 1),
+                (self.lhs_row_stride, 1),
+                (self.rhs_row_stride, 1),
+            );
+            // SAFETY: T is f32 (checked just above), so each slice is the same memory as an
+            // f32 slice of the same length.
+            let (dst, lhs, rhs) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast::<f32>(), dst.len()),
+                    std::slice::from_raw_parts(lhs.as_ptr().cast::<f32>(), lhs.len()),
+                    std::slice::from_raw_parts(rhs.as_ptr().cast::<f32>(), rhs.len()),
+                )
+            };
+            return product.run(dst, lhs, rhs, 1.0, accumulate, super::product::Threads::All);
         }
         let threads = super::product::thread_count();
         let parallelism = if threads > 1 {

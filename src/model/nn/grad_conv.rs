@@ -15,7 +15,7 @@ use candle_nn::Conv2dConfig;
 use half::bf16;
 use rayon::prelude::*;
 
-use super::cpu::{self, COL_BLOCK_ELEMENTS, ConvShape};
+use super::cpu::{self, COL_BLOCK_ELEMENTS, ConvShape, direct_conv};
 use super::fused_op::{FrozenBf16Kernel, Grads3, apply_frozen_bf16, apply_weight_bias};
 use super::product::{Product, Threads};
 
@@ -155,6 +155,7 @@ impl ConvWeight<'_> {
 }
 
 /// The convolution op: its geometry and which inputs need a gradient.
+#[derive(Clone, Copy)]
 struct ConvOp {
     shape: ConvShape,
     /// Largest im2col block in elements (a whole output row at least).
@@ -178,6 +179,8 @@ impl ConvOp {
         let s = &self.shape;
         let out = if s.is_pointwise() {
             cpu::pointwise_conv(x, weight, bias, s)?
+        } else if direct_conv::applies(s) {
+            direct_conv::conv(x, weight, bias, s)?
         } else {
             cpu::im2col_conv(x, weight, bias, s, self.col_block_elements)?
         };
@@ -202,8 +205,26 @@ impl ConvOp {
         let w_data = cpu::contiguous_f32(&w_storage, w_layout)?;
 
         let bias_grad = (has_bias && self.bias_tracked).then(|| output_channel_sums(dy, s));
+        let transposed = transposed_conv(s);
         let (input_grad, weight_grad) = if s.is_pointwise() {
             self.pointwise_backward(x_data, ConvWeight::F32(&w_data), dy)?
+        } else if let Some(transposed) = transposed.filter(|_| self.input_tracked) {
+            // The input's gradient as a direct convolution of dy; only the weight's (when
+            // tracked) takes the column matrix.
+            let input_grad =
+                direct_conv::conv(dy, &flipped_transpose(&w_data, s), None, &transposed)?;
+            let weight_grad = if self.weight_tracked {
+                let weight_only = ConvOp {
+                    input_tracked: false,
+                    ..*self
+                };
+                weight_only
+                    .im2col_backward(x_data, ConvWeight::F32(&w_data), dy)?
+                    .1
+            } else {
+                None
+            };
+            (Some(input_grad), weight_grad)
         } else {
             self.im2col_backward(x_data, ConvWeight::F32(&w_data), dy)?
         };
@@ -325,6 +346,49 @@ impl ConvOp {
         }
         Ok((input_grad, weight_grad))
     }
+}
+
+/// The convolution whose output is the input gradient of `s` (stride 1, square kernel, where
+/// the direct kernel applies): dy [B, C_out, H_out, W_out] convolved with the weight turned
+/// half a circle and its channel axes swapped ([`flipped_transpose`]), padded by k − 1 − p.
+fn transposed_conv(s: &ConvShape) -> Option<ConvShape> {
+    if s.stride != 1 || s.k_h != s.k_w || s.padding >= s.k_h {
+        return None;
+    }
+    let transposed = ConvShape {
+        batch: s.batch,
+        in_channels: s.out_channels,
+        in_h: s.out_h,
+        in_w: s.out_w,
+        out_channels: s.in_channels,
+        k_h: s.k_h,
+        k_w: s.k_w,
+        stride: 1,
+        padding: s.k_h - 1 - s.padding,
+        out_h: s.in_h,
+        out_w: s.in_w,
+    };
+    direct_conv::applies(&transposed).then_some(transposed)
+}
+
+/// W [C_out, C_in, k_h, k_w] → W' [C_in, C_out, k_h, k_w] with W'[i, o, a, b] =
+/// W[o, i, k_h − 1 − a, k_w − 1 − b].
+fn flipped_transpose(weight: &[f32], s: &ConvShape) -> Vec<f32> {
+    let (kh, kw) = (s.k_h, s.k_w);
+    let taps = kh * kw;
+    let mut flipped = vec![0f32; weight.len()];
+    flipped
+        .par_chunks_mut(s.out_channels * taps)
+        .enumerate()
+        .for_each(|(i, dst)| {
+            for o in 0..s.out_channels {
+                let src = &weight[(o * s.in_channels + i) * taps..][..taps];
+                for (tap, value) in dst[o * taps..][..taps].iter_mut().enumerate() {
+                    *value = src[taps - 1 - tap];
+                }
+            }
+        });
+    flipped
 }
 
 /// col2im: adds the column gradients of output rows `first_row..first_row + rows` (numbered

@@ -8,6 +8,8 @@ use rayon::prelude::*;
 
 use super::super::product::{Product, Threads};
 use super::{contiguous_slice, sum_f64};
+#[cfg(target_arch = "x86_64")]
+use ip2p_kernels::softmax as avx512;
 
 /// Query rows per attention task: a multiple of the f32 GEMM micro-kernel's 48 rows, and enough
 /// rows that packing k and v (done anew for each block) costs little next to the products.
@@ -271,166 +273,6 @@ fn exp_minus_max_in_place_portable(row: &mut [f32]) -> (f32, f32) {
     (max, sum_f64(row, |v| v) as f32)
 }
 
-/// The softmax numerator in AVX-512 intrinsics: LLVM does not vectorise the float → int
-/// conversion of the scalar exp (a saturating cast in Rust) nor fuse its multiply-adds, which
-/// made the exp cost as much as both attention products.
-#[cfg(target_arch = "x86_64")]
-mod avx512 {
-    use std::arch::x86_64::*;
-
-    const LANES: usize = 16;
-
-    /// The lanes of `row[start..]` that exist, at most 16, as a load/store mask.
-    #[inline(always)]
-    fn tail_mask(len: usize, start: usize) -> __mmask16 {
-        let left = (len - start).min(LANES);
-        ((1u32 << left) - 1) as __mmask16
-    }
-
-    /// Same contract as the portable version: `row[i] = exp(row[i] − max(row))`, returns the
-    /// max and the sum (f32 partial sums over 256 values, gathered in f64). Two passes: max,
-    /// then exp and sum together.
-    #[target_feature(enable = "avx512f")]
-    pub(super) fn exp_minus_max_in_place(row: &mut [f32]) -> (f32, f32) {
-        let len = row.len();
-        let ptr = row.as_mut_ptr();
-        let mut max_lanes = _mm512_set1_ps(f32::NEG_INFINITY);
-        let mut i = 0;
-        while i < len {
-            let mask = tail_mask(len, i);
-            // SAFETY: the mask covers only the lanes i..min(i + 16, len) inside `row`.
-            let v = unsafe { _mm512_mask_loadu_ps(max_lanes, mask, ptr.add(i)) };
-            max_lanes = _mm512_max_ps(max_lanes, v);
-            i += LANES;
-        }
-        let row_max = _mm512_reduce_max_ps(max_lanes);
-        let max = _mm512_set1_ps(row_max);
-        let mut total = 0f64;
-        let mut i = 0;
-        while i < len {
-            let run_end = (i + LANES * 16).min(len);
-            let mut sum_lanes = _mm512_setzero_ps();
-            while i < run_end {
-                let mask = tail_mask(run_end, i);
-                // SAFETY: as above, only lanes inside `row` are read and written.
-                unsafe {
-                    let v = _mm512_maskz_loadu_ps(mask, ptr.add(i));
-                    let e = exp_non_positive(_mm512_sub_ps(v, max));
-                    _mm512_mask_storeu_ps(ptr.add(i), mask, e);
-                    sum_lanes = _mm512_add_ps(sum_lanes, _mm512_maskz_mov_ps(mask, e));
-                }
-                i += LANES;
-            }
-            let low = _mm512_castps512_ps256(sum_lanes);
-            let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(sum_lanes)));
-            let wide = _mm512_add_pd(_mm512_cvtps_pd(low), _mm512_cvtps_pd(high));
-            total += _mm512_reduce_add_pd(wide);
-        }
-        (row_max, total as f32)
-    }
-
-    /// Same contract as the portable [`super::exp_minus_in_place`].
-    #[target_feature(enable = "avx512f")]
-    pub(super) fn exp_minus_in_place(row: &mut [f32], shift: f32) {
-        let len = row.len();
-        let ptr = row.as_mut_ptr();
-        let shift = _mm512_set1_ps(shift);
-        let mut i = 0;
-        while i < len {
-            let mask = tail_mask(len, i);
-            // SAFETY: the mask covers only the lanes i..min(i + 16, len) inside `row`.
-            unsafe {
-                let v = _mm512_maskz_loadu_ps(mask, ptr.add(i));
-                let e = exp_non_positive(_mm512_sub_ps(v, shift));
-                _mm512_mask_storeu_ps(ptr.add(i), mask, e);
-            }
-            i += LANES;
-        }
-    }
-
-    /// e^x for x ≤ 0, 16 lanes: the scalar `exp_non_positive`'s method (Cephes' polynomial),
-    /// with 2^n applied by `scalef`. 0 below −87.33 (as the scalar version), NaN stays NaN.
-    #[target_feature(enable = "avx512f")]
-    fn exp_non_positive(x: __m512) -> __m512 {
-        let lowest = _mm512_set1_ps(-87.33);
-        let clamped = _mm512_min_ps(_mm512_max_ps(x, lowest), _mm512_setzero_ps());
-        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-            _mm512_mul_ps(clamped, _mm512_set1_ps(std::f32::consts::LOG2_E)),
-        );
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), clamped);
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
-        let mut p = _mm512_set1_ps(1.987_569_2e-4);
-        for c in [
-            1.398_199_9e-3,
-            8.333_452e-3,
-            4.166_579_6e-2,
-            1.666_666_5e-1,
-            0.5,
-        ] {
-            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-        }
-        let e_r = _mm512_add_ps(
-            _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r),
-            _mm512_set1_ps(1.0),
-        );
-        let y = _mm512_scalef_ps(e_r, n);
-        let underflow = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, lowest);
-        let y = _mm512_mask_mov_ps(y, underflow, _mm512_setzero_ps());
-        let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
-        _mm512_mask_mov_ps(y, nan, x)
-    }
-
-    #[cfg(test)]
-    mod tests {
-        #[test]
-        fn vector_exp_matches_the_portable_softmax_numerator() {
-            if !std::arch::is_x86_feature_detected!("avx512f") {
-                return;
-            }
-            // Odd lengths exercise the masked tails; values span e^0 to underflow.
-            for len in [1usize, 15, 16, 17, 255, 256, 257, 1000, 4096] {
-                let values: Vec<f32> = (0..len)
-                    .map(|i| -((i * 7919 % 1013) as f32) * 0.09 + 3.0)
-                    .collect();
-                let mut vector = values.clone();
-                let mut portable = values.clone();
-                // SAFETY: AVX-512F checked above.
-                let (vector_max, vector_sum) =
-                    unsafe { super::exp_minus_max_in_place(&mut vector) };
-                let (portable_max, portable_sum) =
-                    super::super::exp_minus_max_in_place_portable(&mut portable);
-                assert_eq!(vector_max, portable_max);
-                for (v, p) in vector.iter().zip(&portable) {
-                    assert!(
-                        (v - p).abs() <= 2.5e-7 * p.abs().max(f32::MIN_POSITIVE),
-                        "{v} vs {p}"
-                    );
-                }
-                assert!((vector_sum - portable_sum).abs() <= 1e-6 * portable_sum);
-            }
-            for len in [1usize, 16, 17, 300] {
-                let values: Vec<f32> = (0..len).map(|i| (i % 37) as f32 * 0.31 - 9.0).collect();
-                let mut vector = values.clone();
-                // SAFETY: AVX-512F checked above.
-                unsafe { super::exp_minus_in_place(&mut vector, 2.0) };
-                for (v, x) in vector.iter().zip(&values) {
-                    let p = super::super::exp_non_positive(x - 2.0);
-                    assert!(
-                        (v - p).abs() <= 2.5e-7 * p.max(f32::MIN_POSITIVE),
-                        "{v} vs {p}"
-                    );
-                }
-            }
-            let mut row = [0.0, -200.0, f32::NEG_INFINITY, -1.0, f32::NAN];
-            // SAFETY: AVX-512F checked above.
-            let (_, sum) = unsafe { super::exp_minus_max_in_place(&mut row) };
-            assert!(sum.is_nan() && row[4].is_nan(), "NaN propagates");
-            assert_eq!(row[..3], [1.0, 0.0, 0.0]);
-            assert!((row[3] - (-1f32).exp()).abs() <= 1e-7);
-        }
-    }
-}
-
 /// e^x for x ≤ 0 (NaN stays NaN), within about one ulp: Cephes' `expf` (x = n·ln 2 + r,
 /// |r| ≤ ln 2 / 2, a degree-6 polynomial for e^r, then 2^n through the exponent bits), written
 /// without branches so that loops over it vectorise, unlike libm's `expf`.
@@ -465,5 +307,58 @@ pub(in crate::model::nn) fn exp_non_positive(x: f32) -> f32 {
         0.0
     } else {
         y
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[cfg(target_arch = "x86_64")]
+    use super::avx512;
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn vector_exp_matches_the_portable_softmax_numerator() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        // Odd lengths exercise the masked tails; values span e^0 to underflow.
+        for len in [1usize, 15, 16, 17, 255, 256, 257, 1000, 4096] {
+            let values: Vec<f32> = (0..len)
+                .map(|i| -((i * 7919 % 1013) as f32) * 0.09 + 3.0)
+                .collect();
+            let mut vector = values.clone();
+            let mut portable = values.clone();
+            // SAFETY: AVX-512F checked above.
+            let (vector_max, vector_sum) = unsafe { avx512::exp_minus_max_in_place(&mut vector) };
+            let (portable_max, portable_sum) =
+                super::exp_minus_max_in_place_portable(&mut portable);
+            assert_eq!(vector_max, portable_max);
+            for (v, p) in vector.iter().zip(&portable) {
+                assert!(
+                    (v - p).abs() <= 2.5e-7 * p.abs().max(f32::MIN_POSITIVE),
+                    "{v} vs {p}"
+                );
+            }
+            assert!((vector_sum - portable_sum).abs() <= 1e-6 * portable_sum);
+        }
+        for len in [1usize, 16, 17, 300] {
+            let values: Vec<f32> = (0..len).map(|i| (i % 37) as f32 * 0.31 - 9.0).collect();
+            let mut vector = values.clone();
+            // SAFETY: AVX-512F checked above.
+            unsafe { avx512::exp_minus_in_place(&mut vector, 2.0) };
+            for (v, x) in vector.iter().zip(&values) {
+                let p = super::exp_non_positive(x - 2.0);
+                assert!(
+                    (v - p).abs() <= 2.5e-7 * p.max(f32::MIN_POSITIVE),
+                    "{v} vs {p}"
+                );
+            }
+        }
+        let mut row = [0.0, -200.0, f32::NEG_INFINITY, -1.0, f32::NAN];
+        // SAFETY: AVX-512F checked above.
+        let (_, sum) = unsafe { avx512::exp_minus_max_in_place(&mut row) };
+        assert!(sum.is_nan() && row[4].is_nan(), "NaN propagates");
+        assert_eq!(row[..3], [1.0, 0.0, 0.0]);
+        assert!((row[3] - (-1f32).exp()).abs() <= 1e-7);
     }
 }

@@ -1,0 +1,387 @@
+//! The direct ("implicit GEMM") float32 convolution for stride 1 on AVX-512: no column matrix.
+//!
+//! Each image is copied once into a zero-bordered buffer, so every kernel tap (input channel,
+//! row, column) is a fixed offset from the output pixel it feeds. A tile of 8 output channels ×
+//! 48 pixels of one output row is held in 24 vector registers; for each tap the tile loads 3
+//! vectors of the padded image at the tap's offset (consecutive output pixels read consecutive
+//! input pixels at stride 1) and multiplies them by the 8 channels' weights for that tap.
+//! The im2col path instead writes 9 copies of the input (3×3) and the GEMM then repacks them;
+//! at the VAE's 256² that copying was a fifth of the encoder's time.
+//!
+//! The taps are taken in chunks so that a tile's weights for one chunk (8 × 256 × 4 bytes)
+//! stay in the L1 cache while the chunk sweeps the tile's rows; a later chunk adds onto what
+//! the earlier ones stored.
+
+use rayon::prelude::*;
+
+use crate::{KernelError, LANES, available};
+
+/// Output channels per tile.
+const TILE_CHANNELS: usize = 8;
+/// Vectors per tile along an output row: 8 × 3 accumulators leave registers for the loads.
+const TILE_VECTORS: usize = 3;
+/// Kernel taps per pass over a tile's rows.
+const TAP_CHUNK: usize = 256;
+/// Output rows per task at most: the band's input for a tap chunk (here 256 taps of 3×3 =
+/// 28 channels × 10 rows of 258 pixels at 256², 290 KB) stays in L2 for every channel tile.
+const BAND_ROWS: usize = 8;
+/// Narrower output rows go through im2col: a tile would be mostly masked lanes.
+const MIN_OUT_WIDTH: usize = 32;
+
+/// A stride-1 convolution's geometry: `x` [batch, in_channels, in_h, in_w] convolved with a
+/// weight [out_channels, in_channels, k_h, k_w], zero padding on every side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Geometry {
+    pub batch: usize,
+    pub in_channels: usize,
+    pub in_h: usize,
+    pub in_w: usize,
+    pub out_channels: usize,
+    pub k_h: usize,
+    pub k_w: usize,
+    pub padding: usize,
+}
+
+impl Geometry {
+    /// Output rows (zero when the kernel is taller than the padded input).
+    pub fn out_h(&self) -> usize {
+        (self.in_h + 2 * self.padding + 1).saturating_sub(self.k_h)
+    }
+
+    /// Output columns (zero when the kernel is wider than the padded input).
+    pub fn out_w(&self) -> usize {
+        (self.in_w + 2 * self.padding + 1).saturating_sub(self.k_w)
+    }
+
+    /// Weights per output channel: in_channels × k_h × k_w.
+    fn taps(&self) -> usize {
+        self.in_channels * self.k_h * self.k_w
+    }
+}
+
+/// Whether the direct kernel is worth taking for this convolution: padding smaller than the
+/// kernel, output rows at least [`MIN_OUT_WIDTH`] wide, on a CPU with AVX-512F.
+pub fn applies(g: &Geometry) -> bool {
+    g.padding < g.k_h && g.padding < g.k_w && g.out_w() >= MIN_OUT_WIDTH && available()
+}
+
+/// `x` [B, C_in, H, W] convolved with `weight` [C_out, C_in, k_h, k_w] (+ `bias`), stride 1:
+/// [B, C_out, H_out, W_out], on up to `threads` tasks at once (rayon's pool runs them).
+/// Any geometry is computed correctly; [`applies`] says when it is worth it (narrow rows just
+/// waste lanes).
+pub fn conv(
+    x: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    g: &Geometry,
+    threads: usize,
+) -> Result<Vec<f32>, KernelError> {
+    let s = g;
+    let taps = s.taps();
+    let (padded_h, padded_w) = (s.in_h + 2 * s.padding, s.in_w + 2 * s.padding);
+    let (out_h, out_w) = (s.out_h(), s.out_w());
+    if out_h == 0
+        || out_w == 0
+        || x.len() != s.batch * s.in_channels * s.in_h * s.in_w
+        || weight.len() != s.out_channels * taps
+        || bias.is_some_and(|b| b.len() != s.out_channels)
+    {
+        return Err(KernelError::ShapeMismatch {
+            kernel: "direct conv2d",
+            shape: format!("{s:?}"),
+        });
+    }
+    if !available() {
+        return Err(KernelError::NoAvx512("direct conv2d"));
+    }
+    let plane = padded_h * padded_w;
+    // The offset of each tap from its output pixel's top-left input, in the weight's
+    // [C_in, k_h, k_w] order.
+    let offsets: Vec<usize> = (0..s.in_channels)
+        .flat_map(|c| {
+            (0..s.k_h).flat_map(move |ky| (0..s.k_w).map(move |kx| c * plane + ky * padded_w + kx))
+        })
+        .collect();
+    let packed = pack_weights(weight, s.out_channels, taps);
+    let out_plane = out_h * out_w;
+    let image_out = s.out_channels * out_plane;
+    let total = s.batch * image_out;
+    let mut out: Vec<f32> = Vec::with_capacity(total);
+    // Slack after the last row: a tile's last vector may read past the row's end (lanes that
+    // are never stored), and must stay inside the buffer.
+    let mut padded = vec![0f32; s.in_channels * plane + TILE_VECTORS * LANES];
+    let tiles = s.out_channels.div_ceil(TILE_CHANNELS);
+    let threads = threads.max(1);
+    // Tasks own bands of a few output rows, so that the band's padded input for one tap chunk
+    // stays in the L2 cache while every channel tile sweeps it; when the image has too few
+    // rows to keep every thread busy, the channel tiles are split between tasks too.
+    let band_rows = out_h.div_ceil(4 * threads).clamp(1, BAND_ROWS);
+    let bands = out_h.div_ceil(band_rows);
+    let tile_groups = (4 * threads).div_ceil(bands).clamp(1, tiles);
+    let tiles_per_group = tiles.div_ceil(tile_groups);
+    for image in 0..s.batch {
+        fill_padded(
+            &x[image * s.in_channels * s.in_h * s.in_w..][..s.in_channels * s.in_h * s.in_w],
+            s,
+            &mut padded,
+        );
+        let out_image = OutPtr(
+            out.spare_capacity_mut()[image * image_out..]
+                .as_mut_ptr()
+                .cast(),
+        );
+        (0..bands * tile_groups).into_par_iter().for_each(|task| {
+            let (band, group) = (task / tile_groups, task % tile_groups);
+            let first_row = band * band_rows;
+            let first_tile = group * tiles_per_group;
+            let job = BandJob {
+                padded: &padded,
+                padded_w,
+                offsets: &offsets,
+                packed: &packed,
+                bias,
+                out: out_image,
+                out_channels: s.out_channels,
+                out_plane,
+                out_w,
+            };
+            // SAFETY: AVX-512F was checked above; tasks write disjoint (channel tiles, rows)
+            // parts of this image's output, and every read stays inside `padded` (its slack
+            // covers the last tile's over-read).
+            unsafe {
+                job.run(
+                    first_tile..(first_tile + tiles_per_group).min(tiles),
+                    first_row..(first_row + band_rows).min(out_h),
+                )
+            };
+        });
+    }
+    // SAFETY: every (channel, pixel) of every image was stored by the first tap chunk of the
+    // task that owns it, and f32 has no invalid values.
+    unsafe { out.set_len(total) };
+    Ok(out)
+}
+
+/// The weight [C_out, taps] by tiles of [`TILE_CHANNELS`] rows, each tile laid out tap-major
+/// ([taps, rows]) so the kernel reads one tap's weights for all its channels together.
+fn pack_weights(weight: &[f32], out_channels: usize, taps: usize) -> Vec<f32> {
+    let mut packed = vec![0f32; weight.len()];
+    packed
+        .par_chunks_mut(TILE_CHANNELS * taps)
+        .enumerate()
+        .for_each(|(tile, dst)| {
+            let first = tile * TILE_CHANNELS;
+            let rows = TILE_CHANNELS.min(out_channels - first);
+            for tap in 0..taps {
+                for row in 0..rows {
+                    dst[tap * rows + row] = weight[(first + row) * taps + tap];
+                }
+            }
+        });
+    packed
+}
+
+/// One image [C_in, H, W] into `padded` [C_in, H + 2p, W + 2p] with a zero border (the slack
+/// after it stays zero).
+fn fill_padded(x: &[f32], s: &Geometry, padded: &mut [f32]) {
+    let (p, h, w) = (s.padding, s.in_h, s.in_w);
+    let padded_w = w + 2 * p;
+    let plane = (h + 2 * p) * padded_w;
+    padded[..s.in_channels * plane]
+        .par_chunks_mut(plane)
+        .zip(x.par_chunks(h * w))
+        .for_each(|(dst, src)| {
+            dst[..p * padded_w].fill(0.0);
+            for (y, src_row) in src.chunks_exact(w).enumerate() {
+                let row = &mut dst[(y + p) * padded_w..][..padded_w];
+                row[..p].fill(0.0);
+                row[p..p + w].copy_from_slice(src_row);
+                row[p + w..].fill(0.0);
+            }
+            dst[(h + p) * padded_w..].fill(0.0);
+        });
+}
+
+/// This image's output, written by the tasks at disjoint places.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: the tasks that share it write disjoint elements (see `conv`).
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// What a task needs: the padded image, the tap offsets, the packed weights and the bias of
+/// every channel, where this image's output goes.
+struct BandJob<'a> {
+    padded: &'a [f32],
+    padded_w: usize,
+    offsets: &'a [usize],
+    packed: &'a [f32],
+    bias: Option<&'a [f32]>,
+    out: OutPtr,
+    out_channels: usize,
+    out_plane: usize,
+    out_w: usize,
+}
+
+/// How a tile's accumulators start.
+#[derive(Clone, Copy)]
+enum Start {
+    /// The first tap chunk: the bias (or zero).
+    Bias(Option<*const f32>),
+    /// A later chunk: what the earlier chunks stored.
+    Stored,
+}
+
+impl BandJob<'_> {
+    /// # Safety
+    /// AVX-512F; no other task writes these rows of these channel tiles.
+    unsafe fn run(&self, tiles: std::ops::Range<usize>, rows: std::ops::Range<usize>) {
+        let taps = self.offsets.len();
+        let mut first_tap = 0;
+        while first_tap < taps {
+            let chunk = TAP_CHUNK.min(taps - first_tap);
+            let offsets = &self.offsets[first_tap..first_tap + chunk];
+            for tile in tiles.clone() {
+                let first_channel = tile * TILE_CHANNELS;
+                let channels = TILE_CHANNELS.min(self.out_channels - first_channel);
+                // This tile's packed weights for the chunk: [chunk, channels].
+                let weights = self.packed[first_channel * taps + first_tap * channels..].as_ptr();
+                let start = if first_tap == 0 {
+                    Start::Bias(self.bias.map(|b| b[first_channel..].as_ptr()))
+                } else {
+                    Start::Stored
+                };
+                for y in rows.clone() {
+                    let mut x = 0;
+                    while x < self.out_w {
+                        let left = self.out_w - x;
+                        let vectors = match left.div_ceil(LANES) {
+                            // 2 + 2 rather than 3 + 1: a one-vector tile runs at half speed.
+                            4 => 2,
+                            n => n.min(TILE_VECTORS),
+                        };
+                        let covered = (vectors * LANES).min(left);
+                        let last_lanes = covered - (vectors - 1) * LANES;
+                        let tile = Tile {
+                            image: self.padded[y * self.padded_w + x..].as_ptr(),
+                            offsets,
+                            weights,
+                            // SAFETY (of the add): inside this image's output.
+                            out: unsafe {
+                                self.out
+                                    .0
+                                    .add(first_channel * self.out_plane + y * self.out_w + x)
+                            },
+                            out_plane: self.out_plane,
+                            last_mask: u16::MAX >> (LANES - last_lanes),
+                            start,
+                        };
+                        // SAFETY: as this function's.
+                        unsafe { tile.dispatch(channels, vectors) };
+                        x += covered;
+                    }
+                }
+            }
+            first_tap += chunk;
+        }
+    }
+}
+
+/// One tile's operands: `image` at the tile's first output pixel (tap offsets added to it),
+/// the tap chunk's offsets and packed weights ([taps, channels]), the output at the tile's
+/// first channel and pixel (channels `out_plane` apart).
+struct Tile<'a> {
+    image: *const f32,
+    offsets: &'a [usize],
+    weights: *const f32,
+    out: *mut f32,
+    out_plane: usize,
+    /// The lanes of the last vector inside the row.
+    last_mask: u16,
+    start: Start,
+}
+
+impl Tile<'_> {
+    /// # Safety
+    /// As [`BandJob::run`]; `vectors` is 1 to [`TILE_VECTORS`].
+    unsafe fn dispatch(&self, channels: usize, vectors: usize) {
+        macro_rules! by_size {
+            ($($c:literal),*) => {
+                match (channels, vectors) {
+                    $(
+                        ($c, 1) => unsafe { self.run::<$c, 1>() },
+                        ($c, 2) => unsafe { self.run::<$c, 2>() },
+                        ($c, 3) => unsafe { self.run::<$c, 3>() },
+                    )*
+                    _ => unreachable!("a tile has 1 to 8 channels and 1 to 3 vectors"),
+                }
+            };
+        }
+        by_size!(1, 2, 3, 4, 5, 6, 7, 8)
+    }
+
+    /// # Safety
+    /// As [`Tile::dispatch`], with `C` channels and `V` vectors.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn run<const C: usize, const V: usize>(&self) {
+        use std::arch::x86_64::*;
+        let mut acc = [[_mm512_setzero_ps(); V]; C];
+        // SAFETY (of every load and store below): the caller's contract; the last vector is
+        // masked to the row's pixels when stored or reloaded.
+        unsafe {
+            match self.start {
+                Start::Bias(Some(bias)) => {
+                    for (c, row) in acc.iter_mut().enumerate() {
+                        *row = [_mm512_set1_ps(*bias.add(c)); V];
+                    }
+                }
+                Start::Bias(None) => {}
+                Start::Stored => {
+                    for (c, row) in acc.iter_mut().enumerate() {
+                        let out = self.out.add(c * self.out_plane);
+                        for (v, value) in row.iter_mut().enumerate() {
+                            *value = if v + 1 == V {
+                                _mm512_maskz_loadu_ps(self.last_mask, out.add(v * LANES))
+                            } else {
+                                _mm512_loadu_ps(out.add(v * LANES))
+                            };
+                        }
+                    }
+                }
+            }
+            let mut weights = self.weights;
+            for &offset in self.offsets {
+                let pixels = self.image.add(offset);
+                // The next tile's pixels for this tap (the row goes on to the right).
+                _mm_prefetch::<_MM_HINT_T0>(pixels.add(V * LANES + LANES).cast());
+                let mut inputs = [_mm512_setzero_ps(); V];
+                for (v, input) in inputs.iter_mut().enumerate() {
+                    *input = _mm512_loadu_ps(pixels.add(v * LANES));
+                }
+                for row in acc.iter_mut() {
+                    let w = _mm512_set1_ps(*weights);
+                    weights = weights.add(1);
+                    for (value, &input) in row.iter_mut().zip(&inputs) {
+                        *value = _mm512_fmadd_ps(input, w, *value);
+                    }
+                }
+            }
+            for (c, row) in acc.iter().enumerate() {
+                let out = self.out.add(c * self.out_plane);
+                for (v, &value) in row.iter().enumerate() {
+                    if v + 1 == V {
+                        _mm512_mask_storeu_ps(out.add(v * LANES), self.last_mask, value);
+                    } else {
+                        _mm512_storeu_ps(out.add(v * LANES), value);
+                    }
+                }
+            }
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn run<const C: usize, const V: usize>(&self) {
+        unreachable!("the direct convolution runs only where AVX-512F was detected")
+    }
+}

@@ -1,0 +1,138 @@
+//! The direct float32 convolution of stride 1 (`ip2p_kernels::direct_conv`: AVX-512, no
+//! im2col columns) for the fused kernels' [`ConvShape`], and its tests against the im2col path.
+
+use candle_core::Result;
+use ip2p_kernels::direct_conv::{self, Geometry};
+
+use super::ConvShape;
+
+fn geometry(s: &ConvShape) -> Geometry {
+    Geometry {
+        batch: s.batch,
+        in_channels: s.in_channels,
+        in_h: s.in_h,
+        in_w: s.in_w,
+        out_channels: s.out_channels,
+        k_h: s.k_h,
+        k_w: s.k_w,
+        padding: s.padding,
+    }
+}
+
+/// Whether the direct kernel takes this convolution: stride 1 and what
+/// [`direct_conv::applies`] asks (narrow padding, rows of 32 pixels or more, AVX-512F).
+pub(in crate::model::nn) fn applies(s: &ConvShape) -> bool {
+    s.stride == 1 && direct_conv::applies(&geometry(s))
+}
+
+/// Whether this CPU runs the direct kernel (AVX-512F).
+pub(in crate::model::nn) fn available() -> bool {
+    ip2p_kernels::available()
+}
+
+/// `x` [B, C_in, H, W] convolved with `weight` [C_out, C_in, k_h, k_w] (+ `bias`), stride 1:
+/// [B, C_out, H_out, W_out] on the program's threads. The caller checks [`applies`].
+pub(in crate::model::nn) fn conv(
+    x: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    s: &ConvShape,
+) -> Result<Vec<f32>> {
+    let g = geometry(s);
+    if s.stride != 1 || (g.out_h(), g.out_w()) != (s.out_h, s.out_w) {
+        candle_core::bail!("direct conv2d: {s:?} is not a stride-1 convolution's shape");
+    }
+    let threads = super::super::product::thread_count();
+    direct_conv::conv(x, weight, bias, &g, threads)
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::nn::cpu::{COL_BLOCK_ELEMENTS, im2col_conv};
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(12345);
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 17;
+                state ^= state << 5;
+                (state % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn shape(
+        batch: usize,
+        c_in: usize,
+        h: usize,
+        w: usize,
+        c_out: usize,
+        k: usize,
+        p: usize,
+    ) -> ConvShape {
+        ConvShape {
+            batch,
+            in_channels: c_in,
+            in_h: h,
+            in_w: w,
+            out_channels: c_out,
+            k_h: k,
+            k_w: k,
+            stride: 1,
+            padding: p,
+            out_h: h + 2 * p - k + 1,
+            out_w: w + 2 * p - k + 1,
+        }
+    }
+
+    /// Odd channel counts (partial tiles), rows that end inside a vector, more taps than one
+    /// chunk, padding 0 to 2, batch 3: the same values as the im2col kernel's, to float32
+    /// rounding of the different summation order.
+    #[test]
+    fn direct_conv_matches_im2col() {
+        if !available() {
+            eprintln!("no AVX-512F: the direct convolution is not used on this CPU");
+            return;
+        }
+        let cases = [
+            shape(1, 3, 40, 37, 11, 3, 1),
+            shape(3, 37, 9, 50, 17, 3, 1),
+            shape(2, 5, 12, 34, 8, 3, 0),
+            shape(1, 4, 10, 33, 3, 5, 2),
+            shape(1, 300, 4, 64, 9, 1, 0),
+        ];
+        for (n, s) in cases.iter().enumerate() {
+            let x = values(s.batch * s.in_channels * s.in_h * s.in_w, n as u32);
+            let w = values(s.out_channels * s.patch_len(), 100 + n as u32);
+            let b = values(s.out_channels, 200 + n as u32);
+            for bias in [Some(&b[..]), None] {
+                let expected = im2col_conv(&x, &w, bias, s, COL_BLOCK_ELEMENTS).unwrap();
+                let actual = conv(&x, &w, bias, s).unwrap();
+                assert_eq!(actual.len(), expected.len());
+                let scale = (s.patch_len() as f32).sqrt();
+                for (i, (a, e)) in actual.iter().zip(&expected).enumerate() {
+                    assert!(
+                        (a - e).abs() <= 1e-5 * scale.max(e.abs()),
+                        "case {n} {s:?} bias {}: element {i}: {a} vs {e}",
+                        bias.is_some()
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn direct_conv_refuses_buffers_of_another_shape() {
+        let s = shape(1, 2, 8, 40, 3, 3, 1);
+        let x = vec![0f32; 2 * 8 * 40];
+        let w = vec![0f32; 3 * 2 * 9];
+        let error = conv(&x[1..], &w, None, &s).unwrap_err();
+        assert!(error.to_string().contains("does not match"), "{error}");
+        let strided = ConvShape { stride: 2, ..s };
+        assert!(!applies(&strided));
+        assert!(conv(&x, &w, None, &strided).is_err());
+    }
+}
