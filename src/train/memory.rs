@@ -70,18 +70,19 @@
 //! the direct convolution (im2col columns in the encoder, 2026-12-05) the same runs took 62–233
 //! MB and the slack was fitted at 2.
 //!
-//! The full-size model (timbrooks' shapes, random weights, same command, `--max_train_steps 1`,
-//! 256²), not fitted:
+//! The full-size model (timbrooks' shapes, random weights, `scripts/make_bench_model.py`), the
+//! benchmark build (docs/benchmarks.md, "Direct convolution and narrow products"), 256², batch
+//! 1, the same command with `--device cpu`, not fitted:
 //!
-//! | B | flags | measured | estimate | off by |
-//! |---|---|---|---|---|
-//! | 1 | `--gradient_checkpointing --use_8bit_adam` (full) | 9.44 GB | 9.7 GB | +3% |
-//! | 1 | `--lora-rank 4` | 5.00 GB | 5.8 GB | +16% |
+//! | flags | measured | estimate | off by |
+//! |---|---|---|---|
+//! | (full fine-tuning, 3 steps) | 14.81 GB | 15.3 GB | +3% |
+//! | `--gradient_checkpointing --use_8bit_adam` (full, 1 step) | 9.23 GB | 9.6 GB | +4% |
+//! | `--lora-rank 4` (3 steps) | 4.72 GB | 5.2 GB | +10% |
 //!
-//! Before the backward pass stopped computing gradients of frozen layers (the 256² batch-3 rows
-//! above were measured after it, the others before; full fine-tuning barely changed), LoRA took
-//! 7.60 GB at batch 1 and 8.93 GB at batch 2: 1.33 GB more per example (the estimate's 1.5 GB),
-//! plus 1.8 GB of frozen weights' gradients whatever the batch, which the estimate never counted.
+//! Before the backward pass stopped computing gradients of frozen layers, LoRA took 7.60 GB at
+//! batch 1 and 8.93 GB at batch 2: 1.33 GB more per example (the estimate's 1.5 GB then), plus
+//! 1.8 GB of frozen weights' gradients whatever the batch, which the estimate never counted.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
