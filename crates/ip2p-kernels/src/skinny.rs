@@ -115,6 +115,7 @@ unsafe fn tile_product(
     dst: &mut [f32],
 ) {
     // SAFETY: forwarded.
+    #[cfg(target_arch = "x86_64")]
     unsafe {
         match vectors {
             1 => tile::<8, 1>(a, a_k, rows, panel, k, dst),
@@ -123,6 +124,11 @@ unsafe fn tile_product(
             4 => tile::<6, 4>(a, a_k, rows, panel, k, dst),
             _ => tile::<4, 5>(a, a_k, rows, panel, k, dst),
         }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (vectors, a, a_k, rows, panel, k, dst);
+        unreachable!("the skinny product runs only where AVX-512F was detected")
     }
 }
 
@@ -170,16 +176,4 @@ unsafe fn tile<const R: usize, const V: usize>(
             unsafe { _mm512_storeu_ps(dst.as_mut_ptr().add((r * V + v) * LANES), sum) };
         }
     }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn tile<const R: usize, const V: usize>(
-    _: &[f32],
-    _: usize,
-    _: &[usize; 8],
-    _: &[f32],
-    _: usize,
-    _: &mut [f32],
-) {
-    unreachable!("the skinny product runs only where AVX-512F was detected")
 }

@@ -155,18 +155,11 @@ impl Product {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_values::lcg_values;
     use super::*;
 
     fn values(len: usize, seed: u32) -> Vec<f32> {
-        let mut state = seed.wrapping_mul(2_654_435_761) | 1;
-        (0..len)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 17;
-                state ^= state << 5;
-                (state % 2001) as f32 / 1000.0 - 1.0
-            })
-            .collect()
+        lcg_values(len, u64::from(seed) + 1)
     }
 
     /// `dst (+)= scale · lhs · rhs` in f64, element by element.

@@ -1,5 +1,7 @@
 //! The direct float32 convolution of stride 1 (`ip2p_kernels::direct_conv`: AVX-512, no
-//! im2col columns) for the fused kernels' [`ConvShape`], and its tests against the im2col path.
+//! im2col columns) for the fused kernels' [`ConvShape`]. The kernel crate checks it against
+//! the convolution's definition; `tests/integration/nn_grad.rs` against candle's, through
+//! `Conv2d`, forward and gradients.
 
 use candle_core::Result;
 use ip2p_kernels::direct_conv::{self, Geometry};
@@ -50,19 +52,6 @@ pub(in crate::model::nn) fn conv(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::nn::cpu::{COL_BLOCK_ELEMENTS, im2col_conv};
-
-    fn values(len: usize, seed: u32) -> Vec<f32> {
-        let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(12345);
-        (0..len)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 17;
-                state ^= state << 5;
-                (state % 2001) as f32 / 1000.0 - 1.0
-            })
-            .collect()
-    }
 
     fn shape(
         batch: usize,
@@ -85,42 +74,6 @@ mod tests {
             padding: p,
             out_h: h + 2 * p - k + 1,
             out_w: w + 2 * p - k + 1,
-        }
-    }
-
-    /// Odd channel counts (partial tiles), rows that end inside a vector, more taps than one
-    /// chunk, padding 0 to 2, batch 3: the same values as the im2col kernel's, to float32
-    /// rounding of the different summation order.
-    #[test]
-    fn direct_conv_matches_im2col() {
-        if !available() {
-            eprintln!("no AVX-512F: the direct convolution is not used on this CPU");
-            return;
-        }
-        let cases = [
-            shape(1, 3, 40, 37, 11, 3, 1),
-            shape(3, 37, 9, 50, 17, 3, 1),
-            shape(2, 5, 12, 34, 8, 3, 0),
-            shape(1, 4, 10, 33, 3, 5, 2),
-            shape(1, 300, 4, 64, 9, 1, 0),
-        ];
-        for (n, s) in cases.iter().enumerate() {
-            let x = values(s.batch * s.in_channels * s.in_h * s.in_w, n as u32);
-            let w = values(s.out_channels * s.patch_len(), 100 + n as u32);
-            let b = values(s.out_channels, 200 + n as u32);
-            for bias in [Some(&b[..]), None] {
-                let expected = im2col_conv(&x, &w, bias, s, COL_BLOCK_ELEMENTS).unwrap();
-                let actual = conv(&x, &w, bias, s).unwrap();
-                assert_eq!(actual.len(), expected.len());
-                let scale = (s.patch_len() as f32).sqrt();
-                for (i, (a, e)) in actual.iter().zip(&expected).enumerate() {
-                    assert!(
-                        (a - e).abs() <= 1e-5 * scale.max(e.abs()),
-                        "case {n} {s:?} bias {}: element {i}: {a} vs {e}",
-                        bias.is_some()
-                    );
-                }
-            }
         }
     }
 
