@@ -1,5 +1,7 @@
-//! Strided float32 matrix products on the CPU (the `gemm` crate), for the differentiable
-//! kernels' backward passes, which multiply by transposed views of their buffers.
+//! Strided float32 matrix products on the CPU (the `gemm` crate; those with one narrow side on
+//! AVX-512 `ip2p_kernels::skinny`), for the differentiable kernels' backward passes, which
+//! multiply by transposed views of their buffers, and for the inference kernels' float32
+//! products.
 
 use candle_core::Result;
 use gemm::Parallelism;
