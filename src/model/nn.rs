@@ -146,7 +146,9 @@ impl Module for Linear {
 
 /// `x` [rows, in] · `weight` [out, in]ᵀ (+ `bias` [out]): when something is tracked, the
 /// differentiable kernel whose backward computes only the gradients that are needed (see
-/// `nn/grad_linear.rs`); otherwise candle's matrix product.
+/// `nn/grad_linear.rs`); when nothing is, the bf16 kernels for a bf16 weight and the same
+/// float32 product as the differentiable kernel's; candle's matrix product where neither
+/// applies.
 fn linear_product(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let mut tensors = vec![x, weight];
     tensors.extend(bias);

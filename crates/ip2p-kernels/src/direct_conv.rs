@@ -73,10 +73,9 @@ pub fn conv(
     x: &[f32],
     weight: &[f32],
     bias: Option<&[f32]>,
-    g: &Geometry,
+    s: &Geometry,
     threads: usize,
 ) -> Result<Vec<f32>, KernelError> {
-    let s = g;
     let taps = s.taps();
     let (padded_h, padded_w) = (s.in_h + 2 * s.padding, s.in_w + 2 * s.padding);
     let (out_h, out_w) = (s.out_h(), s.out_w());

@@ -207,25 +207,36 @@ pub(super) fn conv2d(
         return Ok(None);
     };
     match x.dtype() {
-        DType::F32 => conv2d_typed(x, weight, bias, &shape, conv_f32).map(Some),
-        DType::F64 => conv2d_typed(x, weight, bias, &shape, conv_slices::<f64>).map(Some),
-        DType::F16 => conv2d_typed(x, weight, bias, &shape, conv_slices::<f16>).map(Some),
+        DType::F32 => conv2d_typed(x, weight, bias, &shape, |x, w, b, s| {
+            conv_f32(x, w, b, s, COL_BLOCK_ELEMENTS)
+        })
+        .map(Some),
+        DType::F64 => conv2d_typed(x, weight, bias, &shape, |x, w, b, s| {
+            conv_slices::<f64>(x, w, b, s, COL_BLOCK_ELEMENTS)
+        })
+        .map(Some),
+        DType::F16 => conv2d_typed(x, weight, bias, &shape, |x, w, b, s| {
+            conv_slices::<f16>(x, w, b, s, COL_BLOCK_ELEMENTS)
+        })
+        .map(Some),
         _ => Ok(None),
     }
 }
 
-/// A float32 convolution: the direct kernel where it applies (stride 1 on AVX-512), else
-/// [`conv_slices`].
+/// A float32 convolution: the direct kernel where it applies (stride 1 on AVX-512, not 1×1),
+/// else [`conv_slices`] with im2col blocks of at most `col_block_elements`. Inference and the
+/// differentiable kernel's forward pass both choose here.
 pub(super) fn conv_f32(
     x: &[f32],
     weight: &[f32],
     bias: Option<&[f32]>,
     shape: &ConvShape,
+    col_block_elements: usize,
 ) -> Result<Vec<f32>> {
     if direct_conv::applies(shape) {
         direct_conv::conv(x, weight, bias, shape)
     } else {
-        conv_slices(x, weight, bias, shape)
+        conv_slices(x, weight, bias, shape, col_block_elements)
     }
 }
 
@@ -236,11 +247,12 @@ fn conv_slices<T: WithDType>(
     weight: &[T],
     bias: Option<&[T]>,
     shape: &ConvShape,
+    col_block_elements: usize,
 ) -> Result<Vec<T>> {
     if shape.is_pointwise() {
         pointwise_conv(x, weight, bias, shape)
     } else {
-        im2col_conv(x, weight, bias, shape, COL_BLOCK_ELEMENTS)
+        im2col_conv(x, weight, bias, shape, col_block_elements)
     }
 }
 

@@ -177,13 +177,7 @@ impl ConvOp {
         bias: Option<&[f32]>,
     ) -> Result<(CpuStorage, Shape)> {
         let s = &self.shape;
-        let out = if s.is_pointwise() {
-            cpu::pointwise_conv(x, weight, bias, s)?
-        } else if direct_conv::applies(s) {
-            direct_conv::conv(x, weight, bias, s)?
-        } else {
-            cpu::im2col_conv(x, weight, bias, s, self.col_block_elements)?
-        };
+        let out = cpu::conv_f32(x, weight, bias, s, self.col_block_elements)?;
         let shape = Shape::from((s.batch, s.out_channels, s.out_h, s.out_w));
         Ok((CpuStorage::F32(out), shape))
     }

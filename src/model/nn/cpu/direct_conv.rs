@@ -21,10 +21,11 @@ fn geometry(s: &ConvShape) -> Geometry {
     }
 }
 
-/// Whether the direct kernel takes this convolution: stride 1 and what
-/// [`direct_conv::applies`] asks (narrow padding, rows of 32 pixels or more, AVX-512F).
+/// Whether the direct kernel takes this convolution: stride 1, not 1×1 (one matrix product
+/// per image needs no copy at all), and what [`direct_conv::applies`] asks (narrow padding,
+/// rows of 32 pixels or more, AVX-512F).
 pub(in crate::model::nn) fn applies(s: &ConvShape) -> bool {
-    s.stride == 1 && direct_conv::applies(&geometry(s))
+    s.stride == 1 && !s.is_pointwise() && direct_conv::applies(&geometry(s))
 }
 
 /// Whether this CPU runs the direct kernel (AVX-512F).
