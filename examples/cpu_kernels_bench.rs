@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! cargo run --release --locked --example cpu_kernels_bench -- ops [REPS]
+//! cargo run --release --locked --example cpu_kernels_bench -- direct [REPS]
 //! cargo run --release --locked --example cpu_kernels_bench -- attention [REPS] [NAME_PART]
 //! cargo run --release --locked --example cpu_kernels_bench -- unet MODEL_DIR [REPS] [fast|candle]
 //! ```
@@ -11,7 +12,9 @@
 //! products) and checks it once against the composed ops. `ops` times single convolutions and group norms at Stable Diffusion 1.5 shapes and checks
 //! that both sides agree; `unet` times one forward of the UNet in MODEL_DIR/unet (a diffusers
 //! folder) on a batch of 3 latents of 8×32×32 (a 256×256 edit), timestep 500, a 3×77×768
-//! context. With `fast` or `candle` it runs only that side (for a profiler).
+//! context. With `fast` or `candle` it runs only that side (for a profiler). `direct` times the
+//! fused convolutions of `ops` with the direct kernel against the same with it off (im2col and
+//! gemm), interleaved.
 
 use std::path::Path;
 use std::time::Instant;
@@ -29,6 +32,10 @@ fn main() -> Result<()> {
             let reps = args.get(1).map(|r| r.parse()).transpose()?.unwrap_or(5);
             bench_ops(reps)
         }
+        Some("direct") => {
+            let reps = args.get(1).map(|r| r.parse()).transpose()?.unwrap_or(5);
+            bench_direct(reps)
+        }
         Some("attention") => {
             let reps = args.get(1).map(|r| r.parse()).transpose()?.unwrap_or(3);
             bench_attention(reps, args.get(2).map(String::as_str))
@@ -39,7 +46,7 @@ fn main() -> Result<()> {
             bench_unet(Path::new(dir), reps, args.get(3).map(String::as_str))
         }
         _ => bail!(
-            "usage: cpu_kernels_bench ops [REPS] | attention [REPS] [NAME_PART] | unet MODEL_DIR [REPS] [fast|candle]"
+            "usage: cpu_kernels_bench ops [REPS] | direct [REPS] | attention [REPS] [NAME_PART] | unet MODEL_DIR [REPS] [fast|candle]"
         ),
     }
 }
@@ -91,8 +98,9 @@ struct ConvCase {
     padding: usize,
 }
 
-fn bench_ops(reps: usize) -> Result<()> {
-    let cases = [
+/// Stable Diffusion 1.5's convolutions at a 256² edit's sizes (the VAE's at 512² too).
+fn conv_cases() -> Vec<ConvCase> {
+    vec![
         ConvCase {
             name: "unet 320→320 3×3 @32²",
             input: (3, 320, 32, 32),
@@ -189,7 +197,73 @@ fn bench_ops(reps: usize) -> Result<()> {
             stride: 1,
             padding: 1,
         },
-    ];
+    ]
+}
+
+/// A case's input and its `Conv2d` (random weights scaled to unit variance, small bias), with
+/// the convolution's FLOPs.
+fn conv_case(case: &ConvCase, device: &Device) -> Result<(Tensor, Conv2d, f64)> {
+    let (b, c, h, w) = case.input;
+    let x = Tensor::randn(0f32, 1.0, case.input, device)?;
+    let weight = (Tensor::randn(
+        0f32,
+        1.0,
+        (case.out_channels, c, case.kernel, case.kernel),
+        device,
+    )? / ((c * case.kernel * case.kernel) as f64).sqrt())?;
+    let bias = Tensor::randn(0f32, 0.1, case.out_channels, device)?;
+    let cfg = candle_nn::Conv2dConfig {
+        padding: case.padding,
+        stride: case.stride,
+        ..Default::default()
+    };
+    let conv = Conv2d::new(weight, Some(bias), cfg);
+    let out_h = (h + 2 * case.padding - case.kernel) / case.stride + 1;
+    let out_w = (w + 2 * case.padding - case.kernel) / case.stride + 1;
+    let flop = 2.0 * (b * case.out_channels * out_h * out_w * c * case.kernel * case.kernel) as f64;
+    Ok((x, conv, flop))
+}
+
+/// The direct kernel against im2col + gemm, on this CPU's best instructions.
+fn bench_direct(reps: usize) -> Result<()> {
+    let device = Device::Cpu;
+    let best = ip2p_kernels::isa();
+    println!("direct kernel on {best:?}");
+    println!(
+        "{:<28} {:>10} {:>10} {:>9} {:>9} {:>8} {:>9}",
+        "conv", "im2col ms", "direct ms", "im2col GF", "direct GF", "speedup", "rel diff"
+    );
+    for case in conv_cases() {
+        if case.stride != 1 || case.kernel == 1 {
+            continue;
+        }
+        let (x, conv, flop) = conv_case(&case, &device)?;
+        let (ti, td, diff) = compare(
+            reps,
+            || {
+                ip2p_kernels::cap_isa(ip2p_kernels::Isa::Portable);
+                let y = conv.forward(&x);
+                ip2p_kernels::cap_isa(ip2p_kernels::Isa::Avx512);
+                Ok(y?)
+            },
+            || Ok(conv.forward(&x)?),
+        )?;
+        println!(
+            "{:<28} {:>10.2} {:>10.2} {:>9.1} {:>9.1} {:>7.2}× {:>9.1e}",
+            case.name,
+            ti * 1e3,
+            td * 1e3,
+            flop / ti / 1e9,
+            flop / td / 1e9,
+            ti / td,
+            diff
+        );
+    }
+    Ok(())
+}
+
+fn bench_ops(reps: usize) -> Result<()> {
+    let cases = conv_cases();
     let device = Device::Cpu;
     // The GEMM ceiling right now (the machine is shared): candle's matmul, 2048³.
     let a = Tensor::randn(0f32, 1.0, (2048, 2048), &device)?;
@@ -205,25 +279,7 @@ fn bench_ops(reps: usize) -> Result<()> {
         "conv", "candle ms", "fused ms", "candle GF", "fused GF", "speedup", "rel diff"
     );
     for case in &cases {
-        let (b, c, h, w) = case.input;
-        let x = Tensor::randn(0f32, 1.0, case.input, &device)?;
-        let weight = (Tensor::randn(
-            0f32,
-            1.0,
-            (case.out_channels, c, case.kernel, case.kernel),
-            &device,
-        )? / ((c * case.kernel * case.kernel) as f64).sqrt())?;
-        let bias = Tensor::randn(0f32, 0.1, case.out_channels, &device)?;
-        let cfg = candle_nn::Conv2dConfig {
-            padding: case.padding,
-            stride: case.stride,
-            ..Default::default()
-        };
-        let conv = Conv2d::new(weight, Some(bias), cfg);
-        let out_h = (h + 2 * case.padding - case.kernel) / case.stride + 1;
-        let out_w = (w + 2 * case.padding - case.kernel) / case.stride + 1;
-        let flop =
-            2.0 * (b * case.out_channels * out_h * out_w * c * case.kernel * case.kernel) as f64;
+        let (x, conv, flop) = conv_case(case, &device)?;
         let (tc, tf, diff) = compare(
             reps,
             || Ok(conv.forward_candle(&x)?),

@@ -178,6 +178,25 @@ fn an_unknown_kernel_choice_is_refused() {
     );
 }
 
+/// A cap on the CPU's instructions that does not exist is refused the same way.
+#[test]
+fn an_unknown_instruction_set_cap_is_refused() {
+    let work = tempfile::tempdir().unwrap();
+    let result = program(&work.path().join("hf"))
+        .env("INSTRUCT_PIX2PIX_CPU_ISA", "sse9")
+        .args([
+            "edit", "--model", "m", "--image", "i.png", "--prompt", "p", "--output", "o.png",
+        ])
+        .output()
+        .unwrap();
+    let message = stderr(&result);
+    assert_eq!(result.status.code(), Some(1), "{message}");
+    assert!(
+        message.contains("INSTRUCT_PIX2PIX_CPU_ISA") && message.contains("sse9"),
+        "{message}"
+    );
+}
+
 /// Issue 12: float16 through candle's generic ops (a GPU's path, on the CPU) against diffusers'
 /// own float16 result on the CPU (tests/fixtures/edits/half, made by
 /// tests/fixtures/scripts/half_refs.py). Calibrated on that fixture: ours differs from it by at

@@ -1,10 +1,13 @@
-//! The direct ("implicit GEMM") float32 convolution for stride 1 on AVX-512: no column matrix.
+//! The direct ("implicit GEMM") float32 convolution for stride 1 on AVX-512 or AVX2 + FMA: no
+//! column matrix.
 //!
 //! Each image is copied once into a zero-bordered buffer, so every kernel tap (input channel,
-//! row, column) is a fixed offset from the output pixel it feeds. A tile of 8 output channels ×
-//! 48 pixels of one output row is held in 24 vector registers; for each tap the tile loads 3
-//! vectors of the padded image at the tap's offset (consecutive output pixels read consecutive
-//! input pixels at stride 1) and multiplies them by the 8 channels' weights for that tap.
+//! row, column) is a fixed offset from the output pixel it feeds. A tile of output channels ×
+//! pixels of one output row is held in vector registers (AVX-512: 8 channels × 48 pixels in 24
+//! of its 32 registers; AVX2: 4 channels × 24 pixels in 12 of its 16); for each tap the tile
+//! loads its vectors of the padded image at the tap's offset (consecutive output pixels read
+//! consecutive input pixels at stride 1) and multiplies them by its channels' weights for that
+//! tap.
 //! The im2col path instead writes 9 copies of the input (3×3) and the GEMM then repacks them;
 //! at the VAE's 256² that copying was a fifth of the encoder's time.
 //!
@@ -14,12 +17,39 @@
 
 use rayon::prelude::*;
 
-use crate::{KernelError, LANES, available};
+use crate::{Isa, KernelError};
 
-/// Output channels per tile.
-const TILE_CHANNELS: usize = 8;
-/// Vectors per tile along an output row: 8 × 3 accumulators leave registers for the loads.
-const TILE_VECTORS: usize = 3;
+/// A tile's shape on one instruction set: output channels × vectors of `lanes` pixels, with
+/// registers left for the loads and the broadcast weight.
+#[derive(Debug, Clone, Copy)]
+struct TileShape {
+    channels: usize,
+    vectors: usize,
+    lanes: usize,
+}
+
+impl TileShape {
+    /// The shape for `isa`, `None` where it has no vector kernel.
+    fn of(isa: Isa) -> Option<TileShape> {
+        match isa {
+            // 8 × 3 of the 32 registers.
+            Isa::Avx512 => Some(TileShape {
+                channels: 8,
+                vectors: 3,
+                lanes: 16,
+            }),
+            // 4 × 3 of the 16 registers: 3 for the loads, 1 for the weight (6 × 2 and 3 × 4
+            // measured 0-10% and 30% slower).
+            Isa::Avx2Fma => Some(TileShape {
+                channels: 4,
+                vectors: 3,
+                lanes: 8,
+            }),
+            Isa::Portable => None,
+        }
+    }
+}
+
 /// Kernel taps per pass over a tile's rows.
 const TAP_CHUNK: usize = 256;
 /// Output rows per task at most: the band's input for a tap chunk (here 256 taps of 3×3 =
@@ -59,17 +89,36 @@ impl Geometry {
     }
 }
 
+/// Whether this CPU has a vector kernel for the direct convolution (AVX-512F, or AVX2 and FMA,
+/// as [`crate::isa`] allows).
+pub fn available() -> bool {
+    TileShape::of(crate::isa()).is_some()
+}
+
 /// Whether the direct kernel is worth taking for this convolution: padding smaller than the
-/// kernel, output rows at least [`MIN_OUT_WIDTH`] wide, on a CPU with AVX-512F.
+/// kernel, output rows at least [`MIN_OUT_WIDTH`] wide, on a CPU with a vector kernel.
 pub fn applies(g: &Geometry) -> bool {
     g.padding < g.k_h && g.padding < g.k_w && g.out_w() >= MIN_OUT_WIDTH && available()
 }
 
 /// `x` [B, C_in, H, W] convolved with `weight` [C_out, C_in, k_h, k_w] (+ `bias`), stride 1:
-/// [B, C_out, H_out, W_out], on up to `threads` tasks at once (rayon's pool runs them).
-/// Any geometry is computed correctly; [`applies`] says when it is worth it (narrow rows just
-/// waste lanes).
+/// [B, C_out, H_out, W_out], on up to `threads` tasks at once (rayon's pool runs them), on the
+/// best instructions this CPU has. Any geometry is computed correctly; [`applies`] says when it
+/// is worth it (narrow rows just waste lanes).
 pub fn conv(
+    x: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    s: &Geometry,
+    threads: usize,
+) -> Result<Vec<f32>, KernelError> {
+    conv_on(crate::isa(), x, weight, bias, s, threads)
+}
+
+/// [`conv`] on the given instructions: an error where this CPU lacks them or they have no
+/// kernel ([`Isa::Portable`]).
+pub fn conv_on(
+    isa: Isa,
     x: &[f32],
     weight: &[f32],
     bias: Option<&[f32]>,
@@ -90,9 +139,12 @@ pub fn conv(
             shape: format!("{s:?}"),
         });
     }
-    if !available() {
-        return Err(KernelError::NoAvx512("direct conv2d"));
-    }
+    let Some(shape) = TileShape::of(isa).filter(|_| isa.supported()) else {
+        return Err(KernelError::Unsupported {
+            kernel: "direct conv2d",
+            isa,
+        });
+    };
     let plane = padded_h * padded_w;
     // The offset of each tap from its output pixel's top-left input, in the weight's
     // [C_in, k_h, k_w] order.
@@ -101,15 +153,15 @@ pub fn conv(
             (0..s.k_h).flat_map(move |ky| (0..s.k_w).map(move |kx| c * plane + ky * padded_w + kx))
         })
         .collect();
-    let packed = pack_weights(weight, s.out_channels, taps);
+    let packed = pack_weights(weight, s.out_channels, taps, shape.channels);
     let out_plane = out_h * out_w;
     let image_out = s.out_channels * out_plane;
     let total = s.batch * image_out;
     let mut out: Vec<f32> = Vec::with_capacity(total);
     // Slack after the last row: a tile's last vector may read past the row's end (lanes that
     // are never stored), and must stay inside the buffer.
-    let mut padded = vec![0f32; s.in_channels * plane + TILE_VECTORS * LANES];
-    let tiles = s.out_channels.div_ceil(TILE_CHANNELS);
+    let mut padded = vec![0f32; s.in_channels * plane + shape.vectors * shape.lanes];
+    let tiles = s.out_channels.div_ceil(shape.channels);
     let threads = threads.max(1);
     // Tasks own bands of a few output rows, so that the band's padded input for one tap chunk
     // stays in the L2 cache while every channel tile sweeps it; when the image has too few
@@ -134,6 +186,8 @@ pub fn conv(
             let first_row = band * band_rows;
             let first_tile = group * tiles_per_group;
             let job = BandJob {
+                isa,
+                shape,
                 padded: &padded,
                 padded_w,
                 offsets: &offsets,
@@ -144,7 +198,7 @@ pub fn conv(
                 out_plane,
                 out_w,
             };
-            // SAFETY: AVX-512F was checked above; tasks write disjoint (channel tiles, rows)
+            // SAFETY: the CPU has `isa` (checked above); tasks write disjoint (channel tiles, rows)
             // parts of this image's output, and every read stays inside `padded` (its slack
             // covers the last tile's over-read).
             unsafe {
@@ -161,16 +215,21 @@ pub fn conv(
     Ok(out)
 }
 
-/// The weight [C_out, taps] by tiles of [`TILE_CHANNELS`] rows, each tile laid out tap-major
+/// The weight [C_out, taps] by tiles of `tile_channels` rows, each tile laid out tap-major
 /// ([taps, rows]) so the kernel reads one tap's weights for all its channels together.
-fn pack_weights(weight: &[f32], out_channels: usize, taps: usize) -> Vec<f32> {
+fn pack_weights(
+    weight: &[f32],
+    out_channels: usize,
+    taps: usize,
+    tile_channels: usize,
+) -> Vec<f32> {
     let mut packed = vec![0f32; weight.len()];
     packed
-        .par_chunks_mut(TILE_CHANNELS * taps)
+        .par_chunks_mut(tile_channels * taps)
         .enumerate()
         .for_each(|(tile, dst)| {
-            let first = tile * TILE_CHANNELS;
-            let rows = TILE_CHANNELS.min(out_channels - first);
+            let first = tile * tile_channels;
+            let rows = tile_channels.min(out_channels - first);
             for tap in 0..taps {
                 for row in 0..rows {
                     dst[tap * rows + row] = weight[(first + row) * taps + tap];
@@ -211,6 +270,8 @@ unsafe impl Sync for OutPtr {}
 /// What a task needs: the padded image, the tap offsets, the packed weights and the bias of
 /// every channel, where this image's output goes.
 struct BandJob<'a> {
+    isa: Isa,
+    shape: TileShape,
     padded: &'a [f32],
     padded_w: usize,
     offsets: &'a [usize],
@@ -233,16 +294,21 @@ enum Start {
 
 impl BandJob<'_> {
     /// # Safety
-    /// AVX-512F; no other task writes these rows of these channel tiles.
+    /// The CPU has `self.isa`; no other task writes these rows of these channel tiles.
     unsafe fn run(&self, tiles: std::ops::Range<usize>, rows: std::ops::Range<usize>) {
         let taps = self.offsets.len();
         let mut first_tap = 0;
         while first_tap < taps {
             let chunk = TAP_CHUNK.min(taps - first_tap);
             let offsets = &self.offsets[first_tap..first_tap + chunk];
+            let TileShape {
+                channels: tile_channels,
+                vectors: tile_vectors,
+                lanes,
+            } = self.shape;
             for tile in tiles.clone() {
-                let first_channel = tile * TILE_CHANNELS;
-                let channels = TILE_CHANNELS.min(self.out_channels - first_channel);
+                let first_channel = tile * tile_channels;
+                let channels = tile_channels.min(self.out_channels - first_channel);
                 // This tile's packed weights for the chunk: [chunk, channels].
                 let weights = self.packed[first_channel * taps + first_tap * channels..].as_ptr();
                 let start = if first_tap == 0 {
@@ -254,13 +320,13 @@ impl BandJob<'_> {
                     let mut x = 0;
                     while x < self.out_w {
                         let left = self.out_w - x;
-                        let vectors = match left.div_ceil(LANES) {
+                        let vectors = match left.div_ceil(lanes) {
                             // 2 + 2 rather than 3 + 1: a one-vector tile runs at half speed.
-                            4 => 2,
-                            n => n.min(TILE_VECTORS),
+                            4 if tile_vectors == 3 => 2,
+                            n => n.min(tile_vectors),
                         };
-                        let covered = (vectors * LANES).min(left);
-                        let last_lanes = covered - (vectors - 1) * LANES;
+                        let covered = (vectors * lanes).min(left);
+                        let last_lanes = covered - (vectors - 1) * lanes;
                         let tile = Tile {
                             image: self.padded[y * self.padded_w + x..].as_ptr(),
                             offsets,
@@ -272,11 +338,11 @@ impl BandJob<'_> {
                                     .add(first_channel * self.out_plane + y * self.out_w + x)
                             },
                             out_plane: self.out_plane,
-                            last_mask: u16::MAX >> (LANES - last_lanes),
+                            last_lanes,
                             start,
                         };
                         // SAFETY: as this function's.
-                        unsafe { tile.dispatch(channels, vectors) };
+                        unsafe { tile.dispatch(self.isa, channels, vectors) };
                         x += covered;
                     }
                 }
@@ -296,91 +362,227 @@ struct Tile<'a> {
     out: *mut f32,
     out_plane: usize,
     /// The lanes of the last vector inside the row.
-    last_mask: u16,
+    last_lanes: usize,
     start: Start,
 }
 
 impl Tile<'_> {
     /// # Safety
-    /// As [`BandJob::run`]; `vectors` is 1 to [`TILE_VECTORS`].
-    unsafe fn dispatch(&self, channels: usize, vectors: usize) {
-        macro_rules! by_size {
-            ($($c:literal),*) => {
-                match (channels, vectors) {
-                    $(
-                        ($c, 1) => unsafe { self.run::<$c, 1>() },
-                        ($c, 2) => unsafe { self.run::<$c, 2>() },
-                        ($c, 3) => unsafe { self.run::<$c, 3>() },
-                    )*
-                    _ => unreachable!("a tile has 1 to 8 channels and 1 to 3 vectors"),
-                }
-            };
-        }
-        by_size!(1, 2, 3, 4, 5, 6, 7, 8)
-    }
-
-    /// # Safety
-    /// As [`Tile::dispatch`], with `C` channels and `V` vectors.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn run<const C: usize, const V: usize>(&self) {
-        use std::arch::x86_64::*;
-        let mut acc = [[_mm512_setzero_ps(); V]; C];
-        // SAFETY (of every load and store below): the caller's contract; the last vector is
-        // masked to the row's pixels when stored or reloaded.
+    /// As [`BandJob::run`]; `channels` and `vectors` within `isa`'s [`TileShape`].
+    unsafe fn dispatch(&self, isa: Isa, channels: usize, vectors: usize) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: forwarded.
         unsafe {
-            match self.start {
-                Start::Bias(Some(bias)) => {
-                    for (c, row) in acc.iter_mut().enumerate() {
-                        *row = [_mm512_set1_ps(*bias.add(c)); V];
+            match isa {
+                Isa::Avx512 => avx512::dispatch(self, channels, vectors),
+                Isa::Avx2Fma => avx2_fma::dispatch(self, channels, vectors),
+                Isa::Portable => unreachable!("no direct convolution without vectors"),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (isa, channels, vectors);
+            unreachable!("the direct convolution runs only where vectors were detected")
+        }
+    }
+}
+
+/// The tile kernel, written once over the vector operations that each instruction set's module
+/// defines (`zero`, `splat`, `load`, `store`, the masked `load_part`/`store_part`, `fmadd`,
+/// `prefetch`, the `Mask` of a partial vector and `LANES`), and its dispatch on the tile's size.
+#[cfg(target_arch = "x86_64")]
+macro_rules! tile_kernel {
+    ($feature:literal, $max_channels:literal, [$($c:literal),*], [$($v:literal),*]) => {
+        /// # Safety
+        /// As [`super::BandJob::run`]; `channels` ≤ the shape's channels, `vectors` ≤ its
+        /// vectors.
+        pub(super) unsafe fn dispatch(tile: &super::Tile, channels: usize, vectors: usize) {
+            macro_rules! by_vectors {
+                ($channels:literal) => {
+                    match vectors {
+                        $($v => unsafe { run::<$channels, $v>(tile) },)*
+                        _ => unreachable!("a tile has 1 to {} vectors", [$($v),*].len()),
+                    }
+                };
+            }
+            match channels {
+                $($c => by_vectors!($c),)*
+                _ => unreachable!("a tile has 1 to {} channels", $max_channels),
+            }
+        }
+
+        /// # Safety
+        /// As [`dispatch`], with `C` channels and `V` vectors.
+        #[target_feature(enable = $feature)]
+        unsafe fn run<const C: usize, const V: usize>(tile: &super::Tile) {
+            let last_mask = mask(tile.last_lanes);
+            let mut acc = [[zero(); V]; C];
+            // SAFETY (of every load and store below): the caller's contract; the last vector
+            // is masked to the row's pixels when stored or reloaded.
+            unsafe {
+                match tile.start {
+                    super::Start::Bias(Some(bias)) => {
+                        for (c, row) in acc.iter_mut().enumerate() {
+                            *row = [splat(*bias.add(c)); V];
+                        }
+                    }
+                    super::Start::Bias(None) => {}
+                    super::Start::Stored => {
+                        for (c, row) in acc.iter_mut().enumerate() {
+                            let out = tile.out.add(c * tile.out_plane);
+                            for (v, value) in row.iter_mut().enumerate() {
+                                *value = if v + 1 == V {
+                                    load_part(out.add(v * LANES), last_mask)
+                                } else {
+                                    load(out.add(v * LANES))
+                                };
+                            }
+                        }
                     }
                 }
-                Start::Bias(None) => {}
-                Start::Stored => {
-                    for (c, row) in acc.iter_mut().enumerate() {
-                        let out = self.out.add(c * self.out_plane);
-                        for (v, value) in row.iter_mut().enumerate() {
-                            *value = if v + 1 == V {
-                                _mm512_maskz_loadu_ps(self.last_mask, out.add(v * LANES))
-                            } else {
-                                _mm512_loadu_ps(out.add(v * LANES))
-                            };
+                let mut weights = tile.weights;
+                for &offset in tile.offsets {
+                    let pixels = tile.image.add(offset);
+                    // The next tile's pixels for this tap (the row goes on to the right).
+                    prefetch(pixels.add(V * LANES + LANES));
+                    let mut inputs = [zero(); V];
+                    for (v, input) in inputs.iter_mut().enumerate() {
+                        *input = load(pixels.add(v * LANES));
+                    }
+                    for row in acc.iter_mut() {
+                        let w = splat(*weights);
+                        weights = weights.add(1);
+                        for (value, &input) in row.iter_mut().zip(&inputs) {
+                            *value = fmadd(input, w, *value);
+                        }
+                    }
+                }
+                for (c, row) in acc.iter().enumerate() {
+                    let out = tile.out.add(c * tile.out_plane);
+                    for (v, &value) in row.iter().enumerate() {
+                        if v + 1 == V {
+                            store_part(out.add(v * LANES), last_mask, value);
+                        } else {
+                            store(out.add(v * LANES), value);
                         }
                     }
                 }
             }
-            let mut weights = self.weights;
-            for &offset in self.offsets {
-                let pixels = self.image.add(offset);
-                // The next tile's pixels for this tap (the row goes on to the right).
-                _mm_prefetch::<_MM_HINT_T0>(pixels.add(V * LANES + LANES).cast());
-                let mut inputs = [_mm512_setzero_ps(); V];
-                for (v, input) in inputs.iter_mut().enumerate() {
-                    *input = _mm512_loadu_ps(pixels.add(v * LANES));
-                }
-                for row in acc.iter_mut() {
-                    let w = _mm512_set1_ps(*weights);
-                    weights = weights.add(1);
-                    for (value, &input) in row.iter_mut().zip(&inputs) {
-                        *value = _mm512_fmadd_ps(input, w, *value);
-                    }
-                }
-            }
-            for (c, row) in acc.iter().enumerate() {
-                let out = self.out.add(c * self.out_plane);
-                for (v, &value) in row.iter().enumerate() {
-                    if v + 1 == V {
-                        _mm512_mask_storeu_ps(out.add(v * LANES), self.last_mask, value);
-                    } else {
-                        _mm512_storeu_ps(out.add(v * LANES), value);
-                    }
-                }
-            }
         }
+    };
+}
+
+/// The tile kernel on AVX-512F: 16 lanes, partial vectors by mask registers.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    const LANES: usize = 16;
+    type Mask = __mmask16;
+
+    #[inline(always)]
+    fn mask(lanes: usize) -> Mask {
+        u16::MAX >> (LANES - lanes)
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn zero() -> __m512 {
+        _mm512_setzero_ps()
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn splat(value: f32) -> __m512 {
+        _mm512_set1_ps(value)
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load(at: *const f32) -> __m512 {
+        unsafe { _mm512_loadu_ps(at) }
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load_part(at: *const f32, mask: Mask) -> __m512 {
+        unsafe { _mm512_maskz_loadu_ps(mask, at) }
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store(at: *mut f32, value: __m512) {
+        unsafe { _mm512_storeu_ps(at, value) }
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store_part(at: *mut f32, mask: Mask, value: __m512) {
+        unsafe { _mm512_mask_storeu_ps(at, mask, value) }
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn fmadd(a: __m512, b: __m512, c: __m512) -> __m512 {
+        _mm512_fmadd_ps(a, b, c)
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn prefetch(at: *const f32) {
+        _mm_prefetch::<_MM_HINT_T0>(at.cast())
     }
 
-    #[cfg(not(target_arch = "x86_64"))]
-    unsafe fn run<const C: usize, const V: usize>(&self) {
-        unreachable!("the direct convolution runs only where AVX-512F was detected")
+    tile_kernel!("avx512f", 8, [1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3]);
+}
+
+/// The tile kernel on AVX2 + FMA: 8 lanes, partial vectors by lane masks in a register.
+#[cfg(target_arch = "x86_64")]
+mod avx2_fma {
+    use std::arch::x86_64::*;
+
+    const LANES: usize = 8;
+    type Mask = __m256i;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn mask(lanes: usize) -> Mask {
+        // Lane i is on (sign bit set) when i < lanes.
+        let indices = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes as i32), indices)
     }
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn zero() -> __m256 {
+        _mm256_setzero_ps()
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn splat(value: f32) -> __m256 {
+        _mm256_set1_ps(value)
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn load(at: *const f32) -> __m256 {
+        unsafe { _mm256_loadu_ps(at) }
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn load_part(at: *const f32, mask: Mask) -> __m256 {
+        unsafe { _mm256_maskload_ps(at, mask) }
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn store(at: *mut f32, value: __m256) {
+        unsafe { _mm256_storeu_ps(at, value) }
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn store_part(at: *mut f32, mask: Mask, value: __m256) {
+        unsafe { _mm256_maskstore_ps(at, mask, value) }
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn fmadd(a: __m256, b: __m256, c: __m256) -> __m256 {
+        _mm256_fmadd_ps(a, b, c)
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn prefetch(at: *const f32) {
+        _mm_prefetch::<_MM_HINT_T0>(at.cast())
+    }
+
+    tile_kernel!("avx2,fma", 4, [1, 2, 3, 4], [1, 2, 3]);
 }

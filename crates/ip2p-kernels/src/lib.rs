@@ -1,30 +1,149 @@
-//! Float32 kernels written with AVX-512 intrinsics, on plain slices (no tensors): the direct
-//! convolution of stride 1 ([`direct_conv`]), products with one narrow side ([`skinny`]) and
-//! the softmax numerator (`softmax`, x86-64 only).
+//! Float32 kernels on plain slices (no tensors): the direct convolution of stride 1
+//! ([`direct_conv`], AVX-512 or AVX2 + FMA), products with one narrow side ([`skinny`],
+//! AVX-512) and the softmax numerator ([`softmax`], AVX-512, AVX2 + FMA or portable code).
+//! [`isa`] is what the CPU has, as far as [`ISA_VAR`] or [`cap_isa`] allow.
 //! instruct-pix2pix's CPU backend (`src/model/nn/`) decides when they apply and calls them.
 //!
 //! They are a crate of their own so that debug builds optimise them as they do every
 //! dependency: unoptimised, each intrinsic is a function call and each register array a
 //! memory copy, and a tiny training step at 512² took minutes instead of seconds.
 
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU8, Ordering};
+
 pub mod direct_conv;
 pub mod skinny;
-#[cfg(target_arch = "x86_64")]
 pub mod softmax;
 
 /// Pixels (float32 lanes) per AVX-512 vector.
 const LANES: usize = 16;
 
-/// Whether this CPU has AVX-512F, which every kernel here needs.
+/// The vector instructions a kernel is written for, best first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Isa {
+    /// AVX-512F: Intel Skylake-SP and later server chips, AMD Zen 4 and later.
+    Avx512,
+    /// AVX2 and FMA: nearly every x86-64 desktop and laptop CPU since 2013 (Intel's consumer
+    /// chips since Alder Lake have no AVX-512).
+    Avx2Fma,
+    /// Plain Rust, compiled for the target's baseline.
+    Portable,
+}
+
+impl Isa {
+    /// Whether this CPU can run code written for `self`.
+    pub fn supported(self) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2Fma => {
+                std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            Isa::Avx512 | Isa::Avx2Fma => false,
+            Isa::Portable => true,
+        }
+    }
+
+    /// Every instruction set this CPU can run, best first (the kernels' tests run each).
+    pub fn all_supported() -> Vec<Isa> {
+        [Isa::Avx512, Isa::Avx2Fma, Isa::Portable]
+            .into_iter()
+            .filter(|isa| isa.supported())
+            .collect()
+    }
+}
+
+/// The environment variable that caps the instructions the kernels use: `avx512` (no cap),
+/// `avx2` or `portable`, to measure or test what a CPU without AVX-512 runs on one that has it.
+pub const ISA_VAR: &str = "INSTRUCT_PIX2PIX_CPU_ISA";
+
+/// What [`ISA_VAR`] asks for: `Ok(None)` when it is unset, an error naming the variable for a
+/// value it does not know.
+pub fn isa_cap_from_env() -> Result<Option<Isa>, String> {
+    match std::env::var(ISA_VAR) {
+        Err(_) => Ok(None),
+        Ok(value) => match value.trim() {
+            "avx512" => Ok(Some(Isa::Avx512)),
+            "avx2" => Ok(Some(Isa::Avx2Fma)),
+            "portable" => Ok(Some(Isa::Portable)),
+            other => Err(format!(
+                "{ISA_VAR}={other:?}: use avx512, avx2 or portable (the most the CPU kernels may use)"
+            )),
+        },
+    }
+}
+
+/// The best instructions this CPU has, capped by [`cap_isa`] or, until that is called, by
+/// [`ISA_VAR`] (read once; a bad value was refused by the command line).
+pub fn isa() -> Isa {
+    static CAP_FROM_ENV: OnceLock<()> = OnceLock::new();
+    CAP_FROM_ENV.get_or_init(|| {
+        if let Ok(Some(cap)) = isa_cap_from_env() {
+            cap_isa(cap);
+        }
+    });
+    let cap = match CAP.load(Ordering::Relaxed) {
+        0 => Isa::Avx512,
+        1 => Isa::Avx2Fma,
+        _ => Isa::Portable,
+    };
+    usable(cap)
+}
+
+/// The cap [`isa`] applies: 0 none (AVX-512), 1 AVX2, 2 portable.
+static CAP: AtomicU8 = AtomicU8::new(0);
+
+/// Makes [`isa`] (and every kernel's choice) no better than `cap` from now on, for the whole
+/// process: A/B measurements of a kernel against the path it replaces, in one process.
+pub fn cap_isa(cap: Isa) {
+    let value = match cap {
+        Isa::Avx512 => 0,
+        Isa::Avx2Fma => 1,
+        Isa::Portable => 2,
+    };
+    CAP.store(value, Ordering::Relaxed);
+}
+
+/// `wanted`, or the best instructions below it that this CPU has (cheap: called per row).
+fn usable(wanted: Isa) -> Isa {
+    static BEST: OnceLock<Isa> = OnceLock::new();
+    let best = *BEST.get_or_init(|| Isa::all_supported()[0]);
+    let isa = wanted.max(best);
+    // Every AVX-512 CPU has AVX2 and FMA; checked anyway (is_x86_feature_detected caches).
+    if isa.supported() { isa } else { Isa::Portable }
+}
+
+/// Whether this CPU has AVX-512F (and [`ISA_VAR`] allows it), which the narrow products need
+/// (on AVX2 the gemm crate's kernels already run them near the machine's peak).
 pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
+    isa() == Isa::Avx512
+}
+
+/// Σ f(v) over `values`: f32 partial sums over short runs in 16 independent lanes (so they
+/// vectorise), gathered in f64, which keeps the error far below float32 rounding of the result.
+#[inline(always)]
+pub fn sum_f64(values: &[f32], f: impl Fn(f32) -> f32) -> f64 {
+    const LANES: usize = 16;
+    let mut total = 0f64;
+    for run in values.chunks(LANES * 64) {
+        let mut lanes = [0f32; LANES];
+        let mut chunks = run.chunks_exact(LANES);
+        for chunk in &mut chunks {
+            for (lane, &v) in lanes.iter_mut().zip(chunk) {
+                *lane += f(v);
+            }
+        }
+        total += lanes.iter().map(|&v| f64::from(v)).sum::<f64>();
+        total += chunks
+            .remainder()
+            .iter()
+            .map(|&v| f64::from(f(v)))
+            .sum::<f64>();
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    total
 }
 
 /// Why a kernel refused its arguments.
@@ -32,12 +151,13 @@ pub fn available() -> bool {
 pub enum KernelError {
     #[error("{kernel}: {shape} does not match its buffers")]
     ShapeMismatch { kernel: &'static str, shape: String },
-    #[error("{0} needs AVX-512F, which this CPU lacks")]
-    NoAvx512(&'static str),
+    #[error("{kernel} has no {isa:?} kernel, or this CPU lacks those instructions")]
+    Unsupported { kernel: &'static str, isa: Isa },
 }
 
 #[cfg(test)]
 mod tests {
+    use super::Isa;
     use super::direct_conv::{self, Geometry};
     use super::skinny::Skinny;
 
@@ -85,15 +205,17 @@ mod tests {
         out
     }
 
-    /// Partial channel tiles, rows ending inside a vector, the 2 + 2 split of four vectors,
+    /// Partial channel tiles, rows ending inside a vector, the 2 + 2 split of four vectors (rows
+    /// of 32 on AVX2, of 64 on AVX-512),
     /// more taps than one chunk, padding 0 to 2, batch 3, with and without bias, one thread or
     /// several: the definition's values to float32 rounding.
     #[test]
     fn direct_conv_matches_its_definition() {
-        if !super::available() {
-            eprintln!("no AVX-512F: nothing to test on this CPU");
-            return;
-        }
+        let isas: Vec<Isa> = Isa::all_supported()
+            .into_iter()
+            .filter(|&isa| isa != Isa::Portable)
+            .collect();
+        eprintln!("instruction sets tested: {isas:?}");
         let geometry = |batch, in_channels, in_h, in_w, out_channels, k, padding| Geometry {
             batch,
             in_channels,
@@ -110,6 +232,8 @@ mod tests {
             geometry(2, 30, 4, 34, 8, 3, 0),
             geometry(1, 4, 7, 33, 3, 5, 2),
             geometry(1, 300, 3, 40, 17, 1, 0),
+            geometry(1, 7, 5, 24, 12, 3, 1),
+            geometry(2, 3, 4, 32, 5, 3, 1),
         ];
         for (n, g) in cases.iter().enumerate() {
             let taps = g.in_channels * g.k_h * g.k_w;
@@ -118,20 +242,27 @@ mod tests {
             let b = values(g.out_channels, 200 + n as u32);
             for (bias, threads) in [(Some(&b[..]), 4), (None, 1)] {
                 let expected = reference_conv(&x, &w, bias, g);
-                let actual = direct_conv::conv(&x, &w, bias, g, threads).unwrap();
-                assert_eq!(actual.len(), expected.len());
-                for (i, (&a, &e)) in actual.iter().zip(&expected).enumerate() {
-                    assert!(
-                        (f64::from(a) - e).abs() <= 1e-5 * (taps as f64).sqrt().max(e.abs()),
-                        "case {n} {g:?}: element {i}: {a} vs {e}"
-                    );
+                for &isa in &isas {
+                    let actual = direct_conv::conv_on(isa, &x, &w, bias, g, threads).unwrap();
+                    assert_eq!(actual.len(), expected.len());
+                    for (i, (&a, &e)) in actual.iter().zip(&expected).enumerate() {
+                        assert!(
+                            (f64::from(a) - e).abs() <= 1e-5 * (taps as f64).sqrt().max(e.abs()),
+                            "{isa:?}: case {n} {g:?}: element {i}: {a} vs {e}"
+                        );
+                    }
                 }
             }
         }
         let g = cases[0];
         let x = values(g.batch * g.in_channels * g.in_h * g.in_w, 0);
-        let error = direct_conv::conv(&x[1..], &x, None, &g, 1).unwrap_err();
-        assert!(error.to_string().contains("does not match"), "{error}");
+        for &isa in &isas {
+            let error = direct_conv::conv_on(isa, &x[1..], &x, None, &g, 1).unwrap_err();
+            assert!(error.to_string().contains("does not match"), "{error}");
+        }
+        let w = values(g.out_channels * g.in_channels * 9, 1);
+        let error = direct_conv::conv_on(Isa::Portable, &x, &w, None, &g, 1).unwrap_err();
+        assert!(error.to_string().contains("no Portable kernel"), "{error}");
     }
 
     /// Narrow widths of 1 to 5 vectors (partial last vectors), a partial last tile of rows,
@@ -139,6 +270,7 @@ mod tests {
     #[test]
     fn skinny_product_matches_its_definition() {
         if !super::available() {
+            eprintln!("no AVX-512F: the narrow products do not run on this CPU");
             return;
         }
         // (wide, narrow, k, a transposed, b transposed, out transposed)
@@ -189,6 +321,62 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// Each instruction set this CPU has against the portable numerator: odd lengths for the
+    /// masked tails, values from e^0 to underflow, NaN propagated.
+    #[test]
+    fn softmax_numerator_matches_the_portable_one_on_every_instruction_set() {
+        use super::softmax::{exp_minus_in_place_on, exp_minus_max_in_place_on, exp_non_positive};
+        eprintln!("instruction sets tested: {:?}", Isa::all_supported());
+        for isa in Isa::all_supported() {
+            for len in [1usize, 7, 15, 16, 17, 255, 256, 257, 1000, 4096] {
+                let values: Vec<f32> = (0..len)
+                    .map(|i| -((i * 7919 % 1013) as f32) * 0.09 + 3.0)
+                    .collect();
+                let mut vector = values.clone();
+                let mut portable = values.clone();
+                let (vector_max, vector_sum) = exp_minus_max_in_place_on(isa, &mut vector);
+                let (portable_max, portable_sum) =
+                    exp_minus_max_in_place_on(Isa::Portable, &mut portable);
+                assert_eq!(vector_max, portable_max, "{isa:?}");
+                for (v, p) in vector.iter().zip(&portable) {
+                    assert!(
+                        (v - p).abs() <= 2.5e-7 * p.abs().max(f32::MIN_POSITIVE),
+                        "{isa:?}: {v} vs {p}"
+                    );
+                }
+                assert!(
+                    (vector_sum - portable_sum).abs() <= 1e-6 * portable_sum,
+                    "{isa:?}"
+                );
+                let exact: f64 = values
+                    .iter()
+                    .map(|&x| (f64::from(x) - f64::from(vector_max)).exp())
+                    .sum();
+                assert!(
+                    (f64::from(vector_sum) - exact).abs() <= 1e-5 * exact,
+                    "{isa:?}: sum {vector_sum} vs {exact}"
+                );
+            }
+            for len in [1usize, 8, 16, 17, 300] {
+                let values: Vec<f32> = (0..len).map(|i| (i % 37) as f32 * 0.31 - 9.0).collect();
+                let mut vector = values.clone();
+                exp_minus_in_place_on(isa, &mut vector, 2.0);
+                for (v, x) in vector.iter().zip(&values) {
+                    let p = exp_non_positive(x - 2.0);
+                    assert!(
+                        (v - p).abs() <= 2.5e-7 * p.max(f32::MIN_POSITIVE),
+                        "{isa:?}: {v} vs {p}"
+                    );
+                }
+            }
+            let mut row = [0.0, -200.0, f32::NEG_INFINITY, -1.0, f32::NAN];
+            let (_, sum) = exp_minus_max_in_place_on(isa, &mut row);
+            assert!(sum.is_nan() && row[4].is_nan(), "{isa:?}: NaN propagates");
+            assert_eq!(row[..3], [1.0, 0.0, 0.0], "{isa:?}");
+            assert!((row[3] - (-1f32).exp()).abs() <= 1e-7, "{isa:?}");
         }
     }
 }

@@ -23,6 +23,7 @@ use candle_core::{CpuStorage, DType, Device, Layout, Result, Storage, Tensor, Wi
 use candle_nn::Conv2dConfig;
 use gemm::Parallelism;
 use half::f16;
+pub(super) use ip2p_kernels::sum_f64;
 use rayon::prelude::*;
 
 /// Largest im2col block, in elements (32 MiB of f32). A block holds whole output rows, so this
@@ -686,14 +687,20 @@ pub(super) fn group_norm_forward(
     out
 }
 
-/// `dst = (src − mean) · scale + shift`, then SiLU if `silu`: in 16-wide AVX-512 vectors where
-/// the CPU has them (candle's SiLU is a separate single-threaded pass with libm's `expf`).
+/// `dst = (src − mean) · scale + shift`, then SiLU if `silu`: in 16-wide AVX-512 or 8-wide AVX2
+/// vectors where the CPU has them (candle's SiLU is a separate single-threaded pass with libm's
+/// `expf`). The same values on every path (no multiply-add is fused).
 fn normalize_row(dst: &mut [f32], src: &[f32], mean: f32, scale: f32, shift: f32, silu: bool) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU was just checked to have AVX-512F, the function's only requirement.
-        unsafe { normalize_row_avx512(dst, src, mean, scale, shift, silu) };
-        return;
+    match ip2p_kernels::isa() {
+        // SAFETY: `isa` checked that the CPU has each function's instructions.
+        ip2p_kernels::Isa::Avx512 => {
+            return unsafe { normalize_row_avx512(dst, src, mean, scale, shift, silu) };
+        }
+        ip2p_kernels::Isa::Avx2Fma => {
+            return unsafe { normalize_row_avx2(dst, src, mean, scale, shift, silu) };
+        }
+        ip2p_kernels::Isa::Portable => {}
     }
     normalize_row_portable(dst, src, mean, scale, shift, silu);
 }
@@ -732,6 +739,13 @@ fn normalize_row_avx512(
     normalize_row_portable(dst, src, mean, scale, shift, silu);
 }
 
+/// The same loop compiled for AVX2 (8 wide).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn normalize_row_avx2(dst: &mut [f32], src: &[f32], mean: f32, scale: f32, shift: f32, silu: bool) {
+    normalize_row_portable(dst, src, mean, scale, shift, silu);
+}
+
 /// SiLU, `y · sigmoid(y)`, with the sigmoid from e^−|y| (never overflows): 1 / (1 + t) for
 /// y ≥ 0, t / (1 + t) below. NaN stays NaN.
 #[inline(always)]
@@ -739,29 +753,6 @@ pub(super) fn silu_f32(y: f32) -> f32 {
     let t = exp_non_positive(-y.abs());
     let sigmoid = if y >= 0.0 { 1.0 } else { t } / (1.0 + t);
     y * sigmoid
-}
-
-/// Σ f(v) over `values`: f32 partial sums over short runs in 16 independent lanes (so they
-/// vectorise), gathered in f64, which keeps the error far below float32 rounding of the result.
-pub(super) fn sum_f64(values: &[f32], f: impl Fn(f32) -> f32) -> f64 {
-    const LANES: usize = 16;
-    let mut total = 0f64;
-    for run in values.chunks(LANES * 64) {
-        let mut lanes = [0f32; LANES];
-        let mut chunks = run.chunks_exact(LANES);
-        for chunk in &mut chunks {
-            for (lane, &v) in lanes.iter_mut().zip(chunk) {
-                *lane += f(v);
-            }
-        }
-        total += lanes.iter().map(|&v| f64::from(v)).sum::<f64>();
-        total += chunks
-            .remainder()
-            .iter()
-            .map(|&v| f64::from(f(v)))
-            .sum::<f64>();
-    }
-    total
 }
 
 /// The values of a contiguous CPU tensor.

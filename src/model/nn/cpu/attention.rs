@@ -1,15 +1,16 @@
 //! The fused CPU attention kernel for inference: multi-head scaled dot-product attention over
 //! blocks of query rows (scores, softmax in place and the product with v, never the full score
-//! tensor), with its exponential (portable and AVX-512). The blocks, shape checks and the
+//! tensor), with its exponential (`ip2p_kernels::softmax`). The blocks, shape checks and the
 //! exponential are shared with the differentiable kernel of `grad_attention.rs`.
 
 use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
 use super::super::product::{Product, Threads};
-use super::{contiguous_slice, sum_f64};
-#[cfg(target_arch = "x86_64")]
-use ip2p_kernels::softmax as avx512;
+use super::contiguous_slice;
+pub(in crate::model::nn) use ip2p_kernels::softmax::{
+    exp_minus_in_place, exp_minus_max_in_place, exp_non_positive,
+};
 
 /// Query rows per attention task: a multiple of the f32 GEMM micro-kernel's 48 rows, and enough
 /// rows that packing k and v (done anew for each block) costs little next to the products.
@@ -225,140 +226,4 @@ pub(in crate::model::nn) fn attention_forward(
                 })
         })?;
     Ok(out)
-}
-
-/// Replaces `row` by `exp(row − max(row))` and returns the max and the sum of the new values:
-/// softmax before its division.
-pub(in crate::model::nn) fn exp_minus_max_in_place(row: &mut [f32]) -> (f32, f32) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU was just checked to have AVX-512F, the function's only requirement.
-        return unsafe { avx512::exp_minus_max_in_place(row) };
-    }
-    exp_minus_max_in_place_portable(row)
-}
-
-/// `row[i] = exp(row[i] − shift)` where the values are at most `shift` (above it counts as
-/// equal): attention's probabilities recomputed from the scores and each row's log-sum-exp in
-/// the backward pass.
-pub(in crate::model::nn) fn exp_minus_in_place(row: &mut [f32], shift: f32) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU was just checked to have AVX-512F, the function's only requirement.
-        return unsafe { avx512::exp_minus_in_place(row, shift) };
-    }
-    for value in row {
-        *value = exp_non_positive(*value - shift);
-    }
-}
-
-/// [`exp_minus_max_in_place`] in plain Rust (three passes: max, exp, sum).
-fn exp_minus_max_in_place_portable(row: &mut [f32]) -> (f32, f32) {
-    const LANES: usize = 16;
-    let mut lanes = [f32::NEG_INFINITY; LANES];
-    let mut chunks = row.chunks_exact(LANES);
-    for chunk in &mut chunks {
-        for (lane, &v) in lanes.iter_mut().zip(chunk) {
-            *lane = lane.max(v);
-        }
-    }
-    let max = chunks
-        .remainder()
-        .iter()
-        .chain(&lanes)
-        .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    for value in row.iter_mut() {
-        *value = exp_non_positive(*value - max);
-    }
-    (max, sum_f64(row, |v| v) as f32)
-}
-
-/// e^x for x ≤ 0 (NaN stays NaN), within about one ulp: Cephes' `expf` (x = n·ln 2 + r,
-/// |r| ≤ ln 2 / 2, a degree-6 polynomial for e^r, then 2^n through the exponent bits), written
-/// without branches so that loops over it vectorise, unlike libm's `expf`.
-#[inline(always)]
-pub(in crate::model::nn) fn exp_non_positive(x: f32) -> f32 {
-    const LOG2_E: f32 = std::f32::consts::LOG2_E;
-    // ln 2 split in two so that n·LN2_HI is exact.
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    // 1.5·2²³: adding and subtracting it rounds to the nearest integer.
-    const ROUNDER: f32 = 12_582_912.0;
-    // Below this, e^x is under f32's smallest normal number.
-    const LOWEST: f32 = -87.33;
-    let clamped = x.clamp(LOWEST, 0.0);
-    let n = (clamped * LOG2_E + ROUNDER) - ROUNDER;
-    let r = clamped - n * LN2_HI - n * LN2_LO;
-    let mut p = 1.987_569_2e-4_f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
-    let e_r = p * r * r + r + 1.0;
-    // SAFETY: `clamped` ∈ [−87.33, 0], so n is an integer in [−126, 0]: the conversion is
-    // exact (a plain `as` would add a saturation check that stops the loop vectorising).
-    let n_int: i32 = unsafe { n.to_int_unchecked() };
-    let two_to_n = f32::from_bits(((n_int + 127) as u32) << 23);
-    let y = e_r * two_to_n;
-    if x.is_nan() {
-        x
-    } else if x < LOWEST {
-        0.0
-    } else {
-        y
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[cfg(target_arch = "x86_64")]
-    use super::avx512;
-
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn vector_exp_matches_the_portable_softmax_numerator() {
-        if !std::arch::is_x86_feature_detected!("avx512f") {
-            return;
-        }
-        // Odd lengths exercise the masked tails; values span e^0 to underflow.
-        for len in [1usize, 15, 16, 17, 255, 256, 257, 1000, 4096] {
-            let values: Vec<f32> = (0..len)
-                .map(|i| -((i * 7919 % 1013) as f32) * 0.09 + 3.0)
-                .collect();
-            let mut vector = values.clone();
-            let mut portable = values.clone();
-            // SAFETY: AVX-512F checked above.
-            let (vector_max, vector_sum) = unsafe { avx512::exp_minus_max_in_place(&mut vector) };
-            let (portable_max, portable_sum) =
-                super::exp_minus_max_in_place_portable(&mut portable);
-            assert_eq!(vector_max, portable_max);
-            for (v, p) in vector.iter().zip(&portable) {
-                assert!(
-                    (v - p).abs() <= 2.5e-7 * p.abs().max(f32::MIN_POSITIVE),
-                    "{v} vs {p}"
-                );
-            }
-            assert!((vector_sum - portable_sum).abs() <= 1e-6 * portable_sum);
-        }
-        for len in [1usize, 16, 17, 300] {
-            let values: Vec<f32> = (0..len).map(|i| (i % 37) as f32 * 0.31 - 9.0).collect();
-            let mut vector = values.clone();
-            // SAFETY: AVX-512F checked above.
-            unsafe { avx512::exp_minus_in_place(&mut vector, 2.0) };
-            for (v, x) in vector.iter().zip(&values) {
-                let p = super::exp_non_positive(x - 2.0);
-                assert!(
-                    (v - p).abs() <= 2.5e-7 * p.max(f32::MIN_POSITIVE),
-                    "{v} vs {p}"
-                );
-            }
-        }
-        let mut row = [0.0, -200.0, f32::NEG_INFINITY, -1.0, f32::NAN];
-        // SAFETY: AVX-512F checked above.
-        let (_, sum) = unsafe { avx512::exp_minus_max_in_place(&mut row) };
-        assert!(sum.is_nan() && row[4].is_nan(), "NaN propagates");
-        assert_eq!(row[..3], [1.0, 0.0, 0.0]);
-        assert!((row[3] - (-1f32).exp()).abs() <= 1e-7);
-    }
 }

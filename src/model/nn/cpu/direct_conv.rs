@@ -1,5 +1,5 @@
-//! The direct float32 convolution of stride 1 (`ip2p_kernels::direct_conv`: AVX-512, no
-//! im2col columns) for the fused kernels' [`ConvShape`]. The kernel crate checks it against
+//! The direct float32 convolution of stride 1 (`ip2p_kernels::direct_conv`: AVX-512 or
+//! AVX2 + FMA, no im2col columns) for the fused kernels' [`ConvShape`]. The kernel crate checks it against
 //! the convolution's definition; `tests/integration/nn_grad.rs` against candle's, through
 //! `Conv2d`, forward and gradients.
 
@@ -23,14 +23,14 @@ fn geometry(s: &ConvShape) -> Geometry {
 
 /// Whether the direct kernel takes this convolution: stride 1, not 1×1 (one matrix product
 /// per image needs no copy at all), and what [`direct_conv::applies`] asks (narrow padding,
-/// rows of 32 pixels or more, AVX-512F).
+/// rows of 32 pixels or more, AVX-512F or AVX2 + FMA).
 pub(in crate::model::nn) fn applies(s: &ConvShape) -> bool {
     s.stride == 1 && !s.is_pointwise() && direct_conv::applies(&geometry(s))
 }
 
-/// Whether this CPU runs the direct kernel (AVX-512F).
+/// Whether this CPU runs the direct kernel (AVX-512F, or AVX2 and FMA).
 pub(in crate::model::nn) fn available() -> bool {
-    ip2p_kernels::available()
+    direct_conv::available()
 }
 
 /// `x` [B, C_in, H, W] convolved with `weight` [C_out, C_in, k_h, k_w] (+ `bias`), stride 1:
