@@ -5,14 +5,15 @@
 //! cargo run --release --locked --example cpu_kernels_bench -- ops [REPS]
 //! cargo run --release --locked --example cpu_kernels_bench -- direct [REPS]
 //! cargo run --release --locked --example cpu_kernels_bench -- attention [REPS] [NAME_PART]
-//! cargo run --release --locked --example cpu_kernels_bench -- unet MODEL_DIR [REPS] [fast|candle]
+//! cargo run --release --locked --example cpu_kernels_bench -- unet MODEL_DIR [REPS] [fast|candle|isa]
 //! ```
 //!
 //! `attention` times the fused attention at the 256² and 512² edits' shapes (GFLOP/s of the two
 //! products) and checks it once against the composed ops. `ops` times single convolutions and group norms at Stable Diffusion 1.5 shapes and checks
 //! that both sides agree; `unet` times one forward of the UNet in MODEL_DIR/unet (a diffusers
 //! folder) on a batch of 3 latents of 8×32×32 (a 256×256 edit), timestep 500, a 3×77×768
-//! context. With `fast` or `candle` it runs only that side (for a profiler). `direct` times the
+//! context. With `fast` or `candle` it runs only that side (for a profiler); with `isa` it
+//! compares the fused kernels on this CPU's best instructions with the same on portable code. `direct` times the
 //! fused convolutions of `ops` with the direct kernel against the same with it off (im2col and
 //! gemm), interleaved.
 
@@ -46,7 +47,7 @@ fn main() -> Result<()> {
             bench_unet(Path::new(dir), reps, args.get(3).map(String::as_str))
         }
         _ => bail!(
-            "usage: cpu_kernels_bench ops [REPS] | direct [REPS] | attention [REPS] [NAME_PART] | unet MODEL_DIR [REPS] [fast|candle]"
+            "usage: cpu_kernels_bench ops [REPS] | direct [REPS] | attention [REPS] [NAME_PART] | unet MODEL_DIR [REPS] [fast|candle|isa]"
         ),
     }
 }
@@ -417,40 +418,50 @@ fn bench_unet(model_dir: &Path, reps: usize, only: Option<&str>) -> Result<()> {
         PerBlock::Each(dims) => *dims.first().context("no down blocks")?,
     };
     let context = Tensor::randn(0f32, 1.0, (3, 77, context_dim), &device)?;
-    let sides: Vec<bool> = match only {
-        Some("fast") => vec![true],
-        Some("candle") => vec![false],
-        None => vec![false, true],
-        Some(other) => bail!("unknown side {other:?}: fast or candle"),
+    // A side: the fused kernels or candle's ops, and the instructions the kernels may use.
+    let best = ip2p_kernels::Isa::Avx512;
+    let portable = ip2p_kernels::Isa::Portable;
+    let sides: Vec<(bool, ip2p_kernels::Isa)> = match only {
+        Some("fast") => vec![(true, best)],
+        Some("candle") => vec![(false, best)],
+        Some("isa") => vec![(true, portable), (true, best)],
+        None => vec![(false, best), (true, best)],
+        Some(other) => bail!("unknown side {other:?}: fast, candle or isa"),
+    };
+    let name = |(fast, isa): (bool, ip2p_kernels::Isa)| match (fast, isa) {
+        (false, _) => "candle".to_string(),
+        (true, ip2p_kernels::Isa::Portable) => "fused, portable".to_string(),
+        (true, _) => format!("fused, {:?}", ip2p_kernels::isa()),
     };
     // Warm up (first-touch of the memory-mapped weights, allocator).
     nn::set_fast_cpu_kernels(true);
     unet.forward(&sample, &timesteps, &context)?;
-    let mut times = vec![Vec::new(); 2];
-    let mut outputs: [Option<Tensor>; 2] = [None, None];
+    let mut times = vec![Vec::new(); sides.len()];
+    let mut outputs: Vec<Option<Tensor>> = vec![None; sides.len()];
     for rep in 0..reps {
-        for &fast in &sides {
+        for (side, &(fast, isa)) in sides.iter().enumerate() {
             nn::set_fast_cpu_kernels(fast);
+            ip2p_kernels::cap_isa(isa);
             let (seconds, out) = timed(|| Ok(unet.forward(&sample, &timesteps, &context)?))?;
-            eprintln!(
-                "rep {rep} {}: {seconds:.3} s",
-                if fast { "fused" } else { "candle" }
-            );
-            times[usize::from(fast)].push(seconds);
-            outputs[usize::from(fast)] = Some(out);
+            eprintln!("rep {rep} {}: {seconds:.3} s", name((fast, isa)));
+            times[side].push(seconds);
+            outputs[side] = Some(out);
         }
     }
-    for &fast in &sides {
-        let t = median(times[usize::from(fast)].clone());
+    ip2p_kernels::cap_isa(best);
+    for (side, &which) in sides.iter().enumerate() {
+        let t = median(times[side].clone());
         println!(
             "{}: median {t:.3} s per UNet forward (batch 3, 32×32 latents)",
-            if fast { "fused" } else { "candle" }
+            name(which)
         );
     }
-    if let [Some(candle), Some(fused)] = &outputs {
+    if let [Some(first), Some(second)] = &outputs[..] {
         println!(
-            "relative max difference fused vs candle: {:.2e}",
-            relative_diff(fused, candle)?
+            "relative max difference {} vs {}: {:.2e}",
+            name(sides[1]),
+            name(sides[0]),
+            relative_diff(second, first)?
         );
     }
     Ok(())
