@@ -38,8 +38,8 @@ impl TileShape {
                 vectors: 3,
                 lanes: 16,
             }),
-            // 4 × 3 of the 16 registers: 3 for the loads, 1 for the weight (6 × 2 and 3 × 4
-            // measured 0-10% and 30% slower).
+            // 4 × 3 of the 16 registers: 3 for the loads, 1 for the weight (6 × 2 measured
+            // within the noise of it, 3 × 4, which spills, 30% slower).
             Isa::Avx2Fma => Some(TileShape {
                 channels: 4,
                 vectors: 3,
@@ -297,15 +297,15 @@ impl BandJob<'_> {
     /// The CPU has `self.isa`; no other task writes these rows of these channel tiles.
     unsafe fn run(&self, tiles: std::ops::Range<usize>, rows: std::ops::Range<usize>) {
         let taps = self.offsets.len();
+        let TileShape {
+            channels: tile_channels,
+            vectors: tile_vectors,
+            lanes,
+        } = self.shape;
         let mut first_tap = 0;
         while first_tap < taps {
             let chunk = TAP_CHUNK.min(taps - first_tap);
             let offsets = &self.offsets[first_tap..first_tap + chunk];
-            let TileShape {
-                channels: tile_channels,
-                vectors: tile_vectors,
-                lanes,
-            } = self.shape;
             for tile in tiles.clone() {
                 let first_channel = tile * tile_channels;
                 let channels = tile_channels.min(self.out_channels - first_channel);

@@ -18,8 +18,10 @@ pub mod softmax;
 /// Pixels (float32 lanes) per AVX-512 vector.
 const LANES: usize = 16;
 
-/// The vector instructions a kernel is written for, best first.
+/// The vector instructions a kernel is written for, ordered best first (the lesser of two is
+/// the more capable).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
 pub enum Isa {
     /// AVX-512F: Intel Skylake-SP and later server chips, AMD Zen 4 and later.
     Avx512,
@@ -76,16 +78,10 @@ pub fn isa_cap_from_env() -> Result<Option<Isa>, String> {
     }
 }
 
-/// The best instructions this CPU has, capped by [`cap_isa`] or, until that is called, by
-/// [`ISA_VAR`] (read once; a bad value was refused by the command line).
+/// The best instructions this CPU has, capped by [`ISA_VAR`] (read once; a bad value was
+/// refused by the command line) or, once it is called, by [`cap_isa`].
 pub fn isa() -> Isa {
-    static CAP_FROM_ENV: OnceLock<()> = OnceLock::new();
-    CAP_FROM_ENV.get_or_init(|| {
-        if let Ok(Some(cap)) = isa_cap_from_env() {
-            cap_isa(cap);
-        }
-    });
-    let cap = match CAP.load(Ordering::Relaxed) {
+    let cap = match cap().load(Ordering::Relaxed) {
         0 => Isa::Avx512,
         1 => Isa::Avx2Fma,
         _ => Isa::Portable,
@@ -93,18 +89,19 @@ pub fn isa() -> Isa {
     usable(cap)
 }
 
-/// The cap [`isa`] applies: 0 none (AVX-512), 1 AVX2, 2 portable.
-static CAP: AtomicU8 = AtomicU8::new(0);
-
 /// Makes [`isa`] (and every kernel's choice) no better than `cap` from now on, for the whole
 /// process: A/B measurements of a kernel against the path it replaces, in one process.
-pub fn cap_isa(cap: Isa) {
-    let value = match cap {
-        Isa::Avx512 => 0,
-        Isa::Avx2Fma => 1,
-        Isa::Portable => 2,
-    };
-    CAP.store(value, Ordering::Relaxed);
+pub fn cap_isa(cap_to: Isa) {
+    cap().store(cap_to as u8, Ordering::Relaxed);
+}
+
+/// The cap [`isa`] applies, as an [`Isa`]'s discriminant: at first what [`ISA_VAR`] says.
+fn cap() -> &'static AtomicU8 {
+    static CAP: OnceLock<AtomicU8> = OnceLock::new();
+    CAP.get_or_init(|| {
+        let from_env = isa_cap_from_env().ok().flatten();
+        AtomicU8::new(from_env.unwrap_or(Isa::Avx512) as u8)
+    })
 }
 
 /// `wanted`, or the best instructions below it that this CPU has (cheap: called per row).
@@ -206,9 +203,9 @@ mod tests {
     }
 
     /// Partial channel tiles, rows ending inside a vector, the 2 + 2 split of four vectors (rows
-    /// of 32 on AVX2, of 64 on AVX-512),
-    /// more taps than one chunk, padding 0 to 2, batch 3, with and without bias, one thread or
-    /// several: the definition's values to float32 rounding.
+    /// of 32 on AVX2, of 64 on AVX-512), more taps than one chunk, padding 0 to 2, batch 3, with
+    /// and without bias, one thread or several, on every instruction set the CPU has: the
+    /// definition's values to float32 rounding.
     #[test]
     fn direct_conv_matches_its_definition() {
         let isas: Vec<Isa> = Isa::all_supported()
