@@ -159,42 +159,26 @@ fn generic_kernels_give_diffusers_pixels() {
     check_case_with_kernels("sd1-ancestral-seed", Some("generic"));
 }
 
-/// A kernel choice that does not exist is refused before anything runs, naming the variable.
+/// A kernel choice or an instruction-set cap that does not exist is refused before anything
+/// runs, naming the variable and the value.
 #[test]
-fn an_unknown_kernel_choice_is_refused() {
+fn an_unknown_kernel_choice_or_instruction_set_is_refused() {
     let work = tempfile::tempdir().unwrap();
-    let result = program(&work.path().join("hf"))
-        .env(KERNELS_VAR, "turbo")
-        .args([
-            "edit", "--model", "m", "--image", "i.png", "--prompt", "p", "--output", "o.png",
-        ])
-        .output()
-        .unwrap();
-    let message = stderr(&result);
-    assert_eq!(result.status.code(), Some(1), "{message}");
-    assert!(
-        message.contains("INSTRUCT_PIX2PIX_KERNELS") && message.contains("turbo"),
-        "{message}"
-    );
-}
-
-/// A cap on the CPU's instructions that does not exist is refused the same way.
-#[test]
-fn an_unknown_instruction_set_cap_is_refused() {
-    let work = tempfile::tempdir().unwrap();
-    let result = program(&work.path().join("hf"))
-        .env("INSTRUCT_PIX2PIX_CPU_ISA", "sse9")
-        .args([
-            "edit", "--model", "m", "--image", "i.png", "--prompt", "p", "--output", "o.png",
-        ])
-        .output()
-        .unwrap();
-    let message = stderr(&result);
-    assert_eq!(result.status.code(), Some(1), "{message}");
-    assert!(
-        message.contains("INSTRUCT_PIX2PIX_CPU_ISA") && message.contains("sse9"),
-        "{message}"
-    );
+    for (variable, value) in [(KERNELS_VAR, "turbo"), ("INSTRUCT_PIX2PIX_CPU_ISA", "sse9")] {
+        let result = program(&work.path().join("hf"))
+            .env(variable, value)
+            .args([
+                "edit", "--model", "m", "--image", "i.png", "--prompt", "p", "--output", "o.png",
+            ])
+            .output()
+            .unwrap();
+        let message = stderr(&result);
+        assert_eq!(result.status.code(), Some(1), "{message}");
+        assert!(
+            message.contains(variable) && message.contains(value),
+            "{message}"
+        );
+    }
 }
 
 /// Issue 12: float16 through candle's generic ops (a GPU's path, on the CPU) against diffusers'
