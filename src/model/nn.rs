@@ -452,6 +452,20 @@ pub fn direct_conv_available() -> bool {
     fast_cpu_kernels() && cpu::direct_conv::available()
 }
 
+/// Which CPU kernels run float32 work here, as a report names them: `generic` (candle's ops, as
+/// on a GPU) or, with the fused kernels on, the best instructions they use (`avx512`, `avx2`,
+/// `portable`: the values `INSTRUCT_PIX2PIX_CPU_ISA` takes).
+pub fn cpu_kernels_name() -> &'static str {
+    if !fast_cpu_kernels() {
+        return "generic";
+    }
+    match ip2p_kernels::isa() {
+        ip2p_kernels::Isa::Avx512 => "avx512",
+        ip2p_kernels::Isa::Avx2Fma => "avx2",
+        ip2p_kernels::Isa::Portable => "portable",
+    }
+}
+
 /// What [`KERNELS_VAR`] asks for: `Ok(None)` when it is unset, an error naming the variable
 /// for any value other than `fast` or `generic`.
 pub fn kernels_from_env() -> std::result::Result<Option<bool>, String> {

@@ -3,7 +3,7 @@
 
 use crate::common;
 
-use common::{files_in, fixture_pipeline, fixtures, pixel_difference, run, stderr};
+use common::{files_in, fixture_pipeline, fixtures, pixel_difference, program, run, stderr};
 
 fn sd1_plain(file: &str) -> String {
     fixtures()
@@ -287,4 +287,28 @@ fn bench_times_the_re_edit_s_first_preview() {
         first_preview < edit,
         "first preview of a re-edit {first_preview} s, a whole edit {edit} s"
     );
+    let kernels = report["cpu_kernels"].as_str().unwrap();
+    assert!(
+        ["avx512", "avx2", "portable", "generic"].contains(&kernels),
+        "{kernels}"
+    );
+}
+
+/// The report names the kernels that ran: capped to portable code, it says so.
+#[test]
+fn bench_names_the_cpu_kernels_it_ran() {
+    let work = tempfile::tempdir().unwrap();
+    let model = fixture_pipeline("sd1-tiny").display().to_string();
+    let result = program(work.path())
+        .env("INSTRUCT_PIX2PIX_CPU_ISA", "portable")
+        .env_remove("INSTRUCT_PIX2PIX_KERNELS")
+        .args([
+            "bench", "--model", &model, "--size", "64", "--steps", "1", "--runs", "1",
+        ])
+        .output()
+        .unwrap();
+    assert!(result.status.success(), "{}", stderr(&result));
+    let report: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&result.stdout).trim()).unwrap();
+    assert_eq!(report["cpu_kernels"], "portable");
 }
