@@ -4,10 +4,10 @@
 //! Each image is copied once into a zero-bordered buffer, so every kernel tap (input channel,
 //! row, column) is a fixed offset from the output pixel it feeds. A tile of output channels ×
 //! pixels of one output row is held in vector registers (AVX-512: 8 channels × 48 pixels in 24
-//! of its 32 registers; AVX2: 4 channels × 24 pixels in 12 of its 16); for each tap the tile
-//! loads its vectors of the padded image at the tap's offset (consecutive output pixels read
-//! consecutive input pixels at stride 1) and multiplies them by its channels' weights for that
-//! tap.
+//! of its 32 registers; AVX2: 4 channels × 24 pixels, or 6 × 16 for rows of 32, in 12 of its
+//! 16); for each tap the tile loads its vectors of the padded image at the tap's offset
+//! (consecutive output pixels read consecutive input pixels at stride 1) and multiplies them by
+//! its channels' weights for that tap.
 //! The im2col path instead writes 9 copies of the input (3×3) and the GEMM then repacks them;
 //! at the VAE's 256² that copying was a fifth of the encoder's time.
 //!
@@ -29,8 +29,9 @@ struct TileShape {
 }
 
 impl TileShape {
-    /// The shape for `isa`, `None` where it has no vector kernel.
-    fn of(isa: Isa) -> Option<TileShape> {
+    /// The shape for `isa` and output rows `out_w` pixels wide, `None` where `isa` has no vector
+    /// kernel.
+    fn of(isa: Isa, out_w: usize) -> Option<TileShape> {
         match isa {
             // 8 × 3 of the 32 registers.
             Isa::Avx512 => Some(TileShape {
@@ -38,8 +39,16 @@ impl TileShape {
                 vectors: 3,
                 lanes: 16,
             }),
-            // 4 × 3 of the 16 registers: 3 for the loads, 1 for the weight (6 × 2 measured
-            // within the noise of it, 3 × 4, which spills, 30% slower).
+            // Rows of 25 to 32 pixels (the UNet's 32² level): 6 × 2 of the 16 registers, two
+            // tiles a row; a 4 × 3 tile would run them as 2 + 2 vectors with 8 accumulators,
+            // 10% slower (interleaved, three runs).
+            Isa::Avx2Fma if out_w.div_ceil(8) == 4 => Some(TileShape {
+                channels: 6,
+                vectors: 2,
+                lanes: 8,
+            }),
+            // Wider rows: 4 × 3, 3 registers for the loads and 1 for the weight (6 × 2 was
+            // 0-19% slower on the VAE's rows; 3 × 4, which spills, 30%).
             Isa::Avx2Fma => Some(TileShape {
                 channels: 4,
                 vectors: 3,
@@ -92,7 +101,7 @@ impl Geometry {
 /// Whether this CPU has a vector kernel for the direct convolution (AVX-512F, or AVX2 and FMA,
 /// as [`crate::isa`] allows).
 pub fn available() -> bool {
-    TileShape::of(crate::isa()).is_some()
+    TileShape::of(crate::isa(), MIN_OUT_WIDTH).is_some()
 }
 
 /// Whether the direct kernel is worth taking for this convolution: padding smaller than the
@@ -139,7 +148,7 @@ pub fn conv_on(
             shape: format!("{s:?}"),
         });
     }
-    let Some(shape) = TileShape::of(isa).filter(|_| isa.supported()) else {
+    let Some(shape) = TileShape::of(isa, out_w).filter(|_| isa.supported()) else {
         return Err(KernelError::Unsupported {
             kernel: "direct conv2d",
             isa,
@@ -584,5 +593,5 @@ mod avx2_fma {
         _mm_prefetch::<_MM_HINT_T0>(at.cast())
     }
 
-    tile_kernel!("avx2,fma", 4, [1, 2, 3, 4], [1, 2, 3]);
+    tile_kernel!("avx2,fma", 6, [1, 2, 3, 4, 5, 6], [1, 2, 3]);
 }

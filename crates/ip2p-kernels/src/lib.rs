@@ -203,7 +203,7 @@ mod tests {
     }
 
     /// Partial channel tiles, rows ending inside a vector, the 2 + 2 split of four vectors (rows
-    /// of 32 on AVX2, of 64 on AVX-512), more taps than one chunk, padding 0 to 2, batch 3, with
+    /// of 25 to 32 on AVX2, in 6-channel tiles there; of 64 on AVX-512), more taps than one chunk, padding 0 to 2, batch 3, with
     /// and without bias, one thread or several, on every instruction set the CPU has: the
     /// definition's values to float32 rounding.
     #[test]
@@ -231,6 +231,7 @@ mod tests {
             geometry(1, 300, 3, 40, 17, 1, 0),
             geometry(1, 7, 5, 24, 12, 3, 1),
             geometry(2, 3, 4, 32, 5, 3, 1),
+            geometry(1, 4, 3, 27, 13, 3, 1),
         ];
         for (n, g) in cases.iter().enumerate() {
             let taps = g.in_channels * g.k_h * g.k_w;
