@@ -13,9 +13,9 @@
 //! that both sides agree; `unet` times one forward of the UNet in MODEL_DIR/unet (a diffusers
 //! folder) on a batch of 3 latents of 8×32×32 (a 256×256 edit), timestep 500, a 3×77×768
 //! context. With `fast` or `candle` it runs only that side (for a profiler); with `isa` it
-//! compares the fused kernels on this CPU's best instructions with the same on portable code. `direct` times the
-//! fused convolutions of `ops` with the direct kernel against the same with it off (im2col and
-//! gemm), interleaved.
+//! compares the fused kernels on this CPU's best instructions with the same on portable code.
+//! `direct` times the fused convolutions of `ops` with the direct kernel against the same with
+//! it off (im2col and gemm), interleaved.
 
 use std::path::Path;
 use std::time::Instant;
@@ -244,6 +244,7 @@ fn bench_direct(reps: usize) -> Result<()> {
             || {
                 ip2p_kernels::cap_isa(ip2p_kernels::Isa::Portable);
                 let y = conv.forward(&x);
+                // No cap: the best this CPU has.
                 ip2p_kernels::cap_isa(ip2p_kernels::Isa::Avx512);
                 Ok(y?)
             },
@@ -418,7 +419,8 @@ fn bench_unet(model_dir: &Path, reps: usize, only: Option<&str>) -> Result<()> {
         PerBlock::Each(dims) => *dims.first().context("no down blocks")?,
     };
     let context = Tensor::randn(0f32, 1.0, (3, 77, context_dim), &device)?;
-    // A side: the fused kernels or candle's ops, and the instructions the kernels may use.
+    // A side: the fused kernels or candle's ops, and the cap on the kernels' instructions
+    // (`Avx512` caps nothing: the best this CPU has).
     let best = ip2p_kernels::Isa::Avx512;
     let portable = ip2p_kernels::Isa::Portable;
     let sides: Vec<(bool, ip2p_kernels::Isa)> = match only {

@@ -447,7 +447,8 @@ pub const KERNELS_VAR: &str = "INSTRUCT_PIX2PIX_KERNELS";
 static KERNELS_SET: AtomicU8 = AtomicU8::new(0);
 
 /// Whether float32 convolutions of stride 1 run the direct kernel here (a CPU with AVX-512F or
-/// AVX2 + FMA, the fast kernels on): no im2col columns, one zero-bordered copy of an image instead.
+/// AVX2 + FMA, the fast kernels on): no im2col columns, one zero-bordered copy of an image
+/// instead.
 pub fn direct_conv_available() -> bool {
     fast_cpu_kernels() && cpu::direct_conv::available()
 }
