@@ -203,9 +203,9 @@ mod tests {
     }
 
     /// Partial channel tiles, rows ending inside a vector, the 2 + 2 split of four vectors (rows
-    /// of 25 to 32 on AVX2, in 6-channel tiles there; of 64 on AVX-512), more taps than one chunk, padding 0 to 2, batch 3, with
-    /// and without bias, one thread or several, on every instruction set the CPU has: the
-    /// definition's values to float32 rounding.
+    /// of 25 to 32 on AVX2, in 6-channel tiles there; of 64 on AVX-512), more taps than one
+    /// chunk, padding 0 to 2, batch 3, with and without bias, one thread or several, on every
+    /// instruction set the CPU has: the definition's values to float32 rounding.
     #[test]
     fn direct_conv_matches_its_definition() {
         let isas: Vec<Isa> = Isa::all_supported()
