@@ -105,7 +105,7 @@ pub fn available() -> bool {
 }
 
 /// Whether the direct kernel is worth taking for this convolution: padding smaller than the
-/// kernel, output rows at least [`MIN_OUT_WIDTH`] wide, on a CPU with a vector kernel.
+/// kernel, output rows at least 32 pixels wide (`MIN_OUT_WIDTH`), on a CPU with a vector kernel.
 pub fn applies(g: &Geometry) -> bool {
     g.padding < g.k_h && g.padding < g.k_w && g.out_w() >= MIN_OUT_WIDTH && available()
 }

@@ -113,12 +113,6 @@ fn usable(wanted: Isa) -> Isa {
     if isa.supported() { isa } else { Isa::Portable }
 }
 
-/// Whether this CPU has AVX-512F (and [`ISA_VAR`] allows it), which the narrow products need
-/// (on AVX2 the gemm crate's kernels already run them near the machine's peak).
-pub fn available() -> bool {
-    isa() == Isa::Avx512
-}
-
 /// Σ f(v) over `values`: f32 partial sums over short runs in 16 independent lanes (so they
 /// vectorise), gathered in f64, which keeps the error far below float32 rounding of the result.
 #[inline(always)]
@@ -267,7 +261,7 @@ mod tests {
     /// transposed operands and output, scaling and accumulation, threaded or not.
     #[test]
     fn skinny_product_matches_its_definition() {
-        if !super::available() {
+        if !super::skinny::available() {
             eprintln!("no AVX-512F: the narrow products do not run on this CPU");
             return;
         }

@@ -12,6 +12,12 @@ use rayon::prelude::*;
 
 use crate::LANES;
 
+/// Whether this CPU has AVX-512F (and [`crate::ISA_VAR`] allows it), which the narrow products
+/// need (on AVX2 the gemm crate's kernels already run them near the machine's peak).
+pub fn available() -> bool {
+    crate::isa() == crate::Isa::Avx512
+}
+
 /// The narrow side's limit: 5 vectors of 16.
 pub const MAX_NARROW: usize = 80;
 
@@ -33,7 +39,7 @@ pub struct Skinny {
 impl Skinny {
     /// Runs the product, its tiles spread over rayon's pool when `threaded`; the caller has
     /// checked the buffers' extents, `narrow` ≤ [`MAX_NARROW`], `wide`, `narrow` and `k`
-    /// above zero, and [`crate::available`].
+    /// above zero, and [`available`].
     ///
     /// # Safety
     /// Every element the strides address lies inside its buffer, and `out` aliases neither

@@ -224,7 +224,7 @@ pub(super) fn conv2d(
     }
 }
 
-/// A float32 convolution: the direct kernel where it applies (stride 1 on AVX-512, not 1×1),
+/// A float32 convolution: the direct kernel where it applies (stride 1 on AVX-512 or AVX2, not 1×1),
 /// else [`conv_slices`] with im2col blocks of at most `col_block_elements`. Inference and the
 /// differentiable kernel's forward pass both choose here.
 pub(super) fn conv_f32(

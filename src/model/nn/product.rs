@@ -61,7 +61,7 @@ impl Product {
     /// CPU has AVX-512F); `true` when the operands swap places (m is the narrow side).
     fn skinny(&self) -> Option<(Skinny, bool)> {
         const MIN_WIDE: usize = 128;
-        if self.k < 16 || !ip2p_kernels::available() {
+        if self.k < 16 || !ip2p_kernels::skinny::available() {
             return None;
         }
         if self.n <= MAX_NARROW && self.m >= MIN_WIDE {

@@ -1,6 +1,6 @@
 //! The direct float32 convolution of stride 1 (`ip2p_kernels::direct_conv`: AVX-512 or
-//! AVX2 + FMA, no im2col columns) for the fused kernels' [`ConvShape`]. The kernel crate checks it against
-//! the convolution's definition; `tests/integration/nn_grad.rs` against candle's, through
+//! AVX2 + FMA, no im2col columns) for the fused kernels' [`ConvShape`]. The kernel crate checks
+//! it against the convolution's definition; `tests/integration/nn_grad.rs` against candle's, through
 //! `Conv2d`, forward and gradients.
 
 use candle_core::Result;
