@@ -23,6 +23,8 @@ use candle_core::{CpuStorage, DType, Device, Layout, Result, Storage, Tensor, Wi
 use candle_nn::Conv2dConfig;
 use gemm::Parallelism;
 use half::f16;
+pub(super) use ip2p_kernels::norm::mean_and_inv_std;
+use ip2p_kernels::norm::normalize_row;
 pub(super) use ip2p_kernels::sum_f64;
 use rayon::prelude::*;
 
@@ -646,18 +648,6 @@ impl GroupNormShape {
     }
 }
 
-/// The mean (rounded to f32, as the normalisation subtracts it) and 1/sqrt(variance + eps) of
-/// one group's values, in two passes (no cancellation from E[x²] − E[x]²).
-pub(super) fn mean_and_inv_std(values: &[f32], eps: f64) -> (f32, f64) {
-    let n = values.len() as f64;
-    let mean = (sum_f64(values, |v| v) / n) as f32;
-    let variance = sum_f64(values, |v| {
-        let d = v - mean;
-        d * d
-    }) / n;
-    (mean, 1.0 / (variance + eps).sqrt())
-}
-
 /// The group norm (+ SiLU) of contiguous `x`, with per-channel `weight` and `bias`.
 pub(super) fn group_norm_forward(
     x: &[f32],
@@ -685,74 +675,6 @@ pub(super) fn group_norm_forward(
             }
         });
     out
-}
-
-/// `dst = (src − mean) · scale + shift`, then SiLU if `silu`: in 16-wide AVX-512 or 8-wide AVX2
-/// vectors where the CPU has them (candle's SiLU is a separate single-threaded pass with libm's
-/// `expf`). The same values on every path (no multiply-add is fused).
-fn normalize_row(dst: &mut [f32], src: &[f32], mean: f32, scale: f32, shift: f32, silu: bool) {
-    #[cfg(target_arch = "x86_64")]
-    match ip2p_kernels::isa() {
-        // SAFETY: `isa` checked that the CPU has each function's instructions.
-        ip2p_kernels::Isa::Avx512 => {
-            return unsafe { normalize_row_avx512(dst, src, mean, scale, shift, silu) };
-        }
-        ip2p_kernels::Isa::Avx2Fma => {
-            return unsafe { normalize_row_avx2(dst, src, mean, scale, shift, silu) };
-        }
-        ip2p_kernels::Isa::Portable => {}
-    }
-    normalize_row_portable(dst, src, mean, scale, shift, silu);
-}
-
-#[inline(always)]
-fn normalize_row_portable(
-    dst: &mut [f32],
-    src: &[f32],
-    mean: f32,
-    scale: f32,
-    shift: f32,
-    silu: bool,
-) {
-    if silu {
-        for (d, &s) in dst.iter_mut().zip(src) {
-            *d = silu_f32((s - mean) * scale + shift);
-        }
-    } else {
-        for (d, &s) in dst.iter_mut().zip(src) {
-            *d = (s - mean) * scale + shift;
-        }
-    }
-}
-
-/// The same loop compiled for AVX-512F (LLVM vectorises it 16 wide).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn normalize_row_avx512(
-    dst: &mut [f32],
-    src: &[f32],
-    mean: f32,
-    scale: f32,
-    shift: f32,
-    silu: bool,
-) {
-    normalize_row_portable(dst, src, mean, scale, shift, silu);
-}
-
-/// The same loop compiled for AVX2 (8 wide).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn normalize_row_avx2(dst: &mut [f32], src: &[f32], mean: f32, scale: f32, shift: f32, silu: bool) {
-    normalize_row_portable(dst, src, mean, scale, shift, silu);
-}
-
-/// SiLU, `y · sigmoid(y)`, with the sigmoid from e^−|y| (never overflows): 1 / (1 + t) for
-/// y ≥ 0, t / (1 + t) below. NaN stays NaN.
-#[inline(always)]
-pub(super) fn silu_f32(y: f32) -> f32 {
-    let t = exp_non_positive(-y.abs());
-    let sigmoid = if y >= 0.0 { 1.0 } else { t } / (1.0 + t);
-    y * sigmoid
 }
 
 /// The values of a contiguous CPU tensor.
