@@ -1,5 +1,6 @@
-//! `instruct-pix2pix bench`: times edits on a model (seconds per step, per edit, peak memory) and
-//! prints them as one JSON line, for docs/benchmarks.md.
+//! `instruct-pix2pix bench`: times edits on a model (seconds per step, per edit, the encoders'
+//! and the VAE decoder's share, peak memory) and prints them as one JSON line, for
+//! docs/benchmarks.md.
 
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
@@ -73,6 +74,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     let mut step_seconds = Vec::new();
     let mut edit_seconds = Vec::new();
+    let mut encode_seconds = Vec::new();
+    let mut decode_seconds = Vec::new();
     for run in 0..runs {
         settings.seed = run as u64;
         // A new prompt each run so text and image encoding are timed too.
@@ -82,6 +85,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let output = pipeline.edit(&image, &settings, &mut |_| {}, &cancel)?;
         edit_seconds.push(started.elapsed().as_secs_f64());
         step_seconds.push(output.denoise_time.as_secs_f64() / args.steps as f64);
+        encode_seconds.push(output.encode_time.as_secs_f64());
+        decode_seconds.push(output.decode_time.as_secs_f64());
     }
     let first_preview_seconds = first_preview_after_slider(&mut pipeline, &image, &settings)?;
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
@@ -97,6 +102,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "load_s": load_seconds,
         "s_per_step": mean(&step_seconds),
         "s_per_edit": mean(&edit_seconds),
+        "encode_s": mean(&encode_seconds),
+        "vae_decode_s": mean(&decode_seconds),
         "runs": runs,
         "reedit_first_preview_s": first_preview_seconds,
         "peak_rss_mb": peak_rss_mb(),

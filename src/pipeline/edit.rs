@@ -123,7 +123,11 @@ pub struct EditOutput {
     /// Whether the prompt embeddings / image latents came from the previous edit.
     pub reused_prompt_embeddings: bool,
     pub reused_image_latents: bool,
+    /// The text encoder and the VAE encoder (zero for what came from the previous edit).
+    pub encode_time: Duration,
     pub denoise_time: Duration,
+    /// The VAE decoder.
+    pub decode_time: Duration,
     pub total_time: Duration,
 }
 
@@ -136,7 +140,11 @@ pub struct BatchOutput {
     /// Whether the prompt embeddings / image latents came from the previous edit.
     pub reused_prompt_embeddings: bool,
     pub reused_image_latents: bool,
+    /// The text encoder and the VAE encoder (zero for what came from the previous edit).
+    pub encode_time: Duration,
     pub denoise_time: Duration,
+    /// The VAE decoder.
+    pub decode_time: Duration,
     pub total_time: Duration,
 }
 
@@ -219,7 +227,9 @@ impl EditPipeline {
             seed: batch.seed,
             reused_prompt_embeddings: batch.reused_prompt_embeddings,
             reused_image_latents: batch.reused_image_latents,
+            encode_time: batch.encode_time,
             denoise_time: batch.denoise_time,
+            decode_time: batch.decode_time,
             total_time: batch.total_time,
         })
     }
@@ -258,6 +268,7 @@ impl EditPipeline {
 
         let reused_prompt_embeddings = self.ensure_prompt_embeddings(settings)?;
         let reused_image_latents = self.ensure_image_latents(image)?;
+        let encode_time = started.elapsed();
         if cancel.load(Ordering::Relaxed) {
             return Err(EditError::Cancelled);
         }
@@ -371,6 +382,7 @@ impl EditPipeline {
             "denoising (the UNet's latents after the last step)",
         )?;
         let scaling_factor = self.model.vae.config().scaling_factor;
+        let decode_started = Instant::now();
         let mut images = Vec::with_capacity(num_images);
         for item in 0..num_images {
             if cancel.load(Ordering::Relaxed) {
@@ -394,7 +406,9 @@ impl EditPipeline {
             seed: settings.seed,
             reused_prompt_embeddings,
             reused_image_latents,
+            encode_time,
             denoise_time,
+            decode_time: decode_started.elapsed(),
             total_time: started.elapsed(),
         })
     }

@@ -265,8 +265,9 @@ fn resolution_caps_the_long_side() {
     );
 }
 
-/// `bench` reports its timings, and the re-edit after a slider moves (the same image and
-/// instruction, their encodings cached) reaches its first preview sooner than a whole edit.
+/// `bench` reports its timings (the encoders', the steps' and the decoder's within the edit's),
+/// and the re-edit after a slider moves (the same image and instruction, their encodings cached)
+/// reaches its first preview sooner than a whole edit.
 #[test]
 fn bench_times_the_re_edit_s_first_preview() {
     let work = tempfile::tempdir().unwrap();
@@ -282,7 +283,19 @@ fn bench_times_the_re_edit_s_first_preview() {
     let report: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
     let first_preview = report["reedit_first_preview_s"].as_f64().unwrap();
     let edit = report["s_per_edit"].as_f64().unwrap();
-    assert!(first_preview > 0.0 && report["s_per_step"].as_f64().unwrap() > 0.0);
+    let step = report["s_per_step"].as_f64().unwrap();
+    assert!(first_preview > 0.0 && step > 0.0);
+    // The phases of an edit: encoders, 4 steps and the decoder fit inside the whole edit.
+    let encode = report["encode_s"].as_f64().unwrap();
+    let decode = report["vae_decode_s"].as_f64().unwrap();
+    assert!(
+        encode > 0.0 && decode > 0.0,
+        "encode {encode} s, decode {decode} s"
+    );
+    assert!(
+        encode + 4.0 * step + decode <= edit,
+        "encode {encode} + 4 × {step} + decode {decode} s > the edit's {edit} s"
+    );
     assert!(
         first_preview < edit,
         "first preview of a re-edit {first_preview} s, a whole edit {edit} s"
