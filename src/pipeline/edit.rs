@@ -123,7 +123,8 @@ pub struct EditOutput {
     /// Whether the prompt embeddings / image latents came from the previous edit.
     pub reused_prompt_embeddings: bool,
     pub reused_image_latents: bool,
-    /// The text encoder and the VAE encoder (zero for what came from the previous edit).
+    /// The text encoder and the VAE encoder (next to nothing for what came from the previous
+    /// edit).
     pub encode_time: Duration,
     pub denoise_time: Duration,
     /// The VAE decoder.
@@ -140,7 +141,8 @@ pub struct BatchOutput {
     /// Whether the prompt embeddings / image latents came from the previous edit.
     pub reused_prompt_embeddings: bool,
     pub reused_image_latents: bool,
-    /// The text encoder and the VAE encoder (zero for what came from the previous edit).
+    /// The text encoder and the VAE encoder (next to nothing for what came from the previous
+    /// edit).
     pub encode_time: Duration,
     pub denoise_time: Duration,
     /// The VAE decoder.

@@ -1,7 +1,8 @@
 //! The rows of a group norm: one group's mean and 1/std, and `(x − mean) · scale + shift`
-//! (then SiLU) over a channel's row, compiled for AVX-512F or AVX2 + FMA where the CPU has
-//! them (LLVM vectorises the same loop 16 or 8 wide), or portable. Every path gives the same
-//! values bit for bit: no multiply-add is fused.
+//! (then SiLU, in the same pass: candle's SiLU is a separate single-threaded pass with libm's
+//! `expf`) over a channel's row, compiled for AVX-512F or AVX2 + FMA where the CPU has them
+//! (LLVM vectorises the same loop 16 or 8 wide), or portable. Every path gives the same values
+//! bit for bit: no multiply-add is fused.
 
 use crate::Isa;
 use crate::softmax::exp_non_positive;
