@@ -52,13 +52,18 @@ pub fn normalize_row_on(
     row.apply(dst, src);
 }
 
-/// SiLU, `y · sigmoid(y)`, with the sigmoid from e^−|y| (never overflows): 1 / (1 + t) for
-/// y ≥ 0, t / (1 + t) below. NaN stays NaN.
+/// SiLU, `y · sigmoid(y)`. NaN stays NaN.
 #[inline(always)]
 pub fn silu(y: f32) -> f32 {
+    y * sigmoid(y)
+}
+
+/// The logistic function from t = e^−|y| (never overflows): 1 / (1 + t) for y ≥ 0, t / (1 + t)
+/// below; SiLU's and its derivative's (the group norm's backward pass).
+#[inline(always)]
+pub fn sigmoid(y: f32) -> f32 {
     let t = exp_non_positive(-y.abs());
-    let sigmoid = if y >= 0.0 { 1.0 } else { t } / (1.0 + t);
-    y * sigmoid
+    (if y >= 0.0 { 1.0 } else { t }) / (1.0 + t)
 }
 
 /// One channel's normalisation.

@@ -130,11 +130,10 @@ fn with_slice<R>(tensor: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result
     f(cpu::contiguous_slice::<f32>(&storage, layout)?)
 }
 
-/// d silu(y) / dy = σ(y) · (1 + y · (1 − σ(y))), with σ from e^−|y| (never overflows).
+/// d silu(y) / dy = σ(y) · (1 + y · (1 − σ(y))), with the forward pass's σ.
 #[inline(always)]
 fn silu_derivative(y: f32) -> f32 {
-    let t = cpu::exp_non_positive(-y.abs());
-    let sigmoid = if y >= 0.0 { 1.0 } else { t } / (1.0 + t);
+    let sigmoid = ip2p_kernels::norm::sigmoid(y);
     sigmoid * (1.0 + y * (1.0 - sigmoid))
 }
 
