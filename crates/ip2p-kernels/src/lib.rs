@@ -1,7 +1,7 @@
 //! Float32 kernels on plain slices (no tensors): the direct convolution of stride 1
 //! ([`direct_conv`], AVX-512 or AVX2 + FMA), products with one narrow side ([`skinny`],
-//! AVX-512), the softmax numerator ([`softmax`]) and the group norm's rows ([`norm`]) (those two
-//! on AVX-512, AVX2 + FMA or portable code).
+//! AVX-512), the softmax numerator ([`softmax`]), the group norm's rows ([`norm`]) and AdamW's
+//! elementwise passes ([`adamw`]) (those three on AVX-512, AVX2 + FMA or portable code).
 //! [`isa`] is what the CPU has, as far as [`ISA_VAR`] or [`cap_isa`] allow.
 //! instruct-pix2pix's CPU backend (`src/model/nn/`) decides when they apply and calls them.
 //!
@@ -12,6 +12,7 @@
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU8, Ordering};
 
+pub mod adamw;
 pub mod direct_conv;
 pub mod norm;
 pub mod skinny;

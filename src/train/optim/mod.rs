@@ -11,7 +11,8 @@
 //! ```
 //! Scalars are computed in f64 as Python does and applied in the parameter's dtype (f32). On the
 //! CPU each of the three lines runs as one in-place pass (no temporaries, which matters at 860 M
-//! parameters); elsewhere the same formula runs as candle tensor ops.
+//! parameters; the loops are `ip2p_kernels::adamw`'s, on the CPU's widest vectors); elsewhere
+//! the same formula runs as candle tensor ops.
 //!
 //! With [`MomentStorage::Blockwise8Bit`] (`--use_8bit_adam`), the moments are stored as
 //! bitsandbytes' `AdamW8bit` stores them (Dettmers et al. 2022, "8-bit Optimizers via Block-wise
@@ -31,6 +32,7 @@
 use std::sync::Mutex;
 
 use candle_core::{CpuStorage, DType, Device, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
+use ip2p_kernels::adamw;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -509,6 +511,21 @@ struct AdamScalars {
 }
 
 impl AdamScalars {
+    /// The scalars the CPU passes take, rounded to f32 as the parameters are.
+    fn kernel_step(&self) -> adamw::AdamStep {
+        adamw::AdamStep {
+            decay_mul: self.decay_mul as f32,
+            apply_decay: self.apply_decay,
+            beta1_weight: self.beta1_weight as f32,
+            beta2: self.beta2 as f32,
+            one_minus_beta2: self.one_minus_beta2 as f32,
+            neg_step_size: self.neg_step_size as f32,
+            bias_correction2_sqrt: self.bias_correction2_sqrt as f32,
+            eps: self.eps as f32,
+            grad_scale: self.grad_scale,
+        }
+    }
+
     /// The update as candle tensor ops (any device and dtype). Returns (m, v, p).
     fn composed(
         &self,
@@ -606,22 +623,10 @@ impl F32GradUpdate for LerpFirstMoment {
     const NAME: &'static str = "adamw-exp-avg";
 
     fn apply(&self, m: &mut [f32], g: &[f32]) -> candle_core::Result<()> {
-        let w = self.0.beta1_weight as f32;
-        let small = w < 0.5;
-        let scale = self.0.grad_scale;
+        let (step, isa) = (self.0.kernel_step(), ip2p_kernels::isa());
         m.par_chunks_mut(CHUNK)
             .zip(g.par_chunks(CHUNK))
-            .for_each(|(m, g)| {
-                for (m, &g) in m.iter_mut().zip(g) {
-                    let g = g * scale;
-                    let diff = g - *m;
-                    *m = if small {
-                        w.mul_add(diff, *m)
-                    } else {
-                        (w - 1.0).mul_add(diff, g)
-                    };
-                }
-            });
+            .for_each(|(m, g)| adamw::first_moment_on(isa, &step, m, g));
         Ok(())
     }
 }
@@ -633,17 +638,10 @@ impl F32GradUpdate for UpdateSecondMoment {
     const NAME: &'static str = "adamw-exp-avg-sq";
 
     fn apply(&self, v: &mut [f32], g: &[f32]) -> candle_core::Result<()> {
-        let beta2 = self.0.beta2 as f32;
-        let value = self.0.one_minus_beta2 as f32;
-        let scale = self.0.grad_scale;
+        let (step, isa) = (self.0.kernel_step(), ip2p_kernels::isa());
         v.par_chunks_mut(CHUNK)
             .zip(g.par_chunks(CHUNK))
-            .for_each(|(v, g)| {
-                for (v, &g) in v.iter_mut().zip(g) {
-                    let g = g * scale;
-                    *v = *v * beta2 + value * g * g;
-                }
-            });
+            .for_each(|(v, g)| adamw::second_moment_on(isa, &step, v, g));
         Ok(())
     }
 }
@@ -669,20 +667,10 @@ impl InplaceOp3 for AdamUpdate {
         let p = f32_slice_mut(dst, dst_l)?;
         let m = f32_slice(m, m_l)?;
         let v = f32_slice(v, v_l)?;
-        let s = self.0;
-        let decay_mul = s.decay_mul as f32;
-        let bc2_sqrt = s.bias_correction2_sqrt as f32;
-        let eps = s.eps as f32;
-        let value = s.neg_step_size as f32;
+        let (step, isa) = (self.0.kernel_step(), ip2p_kernels::isa());
         p.par_chunks_mut(CHUNK)
             .zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK)))
-            .for_each(|(p, (m, v))| {
-                for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
-                    let decayed = if s.apply_decay { *p * decay_mul } else { *p };
-                    let denom = v.sqrt() / bc2_sqrt + eps;
-                    *p = decayed + value * m / denom;
-                }
-            });
+            .for_each(|(p, (m, v))| adamw::update_param_on(isa, &step, p, m, v));
         Ok(())
     }
 }
@@ -706,19 +694,10 @@ fn squares_sum(grad: &Tensor) -> candle_core::Result<f64> {
         if let candle_core::Storage::Cpu(cpu) = &*storage {
             let values = f32_slice(cpu, layout)?;
             // Chunk sums in a fixed order: the same result on any number of threads.
+            let isa = ip2p_kernels::isa();
             let chunk_sums: Vec<f64> = values
                 .par_chunks(CHUNK)
-                .map(|chunk| {
-                    let mut lanes = [0f64; 8];
-                    let mut runs = chunk.chunks_exact(8);
-                    for run in &mut runs {
-                        for (lane, &g) in lanes.iter_mut().zip(run) {
-                            *lane += f64::from(g) * f64::from(g);
-                        }
-                    }
-                    let rest: f64 = runs.remainder().iter().map(|&g| f64::from(g).powi(2)).sum();
-                    lanes.iter().sum::<f64>() + rest
-                })
+                .map(|chunk| adamw::squares_sum_on(isa, chunk))
                 .collect();
             return Ok(chunk_sums.iter().sum());
         }
