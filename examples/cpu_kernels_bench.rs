@@ -4,6 +4,7 @@
 //! ```text
 //! cargo run --release --locked --example cpu_kernels_bench -- ops [REPS]
 //! cargo run --release --locked --example cpu_kernels_bench -- direct [REPS]
+//! cargo run --release --locked --example cpu_kernels_bench -- winograd [REPS]
 //! cargo run --release --locked --example cpu_kernels_bench -- attention [REPS] [NAME_PART]
 //! cargo run --release --locked --example cpu_kernels_bench -- unet MODEL_DIR [REPS] [fast|candle|isa]
 //! ```
@@ -15,7 +16,9 @@
 //! context. With `fast` or `candle` it runs only that side (for a profiler); with `isa` it
 //! compares the fused kernels on this CPU's best instructions with the same on portable code.
 //! `direct` times the fused convolutions of `ops` with the direct kernel against the same with
-//! it off (im2col and gemm), interleaved.
+//! it off (im2col and gemm), interleaved; `winograd` the 3×3 convolutions of stride 1 with
+//! Winograd's algorithm against the same with it off (the direct kernel or im2col), interleaved,
+//! also with a gradient flowing back to the input (training's forward and input gradient).
 
 use std::path::Path;
 use std::time::Instant;
@@ -37,6 +40,10 @@ fn main() -> Result<()> {
             let reps = args.get(1).map(|r| r.parse()).transpose()?.unwrap_or(5);
             bench_direct(reps)
         }
+        Some("winograd") => {
+            let reps = args.get(1).map(|r| r.parse()).transpose()?.unwrap_or(5);
+            bench_winograd(reps)
+        }
         Some("attention") => {
             let reps = args.get(1).map(|r| r.parse()).transpose()?.unwrap_or(3);
             bench_attention(reps, args.get(2).map(String::as_str))
@@ -47,7 +54,7 @@ fn main() -> Result<()> {
             bench_unet(Path::new(dir), reps, args.get(3).map(String::as_str))
         }
         _ => bail!(
-            "usage: cpu_kernels_bench ops [REPS] | direct [REPS] | attention [REPS] [NAME_PART] | unet MODEL_DIR [REPS] [fast|candle|isa]"
+            "usage: cpu_kernels_bench ops [REPS] | direct [REPS] | winograd [REPS] | attention [REPS] [NAME_PART] | unet MODEL_DIR [REPS] [fast|candle|isa]"
         ),
     }
 }
@@ -259,6 +266,59 @@ fn bench_direct(reps: usize) -> Result<()> {
             flop / td / 1e9,
             ti / td,
             diff
+        );
+    }
+    Ok(())
+}
+
+fn bench_winograd(reps: usize) -> Result<()> {
+    let device = Device::Cpu;
+    println!(
+        "Winograd F(2×2, 3×3) against the direct kernel or im2col, on {:?}",
+        ip2p_kernels::isa()
+    );
+    println!(
+        "{:<28} {:>9} {:>9} {:>8} {:>9} {:>9} {:>8} {:>9}",
+        "conv", "off ms", "on ms", "speedup", "off+dx ms", "on+dx ms", "speedup", "rel diff"
+    );
+    for case in conv_cases() {
+        if (case.kernel, case.stride, case.padding) != (3, 1, 1) {
+            continue;
+        }
+        let (x, conv, _) = conv_case(&case, &device)?;
+        let with = |enabled: bool, f: &dyn Fn() -> Result<Tensor>| -> Result<Tensor> {
+            nn::set_winograd_conv(enabled);
+            let y = f();
+            nn::set_winograd_conv(true);
+            y
+        };
+        let forward = || Ok(conv.forward(&x)?);
+        let (t_off, t_on, diff) = compare(reps, || with(false, &forward), || with(true, &forward))?;
+        // Forward and the input's gradient (a frozen layer in LoRA training).
+        let tracked = candle_core::Var::from_tensor(&x)?;
+        let input_gradient = || -> Result<Tensor> {
+            let y = conv.forward(tracked.as_tensor())?;
+            let grads = y.sum_all()?.backward()?;
+            Ok(grads
+                .get(tracked.as_tensor())
+                .context("no input gradient")?
+                .clone())
+        };
+        let (g_off, g_on, g_diff) = compare(
+            reps,
+            || with(false, &input_gradient),
+            || with(true, &input_gradient),
+        )?;
+        println!(
+            "{:<28} {:>9.2} {:>9.2} {:>7.2}× {:>9.2} {:>9.2} {:>7.2}× {:>9.1e}",
+            case.name,
+            t_off * 1e3,
+            t_on * 1e3,
+            t_off / t_on,
+            g_off * 1e3,
+            g_on * 1e3,
+            g_off / g_on,
+            diff.max(g_diff)
         );
     }
     Ok(())

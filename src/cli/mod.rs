@@ -54,8 +54,9 @@ pub fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(error) => return usage_error(error),
     };
-    if let Err(message) =
-        crate::model::nn::kernels_from_env().and_then(|_| ip2p_kernels::isa_cap_from_env())
+    if let Err(message) = crate::model::nn::kernels_from_env()
+        .and_then(|_| ip2p_kernels::isa_cap_from_env())
+        .and_then(|_| crate::model::nn::winograd_from_env())
     {
         eprintln!("error: {message}");
         return ExitCode::from(EXIT_FAILURE);

@@ -453,6 +453,11 @@ pub fn direct_conv_available() -> bool {
     fast_cpu_kernels() && cpu::direct_conv::available()
 }
 
+pub use cpu::winograd::{
+    WINOGRAD_VAR, enabled as winograd_conv_enabled, from_env as winograd_from_env,
+    set_enabled as set_winograd_conv,
+};
+
 /// Which CPU kernels run float32 work here, as a report names them: `generic` (candle's ops, as
 /// on a GPU) or, with the fused kernels on, the best instructions they use (`avx512`, `avx2`,
 /// `portable`: the values `INSTRUCT_PIX2PIX_CPU_ISA` takes).

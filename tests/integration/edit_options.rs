@@ -307,21 +307,31 @@ fn bench_times_the_re_edit_s_first_preview() {
     );
 }
 
-/// The report names the kernels that ran: capped to portable code, it says so.
+/// The report names the kernels that ran: capped to portable code, it says so; with the
+/// Winograd convolution turned off, it says that too.
 #[test]
 fn bench_names_the_cpu_kernels_it_ran() {
     let work = tempfile::tempdir().unwrap();
     let model = fixture_pipeline("sd1-tiny").display().to_string();
-    let result = program(work.path())
-        .env("INSTRUCT_PIX2PIX_CPU_ISA", "portable")
-        .env_remove("INSTRUCT_PIX2PIX_KERNELS")
-        .args([
-            "bench", "--model", &model, "--size", "64", "--steps", "1", "--runs", "1",
-        ])
-        .output()
-        .unwrap();
-    assert!(result.status.success(), "{}", stderr(&result));
-    let report: serde_json::Value =
-        serde_json::from_str(String::from_utf8_lossy(&result.stdout).trim()).unwrap();
-    assert_eq!(report["cpu_kernels"], "portable");
+    for (winograd, expected) in [(None, true), (Some("off"), false)] {
+        let mut command = program(work.path());
+        command
+            .env("INSTRUCT_PIX2PIX_CPU_ISA", "portable")
+            .env_remove("INSTRUCT_PIX2PIX_KERNELS")
+            .env_remove("INSTRUCT_PIX2PIX_WINOGRAD");
+        if let Some(value) = winograd {
+            command.env("INSTRUCT_PIX2PIX_WINOGRAD", value);
+        }
+        let result = command
+            .args([
+                "bench", "--model", &model, "--size", "64", "--steps", "1", "--runs", "1",
+            ])
+            .output()
+            .unwrap();
+        assert!(result.status.success(), "{}", stderr(&result));
+        let report: serde_json::Value =
+            serde_json::from_str(String::from_utf8_lossy(&result.stdout).trim()).unwrap();
+        assert_eq!(report["cpu_kernels"], "portable");
+        assert_eq!(report["winograd_conv"], expected, "{winograd:?}");
+    }
 }

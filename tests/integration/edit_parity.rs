@@ -7,7 +7,7 @@ use crate::common;
 use std::path::Path;
 
 use common::{fixture_pipeline, fixtures, pixel_difference, program, stderr};
-use instruct_pix2pix::model::nn::KERNELS_VAR;
+use instruct_pix2pix::model::nn::{KERNELS_VAR, WINOGRAD_VAR};
 use instruct_pix2pix::pipeline::image::read_png_text;
 use instruct_pix2pix::pipeline::metadata::EditRecord;
 use serde_json::Value;
@@ -23,6 +23,14 @@ fn check_case(case: &str) {
 /// [`check_case`] with `INSTRUCT_PIX2PIX_KERNELS` set to `kernels` (inherited otherwise: CI
 /// runs every case once more with `generic`).
 fn check_case_with_kernels(case: &str, kernels: Option<&str>) {
+    match kernels {
+        Some(kernels) => check_case_with_env(case, &[(KERNELS_VAR, kernels)]),
+        None => check_case_with_env(case, &[]),
+    }
+}
+
+/// [`check_case`] with these environment variables set for the program.
+fn check_case_with_env(case: &str, env: &[(&str, &str)]) {
     let dir = fixtures().join("edits").join(case);
     let settings: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("settings.json")).unwrap()).unwrap();
@@ -57,9 +65,7 @@ fn check_case_with_kernels(case: &str, kernels: Option<&str>) {
         args.extend(["--seed".into(), seed.to_string()]);
     }
     let mut command = program(&work.path().join("hf"));
-    if let Some(kernels) = kernels {
-        command.env(KERNELS_VAR, kernels);
-    }
+    command.envs(env.iter().copied());
     let result = command.args(&args).output().expect("the program starts");
     assert!(
         result.status.success(),
@@ -152,6 +158,14 @@ fn sd2_sizes_multiple_of_4_only() {
     check_case("sd2-size-mult4");
 }
 
+/// The direct convolution in place of Winograd's (`INSTRUCT_PIX2PIX_WINOGRAD=off`) gives
+/// diffusers' pixels too: both roundings are checked, whichever is the default.
+#[test]
+fn the_direct_convolution_gives_diffusers_pixels_too() {
+    check_case_with_env("sd1-odd-size", &[(WINOGRAD_VAR, "off")]);
+    check_case_with_env("sd2-vpred", &[(WINOGRAD_VAR, "off")]);
+}
+
 /// Issue 12: candle's generic ops (what a GPU runs) give diffusers' pixels too, on a case
 /// with attention, an odd latent size and the ancestral sampler.
 #[test]
@@ -164,7 +178,11 @@ fn generic_kernels_give_diffusers_pixels() {
 #[test]
 fn an_unknown_kernel_choice_or_instruction_set_is_refused() {
     let work = tempfile::tempdir().unwrap();
-    for (variable, value) in [(KERNELS_VAR, "turbo"), ("INSTRUCT_PIX2PIX_CPU_ISA", "sse9")] {
+    for (variable, value) in [
+        (KERNELS_VAR, "turbo"),
+        ("INSTRUCT_PIX2PIX_CPU_ISA", "sse9"),
+        (WINOGRAD_VAR, "maybe"),
+    ] {
         let result = program(&work.path().join("hf"))
             .env(variable, value)
             .args([

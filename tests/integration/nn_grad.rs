@@ -137,6 +137,9 @@ fn conv_matches_candle_values_and_gradients() {
         (2, 5, 9, 5, 37, 3, 1, 1, true),
         (1, 3, 4, 4, 34, 3, 1, 0, false),
         (1, 2, 3, 4, 33, 5, 1, 2, false),
+        // 3×3, padding 1, 32 channels and more, 96 tiles and more: Winograd's F(2×2, 3×3),
+        // forward and input gradient (odd sizes: tiles half outside the image).
+        (3, 32, 33, 9, 21, 3, 1, 1, true),
     ];
     for (batch, in_c, out_c, h, w, kernel, stride, padding, has_bias) in cases {
         let config = candle_nn::Conv2dConfig {

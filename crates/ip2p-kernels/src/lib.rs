@@ -1,7 +1,8 @@
 //! Float32 kernels on plain slices (no tensors): the direct convolution of stride 1
 //! ([`direct_conv`], AVX-512 or AVX2 + FMA), products with one narrow side ([`skinny`],
 //! AVX-512), the softmax numerator ([`softmax`]), the group norm's rows ([`norm`]) and AdamW's
-//! elementwise passes ([`adamw`]) (those three on AVX-512, AVX2 + FMA or portable code).
+//! elementwise passes ([`adamw`]) (those three on AVX-512, AVX2 + FMA or portable code), and
+//! the transforms of the Winograd 3×3 convolution ([`winograd`], whose products the caller runs).
 //! [`isa`] is what the CPU has, as far as [`ISA_VAR`] or [`cap_isa`] allow.
 //! instruct-pix2pix's CPU backend (`src/model/nn/`) decides when they apply and calls them.
 //!
@@ -17,6 +18,7 @@ pub mod direct_conv;
 pub mod norm;
 pub mod skinny;
 pub mod softmax;
+pub mod winograd;
 
 /// Pixels (float32 lanes) per AVX-512 vector.
 const LANES: usize = 16;

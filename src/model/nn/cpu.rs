@@ -1,5 +1,6 @@
-//! Fused CPU kernels for inference (no backward pass): convolution (direct at stride 1 on
-//! AVX-512, see `cpu/direct_conv.rs`; im2col + GEMM otherwise), group normalisation and
+//! Fused CPU kernels for inference (no backward pass): convolution (Winograd's for wide 3×3
+//! ones, `cpu/winograd.rs`; direct at stride 1 on AVX-512 or AVX2, `cpu/direct_conv.rs`;
+//! im2col + GEMM otherwise), group normalisation and
 //! blocked attention. Each returns `Ok(None)` when it does not apply (another device, dtype or
 //! configuration), and the caller falls back to candle's differentiable ops.
 //!
@@ -11,6 +12,7 @@
 
 mod attention;
 pub(super) mod direct_conv;
+pub(super) mod winograd;
 
 pub(super) use attention::{
     AttentionShape, QUERY_BLOCK_ROWS, attention, attention_forward, exp_minus_in_place,
@@ -226,9 +228,10 @@ pub(super) fn conv2d(
     }
 }
 
-/// A float32 convolution: the direct kernel where it applies (stride 1 on AVX-512 or AVX2, not 1×1),
-/// else [`conv_slices`] with im2col blocks of at most `col_block_elements`. Inference and the
-/// differentiable kernel's forward pass both choose here.
+/// A float32 convolution: Winograd's where it applies (wide 3×3 of stride 1 and padding 1), else
+/// the direct kernel where it applies (stride 1 on AVX-512 or AVX2, not 1×1), else
+/// [`conv_slices`] with im2col blocks of at most `col_block_elements`. Inference and the
+/// differentiable kernel's forward and input-gradient passes all choose here.
 pub(super) fn conv_f32(
     x: &[f32],
     weight: &[f32],
@@ -236,7 +239,9 @@ pub(super) fn conv_f32(
     shape: &ConvShape,
     col_block_elements: usize,
 ) -> Result<Vec<f32>> {
-    if direct_conv::applies(shape) {
+    if winograd::applies(shape) {
+        winograd::conv(x, weight, bias, shape)
+    } else if direct_conv::applies(shape) {
         direct_conv::conv(x, weight, bias, shape)
     } else {
         conv_slices(x, weight, bias, shape, col_block_elements)

@@ -15,7 +15,7 @@ use candle_nn::Conv2dConfig;
 use half::bf16;
 use rayon::prelude::*;
 
-use super::cpu::{self, COL_BLOCK_ELEMENTS, ConvShape, direct_conv};
+use super::cpu::{self, COL_BLOCK_ELEMENTS, ConvShape, direct_conv, winograd};
 use super::fused_op::{FrozenBf16Kernel, Grads3, apply_frozen_bf16, apply_weight_bias};
 use super::product::{Product, Threads};
 
@@ -203,10 +203,15 @@ impl ConvOp {
         let (input_grad, weight_grad) = if s.is_pointwise() {
             self.pointwise_backward(x_data, ConvWeight::F32(&w_data), dy)?
         } else if let Some(transposed) = transposed.filter(|_| self.input_tracked) {
-            // The input's gradient as a direct convolution of dy; only the weight's (when
-            // tracked) takes the column matrix.
-            let input_grad =
-                direct_conv::conv(dy, &flipped_transpose(&w_data, s), None, &transposed)?;
+            // The input's gradient as a convolution of dy (Winograd's or the direct one); only
+            // the weight's (when tracked) takes the column matrix.
+            let input_grad = cpu::conv_f32(
+                dy,
+                &flipped_transpose(&w_data, s),
+                None,
+                &transposed,
+                self.col_block_elements,
+            )?;
             let weight_grad = if self.weight_tracked {
                 let weight_only = ConvOp {
                     input_tracked: false,
@@ -343,7 +348,7 @@ impl ConvOp {
 }
 
 /// The convolution whose output is the input gradient of `s` (stride 1, square kernel, where
-/// the direct kernel applies): dy [B, C_out, H_out, W_out] convolved with the weight turned
+/// Winograd's or the direct kernel applies): dy [B, C_out, H_out, W_out] convolved with the weight turned
 /// half a circle and its channel axes swapped ([`flipped_transpose`]), padded by k − 1 − p.
 fn transposed_conv(s: &ConvShape) -> Option<ConvShape> {
     if s.stride != 1 || s.k_h != s.k_w || s.padding >= s.k_h {
@@ -362,7 +367,7 @@ fn transposed_conv(s: &ConvShape) -> Option<ConvShape> {
         out_h: s.in_h,
         out_w: s.in_w,
     };
-    direct_conv::applies(&transposed).then_some(transposed)
+    (winograd::applies(&transposed) || direct_conv::applies(&transposed)).then_some(transposed)
 }
 
 /// W [C_out, C_in, k_h, k_w] → W' [C_in, C_out, k_h, k_w] with W'[i, o, a, b] =
