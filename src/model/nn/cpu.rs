@@ -1,8 +1,8 @@
 //! Fused CPU kernels for inference (no backward pass): convolution (Winograd's for wide 3×3
 //! ones, `cpu/winograd.rs`; direct at stride 1 on AVX-512 or AVX2, `cpu/direct_conv.rs`;
-//! im2col + GEMM otherwise), group normalisation and
-//! blocked attention. Each returns `Ok(None)` when it does not apply (another device, dtype or
-//! configuration), and the caller falls back to candle's differentiable ops.
+//! im2col + GEMM otherwise), group normalisation and blocked attention. Each returns
+//! `Ok(None)` when it does not apply (another device, dtype or configuration), and the caller
+//! falls back to candle's differentiable ops.
 //!
 //! The slice-level pieces (im2col, the normalisation loop, the attention blocks) are shared with
 //! the differentiable kernels of `grad_conv.rs`, `grad_norm.rs` and `grad_attention.rs`.

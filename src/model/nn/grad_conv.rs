@@ -1,8 +1,11 @@
-//! The differentiable CPU convolution: the forward pass of `cpu.rs` (im2col + one large GEMM per
-//! block of output rows) as a candle custom op whose backward pass is built the same way:
+//! The differentiable CPU convolution: the forward pass of `cpu.rs` (Winograd's, the direct
+//! kernel or im2col + one large GEMM per block of output rows, as inference chooses) as a candle
+//! custom op whose backward pass is built of GEMMs too:
 //!
 //! - the weight gradient dW [C_out, C_in·k_h·k_w] = Σ over blocks of dy_block · columnsᵀ,
 //! - the input gradient: column gradients Wᵀ · dy_block, scattered back onto the input (col2im),
+//!   or, at stride 1, the convolution of dy with the turned weight (Winograd's or the direct
+//!   kernel, as the forward pass chooses),
 //! - the bias gradient: dy summed per output channel.
 //!
 //! Each gradient is computed only for the tensors that were tracked when the forward pass ran,
@@ -348,8 +351,9 @@ impl ConvOp {
 }
 
 /// The convolution whose output is the input gradient of `s` (stride 1, square kernel, where
-/// Winograd's or the direct kernel applies): dy [B, C_out, H_out, W_out] convolved with the weight turned
-/// half a circle and its channel axes swapped ([`flipped_transpose`]), padded by k − 1 − p.
+/// Winograd's or the direct kernel applies): dy [B, C_out, H_out, W_out] convolved with the
+/// weight turned half a circle and its channel axes swapped ([`flipped_transpose`]), padded by
+/// k − 1 − p.
 fn transposed_conv(s: &ConvShape) -> Option<ConvShape> {
     if s.stride != 1 || s.k_h != s.k_w || s.padding >= s.k_h {
         return None;
