@@ -19,10 +19,9 @@
 //! linear weights in bf16 and its activations in float32: those layers and the attention then
 //! run the bf16 products of `nn/bf16.rs`.
 
-use std::sync::atomic::{AtomicU8, Ordering};
-
 use candle_core::{D, DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
+use switch::KernelSwitch;
 
 mod bf16;
 mod cpu;
@@ -34,6 +33,7 @@ mod grad_join;
 mod grad_linear;
 mod grad_norm;
 mod product;
+mod switch;
 #[cfg(test)]
 mod test_values;
 
@@ -442,9 +442,12 @@ pub fn conv2d(
 /// CPU), `fast` (the default) the fused CPU kernels where they apply.
 pub const KERNELS_VAR: &str = "INSTRUCT_PIX2PIX_KERNELS";
 
-/// The kernel choice made by [`set_fast_cpu_kernels`]: 0 none yet (the environment decides),
-/// 1 fast, 2 generic.
-static KERNELS_SET: AtomicU8 = AtomicU8::new(0);
+/// The choice [`KERNELS_VAR`] and [`set_fast_cpu_kernels`] make.
+static KERNELS: KernelSwitch = KernelSwitch::new(
+    KERNELS_VAR,
+    ("fast", "the fused CPU kernels"),
+    ("generic", "candle's ops, as on a GPU"),
+);
 
 /// Whether float32 convolutions of stride 1 run the direct kernel here (a CPU with AVX-512F or
 /// AVX2 + FMA, the fast kernels on): no im2col columns, one zero-bordered copy of an image
@@ -475,33 +478,19 @@ pub fn cpu_kernels_name() -> &'static str {
 /// What [`KERNELS_VAR`] asks for: `Ok(None)` when it is unset, an error naming the variable
 /// for any value other than `fast` or `generic`.
 pub fn kernels_from_env() -> std::result::Result<Option<bool>, String> {
-    match std::env::var(KERNELS_VAR) {
-        Err(_) => Ok(None),
-        Ok(value) => match value.trim() {
-            "fast" => Ok(Some(true)),
-            "generic" => Ok(Some(false)),
-            other => Err(format!(
-                "{KERNELS_VAR}={other:?}: use fast (the fused CPU kernels) or generic (candle's ops, as on a GPU)"
-            )),
-        },
-    }
+    KERNELS.read_env()
 }
 
 /// Turns the fused CPU kernels on or off for the whole process, for A/B benchmarks in one
 /// process (results agree within float32 rounding either way); overrides [`KERNELS_VAR`].
 pub fn set_fast_cpu_kernels(enabled: bool) {
-    KERNELS_SET.store(if enabled { 1 } else { 2 }, Ordering::Relaxed);
+    KERNELS.set(enabled);
 }
 
 /// Whether the fused CPU kernels are on: as last set by [`set_fast_cpu_kernels`], else as
 /// [`KERNELS_VAR`] says (read once; a bad value was refused by the command line), else on.
 pub fn fast_cpu_kernels() -> bool {
-    static FROM_ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    match KERNELS_SET.load(Ordering::Relaxed) {
-        1 => true,
-        2 => false,
-        _ => *FROM_ENV.get_or_init(|| kernels_from_env().ok().flatten().unwrap_or(true)),
-    }
+    KERNELS.enabled()
 }
 
 /// The differentiable fused CPU kernels themselves, each `Ok(None)` where it does not apply

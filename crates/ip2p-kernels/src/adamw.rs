@@ -214,12 +214,7 @@ mod tests {
     use super::*;
 
     fn values(len: usize, seed: u32) -> Vec<f32> {
-        (0..len)
-            .map(|i| {
-                let x = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8;
-                (x as f32 / (1u32 << 24) as f32 - 0.5) * 0.02
-            })
-            .collect()
+        crate::test_support::hashed_values(len, seed, 0.02)
     }
 
     fn step(beta1_weight: f32, apply_decay: bool, grad_scale: f32) -> AdamStep {

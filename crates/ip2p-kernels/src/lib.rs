@@ -151,13 +151,13 @@ pub enum KernelError {
     Unsupported { kernel: &'static str, isa: Isa },
 }
 
+/// Test values and the convolution by its definition, shared by the kernels' tests.
 #[cfg(test)]
-mod tests {
-    use super::Isa;
-    use super::direct_conv::{self, Geometry};
-    use super::skinny::Skinny;
+mod test_support {
+    use super::direct_conv::Geometry;
 
-    fn values(len: usize, seed: u32) -> Vec<f32> {
+    /// `len` values in [−1, 1] (thousandths) from a xorshift generator seeded by `seed`.
+    pub fn values(len: usize, seed: u32) -> Vec<f32> {
         let mut state = seed.wrapping_mul(2_654_435_761) | 1;
         (0..len)
             .map(|_| {
@@ -170,7 +170,7 @@ mod tests {
     }
 
     /// The convolution by its definition, in f64.
-    fn reference_conv(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &Geometry) -> Vec<f64> {
+    pub fn reference_conv(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &Geometry) -> Vec<f64> {
         let (oh, ow) = (g.out_h(), g.out_w());
         let mut out = Vec::with_capacity(g.batch * g.out_channels * oh * ow);
         for b in 0..g.batch {
@@ -200,6 +200,25 @@ mod tests {
         }
         out
     }
+
+    /// `len` values in ±scale/2 from a multiplicative hash of the index: smooth enough to
+    /// exercise every lane, the same on every run.
+    pub fn hashed_values(len: usize, seed: u32, scale: f32) -> Vec<f32> {
+        (0..len)
+            .map(|i| {
+                let x = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8;
+                (x as f32 / (1u32 << 24) as f32 - 0.5) * scale
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Isa;
+    use super::direct_conv::{self, Geometry};
+    use super::skinny::Skinny;
+    use super::test_support::{reference_conv, values};
 
     /// Partial channel tiles, rows ending inside a vector, the 2 + 2 split of four vectors (rows
     /// of 25 to 32 on AVX2, in 6-channel tiles there; of 64 on AVX-512), more taps than one

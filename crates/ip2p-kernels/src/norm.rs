@@ -115,12 +115,7 @@ mod tests {
     use super::*;
 
     fn values_of(len: usize, seed: u32) -> Vec<f32> {
-        (0..len)
-            .map(|i| {
-                let x = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8;
-                (x as f32 / (1u32 << 24) as f32 - 0.5) * 12.0
-            })
-            .collect()
+        crate::test_support::hashed_values(len, seed, 12.0)
     }
 
     #[test]

@@ -290,51 +290,22 @@ unsafe impl Sync for SharedOut {}
 mod tests {
     use super::*;
 
-    fn values(len: usize, seed: u64) -> Vec<f32> {
-        let mut state = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-        (0..len)
-            .map(|_| {
-                state = state
-                    .wrapping_mul(6_364_136_223_846_793_005)
-                    .wrapping_add(1_442_695_040_888_963_407);
-                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::direct_conv;
+    use crate::test_support::{reference_conv, values};
 
     /// The 3×3, padding 1 convolution by its definition, in f64.
     fn reference(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &Geometry) -> Vec<f64> {
-        let (h, wd) = (g.height as isize, g.width as isize);
-        let mut out = vec![0f64; g.batch * g.out_channels * g.height * g.width];
-        for b in 0..g.batch {
-            for o in 0..g.out_channels {
-                for y in 0..h {
-                    for xx in 0..wd {
-                        let mut sum = bias.map_or(0.0, |b| f64::from(b[o]));
-                        for i in 0..g.in_channels {
-                            for ky in 0..3isize {
-                                for kx in 0..3isize {
-                                    let (iy, ix) = (y + ky - 1, xx + kx - 1);
-                                    if iy < 0 || ix < 0 || iy >= h || ix >= wd {
-                                        continue;
-                                    }
-                                    let xv = x[((b * g.in_channels + i) as isize * h + iy)
-                                        as usize
-                                        * g.width
-                                        + ix as usize];
-                                    let wv = w[((o * g.in_channels + i) * 3 + ky as usize) * 3
-                                        + kx as usize];
-                                    sum += f64::from(xv) * f64::from(wv);
-                                }
-                            }
-                        }
-                        out[((b * g.out_channels + o) * g.height + y as usize) * g.width
-                            + xx as usize] = sum;
-                    }
-                }
-            }
-        }
-        out
+        let direct = direct_conv::Geometry {
+            batch: g.batch,
+            in_channels: g.in_channels,
+            in_h: g.height,
+            in_w: g.width,
+            out_channels: g.out_channels,
+            k_h: 3,
+            k_w: 3,
+            padding: 1,
+        };
+        reference_conv(x, w, bias, &direct)
     }
 
     /// The three transforms with the 16 products written out, over blocks of `block` tile rows.
@@ -394,9 +365,9 @@ mod tests {
                 height: h,
                 width: w,
             };
-            let x = values(batch * c_in * h * w, 3 * n as u64);
-            let weight = values(c_out * c_in * 9, 3 * n as u64 + 1);
-            let bias = values(c_out, 3 * n as u64 + 2);
+            let x = values(batch * c_in * h * w, 3 * n as u32);
+            let weight = values(c_out * c_in * 9, 3 * n as u32 + 1);
+            let bias = values(c_out, 3 * n as u32 + 2);
             for bias in [None, Some(bias.as_slice())] {
                 let expected = reference(&x, &weight, bias, &g);
                 let got = winograd(&x, &weight, bias, &g, block);

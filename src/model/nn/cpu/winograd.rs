@@ -10,14 +10,12 @@
 //! weight's size, made again on every call: a cached copy would cost that much memory per
 //! layer). [`WINOGRAD_VAR`] turns it off for the whole process.
 
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU8, Ordering};
-
 use candle_core::Result;
 use ip2p_kernels::winograd::{self, Geometry, TILE_VALUES};
 use rayon::prelude::*;
 
 use super::super::product::{Product, Threads};
+use super::super::switch::KernelSwitch;
 use super::ConvShape;
 
 /// The environment variable that turns the Winograd convolution off (`off`) or on (`on`, the
@@ -39,39 +37,32 @@ const MIN_TILES: usize = 96;
 /// the images themselves.
 const BLOCK_FLOATS: usize = 1 << 22;
 
-/// The choice made by [`set_enabled`]: 0 none yet (the environment decides), 1 on, 2 off.
-static SET: AtomicU8 = AtomicU8::new(0);
+/// The choice [`WINOGRAD_VAR`] and [`set_enabled`] make.
+static SWITCH: KernelSwitch = KernelSwitch::new(
+    WINOGRAD_VAR,
+    (
+        "on",
+        "3×3 convolutions by Winograd's algorithm, the default",
+    ),
+    ("off", "the direct convolution"),
+);
 
 /// What [`WINOGRAD_VAR`] asks for: `Ok(None)` when it is unset, an error naming the variable
 /// for any value other than `on` or `off`.
 pub fn from_env() -> std::result::Result<Option<bool>, String> {
-    match std::env::var(WINOGRAD_VAR) {
-        Err(_) => Ok(None),
-        Ok(value) => match value.trim() {
-            "on" => Ok(Some(true)),
-            "off" => Ok(Some(false)),
-            other => Err(format!(
-                "{WINOGRAD_VAR}={other:?}: use on (3×3 convolutions by Winograd's algorithm, the default) or off (the direct convolution)"
-            )),
-        },
-    }
+    SWITCH.read_env()
 }
 
 /// Turns the Winograd convolution on or off for the whole process (A/B measurements in one
 /// process); overrides [`WINOGRAD_VAR`].
 pub fn set_enabled(enabled: bool) {
-    SET.store(if enabled { 1 } else { 2 }, Ordering::Relaxed);
+    SWITCH.set(enabled);
 }
 
 /// Whether the Winograd convolution is on: as last set by [`set_enabled`], else as
 /// [`WINOGRAD_VAR`] says (a bad value was refused by the command line), else on.
 pub fn enabled() -> bool {
-    static FROM_ENV: OnceLock<bool> = OnceLock::new();
-    match SET.load(Ordering::Relaxed) {
-        1 => true,
-        2 => false,
-        _ => *FROM_ENV.get_or_init(|| from_env().ok().flatten().unwrap_or(true)),
-    }
+    SWITCH.enabled()
 }
 
 fn geometry(s: &ConvShape) -> Geometry {
