@@ -1,9 +1,9 @@
 //! The float32 3×3 convolution of stride 1 and padding 1 by Winograd's F(2×2, 3×3)
 //! (`ip2p_kernels::winograd`: the transforms; here the 16 matrix products between them, on the
 //! `gemm` crate): 2.25 times fewer multiply-adds than the direct convolution. Nearly every
-//! convolution of the UNet and the VAE is of this kind (their resnets, `conv_in` of the VAE's
-//! decoder, the upsamplers), and so is the input gradient of each in training (the same
-//! convolution of the output's gradient with the weight turned and transposed).
+//! convolution of the UNet and the VAE is of this kind (their resnets and the convolutions after
+//! each upsampling), and so is the input gradient of each in training (the same convolution of
+//! the output's gradient with the weight turned and transposed).
 //!
 //! Taken where both channel counts are wide enough for the products to run at the GEMM's speed
 //! and the batch has enough tiles to amortise transforming the weight (which is 16/9 of the
