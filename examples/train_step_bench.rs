@@ -9,7 +9,8 @@
 //! Defaults: 256, 4 steps (the first one, a warm-up, is not counted), full training, `fast`
 //! (the fused CPU kernels; `candle` switches them off everywhere). Prints each step's time and
 //! the median of the counted ones; each step's time is split into forward + backward and the
-//! optimizer's part (clipping and AdamW).
+//! optimizer's part (clipping and AdamW), and the step's large allocations that the process's
+//! block cache could not serve are counted (each is fresh memory, faulted in page by page).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -83,15 +84,17 @@ fn main() -> Result<()> {
             names: vec![format!("bench{step}")],
         };
         let draws = StepDraws::seeded(0, step, latent_shape, timesteps, &Device::Cpu)?;
+        let misses_before = instruct_pix2pix::heap::stats().misses;
         let started = Instant::now();
         trainer.accumulate(&batch, &draws)?;
         let backward_done = Instant::now();
         trainer.optimizer_step()?;
         let seconds = started.elapsed().as_secs_f64();
         println!(
-            "step {step}: {seconds:.3} s (forward + backward {:.3} s, clipping + AdamW {:.3} s)",
+            "step {step}: {seconds:.3} s (forward + backward {:.3} s, clipping + AdamW {:.3} s; {} large blocks from the system)",
             (backward_done - started).as_secs_f64(),
-            backward_done.elapsed().as_secs_f64()
+            started.elapsed().as_secs_f64() - (backward_done - started).as_secs_f64(),
+            instruct_pix2pix::heap::stats().misses - misses_before
         );
         if step > 0 {
             times.push(seconds);
