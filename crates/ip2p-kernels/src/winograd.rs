@@ -66,22 +66,36 @@ pub fn transform_weights(weight: &[f32], out_channels: usize, in_channels: usize
     );
     let pair_count = out_channels * in_channels;
     let mut u = vec![0f32; TILE_VALUES * pair_count];
-    // One task per output channel writes its rows of every U[ξ]: gather per ξ afterwards
-    // would need a second buffer, so each task writes through a pointer to its disjoint part.
+    // One task per output channel transforms its filters into 16 rows of a scratch buffer, then
+    // copies each row into its U[ξ]: for the usual channel counts the 16 planes lie a multiple
+    // of 64 KiB apart, so writing a filter's 16 values in place would send 16 stores to one
+    // cache set.
     let u_ptr = SharedOut(u.as_mut_ptr());
     weight
         .par_chunks(in_channels * 9)
         .enumerate()
-        .for_each(|(o, filters)| {
-            let u_ptr = &u_ptr;
-            for (i, g) in filters.chunks_exact(9).enumerate() {
-                let transformed = weight_tile(g);
-                for (xi, &value) in transformed.iter().enumerate() {
-                    // SAFETY: (ξ, o, i) is unique to this task's o, inside the buffer.
-                    unsafe { *u_ptr.0.add(xi * pair_count + o * in_channels + i) = value };
+        .for_each_init(
+            || vec![0f32; TILE_VALUES * in_channels],
+            |rows, (o, filters)| {
+                let u_ptr = &u_ptr;
+                for (i, g) in filters.chunks_exact(9).enumerate() {
+                    for (xi, value) in weight_tile(g).into_iter().enumerate() {
+                        rows[xi * in_channels + i] = value;
+                    }
                 }
-            }
-        });
+                for (xi, row) in rows.chunks_exact(in_channels).enumerate() {
+                    // SAFETY: U[ξ][o] (in_channels values) is this task's alone, inside the
+                    // buffer, and does not overlap the scratch row.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            row.as_ptr(),
+                            u_ptr.0.add(xi * pair_count + o * in_channels),
+                            in_channels,
+                        )
+                    };
+                }
+            },
+        );
     u
 }
 
