@@ -68,7 +68,7 @@ pub fn transform_weights(weight: &[f32], out_channels: usize, in_channels: usize
     let mut u = vec![0f32; TILE_VALUES * pair_count];
     // One task per output channel transforms its filters into 16 rows of a scratch buffer, then
     // copies each row into its U[ξ]: for the usual channel counts the 16 planes lie a multiple
-    // of 64 KiB apart, so writing a filter's 16 values in place would send 16 stores to one
+    // of 4 KiB apart, so writing a filter's 16 values in place would send 16 stores to one L1
     // cache set.
     let u_ptr = SharedOut(u.as_mut_ptr());
     weight
