@@ -90,10 +90,10 @@ fn main() -> Result<()> {
         let backward_done = Instant::now();
         trainer.optimizer_step()?;
         let seconds = started.elapsed().as_secs_f64();
+        let forward_backward = (backward_done - started).as_secs_f64();
         println!(
-            "step {step}: {seconds:.3} s (forward + backward {:.3} s, clipping + AdamW {:.3} s; {} large blocks from the system)",
-            (backward_done - started).as_secs_f64(),
-            started.elapsed().as_secs_f64() - (backward_done - started).as_secs_f64(),
+            "step {step}: {seconds:.3} s (forward + backward {forward_backward:.3} s, clipping + AdamW {:.3} s; {} large blocks from the system)",
+            seconds - forward_backward,
             instruct_pix2pix::heap::stats().misses - misses_before
         );
         if step > 0 {
