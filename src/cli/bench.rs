@@ -99,7 +99,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "dtype": dtype,
         "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "cpu_kernels": crate::model::nn::cpu_kernels_name(),
-        "winograd_conv": crate::model::nn::fast_cpu_kernels() && crate::model::nn::winograd_conv_enabled(),
+        "winograd_conv": crate::model::nn::winograd_conv_available(),
         "load_s": load_seconds,
         "s_per_step": mean(&step_seconds),
         "s_per_edit": mean(&edit_seconds),

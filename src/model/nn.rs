@@ -457,9 +457,14 @@ pub fn direct_conv_available() -> bool {
 }
 
 pub use cpu::winograd::{
-    WINOGRAD_VAR, enabled as winograd_conv_enabled, from_env as winograd_from_env,
-    set_enabled as set_winograd_conv,
+    WINOGRAD_VAR, from_env as winograd_from_env, set_enabled as set_winograd_conv,
 };
+
+/// Whether wide 3×3 convolutions of stride 1 and padding 1 run Winograd's algorithm here (the
+/// fast kernels on, [`WINOGRAD_VAR`] not `off`).
+pub fn winograd_conv_available() -> bool {
+    fast_cpu_kernels() && cpu::winograd::enabled()
+}
 
 /// Which CPU kernels run float32 work here, as a report names them: `generic` (candle's ops, as
 /// on a GPU) or, with the fused kernels on, the best instructions they use (`avx512`, `avx2`,

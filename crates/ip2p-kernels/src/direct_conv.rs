@@ -17,7 +17,7 @@
 
 use rayon::prelude::*;
 
-use crate::{Isa, KernelError};
+use crate::{DisjointOut, Isa, KernelError};
 
 /// A tile's shape on one instruction set: output channels × vectors of `lanes` pixels, with
 /// registers left for the loads and the broadcast weight.
@@ -185,7 +185,7 @@ pub fn conv_on(
             s,
             &mut padded,
         );
-        let out_image = OutPtr(
+        let out_image = DisjointOut(
             out.spare_capacity_mut()[image * image_out..]
                 .as_mut_ptr()
                 .cast(),
@@ -269,13 +269,6 @@ fn fill_padded(x: &[f32], s: &Geometry, padded: &mut [f32]) {
         });
 }
 
-/// This image's output, written by the tasks at disjoint places.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: the tasks that share it write disjoint elements (see `conv`).
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
 /// What a task needs: the padded image, the tap offsets, the packed weights and the bias of
 /// every channel, where this image's output goes.
 struct BandJob<'a> {
@@ -286,7 +279,7 @@ struct BandJob<'a> {
     offsets: &'a [usize],
     packed: &'a [f32],
     bias: Option<&'a [f32]>,
-    out: OutPtr,
+    out: DisjointOut,
     out_channels: usize,
     out_plane: usize,
     out_w: usize,

@@ -23,6 +23,15 @@ pub mod winograd;
 /// Pixels (float32 lanes) per AVX-512 vector.
 const LANES: usize = 16;
 
+/// An output buffer that parallel tasks write at disjoint places (each kernel says which).
+#[derive(Clone, Copy)]
+struct DisjointOut(*mut f32);
+
+// SAFETY: the tasks that share one write disjoint elements of a buffer that outlives them (see
+// each user).
+unsafe impl Send for DisjointOut {}
+unsafe impl Sync for DisjointOut {}
+
 /// The vector instructions a kernel is written for, ordered best first (the lesser of two is
 /// the more capable).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

@@ -21,6 +21,8 @@
 
 use rayon::prelude::*;
 
+use crate::DisjointOut;
+
 /// Values per tile in the transformed domain (4×4).
 pub const TILE_VALUES: usize = 16;
 
@@ -54,6 +56,11 @@ impl Geometry {
     pub fn tiles(&self) -> usize {
         self.batch * self.tiles_per_image()
     }
+
+    /// (image, tile row within it) of tile row `row` numbered across the batch.
+    fn image_and_row(&self, row: usize) -> (usize, usize) {
+        (row / self.tile_rows(), row % self.tile_rows())
+    }
 }
 
 /// U [16, C_out, C_in] from the weight [C_out, C_in, 3, 3]: U[ξ][o][i] = (G g Gᵀ)[ξ] with
@@ -70,7 +77,7 @@ pub fn transform_weights(weight: &[f32], out_channels: usize, in_channels: usize
     // copies each row into its U[ξ]: for the usual channel counts the 16 planes lie a multiple
     // of 4 KiB apart, so writing a filter's 16 values in place would send 16 stores to one L1
     // cache set.
-    let u_ptr = SharedOut(u.as_mut_ptr());
+    let u_ptr = DisjointOut(u.as_mut_ptr());
     weight
         .par_chunks(in_channels * 9)
         .enumerate()
@@ -144,7 +151,7 @@ pub fn transform_input(x: &[f32], g: &Geometry, first_row: usize, rows: usize, v
     let count = rows * tile_cols;
     let per_value = g.in_channels * count;
     assert!(v.len() >= TILE_VALUES * per_value, "V buffer too small");
-    let v_ptr = SharedOut(v.as_mut_ptr());
+    let v_ptr = DisjointOut(v.as_mut_ptr());
     // Columns −1 ..= 2·tile_cols of a row (the zero border and a zero column past an odd width).
     let padded_w = 2 * tile_cols + 2;
     (0..g.in_channels).into_par_iter().for_each_init(
@@ -152,10 +159,7 @@ pub fn transform_input(x: &[f32], g: &Geometry, first_row: usize, rows: usize, v
         |(u, zeros), c| {
             let v_ptr = &v_ptr;
             for row in 0..rows {
-                let (image, tile_row) = (
-                    (first_row + row) / g.tile_rows(),
-                    (first_row + row) % g.tile_rows(),
-                );
+                let (image, tile_row) = g.image_and_row(first_row + row);
                 let channel = &x[(image * g.in_channels + c) * plane..][..plane];
                 // Input rows 2r − 1 ..= 2r + 2; zeros above and below the image.
                 let d = |i: usize| -> &[f32] {
@@ -239,18 +243,16 @@ pub fn transform_output(
         bias.is_none_or(|b| b.len() == g.out_channels),
         "bias is not [C_out]"
     );
-    let out_ptr = SharedOut(out.as_mut_ptr());
+    let out_ptr = DisjointOut(out.as_mut_ptr());
     (0..g.out_channels).into_par_iter().for_each_init(
-        || vec![0f32; 8 * tile_cols + 2 * 2 * tile_cols],
+        // Aᵀ m (4 columns × 2 rows of tile_cols values), then one output line.
+        || vec![0f32; 8 * tile_cols + 2 * tile_cols],
         |scratch, o| {
             let out_ptr = &out_ptr;
             let shift = bias.map_or(0.0, |b| b[o]);
             let (w, pixels) = scratch.split_at_mut(8 * tile_cols);
             for row in 0..rows {
-                let (image, tile_row) = (
-                    (first_row + row) / g.tile_rows(),
-                    (first_row + row) % g.tile_rows(),
-                );
+                let (image, tile_row) = g.image_and_row(first_row + row);
                 let local = row * tile_cols;
                 let m_run = |xi: usize| &m[xi * per_value + o * count + local..][..tile_cols];
                 // Aᵀ m: for each of the 4 columns j, the tile's two rows.
@@ -271,7 +273,7 @@ pub fn transform_output(
                     }
                     let w_run = |j: usize| &w[(2 * j + dy) * tile_cols..][..tile_cols];
                     let (w0, w1, w2, w3) = (w_run(0), w_run(1), w_run(2), w_run(3));
-                    let line = &mut pixels[..2 * tile_cols];
+                    let line = &mut *pixels;
                     for t in 0..tile_cols {
                         line[2 * t] = w0[t] + w1[t] + w2[t] + shift;
                         line[2 * t + 1] = w1[t] - w2[t] - w3[t] + shift;
@@ -292,13 +294,6 @@ pub fn transform_output(
         },
     );
 }
-
-/// A buffer that tasks write disjoint parts of.
-struct SharedOut(*mut f32);
-
-// SAFETY: every user writes only elements no other task writes, and the buffer outlives the
-// parallel loop that uses it.
-unsafe impl Sync for SharedOut {}
 
 #[cfg(test)]
 mod tests {
