@@ -8,9 +8,10 @@
 //!
 //! Defaults: 256, 4 steps (the first one, a warm-up, is not counted), full training, `fast`
 //! (the fused CPU kernels; `candle` switches them off everywhere). Prints each step's time and
-//! the median of the counted ones; each step's time is split into forward + backward and the
-//! optimizer's part (clipping and AdamW), and the step's large allocations that the process's
-//! block cache could not serve are counted (each is fresh memory, faulted in page by page).
+//! the median of the counted ones; each step's time is split into the frozen encoders' part
+//! (VAE and text encoder), the UNet's forward + backward and the optimizer's part (clipping and
+//! AdamW), and the step's large allocations that the process's block cache could not serve
+//! are counted, with the fresh memory they took (faulted in and cleared page by page).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -84,17 +85,23 @@ fn main() -> Result<()> {
             names: vec![format!("bench{step}")],
         };
         let draws = StepDraws::seeded(0, step, latent_shape, timesteps, &Device::Cpu)?;
-        let misses_before = instruct_pix2pix::heap::stats().misses;
+        let heap_before = instruct_pix2pix::heap::stats();
         let started = Instant::now();
-        trainer.accumulate(&batch, &draws)?;
+        let encoded = trainer.models().encode_batch(&batch)?;
+        let encoded_at = Instant::now();
+        trainer.accumulate_encoded(&encoded, &draws)?;
         let backward_done = Instant::now();
         trainer.optimizer_step()?;
         let seconds = started.elapsed().as_secs_f64();
-        let forward_backward = (backward_done - started).as_secs_f64();
+        let heap = instruct_pix2pix::heap::stats();
+        let encoding = (encoded_at - started).as_secs_f64();
+        let forward_backward = (backward_done - encoded_at).as_secs_f64();
         println!(
-            "step {step}: {seconds:.3} s (forward + backward {forward_backward:.3} s, clipping + AdamW {:.3} s; {} large blocks from the system)",
-            seconds - forward_backward,
-            instruct_pix2pix::heap::stats().misses - misses_before
+            "step {step}: {seconds:.3} s (VAE + text encoder {encoding:.3} s, UNet forward + backward {forward_backward:.3} s, clipping + AdamW {:.3} s; {} large blocks not in the block cache, {} of them resized cached ones, {:.0} MB of fresh memory)",
+            seconds - forward_backward - encoding,
+            heap.misses - heap_before.misses,
+            heap.resized - heap_before.resized,
+            (heap.fresh_bytes - heap_before.fresh_bytes) as f64 / 1e6,
         );
         if step > 0 {
             times.push(seconds);

@@ -8,6 +8,14 @@
 //! where the page was read before it was written, flushes the other cores' TLBs. Profiled on 2
 //! cores, that was a third of a full-size training step (2026-12-06, `perf`).
 //!
+//! A request that finds no cached block of its size (or up to half again as large) is made of
+//! cached blocks' pages (Linux): the block nearest in size, cut to the request where it is
+//! larger, else grown with the pages of the largest other cached blocks, moved into place by
+//! `mremap` (page tables move; no page is cleared or copied). Only what the cache cannot give is
+//! fresh memory. Before that, a training step mapped and cleared over a gigabyte of fresh pages
+//! (2026-12-07: 520 blocks, 1.35 GB a LoRA step at 256²) while holding as much in blocks of the
+//! wrong sizes.
+//!
 //! The cache never makes the process bigger than it already was: a request that finds no cached
 //! block first returns cached blocks to the system until the live blocks, the cached ones and the
 //! new one together fit under the highest live total seen so far. Smaller blocks go straight to
@@ -26,8 +34,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 pub const LARGE_BLOCK_BYTES: usize = 256 * 1024;
 /// How many freed blocks are kept at most (a full fine-tuning step frees ~700 gradients at once).
 const CACHE_SLOTS: usize = 2048;
-/// How many live blocks may be larger than their request (see [`CacheState::take`]).
-const OVERSIZED_SLOTS: usize = 1024;
+/// How many live blocks may differ from their request's size class: larger (see
+/// [`CacheState::take`]) or joined from pieces (see [`CacheState::take_pages`]).
+const RECORD_SLOTS: usize = 1024;
 /// Blocks handed back to the system per pass (outside the lock).
 const RELEASE_BATCH: usize = 64;
 
@@ -109,8 +118,13 @@ pub struct HeapStats {
     pub peak_live_bytes: usize,
     /// Requests served from the cache.
     pub hits: u64,
-    /// Requests that went to the system allocator.
+    /// Requests that went to the system allocator (a fresh block, or a cached one resized).
     pub misses: u64,
+    /// Of the misses, those served (at least partly) with cached blocks' pages.
+    pub resized: u64,
+    /// Bytes of fresh memory taken from the system for requests (whole fresh blocks, and what
+    /// cached pages did not cover): each such page is faulted in and cleared by the kernel.
+    pub fresh_bytes: u64,
 }
 
 #[derive(Clone, Copy)]
@@ -120,13 +134,39 @@ struct CachedBlock {
     align: usize,
     /// When it was freed (a counter): the oldest goes back to the system first.
     freed_at: u64,
+    /// How many of the kernel's mappings it may span: 1, or for a block joined from pieces
+    /// at most [`MAX_PIECES`] + 1. A joined block is never one of several pieces again, so
+    /// that this never compounds: it bounds the process's mapping count (the kernel's limit is
+    /// 65530; (cached slots + records) × 7 stays well under it).
+    spans: u8,
+}
+
+/// A record's address while its block is being joined (no block lies at address 1).
+const RESERVED: usize = 1;
+
+/// Most cached blocks one request's block is made of.
+const MAX_PIECES: usize = 6;
+
+/// Cached pages taken for one request ([`CacheState::take_pages`]): page-aligned pieces of
+/// the backing's mappings (each the start of a cached block, or a whole one), joined in this
+/// order into the new block by [`backing::join`].
+#[derive(Default)]
+struct Pages {
+    pieces: [Option<(*mut u8, usize)>; MAX_PIECES],
+    /// Their total size.
+    bytes: usize,
+    /// How many of the kernel's mappings the block they make may span.
+    spans: u8,
+    /// The record reserved for that block where it spans more than one.
+    record: Option<usize>,
 }
 
 struct CacheState {
     // Fixed arrays: the allocator must not allocate while it holds its own lock.
     slots: [Option<CachedBlock>; CACHE_SLOTS],
-    /// Live blocks handed out for a smaller request: (address, the block's size); 0: free.
-    oversized: [(usize, usize); OVERSIZED_SLOTS],
+    /// Live blocks other than their request's size class made fresh: (address, the block's
+    /// size, its spans); address 0: free, [`RESERVED`]: taken for a block being joined.
+    records: [(usize, usize, u8); RECORD_SLOTS],
     stats: HeapStats,
     clock: u64,
 }
@@ -140,13 +180,15 @@ impl LargeBlockCache {
         Self {
             state: SpinLock::new(CacheState {
                 slots: [None; CACHE_SLOTS],
-                oversized: [(0, 0); OVERSIZED_SLOTS],
+                records: [(0, 0, 0); RECORD_SLOTS],
                 stats: HeapStats {
                     live_bytes: 0,
                     cached_bytes: 0,
                     peak_live_bytes: 0,
                     hits: 0,
                     misses: 0,
+                    resized: 0,
+                    fresh_bytes: 0,
                 },
                 clock: 0,
             }),
@@ -186,55 +228,79 @@ impl LargeBlockCache {
         self.state.lock()
     }
 
-    /// A large block for `layout`: a cached one of its size class (or up to 1.5 times it), or a
-    /// fresh one from the system after returning enough cached blocks to stay under the peak.
+    /// A large block for `layout`: a cached one of its size class (or up to 1.5 times it), else
+    /// one made of cached blocks' pages ([`CacheState::take_pages`]), else (or for the rest) fresh
+    /// memory from the system, after returning enough cached blocks to stay under the peak.
     unsafe fn alloc_large(&self, layout: Layout, zeroed: bool) -> *mut u8 {
         let class = size_class(layout.size());
-        let reused = loop {
+        // Taken out of the cache on the first pass and kept while room is made.
+        let mut pages: Option<Pages> = None;
+        let pages = loop {
             let mut to_release = [None; RELEASE_BATCH];
             let mut state = self.lock();
-            let found = state.take(class, layout.align());
-            let room_made = found.is_some() || state.make_room(class, &mut to_release);
-            if room_made {
-                let size = match found {
-                    Some(block) => {
-                        state.stats.hits += 1;
-                        block.size
+            if pages.is_none() {
+                if let Some(block) = state.take(class, layout.align()) {
+                    state.stats.hits += 1;
+                    state.count_live(block.size);
+                    drop(state);
+                    if zeroed {
+                        // SAFETY: the block is at least `class` ≥ `layout.size()` bytes and
+                        // ours now.
+                        unsafe { std::ptr::write_bytes(block.ptr, 0, layout.size()) };
                     }
-                    None => {
-                        state.stats.misses += 1;
-                        class
-                    }
-                };
+                    return block.ptr;
+                }
+                pages = Some(state.take_pages(class, layout.align()));
+            }
+            if state.make_room(class, &mut to_release) {
+                let cached_bytes = pages.as_ref().map_or(0, |pages| pages.bytes);
+                state.stats.misses += 1;
+                state.stats.fresh_bytes += (class - cached_bytes) as u64;
+                if cached_bytes > 0 {
+                    state.stats.resized += 1;
+                }
                 // Counted live before the system call, so that concurrent misses see each other.
-                state.stats.live_bytes += size;
-                state.stats.peak_live_bytes =
-                    state.stats.peak_live_bytes.max(state.stats.live_bytes);
+                state.count_live(class);
                 drop(state);
                 release(to_release);
-                break found;
+                break pages.unwrap_or_default();
             }
             drop(state);
             release(to_release);
         };
-        if let Some(block) = reused {
-            if zeroed {
-                // SAFETY: the block is at least `class` ≥ `layout.size()` bytes and ours now.
-                unsafe { std::ptr::write_bytes(block.ptr, 0, layout.size()) };
+        let ptr = if pages.bytes == 0 {
+            // SAFETY: a valid layout of non-zero size (the class is at least LARGE_BLOCK_BYTES).
+            unsafe {
+                backing::alloc(
+                    Layout::from_size_align_unchecked(class, layout.align()),
+                    zeroed,
+                )
             }
-            return block.ptr;
-        }
-        // SAFETY: a valid layout of non-zero size (the class is at least LARGE_BLOCK_BYTES).
-        let ptr = unsafe {
-            backing::alloc(
-                Layout::from_size_align_unchecked(class, layout.align()),
-                zeroed,
-            )
+        } else {
+            let cached_bytes = pages.bytes;
+            let (record, spans) = (pages.record, pages.spans);
+            // SAFETY: the pieces were cached (unused) parts of the backing's mappings, taken out
+            // of the cache; `class` is a page multiple no smaller than their sum.
+            let ptr = unsafe { backing::join(pages, class) };
+            if let Some(record) = record {
+                self.lock().records[record] = if ptr.is_null() {
+                    (0, 0, 0)
+                } else {
+                    (ptr as usize, class, spans)
+                };
+            }
+            if !ptr.is_null() && zeroed {
+                // The cached pages come first and hold old contents; the rest is fresh, zero.
+                // SAFETY: they lie in the new block.
+                unsafe { std::ptr::write_bytes(ptr, 0, layout.size().min(cached_bytes)) };
+            }
+            ptr
         };
         if ptr.is_null() {
             self.lock().stats.live_bytes -= class;
         } else {
-            // Only the requested bytes: the class's unused tail stays unmapped.
+            // Only the requested bytes: the class's unused tail stays unmapped. (Pages already
+            // there cost a page-table walk.)
             backing::prefault(ptr, layout.size());
         }
         ptr
@@ -244,7 +310,7 @@ impl LargeBlockCache {
     unsafe fn dealloc_large(&self, ptr: *mut u8, layout: Layout) {
         let block = {
             let mut state = self.lock();
-            let class = state.block_size(ptr, layout.size());
+            let (class, spans) = state.block_size(ptr, layout.size());
             state.stats.live_bytes = state.stats.live_bytes.saturating_sub(class);
             state.clock += 1;
             let block = CachedBlock {
@@ -252,6 +318,7 @@ impl LargeBlockCache {
                 size: class,
                 align: layout.align(),
                 freed_at: state.clock,
+                spans,
             };
             match state.slots.iter_mut().find(|slot| slot.is_none()) {
                 Some(slot) => {
@@ -349,7 +416,9 @@ fn release(blocks: [Option<CachedBlock>; RELEASE_BATCH]) {
 mod backing {
     use std::alloc::{GlobalAlloc, Layout, System};
 
-    const PAGE: usize = 4096;
+    pub(super) const PAGE: usize = 4096;
+    /// Cached blocks of up to [`PAGE`] alignment can give their pages ([`join`]).
+    pub(super) const JOINS: bool = true;
 
     /// # Safety
     /// A layout of non-zero size that is a multiple of the page size (a size class).
@@ -394,6 +463,51 @@ mod backing {
         }
     }
 
+    /// Joins the cached pages' pieces into one block of `size` bytes: a piece of that size is
+    /// the block; otherwise a fresh mapping of `size` bytes receives the pieces' pages in order
+    /// (`mremap` moves the page tables; a piece may span several of the kernel's mappings
+    /// since Linux 6.17, and where the kernel refuses, the piece is given back and the block
+    /// keeps fresh pages there). What the pieces do not cover is fresh. Null where the system
+    /// has no memory for the mapping (the pieces are then given back).
+    ///
+    /// # Safety
+    /// Each piece is a page-aligned range of mappings made by [`alloc`], unused and owned by
+    /// the caller; their sum is at most `size`, a page multiple.
+    pub(super) unsafe fn join(pages: super::Pages, size: usize) -> *mut u8 {
+        let pieces = pages.pieces.into_iter().flatten();
+        if let [Some((only, only_size)), None, ..] = pages.pieces
+            && only_size == size
+        {
+            return only;
+        }
+        // SAFETY: a page-multiple size, page alignment.
+        let block = unsafe { alloc(Layout::from_size_align_unchecked(size, PAGE), false) };
+        let mut offset = 0;
+        for (ptr, piece_size) in pieces {
+            let moved = if block.is_null() {
+                libc::MAP_FAILED
+            } else {
+                // SAFETY: the destination lies inside the new block, past what is already
+                // placed; FIXED replaces the block's untouched pages there with the piece's.
+                unsafe {
+                    libc::mremap(
+                        ptr.cast(),
+                        piece_size,
+                        piece_size,
+                        libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                        block.add(offset).cast::<libc::c_void>(),
+                    )
+                }
+            };
+            if moved == libc::MAP_FAILED {
+                // SAFETY: the piece is intact after a failed mremap, and the caller's.
+                unsafe { libc::munmap(ptr.cast(), piece_size) };
+            }
+            offset += piece_size;
+        }
+        block
+    }
+
     /// Faults a fresh block's first `size` bytes in at once (`MADV_POPULATE_WRITE`, Linux 5.14;
     /// ignored where the kernel lacks it): one call instead of a page fault per 4 KiB, and no
     /// read-then-write faults (a page first read maps the shared zero page; the write after
@@ -433,6 +547,18 @@ mod backing {
     pub(super) unsafe fn dealloc(ptr: *mut u8, layout: Layout) {
         // SAFETY: the caller's contract.
         unsafe { System.dealloc(ptr, layout) }
+    }
+
+    pub(super) const PAGE: usize = 4096;
+    /// Blocks from the system allocator cannot give their pages to another.
+    pub(super) const JOINS: bool = false;
+
+    /// Never called (see [`JOINS`]).
+    ///
+    /// # Safety
+    /// None needed: it touches nothing.
+    pub(super) unsafe fn join(_pages: super::Pages, _size: usize) -> *mut u8 {
+        std::ptr::null_mut()
     }
 
     pub(super) fn prefault(_ptr: *mut u8, _size: usize) {}
@@ -476,11 +602,12 @@ impl CacheState {
                 .filter_map(|(i, slot)| slot.map(|block| (i, block)))
                 .filter(move |(_, block)| block.align == align)
         };
+        let free_record = self.free_record();
+        // A joined block needs a record to be remembered as joined when it comes back.
         let exact = cached()
-            .filter(|(_, block)| block.size == size)
+            .filter(|(_, block)| block.size == size && (block.spans == 1 || free_record.is_some()))
             .max_by_key(|(_, block)| block.freed_at)
             .map(|(i, _)| i);
-        let free_record = self.oversized.iter().position(|&(ptr, _)| ptr == 0);
         let index = match (exact, free_record) {
             (Some(i), _) => i,
             (None, Some(_)) => {
@@ -493,28 +620,109 @@ impl CacheState {
         };
         let block = self.slots[index].take()?;
         self.stats.cached_bytes -= block.size;
-        if block.size != size
+        if (block.size != size || block.spans > 1)
             && let Some(record) = free_record
         {
-            self.oversized[record] = (block.ptr as usize, block.size);
+            self.records[record] = (block.ptr as usize, block.size, block.spans);
         }
         Some(block)
     }
 
-    /// The size of the live block at `ptr` whose owner asked for `requested` bytes: its class,
-    /// or what [`CacheState::take`] recorded when it handed out a larger block.
-    fn block_size(&mut self, ptr: *mut u8, requested: usize) -> usize {
+    fn free_record(&self) -> Option<usize> {
+        self.records.iter().position(|&(address, ..)| address == 0)
+    }
+
+    /// Takes cached pages for a request of `size` bytes (a size class) out of the cache: the
+    /// block nearest in size (of equally near ones the most recently freed) and, while that is
+    /// short of `size`, the largest of the others. A block larger than what is still needed
+    /// gives only its start; its tail stays cached as a block of its own. A joined block
+    /// serves only as the one piece that covers the request (its start, no pages moved), and a
+    /// new block spanning more than one mapping needs a free record. Nothing for blocks the
+    /// backing cannot join ([`backing::JOINS`], alignments above a page).
+    fn take_pages(&mut self, size: usize, align: usize) -> Pages {
+        let mut pages = Pages::default();
+        if !backing::JOINS || align > backing::PAGE {
+            return pages;
+        }
+        let record = self.free_record();
+        for (taken, piece) in pages.pieces.iter_mut().enumerate() {
+            let wanted = size - pages.bytes;
+            let usable = |block: &CachedBlock| {
+                let covers = taken == 0 && block.size >= wanted;
+                block.align == align
+                    && if record.is_some() {
+                        block.spans == 1 || covers
+                    } else {
+                        block.spans == 1 && covers
+                    }
+            };
+            let candidates = self
+                .slots
+                .iter()
+                .enumerate()
+                .filter_map(|(i, slot)| slot.map(|block| (i, block)))
+                .filter(|(_, block)| usable(block));
+            let chosen = if taken == 0 {
+                candidates.min_by_key(|(_, block)| {
+                    (block.size.abs_diff(wanted), u64::MAX - block.freed_at)
+                })
+            } else {
+                candidates.max_by_key(|(_, block)| (block.size, block.freed_at))
+            };
+            let Some((index, block)) = chosen else { break };
+            pages.spans += block.spans;
+            if block.size > wanted {
+                // The start is taken; the tail stays in the slot.
+                self.slots[index] = Some(CachedBlock {
+                    // SAFETY: inside the block's mapping (`wanted` < its size).
+                    ptr: unsafe { block.ptr.add(wanted) },
+                    size: block.size - wanted,
+                    ..block
+                });
+                *piece = Some((block.ptr, wanted));
+                pages.bytes += wanted;
+            } else {
+                self.slots[index] = None;
+                *piece = Some((block.ptr, block.size));
+                pages.bytes += block.size;
+            }
+            self.stats.cached_bytes -= piece.map_or(0, |(_, size)| size);
+            if pages.bytes == size {
+                break;
+            }
+        }
+        if pages.bytes > 0 && pages.bytes < size {
+            pages.spans += 1; // the fresh mapping's rest
+        }
+        if pages.spans > 1
+            && let Some(record) = record
+        {
+            self.records[record] = (RESERVED, 0, pages.spans);
+            pages.record = Some(record);
+        }
+        pages
+    }
+
+    /// Counts a block of `size` bytes handed out.
+    fn count_live(&mut self, size: usize) {
+        self.stats.live_bytes += size;
+        self.stats.peak_live_bytes = self.stats.peak_live_bytes.max(self.stats.live_bytes);
+    }
+
+    /// The size of the live block at `ptr` whose owner asked for `requested` bytes, and how
+    /// many mappings it spans: its class and 1, or what was recorded when it was handed out.
+    fn block_size(&mut self, ptr: *mut u8, requested: usize) -> (usize, u8) {
         match self
-            .oversized
+            .records
             .iter_mut()
-            .find(|(address, _)| *address == ptr as usize)
+            .find(|(address, ..)| *address == ptr as usize)
         {
             Some(record) => {
-                let size = record.1;
-                *record = (0, 0);
-                size
+                let (_, size, spans) = *record;
+                *record = (0, 0, 0);
+                (size, spans)
             }
-            None => size_class(requested),
+            None => (size_class(requested), 1),
         }
     }
 
