@@ -36,6 +36,7 @@ mod product;
 mod switch;
 #[cfg(test)]
 mod test_values;
+mod values;
 
 pub use bf16::{
     CPU_BF16_VAR, cpu_bf16_allowed, cpu_bf16_enabled, cpu_has_bf16_instructions, with_bf16_products,

@@ -112,32 +112,44 @@ pub(in crate::model::nn) fn linear(
     if weight_in != in_features || bias.is_some_and(|b| b.dims() != [out_features]) {
         return Ok(None);
     }
+    let out = with_input_and_weight(x, weight, |x_data, w_data| {
+        let mut out = vec![0f32; rows * out_features];
+        let accumulate = match bias {
+            Some(bias) => {
+                let bias = bias.to_vec1::<f32>()?;
+                for row in out.chunks_exact_mut(out_features) {
+                    row.copy_from_slice(&bias);
+                }
+                true
+            }
+            None => false,
+        };
+        FrozenBf16Products {
+            w: w_data,
+            rows,
+            in_features,
+            out_features,
+        }
+        .forward(&mut out, x_data, accumulate)?;
+        Ok(out)
+    })?;
+    Tensor::from_vec(out, (rows, out_features), &Device::Cpu).map(Some)
+}
+
+/// `f` on the float32 values of `x` and the bf16 values of `weight` (CPU tensors, made
+/// contiguous), their storages borrowed for the call.
+fn with_input_and_weight<R>(
+    x: &Tensor,
+    weight: &Tensor,
+    f: impl FnOnce(&[f32], &[bf16]) -> Result<R>,
+) -> Result<R> {
     let x = x.contiguous()?;
     let weight = weight.contiguous()?;
     let (x_storage, x_layout) = x.storage_and_layout();
     let (w_storage, w_layout) = weight.storage_and_layout();
     let x_data = contiguous_slice::<f32>(&x_storage, x_layout)?;
     let w_data = contiguous_slice::<bf16>(&w_storage, w_layout)?;
-    let mut out = vec![0f32; rows * out_features];
-    let accumulate = match bias {
-        Some(bias) => {
-            let bias = bias.to_vec1::<f32>()?;
-            for row in out.chunks_exact_mut(out_features) {
-                row.copy_from_slice(&bias);
-            }
-            true
-        }
-        None => false,
-    };
-    FrozenBf16Products {
-        w: w_data,
-        rows,
-        in_features,
-        out_features,
-    }
-    .forward(&mut out, x_data, accumulate)?;
-    drop((x_storage, w_storage));
-    Tensor::from_vec(out, (rows, out_features), &Device::Cpu).map(Some)
+    f(x_data, w_data)
 }
 
 /// The two products of a linear layer whose weight `w` [out, in] is held in bf16, on the CPU's
@@ -280,15 +292,10 @@ pub(in crate::model::nn) fn conv2d(
     let Some(s) = ConvShape::of_mixed(x, weight, bias, cfg)? else {
         return Ok(None);
     };
-    let x = x.contiguous()?;
-    let weight = weight.contiguous()?;
-    let (x_storage, x_layout) = x.storage_and_layout();
-    let (w_storage, w_layout) = weight.storage_and_layout();
-    let x_data = contiguous_slice::<f32>(&x_storage, x_layout)?;
-    let w_data = contiguous_slice::<bf16>(&w_storage, w_layout)?;
-    let bias = bias.map(|b| b.to_vec1::<f32>()).transpose()?;
-    let out = im2col_conv(x_data, w_data, bias.as_deref(), &s, BF16_COL_BLOCK_ELEMENTS)?;
-    drop((x_storage, w_storage));
+    let out = with_input_and_weight(x, weight, |x_data, w_data| {
+        let bias = bias.map(|b| b.to_vec1::<f32>()).transpose()?;
+        im2col_conv(x_data, w_data, bias.as_deref(), &s, BF16_COL_BLOCK_ELEMENTS)
+    })?;
     Tensor::from_vec(
         out,
         (s.batch, s.out_channels, s.out_h, s.out_w),

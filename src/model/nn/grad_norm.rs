@@ -13,6 +13,7 @@ use rayon::prelude::*;
 
 use super::cpu::{self, GroupNormShape};
 use super::fused_op::{Fused, FusedKernel, Grads3};
+use super::values::{with_slice, with_slices};
 
 /// Group normalisation of `x` [B, C, ...] (+ SiLU when `silu`) as a differentiable op, when the
 /// kernel applies (CPU, f32).
@@ -105,29 +106,6 @@ impl Tracked {
             self.bias.then(|| vector(bias_grad)).transpose()?,
         ))
     }
-}
-
-/// The values of three contiguous tensors, in a callback (the storages stay borrowed for it).
-fn with_slices<R>(tensors: [&Tensor; 3], f: impl FnOnce([&[f32]; 3]) -> Result<R>) -> Result<R> {
-    let contiguous = [
-        tensors[0].contiguous()?,
-        tensors[1].contiguous()?,
-        tensors[2].contiguous()?,
-    ];
-    let guards = contiguous.each_ref().map(|t| t.storage_and_layout());
-    let slices = [
-        cpu::contiguous_slice::<f32>(&guards[0].0, guards[0].1)?,
-        cpu::contiguous_slice::<f32>(&guards[1].0, guards[1].1)?,
-        cpu::contiguous_slice::<f32>(&guards[2].0, guards[2].1)?,
-    ];
-    f(slices)
-}
-
-/// The values of a tensor (made contiguous), in a callback.
-fn with_slice<R>(tensor: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    let tensor = tensor.contiguous()?;
-    let (storage, layout) = tensor.storage_and_layout();
-    f(cpu::contiguous_slice::<f32>(&storage, layout)?)
 }
 
 /// d silu(y) / dy = σ(y) · (1 + y · (1 − σ(y))), with the forward pass's σ.

@@ -320,6 +320,14 @@ impl<'a> Machine<'a> {
         }
     }
 
+    /// A copy of the value on top of the stack; `reason` refuses a mark or an empty stack.
+    fn copy_of_top(&self, at: usize, reason: &str) -> Result<Value, Refusal> {
+        match self.stack.last() {
+            Some(Value::Mark) | None => Err(self.invalid(at, reason)),
+            Some(value) => Ok(value.clone()),
+        }
+    }
+
     fn memo_get(&mut self, key: u64, at: usize) -> Result<(), Refusal> {
         let value = self
             .memo
@@ -330,14 +338,17 @@ impl<'a> Machine<'a> {
     }
 
     fn memo_put(&mut self, key: u64, at: usize) -> Result<(), Refusal> {
-        let value = match self.stack.last() {
-            Some(Value::Mark) | None => {
-                return Err(self.invalid(at, "nothing to memoize on the stack"));
-            }
-            Some(value) => value.clone(),
-        };
+        let value = self.copy_of_top(at, "nothing to memoize on the stack")?;
         self.memo.insert(key, value);
         Ok(())
+    }
+
+    /// The memo key of a text GET or PUT (`op`): the decimal number on the rest of the line.
+    fn text_memo_key(&mut self, at: usize, op: &str) -> Result<u64, Refusal> {
+        let line = self.line()?;
+        self.text(line, at)?
+            .parse()
+            .map_err(|_| self.invalid(at, format!("{op} of a bad key")))
     }
 
     fn global(&mut self, module: &str, name: &str, at: usize) -> Result<(), Refusal> {
@@ -582,10 +593,7 @@ impl<'a> Machine<'a> {
                     self.pop_to_mark(at)?;
                 }
                 b'2' => {
-                    let value = match self.stack.last() {
-                        Some(Value::Mark) | None => return Err(self.invalid(at, "DUP of nothing")),
-                        Some(value) => value.clone(),
-                    };
+                    let value = self.copy_of_top(at, "DUP of nothing")?;
                     self.push(value, at)?;
                 }
                 b'h' => {
@@ -597,11 +605,7 @@ impl<'a> Machine<'a> {
                     self.memo_get(key, at)?;
                 }
                 b'g' => {
-                    let line = self.line()?;
-                    let key = self
-                        .text(line, at)?
-                        .parse()
-                        .map_err(|_| self.invalid(at, "GET of a bad key"))?;
+                    let key = self.text_memo_key(at, "GET")?;
                     self.memo_get(key, at)?;
                 }
                 b'q' => {
@@ -613,11 +617,7 @@ impl<'a> Machine<'a> {
                     self.memo_put(key, at)?;
                 }
                 b'p' => {
-                    let line = self.line()?;
-                    let key = self
-                        .text(line, at)?
-                        .parse()
-                        .map_err(|_| self.invalid(at, "PUT of a bad key"))?;
+                    let key = self.text_memo_key(at, "PUT")?;
                     self.memo_put(key, at)?;
                 }
                 0x94 => {

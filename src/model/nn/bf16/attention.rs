@@ -7,10 +7,9 @@ use candle_core::{Device, Result, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
-use super::super::cpu::{
-    AttentionShape, QUERY_BLOCK_ROWS, contiguous_slice, exp_minus_max_in_place,
-};
+use super::super::cpu::{AttentionShape, QUERY_BLOCK_ROWS, exp_minus_max_in_place};
 use super::super::product::Threads;
+use super::super::values::with_slices;
 use super::gemm::{Bf16Product, Lhs, PackedRhs, Rhs, convert_row};
 
 /// `q` [B, N_q, H·D], `k` and `v` [B, N_kv, H·D] (float32) → [B, N_q, H·D], when the kernel
@@ -24,15 +23,9 @@ pub(in crate::model::nn) fn attention(
     let Some(dims) = AttentionShape::of(q, k, v, heads)? else {
         return Ok(None);
     };
-    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-    let (q_storage, q_layout) = q.storage_and_layout();
-    let (k_storage, k_layout) = k.storage_and_layout();
-    let (v_storage, v_layout) = v.storage_and_layout();
-    let q_data = contiguous_slice::<f32>(&q_storage, q_layout)?;
-    let k_data = contiguous_slice::<f32>(&k_storage, k_layout)?;
-    let v_data = contiguous_slice::<f32>(&v_storage, v_layout)?;
-    let out = attention_forward(q_data, k_data, v_data, &dims)?;
-    drop((q_storage, k_storage, v_storage));
+    let out = with_slices([q, k, v], |[q_data, k_data, v_data]| {
+        attention_forward(q_data, k_data, v_data, &dims)
+    })?;
     Tensor::from_vec(out, (dims.batch, dims.q_len, dims.inner()), &Device::Cpu).map(Some)
 }
 

@@ -143,6 +143,14 @@ impl PackedRhs {
         self.n.div_ceil(PANEL_COLS)
     }
 
+    /// This packed B when it is [k, n], else an error.
+    fn of_size(&self, k: usize, n: usize) -> Result<&Self> {
+        if self.k != k || self.n != n {
+            candle_core::bail!("bf16 product: packed operand of the wrong size");
+        }
+        Ok(self)
+    }
+
     /// Packs `rhs` [k, n] (`Rhs::Packed` is cloned), on `threads`.
     pub(in crate::model::nn) fn pack(
         rhs: &Rhs<'_>,
@@ -155,26 +163,21 @@ impl PackedRhs {
         let mut data = vec![0u32; panel_len * n.div_ceil(PANEL_COLS)];
         let fill = |(panel, out): (usize, &mut [u32])| match *rhs {
             Rhs::F32 { data, strides } => pack_panel_f32(out, panel, k, n, data, strides),
-            Rhs::Bf16 { data, strides } => pack_panel_bf16(out, panel, k, n, data, strides),
+            Rhs::Bf16 { data, strides } => {
+                pack_panel_values(out, panel, k, n, data, strides, bf16::to_bits)
+            }
             Rhs::Packed(_) => {}
         };
         let span = |(rs, cs): (usize, usize), len: usize| {
             k == 0 || n == 0 || (k - 1) * rs + (n - 1) * cs < len
         };
-        match *rhs {
-            Rhs::Packed(packed) => {
-                if packed.k != k || packed.n != n {
-                    candle_core::bail!("bf16 product: packed operand of the wrong size");
-                }
-                return Ok(packed.clone());
-            }
-            Rhs::F32 { data, strides } if !span(strides, data.len()) => {
-                candle_core::bail!("bf16 product: right operand out of its buffer")
-            }
-            Rhs::Bf16 { data, strides } if !span(strides, data.len()) => {
-                candle_core::bail!("bf16 product: right operand out of its buffer")
-            }
-            _ => {}
+        let (strides, len) = match *rhs {
+            Rhs::Packed(packed) => return packed.of_size(k, n).cloned(),
+            Rhs::F32 { data, strides } => (strides, data.len()),
+            Rhs::Bf16 { data, strides } => (strides, data.len()),
+        };
+        if !span(strides, len) {
+            candle_core::bail!("bf16 product: right operand out of its buffer")
         }
         if panel_len > 0 {
             match threads {
@@ -189,7 +192,7 @@ impl PackedRhs {
 }
 
 /// Fills one panel from float32 B (zero past k and n): 16 columns at a time on AVX-512 BF16
-/// when B's rows are contiguous, a pair per column when its columns are, else value by value.
+/// when B's rows are contiguous, else as [`pack_panel_values`].
 fn pack_panel_f32(
     out: &mut [u32],
     panel: usize,
@@ -198,15 +201,32 @@ fn pack_panel_f32(
     data: &[f32],
     (rs, cs): (usize, usize),
 ) {
-    let first = panel * PANEL_COLS;
-    let cols = PANEL_COLS.min(n - first);
     #[cfg(target_arch = "x86_64")]
     if cs == 1 && cpu_has_bf16_dot() {
+        let first = panel * PANEL_COLS;
+        let cols = PANEL_COLS.min(n - first);
         // SAFETY: the CPU has AVX-512F/BW and avx512_bf16; `pack` checked that every element
         // (row < k, column < n) lies inside `data`, and `out` holds a whole panel.
         unsafe { avx512::pack_panel_f32_rows(out, data, rs, first, cols, k) };
         return;
     }
+    pack_panel_values(out, panel, k, n, data, (rs, cs), bf16_bits);
+}
+
+/// Fills one panel from B's values as bf16 bits (`bits`), zero past k and n: a pair per
+/// column when B's columns are contiguous (a linear layer's weight, Wᵀ), else value by value.
+#[inline(always)]
+fn pack_panel_values<T: Copy>(
+    out: &mut [u32],
+    panel: usize,
+    k: usize,
+    n: usize,
+    data: &[T],
+    (rs, cs): (usize, usize),
+    bits: impl Fn(T) -> u16,
+) {
+    let first = panel * PANEL_COLS;
+    let cols = PANEL_COLS.min(n - first);
     if rs == 1 {
         // Each column's values are contiguous: read them in pairs.
         for c in 0..cols {
@@ -214,47 +234,16 @@ fn pack_panel_f32(
             let mut pairs = column.chunks_exact(2);
             for (pair, values) in (&mut pairs).enumerate() {
                 out[pair * PANEL_COLS + c] =
-                    u32::from(bf16_bits(values[0])) | (u32::from(bf16_bits(values[1])) << 16);
+                    u32::from(bits(values[0])) | (u32::from(bits(values[1])) << 16);
             }
             if let [last] = pairs.remainder() {
-                out[(k / 2) * PANEL_COLS + c] = u32::from(bf16_bits(*last));
+                out[(k / 2) * PANEL_COLS + c] = u32::from(bits(*last));
             }
         }
         return;
     }
     pack_panel(out, first, cols, k, |row, col| {
-        bf16_bits(data[row * rs + col * cs])
-    });
-}
-
-/// Fills one panel from bf16 B (zero past k and n); a pair per column when B's columns are
-/// contiguous (a linear layer's weight, Wᵀ), else value by value.
-fn pack_panel_bf16(
-    out: &mut [u32],
-    panel: usize,
-    k: usize,
-    n: usize,
-    data: &[bf16],
-    (rs, cs): (usize, usize),
-) {
-    let first = panel * PANEL_COLS;
-    let cols = PANEL_COLS.min(n - first);
-    if rs == 1 {
-        for c in 0..cols {
-            let column = &data[(first + c) * cs..][..k];
-            let mut pairs = column.chunks_exact(2);
-            for (pair, values) in (&mut pairs).enumerate() {
-                out[pair * PANEL_COLS + c] =
-                    u32::from(values[0].to_bits()) | (u32::from(values[1].to_bits()) << 16);
-            }
-            if let [last] = pairs.remainder() {
-                out[(k / 2) * PANEL_COLS + c] = u32::from(last.to_bits());
-            }
-        }
-        return;
-    }
-    pack_panel(out, first, cols, k, |row, col| {
-        data[row * rs + col * cs].to_bits()
+        bits(data[row * rs + col * cs])
     });
 }
 
@@ -426,12 +415,7 @@ impl Bf16Product {
         }
         let packed_here;
         let packed = match rhs {
-            Rhs::Packed(packed) => {
-                if packed.k != k || packed.n != n {
-                    candle_core::bail!("bf16 product: packed operand of the wrong size");
-                }
-                packed
-            }
+            Rhs::Packed(packed) => packed.of_size(k, n)?,
             other => {
                 packed_here = PackedRhs::pack(&other, k, n, threads)?;
                 &packed_here
