@@ -83,6 +83,9 @@ pub struct EditorApp {
     pub load_failure: Option<LoadFailure>,
     /// What the model manager lists (cached repos and known folders), newest listing.
     pub catalog: Vec<CatalogEntry>,
+    /// The number of the newest listing asked for, and of the one `catalog` holds.
+    catalog_requested: u64,
+    catalog_shown: u64,
     pub input: Option<InputImage>,
     /// Earlier inputs, for "Undo input".
     pub input_stack: Vec<InputImage>,
@@ -167,6 +170,8 @@ impl EditorApp {
             loading: None,
             load_failure: None,
             catalog: Vec::new(),
+            catalog_requested: 0,
+            catalog_shown: 0,
             input: None,
             input_stack: Vec::new(),
             running: None,
@@ -425,8 +430,17 @@ impl EditorApp {
 
     /// Lists cached and known models again (in the background).
     pub fn refresh_catalog(&mut self) {
-        self.tasks
-            .list_models(self.hub_settings(), self.settings.model_folders.clone());
+        self.catalog_requested += 1;
+        self.tasks.list_models(
+            self.catalog_requested,
+            self.hub_settings(),
+            self.settings.model_folders.clone(),
+        );
+    }
+
+    /// Whether a newer listing of the models than the one shown is on its way.
+    pub fn catalog_pending(&self) -> bool {
+        self.catalog_shown < self.catalog_requested
     }
 
     /// Where models are downloaded from and cached.
@@ -917,7 +931,13 @@ impl EditorApp {
             TaskEvent::SavePathChosen(path) => {
                 self.ui_state.save_path = path.display().to_string();
             }
-            TaskEvent::ModelList(entries) => self.catalog = entries,
+            // An older listing that arrives late must not replace a newer one.
+            TaskEvent::ModelList(request, entries) => {
+                if request > self.catalog_shown {
+                    self.catalog_shown = request;
+                    self.catalog = entries;
+                }
+            }
             TaskEvent::FolderChosen(path, FolderPurpose::Model) => {
                 self.ui_state.model_field = path.display().to_string();
             }

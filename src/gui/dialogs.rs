@@ -87,7 +87,13 @@ fn model_manager(app: &mut EditorApp, ctx: &Context) {
                 }
             });
             if app.catalog.is_empty() {
-                ui.weak("None yet: download one below, or choose a folder in diffusers' layout.");
+                if app.catalog_pending() {
+                    ui.weak("Looking for models…");
+                } else {
+                    ui.weak(
+                        "None yet: download one below, or choose a folder in diffusers' layout.",
+                    );
+                }
             }
             egui::Grid::new("model-catalog")
                 .striped(true)

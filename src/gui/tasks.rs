@@ -81,8 +81,9 @@ pub enum TaskEvent {
     Saved(PathBuf),
     CopiedToClipboard,
     ScreenshotWritten(PathBuf),
-    /// Models in the Hugging Face cache and the known folders.
-    ModelList(Vec<CatalogEntry>),
+    /// Models in the Hugging Face cache and the known folders, with the number of the request
+    /// (listings run on their own threads and can arrive out of order).
+    ModelList(u64, Vec<CatalogEntry>),
     /// A chore failed; one line for the user.
     Failed(String),
 }
@@ -130,9 +131,10 @@ impl Tasks {
         }
     }
 
-    /// Lists the models in the Hugging Face cache and `folders`.
-    pub fn list_models(&self, hub: HubSettings, folders: Vec<PathBuf>) {
-        self.spawn(move || TaskEvent::ModelList(list_catalog(&hub, &folders)));
+    /// Lists the models in the Hugging Face cache and `folders`; `request` comes back with the
+    /// list.
+    pub fn list_models(&self, request: u64, hub: HubSettings, folders: Vec<PathBuf>) {
+        self.spawn(move || TaskEvent::ModelList(request, list_catalog(&hub, &folders)));
     }
 
     /// Decodes an image file (PNG, JPEG, WebP, BMP, TIFF).

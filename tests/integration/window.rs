@@ -116,6 +116,15 @@ pub(super) fn set_slider(harness: &mut Harness<'static, EditorApp>, label: &str,
     harness.run_steps(2);
 }
 
+/// Opens the model manager and waits for its listing of the models on this computer: the list
+/// arrives from a background thread and, when it adds rows, moves the fields below it.
+fn open_model_manager(harness: &mut Harness<'static, EditorApp>) {
+    click(harness, "Models…");
+    wait_for(harness, "the model manager's listing", |app| {
+        !app.catalog_pending()
+    });
+}
+
 pub(super) fn sees(harness: &Harness<'static, EditorApp>, text: &str) -> bool {
     harness.query_all_by_label_contains(text).next().is_some()
 }
@@ -377,7 +386,7 @@ fn a_model_that_fails_to_load_is_reported_and_another_can_be_loaded() {
     });
     assert!(sees(&harness, "it needs 8"), "the reason is shown");
     click(&mut harness, "Dismiss");
-    click(&mut harness, "Models…");
+    open_model_manager(&mut harness);
     let model = common::fixture_pipeline("sd1-tiny").display().to_string();
     type_into(&mut harness, "Model folder or Hub repo id", &model);
     click(&mut harness, "Load");
@@ -515,7 +524,7 @@ fn the_model_manager_downloads_with_progress_cancels_and_switches_models() {
     wait_for(&mut harness, "the first model", model_ready);
     let first = harness.state().model.clone().unwrap();
 
-    click(&mut harness, "Models…");
+    open_model_manager(&mut harness);
     type_into(&mut harness, "Model folder or Hub repo id", REPO);
     click(&mut harness, "Load");
     wait_for(&mut harness, "download progress", |app| {
@@ -567,7 +576,7 @@ fn the_model_manager_downloads_with_progress_cancels_and_switches_models() {
 
     // Full speed now: the download resumes, the new model replaces the old.
     hub.set_cdn_delay(Duration::ZERO);
-    click(&mut harness, "Models…");
+    open_model_manager(&mut harness);
     click(&mut harness, "Load");
     wait_for(&mut harness, "the downloaded model", |app| {
         model_ready(app) && app.model.as_ref().is_some_and(|m| m.name == REPO)
@@ -931,7 +940,7 @@ fn the_fine_tune_dialog_uses_all_gpus_and_pause_holds_every_rank() {
 fn the_model_manager_adds_a_lora_and_loads_a_single_file() {
     let mut harness = harness(options("sd1-tiny"));
     wait_for(&mut harness, "the first model", model_ready);
-    click(&mut harness, "Models…");
+    open_model_manager(&mut harness);
     let lora = common::fixtures()
         .join("lora_edit")
         .join("kohya.safetensors");
