@@ -89,31 +89,39 @@ fn bench_gemm(reps: usize) -> Result<()> {
             a / b
         );
     }
-    // The UNet's first-level 3×3 convolution on a batch of 3 at 32×32.
-    let x = Tensor::randn(0f32, 1.0, (3, 320, 32, 32), &Device::Cpu)?;
-    let w = Tensor::randn(0f32, 0.05, (320, 320, 3, 3), &Device::Cpu)?;
-    let cfg = candle_nn::Conv2dConfig {
-        padding: 1,
-        ..Default::default()
-    };
-    let f32_conv = Conv2d::new(w.clone(), None, cfg);
-    let bf16_conv = Conv2d::new(w.to_dtype(DType::BF16)?, None, cfg);
-    let (mut f32_times, mut bf16_times) = (Vec::new(), Vec::new());
-    f32_conv.forward(&x)?;
-    bf16_conv.forward(&x)?;
-    for _ in 0..reps {
-        f32_times.push(timed(|| Ok(f32_conv.forward(&x)?))?.0);
-        bf16_times.push(timed(|| Ok(bf16_conv.forward(&x)?))?.0);
+    // 3×3 convolutions of the UNet (batch 3: a 256×256 edit) and of the VAE at 256×256.
+    for (name, batch, c_in, c_out, side) in [
+        ("conv 320, 32² ×3", 3, 320, 320, 32),
+        ("conv 960→320, 32² ×3", 3, 960, 320, 32),
+        ("conv 640, 16² ×3", 3, 640, 640, 16),
+        ("conv 1280→640, 16² ×3", 3, 1280, 640, 16),
+        ("vae conv 128, 256²", 1, 128, 128, 256),
+        ("vae conv 512, 64²", 1, 512, 512, 64),
+    ] {
+        let x = Tensor::randn(0f32, 1.0, (batch, c_in, side, side), &Device::Cpu)?;
+        let w = Tensor::randn(0f32, 0.05, (c_out, c_in, 3, 3), &Device::Cpu)?;
+        let cfg = candle_nn::Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        let f32_conv = Conv2d::new(w.clone(), None, cfg);
+        let bf16_conv = Conv2d::new(w.to_dtype(DType::BF16)?, None, cfg);
+        let (mut f32_times, mut bf16_times) = (Vec::new(), Vec::new());
+        f32_conv.forward(&x)?;
+        bf16_conv.forward(&x)?;
+        for _ in 0..reps {
+            f32_times.push(timed(|| Ok(f32_conv.forward(&x)?))?.0);
+            bf16_times.push(timed(|| Ok(bf16_conv.forward(&x)?))?.0);
+        }
+        let flops = 2.0 * (c_out * c_in * 9 * batch * side * side) as f64;
+        let (a, b) = (median(f32_times), median(bf16_times));
+        println!(
+            "{name:<22} {:>12.1} {:>12.1} {:>7.2}×",
+            flops / a / 1e9,
+            flops / b / 1e9,
+            a / b
+        );
     }
-    let flops = 2.0 * (320usize * 320 * 9 * 3 * 32 * 32) as f64;
-    let (a, b) = (median(f32_times), median(bf16_times));
-    println!(
-        "{:<22} {:>12.1} {:>12.1} {:>7.2}×",
-        "conv 3×3 320, 32² ×3",
-        flops / a / 1e9,
-        flops / b / 1e9,
-        a / b
-    );
     Ok(())
 }
 

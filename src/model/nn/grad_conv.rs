@@ -68,8 +68,7 @@ impl FrozenBf16Kernel for FrozenBf16Conv {
         bias: Option<&[f32]>,
     ) -> Result<(Vec<f32>, Shape)> {
         let s = &self.0.shape;
-        let out =
-            super::bf16::im2col_conv(x, weight, bias, s, super::bf16::BF16_COL_BLOCK_ELEMENTS)?;
+        let out = super::bf16::conv_slices(x, weight, bias, s)?;
         Ok((
             out,
             Shape::from((s.batch, s.out_channels, s.out_h, s.out_w)),
@@ -78,6 +77,13 @@ impl FrozenBf16Kernel for FrozenBf16Conv {
 
     fn input_gradient(&self, weight: &[bf16], dy: &[f32]) -> Result<Tensor> {
         let s = &self.0.shape;
+        let input_shape = (s.batch, s.in_channels, s.in_h, s.in_w);
+        // As in float32: a convolution of dy with the weight turned, where Winograd's applies.
+        if let Some(transposed) = transposed_conv(s).filter(winograd::applies) {
+            let turned = flipped_transpose(weight, s);
+            let input_grad = super::bf16::conv_slices(dy, &turned, None, &transposed)?;
+            return Tensor::from_vec(input_grad, input_shape, &Device::Cpu);
+        }
         let (patch_len, out_c) = (s.patch_len(), s.out_channels);
         // Wᵀ [patch, C_out] by rows: the bf16 kernels read their left operand by rows.
         let mut transposed = vec![bf16::ZERO; weight.len()];
@@ -96,11 +102,7 @@ impl FrozenBf16Kernel for FrozenBf16Conv {
             self.0.im2col_backward(&[], weight, dy)?
         };
         let input_grad = input_grad.unwrap_or_default();
-        Tensor::from_vec(
-            input_grad,
-            (s.batch, s.in_channels, s.in_h, s.in_w),
-            &Device::Cpu,
-        )
+        Tensor::from_vec(input_grad, input_shape, &Device::Cpu)
     }
 }
 
@@ -376,10 +378,10 @@ fn transposed_conv(s: &ConvShape) -> Option<ConvShape> {
 
 /// W [C_out, C_in, k_h, k_w] → W' [C_in, C_out, k_h, k_w] with W'[i, o, a, b] =
 /// W[o, i, k_h − 1 − a, k_w − 1 − b].
-fn flipped_transpose(weight: &[f32], s: &ConvShape) -> Vec<f32> {
+fn flipped_transpose<T: Copy + Default + Send + Sync>(weight: &[T], s: &ConvShape) -> Vec<T> {
     let (kh, kw) = (s.k_h, s.k_w);
     let taps = kh * kw;
-    let mut flipped = vec![0f32; weight.len()];
+    let mut flipped = vec![T::default(); weight.len()];
     flipped
         .par_chunks_mut(s.out_channels * taps)
         .enumerate()

@@ -35,7 +35,7 @@ const MIN_TILES: usize = 96;
 /// V and M of one block of tiles together take about this many floats (16 MB): the blocks'
 /// products then read U[ξ] and a cache-sized slice of V[ξ], and the buffers stay small next to
 /// the images themselves.
-const BLOCK_FLOATS: usize = 1 << 22;
+pub(in crate::model::nn) const BLOCK_FLOATS: usize = 1 << 22;
 
 /// The choice [`WINOGRAD_VAR`] and [`set_enabled`] make.
 static SWITCH: KernelSwitch = KernelSwitch::new(
@@ -75,6 +75,11 @@ fn geometry(s: &ConvShape) -> Geometry {
     }
 }
 
+/// Tiles of 2×2 output pixels across the batch.
+pub(in crate::model::nn) fn tiles(s: &ConvShape) -> usize {
+    geometry(s).tiles()
+}
+
 /// Whether this convolution runs here: 3×3, stride 1, padding 1, both channel counts at least
 /// [`MIN_CHANNELS`], at least [`MIN_TILES`] tiles, and the algorithm on.
 pub(in crate::model::nn) fn applies(s: &ConvShape) -> bool {
@@ -107,18 +112,52 @@ fn conv_in_blocks(
     s: &ConvShape,
     block_floats: usize,
 ) -> Result<Vec<f32>> {
+    check_shape(s)?;
+    let (c_in, c_out) = (s.in_channels, s.out_channels);
+    if weight.len() != c_out * c_in * 9 {
+        candle_core::bail!("winograd conv2d: the weight does not match {s:?}");
+    }
+    let u = winograd::transform_weights(weight, c_out, c_in);
+    conv_with_products(x, bias, s, block_floats, |plane, m, v, count| {
+        Product::new(c_out, count, c_in, (count, 1), (c_in, 1), (count, 1)).run(
+            m,
+            &u[plane * c_out * c_in..][..c_out * c_in],
+            v,
+            1.0,
+            false,
+            Threads::One,
+        )
+    })
+}
+
+/// Refuses what is not a 3×3 convolution of stride 1 and padding 1.
+fn check_shape(s: &ConvShape) -> Result<()> {
     if (s.k_h, s.k_w, s.stride, s.padding) != (3, 3, 1, 1) || (s.out_h, s.out_w) != (s.in_h, s.in_w)
     {
         candle_core::bail!(
             "winograd conv2d: {s:?} is not a 3×3 convolution of stride 1, padding 1"
         );
     }
+    Ok(())
+}
+
+/// The transforms around the 16 products, in blocks of whole tile rows whose V and M take about
+/// `block_floats` floats. `plane_product(ξ, m, v, count)` writes M[ξ] [C_out, count] =
+/// U[ξ] · V[ξ] for V[ξ] [C_in, count] (rows `count` apart, as M's): float32 or bf16 products of
+/// a weight transformed once per call. The 16 run as one task each, in parallel.
+pub(in crate::model::nn) fn conv_with_products(
+    x: &[f32],
+    bias: Option<&[f32]>,
+    s: &ConvShape,
+    block_floats: usize,
+    plane_product: impl Fn(usize, &mut [f32], &[f32], usize) -> Result<()> + Sync,
+) -> Result<Vec<f32>> {
+    check_shape(s)?;
     let g = geometry(s);
     let (c_in, c_out) = (s.in_channels, s.out_channels);
-    if x.len() != g.batch * c_in * s.in_h * s.in_w || weight.len() != c_out * c_in * 9 {
+    if x.len() != g.batch * c_in * s.in_h * s.in_w || bias.is_some_and(|b| b.len() != c_out) {
         candle_core::bail!("winograd conv2d: buffers do not match {s:?}");
     }
-    let u = winograd::transform_weights(weight, c_out, c_in);
     let (tile_rows, tile_cols) = (g.batch * g.tile_rows(), g.tile_cols());
     // Whole tile rows a block.
     let block_rows =
@@ -136,11 +175,10 @@ fn conv_in_blocks(
             &mut m[..TILE_VALUES * c_out * count],
         );
         winograd::transform_input(x, &g, first, rows, v);
-        // The 16 products are independent: one task each, each product on its task's thread.
-        let product = Product::new(c_out, count, c_in, (count, 1), (c_in, 1), (count, 1));
         m.par_chunks_mut(c_out * count)
-            .zip(u.par_chunks(c_out * c_in).zip(v.par_chunks(c_in * count)))
-            .try_for_each(|(m, (u, v))| product.run(m, u, v, 1.0, false, Threads::One))?;
+            .zip(v.par_chunks(c_in * count))
+            .enumerate()
+            .try_for_each(|(plane, (m, v))| plane_product(plane, m, v, count))?;
         winograd::transform_output(m, bias, &g, first, rows, &mut out);
         first += rows;
     }
