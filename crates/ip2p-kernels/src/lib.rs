@@ -25,12 +25,12 @@ const LANES: usize = 16;
 
 /// An output buffer that parallel tasks write at disjoint places (each kernel says which).
 #[derive(Clone, Copy)]
-struct DisjointOut(*mut f32);
+struct DisjointOut<T = f32>(*mut T);
 
 // SAFETY: the tasks that share one write disjoint elements of a buffer that outlives them (see
 // each user).
-unsafe impl Send for DisjointOut {}
-unsafe impl Sync for DisjointOut {}
+unsafe impl<T> Send for DisjointOut<T> {}
+unsafe impl<T> Sync for DisjointOut<T> {}
 
 /// The vector instructions a kernel is written for, ordered best first (the lesser of two is
 /// the more capable).

@@ -66,13 +66,30 @@ impl Geometry {
 /// U [16, C_out, C_in] from the weight [C_out, C_in, 3, 3]: U[ξ][o][i] = (G g Gᵀ)[ξ] with
 /// g = weight[o][i] and G = [[1, 0, 0], [½, ½, ½], [½, −½, ½], [0, 0, 1]].
 pub fn transform_weights(weight: &[f32], out_channels: usize, in_channels: usize) -> Vec<f32> {
+    transform_weights_as(weight, out_channels, in_channels, |w| w, |u| u)
+}
+
+/// [`transform_weights`] for weights of another type (bf16 bits, say): `widen` reads each
+/// value as float32, the transform runs in float32, `narrow` stores each of U's values, all in
+/// one pass.
+pub fn transform_weights_as<W, U>(
+    weight: &[W],
+    out_channels: usize,
+    in_channels: usize,
+    widen: impl Fn(W) -> f32 + Sync,
+    narrow: impl Fn(f32) -> U + Sync,
+) -> Vec<U>
+where
+    W: Copy + Sync,
+    U: Copy + Default + Send + Sync,
+{
     assert_eq!(
         weight.len(),
         out_channels * in_channels * 9,
         "weight is not [C_out, C_in, 3, 3]"
     );
     let pair_count = out_channels * in_channels;
-    let mut u = vec![0f32; TILE_VALUES * pair_count];
+    let mut u = vec![U::default(); TILE_VALUES * pair_count];
     // One task per output channel transforms its filters into 16 rows of a scratch buffer, then
     // copies each row into its U[ξ]: for the usual channel counts the 16 planes lie a multiple
     // of 4 KiB apart, so writing a filter's 16 values in place would send 16 stores to one L1
@@ -82,12 +99,13 @@ pub fn transform_weights(weight: &[f32], out_channels: usize, in_channels: usize
         .par_chunks(in_channels * 9)
         .enumerate()
         .for_each_init(
-            || vec![0f32; TILE_VALUES * in_channels],
+            || vec![U::default(); TILE_VALUES * in_channels],
             |rows, (o, filters)| {
                 let u_ptr = &u_ptr;
                 for (i, g) in filters.chunks_exact(9).enumerate() {
-                    for (xi, value) in weight_tile(g).into_iter().enumerate() {
-                        rows[xi * in_channels + i] = value;
+                    let g: [f32; 9] = std::array::from_fn(|tap| widen(g[tap]));
+                    for (xi, value) in weight_tile(&g).into_iter().enumerate() {
+                        rows[xi * in_channels + i] = narrow(value);
                     }
                 }
                 for (xi, row) in rows.chunks_exact(in_channels).enumerate() {

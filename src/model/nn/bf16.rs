@@ -344,11 +344,13 @@ fn winograd_conv(
     if weight.len() != c_out * c_in * 9 {
         candle_core::bail!("winograd conv2d: the weight does not match {s:?}");
     }
-    let weight: Vec<f32> = weight.par_iter().map(|w| w.to_f32()).collect();
-    let transformed = ip2p_kernels::winograd::transform_weights(&weight, c_out, c_in);
-    drop(weight);
-    let u: Vec<bf16> = transformed.par_iter().map(|&v| bf16::from_f32(v)).collect();
-    drop(transformed);
+    let u = ip2p_kernels::winograd::transform_weights_as(
+        weight,
+        c_out,
+        c_in,
+        bf16::to_f32,
+        bf16::from_f32,
+    );
     winograd::conv_with_products(x, bias, s, block_floats, |plane, m, v, count| {
         Bf16Product {
             m: c_out,
