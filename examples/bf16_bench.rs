@@ -8,8 +8,9 @@
 //!
 //! `gemm` times matrix products through a linear layer, `x [M, K] · W [N, K]ᵀ`, with W in bf16
 //! (activations converted to bf16 as they are packed) and in float32 (candle's product), at
-//! 2048³ and at Stable Diffusion 1.5's shapes, in GFLOP/s of 2·M·N·K, and a 3×3 convolution of
-//! the UNet's first level. `unet` times one forward pass of the UNet in MODEL_DIR/unet on a batch
+//! 2048³ and at Stable Diffusion 1.5's shapes, in GFLOP/s of 2·M·N·K, and six 3×3 convolutions
+//! of the UNet and the VAE (GFLOP/s of the direct convolution's multiply-adds, whatever
+//! algorithm runs). `unet` times one forward pass of the UNet in MODEL_DIR/unet on a batch
 //! of 3 latents of 8×32×32 (a 256×256 edit), loaded once in float32 and once for bf16 products,
 //! and prints the two outputs' relative distance.
 
@@ -73,21 +74,8 @@ fn bench_gemm(reps: usize) -> Result<()> {
         let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?;
         let f32_layer = Linear::new(w.clone(), None);
         let bf16_layer = Linear::new(w.to_dtype(DType::BF16)?, None);
-        let (mut f32_times, mut bf16_times) = (Vec::new(), Vec::new());
-        f32_layer.forward(&x)?;
-        bf16_layer.forward(&x)?;
-        for _ in 0..reps {
-            f32_times.push(timed(|| Ok(f32_layer.forward(&x)?))?.0);
-            bf16_times.push(timed(|| Ok(bf16_layer.forward(&x)?))?.0);
-        }
         let flops = 2.0 * (m * n * k) as f64;
-        let (a, b) = (median(f32_times), median(bf16_times));
-        println!(
-            "{name:<22} {:>12.1} {:>12.1} {:>7.2}×",
-            flops / a / 1e9,
-            flops / b / 1e9,
-            a / b
-        );
+        compare(name, flops, reps, &x, &f32_layer, &bf16_layer)?;
     }
     // 3×3 convolutions of the UNet (batch 3: a 256×256 edit) and of the VAE at 256×256.
     for (name, batch, c_in, c_out, side) in [
@@ -106,22 +94,36 @@ fn bench_gemm(reps: usize) -> Result<()> {
         };
         let f32_conv = Conv2d::new(w.clone(), None, cfg);
         let bf16_conv = Conv2d::new(w.to_dtype(DType::BF16)?, None, cfg);
-        let (mut f32_times, mut bf16_times) = (Vec::new(), Vec::new());
-        f32_conv.forward(&x)?;
-        bf16_conv.forward(&x)?;
-        for _ in 0..reps {
-            f32_times.push(timed(|| Ok(f32_conv.forward(&x)?))?.0);
-            bf16_times.push(timed(|| Ok(bf16_conv.forward(&x)?))?.0);
-        }
         let flops = 2.0 * (c_out * c_in * 9 * batch * side * side) as f64;
-        let (a, b) = (median(f32_times), median(bf16_times));
-        println!(
-            "{name:<22} {:>12.1} {:>12.1} {:>7.2}×",
-            flops / a / 1e9,
-            flops / b / 1e9,
-            a / b
-        );
+        compare(name, flops, reps, &x, &f32_conv, &bf16_conv)?;
     }
+    Ok(())
+}
+
+/// Times `f32_layer` and `bf16_layer` on `x` alternately (one untimed call each first) and
+/// prints the medians as GFLOP/s of `flops` and the speed-up.
+fn compare(
+    name: &str,
+    flops: f64,
+    reps: usize,
+    x: &Tensor,
+    f32_layer: &impl Module,
+    bf16_layer: &impl Module,
+) -> Result<()> {
+    let (mut f32_times, mut bf16_times) = (Vec::new(), Vec::new());
+    f32_layer.forward(x)?;
+    bf16_layer.forward(x)?;
+    for _ in 0..reps {
+        f32_times.push(timed(|| Ok(f32_layer.forward(x)?))?.0);
+        bf16_times.push(timed(|| Ok(bf16_layer.forward(x)?))?.0);
+    }
+    let (a, b) = (median(f32_times), median(bf16_times));
+    println!(
+        "{name:<22} {:>12.1} {:>12.1} {:>7.2}×",
+        flops / a / 1e9,
+        flops / b / 1e9,
+        a / b
+    );
     Ok(())
 }
 

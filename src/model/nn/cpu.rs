@@ -52,6 +52,30 @@ pub(super) struct ConvShape {
 }
 
 impl ConvShape {
+    /// A 3×3 convolution of stride 1 and padding 1 (the output the input's size), for tests.
+    #[cfg(test)]
+    pub(super) fn same_3x3(
+        batch: usize,
+        in_channels: usize,
+        out_channels: usize,
+        h: usize,
+        w: usize,
+    ) -> Self {
+        Self {
+            batch,
+            in_channels,
+            in_h: h,
+            in_w: w,
+            out_channels,
+            k_h: 3,
+            k_w: 3,
+            stride: 1,
+            padding: 1,
+            out_h: h,
+            out_w: w,
+        }
+    }
+
     /// The geometry of `x` [B, C_in, H, W] convolved with `weight` [C_out, C_in, k_h, k_w]
     /// (+ `bias` [C_out]) when the fused kernels handle it (CPU, one dtype, no groups or
     /// dilation); `None` for anything else, including mismatched shapes and a kernel larger
@@ -897,19 +921,7 @@ mod tests {
     }
 
     fn blocks_match_one_block(h: usize, w: usize) {
-        let s = ConvShape {
-            batch: 2,
-            in_channels: 3,
-            in_h: h,
-            in_w: w,
-            out_channels: 4,
-            k_h: 3,
-            k_w: 3,
-            stride: 1,
-            padding: 1,
-            out_h: h,
-            out_w: w,
-        };
+        let s = ConvShape::same_3x3(2, 3, 4, h, w);
         let x = values(&[2, 3, h, w], 11, 0.0)
             .flatten_all()
             .and_then(|t| t.to_vec1::<f32>())

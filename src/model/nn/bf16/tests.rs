@@ -408,19 +408,7 @@ fn winograd_convolution_stays_within_bf16_rounding_of_float32() {
             .forward_candle(&x)
             .expect("candle conv");
         let (w16, _) = bf16_and_rounded(&weight);
-        let s = super::super::cpu::ConvShape {
-            batch,
-            in_channels: in_c,
-            in_h: h,
-            in_w: w,
-            out_channels: out_c,
-            k_h: 3,
-            k_w: 3,
-            stride: 1,
-            padding: 1,
-            out_h: h,
-            out_w: w,
-        };
+        let s = super::super::cpu::ConvShape::same_3x3(batch, in_c, out_c, h, w);
         assert!(
             super::winograd::applies(&s) || !super::winograd::enabled(),
             "{s:?}"

@@ -191,19 +191,7 @@ mod tests {
     use super::*;
 
     fn shape(batch: usize, c_in: usize, c_out: usize, h: usize, w: usize) -> ConvShape {
-        ConvShape {
-            batch,
-            in_channels: c_in,
-            in_h: h,
-            in_w: w,
-            out_channels: c_out,
-            k_h: 3,
-            k_w: 3,
-            stride: 1,
-            padding: 1,
-            out_h: h,
-            out_w: w,
-        }
+        ConvShape::same_3x3(batch, c_in, c_out, h, w)
     }
 
     /// The products between the transforms give the im2col convolution's values, in one block
