@@ -312,19 +312,23 @@ pub(in crate::model::nn) fn conv2d(
 const BF16_WINOGRAD_MIN_TILES: usize = 512;
 
 /// The convolution on slices (bf16 weight [C_out, patch], float32 input and output):
-/// Winograd's where it applies ([`winograd::applies`], with [`BF16_WINOGRAD_MIN_TILES`]),
-/// else im2col.
+/// Winograd's where [`takes_winograd`], else im2col.
 pub(in crate::model::nn) fn conv_slices(
     x: &[f32],
     weight: &[bf16],
     bias: Option<&[f32]>,
     s: &ConvShape,
 ) -> Result<Vec<f32>> {
-    if winograd::applies(s) && winograd::tiles(s) >= BF16_WINOGRAD_MIN_TILES {
+    if takes_winograd(s) {
         winograd_conv(x, weight, bias, s, winograd::BLOCK_FLOATS)
     } else {
         im2col_conv(x, weight, bias, s, BF16_COL_BLOCK_ELEMENTS)
     }
+}
+
+/// Whether [`conv_slices`] computes this convolution by Winograd's algorithm.
+pub(in crate::model::nn) fn takes_winograd(s: &ConvShape) -> bool {
+    winograd::applies(s) && winograd::tiles(s) >= BF16_WINOGRAD_MIN_TILES
 }
 
 /// Winograd's F(2×2, 3×3) over a bf16 weight: the transforms in float32 (the weight's exactly,
@@ -340,10 +344,8 @@ fn winograd_conv(
     s: &ConvShape,
     block_floats: usize,
 ) -> Result<Vec<f32>> {
+    winograd::check_weight(s, weight.len())?;
     let (c_in, c_out) = (s.in_channels, s.out_channels);
-    if weight.len() != c_out * c_in * 9 {
-        candle_core::bail!("winograd conv2d: the weight does not match {s:?}");
-    }
     let u = ip2p_kernels::winograd::transform_weights_as(
         weight,
         c_out,

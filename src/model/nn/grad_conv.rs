@@ -78,8 +78,9 @@ impl FrozenBf16Kernel for FrozenBf16Conv {
     fn input_gradient(&self, weight: &[bf16], dy: &[f32]) -> Result<Tensor> {
         let s = &self.0.shape;
         let input_shape = (s.batch, s.in_channels, s.in_h, s.in_w);
-        // As in float32: a convolution of dy with the weight turned, where Winograd's applies.
-        if let Some(transposed) = transposed_conv(s).filter(winograd::applies) {
+        // As in float32: a convolution of dy with the weight turned, where that convolution
+        // runs by Winograd's algorithm; else the column gradients below.
+        if let Some(transposed) = transposed_conv(s).filter(super::bf16::takes_winograd) {
             let turned = flipped_transpose(weight, s);
             let input_grad = super::bf16::conv_slices(dy, &turned, None, &transposed)?;
             return Tensor::from_vec(input_grad, input_shape, &Device::Cpu);

@@ -112,11 +112,8 @@ fn conv_in_blocks(
     s: &ConvShape,
     block_floats: usize,
 ) -> Result<Vec<f32>> {
-    check_shape(s)?;
+    check_weight(s, weight.len())?;
     let (c_in, c_out) = (s.in_channels, s.out_channels);
-    if weight.len() != c_out * c_in * 9 {
-        candle_core::bail!("winograd conv2d: the weight does not match {s:?}");
-    }
     let u = winograd::transform_weights(weight, c_out, c_in);
     conv_with_products(x, bias, s, block_floats, |plane, m, v, count| {
         Product::new(c_out, count, c_in, (count, 1), (c_in, 1), (count, 1)).run(
@@ -128,6 +125,16 @@ fn conv_in_blocks(
             Threads::One,
         )
     })
+}
+
+/// Refuses a weight of `len` values that is not [C_out, C_in, 3, 3] for `s` (before the
+/// transform, which would panic), and what [`check_shape`] refuses.
+pub(in crate::model::nn) fn check_weight(s: &ConvShape, len: usize) -> Result<()> {
+    check_shape(s)?;
+    if len != s.out_channels * s.in_channels * 9 {
+        candle_core::bail!("winograd conv2d: the weight does not match {s:?}");
+    }
+    Ok(())
 }
 
 /// Refuses what is not a 3×3 convolution of stride 1 and padding 1.
